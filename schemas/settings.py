@@ -1,0 +1,172 @@
+"""Settings of every process, read from `RELATA_*` environment variables.
+
+Each class is a pydantic-settings model that fails fast on a bad value. Nothing else in
+relata reads `os.environ`; entry points build these and pass them down.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class _Settings(BaseSettings):
+    model_config = SettingsConfigDict(extra="forbid", frozen=True, validate_default=True)
+
+
+class KafkaSettings(_Settings):
+    model_config = SettingsConfigDict(env_prefix="RELATA_KAFKA_")
+
+    bootstrap_servers: str = Field("127.0.0.1:9092", description="Comma-separated host:port list.")
+    topic_prefix: str = Field("", description="Prefix added to every topic name.")
+    partitions: int = Field(4, ge=1, le=1024, description="Partitions of topics relata creates.")
+    replication_factor: int = Field(1, ge=1, le=16, description="Replication of topics relata creates.")
+    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = Field(
+        "PLAINTEXT", description="Kafka security.protocol."
+    )
+    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = Field(
+        None, description="SASL mechanism when security_protocol is SASL_*."
+    )
+    sasl_username: str | None = Field(None, description="SASL user name.")
+    sasl_password: SecretStr | None = Field(None, description="SASL password.")
+    ssl_cafile: Path | None = Field(None, description="CA bundle for SSL.")
+
+    @model_validator(mode="after")
+    def _sasl_complete(self) -> KafkaSettings:
+        if self.security_protocol.startswith("SASL") and not (
+            self.sasl_mechanism and self.sasl_username and self.sasl_password
+        ):
+            msg = (
+                f"security_protocol={self.security_protocol} needs RELATA_KAFKA_SASL_MECHANISM, "
+                "RELATA_KAFKA_SASL_USERNAME and RELATA_KAFKA_SASL_PASSWORD"
+            )
+            raise ValueError(msg)
+        return self
+
+    def topic(self, name: str) -> str:
+        return f"{self.topic_prefix}{name}"
+
+
+class StreamsSettings(_Settings):
+    """The Faust stream processor: profiles, association statistics, HTTP serving."""
+
+    model_config = SettingsConfigDict(env_prefix="RELATA_STREAMS_")
+
+    app_id: str = Field("relata-streams", description="Faust app id (consumer group, table names).")
+    store: Literal["memory://", "rocksdb://"] = Field(
+        "memory://", description="Table store; both are changelog-backed."
+    )
+    data_dir: Path = Field(Path("/tmp/relata-streams"), description="Faust data directory.")
+    web_host: str = Field("127.0.0.1", description="HTTP bind address (API and /metrics).")
+    web_port: int = Field(6066, ge=0, le=65535, description="HTTP port; 0 disables the web server.")
+    history_size: int = Field(50, ge=1, le=1000, description="Distinct items kept per user.")
+    half_life_hours: float = Field(
+        24.0 * 14, gt=0, description="Time decay half-life of history weights (event time)."
+    )
+    weight_view: float = Field(1.0, description="Weight of a view.")
+    weight_click: float = Field(2.0, description="Weight of a click.")
+    weight_add_to_cart: float = Field(4.0, description="Weight of an add-to-cart.")
+    weight_purchase: float = Field(8.0, description="Weight of a purchase.")
+    weight_return: float = Field(-8.0, description="Weight of a return (negative: a rejection).")
+    dedup_size: int = Field(
+        200, ge=1, le=100_000, description="Recent event ids remembered per user for de-duplication."
+    )
+    assoc_top_n: int = Field(50, ge=1, le=1000, description="Neighbours kept per item.")
+    assoc_min_support: int = Field(2, ge=1, description="Co-occurrences before a pair is published.")
+    assoc_half_life_days: float = Field(
+        90.0, gt=0, description="Time decay half-life of association counts (event time)."
+    )
+    assoc_session_window_s: float = Field(
+        1800.0, gt=0, description="Events of one user this close form a basket when session_id is absent."
+    )
+    assoc_history_window: int = Field(
+        5, ge=0, le=100, description="Earlier history items paired with each new item (sequence co-occurrence)."
+    )
+    assoc_republish_change: float = Field(
+        0.2, ge=0, le=1, description="Republish related-items when this share of the top list changed."
+    )
+    session_timeout_s: float = Field(10.0, gt=0, description="Kafka consumer session timeout.")
+    heartbeat_interval_s: float = Field(1.0, gt=0, description="Kafka heartbeat interval.")
+    commit_interval_s: float = Field(0.5, gt=0, description="Offset commit interval.")
+
+
+class EncoderSettings(_Settings):
+    """The transformer that encodes item text (and, for the `text` user vector, profiles)."""
+
+    model_config = SettingsConfigDict(env_prefix="RELATA_ENCODER_")
+
+    model_path: Path | None = Field(
+        None,
+        description="A Hugging Face model directory; default: the packaged all-MiniLM-L6-v2.",
+    )
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA when present.")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="auto: bf16 on CUDA, fp32 on CPU."
+    )
+    batch_size: int = Field(32, ge=1, le=4096, description="Texts per forward pass.")
+    max_length: int = Field(128, ge=8, le=512, description="Token limit per text.")
+    threads: int | None = Field(None, ge=1, description="torch CPU threads; default: all cores.")
+    adapter_path: Path | None = Field(
+        None, description="Trained adapter artifact (`relata train`); none: the frozen model."
+    )
+    cache_dir: Path = Field(
+        Path(".cache/embeddings"), description="On-disk cache of item embeddings (evaluate)."
+    )
+
+
+class StoreSettings(_Settings):
+    """The vector store: embedded qdrant-edge, or a Qdrant server."""
+
+    model_config = SettingsConfigDict(env_prefix="RELATA_STORE_")
+
+    kind: Literal["edge", "server", "local"] = Field(
+        "edge",
+        description="edge: in-process Qdrant engine; server: Qdrant by URL; local: qdrant-client local mode.",
+    )
+    path: Path = Field(Path("/tmp/relata-qdrant"), description="Directory of the edge/local store.")
+    url: str | None = Field(None, description="Qdrant server URL (kind=server).")
+    api_key: SecretStr | None = Field(None, description="Qdrant API key (kind=server).")
+    collection: str = Field("relata-items", description="Collection of item vectors.")
+    hnsw_ef: int = Field(128, ge=1, le=4096, description="HNSW search beam width.")
+
+    @model_validator(mode="after")
+    def _server_needs_url(self) -> StoreSettings:
+        if self.kind == "server" and not self.url:
+            raise ValueError("RELATA_STORE_KIND=server needs RELATA_STORE_URL")
+        return self
+
+
+class RecommenderSettings(_Settings):
+    """The recommender worker: micro-batching, user vectors, ranking."""
+
+    model_config = SettingsConfigDict(env_prefix="RELATA_RECOMMENDER_")
+
+    group_id: str = Field("relata-recommender", description="Consumer group of profile updates.")
+    max_batch: int = Field(256, ge=1, le=100_000, description="Profile updates per micro-batch.")
+    max_wait_ms: float = Field(5.0, ge=0, le=10_000, description="Longest wait to fill a micro-batch.")
+    k: int = Field(10, ge=1, le=200, description="Items per recommendation.")
+    candidates: int = Field(100, ge=1, le=5000, description="Vector-search candidates per user.")
+    user_vector: Literal["pooled", "text"] = Field(
+        "pooled", description="pooled: weighted mean of history item vectors; text: encode the profile text."
+    )
+    strategy: Literal["hybrid", "vector"] = Field(
+        "hybrid", description="hybrid: behaviour + language-model blend; vector: similarity only."
+    )
+    blend_path: Path | None = Field(
+        None, description="Blend weights artifact (`relata train`); none: built-in defaults."
+    )
+    metrics_port: int = Field(9108, ge=0, le=65535, description="Prometheus port; 0 disables.")
+
+
+class IndexerSettings(_Settings):
+    """The item indexer worker."""
+
+    model_config = SettingsConfigDict(env_prefix="RELATA_INDEXER_")
+
+    group_id: str = Field("relata-indexer", description="Consumer group of the item catalog.")
+    max_batch: int = Field(512, ge=1, le=100_000, description="Catalog records per encode batch.")
+    max_wait_ms: float = Field(50.0, ge=0, le=60_000, description="Longest wait to fill a batch.")
+    metrics_port: int = Field(9109, ge=0, le=65535, description="Prometheus port; 0 disables.")

@@ -1,0 +1,65 @@
+"""Topic specifications: name, key, value model, and cleanup policy of every topic."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from pydantic import BaseModel
+
+from schemas.messages import (
+    BehaviorEvent,
+    CatalogItem,
+    DeadLetter,
+    ProfileUpdate,
+    Recommendation,
+    RelatedItems,
+)
+
+
+@dataclass(frozen=True, slots=True)
+class TopicSpec:
+    """A topic's contract. `name` is the default; deployments add a prefix (RELATA_TOPIC_PREFIX)."""
+
+    name: str
+    key: str
+    model: type[BaseModel]
+    cleanup_policy: Literal["delete", "compact"]
+    description: str
+
+    def full_name(self, prefix: str = "") -> str:
+        return f"{prefix}{self.name}"
+
+
+BEHAVIOR_EVENTS = TopicSpec(
+    "behavior-events", "user_id", BehaviorEvent, "delete", "Shopper actions, the input stream."
+)
+ITEM_CATALOG = TopicSpec(
+    "item-catalog", "item_id", CatalogItem, "compact",
+    "Products; a tombstone or available=false retires one.",
+)
+PROFILE_UPDATES = TopicSpec(
+    "profile-updates", "user_id", ProfileUpdate, "delete",
+    "Changed user profiles, from streams to the recommender.",
+)
+RELATED_ITEMS = TopicSpec(
+    "related-items", "item_id", RelatedItems, "compact",
+    "Bought-together / also-viewed neighbours per product, republished on material change.",
+)
+RECOMMENDATIONS = TopicSpec(
+    "recommendations", "user_id", Recommendation, "compact",
+    "The latest explained recommendations per user.",
+)
+DEAD_LETTER = TopicSpec(
+    "dead-letter", "source key", DeadLetter, "delete",
+    "Every input that could not be processed, verbatim, with the reason.",
+)
+
+ALL_TOPICS: tuple[TopicSpec, ...] = (
+    BEHAVIOR_EVENTS,
+    ITEM_CATALOG,
+    PROFILE_UPDATES,
+    RELATED_ITEMS,
+    RECOMMENDATIONS,
+    DEAD_LETTER,
+)
