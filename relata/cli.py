@@ -13,7 +13,10 @@ import click
 # name -> (module, one-line help). Modules export `command: click.Command`.
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("relata.demo", "Run the whole pipeline on embedded Kafka and Qdrant, on real data."),
-    "streams": ("relata.run_streams", "Run the Faust stream processor (profiles, associations, HTTP)."),
+    "streams": (
+        "relata.run_streams",
+        "Run the Faust stream processor (profiles, associations, HTTP).",
+    ),
     "workers": ("relata.run_workers", "Run the encoder workers (item indexer and recommender)."),
     "load-catalog": ("relata.replay", "Publish a catalog file (items.jsonl[.gz]) to item-catalog."),
     "replay": ("relata.replay", "Replay an events file (events.jsonl[.gz]) into behavior-events."),
@@ -25,7 +28,11 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "train": ("relata.train", "Fit the adaptive parts (adapter, blend weights) on histories."),
 }
 
-_ATTRS = {"load-catalog": "load_catalog_command", "replay": "replay_command", "tail": "tail_command"}
+_ATTRS = {
+    "load-catalog": "load_catalog_command",
+    "replay": "replay_command",
+    "tail": "tail_command",
+}
 
 
 class LazyGroup(click.Group):
@@ -47,8 +54,14 @@ class LazyGroup(click.Group):
 
 
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--log-level", envvar="RELATA_LOG_LEVEL", default="INFO", show_default=True,
-              show_envvar=True, type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"]))
+@click.option(
+    "--log-level",
+    envvar="RELATA_LOG_LEVEL",
+    default="INFO",
+    show_default=True,
+    show_envvar=True,
+    type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"]),
+)
 def main(log_level: str) -> None:
     """relata: real-time product association and recommendation on Kafka and Qdrant."""
     import logging

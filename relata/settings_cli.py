@@ -32,7 +32,9 @@ def settings_options(cls: type[BaseSettings], *, group: str) -> Callable[[F], F]
     def decorate(func: F) -> F:
         for name, field in reversed(list(cls.model_fields.items())):
             default = field.default if field.default is not None else "none"
-            help_text = f"{field.description or ''} [env: {_env_name(cls, name)}; default: {default}]"
+            help_text = (
+                f"{field.description or ''} [env: {_env_name(cls, name)}; default: {default}]"
+            )
             func = click.option(
                 _option_name(cls, name, group),
                 f"{group}__{name}",
@@ -48,7 +50,9 @@ def settings_options(cls: type[BaseSettings], *, group: str) -> Callable[[F], F]
 def build_settings(cls: type[S], *, group: str, params: dict[str, Any]) -> S:
     """Build `cls` from the options of `group` in `params` plus the environment; exit on error."""
     prefix = f"{group}__"
-    overrides = {k[len(prefix):]: v for k, v in params.items() if k.startswith(prefix) and v is not None}
+    overrides = {
+        k[len(prefix) :]: v for k, v in params.items() if k.startswith(prefix) and v is not None
+    }
     try:
         return cls(**overrides)
     except ValidationError as exc:

@@ -22,7 +22,12 @@ EventType = Literal["view", "click", "add_to_cart", "purchase", "return"]
 EVENT_TYPES: tuple[EventType, ...] = ("view", "click", "add_to_cart", "purchase", "return")
 
 RelationKind = Literal["similar", "bought_together", "also_viewed", "next_item"]
-RELATION_KINDS: tuple[RelationKind, ...] = ("similar", "bought_together", "also_viewed", "next_item")
+RELATION_KINDS: tuple[RelationKind, ...] = (
+    "similar",
+    "bought_together",
+    "also_viewed",
+    "next_item",
+)
 
 DeadLetterError = Literal[
     "malformed_json",
@@ -36,7 +41,8 @@ DeadLetterError = Literal[
 # Identifiers: non-empty, bounded, no surrounding whitespace. 256 chars covers UUIDs, SKUs and
 # composite keys while keeping a hostile producer from bloating state with megabyte keys.
 Identifier = Annotated[
-    str, StringConstraints(min_length=1, max_length=256, strip_whitespace=False, pattern=r"^\S(.*\S)?$")
+    str,
+    StringConstraints(min_length=1, max_length=256, strip_whitespace=False, pattern=r"^\S(.*\S)?$"),
 ]
 
 # Earliest plausible event time: e-commerce logs predate 1995 only in fiction.
@@ -134,7 +140,9 @@ class ProfileUpdate(_Message):
 class Evidence(_Message):
     """Why a related item is related: association statistics or vector similarity."""
 
-    support: int | None = Field(default=None, ge=0, description="Baskets or histories holding both.")
+    support: int | None = Field(
+        default=None, ge=0, description="Baskets or histories holding both."
+    )
     confidence: float | None = Field(default=None, ge=0)
     lift: float | None = Field(default=None, ge=0)
     pmi: float | None = None
@@ -153,7 +161,9 @@ class RelatedItems(_Message):
     """Neighbours of one product; topic `related-items` (compacted), key `item_id`."""
 
     item_id: Identifier
-    item_count: float = Field(ge=0, description="Decayed number of baskets/histories holding the item.")
+    item_count: float = Field(
+        ge=0, description="Decayed number of baskets/histories holding the item."
+    )
     related: list[RelatedItem]
     updated_at: AwareDatetime
 
@@ -183,7 +193,9 @@ class Recommendation(_Message):
     model_version: str
     strategy: str = Field(description="Ranking strategy that produced the list.")
     trigger_event_ids: list[Identifier] = Field(min_length=1)
-    latency_ms: float = Field(ge=0, description="Oldest triggering event's Kafka timestamp → publish.")
+    latency_ms: float = Field(
+        ge=0, description="Oldest triggering event's Kafka timestamp → publish."
+    )
 
 
 class DeadLetter(_Message):

@@ -23,7 +23,9 @@ class KafkaSettings(_Settings):
     bootstrap_servers: str = Field("127.0.0.1:9092", description="Comma-separated host:port list.")
     topic_prefix: str = Field("", description="Prefix added to every topic name.")
     partitions: int = Field(4, ge=1, le=1024, description="Partitions of topics relata creates.")
-    replication_factor: int = Field(1, ge=1, le=16, description="Replication of topics relata creates.")
+    replication_factor: int = Field(
+        1, ge=1, le=16, description="Replication of topics relata creates."
+    )
     security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = Field(
         "PLAINTEXT", description="Kafka security.protocol."
     )
@@ -72,21 +74,34 @@ class StreamsSettings(_Settings):
     weight_purchase: float = Field(8.0, description="Weight of a purchase.")
     weight_return: float = Field(-8.0, description="Weight of a return (negative: a rejection).")
     dedup_size: int = Field(
-        200, ge=1, le=100_000, description="Recent event ids remembered per user for de-duplication."
+        200,
+        ge=1,
+        le=100_000,
+        description="Recent event ids remembered per user for de-duplication.",
     )
     assoc_top_n: int = Field(50, ge=1, le=1000, description="Neighbours kept per item.")
-    assoc_min_support: int = Field(2, ge=1, description="Co-occurrences before a pair is published.")
+    assoc_min_support: int = Field(
+        2, ge=1, description="Co-occurrences before a pair is published."
+    )
     assoc_half_life_days: float = Field(
         90.0, gt=0, description="Time decay half-life of association counts (event time)."
     )
     assoc_session_window_s: float = Field(
-        1800.0, gt=0, description="Events of one user this close form a basket when session_id is absent."
+        1800.0,
+        gt=0,
+        description="Events of one user this close form a basket when session_id is absent.",
     )
     assoc_history_window: int = Field(
-        5, ge=0, le=100, description="Earlier history items paired with each new item (sequence co-occurrence)."
+        5,
+        ge=0,
+        le=100,
+        description="Earlier history items paired with each new item (sequence co-occurrence).",
     )
     assoc_republish_change: float = Field(
-        0.2, ge=0, le=1, description="Republish related-items when this share of the top list changed."
+        0.2,
+        ge=0,
+        le=1,
+        description="Republish related-items when this share of the top list changed.",
     )
     session_timeout_s: float = Field(10.0, gt=0, description="Kafka consumer session timeout.")
     heartbeat_interval_s: float = Field(1.0, gt=0, description="Kafka heartbeat interval.")
@@ -146,11 +161,14 @@ class RecommenderSettings(_Settings):
 
     group_id: str = Field("relata-recommender", description="Consumer group of profile updates.")
     max_batch: int = Field(256, ge=1, le=100_000, description="Profile updates per micro-batch.")
-    max_wait_ms: float = Field(5.0, ge=0, le=10_000, description="Longest wait to fill a micro-batch.")
+    max_wait_ms: float = Field(
+        5.0, ge=0, le=10_000, description="Longest wait to fill a micro-batch."
+    )
     k: int = Field(10, ge=1, le=200, description="Items per recommendation.")
     candidates: int = Field(100, ge=1, le=5000, description="Vector-search candidates per user.")
     user_vector: Literal["pooled", "text"] = Field(
-        "pooled", description="pooled: weighted mean of history item vectors; text: encode the profile text."
+        "pooled",
+        description="pooled: weighted mean of history item vectors; text: encode the profile text.",
     )
     strategy: Literal["hybrid", "vector"] = Field(
         "hybrid", description="hybrid: behaviour + language-model blend; vector: similarity only."
@@ -170,3 +188,28 @@ class IndexerSettings(_Settings):
     max_batch: int = Field(512, ge=1, le=100_000, description="Catalog records per encode batch.")
     max_wait_ms: float = Field(50.0, ge=0, le=60_000, description="Longest wait to fill a batch.")
     metrics_port: int = Field(9109, ge=0, le=65535, description="Prometheus port; 0 disables.")
+
+
+class EmbeddedKafkaSettings(_Settings):
+    """The embedded single-node Apache Kafka (KRaft) for the demo, tests and local runs."""
+
+    model_config = SettingsConfigDict(env_prefix="RELATA_EMBEDDED_KAFKA_")
+
+    version: str = Field(
+        "4.1.1",
+        pattern=r"^\d+\.\d+\.\d+$",
+        description="Apache Kafka version (org.apache.kafka:kafka_2.13) resolved from Maven.",
+    )
+    cache_dir: Path | None = Field(
+        None, description="Directory of the resolved jars; default: ~/.cache/relata/kafka-VERSION."
+    )
+    heap: str = Field("512m", pattern=r"^\d+[kmg]$", description="JVM heap (-Xmx) of the broker.")
+    startup_timeout_s: float = Field(
+        90.0, gt=0, description="Longest wait for the broker to answer after start."
+    )
+
+    def jars_dir(self) -> Path:
+        """The jar cache directory, with the default resolved against the home directory."""
+        if self.cache_dir is not None:
+            return self.cache_dir.expanduser()
+        return Path.home() / ".cache" / "relata" / f"kafka-{self.version}"

@@ -35,23 +35,38 @@ BEHAVIOR_EVENTS = TopicSpec(
     "behavior-events", "user_id", BehaviorEvent, "delete", "Shopper actions, the input stream."
 )
 ITEM_CATALOG = TopicSpec(
-    "item-catalog", "item_id", CatalogItem, "compact",
+    "item-catalog",
+    "item_id",
+    CatalogItem,
+    "compact",
     "Products; a tombstone or available=false retires one.",
 )
 PROFILE_UPDATES = TopicSpec(
-    "profile-updates", "user_id", ProfileUpdate, "delete",
+    "profile-updates",
+    "user_id",
+    ProfileUpdate,
+    "delete",
     "Changed user profiles, from streams to the recommender.",
 )
 RELATED_ITEMS = TopicSpec(
-    "related-items", "item_id", RelatedItems, "compact",
+    "related-items",
+    "item_id",
+    RelatedItems,
+    "compact",
     "Bought-together / also-viewed neighbours per product, republished on material change.",
 )
 RECOMMENDATIONS = TopicSpec(
-    "recommendations", "user_id", Recommendation, "compact",
+    "recommendations",
+    "user_id",
+    Recommendation,
+    "compact",
     "The latest explained recommendations per user.",
 )
 DEAD_LETTER = TopicSpec(
-    "dead-letter", "source key", DeadLetter, "delete",
+    "dead-letter",
+    "source key",
+    DeadLetter,
+    "delete",
     "Every input that could not be processed, verbatim, with the reason.",
 )
 
