@@ -1,0 +1,186 @@
+"""workers.ranking: exclusion, reasons, complements, popularity fallback, determinism."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from schemas.messages import Evidence, HistoryEntry, RelatedItem, RelatedItems
+from workers.ranking import (
+    BlendError,
+    BlendWeights,
+    pooled_user_vector,
+    profile_text,
+    rank,
+)
+
+T0 = datetime(2024, 1, 1, tzinfo=UTC)
+
+
+def entry(item: str, *, weight: float = 8.0, age: int = 0, etype: str = "purchase") -> HistoryEntry:
+    return HistoryEntry(
+        item_id=item,
+        weight=weight,
+        last_event_type=etype,  # type: ignore[arg-type]
+        last_ts=T0 - timedelta(hours=age),
+        count=1,
+    )
+
+
+def related(source: str, *pairs: tuple[str, str, float]) -> RelatedItems:
+    return RelatedItems(
+        item_id=source,
+        item_count=10,
+        related=[
+            RelatedItem(
+                item_id=i, kind=kind, score=s, evidence=Evidence(support=3, text=f"{kind} x3")
+            )  # type: ignore[arg-type]
+            for i, kind, s in pairs
+        ],
+        updated_at=T0,
+    )
+
+
+def test_history_and_exclude_never_recommended() -> None:
+    history = [entry("a"), entry("b", age=1)]
+    rel = {
+        "a": related(
+            "a",
+            ("b", "bought_together", 5.0),
+            ("c", "bought_together", 4.0),
+            ("d", "next_item", 1.0),
+        )
+    }
+    hits = [("a", 0.99), ("e", 0.9), ("f", 0.8), ("g", 0.7)]
+    out = rank(history=history, related=rel, vector_hits=hits, k=10, exclude={"d", "f"})
+    ids = [r.item_id for r in out]
+    assert set(ids) == {"c", "e", "g"}
+    assert not {"a", "b", "d", "f"} & set(ids)
+
+
+def test_every_reason_names_a_history_item() -> None:
+    history = [entry("a"), entry("b", age=1), entry("x", weight=-8.0, age=2, etype="return")]
+    rel = {
+        "a": related("a", ("c", "bought_together", 2.0)),
+        "b": related("b", ("d", "next_item", 1.0)),
+    }
+    hits = [("e", 0.9), ("f", 0.6)]
+    popular = [("p1", 100.0), ("p2", 50.0)]
+    vecs = {
+        "a": np.array([1.0, 0.0], dtype=np.float32),
+        "b": np.array([0.0, 1.0], dtype=np.float32),
+        "x": np.array([0.7, 0.7], dtype=np.float32),
+    }
+    cands = {
+        "e": np.array([0.3, 0.95], dtype=np.float32),
+        "f": np.array([1.0, 0.0], dtype=np.float32),
+    }
+    out = rank(
+        history=history,
+        related=rel,
+        vector_hits=hits,
+        k=10,
+        popularity=popular,
+        history_vectors=vecs,
+        candidate_vectors=cands,
+    )
+    assert {r.item_id for r in out} == {"c", "d", "e", "f", "p1", "p2"}
+    for item in out:
+        assert item.reasons
+        for reason in item.reasons:
+            assert reason.source_item_id in {"a", "b"}  # never the returned item
+            assert reason.text
+    by_id = {r.item_id: r for r in out}
+    # a vector hit names the history item most similar to it, with the cosine
+    assert by_id["e"].reasons[0].source_item_id == "b"
+    assert "cosine 0.95" in by_id["e"].reasons[0].text
+    assert by_id["f"].reasons[0].source_item_id == "a"
+    assert by_id["c"].reasons[0].kind == "bought_together"
+
+
+def test_complement_of_just_carted_item_ranks_in() -> None:
+    history = [entry("cart", weight=4.0, etype="add_to_cart")] + [
+        entry(f"old{i}", age=24 * (i + 1)) for i in range(10)
+    ]
+    rel = {"cart": related("cart", ("charger", "bought_together", 3.0))}
+    hits = [(f"sim{i}", 0.95 - i * 0.01) for i in range(50)]
+    popular = [(f"pop{i}", 1000.0 - i) for i in range(50)]
+    out = rank(history=history, related=rel, vector_hits=hits, k=10, popularity=popular)
+    ids = [r.item_id for r in out]
+    assert "charger" in ids
+    charger = out[ids.index("charger")]
+    assert charger.reasons[0].source_item_id == "cart"
+    assert charger.reasons[0].kind == "bought_together"
+    assert "bought together" in charger.reasons[0].text
+
+
+def test_popularity_fallback_for_single_event_user() -> None:
+    out = rank(
+        history=[entry("a")],
+        related={},
+        vector_hits=[],
+        k=3,
+        popularity=[("a", 99.0), ("p1", 50.0), ("p2", 40.0), ("p3", 30.0), ("p4", 1.0)],
+        weights=BlendWeights(popularity=0.0),
+    )
+    assert [r.item_id for r in out] == ["p1", "p2", "p3"]
+    assert all(r.reasons[0].kind == "popular" and r.reasons[0].source_item_id == "a" for r in out)
+
+
+def test_order_is_deterministic_with_ties() -> None:
+    history = [entry("a")]
+    rel = {"a": related("a", *[(f"i{n}", "also_viewed", 1.0) for n in range(20)])}
+    first = rank(history=history, related=rel, vector_hits=[], k=5)
+    for _ in range(3):
+        again = rank(history=history, related=dict(rel), vector_hits=[], k=5)
+        assert [r.item_id for r in again] == [r.item_id for r in first]
+    assert [r.item_id for r in first] == ["i0", "i1", "i10", "i11", "i12"]
+
+
+def test_recent_source_outweighs_older_source() -> None:
+    history = [entry("new"), entry("old", age=48)]
+    rel = {
+        "new": related("new", ("from_new", "next_item", 1.0)),
+        "old": related("old", ("from_old", "next_item", 1.0)),
+    }
+    out = rank(history=history, related=rel, vector_hits=[], k=2)
+    assert [r.item_id for r in out] == ["from_new", "from_old"]
+
+
+def test_empty_history_gives_nothing() -> None:
+    assert rank(history=[], related={}, vector_hits=[("x", 0.9)], k=5) == []
+
+
+def test_pooled_user_vector_weights_recent_items_and_skips_returns() -> None:
+    vecs = {"a": np.array([1.0, 0.0]), "b": np.array([0.0, 1.0]), "r": np.array([-1.0, 0.0])}
+    v = pooled_user_vector(
+        [entry("a"), entry("b", age=1), entry("r", weight=-8.0)], vecs, recency=0.5
+    )
+    assert v is not None
+    assert np.isclose(np.linalg.norm(v), 1.0)
+    assert v[0] > v[1] > 0  # recent "a" counts twice as much as "b"; the return is ignored
+    assert pooled_user_vector([entry("zzz")], vecs) is None
+
+
+def test_profile_text_lists_recent_titles() -> None:
+    text = profile_text(
+        [entry("a"), entry("b", etype="view"), entry("r", weight=-1.0), entry("c")],
+        {"a": "Rose Lip Balm", "b": "Matte Lipstick", "r": "Returned Thing"},
+    )
+    assert text == "bought: Rose Lip Balm; viewed: Matte Lipstick"
+
+
+def test_blend_weights_round_trip_and_version_check(tmp_path: Path) -> None:
+    w = BlendWeights(vector=0.7, next_item=2.0, fitted_on={"data": "x"})
+    path = tmp_path / "blend.json"
+    w.save(path)
+    assert BlendWeights.load(path) == w
+    path.write_text('{"format": "relata.blend-weights", "version": 99, "weights": {}}')
+    with pytest.raises(BlendError, match="version 99"):
+        BlendWeights.load(path)
+    path.write_text("{not json")
+    with pytest.raises(BlendError):
+        BlendWeights.load(path)

@@ -1,0 +1,346 @@
+"""Blend behaviour evidence and language-model similarity into explained recommendations.
+
+Pure logic (numpy only): the live recommender and `relata evaluate` call the same `rank`.
+Scores of the three signals are put on comparable [0, 1] scales per user before the blend:
+- association: related-items (bought_together, also_viewed, next_item) of the user's history
+  items, each source weighted by its folded weight and its recency rank;
+- vector: cosine of the user vector with candidates, min-max scaled over the hits;
+- popularity: log-scaled count, a weak prior and the fallback for sparse users.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from collections.abc import Mapping, Sequence, Set
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+
+from schemas.messages import HistoryEntry, Reason, RecommendedItem, RelatedItems
+
+logger = logging.getLogger(__name__)
+
+BLEND_FORMAT = "relata.blend-weights"
+BLEND_VERSION = 1
+
+ReasonKind = Literal["similar", "bought_together", "also_viewed", "next_item", "popular"]
+
+
+class BlendError(ValueError):
+    """A blend-weights artifact is missing, malformed or of an unknown version."""
+
+
+class BlendWeights(BaseModel):
+    """Weights of the hybrid ranking; defaults work on both shipped data sets, `relata train`
+    refits them per data set on an internal validation split."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    vector: float = Field(0.3, ge=0, description="Weight of the vector-similarity term.")
+    bought_together: float = Field(1.0, ge=0, description="Weight of bought-together evidence.")
+    also_viewed: float = Field(
+        1.0, ge=0, description="Weight of also-viewed/sequence co-occurrence."
+    )
+    next_item: float = Field(1.0, ge=0, description="Weight of item-to-next-item transitions.")
+    similar: float = Field(0.0, ge=0, description="Weight of `similar` related-items entries.")
+    popularity: float = Field(0.02, ge=0, description="Weight of the popularity prior.")
+    recency: float = Field(
+        0.7, gt=0, le=1, description="Source weight decay per step back in the user's history."
+    )
+    weight_exponent: float = Field(
+        0.5, ge=0, le=2, description="Exponent on a history item's folded weight (0 ignores it)."
+    )
+    vector_sharpness: float = Field(
+        2.0, gt=0, le=20, description="Exponent on min-max scaled cosine (higher: trust top hits)."
+    )
+    max_sources: int = Field(20, ge=1, le=1000, description="Most recent history items used.")
+    max_related: int = Field(50, ge=1, le=1000, description="Related items read per source.")
+    fitted_on: dict[str, Any] | None = Field(
+        None, description="Provenance of fitted weights (data set, split, metric)."
+    )
+
+    def kind_weight(self, kind: str) -> float:
+        """Weight of a related-items relation kind (0 for unknown kinds)."""
+        return float(getattr(self, kind, 0.0)) if kind in _KIND_FIELDS else 0.0
+
+    def save(self, path: Path) -> None:
+        """Write the weights as a versioned JSON artifact."""
+        path.parent.mkdir(parents=True, exist_ok=True)
+        doc = {"format": BLEND_FORMAT, "version": BLEND_VERSION, "weights": self.model_dump()}
+        tmp = path.with_suffix(path.suffix + ".tmp")
+        tmp.write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n")
+        tmp.replace(path)
+
+    @classmethod
+    def load(cls, path: Path) -> BlendWeights:
+        """Read an artifact written by `save`; raise BlendError naming what is wrong."""
+        try:
+            doc = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise BlendError(f"cannot read blend weights {path}: {exc}") from exc
+        if not isinstance(doc, dict) or doc.get("format") != BLEND_FORMAT:
+            raise BlendError(f"{path} is not a blend-weights artifact (format={BLEND_FORMAT!r})")
+        if doc.get("version") != BLEND_VERSION:
+            raise BlendError(
+                f"{path} has blend-weights version {doc.get('version')!r}; "
+                f"this relata reads version {BLEND_VERSION}"
+            )
+        try:
+            return cls.model_validate(doc.get("weights", {}))
+        except ValueError as exc:
+            raise BlendError(f"invalid blend weights in {path}: {exc}") from exc
+
+
+_KIND_FIELDS = frozenset({"bought_together", "also_viewed", "next_item", "similar"})
+
+_KIND_PHRASE: dict[str, str] = {
+    "bought_together": "often bought together with",
+    "also_viewed": "shoppers who chose it also chose",
+    "next_item": "often chosen next after",
+    "similar": "related to",
+}
+
+
+def source_weights(
+    history: Sequence[HistoryEntry], *, recency: float, weight_exponent: float, max_sources: int
+) -> list[tuple[HistoryEntry, float]]:
+    """Weight of each recent positive history item as a source of evidence, most recent first.
+
+    History is most recent first; returned/negative items are never sources.
+    """
+    out: list[tuple[HistoryEntry, float]] = []
+    positives = [e for e in history[:max_sources] if e.weight > 0]
+    if not positives:
+        return out
+    top = max(e.weight for e in positives)
+    for position, entry in enumerate(positives):
+        w = (recency**position) * ((entry.weight / top) ** weight_exponent)
+        if w > 1e-9:
+            out.append((entry, w))
+    return out
+
+
+def pooled_user_vector(
+    history: Sequence[HistoryEntry],
+    vectors: Mapping[str, np.ndarray],
+    *,
+    recency: float = 0.7,
+    weight_exponent: float = 0.5,
+    max_items: int = 20,
+) -> np.ndarray | None:
+    """Weighted mean of the user's history item vectors (L2-normalised); None if none known."""
+    acc: np.ndarray | None = None
+    for entry, w in source_weights(
+        history, recency=recency, weight_exponent=weight_exponent, max_sources=max_items
+    ):
+        vec = vectors.get(entry.item_id)
+        if vec is None:
+            continue
+        term = np.asarray(vec, dtype=np.float32) * np.float32(w)
+        acc = term if acc is None else acc + term
+    if acc is None:
+        return None
+    norm = float(np.linalg.norm(acc))
+    if norm == 0.0 or not math.isfinite(norm):
+        return None
+    return (acc / norm).astype(np.float32)
+
+
+_VERB: dict[str, str] = {
+    "purchase": "bought",
+    "add_to_cart": "added to cart",
+    "click": "clicked",
+    "view": "viewed",
+    "return": "returned",
+}
+
+
+def profile_text(
+    history: Sequence[HistoryEntry], titles: Mapping[str, str], *, max_items: int = 10
+) -> str:
+    """The seed's user representation: a text of the user's recent behaviour, to be encoded.
+
+    Most recent first, positive items only, e.g. "bought: Rose Lip Balm; viewed: Matte Lipstick".
+    """
+    parts: list[str] = []
+    for entry in history:
+        if entry.weight <= 0:
+            continue
+        title = titles.get(entry.item_id)
+        if not title:
+            continue
+        parts.append(f"{_VERB.get(entry.last_event_type, 'chose')}: {title}")
+        if len(parts) >= max_items:
+            break
+    return "; ".join(parts)
+
+
+class _Acc:
+    """Score and reasons collected for one candidate."""
+
+    __slots__ = ("reasons", "score")
+
+    def __init__(self) -> None:
+        self.score = 0.0
+        # (strength, source_item_id, kind, text)
+        self.reasons: list[tuple[float, str, ReasonKind, str]] = []
+
+
+def _label(item_id: str, titles: Mapping[str, str] | None) -> str:
+    if titles:
+        title = titles.get(item_id)
+        if title:
+            return f"'{title[:80]}'"
+    return item_id
+
+
+def rank(
+    *,
+    history: Sequence[HistoryEntry],
+    related: Mapping[str, RelatedItems],
+    vector_hits: Sequence[tuple[str, float]],
+    k: int,
+    weights: BlendWeights | None = None,
+    exclude: Set[str] = frozenset(),
+    history_vectors: Mapping[str, np.ndarray] | None = None,
+    candidate_vectors: Mapping[str, np.ndarray] | None = None,
+    popularity: Sequence[tuple[str, float]] | None = None,
+    titles: Mapping[str, str] | None = None,
+    max_reasons: int = 3,
+) -> list[RecommendedItem]:
+    """Top-k items for one user, each with reasons naming the user's own history items.
+
+    history: most recent first (UserProfile/ProfileUpdate order). related: RelatedItems by
+    history item id (missing ids are fine). vector_hits: (item_id, cosine with the user vector),
+    best first. popularity: (item_id, count), most popular first: a prior and the fallback.
+    history_vectors/candidate_vectors: optional, to name the history item most similar to a
+    vector hit (with its cosine); without them the most recent history item is named.
+    History items and `exclude` are never returned. Ties break on item id (deterministic).
+    """
+    if k <= 0 or not history:
+        return []
+    w = weights or BlendWeights()
+    banned = set(exclude)
+    banned.update(e.item_id for e in history)
+    sources = source_weights(
+        history, recency=w.recency, weight_exponent=w.weight_exponent, max_sources=w.max_sources
+    )
+    anchor = sources[0][0].item_id if sources else history[0].item_id
+    accs: dict[str, _Acc] = {}
+
+    # Association evidence: per source and kind, scores scaled by the list's best score, so a
+    # data set's raw score scale (lift, PMI, counts) does not matter; sum over sources is kNN.
+    total_source = sum(sw for _, sw in sources) or 1.0
+    for entry, sw in sources:
+        rel = related.get(entry.item_id)
+        if rel is None or not rel.related:
+            continue
+        best: dict[str, float] = {}
+        for r in rel.related[: w.max_related]:
+            if r.score > best.get(r.kind, 0.0):
+                best[r.kind] = r.score
+        for r in rel.related[: w.max_related]:
+            kw = w.kind_weight(r.kind)
+            top = best.get(r.kind, 0.0)
+            if kw <= 0.0 or r.score <= 0.0 or top <= 0.0 or r.item_id in banned:
+                continue
+            strength = kw * (sw / total_source) * (r.score / top)
+            acc = accs.get(r.item_id)
+            if acc is None:
+                acc = accs[r.item_id] = _Acc()
+            acc.score += strength
+            text = f"{_KIND_PHRASE.get(r.kind, 'related to')} {_label(entry.item_id, titles)} ({r.evidence.text})"
+            acc.reasons.append((strength, entry.item_id, r.kind, text))
+
+    # Vector similarity, min-max scaled over the hits (top hit 1, weakest hit 0).
+    vec_items: list[str] = []
+    if w.vector > 0.0 and vector_hits:
+        cosines = [c for i, c in vector_hits if i not in banned]
+        if cosines:
+            hi, lo = max(cosines), min(cosines)
+            span = hi - lo
+            for item_id, cos in vector_hits:
+                if item_id in banned:
+                    continue
+                scaled = 1.0 if span <= 1e-9 else (cos - lo) / span
+                strength = w.vector * scaled**w.vector_sharpness
+                acc = accs.get(item_id)
+                if acc is None:
+                    acc = accs[item_id] = _Acc()
+                acc.score += strength
+                acc.reasons.append((strength, "", "similar", f"{cos:.3f}"))
+                vec_items.append(item_id)
+
+    # Popularity: a weak prior on every candidate it covers and the fill for sparse users; a
+    # tiny floor keeps the fill working when the popularity weight is 0.
+    if popularity:
+        top_count = max((c for _, c in popularity), default=0.0)
+        denom = math.log1p(top_count) if top_count > 0 else 1.0
+        pw = w.popularity + 1e-6
+        for item_id, count in popularity:
+            if item_id in banned:
+                continue
+            strength = pw * (math.log1p(max(count, 0.0)) / denom)
+            acc = accs.get(item_id)
+            if acc is None:
+                acc = accs[item_id] = _Acc()
+                acc.reasons.append(
+                    (
+                        strength,
+                        anchor,
+                        "popular",
+                        f"popular with shoppers (after {_label(anchor, titles)})",
+                    )
+                )
+            acc.score += strength
+
+    ordered = sorted(accs.items(), key=lambda kv: (-kv[1].score, kv[0]))[:k]
+    vec_set = set(vec_items)
+    vec_source = _vector_sources(
+        [i for i, _ in ordered if i in vec_set],
+        sources=[e.item_id for e, _ in sources] or [history[0].item_id],
+        history_vectors=history_vectors,
+        candidate_vectors=candidate_vectors,
+    )
+    out: list[RecommendedItem] = []
+    for item_id, acc in ordered:
+        reasons: list[Reason] = []
+        for strength, src, kind, text in sorted(acc.reasons, key=lambda r: -r[0])[:max_reasons]:
+            if kind == "similar" and not src:
+                src, sim = vec_source.get(item_id, (anchor, None))
+                text = (
+                    f"similar to {_label(src, titles)} (cosine {sim:.2f})"
+                    if sim is not None
+                    else f"similar to your recent items, like {_label(src, titles)}"
+                )
+            reasons.append(Reason(source_item_id=src, kind=kind, strength=strength, text=text))
+        out.append(RecommendedItem(item_id=item_id, score=acc.score, reasons=reasons))
+    return out
+
+
+def _vector_sources(
+    items: Sequence[str],
+    *,
+    sources: Sequence[str],
+    history_vectors: Mapping[str, np.ndarray] | None,
+    candidate_vectors: Mapping[str, np.ndarray] | None,
+) -> dict[str, tuple[str, float | None]]:
+    """For each vector-hit item, the history item most similar to it, with the cosine."""
+    if not items or not history_vectors or not candidate_vectors:
+        return {}
+    src_ids = [s for s in sources if s in history_vectors]
+    cand_ids = [i for i in items if i in candidate_vectors]
+    if not src_ids or not cand_ids:
+        return {}
+    h = np.stack([np.asarray(history_vectors[s], dtype=np.float32) for s in src_ids])
+    c = np.stack([np.asarray(candidate_vectors[i], dtype=np.float32) for i in cand_ids])
+    sims = c @ h.T
+    best = sims.argmax(axis=1)
+    return {
+        item: (src_ids[int(j)], float(np.clip(sims[n, j], -1.0, 1.0)))
+        for n, (item, j) in enumerate(zip(cand_ids, best, strict=True))
+    }
