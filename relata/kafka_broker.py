@@ -1,0 +1,446 @@
+"""Embedded single-node Apache Kafka (KRaft broker+controller) for the demo, tests and local runs.
+
+The broker's jars are resolved once by Maven (`relata/kafka/pom.xml`) into a cache directory
+outside git, atomically, so that concurrent or interrupted runs never leave a half cache.
+Each `EmbeddedKafka` formats a fresh log directory in a temp dir, runs `kafka.Kafka` on a free
+loopback port and removes everything on stop; the java process never outlives its parent.
+"""
+
+from __future__ import annotations
+
+import atexit
+import base64
+import contextlib
+import ctypes
+import fcntl
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import threading
+import time
+import uuid
+import weakref
+from collections.abc import Iterator
+from importlib import resources
+from pathlib import Path
+from types import FrameType, TracebackType
+from typing import IO
+
+import click
+
+from relata.settings_cli import build_settings, settings_options
+from schemas.settings import EmbeddedKafkaSettings
+
+logger = logging.getLogger(__name__)
+
+_MARKER = "RELATA_RESOLVED"
+_STOP_TIMEOUT_S = 20.0
+_PR_SET_PDEATHSIG = 1
+
+
+class EmbeddedKafkaError(RuntimeError):
+    """The embedded broker could not be resolved, started or reached."""
+
+
+def _resource_text(name: str) -> str:
+    return resources.files("relata").joinpath("kafka", name).read_text(encoding="utf-8")
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path) -> Iterator[None]:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _cache_complete(jars: Path) -> bool:
+    return (jars / _MARKER).is_file()
+
+
+def resolve_jars(settings: EmbeddedKafkaSettings, *, mvn: str = "mvn") -> Path:
+    """Return the directory of the broker's jars, resolving them with Maven on first use.
+
+    Maven writes into a temp dir next to the cache, which is renamed into place only when
+    complete; a file lock serialises concurrent resolvers so the work happens once.
+    """
+    jars = settings.jars_dir()
+    if _cache_complete(jars):
+        return jars
+    with _file_lock(jars.parent / f".{jars.name}.lock"):
+        if _cache_complete(jars):
+            return jars
+        if shutil.which(mvn) is None:
+            msg = f"Maven ({mvn!r}) is not on PATH; it is needed once to resolve Kafka into {jars}"
+            raise EmbeddedKafkaError(msg)
+        staging = Path(tempfile.mkdtemp(prefix=f".{jars.name}.partial-", dir=jars.parent))
+        try:
+            pom = staging / "pom.xml"
+            pom.write_text(_resource_text("pom.xml"), encoding="utf-8")
+            out = staging / "jars"
+            cmd = [
+                mvn,
+                "-q",
+                "-B",
+                "-f",
+                str(pom),
+                "dependency:copy-dependencies",
+                f"-Dkafka.version={settings.version}",
+                f"-DoutputDirectory={out}",
+            ]
+            logger.info("resolving kafka jars version=%s into=%s", settings.version, jars)
+            started = time.monotonic()
+            proc = subprocess.run(cmd, cwd=staging, capture_output=True, text=True, check=False)
+            if proc.returncode != 0 or not any(out.glob("kafka_2.13-*.jar")):
+                tail = (proc.stdout + proc.stderr)[-4000:]
+                msg = f"mvn failed to resolve Kafka {settings.version} (exit {proc.returncode}):\n{tail}"
+                raise EmbeddedKafkaError(msg)
+            names = sorted(p.name for p in out.glob("*.jar"))
+            (out / _MARKER).write_text(f"kafka {settings.version}\n" + "\n".join(names) + "\n")
+            if jars.exists():  # an incomplete leftover of something other than us
+                shutil.rmtree(jars)
+            os.rename(out, jars)
+            logger.info(
+                "resolved kafka jars count=%d seconds=%.1f dir=%s",
+                len(names),
+                time.monotonic() - started,
+                jars,
+            )
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+    return jars
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port that is free on `host` right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def _cluster_id() -> str:
+    return base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+
+
+def _server_properties(*, host: str, port: int, controller_port: int, log_dir: Path) -> str:
+    props = {
+        "process.roles": "broker,controller",
+        "node.id": "1",
+        "controller.quorum.bootstrap.servers": f"{host}:{controller_port}",
+        "listeners": f"PLAINTEXT://{host}:{port},CONTROLLER://{host}:{controller_port}",
+        "advertised.listeners": f"PLAINTEXT://{host}:{port}",
+        "controller.listener.names": "CONTROLLER",
+        "inter.broker.listener.name": "PLAINTEXT",
+        "listener.security.protocol.map": "PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT",
+        "log.dirs": str(log_dir),
+        "num.partitions": "1",
+        "auto.create.topics.enable": "true",
+        # Single node: every internal topic with replication 1.
+        "offsets.topic.replication.factor": "1",
+        "offsets.topic.num.partitions": "8",  # 50 by default; fewer make the first join faster
+        "transaction.state.log.replication.factor": "1",
+        "transaction.state.log.min.isr": "1",
+        "transaction.state.log.num.partitions": "4",
+        "share.coordinator.state.topic.replication.factor": "1",
+        "share.coordinator.state.topic.min.isr": "1",
+        # Fast tests: no initial rebalance delay, short client session timeouts allowed.
+        "group.initial.rebalance.delay.ms": "0",
+        "group.min.session.timeout.ms": "500",
+        "group.consumer.min.session.timeout.ms": "500",
+        "group.consumer.min.heartbeat.interval.ms": "100",
+        "log.flush.interval.messages": "9223372036854775807",
+        "num.network.threads": "2",
+        "num.io.threads": "4",
+        "background.threads": "4",
+        "log.cleaner.threads": "1",
+    }
+    return "".join(f"{key}={value}\n" for key, value in props.items())
+
+
+def _pdeathsig() -> None:
+    """In the child: die with the parent (a SIGKILLed parent cannot run its cleanup)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+
+
+_LIVE: weakref.WeakSet[EmbeddedKafka] = weakref.WeakSet()
+_HOOKS_LOCK = threading.Lock()
+_HOOKS_INSTALLED = False
+
+
+def _stop_all() -> None:
+    for kafka in list(_LIVE):
+        kafka.stop()
+
+
+def _on_sigterm(signum: int, frame: FrameType | None) -> None:
+    # Turn SIGTERM into SystemExit so context managers and atexit stop the broker.
+    raise SystemExit(128 + signum)
+
+
+def _install_exit_hooks() -> None:
+    global _HOOKS_INSTALLED
+    with _HOOKS_LOCK:
+        if _HOOKS_INSTALLED:
+            return
+        atexit.register(_stop_all)
+        is_main = threading.current_thread() is threading.main_thread()
+        if is_main and signal.getsignal(signal.SIGTERM) in (signal.SIG_DFL, None):
+            signal.signal(signal.SIGTERM, _on_sigterm)
+        _HOOKS_INSTALLED = True
+
+
+class EmbeddedKafka:
+    """A single-node KRaft Kafka on a free loopback port, in a temp dir; a context manager.
+
+    `bootstrap_servers` is valid after `start()` (or entering the `with` block).
+    """
+
+    def __init__(
+        self,
+        settings: EmbeddedKafkaSettings | None = None,
+        *,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        java: str = "java",
+    ) -> None:
+        self.settings = settings if settings is not None else EmbeddedKafkaSettings()
+        self.host = host
+        self._requested_port = port
+        self._java = java
+        self.port = 0
+        self.workdir: Path | None = None
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._log_handle: IO[bytes] | None = None
+        self._lock = threading.Lock()
+
+    @property
+    def bootstrap_servers(self) -> str:
+        if self._proc is None:
+            raise EmbeddedKafkaError("EmbeddedKafka is not running; call start() first")
+        return f"{self.host}:{self.port}"
+
+    @property
+    def log_path(self) -> Path | None:
+        """The broker's log file while it runs (removed with the temp dir on stop)."""
+        return None if self.workdir is None else self.workdir / "broker.log"
+
+    def __enter__(self) -> EmbeddedKafka:
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    def _java_cmd(self, jars: Path, *args: str) -> list[str]:
+        if shutil.which(self._java) is None:
+            raise EmbeddedKafkaError(f"java ({self._java!r}) is not on PATH; Kafka needs Java 17+")
+        assert self.workdir is not None
+        return [
+            self._java,
+            f"-Xmx{self.settings.heap}",
+            "-Xms128m",
+            "-XX:+UseSerialGC",  # few GC threads: the test machines are small and shared
+            "-XX:TieredStopAtLevel=1",  # C1 only: faster start, less JIT CPU
+            "-Djava.awt.headless=true",
+            f"-Dlog4j2.configurationFile={self.workdir / 'log4j2.properties'}",
+            f"-Dkafka.logs.dir={self.workdir / 'logs'}",
+            "-cp",
+            f"{jars}/*",
+            *args,
+        ]
+
+    def start(self) -> None:
+        """Resolve the jars (once), format a fresh log dir and start the broker; wait until ready."""
+        with self._lock:
+            if self._proc is not None:
+                return
+            jars = resolve_jars(self.settings)
+            self.workdir = Path(tempfile.mkdtemp(prefix="relata-kafka-"))
+            try:
+                self._launch(jars)
+            except BaseException:
+                self._shutdown()
+                raise
+        self._wait_ready()
+
+    def _launch(self, jars: Path) -> None:
+        assert self.workdir is not None
+        self.port = self._requested_port or free_port(self.host)
+        controller_port = free_port(self.host)
+        props = self.workdir / "server.properties"
+        props.write_text(
+            _server_properties(
+                host=self.host,
+                port=self.port,
+                controller_port=controller_port,
+                log_dir=self.workdir / "data",
+            )
+        )
+        (self.workdir / "log4j2.properties").write_text(_resource_text("log4j2.properties"))
+        fmt = subprocess.run(
+            self._java_cmd(
+                jars,
+                "kafka.tools.StorageTool",
+                "format",
+                "--standalone",
+                "-t",
+                _cluster_id(),
+                "-c",
+                str(props),
+            ),
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        if fmt.returncode != 0:
+            msg = f"kafka StorageTool format failed (exit {fmt.returncode}):\n{(fmt.stdout + fmt.stderr)[-4000:]}"
+            raise EmbeddedKafkaError(msg)
+        assert self.log_path is not None
+        self._log_handle = self.log_path.open("wb")
+        in_main = threading.current_thread() is threading.main_thread()
+        _install_exit_hooks()
+        self._proc = subprocess.Popen(
+            self._java_cmd(jars, "kafka.Kafka", str(props)),
+            stdin=subprocess.DEVNULL,
+            stdout=self._log_handle,
+            stderr=subprocess.STDOUT,
+            cwd=self.workdir,
+            # Own session: a terminal's Ctrl-C reaches us, and we stop the broker in order.
+            start_new_session=True,
+            # PDEATHSIG fires when the forking *thread* exits, so only from the main thread.
+            preexec_fn=_pdeathsig if in_main else None,
+        )
+        _LIVE.add(self)
+        logger.info(
+            "embedded kafka starting pid=%d bootstrap=%s:%d log=%s",
+            self._proc.pid,
+            self.host,
+            self.port,
+            self.log_path,
+        )
+
+    def _log_tail(self, limit: int = 4000) -> str:
+        path = self.log_path
+        if path is None or not path.exists():
+            return ""
+        return path.read_bytes()[-limit:].decode("utf-8", errors="replace")
+
+    def _wait_ready(self) -> None:
+        from confluent_kafka.admin import AdminClient
+
+        deadline = time.monotonic() + self.settings.startup_timeout_s
+        admin = AdminClient({"bootstrap.servers": f"{self.host}:{self.port}", "log_level": 0})
+        started = time.monotonic()
+        while True:
+            proc = self._proc
+            if proc is None or proc.poll() is not None:
+                tail = self._log_tail()
+                code = None if proc is None else proc.returncode
+                self.stop()
+                raise EmbeddedKafkaError(
+                    f"embedded kafka exited during start (exit {code}):\n{tail}"
+                )
+            try:
+                metadata = admin.list_topics(timeout=1.0)
+                if metadata.brokers:
+                    break
+            except Exception:
+                pass
+            if time.monotonic() > deadline:
+                tail = self._log_tail()
+                self.stop()
+                msg = (
+                    f"embedded kafka did not answer within {self.settings.startup_timeout_s:.0f} s "
+                    f"(RELATA_EMBEDDED_KAFKA_STARTUP_TIMEOUT_S):\n{tail}"
+                )
+                raise EmbeddedKafkaError(msg)
+            time.sleep(0.2)
+        logger.info(
+            "embedded kafka ready bootstrap=%s seconds=%.1f",
+            self.bootstrap_servers,
+            time.monotonic() - started,
+        )
+
+    def stop(self) -> None:
+        """Stop the broker (SIGTERM, then SIGKILL after a grace period) and remove its temp dir."""
+        with self._lock:
+            self._shutdown()
+
+    def _shutdown(self) -> None:
+        proc, self._proc = self._proc, None
+        if proc is not None:
+            if proc.poll() is None:
+                proc.terminate()
+                try:
+                    proc.wait(timeout=_STOP_TIMEOUT_S)
+                except subprocess.TimeoutExpired:
+                    logger.warning(
+                        "embedded kafka did not stop in %.0f s; killing pid=%d",
+                        _STOP_TIMEOUT_S,
+                        proc.pid,
+                    )
+                    proc.kill()
+                    proc.wait()
+            logger.info("embedded kafka stopped pid=%d exit=%s", proc.pid, proc.returncode)
+        _LIVE.discard(self)
+        if self._log_handle is not None:
+            self._log_handle.close()
+            self._log_handle = None
+        if self.workdir is not None:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+            self.workdir = None
+
+    @property
+    def running(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+
+@click.command("kafka")
+@click.option(
+    "--port",
+    type=int,
+    default=0,
+    show_default=True,
+    envvar="RELATA_EMBEDDED_KAFKA_PORT",
+    show_envvar=True,
+    help="Broker port on 127.0.0.1; 0 picks a free one.",
+)
+@click.option(
+    "--resolve-only", is_flag=True, help="Only resolve the jars into the cache; print the dir."
+)
+@settings_options(EmbeddedKafkaSettings, group="embedded-kafka")
+def command(port: int, resolve_only: bool, **params: object) -> None:
+    """Run the embedded single-node Apache Kafka in the foreground; Ctrl-C stops it."""
+    settings = build_settings(EmbeddedKafkaSettings, group="embedded-kafka", params=params)
+    if resolve_only:
+        click.echo(str(resolve_jars(settings)))
+        return
+    stop = threading.Event()
+
+    def _request_stop(signum: int, frame: FrameType | None) -> None:
+        stop.set()
+
+    with EmbeddedKafka(settings, port=port) as kafka:
+        signal.signal(signal.SIGINT, _request_stop)
+        signal.signal(signal.SIGTERM, _request_stop)
+        click.echo(kafka.bootstrap_servers)
+        click.echo(f"broker log: {kafka.log_path}  (Ctrl-C stops)", err=True)
+        while not stop.is_set():
+            if not kafka.running:
+                raise click.ClickException(f"embedded kafka exited:\n{kafka._log_tail()}")
+            stop.wait(1.0)
+        click.echo("stopping embedded kafka", err=True)

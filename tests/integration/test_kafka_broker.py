@@ -1,0 +1,66 @@
+"""The embedded broker and topic creation, against a real Apache Kafka."""
+
+from __future__ import annotations
+
+import pytest
+from confluent_kafka import Consumer, Producer
+from confluent_kafka.admin import AdminClient, ConfigResource, ResourceType
+
+from relata.topics import confluent_config, ensure_topics, topic_name
+from schemas.settings import KafkaSettings
+from schemas.topics import ALL_TOPICS, BEHAVIOR_EVENTS, ITEM_CATALOG, RECOMMENDATIONS
+
+pytestmark = pytest.mark.integration
+
+
+def _cleanup_policy(admin: AdminClient, topic: str) -> str:
+    resource = ConfigResource(ResourceType.TOPIC, topic)
+    configs = admin.describe_configs([resource])[resource].result(timeout=30)
+    return str(configs["cleanup.policy"].value)
+
+
+def test_produce_and_consume_round_trip(kafka_settings: KafkaSettings, unique_id: str) -> None:
+    ensure_topics(kafka_settings, [BEHAVIOR_EVENTS])
+    topic = topic_name(kafka_settings, BEHAVIOR_EVENTS)
+    producer = Producer(confluent_config(kafka_settings))
+    producer.produce(topic, key=b"user-1", value=b'{"hello": "kafka"}')
+    assert producer.flush(30) == 0
+
+    consumer = Consumer(
+        {
+            **confluent_config(kafka_settings),
+            "group.id": f"g-{unique_id}",
+            "auto.offset.reset": "earliest",
+            "session.timeout.ms": 6000,
+        }
+    )
+    try:
+        consumer.subscribe([topic])
+        received = None
+        for _ in range(60):
+            msg = consumer.poll(1.0)
+            if msg is not None and msg.error() is None:
+                received = msg
+                break
+        assert received is not None, "no record consumed within 60 polls"
+        assert received.key() == b"user-1"
+        assert received.value() == b'{"hello": "kafka"}'
+        assert received.topic() == topic
+    finally:
+        consumer.close()
+
+
+def test_ensure_topics_sets_cleanup_policy_and_is_idempotent(kafka_settings: KafkaSettings) -> None:
+    created = ensure_topics(kafka_settings, ALL_TOPICS, partitions=3)
+    expected = {topic_name(kafka_settings, spec) for spec in ALL_TOPICS}
+    assert set(created) == expected
+    assert all(name.startswith(kafka_settings.topic_prefix) for name in expected)
+
+    admin = AdminClient(confluent_config(kafka_settings))
+    assert _cleanup_policy(admin, topic_name(kafka_settings, ITEM_CATALOG)) == "compact"
+    assert _cleanup_policy(admin, topic_name(kafka_settings, RECOMMENDATIONS)) == "compact"
+    assert _cleanup_policy(admin, topic_name(kafka_settings, BEHAVIOR_EVENTS)) == "delete"
+    metadata = admin.list_topics(timeout=30)
+    assert len(metadata.topics[topic_name(kafka_settings, ITEM_CATALOG)].partitions) == 3
+
+    assert ensure_topics(kafka_settings, ALL_TOPICS) == []
