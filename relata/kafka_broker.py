@@ -80,6 +80,9 @@ def resolve_jars(settings: EmbeddedKafkaSettings, *, mvn: str = "mvn") -> Path:
         if shutil.which(mvn) is None:
             msg = f"Maven ({mvn!r}) is not on PATH; it is needed once to resolve Kafka into {jars}"
             raise EmbeddedKafkaError(msg)
+        # Under the lock nobody else resolves: any partial dir is a leftover of a killed run.
+        for leftover in jars.parent.glob(f".{jars.name}.partial-*"):
+            shutil.rmtree(leftover, ignore_errors=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{jars.name}.partial-", dir=jars.parent))
         try:
             pom = staging / "pom.xml"
@@ -171,6 +174,37 @@ def _pdeathsig() -> None:
     libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
 
 
+_WORKDIR_PREFIX = "relata-kafka-"
+_OWNER_FILE = "owner.pid"
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether `pid` runs; a zombie (exited, not yet reaped) counts as gone."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return True
+    return state not in ("Z", "X")
+
+
+def remove_stale_workdirs() -> None:
+    """Remove temp dirs of brokers whose parent and java process are both gone (SIGKILLed)."""
+    for path in Path(tempfile.gettempdir()).glob(f"{_WORKDIR_PREFIX}*"):
+        try:
+            pids = [int(x) for x in (path / _OWNER_FILE).read_text().split()]
+        except (OSError, ValueError):
+            continue  # starting right now, or not ours: leave it
+        if pids and not any(pid_alive(pid) for pid in pids):
+            logger.info("removing stale embedded kafka dir=%s", path)
+            shutil.rmtree(path, ignore_errors=True)
+
+
 _LIVE: weakref.WeakSet[EmbeddedKafka] = weakref.WeakSet()
 _HOOKS_LOCK = threading.Lock()
 _HOOKS_INSTALLED = False
@@ -209,12 +243,12 @@ class EmbeddedKafka:
         settings: EmbeddedKafkaSettings | None = None,
         *,
         host: str = "127.0.0.1",
-        port: int = 0,
+        port: int | None = None,
         java: str = "java",
     ) -> None:
         self.settings = settings if settings is not None else EmbeddedKafkaSettings()
         self.host = host
-        self._requested_port = port
+        self._requested_port = self.settings.port if port is None else port
         self._java = java
         self.port = 0
         self.workdir: Path | None = None
@@ -269,7 +303,8 @@ class EmbeddedKafka:
             if self._proc is not None:
                 return
             jars = resolve_jars(self.settings)
-            self.workdir = Path(tempfile.mkdtemp(prefix="relata-kafka-"))
+            remove_stale_workdirs()
+            self.workdir = Path(tempfile.mkdtemp(prefix=_WORKDIR_PREFIX))
             try:
                 self._launch(jars)
             except BaseException:
@@ -325,6 +360,7 @@ class EmbeddedKafka:
             preexec_fn=_pdeathsig if in_main else None,
         )
         _LIVE.add(self)
+        (self.workdir / _OWNER_FILE).write_text(f"{os.getpid()} {self._proc.pid}\n")
         logger.info(
             "embedded kafka starting pid=%d bootstrap=%s:%d log=%s",
             self._proc.pid,
@@ -408,24 +444,20 @@ class EmbeddedKafka:
     def running(self) -> bool:
         return self._proc is not None and self._proc.poll() is None
 
+    @property
+    def pid(self) -> int | None:
+        """The java process id while the broker runs."""
+        return None if self._proc is None else self._proc.pid
+
 
 @click.command("kafka")
 @click.option(
-    "--port",
-    type=int,
-    default=0,
-    show_default=True,
-    envvar="RELATA_EMBEDDED_KAFKA_PORT",
-    show_envvar=True,
-    help="Broker port on 127.0.0.1; 0 picks a free one.",
-)
-@click.option(
     "--resolve-only", is_flag=True, help="Only resolve the jars into the cache; print the dir."
 )
-@settings_options(EmbeddedKafkaSettings, group="embedded-kafka")
-def command(port: int, resolve_only: bool, **params: object) -> None:
+@settings_options(EmbeddedKafkaSettings, group="broker")
+def command(resolve_only: bool, **params: object) -> None:
     """Run the embedded single-node Apache Kafka in the foreground; Ctrl-C stops it."""
-    settings = build_settings(EmbeddedKafkaSettings, group="embedded-kafka", params=params)
+    settings = build_settings(EmbeddedKafkaSettings, group="broker", params=params)
     if resolve_only:
         click.echo(str(resolve_jars(settings)))
         return
@@ -434,7 +466,7 @@ def command(port: int, resolve_only: bool, **params: object) -> None:
     def _request_stop(signum: int, frame: FrameType | None) -> None:
         stop.set()
 
-    with EmbeddedKafka(settings, port=port) as kafka:
+    with EmbeddedKafka(settings) as kafka:
         signal.signal(signal.SIGINT, _request_stop)
         signal.signal(signal.SIGTERM, _request_stop)
         click.echo(kafka.bootstrap_servers)

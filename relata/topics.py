@@ -51,7 +51,7 @@ def ensure_topics(
     Returns the names it created; waits until every topic has leaders for its partitions.
     """
     from confluent_kafka import KafkaError, KafkaException
-    from confluent_kafka.admin import AdminClient, NewTopic
+    from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]  # re-exported at runtime
 
     wanted = {topic_name(settings, spec): spec for spec in specs}
     if not wanted:

@@ -2,10 +2,18 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
 import pytest
 from confluent_kafka import Consumer, Producer
 from confluent_kafka.admin import AdminClient, ConfigResource, ResourceType
 
+from relata.kafka_broker import pid_alive, remove_stale_workdirs
 from relata.topics import confluent_config, ensure_topics, topic_name
 from schemas.settings import KafkaSettings
 from schemas.topics import ALL_TOPICS, BEHAVIOR_EVENTS, ITEM_CATALOG, RECOMMENDATIONS
@@ -64,3 +72,43 @@ def test_ensure_topics_sets_cleanup_policy_and_is_idempotent(kafka_settings: Kaf
     assert len(metadata.topics[topic_name(kafka_settings, ITEM_CATALOG)].partitions) == 3
 
     assert ensure_topics(kafka_settings, ALL_TOPICS) == []
+
+
+_PARENT = """
+import sys, time
+from relata.kafka_broker import EmbeddedKafka
+kafka = EmbeddedKafka()
+kafka.start()
+print(kafka.pid, kafka.workdir, flush=True)
+time.sleep(600)
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGKILL], ids=["sigterm", "sigkill"])
+def test_broker_dies_with_its_parent(signum: signal.Signals) -> None:
+    parent = subprocess.Popen([sys.executable, "-c", _PARENT], stdout=subprocess.PIPE, text=True)
+    java_pid = 0
+    try:
+        assert parent.stdout is not None
+        line = parent.stdout.readline().split()
+        assert len(line) == 2, f"parent did not start a broker: {line}"
+        java_pid, workdir = int(line[0]), Path(line[1])
+        assert pid_alive(java_pid)
+        parent.send_signal(signum)
+        parent.wait(timeout=60)
+        for _ in range(300):
+            if not pid_alive(java_pid):
+                break
+            time.sleep(0.1)
+        assert not pid_alive(java_pid), "java broker outlived its parent"
+        if signum == signal.SIGTERM:
+            assert not workdir.exists(), "clean stop must remove the temp dir"
+        else:
+            remove_stale_workdirs()  # what the next EmbeddedKafka.start() does
+            assert not workdir.exists()
+    finally:
+        if parent.poll() is None:
+            parent.kill()
+        if java_pid and pid_alive(java_pid):
+            os.kill(java_pid, signal.SIGKILL)

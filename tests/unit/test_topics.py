@@ -1,0 +1,48 @@
+"""confluent-kafka client config from KafkaSettings, and prefixed topic names."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from pydantic import SecretStr, ValidationError
+
+from relata.topics import confluent_config, topic_name
+from schemas.settings import KafkaSettings
+from schemas.topics import ITEM_CATALOG
+
+
+def test_plaintext_config_has_only_bootstrap_and_protocol() -> None:
+    settings = KafkaSettings(bootstrap_servers="a:1,b:2", security_protocol="PLAINTEXT")
+    assert confluent_config(settings) == {
+        "bootstrap.servers": "a:1,b:2",
+        "security.protocol": "PLAINTEXT",
+    }
+
+
+def test_sasl_ssl_config_maps_credentials_and_ca() -> None:
+    settings = KafkaSettings(
+        bootstrap_servers="kafka:9093",
+        security_protocol="SASL_SSL",
+        sasl_mechanism="SCRAM-SHA-512",
+        sasl_username="relata",
+        sasl_password=SecretStr("s3cret"),
+        ssl_cafile=Path("/etc/ssl/ca.pem"),
+    )
+    assert confluent_config(settings) == {
+        "bootstrap.servers": "kafka:9093",
+        "security.protocol": "SASL_SSL",
+        "sasl.mechanism": "SCRAM-SHA-512",
+        "sasl.username": "relata",
+        "sasl.password": "s3cret",
+        "ssl.ca.location": "/etc/ssl/ca.pem",
+    }
+
+
+def test_sasl_without_credentials_fails_fast() -> None:
+    with pytest.raises(ValidationError, match="RELATA_KAFKA_SASL_PASSWORD"):
+        KafkaSettings(security_protocol="SASL_PLAINTEXT", sasl_mechanism="PLAIN")
+
+
+def test_topic_name_uses_prefix() -> None:
+    assert topic_name(KafkaSettings(topic_prefix="prod."), ITEM_CATALOG) == "prod.item-catalog"
