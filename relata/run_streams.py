@@ -1,0 +1,241 @@
+"""`relata streams`: composition root of the Faust stream processor.
+
+Reads settings, creates the topics, builds the similar-items provider from the workers'
+vector store, and runs a Faust worker: in the main thread for the CLI, or in a background
+thread (`start_streams_in_thread`) for the demo, the bench and tests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any
+
+import click
+import faust
+from prometheus_client import CollectorRegistry
+
+from relata.settings_cli import build_settings, settings_options
+from relata.topics import ensure_topics
+from schemas.messages import Evidence, RelatedItem
+from schemas.settings import KafkaSettings, StoreSettings, StreamsSettings
+from schemas.topics import ALL_TOPICS
+from streams.app import SimilarItems, StreamsApp, build_streams
+
+logger = logging.getLogger(__name__)
+
+
+class VectorStoreSimilar:
+    """`SimilarItems` over a workers `VectorStore`: the item's own vector as the query."""
+
+    def __init__(self, store: Any) -> None:
+        self._store = store
+
+    def similar(
+        self, item_id: str, *, k: int, categories: Sequence[str] | None
+    ) -> list[RelatedItem] | None:
+        vectors = self._store.get_vectors([item_id])
+        vector = vectors.get(item_id)
+        if vector is None:
+            return None
+        category = categories[-1] if categories else None  # the most specific category
+        hits = self._store.search(vector, k=k, exclude_ids={item_id}, category=category)
+        return [
+            RelatedItem(
+                item_id=hit_id,
+                kind="similar",
+                score=float(score),
+                evidence=Evidence(
+                    cosine=max(-1.0, min(1.0, float(score))),
+                    text=f"similar description (cosine {score:.2f})",
+                ),
+            )
+            for hit_id, score in hits
+        ]
+
+
+def build_similar(store_settings: StoreSettings) -> VectorStoreSimilar:
+    """Open the vector store the item indexer writes and wrap it as `SimilarItems`."""
+    from workers.vector_store import build_store
+
+    return VectorStoreSimilar(build_store(store_settings, dim=_encoder_dim()))
+
+
+def _encoder_dim() -> int:
+    # all-MiniLM-L6-v2, the packaged model; the store checks it against the collection.
+    return 384
+
+
+class ThreadWorker(faust.Worker):
+    """A Faust worker without signal handlers, runnable in a non-main thread."""
+
+    def __init__(self, *args: Any, ready: threading.Event, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._ready = ready
+
+    def install_signal_handlers(self) -> None:
+        """Signals belong to the main thread: the owner stops us with `request_stop`."""
+
+    async def on_startup_finished(self) -> None:
+        await super().on_startup_finished()
+        self._ready.set()
+
+    def request_stop(self) -> None:
+        """Thread-safe: shut down as on SIGTERM (flush, commit, leave the group)."""
+        self.loop.call_soon_threadsafe(self._schedule_shutdown, signal.SIGTERM)
+
+
+class StreamsStartError(RuntimeError):
+    """The in-process stream processor did not become ready."""
+
+
+@dataclass
+class RunningStreams:
+    """A stream processor running in a background thread; stop it with `stop()`."""
+
+    streams: StreamsApp
+    worker: ThreadWorker
+    thread: threading.Thread
+
+    @property
+    def url(self) -> str | None:
+        """Base URL of the HTTP API, or None when the web server is disabled."""
+        settings = self.streams.settings
+        if settings.web_port == 0:
+            return None
+        return f"http://{settings.web_host}:{settings.web_port}"
+
+    def stop(self, timeout_s: float = 60.0) -> None:
+        """Stop the worker (commits offsets, flushes the producer) and join its thread."""
+        if self.thread.is_alive():
+            self.worker.request_stop()
+            self.thread.join(timeout_s)
+        if self.thread.is_alive():
+            logger.warning("streams thread still alive after %.0f s", timeout_s)
+
+    def __enter__(self) -> RunningStreams:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+
+def start_streams_in_thread(
+    *,
+    kafka: KafkaSettings,
+    settings: StreamsSettings,
+    registry: CollectorRegistry | None = None,
+    similar: SimilarItems | None = None,
+    create_topics: bool = True,
+    ready_timeout_s: float = 120.0,
+) -> RunningStreams:
+    """Run the stream processor in a daemon thread; return once it is ready (assigned,
+    tables recovered, HTTP up) and the catalog view is loaded."""
+    if create_topics:
+        ensure_topics(kafka, ALL_TOPICS)
+    ready = threading.Event()
+    built: dict[str, Any] = {}
+    failure: list[BaseException] = []
+
+    def run() -> None:
+        # The app binds to the loop of the thread that builds it: build it here.
+        loop = asyncio.new_event_loop()
+        asyncio.set_event_loop(loop)
+        try:
+            streams = build_streams(
+                kafka=kafka,
+                settings=settings,
+                registry=registry or CollectorRegistry(),
+                similar=similar,
+            )
+            worker = ThreadWorker(
+                streams.app, loop=loop, ready=ready, override_logging=False, quiet=True
+            )
+            built["streams"], built["worker"] = streams, worker
+        except BaseException as exc:
+            failure.append(exc)
+            ready.set()
+            return
+        # execute_from_commandline always ends in SystemExit; in a thread that only ends it.
+        with contextlib.suppress(SystemExit):
+            worker.execute_from_commandline()
+
+    thread = threading.Thread(target=run, name="relata-streams", daemon=True)
+    thread.start()
+    if not ready.wait(ready_timeout_s) or failure:
+        running = built.get("worker")
+        if running is not None:
+            running.request_stop()
+        thread.join(30)
+        if failure:
+            raise StreamsStartError(f"stream processor failed to build: {failure[0]}") from failure[
+                0
+            ]
+        msg = f"stream processor not ready after {ready_timeout_s:.0f} s (broker {kafka.bootstrap_servers})"
+        raise StreamsStartError(msg)
+    result = RunningStreams(streams=built["streams"], worker=built["worker"], thread=thread)
+    catalog_ready = asyncio.run_coroutine_threadsafe(
+        result.streams.catalog.ready.wait(), result.worker.loop
+    )
+    try:
+        catalog_ready.result(ready_timeout_s)
+    except TimeoutError as exc:
+        result.stop()
+        raise StreamsStartError("catalog view not loaded in time") from exc
+    return result
+
+
+@click.command(name="streams")
+@click.option(
+    "--similar/--no-similar",
+    "with_similar",
+    default=None,
+    envvar="RELATA_STREAMS_SIMILAR",
+    show_envvar=True,
+    help=(
+        "Serve kind=similar from the vector store. Default: on for store kind server/local, "
+        "off for edge (an edge directory is opened by one process only: the workers')."
+    ),
+)
+@settings_options(StoreSettings, group="store")
+@settings_options(StreamsSettings, group="streams")
+@settings_options(KafkaSettings, group="kafka")
+def command(with_similar: bool | None, **params: Any) -> None:
+    """Run the Faust stream processor (profiles, associations, HTTP) until interrupted."""
+    kafka = build_settings(KafkaSettings, group="kafka", params=params)
+    settings = build_settings(StreamsSettings, group="streams", params=params)
+    store = build_settings(StoreSettings, group="store", params=params)
+    if with_similar is None:
+        with_similar = store.kind != "edge"
+        if not with_similar:
+            logger.warning(
+                "similar items disabled: RELATA_STORE_KIND=edge is in-process and its directory "
+                "belongs to the workers process; use a Qdrant server (kind=server) or run "
+                "`relata demo` (one process) to serve kind=similar"
+            )
+    similar = build_similar(store) if with_similar else None
+    created = ensure_topics(kafka, ALL_TOPICS)
+    logger.info("topics ready created=%s", ",".join(created) or "none")
+    streams = build_streams(
+        kafka=kafka, settings=settings, registry=CollectorRegistry(), similar=similar
+    )
+    click.echo(
+        f"relata streams: app_id={streams.app.conf.id} broker={kafka.bootstrap_servers} "
+        + (
+            f"http://{settings.web_host}:{settings.web_port}"
+            if settings.web_port
+            else "web disabled"
+        )
+    )
+    faust.Worker(streams.app, override_logging=False).execute_from_commandline()

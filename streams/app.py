@@ -1,0 +1,551 @@
+"""The Faust stream processor: profiles, association statistics, and the HTTP API.
+
+`build_app` / `build_streams` build a *new* app per call (a Faust app cannot be restarted in
+one process); there is no import-time app. Agents are glue around the pure logic in
+`streams/profile.py` and `streams/association.py`:
+
+- `process_events` (behavior-events, key user_id): decode → dead-letter on failure → fold into
+  table `profiles` → `profile-updates` (+ the association input to `association-input`).
+- `process_associations` (internal `association-input`, ONE partition): all pair counts of
+  an item need the counts of its partners (lift, cosine), so the statistics live in one
+  partition of table `associations` on one worker. Scaling choice: this agent is light (dict
+  updates) and keeps up with ~10k events/s; failover is by a standby replica
+  (`table_standby_replicas=1`) that replays the changelog. Sharding by item would need a
+  second hop for partner counts.
+- `process_recommendations` (recommendations): the latest list per user in a table for HTTP.
+- A task follows `item-catalog` into a `CatalogView` (known, available items).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, Protocol
+
+import faust
+from faust.transport.drivers.aiokafka import credentials_to_aiokafka_auth
+from prometheus_client import CollectorRegistry
+
+from schemas.decoding import Rejection, dead_letter, decode
+from schemas.messages import (
+    BehaviorEvent,
+    Recommendation,
+    RelatedItem,
+    RelatedItems,
+    RelationKind,
+    UserProfile,
+)
+from schemas.settings import KafkaSettings, StreamsSettings
+from schemas.topics import (
+    BEHAVIOR_EVENTS,
+    DEAD_LETTER,
+    ITEM_CATALOG,
+    PROFILE_UPDATES,
+    RECOMMENDATIONS,
+    RELATED_ITEMS,
+)
+
+from .association import (
+    ASSOCIATION_KINDS,
+    AssociationConfig,
+    AssociationInput,
+    ItemRecord,
+    TotalsRecord,
+    material_change,
+    plan_updates,
+    related_items,
+    update_item,
+    update_totals,
+)
+from .catalog import CatalogView
+from .metrics import StreamsMetrics
+from .profile import FoldConfig, fold_event, profile_update
+from .transport import App
+
+logger = logging.getLogger(__name__)
+
+STAGE = "streams"
+ASSOCIATION_INPUT = "association-input"
+TOTALS_KEY = "totals"
+# Lower than Faust's hard-coded 1500 ms: see streams/transport.py.
+FETCH_MAX_WAIT_MS = 100
+# Related lists are recomputed for items touched since the last flush, at most this often.
+RELATED_FLUSH_INTERVAL_S = 0.25
+
+
+class SimilarItems(Protocol):
+    """Vector-similar items of a catalog item (the composition root injects one)."""
+
+    def similar(
+        self, item_id: str, *, k: int, categories: Sequence[str] | None
+    ) -> list[RelatedItem] | None:
+        """Up to k items (kind "similar", best first, cosine in the evidence); with
+        `categories` (the item's own, from the catalog) only items of its category.
+        None when the item is unknown to the vector store."""
+        ...
+
+
+class Sender(Protocol):
+    """Where the agents' output records go (Kafka in production, a list in unit tests)."""
+
+    async def send(self, topic: str, *, key: bytes | None, value: bytes) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Position:
+    """Where an input record came from (for its dead-letter record)."""
+
+    key: bytes | None
+    raw: bytes | None
+    topic: str
+    partition: int
+    offset: int
+
+
+class KafkaSender:
+    """Send through the Faust app's producer (buffered, acknowledged asynchronously)."""
+
+    def __init__(self, topics: dict[str, faust.TopicT]) -> None:
+        self._topics = topics
+
+    async def send(self, topic: str, *, key: bytes | None, value: bytes) -> None:
+        await self._topics[topic].send(key=key, value=value)
+
+
+@dataclass(slots=True)
+class StreamsApp:
+    """A built app plus the parts tests and the HTTP views need to reach."""
+
+    app: Any
+    kafka: KafkaSettings
+    settings: StreamsSettings
+    metrics: StreamsMetrics
+    registry: CollectorRegistry
+    catalog: CatalogView
+    fold_config: FoldConfig
+    assoc_config: AssociationConfig
+    topic_names: dict[str, str]
+    sender: Sender
+    similar: SimilarItems | None
+    profiles: Any = None
+    associations: Any = None
+    association_totals: Any = None
+    recommendations: Any = None
+    process_events: Any = None
+    process_associations: Any = None
+    process_recommendations: Any = None
+    # Signatures of the last published related lists (in memory: a restart republishes once).
+    published: dict[str, RelatedItems] = field(default_factory=dict)
+    dirty: set[str] = field(default_factory=set)
+
+    # ---- profile agent -------------------------------------------------------------------
+    async def handle_event(
+        self,
+        *,
+        key: bytes | None,
+        value: bytes | None,
+        topic: str,
+        partition: int,
+        offset: int,
+        timestamp_s: float,
+    ) -> None:
+        """Validate, fold and forward one behaviour event; bad input goes to dead-letter."""
+        started = time.perf_counter()
+        where = Position(key=key, raw=value, topic=topic, partition=partition, offset=offset)
+        decoded = decode(value, BehaviorEvent)
+        if isinstance(decoded, Rejection):
+            await self.reject(decoded, where)
+            return
+        event = decoded
+        if key != event.user_id.encode("utf-8"):
+            reason = (
+                f"record key {key!r} is not the event's user_id {event.user_id!r}: "
+                "behavior-events must be keyed by user_id so a user's events share a partition"
+            )
+            await self.reject(Rejection("invalid_fields", reason), where)
+            return
+        if not self.catalog.ready.is_set():
+            await self.catalog.ready.wait()
+        if event.item_id not in self.catalog:
+            reason = f"item_id {event.item_id!r} is not an available item of the catalog"
+            await self.reject(Rejection("unknown_item", reason), where)
+            return
+        self.metrics.events_consumed.labels(event.event_type).inc()
+        try:
+            await self._fold(event, timestamp_s=timestamp_s)
+        except Exception as exc:  # a bug or corrupt state: keep the stream flowing, keep the record
+            logger.exception(
+                "processing failed %s[%d] offset=%d user_id=%s",
+                topic,
+                partition,
+                offset,
+                event.user_id,
+            )
+            rejection = Rejection("processing_error", f"{type(exc).__name__}: {exc}")
+            await self.reject(rejection, where)
+            return
+        self.metrics.event_processing_seconds.observe(time.perf_counter() - started)
+
+    async def _fold(self, event: BehaviorEvent, *, timestamp_s: float) -> None:
+        stored = self.profiles.get(event.user_id)
+        profile = None if stored is None else UserProfile.model_validate_json(stored)
+        result = fold_event(profile, event, self.fold_config)
+        if not result.changed:
+            self.metrics.events_duplicate.inc()
+            return
+        self.profiles[event.user_id] = result.profile.model_dump_json().encode("utf-8")
+        update = profile_update(
+            result.profile,
+            trigger_event_ids=[event.event_id],
+            source_ts_ms=max(0, int(timestamp_s * 1000)),
+            now=datetime.now(UTC),
+            event=event,
+        )
+        await self.sender.send(
+            self.topic_names[PROFILE_UPDATES.name],
+            key=event.user_id.encode("utf-8"),
+            value=update.model_dump_json().encode("utf-8"),
+        )
+        self.metrics.profile_updates.inc()
+        assoc = AssociationInput.from_fold(result, event)
+        if assoc is not None:
+            await self.sender.send(
+                self.topic_names[ASSOCIATION_INPUT],
+                key=event.item_id.encode("utf-8"),
+                value=json.dumps(assoc.to_dict()).encode("utf-8"),
+            )
+
+    async def reject(
+        self,
+        rejection: Rejection,
+        where: Position,
+    ) -> None:
+        """Send one input to `dead-letter` with its reason and position, and count it."""
+        key, topic, partition, offset = where.key, where.topic, where.partition, where.offset
+        record = dead_letter(
+            rejection,
+            raw=where.raw,
+            key=key,
+            topic=topic,
+            partition=partition,
+            offset=offset,
+            stage=STAGE,
+        )
+        await self.sender.send(
+            self.topic_names[DEAD_LETTER.name], key=key, value=record.model_dump_json().encode()
+        )
+        self.metrics.dead_letter.labels(STAGE, rejection.error_type).inc()
+        logger.info(
+            "dead-letter %s[%d] offset=%d error_type=%s reason=%s",
+            topic,
+            partition,
+            offset,
+            rejection.error_type,
+            rejection.reason[:200],
+        )
+
+    # ---- association agent ---------------------------------------------------------------
+    def handle_association_input(self, data: Any) -> None:
+        """Fold one association input into the per-item records and the totals."""
+        inp = AssociationInput.from_dict(data)
+        for item_id, delta in plan_updates(inp).items():
+            record = self.associations.get(item_id)
+            self.associations[item_id] = update_item(
+                record, item_id=item_id, delta=delta, ts=inp.ts, config=self.assoc_config
+            )
+            self.dirty.add(item_id)
+        state = self.association_totals.get(TOTALS_KEY) or {"totals": None, "clock": 0.0}
+        totals = update_totals(state["totals"], inp, self.assoc_config)
+        self.association_totals[TOTALS_KEY] = {
+            "totals": totals,
+            "clock": max(float(state["clock"]), inp.ts),
+        }
+        self.metrics.association_updates.inc()
+
+    def association_clock(self) -> tuple[TotalsRecord | None, float]:
+        """The global totals and the event-time clock (latest event ts) of the statistics."""
+        state = self.association_totals.get(TOTALS_KEY)
+        if state is None:
+            return None, 0.0
+        return state["totals"], float(state["clock"])
+
+    def related_of(
+        self, item_id: str, *, kinds: Iterable[RelationKind] = ASSOCIATION_KINDS
+    ) -> RelatedItems | None:
+        """Current association neighbours of one item (None: no behaviour seen)."""
+        record: ItemRecord | None = self.associations.get(item_id)
+        if record is None:
+            return None
+        totals, clock = self.association_clock()
+        return related_items(
+            record,
+            lookup=self.associations.get,
+            totals=totals,
+            now=clock,
+            config=self.assoc_config,
+            kinds=kinds,
+        )
+
+    async def flush_related(self) -> int:
+        """Publish the related lists of touched items that changed materially."""
+        if not self.dirty:
+            return 0
+        items, self.dirty = self.dirty, set()
+        published = 0
+        for item_id in sorted(items):
+            new = self.related_of(item_id)
+            if new is None:
+                continue
+            old = self.published.get(item_id)
+            if not material_change(old, new, self.assoc_config.republish_change):
+                continue
+            await self.sender.send(
+                self.topic_names[RELATED_ITEMS.name],
+                key=item_id.encode("utf-8"),
+                value=new.model_dump_json().encode("utf-8"),
+            )
+            self.published[item_id] = new
+            published += 1
+        self.metrics.related_items_published.inc(published)
+        return published
+
+    # ---- recommendations table ------------------------------------------------------------
+    async def handle_recommendation(
+        self, *, key: bytes | None, value: bytes | None, topic: str, partition: int, offset: int
+    ) -> None:
+        """Keep the latest recommendation list per user (a tombstone deletes it)."""
+        if value is None:
+            if key is not None:
+                self.recommendations.pop(key.decode("utf-8", errors="replace"), None)
+            return
+        decoded = decode(value, Recommendation)
+        if isinstance(decoded, Rejection):
+            where = Position(key=key, raw=value, topic=topic, partition=partition, offset=offset)
+            await self.reject(decoded, where)
+            return
+        self.recommendations[decoded.user_id] = value
+
+
+def _broker_urls(kafka: KafkaSettings) -> list[str]:
+    return [f"kafka://{hp.strip()}" for hp in kafka.bootstrap_servers.split(",") if hp.strip()]
+
+
+def _credentials(kafka: KafkaSettings) -> Any:
+    if kafka.security_protocol.startswith("SASL"):
+        assert kafka.sasl_password is not None  # KafkaSettings validates SASL completeness
+        return faust.SASLCredentials(
+            username=kafka.sasl_username,
+            password=kafka.sasl_password.get_secret_value(),
+            mechanism=kafka.sasl_mechanism,
+            ssl_context=_ssl_context(kafka),
+        )
+    if kafka.security_protocol == "SSL":
+        return faust.SSLCredentials(_ssl_context(kafka))
+    return None
+
+
+def _ssl_context(kafka: KafkaSettings) -> Any:
+    if kafka.security_protocol not in ("SSL", "SASL_SSL"):
+        return None
+    import ssl
+
+    return ssl.create_default_context(cafile=str(kafka.ssl_cafile) if kafka.ssl_cafile else None)
+
+
+def aiokafka_config(kafka: KafkaSettings) -> dict[str, Any]:
+    """aiokafka client config (bootstrap servers and security) from KafkaSettings."""
+    config: dict[str, Any] = {"bootstrap_servers": kafka.bootstrap_servers}
+    credentials = _credentials(kafka)
+    if credentials is not None:
+        config.update(credentials_to_aiokafka_auth(credentials, None))
+    return config
+
+
+def faust_settings(kafka: KafkaSettings, settings: StreamsSettings) -> dict[str, Any]:
+    """Faust configuration from the settings (timeouts per shared/NOTES.md)."""
+    session = settings.session_timeout_s
+    return {
+        "broker": _broker_urls(kafka),
+        "broker_credentials": _credentials(kafka),
+        "store": settings.store,
+        "datadir": str(settings.data_dir),
+        "autodiscover": False,
+        "topic_partitions": kafka.partitions,
+        "topic_replication_factor": kafka.replication_factor,
+        "table_standby_replicas": 1,
+        "broker_session_timeout": session,
+        "broker_heartbeat_interval": min(settings.heartbeat_interval_s, session / 3),
+        # A member that does not rejoin within this is dropped; Faust's default (60 s) makes
+        # a restart after a crash wait a minute.
+        "broker_rebalance_timeout": max(2.0, session),
+        "broker_request_timeout": max(90.0, session * 2),
+        "broker_commit_interval": settings.commit_interval_s,
+        "consumer_auto_offset_reset": "earliest",
+        "producer_linger": 0.0,
+        "web_enabled": settings.web_port != 0,
+        "web_host": settings.web_host,
+        "web_bind": settings.web_host,
+        "web_port": settings.web_port or 6066,
+        "worker_redirect_stdouts": False,
+        "logging_config": None,
+    }
+
+
+def build_streams(
+    *,
+    kafka: KafkaSettings,
+    settings: StreamsSettings,
+    registry: CollectorRegistry,
+    similar: SimilarItems | None = None,
+    sender: Sender | None = None,
+    catalog: CatalogView | None = None,
+    follow_catalog: bool = True,
+) -> StreamsApp:
+    """Build a new Faust app with its tables, agents and HTTP views (nothing starts yet).
+
+    The app id is `kafka.topic_prefix + settings.app_id`, so the changelog topics Faust creates
+    (`<id>-profiles-changelog`, ...) carry the deployment's prefix too.
+    """
+    app_id = kafka.topic(settings.app_id)
+    app = App(app_id, fetch_max_wait_ms=FETCH_MAX_WAIT_MS, **faust_settings(kafka, settings))
+    names = {
+        spec.name: kafka.topic(spec.name)
+        for spec in (BEHAVIOR_EVENTS, ITEM_CATALOG, PROFILE_UPDATES, RELATED_ITEMS, RECOMMENDATIONS)
+    }
+    names[DEAD_LETTER.name] = kafka.topic(DEAD_LETTER.name)
+    names[ASSOCIATION_INPUT] = f"{app_id}-{ASSOCIATION_INPUT}"
+
+    topics = {
+        name: app.topic(full, key_serializer="raw", value_serializer="raw")
+        for name, full in names.items()
+        if name not in (ASSOCIATION_INPUT, ITEM_CATALOG.name)
+    }
+    topics[ASSOCIATION_INPUT] = app.topic(
+        names[ASSOCIATION_INPUT],
+        partitions=1,
+        internal=True,
+        key_serializer="raw",
+        value_serializer="json",
+    )
+    streams = StreamsApp(
+        app=app,
+        kafka=kafka,
+        settings=settings,
+        metrics=StreamsMetrics.create(registry),
+        registry=registry,
+        catalog=catalog or CatalogView(),
+        fold_config=FoldConfig.from_settings(settings),
+        assoc_config=AssociationConfig.from_settings(settings),
+        topic_names=names,
+        sender=sender or KafkaSender({full_name(t): t for t in topics.values()}),
+        similar=similar,
+    )
+    # Keys are str; values raw JSON bytes (pydantic models) or JSON dicts (association records).
+    raw_values = faust.Schema(
+        key_type=str, value_type=bytes, key_serializer="raw", value_serializer="raw"
+    )
+    json_values = faust.Schema(key_type=str, key_serializer="raw", value_serializer="json")
+    streams.profiles = app.Table(
+        "profiles", default=None, partitions=kafka.partitions, schema=raw_values
+    )
+    streams.recommendations = app.Table(
+        "recommendations", default=None, partitions=kafka.partitions, schema=raw_values
+    )
+    streams.associations = app.Table("associations", default=None, partitions=1, schema=json_values)
+    streams.association_totals = app.Table(
+        "association-totals", default=None, partitions=1, schema=json_values
+    )
+
+    @app.agent(topics[BEHAVIOR_EVENTS.name], name="process-events")
+    async def process_events(stream: Any) -> None:
+        async for event in stream.events():
+            message = event.message
+            await streams.handle_event(
+                key=message.key,
+                value=message.value,
+                topic=message.topic,
+                partition=message.partition,
+                offset=message.offset,
+                timestamp_s=message.timestamp,
+            )
+
+    @app.agent(topics[ASSOCIATION_INPUT], name="process-associations")
+    async def process_associations(stream: Any) -> None:
+        async for value in stream:
+            streams.handle_association_input(value)
+
+    @app.agent(topics[RECOMMENDATIONS.name], name="process-recommendations")
+    async def process_recommendations(stream: Any) -> None:
+        async for event in stream.events():
+            message = event.message
+            await streams.handle_recommendation(
+                key=message.key,
+                value=message.value,
+                topic=message.topic,
+                partition=message.partition,
+                offset=message.offset,
+            )
+
+    async def publish_related() -> None:
+        await streams.flush_related()
+
+    async def count_association_items() -> None:
+        streams.metrics.association_items.set(_local_size(streams.associations))
+
+    async def follow_catalog_task() -> None:
+        await streams.catalog.follow(
+            names[ITEM_CATALOG.name], consumer_config=aiokafka_config(kafka)
+        )
+
+    app.timer(interval=RELATED_FLUSH_INTERVAL_S)(publish_related)
+    app.timer(interval=10.0)(count_association_items)
+    if follow_catalog:
+        app.task(follow_catalog_task)
+
+    streams.process_events = process_events
+    streams.process_associations = process_associations
+    streams.process_recommendations = process_recommendations
+
+    from .web import register_views
+
+    register_views(streams)
+    return streams
+
+
+def full_name(topic: Any) -> str:
+    name: str = topic.get_topic_name()
+    return name
+
+
+def _local_size(table: Any) -> int:
+    try:
+        return len(table)
+    except Exception:  # a store without a cheap len: skip this sample
+        return 0
+
+
+def build_app(
+    *,
+    kafka: KafkaSettings,
+    settings: StreamsSettings,
+    registry: CollectorRegistry,
+    similar: SimilarItems | None = None,
+) -> Any:
+    """A new Faust app (agents, tables, HTTP views) for these settings: see `build_streams`."""
+    return build_streams(kafka=kafka, settings=settings, registry=registry, similar=similar).app
+
+
+__all__ = [
+    "ASSOCIATION_INPUT",
+    "CatalogView",
+    "KafkaSender",
+    "Sender",
+    "SimilarItems",
+    "StreamsApp",
+    "build_app",
+    "build_streams",
+]

@@ -1,0 +1,97 @@
+"""Prometheus metrics of the stream processor, built from a registry the caller owns.
+
+Names follow docs/DESIGN.md "Metric names"; dashboards and alerts use only these.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+# Per-event processing in the profile agent: decode + fold + sends, sub-millisecond to a stall.
+EVENT_SECONDS_BUCKETS = (
+    0.0001,
+    0.00025,
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+)
+
+
+@dataclass(frozen=True, slots=True)
+class StreamsMetrics:
+    """Every metric the streams process exports."""
+
+    events_consumed: Counter
+    events_duplicate: Counter
+    dead_letter: Counter
+    profile_updates: Counter
+    event_processing_seconds: Histogram
+    association_updates: Counter
+    related_items_published: Counter
+    association_items: Gauge
+    http_requests: Counter
+
+    @classmethod
+    def create(cls, registry: CollectorRegistry) -> StreamsMetrics:
+        """Register all streams metrics in `registry` (one call per registry)."""
+        return cls(
+            events_consumed=Counter(
+                "relata_events_consumed_total",
+                "Valid behaviour events consumed, by event type.",
+                ["event_type"],
+                registry=registry,
+            ),
+            events_duplicate=Counter(
+                "relata_events_duplicate_total",
+                "Re-delivered events skipped by event_id de-duplication.",
+                registry=registry,
+            ),
+            dead_letter=Counter(
+                "relata_dead_letter_total",
+                "Inputs sent to the dead-letter topic, by stage and error type.",
+                ["stage", "error_type"],
+                registry=registry,
+            ),
+            profile_updates=Counter(
+                "relata_profile_updates_total",
+                "ProfileUpdate records published.",
+                registry=registry,
+            ),
+            event_processing_seconds=Histogram(
+                "relata_event_processing_seconds",
+                "Time to process one behaviour event in the profile agent.",
+                buckets=EVENT_SECONDS_BUCKETS,
+                registry=registry,
+            ),
+            association_updates=Counter(
+                "relata_association_updates_total",
+                "Association inputs folded into the per-item statistics.",
+                registry=registry,
+            ),
+            related_items_published=Counter(
+                "relata_related_items_published_total",
+                "RelatedItems records published after a material change.",
+                registry=registry,
+            ),
+            association_items=Gauge(
+                "relata_association_items",
+                "Items with association state in this worker.",
+                registry=registry,
+            ),
+            http_requests=Counter(
+                "relata_http_requests_total",
+                "HTTP requests served, by endpoint and status code.",
+                ["endpoint", "status"],
+                registry=registry,
+            ),
+        )

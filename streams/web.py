@@ -1,0 +1,345 @@
+"""HTTP API of the stream processor (Faust web views) and its OpenAPI 3.1 document.
+
+Reads are partition-local in Faust. Routing in a multi-worker deployment:
+- `/users/{user_id}/recommendations` forwards the request to the worker that owns the user's
+  partition of table `recommendations` (`app.router.route_req`, what `@app.table_route`
+  does), so any worker can be asked. Ownership is computed with Faust's (murmur2) key
+  partitioner, so producers of `recommendations` must partition with murmur2 as well
+  (Java clients and aiokafka do; librdkafka needs `partitioner=murmur2_random`).
+- `/items/{item_id}/related`: the association statistics live in the one partition of table
+  `associations`; requests are forwarded to its owner. The catalog (404s) and the injected
+  similar-items provider are answered locally, before forwarding.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+from datetime import datetime
+from typing import TYPE_CHECKING, Any, Literal, get_args
+
+from faust.exceptions import SameNode
+from faust.web import Request, Response, View
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import BaseModel, ConfigDict, Field
+from pydantic.json_schema import models_json_schema
+
+from schemas.messages import Recommendation, RelatedItem, RelationKind
+
+if TYPE_CHECKING:
+    from .app import StreamsApp
+
+logger = logging.getLogger(__name__)
+
+KindParam = Literal["similar", "bought_together", "also_viewed", "next_item", "all"]
+KINDS: tuple[str, ...] = get_args(KindParam)
+MAX_K = 100
+
+
+class RelatedResponse(BaseModel):
+    """Body of GET /items/{item_id}/related."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    item_id: str
+    kind: KindParam
+    k: int = Field(ge=1, le=MAX_K)
+    same_category: bool
+    item_count: float = Field(
+        ge=0, description="Decayed baskets/sessions holding the item (0: no behaviour yet)."
+    )
+    similar_available: bool = Field(
+        description="False when this deployment has no vector store for `similar`."
+    )
+    related: list[RelatedItem] = Field(
+        description=(
+            "Best first within each kind; kind=all gives up to k similar items followed by "
+            "up to k association items (scores of different sources are not comparable)."
+        )
+    )
+    updated_at: datetime | None = Field(description="Event time of the association statistics.")
+
+
+class ErrorBody(BaseModel):
+    """Body of every 4xx/5xx response."""
+
+    error: str
+    detail: dict[str, Any] = Field(default_factory=dict)
+
+
+class Health(BaseModel):
+    """Body of GET /healthz (503 while the catalog is still loading)."""
+
+    status: Literal["ok", "starting"]
+    catalog_ready: bool
+    catalog_items: int
+
+
+class BadRequest(Exception):
+    """A query parameter is invalid; the message names the valid values."""
+
+    def __init__(self, message: str, **detail: Any) -> None:
+        super().__init__(message)
+        self.detail = detail
+
+
+def parse_related_query(query: Any) -> tuple[int, str, bool]:
+    """Validate k, kind and same_category of a related-items request (raises BadRequest)."""
+    raw_k = query.get("k", "10")
+    try:
+        k = int(raw_k)
+    except ValueError:
+        k = -1
+    if not 1 <= k <= MAX_K:
+        raise BadRequest(f"k must be an integer in 1..{MAX_K}, got {raw_k!r}", k=raw_k)
+    kind = query.get("kind", "all")
+    if kind not in KINDS:
+        raise BadRequest(f"kind must be one of {list(KINDS)}, got {kind!r}", kind=kind)
+    raw_same = query.get("same_category", "false").lower()
+    if raw_same not in ("true", "false", "1", "0"):
+        raise BadRequest(
+            f"same_category must be true or false, got {raw_same!r}", same_category=raw_same
+        )
+    return k, kind, raw_same in ("true", "1")
+
+
+def openapi_document() -> dict[str, Any]:
+    """OpenAPI 3.1 description of the HTTP API, schemas generated from the pydantic models."""
+    _, top = models_json_schema(
+        [(m, "serialization") for m in (RelatedResponse, Recommendation, ErrorBody, Health)],
+        ref_template="#/components/schemas/{model}",
+    )
+
+    def ref(name: str) -> dict[str, Any]:
+        return {
+            "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{name}"}}}
+        }
+
+    def error(description: str) -> dict[str, Any]:
+        return {"description": description, **ref("ErrorBody")}
+
+    return {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "relata streams",
+            "version": "0.1.0",
+            "description": "Related items and latest recommendations, served by the stream processor.",
+        },
+        "paths": {
+            "/items/{item_id}/related": {
+                "get": {
+                    "operationId": "getRelatedItems",
+                    "summary": "Items related to one catalog item, with evidence.",
+                    "parameters": [
+                        {
+                            "name": "item_id",
+                            "in": "path",
+                            "required": True,
+                            "schema": {"type": "string"},
+                        },
+                        {
+                            "name": "k",
+                            "in": "query",
+                            "schema": {
+                                "type": "integer",
+                                "minimum": 1,
+                                "maximum": MAX_K,
+                                "default": 10,
+                            },
+                        },
+                        {
+                            "name": "kind",
+                            "in": "query",
+                            "schema": {"type": "string", "enum": list(KINDS), "default": "all"},
+                        },
+                        {
+                            "name": "same_category",
+                            "in": "query",
+                            "schema": {"type": "boolean", "default": False},
+                        },
+                    ],
+                    "responses": {
+                        "200": {"description": "Related items.", **ref("RelatedResponse")},
+                        "400": error("Invalid k, kind or same_category."),
+                        "404": error("The item is not an available catalog item."),
+                        "503": error(
+                            "Catalog still loading, or `similar` asked without a vector store."
+                        ),
+                    },
+                }
+            },
+            "/users/{user_id}/recommendations": {
+                "get": {
+                    "operationId": "getRecommendations",
+                    "summary": "The latest recommendations published for a user.",
+                    "parameters": [
+                        {
+                            "name": "user_id",
+                            "in": "path",
+                            "required": True,
+                            "schema": {"type": "string"},
+                        }
+                    ],
+                    "responses": {
+                        "200": {"description": "The latest list.", **ref("Recommendation")},
+                        "404": error("No recommendations published for this user yet."),
+                    },
+                }
+            },
+            "/healthz": {
+                "get": {
+                    "operationId": "health",
+                    "summary": "Readiness: the catalog view is loaded.",
+                    "responses": {
+                        "200": {"description": "Ready.", **ref("Health")},
+                        "503": {"description": "Starting.", **ref("Health")},
+                    },
+                }
+            },
+            "/metrics": {
+                "get": {
+                    "operationId": "metrics",
+                    "summary": "Prometheus metrics (text exposition format).",
+                    "responses": {
+                        "200": {"description": "Metrics.", "content": {"text/plain": {}}}
+                    },
+                }
+            },
+            "/openapi.json": {
+                "get": {
+                    "operationId": "openapi",
+                    "summary": "This document.",
+                    "responses": {
+                        "200": {"description": "OpenAPI 3.1.", "content": {"application/json": {}}}
+                    },
+                }
+            },
+        },
+        "components": {"schemas": top.get("$defs", {})},
+    }
+
+
+def register_views(streams: StreamsApp) -> None:
+    """Add the HTTP views to `streams.app` (a no-op for requests when the web is disabled)."""
+    app = streams.app
+    counter = streams.metrics.http_requests
+
+    def counted(endpoint: str, response: Response) -> Response:
+        counter.labels(endpoint, str(response.status)).inc()
+        return response
+
+    async def route(view: View, request: Request, table: Any, key: str) -> Response | None:
+        """Forward to the owner of `key` in `table`; None when this worker owns it."""
+        try:
+            forwarded: Response = await app.router.route_req(table.name, key, view.web, request)
+        except SameNode:
+            return None
+        return forwarded
+
+    @app.page("/items/{item_id}/related")
+    class RelatedView(View):
+        async def get(self, request: Request, item_id: str) -> Response:
+            endpoint = "related"
+            try:
+                k, kind, same_category = parse_related_query(request.query)
+            except BadRequest as exc:
+                return counted(endpoint, self.error(400, str(exc), detail=exc.detail))
+            if not streams.catalog.ready.is_set():
+                return counted(endpoint, self.error(503, "the item catalog is still loading"))
+            if item_id not in streams.catalog:
+                message = f"item {item_id!r} is not an available item of the catalog"
+                return counted(endpoint, self.error(404, message, detail={"item_id": item_id}))
+            if kind == "similar" and streams.similar is None:
+                message = "similar items need a vector store; this deployment runs without one"
+                return counted(endpoint, self.error(503, message))
+            if kind != "similar":
+                forwarded = await route(self, request, streams.associations, item_id)
+                if forwarded is not None:
+                    return forwarded
+            body = await related_body(
+                streams, item_id=item_id, k=k, kind=kind, same_category=same_category
+            )
+            return counted(endpoint, self.json(body.model_dump(mode="json")))
+
+    @app.page("/users/{user_id}/recommendations")
+    class RecommendationsView(View):
+        async def get(self, request: Request, user_id: str) -> Response:
+            endpoint = "recommendations"
+            forwarded = await route(self, request, streams.recommendations, user_id)
+            if forwarded is not None:
+                return forwarded
+            stored = streams.recommendations.get(user_id)
+            if stored is None:
+                message = f"no recommendations published for user {user_id!r} yet"
+                return counted(endpoint, self.error(404, message, detail={"user_id": user_id}))
+            return counted(
+                endpoint, self.bytes(stored, content_type="application/json", status=200)
+            )
+
+    @app.page("/healthz")
+    class HealthView(View):
+        async def get(self, request: Request) -> Response:
+            ready = streams.catalog.ready.is_set()
+            body = Health(
+                status="ok" if ready else "starting",
+                catalog_ready=ready,
+                catalog_items=len(streams.catalog),
+            )
+            return counted("healthz", self.json(body.model_dump(), status=200 if ready else 503))
+
+    @app.page("/metrics")
+    class MetricsView(View):
+        async def get(self, request: Request) -> Response:
+            response: Response = self.bytes(
+                generate_latest(streams.registry), headers={"Content-Type": CONTENT_TYPE_LATEST}
+            )
+            return counted("metrics", response)
+
+    document = openapi_document()
+
+    @app.page("/openapi.json")
+    class OpenApiView(View):
+        async def get(self, request: Request) -> Response:
+            return counted("openapi", self.json(document))
+
+
+async def related_body(
+    streams: StreamsApp, *, item_id: str, k: int, kind: str, same_category: bool
+) -> RelatedResponse:
+    """Assemble the related items of one known item: similar (injected) and associations."""
+    related: list[RelatedItem] = []
+    if kind in ("similar", "all") and streams.similar is not None:
+        provider = streams.similar
+        categories = streams.catalog.categories(item_id) if same_category else None
+        call = functools.partial(provider.similar, item_id, k=k, categories=categories)
+        # The provider may block (a Qdrant server round trip): keep it off the event loop.
+        found = await asyncio.get_running_loop().run_in_executor(None, call)
+        related.extend((found or [])[:k])
+    item_count = 0.0
+    updated_at = None
+    if kind != "similar":
+        kinds: tuple[RelationKind, ...] = (
+            ("bought_together", "also_viewed", "next_item") if kind == "all" else (kind,)  # type: ignore[assignment]
+        )
+        assoc = streams.related_of(item_id, kinds=kinds)
+        if assoc is not None:
+            item_count = assoc.item_count
+            updated_at = assoc.updated_at
+            candidates = assoc.related
+            if same_category:
+                own = set(streams.catalog.categories(item_id) or ())
+                candidates = [
+                    r for r in candidates if own & set(streams.catalog.categories(r.item_id) or ())
+                ]
+            related.extend(candidates[:k])
+    return RelatedResponse(
+        item_id=item_id,
+        kind=kind,
+        k=k,
+        same_category=same_category,
+        item_count=item_count,
+        similar_available=streams.similar is not None,
+        related=related,
+        updated_at=updated_at,
+    )
