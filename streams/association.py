@@ -1,0 +1,467 @@
+"""Streaming association statistics with bounded memory and time decay (pure logic).
+
+State is one plain-dict record per item (`ItemRecord`, JSON-serialisable for a Faust table)
+plus one global `TotalsRecord`. The live association agent and offline evaluation
+(`AssociationIndex`) run exactly these functions.
+
+Kinds: `bought_together` (items of one purchase/add-to-cart basket), `also_viewed` (items of
+one view/click session) and `next_item` (directed: an earlier history item -> the new item,
+weighted 1/(1+distance) in the history).
+
+Decay: forward decay in event time. A record stores counts scaled by 2^((t - landmark)/h), so
+an update touches only the entries it changes; reading at time `now` multiplies by
+2^(-(now - landmark)/h). The landmark moves forward (and the record is rescaled) only when the
+scale would grow past 2^30.
+
+Bounded memory (the approximation): at most `capacity` partners per item and kind, kept with
+the Space-Saving rule. A new partner arriving at a full list replaces the weakest entry and
+inherits its count as a recorded over-estimation error. Any partner whose true decayed count
+exceeds (item's total pair weight)/capacity is guaranteed to be kept, and every kept count is
+within [count - error, count] of the truth. Published support uses the lower bound
+`count - error`, so an evicted-and-readmitted partner never looks stronger than it is.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, TypedDict
+
+from schemas.messages import (
+    BehaviorEvent,
+    Evidence,
+    RelatedItem,
+    RelatedItems,
+    RelationKind,
+)
+from schemas.settings import StreamsSettings
+
+from .profile import FoldResult
+
+ASSOCIATION_KINDS: tuple[RelationKind, ...] = ("bought_together", "also_viewed", "next_item")
+# Rescale a record once its forward-decay scale passes 2^30: far from float overflow.
+_MAX_SCALE_EXPONENT = 30.0
+
+
+class ItemRecord(TypedDict):
+    """Association state of one item: counts and partners, forward-decay scaled."""
+
+    item_id: str
+    landmark: float
+    counts: dict[str, float]
+    # kind -> partner item id -> [scaled count, scaled over-estimation error]
+    partners: dict[str, dict[str, list[float]]]
+
+
+class TotalsRecord(TypedDict):
+    """Global decayed totals per kind: baskets, sessions, sequence steps."""
+
+    landmark: float
+    counts: dict[str, float]
+
+
+@dataclass(frozen=True, slots=True)
+class AssociationConfig:
+    """Parameters of the statistics; `from_settings` keeps live and offline identical."""
+
+    half_life_s: float
+    top_n: int = 50
+    capacity: int = 200
+    min_support: float = 2.0
+    republish_change: float = 0.2
+    # How much each kind counts in the related-items score (bought together is the strongest).
+    kind_weights: Mapping[str, float] = field(
+        default_factory=lambda: {"bought_together": 1.0, "next_item": 0.8, "also_viewed": 0.5}
+    )
+
+    def __post_init__(self) -> None:
+        if self.half_life_s <= 0 or self.top_n < 1 or self.capacity < self.top_n:
+            msg = "AssociationConfig needs half_life_s > 0, top_n >= 1 and capacity >= top_n"
+            raise ValueError(msg)
+
+    @classmethod
+    def from_settings(cls, settings: StreamsSettings) -> AssociationConfig:
+        return cls(
+            half_life_s=settings.assoc_half_life_days * 86400.0,
+            top_n=settings.assoc_top_n,
+            capacity=4 * settings.assoc_top_n,
+            min_support=float(settings.assoc_min_support),
+            republish_change=settings.assoc_republish_change,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class AssociationInput:
+    """What one folded event contributes; travels on the internal association-input topic."""
+
+    item_id: str
+    ts: float
+    kind: RelationKind | None
+    basket_items: tuple[str, ...] = ()
+    prior_items: tuple[str, ...] = ()
+    sequence_step: bool = False
+    new_basket: bool = False
+
+    @classmethod
+    def from_fold(cls, result: FoldResult, event: BehaviorEvent) -> AssociationInput | None:
+        """None when the event adds nothing (duplicate, return, repeat within a basket)."""
+        if not result.changed or (result.basket_kind is None and not result.sequence_step):
+            return None
+        return cls(
+            item_id=event.item_id,
+            ts=event.ts.timestamp(),
+            kind=result.basket_kind,
+            basket_items=result.basket_items,
+            prior_items=result.prior_items,
+            sequence_step=result.sequence_step,
+            new_basket=result.new_basket,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "item_id": self.item_id,
+            "ts": self.ts,
+            "kind": self.kind,
+            "basket_items": list(self.basket_items),
+            "prior_items": list(self.prior_items),
+            "sequence_step": self.sequence_step,
+            "new_basket": self.new_basket,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> AssociationInput:
+        kind = data.get("kind")
+        if kind is not None and kind not in ASSOCIATION_KINDS:
+            msg = f"unknown association kind {kind!r}; valid: {list(ASSOCIATION_KINDS)}"
+            raise ValueError(msg)
+        return cls(
+            item_id=str(data["item_id"]),
+            ts=float(data["ts"]),
+            kind=kind,
+            basket_items=tuple(str(i) for i in data.get("basket_items", ())),
+            prior_items=tuple(str(i) for i in data.get("prior_items", ())),
+            sequence_step=bool(data.get("sequence_step", False)),
+            new_basket=bool(data.get("new_basket", False)),
+        )
+
+
+@dataclass(slots=True)
+class ItemDelta:
+    """Changes to one item's record from one input: count increments and pair increments."""
+
+    counts: dict[str, float] = field(default_factory=dict)
+    pairs: list[tuple[str, str, float]] = field(default_factory=list)  # (kind, partner, weight)
+
+
+def sequence_weight(distance: int) -> float:
+    """Weight of a transition from the history item `distance` steps back (0 = most recent)."""
+    return 1.0 / (1.0 + distance)
+
+
+def plan_updates(inp: AssociationInput) -> dict[str, ItemDelta]:
+    """Per-item changes implied by one input; apply each with `update_item`."""
+    deltas: dict[str, ItemDelta] = {}
+
+    def delta(item_id: str) -> ItemDelta:
+        return deltas.setdefault(item_id, ItemDelta())
+
+    if inp.kind is not None:
+        own = delta(inp.item_id)
+        own.counts[inp.kind] = own.counts.get(inp.kind, 0.0) + 1.0
+        for other in inp.basket_items:
+            if other == inp.item_id:
+                continue
+            own.pairs.append((inp.kind, other, 1.0))
+            delta(other).pairs.append((inp.kind, inp.item_id, 1.0))
+    if inp.sequence_step:
+        own = delta(inp.item_id)
+        own.counts["next_item"] = own.counts.get("next_item", 0.0) + 1.0
+        for distance, source in enumerate(inp.prior_items):
+            if source != inp.item_id:
+                delta(source).pairs.append(("next_item", inp.item_id, sequence_weight(distance)))
+    return deltas
+
+
+def new_item_record(item_id: str, ts: float) -> ItemRecord:
+    return {"item_id": item_id, "landmark": ts, "counts": {}, "partners": {}}
+
+
+def new_totals_record(ts: float) -> TotalsRecord:
+    return {"landmark": ts, "counts": {}}
+
+
+def _rescale_if_needed(record: ItemRecord | TotalsRecord, ts: float, half_life_s: float) -> None:
+    exponent = (ts - record["landmark"]) / half_life_s
+    if exponent <= _MAX_SCALE_EXPONENT:
+        return
+    factor = math.pow(2.0, -exponent)
+    record["counts"] = {k: v * factor for k, v in record["counts"].items()}
+    all_partners: dict[str, dict[str, list[float]]] = record.get("partners", {})  # type: ignore[assignment]  # TotalsRecord has none
+    for partners in all_partners.values():
+        for entry in partners.values():
+            entry[0] *= factor
+            entry[1] *= factor
+    record["landmark"] = ts
+
+
+def _scale(record: ItemRecord | TotalsRecord, ts: float, half_life_s: float) -> float:
+    return math.pow(2.0, (ts - record["landmark"]) / half_life_s)
+
+
+def decayed(
+    record: ItemRecord | TotalsRecord, value: float, now: float, half_life_s: float
+) -> float:
+    """A stored (scaled) value of `record` as a decayed count at `now` (never before the
+    record's landmark: no negative decay)."""
+    return value * math.pow(2.0, -max(0.0, now - record["landmark"]) / half_life_s)
+
+
+def _add_partner(
+    partners: dict[str, list[float]], partner: str, amount: float, capacity: int
+) -> None:
+    entry = partners.get(partner)
+    if entry is not None:
+        entry[0] += amount
+        return
+    if len(partners) < capacity:
+        partners[partner] = [amount, 0.0]
+        return
+    # Space-Saving: replace the weakest; the newcomer inherits its count as error.
+    weakest = min(partners, key=lambda p: partners[p][0])
+    floor = partners.pop(weakest)[0]
+    partners[partner] = [floor + amount, floor]
+
+
+def update_item(
+    record: ItemRecord | None,
+    *,
+    item_id: str,
+    delta: ItemDelta,
+    ts: float,
+    config: AssociationConfig,
+) -> ItemRecord:
+    """Apply one item's delta at event time `ts`; mutates and returns the record (a new one
+    when `record` is None)."""
+    if record is None:
+        record = new_item_record(item_id, ts)
+    _rescale_if_needed(record, ts, config.half_life_s)
+    scale = _scale(record, ts, config.half_life_s)
+    counts = record["counts"]
+    for kind, amount in delta.counts.items():
+        counts[kind] = counts.get(kind, 0.0) + amount * scale
+    for kind, partner, amount in delta.pairs:
+        partners = record["partners"].setdefault(kind, {})
+        _add_partner(partners, partner, amount * scale, config.capacity)
+    return record
+
+
+def update_totals(
+    record: TotalsRecord | None, inp: AssociationInput, config: AssociationConfig
+) -> TotalsRecord:
+    """Count a new basket/session and a sequence step in the global totals."""
+    if record is None:
+        record = new_totals_record(inp.ts)
+    _rescale_if_needed(record, inp.ts, config.half_life_s)
+    scale = _scale(record, inp.ts, config.half_life_s)
+    counts = record["counts"]
+    if inp.kind is not None and inp.new_basket:
+        counts[inp.kind] = counts.get(inp.kind, 0.0) + scale
+    if inp.sequence_step:
+        counts["next_item"] = counts.get("next_item", 0.0) + scale
+    return record
+
+
+def item_count(record: ItemRecord | None, kind: str, now: float, half_life_s: float) -> float:
+    """Decayed number of baskets/sessions/steps holding the item, at `now`."""
+    if record is None:
+        return 0.0
+    return decayed(record, record["counts"].get(kind, 0.0), now, half_life_s)
+
+
+_TEXTS: dict[str, str] = {
+    "bought_together": "bought together in {n} baskets",
+    "also_viewed": "viewed together in {n} sessions",
+    "next_item": "chosen next after it {n} times",
+    "similar": "co-occurred {n} times",
+}
+
+
+def association_evidence(
+    pair: float,
+    count_i: float,
+    count_j: float,
+    total: float,
+    *,
+    kind: RelationKind = "bought_together",
+) -> Evidence:
+    """Support, confidence P(j|i), lift and PMI (log2 lift) of a pair, with readable text.
+
+    Counts may be decayed (fractional); support is reported rounded.
+    """
+    support = max(0, round(pair))
+    confidence = min(1.0, pair / count_i) if count_i > 0 else None
+    lift = pair * total / (count_i * count_j) if count_i > 0 and count_j > 0 and total > 0 else None
+    pmi = math.log2(lift) if lift is not None and lift > 0 else None
+    text = _TEXTS[kind].format(n=support)
+    if lift is not None:
+        text += f", lift {lift:.1f}"
+    return Evidence(
+        support=support,
+        confidence=None if confidence is None else max(0.0, confidence),
+        lift=None if lift is None else max(0.0, lift),
+        pmi=pmi,
+        text=text,
+    )
+
+
+Lookup = Callable[[str], ItemRecord | None]
+
+
+def partner_scores(
+    record: ItemRecord,
+    *,
+    kind: RelationKind,
+    lookup: Lookup,
+    now: float,
+    config: AssociationConfig,
+) -> dict[str, tuple[float, float, float]]:
+    """Scored partners of one kind: partner -> (score, lower-bound pair count, partner count).
+
+    Score: the association cosine (Ochiai) of the lower-bound pair count,
+    pair / sqrt(count_i * count_j), times the kind's weight. It rewards strength like lift but
+    does not explode for rare partners; only pairs with support >= min_support qualify.
+    """
+    h = config.half_life_s
+    partners = record["partners"].get(kind)
+    if not partners:
+        return {}
+    count_kind = kind
+    count_i = item_count(record, count_kind, now, h)
+    weight = config.kind_weights.get(kind, 1.0)
+    factor = decayed(record, 1.0, now, h)
+    out: dict[str, tuple[float, float, float]] = {}
+    for partner, (count, error) in partners.items():
+        lower = (count - error) * factor
+        if lower < config.min_support:
+            continue
+        count_j = item_count(lookup(partner), count_kind, now, h)
+        denominator = math.sqrt(max(count_i, lower) * max(count_j, lower))
+        out[partner] = (weight * lower / denominator if denominator > 0 else 0.0, lower, count_j)
+    return out
+
+
+def related_items(
+    record: ItemRecord,
+    *,
+    lookup: Lookup,
+    totals: TotalsRecord | None,
+    now: float,
+    config: AssociationConfig,
+    kinds: Iterable[RelationKind] = ASSOCIATION_KINDS,
+) -> RelatedItems:
+    """Top-N neighbours of one item over the given kinds, each with its evidence."""
+    h = config.half_life_s
+    scored: list[tuple[float, str, RelationKind, float, float]] = []
+    for kind in kinds:
+        for partner, (score, lower, count_j) in partner_scores(
+            record, kind=kind, lookup=lookup, now=now, config=config
+        ).items():
+            scored.append((score, partner, kind, lower, count_j))
+    scored.sort(key=lambda s: (-s[0], s[1], s[2]))
+    related: list[RelatedItem] = []
+    for score, partner, kind, lower, count_j in scored[: config.top_n]:
+        total = 0.0 if totals is None else decayed(totals, totals["counts"].get(kind, 0.0), now, h)
+        evidence = association_evidence(
+            lower, item_count(record, kind, now, h), count_j, total, kind=kind
+        )
+        related.append(RelatedItem(item_id=partner, kind=kind, score=score, evidence=evidence))
+    main_kind = "bought_together" if "bought_together" in record["counts"] else "next_item"
+    return RelatedItems(
+        item_id=record["item_id"],
+        item_count=max(0.0, item_count(record, main_kind, now, h)),
+        related=related,
+        updated_at=datetime.fromtimestamp(now, tz=UTC),
+    )
+
+
+def material_change(old: RelatedItems | None, new: RelatedItems, threshold: float) -> bool:
+    """Republish when at least `threshold` of the top list (item, kind) changed membership."""
+    if old is None:
+        return bool(new.related)
+    before = {(r.item_id, r.kind) for r in old.related}
+    after = {(r.item_id, r.kind) for r in new.related}
+    if before == after:
+        return False
+    changed = 1.0 - len(before & after) / max(len(before), len(after))
+    return changed >= threshold if threshold > 0 else True
+
+
+def record_size(record: ItemRecord) -> int:
+    """Number of partner entries held (the bounded part of the state)."""
+    return sum(len(p) for p in record["partners"].values())
+
+
+class AssociationIndex:
+    """In-memory item records plus totals: the live statistics, for offline evaluation."""
+
+    def __init__(self, config: AssociationConfig) -> None:
+        self.config = config
+        self.items: dict[str, ItemRecord] = {}
+        self.totals: TotalsRecord | None = None
+        self.last_ts = 0.0
+
+    def observe(self, inp: AssociationInput) -> set[str]:
+        """Apply one input; returns the ids of the item records it touched."""
+        deltas = plan_updates(inp)
+        for item_id, delta in deltas.items():
+            self.items[item_id] = update_item(
+                self.items.get(item_id), item_id=item_id, delta=delta, ts=inp.ts, config=self.config
+            )
+        self.totals = update_totals(self.totals, inp, self.config)
+        self.last_ts = max(self.last_ts, inp.ts)
+        return set(deltas)
+
+    def observe_event(self, result: FoldResult, event: BehaviorEvent) -> set[str]:
+        """Consume one fold result (no-op for duplicates and returns)."""
+        inp = AssociationInput.from_fold(result, event)
+        return set() if inp is None else self.observe(inp)
+
+    def related(
+        self,
+        item_id: str,
+        *,
+        now: float | None = None,
+        kinds: Iterable[RelationKind] = ASSOCIATION_KINDS,
+    ) -> RelatedItems | None:
+        record = self.items.get(item_id)
+        if record is None:
+            return None
+        return related_items(
+            record,
+            lookup=self.items.get,
+            totals=self.totals,
+            now=self.last_ts if now is None else now,
+            config=self.config,
+            kinds=kinds,
+        )
+
+    def scores(
+        self, item_id: str, *, kind: RelationKind, now: float | None = None
+    ) -> dict[str, float]:
+        """Partner -> score of one kind (the same score that `related` ranks by)."""
+        record = self.items.get(item_id)
+        if record is None:
+            return {}
+        found = partner_scores(
+            record,
+            kind=kind,
+            lookup=self.items.get,
+            now=self.last_ts if now is None else now,
+            config=self.config,
+        )
+        return {partner: value[0] for partner, value in found.items()}
+
+    def state_size(self) -> int:
+        return sum(record_size(r) for r in self.items.values())

@@ -1,0 +1,251 @@
+"""Folding one behaviour event into a user's profile (pure logic, no Kafka/Faust).
+
+Used by the live profile agent and by offline evaluation, so both run the same code.
+
+Semantics (documented once, here):
+- History: at most `history_size` distinct items, most recent first (by `last_ts`). An entry's
+  weight is the time-decayed sum of its events' type weights, valued at its `last_ts`
+  (half-life in event time). When the history is full, the least recently touched entry goes.
+- Returns add a negative weight. An item whose net weight becomes negative *stays* in the
+  history (rather than being dropped): the recommender excludes history items, so a returned
+  product is never recommended back, and the negative weight tells the user-vector pooling to
+  skip it. It leaves only by normal least-recent eviction.
+- De-duplication: the last `dedup_size` event ids are remembered; a re-delivered event is a
+  no-op (`changed=False`, the same profile object back).
+- Out-of-order events (earlier than an entry's `last_ts`): their weight is decayed *down* to
+  the entry's `last_ts` and added; weights never grow by negative decay and `last_ts` / the
+  entry's position do not move back in time.
+- Baskets: the same `session_id`, or, for events without one, events of one user within
+  `session_window_s` of the previous event. Returns never open or join a basket.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+
+from schemas.messages import (
+    EVENT_TYPES,
+    BehaviorEvent,
+    EventType,
+    HistoryEntry,
+    ProfileUpdate,
+    RelationKind,
+    UserProfile,
+)
+from schemas.settings import StreamsSettings
+
+# Event types that make a "bought together" basket and those that make an "also viewed" one.
+PURCHASE_TYPES: frozenset[EventType] = frozenset({"purchase", "add_to_cart"})
+VIEW_TYPES: frozenset[EventType] = frozenset({"view", "click"})
+
+
+def basket_kind_of(event_type: EventType) -> RelationKind | None:
+    """The association kind an event type contributes to (None for returns)."""
+    if event_type in PURCHASE_TYPES:
+        return "bought_together"
+    if event_type in VIEW_TYPES:
+        return "also_viewed"
+    return None
+
+
+@dataclass(frozen=True, slots=True)
+class FoldConfig:
+    """Parameters of the fold; build from `StreamsSettings` so live and offline agree."""
+
+    weights: Mapping[EventType, float]
+    half_life_s: float
+    history_size: int = 50
+    dedup_size: int = 200
+    session_window_s: float = 1800.0
+    history_window: int = 5
+    # A basket larger than this keeps only its newest items as partners: bounds per-event work.
+    session_size: int = 100
+
+    def __post_init__(self) -> None:
+        missing = [t for t in EVENT_TYPES if t not in self.weights]
+        if missing:
+            msg = f"FoldConfig.weights lacks event types {missing}; valid: {list(EVENT_TYPES)}"
+            raise ValueError(msg)
+        if self.half_life_s <= 0 or self.history_size < 1 or self.dedup_size < 1:
+            msg = "FoldConfig needs half_life_s > 0, history_size >= 1 and dedup_size >= 1"
+            raise ValueError(msg)
+
+    @classmethod
+    def from_settings(cls, settings: StreamsSettings) -> FoldConfig:
+        return cls(
+            weights={
+                "view": settings.weight_view,
+                "click": settings.weight_click,
+                "add_to_cart": settings.weight_add_to_cart,
+                "purchase": settings.weight_purchase,
+                "return": settings.weight_return,
+            },
+            half_life_s=settings.half_life_hours * 3600.0,
+            history_size=settings.history_size,
+            dedup_size=settings.dedup_size,
+            session_window_s=settings.assoc_session_window_s,
+            history_window=settings.assoc_history_window,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class FoldResult:
+    """Outcome of folding one event.
+
+    `basket_kind`: the association kind this event adds to, or None (a return, a duplicate, or
+    an item already counted in this basket for that kind). `basket_items`: the other items of
+    the same basket for that kind (oldest first). `prior_items`: earlier distinct history items
+    outside the current basket, most recent first, up to `history_window` — the sources of
+    `next_item` transitions; empty unless `sequence_step`. `sequence_step`: the item newly
+    joins the current basket/session (one sequence position).
+    """
+
+    profile: UserProfile
+    changed: bool
+    basket_items: tuple[str, ...] = ()
+    prior_items: tuple[str, ...] = ()
+    basket_kind: RelationKind | None = None
+    sequence_step: bool = False
+    new_basket: bool = field(default=False)
+
+
+def decay_factor(dt_s: float, half_life_s: float) -> float:
+    """2^(-dt/half_life) for dt >= 0; 1.0 for dt <= 0 (never grow by negative decay)."""
+    if dt_s <= 0:
+        return 1.0
+    return math.pow(2.0, -dt_s / half_life_s)
+
+
+def _ts(value: datetime) -> float:
+    return value.timestamp()
+
+
+def _same_basket(profile: UserProfile, event: BehaviorEvent, config: FoldConfig) -> bool:
+    if not profile.session_items:
+        return False
+    if event.session_id is not None:
+        return profile.session_id == event.session_id
+    if profile.session_id is not None or profile.last_ts is None:
+        return False
+    return abs(_ts(event.ts) - _ts(profile.last_ts)) <= config.session_window_s
+
+
+def _fold_history(
+    history: list[HistoryEntry], event: BehaviorEvent, config: FoldConfig
+) -> list[HistoryEntry]:
+    weight = config.weights[event.event_type]
+    old = next((h for h in history if h.item_id == event.item_id), None)
+    rest = [h for h in history if h.item_id != event.item_id]
+    if old is None:
+        entry = HistoryEntry(
+            item_id=event.item_id,
+            weight=weight,
+            last_event_type=event.event_type,
+            last_ts=event.ts,
+            count=1,
+        )
+    elif event.ts >= old.last_ts:
+        decayed = old.weight * decay_factor(_ts(event.ts) - _ts(old.last_ts), config.half_life_s)
+        entry = HistoryEntry(
+            item_id=event.item_id,
+            weight=decayed + weight,
+            last_event_type=event.event_type,
+            last_ts=event.ts,
+            count=old.count + 1,
+        )
+    else:  # out of order: value the late event at the entry's time, keep the entry's recency
+        late = weight * decay_factor(_ts(old.last_ts) - _ts(event.ts), config.half_life_s)
+        entry = old.model_copy(update={"weight": old.weight + late, "count": old.count + 1})
+    # Most recent first; the touched entry goes first among equal timestamps.
+    merged = [entry, *rest]
+    merged.sort(key=lambda h: h.last_ts, reverse=True)
+    return merged[: config.history_size]
+
+
+def fold_event(profile: UserProfile | None, event: BehaviorEvent, config: FoldConfig) -> FoldResult:
+    """Fold one event into a profile (None: a new user); returns the new profile and the
+    basket/sequence context that the association statistics consume."""
+    if profile is None:
+        profile = UserProfile(user_id=event.user_id)
+    elif event.event_id in profile.recent_event_ids:
+        return FoldResult(profile=profile, changed=False)
+
+    previous = {h.item_id: h for h in profile.history}
+    kind = basket_kind_of(event.event_type)
+    history = _fold_history(list(profile.history), event, config)
+    recent_ids = [*profile.recent_event_ids, event.event_id][-config.dedup_size :]
+    last_ts = event.ts if profile.last_ts is None else max(profile.last_ts, event.ts)
+
+    if kind is None:  # a return: weight only, no basket, no sequence step
+        new_profile = profile.model_copy(
+            update={"history": history, "recent_event_ids": recent_ids, "last_ts": last_ts}
+        )
+        return FoldResult(profile=new_profile, changed=True)
+
+    same = _same_basket(profile, event, config)
+    session_items = list(profile.session_items) if same else []
+    in_session = event.item_id in session_items
+
+    def kind_matches(item_id: str) -> bool:
+        if kind == "also_viewed":  # anything acted on in the session was seen
+            return True
+        prev = previous.get(item_id)
+        # Not in the history any more (evicted from a big basket): assume it was bought.
+        return prev is None or prev.last_event_type in PURCHASE_TYPES
+
+    basket_items = tuple(i for i in session_items if i != event.item_id and kind_matches(i))
+    already_counted = in_session and kind_matches(event.item_id)
+    prior: tuple[str, ...] = ()
+    if not in_session:
+        members = set(session_items)
+        prior = tuple(
+            h.item_id
+            for h in profile.history
+            if h.item_id != event.item_id and h.item_id not in members
+        )[: config.history_window]
+        session_items.append(event.item_id)
+        session_items = session_items[-config.session_size :]
+
+    new_profile = profile.model_copy(
+        update={
+            "history": history,
+            "recent_event_ids": recent_ids,
+            "last_ts": last_ts,
+            "session_id": event.session_id,
+            "session_items": session_items,
+        }
+    )
+    if already_counted:
+        return FoldResult(profile=new_profile, changed=True)
+    return FoldResult(
+        profile=new_profile,
+        changed=True,
+        basket_items=basket_items,
+        prior_items=prior,
+        basket_kind=kind,
+        sequence_step=not in_session,
+        new_basket=not basket_items,
+    )
+
+
+def profile_update(
+    profile: UserProfile,
+    *,
+    trigger_event_ids: list[str],
+    source_ts_ms: int,
+    now: datetime,
+    event: BehaviorEvent,
+) -> ProfileUpdate:
+    """The message handed to the recommender after `event` changed `profile`."""
+    return ProfileUpdate(
+        user_id=profile.user_id,
+        history=list(profile.history),
+        last_event_type=event.event_type,
+        last_item_id=event.item_id,
+        trigger_event_ids=trigger_event_ids,
+        source_ts_ms=source_ts_ms,
+        updated_at=now,
+    )
