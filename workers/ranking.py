@@ -275,18 +275,23 @@ def rank(
                 acc.reasons.append((strength, "", "similar", f"{cos:.3f}"))
                 vec_items.append(item_id)
 
-    # Popularity: a weak prior on every candidate it covers and the fill for sparse users; a
-    # tiny floor keeps the fill working when the popularity weight is 0.
+    # Popularity: a weak prior on the candidates it covers, and the fill for sparse users. The
+    # list is most popular first, so only its first k unseen items can ever make the top k.
+    # A tiny floor keeps the fill working when the popularity weight is 0.
     if popularity:
-        top_count = max((c for _, c in popularity), default=0.0)
+        top_count = max(popularity[0][1], 0.0)
         denom = math.log1p(top_count) if top_count > 0 else 1.0
         pw = w.popularity + 1e-6
+        fill = 0
         for item_id, count in popularity:
             if item_id in banned:
                 continue
             strength = pw * (math.log1p(max(count, 0.0)) / denom)
             acc = accs.get(item_id)
             if acc is None:
+                if fill >= k:
+                    continue
+                fill += 1
                 acc = accs[item_id] = _Acc()
                 acc.reasons.append(
                     (
