@@ -445,10 +445,12 @@ def build_streams(
         similar=similar,
     )
     # Keys are str; values raw JSON bytes (pydantic models) or JSON dicts (association records).
-    raw_values = faust.Schema(
+    raw_values: faust.Schema[str, bytes] = faust.Schema(
         key_type=str, value_type=bytes, key_serializer="raw", value_serializer="raw"
     )
-    json_values = faust.Schema(key_type=str, key_serializer="raw", value_serializer="json")
+    json_values: faust.Schema[str, Any] = faust.Schema(
+        key_type=str, key_serializer="raw", value_serializer="json"
+    )
     streams.profiles = app.Table(
         "profiles", default=None, partitions=kafka.partitions, schema=raw_values
     )

@@ -1,0 +1,363 @@
+"""Unit tests of the Faust glue: agents run with `agent.test_context()` and a memory store;
+outputs are captured by a recording sender instead of Kafka."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import functools
+import json
+from collections.abc import Awaitable, Callable, Sequence
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from openapi_spec_validator import validate
+from prometheus_client import CollectorRegistry
+
+from schemas.messages import DeadLetter, Evidence, ProfileUpdate, RelatedItem, RelatedItems
+from schemas.settings import KafkaSettings, StreamsSettings
+from streams.app import ASSOCIATION_INPUT, StreamsApp, build_streams
+from streams.catalog import CatalogView
+from streams.web import BadRequest, openapi_document, parse_related_query, related_body
+
+
+def run_async(fn: Callable[..., Awaitable[None]]) -> Callable[..., None]:
+    """Run an async test in a fresh event loop (the project has no asyncio pytest plugin)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> None:
+        asyncio.run(fn(*args, **kwargs))
+
+    return wrapper
+
+
+class RecordingSender:
+    def __init__(self) -> None:
+        self.sent: list[tuple[str, bytes | None, bytes]] = []
+
+    async def send(self, topic: str, *, key: bytes | None, value: bytes) -> None:
+        self.sent.append((topic, key, value))
+
+    def values(self, topic: str) -> list[bytes]:
+        return [value for t, _, value in self.sent if t == topic]
+
+
+class FakeSimilar:
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, int, Sequence[str] | None]] = []
+
+    def similar(
+        self, item_id: str, *, k: int, categories: Sequence[str] | None
+    ) -> list[RelatedItem] | None:
+        self.calls.append((item_id, k, categories))
+        return [
+            RelatedItem(
+                item_id=f"sim-{n}",
+                kind="similar",
+                score=1.0 - n / 10,
+                evidence=Evidence(cosine=1.0 - n / 10, text="similar"),
+            )
+            for n in range(k)
+        ]
+
+
+@pytest.fixture
+def sender() -> RecordingSender:
+    return RecordingSender()
+
+
+@pytest.fixture
+def streams(tmp_path: Path, sender: RecordingSender) -> StreamsApp:
+    settings = StreamsSettings(web_port=0, data_dir=tmp_path, assoc_min_support=2)
+    app = build_streams(
+        kafka=KafkaSettings(bootstrap_servers="127.0.0.1:1"),
+        settings=settings,
+        registry=CollectorRegistry(),
+        sender=sender,
+        follow_catalog=False,
+    )
+    app.catalog.set_items({"i1": ("Hair",), "i2": ("Hair",), "i3": ("Nails",), "cold": ("Hair",)})
+    return app
+
+
+NOW = datetime.now(UTC).replace(microsecond=0)
+
+
+def event(
+    n: int, *, user: str = "u1", item: str = "i1", kind: str = "purchase", **extra: Any
+) -> dict[str, Any]:
+    return {
+        "event_id": f"e{n}",
+        "user_id": user,
+        "item_id": item,
+        "event_type": kind,
+        "ts": (NOW + timedelta(seconds=n)).isoformat(),
+        **extra,
+    }
+
+
+def encode(data: dict[str, Any]) -> bytes:
+    return json.dumps(data).encode()
+
+
+async def put_events(streams: StreamsApp, records: list[tuple[bytes | None, bytes]]) -> None:
+    async with streams.process_events.test_context() as agent:
+        for offset, (key, value) in enumerate(records):
+            await agent.put(value, key=key, partition=0, timestamp=1_700_000_000.25 + offset)
+
+
+def dead_letters(sender: RecordingSender) -> list[DeadLetter]:
+    return [DeadLetter.model_validate_json(v) for v in sender.values("dead-letter")]
+
+
+@run_async
+async def test_events_fold_into_profile_and_emit_updates(
+    streams: StreamsApp, sender: RecordingSender
+) -> None:
+    await put_events(
+        streams,
+        [
+            (b"u1", encode(event(1, item="i1", session_id="b1"))),
+            (b"u1", encode(event(2, item="i2", session_id="b1"))),
+        ],
+    )
+    updates = [ProfileUpdate.model_validate_json(v) for v in sender.values("profile-updates")]
+    assert [u.last_item_id for u in updates] == ["i1", "i2"]
+    assert [h.item_id for h in updates[-1].history] == ["i2", "i1"]
+    # source_ts_ms is the Kafka record timestamp, not the event's own time.
+    assert [u.source_ts_ms for u in updates] == [1_700_000_000_250, 1_700_000_001_250]
+    assert updates[-1].trigger_event_ids == ["e2"]
+    assert {key for topic, key, _ in sender.sent if topic == "profile-updates"} == {b"u1"}
+    stored = streams.profiles.get("u1")
+    assert stored is not None and json.loads(stored)["session_items"] == ["i1", "i2"]
+    # The second purchase of the basket pairs with the first on the association input.
+    inputs = [json.loads(v) for v in sender.values(streams.topic_names[ASSOCIATION_INPUT])]
+    assert inputs[-1]["item_id"] == "i2" and inputs[-1]["basket_items"] == ["i1"]
+    assert inputs[-1]["kind"] == "bought_together"
+    assert dead_letters(sender) == []
+
+
+@run_async
+async def test_bad_input_goes_to_dead_letter_while_good_events_flow(
+    streams: StreamsApp, sender: RecordingSender
+) -> None:
+    missing_field = event(3)
+    del missing_field["item_id"]
+    records: list[tuple[bytes | None, bytes]] = [
+        (b"u1", b"{not json"),
+        (b"u1", encode(event(1))),
+        (b"u1", encode(missing_field)),
+        (b"u1", encode(event(4, kind="teleport"))),
+        (b"u1", encode(event(5, item="no-such-item"))),
+        (b"u1", encode({**event(6), "ts": "2300-01-01T00:00:00+00:00"})),
+        (b"u1", encode({**event(7), "ts": "1970-01-02T00:00:00+00:00"})),
+        (b"someone-else", encode(event(8))),
+        (b"u1", encode(event(9, item="i2"))),
+    ]
+    await put_events(streams, records)
+
+    rejected = dead_letters(sender)
+    assert [d.error_type for d in rejected] == [
+        "malformed_json",
+        "invalid_fields",
+        "unknown_event_type",
+        "unknown_item",
+        "implausible_timestamp",
+        "implausible_timestamp",
+        "invalid_fields",
+    ]
+    assert [d.offset for d in rejected] == [0, 2, 3, 4, 5, 6, 7]
+    assert all(d.source_topic == "behavior-events" and d.stage == "streams" for d in rejected)
+    assert base64.b64decode(rejected[0].raw_value_b64 or "") == b"{not json"
+    assert "item_id" in rejected[1].reason
+    assert "no-such-item" in rejected[3].reason
+    assert "user_id" in rejected[6].reason and rejected[6].key == "someone-else"
+    updates = [ProfileUpdate.model_validate_json(v) for v in sender.values("profile-updates")]
+    assert [u.trigger_event_ids for u in updates] == [["e1"], ["e9"]]
+
+    samples = {
+        (s.labels.get("error_type"), s.value)
+        for m in streams.registry.collect()
+        if m.name == "relata_dead_letter"
+        for s in m.samples
+        if s.name == "relata_dead_letter_total"
+    }
+    assert ("implausible_timestamp", 2.0) in samples and ("malformed_json", 1.0) in samples
+
+
+@run_async
+async def test_redelivered_event_is_counted_once(
+    streams: StreamsApp, sender: RecordingSender
+) -> None:
+    await put_events(streams, [(b"u1", encode(event(1))), (b"u1", encode(event(1)))])
+    assert len(sender.values("profile-updates")) == 1
+    assert streams.registry.get_sample_value("relata_events_duplicate_total") == 1.0
+    assert streams.registry.get_sample_value("relata_profile_updates_total") == 1.0
+
+
+@run_async
+async def test_associations_publish_related_items_for_co_purchases(
+    streams: StreamsApp, sender: RecordingSender
+) -> None:
+    baskets = [("u1", "b1"), ("u2", "b2"), ("u3", "b3")]
+    records = []
+    n = 0
+    for user, basket in baskets:
+        for item in ("i1", "i2"):
+            n += 1
+            records.append(
+                (user.encode(), encode(event(n, user=user, item=item, session_id=basket)))
+            )
+    await put_events(streams, records)
+    inputs = [json.loads(v) for v in sender.values(streams.topic_names[ASSOCIATION_INPUT])]
+
+    async with streams.process_associations.test_context() as agent:
+        for value in inputs:
+            await agent.put(value, key=value["item_id"].encode(), partition=0)
+    assert await streams.flush_related() == 2
+
+    published = {
+        r.item_id: r
+        for r in (RelatedItems.model_validate_json(v) for v in sender.values("related-items"))
+    }
+    assert set(published) == {"i1", "i2"}
+    top = published["i1"].related[0]
+    assert (top.item_id, top.kind, top.evidence.support) == ("i2", "bought_together", 3)
+    assert "bought together in 3 baskets" in top.evidence.text
+    # Nothing changed since: no republish.
+    assert await streams.flush_related() == 0
+    assert streams.registry.get_sample_value("relata_association_updates_total") == len(inputs)
+    assert streams.registry.get_sample_value("relata_related_items_published_total") == 2
+
+
+@run_async
+async def test_recommendations_table_keeps_latest_and_rejects_invalid(
+    streams: StreamsApp, sender: RecordingSender
+) -> None:
+    def recommendation(item: str) -> bytes:
+        return encode(
+            {
+                "user_id": "u1",
+                "items": [
+                    {
+                        "item_id": item,
+                        "score": 0.5,
+                        "reasons": [
+                            {
+                                "source_item_id": "i1",
+                                "kind": "similar",
+                                "strength": 0.5,
+                                "text": "t",
+                            }
+                        ],
+                    }
+                ],
+                "generated_at": NOW.isoformat(),
+                "model_name": "m",
+                "model_version": "1",
+                "strategy": "hybrid",
+                "trigger_event_ids": ["e1"],
+                "latency_ms": 3.0,
+            }
+        )
+
+    async with streams.process_recommendations.test_context() as agent:
+        await agent.put(recommendation("i2"), key=b"u1", partition=0)
+        await agent.put(recommendation("i3"), key=b"u1", partition=0)
+        await agent.put(b'{"user_id": "u1"}', key=b"u1", partition=0)
+    stored = streams.recommendations.get("u1")
+    assert stored is not None and json.loads(stored)["items"][0]["item_id"] == "i3"
+    assert [d.error_type for d in dead_letters(sender)] == ["invalid_fields"]
+
+
+@pytest.mark.parametrize(
+    ("query", "message"),
+    [
+        ({"k": "0"}, "k must be"),
+        ({"k": "101"}, "k must be"),
+        ({"k": "ten"}, "k must be"),
+        ({"kind": "popular"}, "kind must be one of"),
+        ({"same_category": "maybe"}, "same_category"),
+    ],
+)
+def test_related_query_rejects_bad_parameters(query: dict[str, str], message: str) -> None:
+    with pytest.raises(BadRequest, match=message):
+        parse_related_query(query)
+
+
+def test_related_query_defaults() -> None:
+    assert parse_related_query({}) == (10, "all", False)
+    assert parse_related_query({"k": "100", "kind": "next_item", "same_category": "true"}) == (
+        100,
+        "next_item",
+        True,
+    )
+
+
+@run_async
+async def test_cold_start_item_gets_similar_items(tmp_path: Path) -> None:
+    similar = FakeSimilar()
+    app = build_streams(
+        kafka=KafkaSettings(bootstrap_servers="127.0.0.1:1"),
+        settings=StreamsSettings(web_port=0, data_dir=tmp_path),
+        registry=CollectorRegistry(),
+        similar=similar,
+        sender=RecordingSender(),
+        catalog=CatalogView(),
+        follow_catalog=False,
+    )
+    app.catalog.set_items({"cold": ("Beauty", "Hair")})
+    body = await related_body(app, item_id="cold", k=3, kind="all", same_category=True)
+    assert [r.item_id for r in body.related] == ["sim-0", "sim-1", "sim-2"]
+    assert body.item_count == 0.0 and body.similar_available
+    assert similar.calls == [("cold", 3, ("Beauty", "Hair"))]
+    only_assoc = await related_body(
+        app, item_id="cold", k=3, kind="bought_together", same_category=False
+    )
+    assert only_assoc.related == [] and len(similar.calls) == 1
+
+
+def test_catalog_view_honours_tombstones_and_unavailable() -> None:
+    view = CatalogView()
+    view.apply(b"a", encode({"item_id": "a", "categories": ["x"]}))
+    view.apply(b"b", encode({"item_id": "b"}))
+    view.apply(b"c", encode({"item_id": "c"}))
+    view.apply(b"bad", b"{oops")
+    view.apply(b"b", None)
+    view.apply(b"c", encode({"item_id": "c", "available": False}))
+    assert "a" in view and "b" not in view and "c" not in view and "bad" not in view
+    assert view.categories("a") == ("x",)
+
+
+def test_openapi_document_is_valid_openapi_3_1() -> None:
+    document = openapi_document()
+    validate(document)
+    assert document["openapi"] == "3.1.0"
+    params = document["paths"]["/items/{item_id}/related"]["get"]["parameters"]
+    kind = next(p for p in params if p["name"] == "kind")
+    assert kind["schema"]["enum"] == [
+        "similar",
+        "bought_together",
+        "also_viewed",
+        "next_item",
+        "all",
+    ]
+    assert "RelatedItem" in document["components"]["schemas"]
+
+
+def test_all_streams_metric_names_registered(streams: StreamsApp) -> None:
+    names = {m.name for m in streams.registry.collect()}
+    # prometheus_client strips the _total suffix of counters in `name`.
+    assert names == {
+        "relata_events_consumed",
+        "relata_events_duplicate",
+        "relata_dead_letter",
+        "relata_profile_updates",
+        "relata_event_processing_seconds",
+        "relata_association_updates",
+        "relata_related_items_published",
+        "relata_association_items",
+        "relata_http_requests",
+    }
