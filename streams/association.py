@@ -14,11 +14,15 @@ an update touches only the entries it changes; reading at time `now` multiplies 
 scale would grow past 2^30.
 
 Bounded memory (the approximation): at most `capacity` partners per item and kind, kept with
-the Space-Saving rule. A new partner arriving at a full list replaces the weakest entry and
-inherits its count as a recorded over-estimation error. Any partner whose true decayed count
-exceeds (item's total pair weight)/capacity is guaranteed to be kept, and every kept count is
-within [count - error, count] of the truth. Published support uses the lower bound
-`count - error`, so an evicted-and-readmitted partner never looks stronger than it is.
+a batched Space-Saving / lossy-counting rule. When a new partner arrives at a full list, the
+weakest quarter of the list is dropped at once (one sort per capacity/4 insertions instead of
+a minimum search per insertion) and the largest dropped count becomes the list's `floor`.
+A partner admitted later starts at floor + its weight, with the floor recorded as its
+over-estimation error. Hence every kept count c with error e satisfies c - e <= true <= c,
+and any partner whose true decayed count exceeds the item's total pair weight divided by
+(3/4 capacity) is never dropped. Published support uses the lower bound c - e, so a re-admitted
+partner never looks stronger than it is. A hot item co-occurring with millions of items
+therefore holds at most `capacity` partners per kind.
 """
 
 from __future__ import annotations
@@ -53,6 +57,8 @@ class ItemRecord(TypedDict):
     counts: dict[str, float]
     # kind -> partner item id -> [scaled count, scaled over-estimation error]
     partners: dict[str, dict[str, list[float]]]
+    # kind -> scaled count of the strongest partner ever dropped (admission error of newcomers)
+    floors: dict[str, float]
 
 
 class TotalsRecord(TypedDict):
@@ -185,7 +191,7 @@ def plan_updates(inp: AssociationInput) -> dict[str, ItemDelta]:
 
 
 def new_item_record(item_id: str, ts: float) -> ItemRecord:
-    return {"item_id": item_id, "landmark": ts, "counts": {}, "partners": {}}
+    return {"item_id": item_id, "landmark": ts, "counts": {}, "partners": {}, "floors": {}}
 
 
 def new_totals_record(ts: float) -> TotalsRecord:
@@ -203,6 +209,9 @@ def _rescale_if_needed(record: ItemRecord | TotalsRecord, ts: float, half_life_s
         for entry in partners.values():
             entry[0] *= factor
             entry[1] *= factor
+    floors: dict[str, float] = record.get("floors", {})  # type: ignore[assignment]  # TotalsRecord has none
+    for kind in floors:
+        floors[kind] *= factor
     record["landmark"] = ts
 
 
@@ -218,19 +227,21 @@ def decayed(
     return value * math.pow(2.0, -max(0.0, now - record["landmark"]) / half_life_s)
 
 
-def _add_partner(
-    partners: dict[str, list[float]], partner: str, amount: float, capacity: int
-) -> None:
+def _add_partner(record: ItemRecord, kind: str, partner: str, amount: float, capacity: int) -> None:
+    partners = record["partners"].setdefault(kind, {})
     entry = partners.get(partner)
     if entry is not None:
         entry[0] += amount
         return
-    if len(partners) < capacity:
-        partners[partner] = [amount, 0.0]
-        return
-    # Space-Saving: replace the weakest; the newcomer inherits its count as error.
-    weakest = min(partners, key=lambda p: partners[p][0])
-    floor = partners.pop(weakest)[0]
+    floor = record["floors"].get(kind, 0.0)
+    if len(partners) >= capacity:
+        # Drop the weakest quarter at once; the floor rises to the largest dropped count.
+        ranked = sorted(partners, key=lambda p: partners[p][0])
+        drop = ranked[: max(1, capacity // 4)]
+        floor = max(floor, partners[drop[-1]][0])
+        for weak in drop:
+            del partners[weak]
+        record["floors"][kind] = floor
     partners[partner] = [floor + amount, floor]
 
 
@@ -251,9 +262,9 @@ def update_item(
     counts = record["counts"]
     for kind, amount in delta.counts.items():
         counts[kind] = counts.get(kind, 0.0) + amount * scale
+    record.setdefault("floors", {})
     for kind, partner, amount in delta.pairs:
-        partners = record["partners"].setdefault(kind, {})
-        _add_partner(partners, partner, amount * scale, config.capacity)
+        _add_partner(record, kind, partner, amount * scale, config.capacity)
     return record
 
 
