@@ -1,0 +1,553 @@
+"""Data in and out of Kafka: publish a catalog, replay behaviour events, tail a topic.
+
+`relata load-catalog FILE`, `relata replay FILE`, `relata tail TOPIC`. The functions behind
+them (`iter_jsonl`, `publish_catalog`, `replay_events`, `tail_records`) are reused by the demo
+and the benchmark.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import logging
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterable, Iterator, MutableMapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+import click
+
+from relata.settings_cli import build_settings, settings_options
+from schemas.decoding import Rejection, decode, key_text
+from schemas.messages import CatalogItem
+from schemas.settings import KafkaSettings
+from schemas.topics import BEHAVIOR_EVENTS, ITEM_CATALOG
+
+logger = logging.getLogger(__name__)
+
+# Producer tuning: a small linger keeps latency low (events are timestamped at produce()),
+# while batches of up to 10k records keep the throughput of a replay far above any
+# rate the pipeline can sustain. Idempotence: retries never duplicate or reorder.
+PRODUCER_DEFAULTS: dict[str, Any] = {
+    "linger.ms": 2,
+    "batch.num.messages": 10_000,
+    "queue.buffering.max.messages": 200_000,
+    "queue.buffering.max.kbytes": 262_144,
+    "enable.idempotence": True,
+    "acks": "all",
+    "compression.type": "lz4",
+}
+
+# How many invalid catalog lines are described one by one before only counting the rest.
+MAX_REPORTED_INVALID = 20
+
+
+class ReplayError(Exception):
+    """Root of the errors of this module."""
+
+
+class DeliveryError(ReplayError):
+    """The broker did not accept some records."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading
+
+
+def _open(path: Path) -> IO[bytes]:
+    if not path.exists():
+        raise click.FileError(str(path), hint="no such file")
+    if path.suffix == ".gz":
+        return gzip.open(path, "rb")
+    return path.open("rb")
+
+
+def iter_jsonl(path: Path) -> Iterator[tuple[int, bytes]]:
+    """Yield `(line_number, raw_line)` of a JSON-lines file (`.gz` or plain), blank lines skipped.
+
+    Lines are returned verbatim (without the newline) so that bad input can be forwarded as is.
+    """
+    with _open(path) as handle:
+        for number, line in enumerate(handle, start=1):
+            raw = line.rstrip(b"\r\n")
+            if raw.strip():
+                yield number, raw
+
+
+# ---------------------------------------------------------------------------------------------
+# Pacing
+
+
+class TokenBucket:
+    """A token-bucket pacer: on average `rate` acquisitions a second, bursts of at most `burst`.
+
+    `rate=0` means unpaced. An acquisition may leave the bucket in debt; the caller sleeps the
+    debt off once it is worth at least `min_sleep_s`, which keeps the average rate exact despite
+    the OS timer granularity. The clock and sleep are injectable for tests.
+    """
+
+    def __init__(
+        self,
+        rate: float,
+        *,
+        burst: float | None = None,
+        min_sleep_s: float = 0.0005,
+        clock: Callable[[], float] = time.perf_counter,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
+        if rate < 0:
+            raise ValueError(f"rate must be >= 0 (0 = unpaced), got {rate}")
+        # Default burst: 10 ms worth of tokens, at least one.
+        self.rate = float(rate)
+        self.burst = float(burst) if burst is not None else max(1.0, self.rate / 100)
+        if self.burst < 1:
+            raise ValueError(f"burst must be >= 1, got {self.burst}")
+        self.min_sleep_s = min_sleep_s
+        self._clock = clock
+        self._sleep = sleep
+        self._tokens = self.burst
+        self._last = clock()
+
+    def acquire(self, n: float = 1.0) -> float:
+        """Take `n` tokens, sleeping off any debt worth `min_sleep_s`; return the seconds slept."""
+        if self.rate == 0:
+            return 0.0
+        now = self._clock()
+        self._tokens = min(self.burst, self._tokens + (now - self._last) * self.rate) - n
+        self._last = now
+        if self._tokens >= 0:
+            return 0.0
+        wait = -self._tokens / self.rate
+        if wait < self.min_sleep_s:
+            return 0.0
+        self._sleep(wait)
+        return wait
+
+
+# ---------------------------------------------------------------------------------------------
+# Producing
+
+
+def make_producer(kafka: KafkaSettings, **overrides: Any) -> Any:
+    """A confluent-kafka Producer with relata's batching and idempotence defaults."""
+    from confluent_kafka import Producer
+
+    from relata.topics import confluent_config
+
+    config = {**confluent_config(kafka), **PRODUCER_DEFAULTS, **overrides}
+    return Producer(config)
+
+
+@dataclass
+class _Deliveries:
+    failed: int = 0
+    first_error: str | None = None
+
+    def callback(self, err: Any, _msg: Any) -> None:
+        if err is not None:
+            self.failed += 1
+            if self.first_error is None:
+                self.first_error = str(err)
+
+
+def _produce(
+    producer: Any,
+    topic: str,
+    *,
+    key: bytes | None,
+    value: bytes | None,
+    on_delivery: Callable[[Any, Any], None],
+    timestamp_ms: int | None = None,
+) -> None:
+    """Produce one record, waiting for queue space instead of failing when the queue is full."""
+    kwargs: dict[str, Any] = {"key": key, "value": value, "on_delivery": on_delivery}
+    if timestamp_ms is not None:
+        kwargs["timestamp"] = timestamp_ms
+    while True:
+        try:
+            producer.produce(topic, **kwargs)
+            return
+        except BufferError:
+            producer.poll(0.05)
+
+
+def _flush(producer: Any, deliveries: _Deliveries, *, timeout_s: float, what: str) -> None:
+    remaining = producer.flush(timeout_s)
+    if remaining:
+        raise DeliveryError(f"{remaining} {what} records still undelivered after {timeout_s:.0f} s")
+    if deliveries.failed:
+        raise DeliveryError(
+            f"{deliveries.failed} {what} records were rejected by the broker; "
+            f"first error: {deliveries.first_error}"
+        )
+
+
+@dataclass
+class CatalogReport:
+    """Outcome of publishing a catalog file."""
+
+    published: int = 0
+    invalid: int = 0
+    # (line number, reason) of the first MAX_REPORTED_INVALID invalid lines.
+    invalid_lines: list[tuple[int, str]] = field(default_factory=list)
+
+
+def publish_catalog(
+    lines: Iterable[tuple[int, bytes]],
+    *,
+    producer: Any,
+    topic: str,
+    flush_timeout_s: float = 60.0,
+) -> CatalogReport:
+    """Validate each line as a CatalogItem and publish it to `topic`, keyed by item_id.
+
+    Invalid lines are not published; they are counted and described in the report.
+    """
+    report = CatalogReport()
+    deliveries = _Deliveries()
+    for number, raw in lines:
+        result = decode(raw, CatalogItem)
+        if isinstance(result, Rejection):
+            report.invalid += 1
+            if len(report.invalid_lines) < MAX_REPORTED_INVALID:
+                report.invalid_lines.append((number, f"{result.error_type}: {result.reason}"))
+            logger.warning(
+                "invalid catalog line line=%d error_type=%s reason=%s",
+                number,
+                result.error_type,
+                result.reason,
+            )
+            continue
+        _produce(
+            producer,
+            topic,
+            key=result.item_id.encode(),
+            value=result.model_dump_json().encode(),
+            on_delivery=deliveries.callback,
+        )
+        producer.poll(0)
+        report.published += 1
+    _flush(producer, deliveries, timeout_s=flush_timeout_s, what="catalog")
+    return report
+
+
+@dataclass(frozen=True, slots=True)
+class ReplayProgress:
+    """A snapshot of a running replay."""
+
+    sent: int
+    unparsable: int
+    elapsed_s: float
+
+    @property
+    def rate(self) -> float:
+        return self.sent / self.elapsed_s if self.elapsed_s > 0 else 0.0
+
+
+def event_key(raw: bytes) -> tuple[bytes | None, str | None]:
+    """The record key (user_id) and event_id of a raw event line; `(None, None)` if unparsable.
+
+    Only what routing and latency tracking need is read; validation is the stream processor's.
+    """
+    try:
+        data = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return None, None
+    if not isinstance(data, dict):
+        return None, None
+    user_id = data.get("user_id")
+    event_id = data.get("event_id")
+    key = str(user_id).encode() if user_id is not None else None
+    return key, (event_id if isinstance(event_id, str) else None)
+
+
+def replay_events(
+    lines: Iterable[tuple[int, bytes]],
+    *,
+    producer: Any,
+    topic: str,
+    rate: float,
+    limit: int | None = None,
+    on_progress: Callable[[ReplayProgress], None] | None = None,
+    progress_every_s: float = 0.5,
+    sent_at: MutableMapping[str, float] | None = None,
+    should_stop: Callable[[], bool] | None = None,
+    flush_timeout_s: float = 60.0,
+) -> ReplayProgress:
+    """Send raw event lines to `topic`, keyed by user_id, at `rate` events/s (0 = unpaced).
+
+    Lines go out verbatim, so malformed input reaches the stream processor's dead-letter path
+    (an unparsable line is sent without a key). Each record's Kafka timestamp is its send time;
+    when `sent_at` is given it receives event_id -> send time (epoch seconds) for latency probes.
+    """
+    bucket = TokenBucket(rate)
+    deliveries = _Deliveries()
+    start = time.perf_counter()
+    next_report = start + progress_every_s
+    sent = unparsable = 0
+    for _number, raw in lines:
+        if limit is not None and sent >= limit:
+            break
+        if should_stop is not None and should_stop():
+            break
+        bucket.acquire()
+        key, event_id = event_key(raw)
+        if key is None:
+            unparsable += 1
+        now = time.time()
+        _produce(
+            producer,
+            topic,
+            key=key,
+            value=raw,
+            on_delivery=deliveries.callback,
+            timestamp_ms=int(now * 1000),
+        )
+        if sent_at is not None and event_id is not None:
+            sent_at[event_id] = now
+        sent += 1
+        producer.poll(0)
+        if on_progress is not None:
+            tick = time.perf_counter()
+            if tick >= next_report:
+                next_report = tick + progress_every_s
+                on_progress(ReplayProgress(sent, unparsable, tick - start))
+    _flush(producer, deliveries, timeout_s=flush_timeout_s, what="event")
+    final = ReplayProgress(sent, unparsable, time.perf_counter() - start)
+    if on_progress is not None:
+        on_progress(final)
+    return final
+
+
+# ---------------------------------------------------------------------------------------------
+# Consuming
+
+
+@dataclass(frozen=True, slots=True)
+class TailRecord:
+    topic: str
+    partition: int
+    offset: int
+    timestamp_ms: int
+    key: str | None
+    value: bytes | None
+
+    def as_json(self) -> dict[str, Any]:
+        """The record as a JSON-able dict; a JSON value is embedded, anything else as text."""
+        value: Any = None
+        if self.value is not None:
+            try:
+                value = json.loads(self.value)
+            except (UnicodeDecodeError, json.JSONDecodeError):
+                value = self.value.decode("utf-8", errors="replace")
+        return {
+            "topic": self.topic,
+            "partition": self.partition,
+            "offset": self.offset,
+            "timestamp_ms": self.timestamp_ms,
+            "key": self.key,
+            "value": value,
+        }
+
+    def as_text(self) -> str:
+        value = "<null>" if self.value is None else self.value.decode("utf-8", errors="replace")
+        return f"{self.topic}[{self.partition}]@{self.offset} key={self.key} {value}"
+
+
+def make_consumer(kafka: KafkaSettings, *, group_id: str | None = None, **overrides: Any) -> Any:
+    """A confluent-kafka Consumer that does not commit (readers of output topics)."""
+    from confluent_kafka import Consumer
+
+    from relata.topics import confluent_config
+
+    config = {
+        **confluent_config(kafka),
+        "group.id": group_id or f"relata-tail-{uuid.uuid4().hex[:12]}",
+        "enable.auto.commit": False,
+        "enable.partition.eof": False,
+        "fetch.wait.max.ms": 10,
+        **overrides,
+    }
+    return Consumer(config)
+
+
+def assign_all(consumer: Any, topic: str, *, from_beginning: bool, timeout_s: float = 10.0) -> int:
+    """Assign every partition of `topic` at its start or end; return the partition count.
+
+    Manual assignment (no group join) starts reading at once, with no rebalance delay.
+    """
+    from confluent_kafka import OFFSET_BEGINNING, OFFSET_END, TopicPartition
+
+    metadata = consumer.list_topics(topic, timeout=timeout_s)
+    info = metadata.topics.get(topic)
+    if info is None or info.error is not None or not info.partitions:
+        reason = info.error if info is not None else "not found"
+        raise ReplayError(f"topic {topic!r} is not available: {reason}")
+    offset = OFFSET_BEGINNING if from_beginning else OFFSET_END
+    partitions = [TopicPartition(topic, p, offset) for p in sorted(info.partitions)]
+    consumer.assign(partitions)
+    return len(partitions)
+
+
+def tail_records(
+    consumer: Any,
+    *,
+    limit: int | None = None,
+    idle_timeout_s: float | None = None,
+    should_stop: Callable[[], bool] | None = None,
+) -> Iterator[TailRecord]:
+    """Yield records from an assigned consumer until `limit`, an idle timeout, or a stop."""
+    count = 0
+    last = time.monotonic()
+    while limit is None or count < limit:
+        if should_stop is not None and should_stop():
+            return
+        msg = consumer.poll(0.2)
+        if msg is None:
+            if idle_timeout_s is not None and time.monotonic() - last > idle_timeout_s:
+                return
+            continue
+        if msg.error() is not None:
+            logger.warning("consumer error error=%s", msg.error())
+            continue
+        last = time.monotonic()
+        count += 1
+        _ts_type, ts = msg.timestamp()
+        yield TailRecord(
+            msg.topic(), msg.partition(), msg.offset(), ts, key_text(msg.key()), msg.value()
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# CLI
+
+
+def _kafka_settings(params: dict[str, Any]) -> KafkaSettings:
+    return build_settings(KafkaSettings, group="kafka", params=params)
+
+
+@click.command(name="load-catalog")
+@click.argument("file", type=click.Path(path_type=Path, dir_okay=False))
+@click.option("--strict", is_flag=True, help="Exit with status 1 when any line is invalid.")
+@settings_options(KafkaSettings, group="kafka")
+def load_catalog_command(file: Path, strict: bool, **params: Any) -> None:
+    """Validate FILE (items.jsonl[.gz]) and publish each item to item-catalog, keyed by item_id."""
+    kafka = _kafka_settings(params)
+    topic = kafka.topic(ITEM_CATALOG.name)
+    producer = make_producer(kafka)
+    started = time.perf_counter()
+    try:
+        report = publish_catalog(iter_jsonl(file), producer=producer, topic=topic)
+    except DeliveryError as exc:
+        raise click.ClickException(str(exc)) from exc
+    elapsed = time.perf_counter() - started
+    click.echo(
+        f"published {report.published} items to {topic} in {elapsed:.1f} s; "
+        f"{report.invalid} invalid lines",
+        err=True,
+    )
+    for number, reason in report.invalid_lines:
+        click.echo(f"  line {number}: {reason}", err=True)
+    if report.invalid > len(report.invalid_lines):
+        click.echo(f"  ... and {report.invalid - len(report.invalid_lines)} more", err=True)
+    if strict and report.invalid:
+        sys.exit(1)
+
+
+@click.command(name="replay")
+@click.argument("file", type=click.Path(path_type=Path, dir_okay=False))
+@click.option(
+    "--rate",
+    type=click.FloatRange(min=0),
+    default=1000.0,
+    show_default=True,
+    envvar="RELATA_REPLAY_RATE",
+    show_envvar=True,
+    help="Offered rate in events/s (0 = as fast as possible).",
+)
+@click.option(
+    "--limit",
+    type=click.IntRange(min=1),
+    default=None,
+    envvar="RELATA_REPLAY_LIMIT",
+    show_envvar=True,
+    help="Send at most this many events.",
+)
+@settings_options(KafkaSettings, group="kafka")
+def replay_command(file: Path, rate: float, limit: int | None, **params: Any) -> None:
+    """Replay FILE (events.jsonl[.gz]) into behavior-events, keyed by user_id, at a fixed rate.
+
+    Lines are sent verbatim: invalid ones reach the stream processor's dead-letter topic.
+    """
+    from tqdm import tqdm
+
+    kafka = _kafka_settings(params)
+    topic = kafka.topic(BEHAVIOR_EVENTS.name)
+    producer = make_producer(kafka)
+    bar = tqdm(total=limit, unit="ev", file=sys.stderr, desc=f"replay -> {topic}")
+
+    def show(progress: ReplayProgress) -> None:
+        bar.update(progress.sent - bar.n)
+        bar.set_postfix(rate=f"{progress.rate:.0f}/s", unparsable=progress.unparsable)
+
+    try:
+        final = replay_events(
+            iter_jsonl(file),
+            producer=producer,
+            topic=topic,
+            rate=rate,
+            limit=limit,
+            on_progress=show,
+        )
+    except DeliveryError as exc:
+        raise click.ClickException(str(exc)) from exc
+    except KeyboardInterrupt:
+        producer.flush(10)
+        raise
+    finally:
+        bar.close()
+    click.echo(
+        f"sent {final.sent} events to {topic} in {final.elapsed_s:.1f} s "
+        f"({final.rate:.0f} events/s; {final.unparsable} unparsable lines sent unkeyed)",
+        err=True,
+    )
+
+
+@click.command(name="tail")
+@click.argument("topic")
+@click.option("--from-beginning", is_flag=True, help="Start at the oldest record, not the newest.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per record.")
+@click.option("--limit", type=click.IntRange(min=1), default=None, help="Stop after N records.")
+@click.option(
+    "--idle-timeout",
+    type=click.FloatRange(min=0),
+    default=None,
+    help="Stop after this many seconds without a record.",
+)
+@settings_options(KafkaSettings, group="kafka")
+def tail_command(
+    topic: str,
+    from_beginning: bool,
+    as_json: bool,
+    limit: int | None,
+    idle_timeout: float | None,
+    **params: Any,
+) -> None:
+    """Print the records of TOPIC (name without the deployment prefix) as they arrive."""
+    kafka = _kafka_settings(params)
+    full_topic = kafka.topic(topic)
+    consumer = make_consumer(kafka)
+    try:
+        assign_all(consumer, full_topic, from_beginning=from_beginning)
+        for record in tail_records(consumer, limit=limit, idle_timeout_s=idle_timeout):
+            line = json.dumps(record.as_json()) if as_json else record.as_text()
+            click.echo(line)
+    except ReplayError as exc:
+        raise click.ClickException(str(exc)) from exc
+    except KeyboardInterrupt:
+        pass
+    finally:
+        consumer.close()
