@@ -1,0 +1,327 @@
+"""The stream processor against the real embedded Kafka: events in, profile updates,
+dead letters, related items and HTTP out; statistics survive a restart via the changelogs."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from confluent_kafka import Consumer, Producer
+from openapi_spec_validator import validate
+
+from relata.kafka_broker import free_port
+from relata.run_streams import RunningStreams, start_streams_in_thread
+from relata.topics import confluent_config
+from schemas.messages import DeadLetter, ProfileUpdate, RelatedItems
+from schemas.settings import KafkaSettings, StreamsSettings
+
+pytestmark = pytest.mark.integration
+
+# Upper bound for a record to show up; a failure names what was missing, it is not a latency test.
+WAIT_S = 60.0
+NOW = datetime.now(UTC).replace(microsecond=0)
+ITEMS = ["i1", "i2", "i3", "i4"]
+
+
+def streams_settings(tmp_path: Path, unique_id: str) -> StreamsSettings:
+    return StreamsSettings(
+        app_id=f"streams-{unique_id}",
+        data_dir=tmp_path / "faust",
+        web_port=free_port(),
+        session_timeout_s=3.0,
+        heartbeat_interval_s=0.5,
+    )
+
+
+def producer(kafka: KafkaSettings) -> Producer:
+    # murmur2 like Java clients and Faust, so HTTP routing agrees with record placement.
+    return Producer({**confluent_config(kafka), "partitioner": "murmur2_random"})
+
+
+def publish(
+    kafka: KafkaSettings, topic: str, records: list[tuple[bytes | None, bytes | None]]
+) -> None:
+    p = producer(kafka)
+    for key, value in records:
+        p.produce(kafka.topic(topic), key=key, value=value)
+    assert p.flush(30) == 0
+
+
+def event(n: int, user: str, item: str, basket: str, kind: str = "purchase") -> bytes:
+    data = {
+        "event_id": f"e{n}",
+        "user_id": user,
+        "item_id": item,
+        "event_type": kind,
+        "ts": (NOW + timedelta(seconds=n)).isoformat(),
+        "session_id": basket,
+    }
+    return json.dumps(data).encode()
+
+
+def catalog(kafka: KafkaSettings) -> None:
+    records: list[tuple[bytes | None, bytes | None]] = [
+        (
+            i.encode(),
+            json.dumps({"item_id": i, "title": f"Item {i}", "categories": ["Hair"]}).encode(),
+        )
+        for i in ITEMS
+    ]
+    records.append((b"retired", json.dumps({"item_id": "retired"}).encode()))
+    records.append((b"retired", None))  # a tombstone retires it again
+    publish(kafka, "item-catalog", records)
+
+
+def co_purchases(kafka: KafkaSettings) -> None:
+    """Three baskets holding i1 and i2 (and i3 in the first): i1-i2 support 3."""
+    records: list[tuple[bytes | None, bytes | None]] = []
+    n = 0
+    for u in range(3):
+        user = f"u{u}"
+        items = ["i1", "i2", "i3"] if u == 0 else ["i1", "i2"]
+        for item in items:
+            n += 1
+            records.append((user.encode(), event(n, user, item, f"basket-{u}")))
+    publish(kafka, "behavior-events", records)
+
+
+class TopicReader:
+    """Reads topics from the beginning with a consumer group of its own."""
+
+    def __init__(self, kafka: KafkaSettings, topics: list[str], group: str) -> None:
+        self._consumer = Consumer(
+            {
+                **confluent_config(kafka),
+                "group.id": group,
+                "auto.offset.reset": "earliest",
+                "enable.auto.commit": False,
+            }
+        )
+        self._consumer.subscribe([kafka.topic(t) for t in topics])
+        self._prefix = kafka.topic_prefix
+        self.records: dict[str, list[tuple[bytes | None, bytes]]] = {t: [] for t in topics}
+
+    def until(self, done: Callable[[TopicReader], bool], what: str) -> None:
+        deadline = time.monotonic() + WAIT_S
+        while not done(self):
+            if time.monotonic() > deadline:
+                counts = {t: len(r) for t, r in self.records.items()}
+                pytest.fail(f"not seen within {WAIT_S:.0f} s: {what}; records so far: {counts}")
+            message = self._consumer.poll(0.2)
+            if message is None or message.error():
+                continue
+            topic = message.topic()[len(self._prefix) :]
+            self.records[topic].append((message.key(), message.value()))
+
+    def values(self, topic: str) -> list[bytes]:
+        return [value for _, value in self.records[topic]]
+
+    def close(self) -> None:
+        self._consumer.close()
+
+
+@pytest.fixture
+def reader(kafka_settings: KafkaSettings, unique_id: str) -> Iterator[TopicReader]:
+    r = TopicReader(
+        kafka_settings, ["profile-updates", "dead-letter", "related-items"], f"reader-{unique_id}"
+    )
+    yield r
+    r.close()
+
+
+def latest_related(reader: TopicReader) -> dict[str, RelatedItems]:
+    latest: dict[str, RelatedItems] = {}
+    for value in reader.values("related-items"):
+        related = RelatedItems.model_validate_json(value)
+        latest[related.item_id] = related
+    return latest
+
+
+def support(related: RelatedItems | dict[str, Any], partner: str) -> int | None:
+    items = related.related if isinstance(related, RelatedItems) else related["related"]
+    for r in items:
+        r = r.model_dump() if not isinstance(r, dict) else r
+        if r["item_id"] == partner and r["kind"] == "bought_together":
+            return int(r["evidence"]["support"])
+    return None
+
+
+def start(kafka: KafkaSettings, settings: StreamsSettings) -> RunningStreams:
+    return start_streams_in_thread(kafka=kafka, settings=settings, ready_timeout_s=120)
+
+
+def test_events_flow_to_profile_updates_dead_letters_related_items_and_http(
+    kafka_settings: KafkaSettings, unique_id: str, tmp_path: Path, reader: TopicReader
+) -> None:
+    kafka = kafka_settings
+    settings = streams_settings(tmp_path, unique_id)
+    from relata.topics import ensure_topics
+    from schemas.topics import ALL_TOPICS
+
+    ensure_topics(kafka, ALL_TOPICS)
+    catalog(kafka)
+    with start(kafka, settings) as running:
+        co_purchases(kafka)
+        publish(
+            kafka,
+            "behavior-events",
+            [
+                (b"u9", b"{broken"),
+                (b"u9", event(100, "u9", "no-such-item", "b9")),
+                (b"u9", event(101, "u9", "retired", "b9")),
+                (b"u9", json.dumps({"event_id": "x", "user_id": "u9"}).encode()),
+                (b"u9", event(102, "u9", "i4", "b9", kind="view")),
+            ],
+        )
+        reader.until(
+            lambda r: len(r.values("profile-updates")) >= 8 and len(r.values("dead-letter")) >= 4,
+            "8 profile updates and 4 dead letters",
+        )
+        updates = [ProfileUpdate.model_validate_json(v) for v in reader.values("profile-updates")]
+        assert {u.user_id for u in updates} == {"u0", "u1", "u2", "u9"}
+        assert all(u.source_ts_ms > 0 for u in updates)
+        assert all(
+            key == value_user.encode()
+            for (key, _), value_user in zip(
+                reader.records["profile-updates"], [u.user_id for u in updates], strict=True
+            )
+        )
+        letters = [DeadLetter.model_validate_json(v) for v in reader.values("dead-letter")]
+        assert sorted(d.error_type for d in letters) == [
+            "invalid_fields",
+            "malformed_json",
+            "unknown_item",
+            "unknown_item",
+        ]
+        assert all(
+            d.source_topic == kafka.topic("behavior-events") and d.offset >= 0 for d in letters
+        )
+
+        reader.until(
+            lambda r: (rel := latest_related(r).get("i1")) is not None and support(rel, "i2") == 3,
+            "related-items for i1 with i2 bought together in 3 baskets",
+        )
+        assert support(latest_related(reader)["i2"], "i1") == 3
+
+        base = running.url
+        assert base is not None
+        with httpx.Client(base_url=base, timeout=30) as http:
+            ok = http.get("/items/i1/related", params={"kind": "bought_together", "k": 5})
+            assert ok.status_code == 200
+            body = ok.json()
+            assert body["kind"] == "bought_together" and support(body, "i2") == 3
+            assert body["similar_available"] is False
+            assert [r["item_id"] for r in body["related"]][:1] == ["i2"]
+
+            missing = http.get("/items/no-such-item/related")
+            assert missing.status_code == 404 and "no-such-item" in missing.json()["error"]
+            assert http.get("/items/retired/related").status_code == 404
+            assert http.get("/items/i1/related", params={"k": 0}).status_code == 400
+            bad_kind = http.get("/items/i1/related", params={"kind": "nope"})
+            assert bad_kind.status_code == 400 and "kind must be one of" in bad_kind.json()["error"]
+            assert http.get("/items/i1/related", params={"kind": "similar"}).status_code == 503
+
+            document = http.get("/openapi.json")
+            assert document.status_code == 200
+            validate(document.json())
+            health = http.get("/healthz").json()
+            assert health == {"status": "ok", "catalog_ready": True, "catalog_items": len(ITEMS)}
+
+            assert http.get("/users/u0/recommendations").status_code == 404
+            recommendation = {
+                "user_id": "u0",
+                "items": [
+                    {
+                        "item_id": "i4",
+                        "score": 0.7,
+                        "reasons": [
+                            {
+                                "source_item_id": "i1",
+                                "kind": "similar",
+                                "strength": 0.7,
+                                "text": "t",
+                            }
+                        ],
+                    }
+                ],
+                "generated_at": NOW.isoformat(),
+                "model_name": "all-MiniLM-L6-v2",
+                "model_version": "1",
+                "strategy": "hybrid",
+                "trigger_event_ids": ["e1"],
+                "latency_ms": 5.0,
+            }
+            publish(kafka, "recommendations", [(b"u0", json.dumps(recommendation).encode())])
+            deadline = time.monotonic() + WAIT_S
+            got = http.get("/users/u0/recommendations")
+            while got.status_code == 404 and time.monotonic() < deadline:
+                time.sleep(0.2)
+                got = http.get("/users/u0/recommendations")
+            assert got.status_code == 200 and got.json()["items"][0]["item_id"] == "i4"
+
+            metrics = http.get("/metrics").text
+            assert 'relata_events_consumed_total{event_type="purchase"} 7.0' in metrics
+            assert (
+                'relata_dead_letter_total{error_type="unknown_item",stage="streams"} 2.0' in metrics
+            )
+            assert "relata_event_processing_seconds_bucket" in metrics
+
+
+def test_restart_recovers_association_statistics_from_changelog(
+    kafka_settings: KafkaSettings, unique_id: str, tmp_path: Path, reader: TopicReader
+) -> None:
+    kafka = kafka_settings
+    settings = streams_settings(tmp_path, unique_id)
+    from relata.topics import ensure_topics
+    from schemas.topics import ALL_TOPICS
+
+    ensure_topics(kafka, ALL_TOPICS)
+    catalog(kafka)
+
+    def related_i1(running: RunningStreams) -> dict[str, Any]:
+        assert running.url is not None
+        response = httpx.get(f"{running.url}/items/i1/related", params={"kind": "all"}, timeout=30)
+        assert response.status_code == 200
+        body: dict[str, Any] = response.json()
+        return body
+
+    with start(kafka, settings) as first:
+        co_purchases(kafka)
+        reader.until(
+            lambda r: (rel := latest_related(r).get("i1")) is not None and support(rel, "i2") == 3,
+            "related-items for i1 before the restart",
+        )
+        before = related_i1(first)
+    assert support(before, "i2") == 3
+
+    # A new app (new process state, new data dir): the memory store is rebuilt from the
+    # changelog topics only.
+    second_settings = settings.model_copy(update={"data_dir": tmp_path / "faust-2"})
+    with start(kafka, second_settings) as second:
+        after = related_i1(second)
+        assert after["item_count"] == pytest.approx(before["item_count"])
+        assert [(r["item_id"], r["kind"], r["evidence"]["support"]) for r in after["related"]] == [
+            (r["item_id"], r["kind"], r["evidence"]["support"]) for r in before["related"]
+        ]
+        # New behaviour continues from the recovered counts (a 4th basket: support 4).
+        publish(
+            kafka,
+            "behavior-events",
+            [
+                (user.encode(), event(n + offset, user, item, f"late-{user}"))
+                for n, user in ((600, "u7"), (700, "u8"))
+                for offset, item in enumerate(("i1", "i2"))
+            ],
+        )
+        # The table keeps counting from the recovered state (related-items is republished only
+        # on a material change of the list, so read the live table over HTTP).
+        deadline = time.monotonic() + WAIT_S
+        while support(related_i1(second), "i2") != 5 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert support(related_i1(second), "i2") == 5
