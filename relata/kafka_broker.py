@@ -24,7 +24,7 @@ import threading
 import time
 import uuid
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from importlib import resources
 from pathlib import Path
 from types import FrameType, TracebackType
@@ -44,6 +44,10 @@ _PR_SET_PDEATHSIG = 1
 
 class EmbeddedKafkaError(RuntimeError):
     """The embedded broker could not be resolved, started or reached."""
+
+
+class _PortTaken(EmbeddedKafkaError):
+    """Another process bound the chosen port between choosing and binding it."""
 
 
 def _resource_text(name: str) -> str:
@@ -159,7 +163,6 @@ def _server_properties(*, host: str, port: int, controller_port: int, log_dir: P
         "group.min.session.timeout.ms": "500",
         "group.consumer.min.session.timeout.ms": "500",
         "group.consumer.min.heartbeat.interval.ms": "100",
-        "log.flush.interval.messages": "9223372036854775807",
         "num.network.threads": "2",
         "num.io.threads": "4",
         "background.threads": "4",
@@ -168,10 +171,14 @@ def _server_properties(*, host: str, port: int, controller_port: int, log_dir: P
     return "".join(f"{key}={value}\n" for key, value in props.items())
 
 
-def _pdeathsig() -> None:
-    """In the child: die with the parent (a SIGKILLed parent cannot run its cleanup)."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+def _pdeathsig_hook() -> Callable[[], None]:
+    """A pre-exec hook: the child gets SIGKILL when its parent dies (even by SIGKILL)."""
+    prctl = ctypes.CDLL(None, use_errno=True).prctl  # looked up here, not in the forked child
+
+    def hook() -> None:
+        prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+
+    return hook
 
 
 _WORKDIR_PREFIX = "relata-kafka-"
@@ -207,7 +214,7 @@ def remove_stale_workdirs() -> None:
 
 _LIVE: weakref.WeakSet[EmbeddedKafka] = weakref.WeakSet()
 _HOOKS_LOCK = threading.Lock()
-_HOOKS_INSTALLED = False
+_HOOKS: set[str] = set()
 
 
 def _stop_all() -> None:
@@ -221,15 +228,16 @@ def _on_sigterm(signum: int, frame: FrameType | None) -> None:
 
 
 def _install_exit_hooks() -> None:
-    global _HOOKS_INSTALLED
+    """atexit stops every broker; a default SIGTERM becomes SystemExit (main thread only)."""
     with _HOOKS_LOCK:
-        if _HOOKS_INSTALLED:
-            return
-        atexit.register(_stop_all)
+        if "atexit" not in _HOOKS:
+            atexit.register(_stop_all)
+            _HOOKS.add("atexit")
         is_main = threading.current_thread() is threading.main_thread()
-        if is_main and signal.getsignal(signal.SIGTERM) in (signal.SIG_DFL, None):
-            signal.signal(signal.SIGTERM, _on_sigterm)
-        _HOOKS_INSTALLED = True
+        if "sigterm" not in _HOOKS and is_main:
+            if signal.getsignal(signal.SIGTERM) in (signal.SIG_DFL, None):
+                signal.signal(signal.SIGTERM, _on_sigterm)
+            _HOOKS.add("sigterm")
 
 
 class EmbeddedKafka:
@@ -299,18 +307,26 @@ class EmbeddedKafka:
 
     def start(self) -> None:
         """Resolve the jars (once), format a fresh log dir and start the broker; wait until ready."""
-        with self._lock:
-            if self._proc is not None:
-                return
-            jars = resolve_jars(self.settings)
-            remove_stale_workdirs()
-            self.workdir = Path(tempfile.mkdtemp(prefix=_WORKDIR_PREFIX))
+        attempts = 1 if self._requested_port else 3
+        for attempt in range(1, attempts + 1):
+            with self._lock:
+                if self._proc is not None:
+                    return
+                jars = resolve_jars(self.settings)
+                remove_stale_workdirs()
+                self.workdir = Path(tempfile.mkdtemp(prefix=_WORKDIR_PREFIX))
+                try:
+                    self._launch(jars)
+                except BaseException:
+                    self._shutdown()
+                    raise
             try:
-                self._launch(jars)
-            except BaseException:
-                self._shutdown()
-                raise
-        self._wait_ready()
+                self._wait_ready()
+                return
+            except _PortTaken:
+                if attempt == attempts:
+                    raise
+                logger.warning("embedded kafka port taken; retrying attempt=%d", attempt + 1)
 
     def _launch(self, jars: Path) -> None:
         assert self.workdir is not None
@@ -357,7 +373,7 @@ class EmbeddedKafka:
             # Own session: a terminal's Ctrl-C reaches us, and we stop the broker in order.
             start_new_session=True,
             # PDEATHSIG fires when the forking *thread* exits, so only from the main thread.
-            preexec_fn=_pdeathsig if in_main else None,
+            preexec_fn=_pdeathsig_hook() if in_main else None,
         )
         _LIVE.add(self)
         (self.workdir / _OWNER_FILE).write_text(f"{os.getpid()} {self._proc.pid}\n")
@@ -387,6 +403,8 @@ class EmbeddedKafka:
                 tail = self._log_tail()
                 code = None if proc is None else proc.returncode
                 self.stop()
+                if "Address already in use" in tail:
+                    raise _PortTaken(f"embedded kafka could not bind its port:\n{tail}")
                 raise EmbeddedKafkaError(
                     f"embedded kafka exited during start (exit {code}):\n{tail}"
                 )

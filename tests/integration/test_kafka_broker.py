@@ -112,3 +112,26 @@ def test_broker_dies_with_its_parent(signum: signal.Signals) -> None:
             parent.kill()
         if java_pid and pid_alive(java_pid):
             os.kill(java_pid, signal.SIGKILL)
+
+
+@pytest.mark.slow
+def test_start_retries_when_its_port_was_taken(monkeypatch: pytest.MonkeyPatch) -> None:
+    import socket
+
+    import relata.kafka_broker as kb
+
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", 0))
+        squatter.listen()
+        taken = squatter.getsockname()[1]
+        ports = iter([taken])
+        real_free_port = kb.free_port
+        monkeypatch.setattr(
+            kb, "free_port", lambda host="127.0.0.1": next(ports, None) or real_free_port(host)
+        )
+        with kb.EmbeddedKafka() as kafka:
+            assert kafka.port != taken
+            metadata = AdminClient({"bootstrap.servers": kafka.bootstrap_servers}).list_topics(
+                timeout=30
+            )
+            assert metadata.brokers
