@@ -1,0 +1,200 @@
+"""One contract, two implementations: qdrant-client local mode and embedded qdrant-edge."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from workers.vector_store import (
+    ClientVectorStore,
+    EdgeVectorStore,
+    VectorStore,
+    VectorStoreError,
+    point_id,
+)
+
+DIM = 8
+
+
+def _unit(rows: np.ndarray) -> np.ndarray:
+    return (rows / np.linalg.norm(rows, axis=1, keepdims=True)).astype(np.float32)
+
+
+def _basis(i: int, *, tilt: float = 0.0) -> np.ndarray:
+    """A unit vector near axis 0, rotated towards axis `i` by `tilt` (so cosine order is known)."""
+    v = np.zeros(DIM, dtype=np.float32)
+    v[0] = 1.0
+    v[i % DIM] += tilt
+    return v / np.linalg.norm(v)
+
+
+# Items a..e at increasing angle from axis 0: a query on axis 0 ranks them a, b, c, d, e.
+ITEMS = ["a", "b", "c", "d", "e"]
+VECTORS = np.stack([_basis(1, tilt=0.1 * (n + 1)) for n in range(len(ITEMS))])
+PAYLOADS = [
+    {"title": "A", "categories": ["Makeup", "Lips"]},
+    {"title": "B", "categories": ["Makeup", "Eyes"]},
+    {"title": "C", "categories": ["Hair"]},
+    {"title": "D", "categories": ["Makeup", "Lips"], "available": False},
+    {"title": "E", "categories": []},
+]
+QUERY = _basis(0)
+
+Factory = Callable[[Path], VectorStore]
+
+
+def _client(path: Path) -> VectorStore:
+    return ClientVectorStore(collection="items", path=str(path / "client"))
+
+
+def _edge(path: Path) -> VectorStore:
+    return EdgeVectorStore(path / "edge")
+
+
+@pytest.fixture(params=[_client, _edge], ids=["client-local", "edge"])
+def factory(request: pytest.FixtureRequest) -> Factory:
+    f: Factory = request.param
+    return f
+
+
+@pytest.fixture
+def store(factory: Factory, tmp_path: Path) -> Iterator[VectorStore]:
+    s = factory(tmp_path)
+    s.ensure_collection(DIM)
+    s.upsert(ITEMS, VECTORS, PAYLOADS)
+    yield s
+    s.close()
+
+
+def _ids(hits: list[tuple[str, float]]) -> list[str]:
+    return [item for item, _ in hits]
+
+
+def test_point_ids_are_deterministic_uuids() -> None:
+    assert point_id("sku-1") == point_id("sku-1")
+    assert point_id("sku-1") != point_id("sku-2")
+    assert len(point_id("sku-1")) == 36
+
+
+def test_search_ranks_by_cosine_and_skips_unavailable(store: VectorStore) -> None:
+    hits = store.search(QUERY, k=10)
+    assert _ids(hits) == ["a", "b", "c", "e"]
+    scores = [s for _, s in hits]
+    assert scores == sorted(scores, reverse=True)
+    assert scores[0] == pytest.approx(float(VECTORS[0] @ QUERY), abs=1e-5)
+
+
+def test_search_can_include_unavailable(store: VectorStore) -> None:
+    assert _ids(store.search(QUERY, k=10, only_available=False)) == ["a", "b", "c", "d", "e"]
+
+
+def test_search_excludes_ids_and_respects_k(store: VectorStore) -> None:
+    assert _ids(store.search(QUERY, k=2, exclude_ids={"a", "c", "unknown"})) == ["b", "e"]
+
+
+def test_category_filter_matches_any_category_level(store: VectorStore) -> None:
+    assert _ids(store.search(QUERY, k=10, category="Makeup")) == ["a", "b"]
+    assert _ids(store.search(QUERY, k=10, category="Lips", only_available=False)) == ["a", "d"]
+
+
+def test_search_batch_matches_single_searches(store: VectorStore) -> None:
+    queries = np.stack([QUERY, VECTORS[4], VECTORS[2]])
+    excludes: list[set[str]] = [{"a"}, set(), {"c", "e"}]
+    batch = store.search_batch(queries, k=3, exclude_ids=excludes)
+    single = [store.search(q, k=3, exclude_ids=ex) for q, ex in zip(queries, excludes, strict=True)]
+    assert [_ids(h) for h in batch] == [_ids(h) for h in single]
+    assert _ids(batch[0])[0] == "b"
+    assert store.search_batch(np.empty((0, DIM), dtype=np.float32), k=3) == []
+
+
+def test_set_available_toggles_visibility(store: VectorStore) -> None:
+    store.set_available(["a"], False)
+    assert "a" not in _ids(store.search(QUERY, k=10))
+    store.set_available(["a", "d"], True)
+    assert _ids(store.search(QUERY, k=10)) == ["a", "b", "c", "d", "e"]
+    # Retiring keeps the vector: similar-of-retired still works.
+    assert set(store.get_vectors(["a"])) == {"a"}
+
+
+def test_get_vectors_and_payloads(store: VectorStore) -> None:
+    vectors = store.get_vectors(["b", "e", "missing", "b"])
+    assert set(vectors) == {"b", "e"}
+    assert vectors["b"].dtype == np.float32
+    np.testing.assert_allclose(vectors["b"], VECTORS[1], atol=1e-6)
+    payloads = store.get_payloads(["d"])
+    assert payloads["d"]["title"] == "D"
+    assert payloads["d"]["available"] is False
+    assert payloads["d"]["item_id"] == "d"
+    assert store.get_vectors([]) == {}
+
+
+def test_upsert_is_idempotent_and_replaces(store: VectorStore) -> None:
+    store.upsert(["a"], VECTORS[4:5], [{"title": "A2", "categories": []}])
+    store.upsert(["a"], VECTORS[4:5], [{"title": "A2", "categories": []}])
+    assert store.count() == len(ITEMS)
+    assert store.get_payloads(["a"])["a"]["title"] == "A2"
+    np.testing.assert_allclose(store.get_vectors(["a"])["a"], VECTORS[4], atol=1e-6)
+
+
+def test_upsert_rejects_mismatched_inputs(store: VectorStore) -> None:
+    with pytest.raises(ValueError, match="as many"):
+        store.upsert(["x", "y"], VECTORS[:1], [{}])
+    with pytest.raises(ValueError, match="shape"):
+        store.upsert(["x"], np.ones((1, DIM + 1), dtype=np.float32), [{}])
+
+
+def test_delete_removes_points(store: VectorStore) -> None:
+    store.delete(["a", "missing"])
+    assert store.count() == len(ITEMS) - 1
+    assert "a" not in _ids(store.search(QUERY, k=10, only_available=False))
+    assert store.get_vectors(["a"]) == {}
+
+
+def test_reopen_from_disk_keeps_points(factory: Factory, tmp_path: Path) -> None:
+    first = factory(tmp_path)
+    first.ensure_collection(DIM)
+    first.upsert(ITEMS, VECTORS, PAYLOADS)
+    first.set_available(["b"], False)
+    first.close()
+    second = factory(tmp_path)
+    second.ensure_collection(DIM)
+    try:
+        assert second.count() == len(ITEMS)
+        assert _ids(second.search(QUERY, k=10)) == ["a", "c", "e"]
+    finally:
+        second.close()
+
+
+def test_optimize_keeps_results(store: VectorStore) -> None:
+    store.optimize()
+    assert _ids(store.search(QUERY, k=10)) == ["a", "b", "c", "e"]
+
+
+def test_client_rejects_a_collection_of_another_dim(tmp_path: Path) -> None:
+    first = ClientVectorStore(collection="items", path=str(tmp_path))
+    first.ensure_collection(DIM)
+    first.close()
+    second = ClientVectorStore(collection="items", path=str(tmp_path))
+    try:
+        with pytest.raises(VectorStoreError, match="dim"):
+            second.ensure_collection(DIM * 2)
+    finally:
+        second.close()
+
+
+def test_edge_rejects_a_store_of_another_dim(tmp_path: Path) -> None:
+    first = EdgeVectorStore(tmp_path / "edge")
+    first.ensure_collection(DIM)
+    first.upsert(ITEMS, VECTORS, PAYLOADS)
+    first.close()
+    second = EdgeVectorStore(tmp_path / "edge")
+    with pytest.raises(VectorStoreError, match="dim"):
+        second.ensure_collection(DIM * 2)
+
+
+def test_unopened_edge_store_says_so(tmp_path: Path) -> None:
+    with pytest.raises(VectorStoreError, match="ensure_collection"):
+        EdgeVectorStore(tmp_path).count()

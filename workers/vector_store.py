@@ -1,0 +1,510 @@
+"""Item vectors in Qdrant: the embedded engine (qdrant-edge) or qdrant-client (server/local).
+
+Both sit behind one `VectorStore` Protocol. String item ids map to Qdrant point ids
+deterministically (uuid5), with the item id kept in the payload. Scores are cosine.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import uuid
+from collections.abc import Collection, Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import numpy.typing as npt
+
+from schemas.settings import StoreSettings
+
+logger = logging.getLogger(__name__)
+
+FloatArray = npt.NDArray[np.float32]
+Hit = tuple[str, float]
+
+# Fixed namespace: the same item id is the same point id in every deployment, forever.
+ITEM_NAMESPACE = uuid.uuid5(uuid.NAMESPACE_URL, "https://relata/item")
+ITEM_ID = "item_id"
+AVAILABLE = "available"
+CATEGORIES = "categories"
+
+
+class VectorStoreError(RuntimeError):
+    """The vector store cannot be opened or does not fit the encoder."""
+
+
+def point_id(item_id: str) -> str:
+    """The Qdrant point id (a UUID string) of an item id."""
+    return str(uuid.uuid5(ITEM_NAMESPACE, item_id))
+
+
+class VectorStore(Protocol):
+    """Cosine search over item vectors, with availability and category filters."""
+
+    def ensure_collection(self, dim: int) -> None: ...
+
+    def upsert(
+        self, ids: Sequence[str], vectors: FloatArray, payloads: Sequence[Mapping[str, Any]]
+    ) -> None: ...
+
+    def search(
+        self,
+        vector: FloatArray,
+        *,
+        k: int,
+        exclude_ids: Collection[str] = (),
+        only_available: bool = True,
+        category: str | None = None,
+    ) -> list[Hit]: ...
+
+    def search_batch(
+        self,
+        vectors: FloatArray,
+        *,
+        k: int,
+        exclude_ids: Sequence[Collection[str]] | None = None,
+        only_available: bool = True,
+        category: str | None = None,
+    ) -> list[list[Hit]]: ...
+
+    def get_vectors(self, ids: Iterable[str]) -> dict[str, FloatArray]: ...
+
+    def get_payloads(self, ids: Iterable[str]) -> dict[str, dict[str, Any]]: ...
+
+    def set_available(self, ids: Sequence[str], available: bool) -> None: ...
+
+    def delete(self, ids: Sequence[str]) -> None: ...
+
+    def count(self) -> int: ...
+
+    def optimize(self) -> None: ...
+
+    def close(self) -> None: ...
+
+
+def _check_upsert(
+    ids: Sequence[str], vectors: FloatArray, payloads: Sequence[Mapping[str, Any]], dim: int | None
+) -> None:
+    if not (len(ids) == len(vectors) == len(payloads)):
+        msg = f"upsert needs as many ids, vectors and payloads; got {len(ids)}, {len(vectors)}, {len(payloads)}"
+        raise ValueError(msg)
+    if len(ids) and (vectors.ndim != 2 or (dim is not None and vectors.shape[1] != dim)):
+        raise ValueError(f"upsert vectors must have shape (n, {dim}); got {vectors.shape}")
+
+
+def _point_payload(item_id: str, payload: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(payload)
+    out[ITEM_ID] = item_id
+    out[AVAILABLE] = bool(out.get(AVAILABLE, True))
+    return out
+
+
+def _excludes(exclude_ids: Sequence[Collection[str]] | None, n: int) -> Sequence[Collection[str]]:
+    if exclude_ids is None:
+        return [()] * n
+    if len(exclude_ids) != n:
+        raise ValueError(f"search_batch got {n} vectors but {len(exclude_ids)} exclusion sets")
+    return exclude_ids
+
+
+# ---------------------------------------------------------------------------------------------
+# qdrant-edge: Qdrant's engine in-process, on a directory.
+# ---------------------------------------------------------------------------------------------
+
+
+class EdgeVectorStore:
+    """The embedded Qdrant engine (qdrant-edge-py) on `path`: one process owns one directory.
+
+    Pitfalls handled here (shared/NOTES.md): a bool filter must be `numpy.True_` (a Python
+    `True` is matched as the integer 1), `HasIdCondition` wants a set, an existing directory
+    must be `load()`ed, and HNSW is built only by the blocking `optimize()`; until then search
+    is exact over plain segments.
+    """
+
+    def __init__(self, path: Path, *, hnsw_ef: int = 128) -> None:
+        import qdrant_edge
+
+        self._q = qdrant_edge
+        self.path = Path(path)
+        self.hnsw_ef = hnsw_ef
+        self._shard: Any = None
+        self._dim: int | None = None
+        # Writers (indexer) and readers (recommender) may share one store in one process;
+        # serialising writes keeps set_payload/upsert/optimize from interleaving.
+        self._write_lock = threading.Lock()
+
+    def _has_segments(self) -> bool:
+        return self.path.is_dir() and any(self.path.iterdir())
+
+    def ensure_collection(self, dim: int) -> None:
+        """Open the shard at `path`, creating it with cosine vectors of `dim` when absent."""
+        q = self._q
+        config = q.EdgeConfig(vectors=q.EdgeVectorParams(size=dim, distance=q.Distance.Cosine))
+        try:
+            if self._has_segments():
+                self._shard = q.EdgeShard.load(str(self.path), config)
+            else:
+                self.path.mkdir(parents=True, exist_ok=True)
+                self._shard = q.EdgeShard.create(str(self.path), config)
+                self._shard.update(
+                    q.UpdateOperation.create_field_index(AVAILABLE, q.PayloadSchemaType.Bool)
+                )
+                self._shard.update(
+                    q.UpdateOperation.create_field_index(CATEGORIES, q.PayloadSchemaType.Keyword)
+                )
+        except Exception as exc:  # qdrant-edge raises plain Exception
+            msg = (
+                f"cannot open the qdrant-edge store at {self.path} with dim={dim}: {exc} "
+                "(a store built by another model needs a new RELATA_STORE_PATH; one directory "
+                "can be open in one process only)"
+            )
+            raise VectorStoreError(msg) from exc
+        self._dim = dim
+        logger.info("edge store open path=%s dim=%d points=%d", self.path, dim, self.count())
+
+    @property
+    def shard(self) -> Any:
+        if self._shard is None:
+            raise VectorStoreError("store not open: call ensure_collection(dim) first")
+        return self._shard
+
+    def upsert(
+        self, ids: Sequence[str], vectors: FloatArray, payloads: Sequence[Mapping[str, Any]]
+    ) -> None:
+        _check_upsert(ids, vectors, payloads, self._dim)
+        if not len(ids):
+            return
+        q = self._q
+        points = [
+            q.Point(point_id(item_id), vec.tolist(), _point_payload(item_id, payload))
+            for item_id, vec, payload in zip(ids, vectors, payloads, strict=True)
+        ]
+        with self._write_lock:
+            self.shard.update(q.UpdateOperation.upsert_points(points))
+
+    def _filter(
+        self, exclude_ids: Collection[str], only_available: bool, category: str | None
+    ) -> Any:
+        q = self._q
+        must: list[Any] = []
+        if only_available:
+            must.append(q.FieldCondition(key=AVAILABLE, match=q.MatchValue(np.True_)))
+        if category is not None:
+            must.append(q.FieldCondition(key=CATEGORIES, match=q.MatchValue(category)))
+        must_not = [q.HasIdCondition({point_id(i) for i in exclude_ids})] if exclude_ids else None
+        if not must and not must_not:
+            return None
+        return q.Filter(must=must or None, must_not=must_not)
+
+    def _request(
+        self,
+        vector: FloatArray,
+        *,
+        k: int,
+        exclude_ids: Collection[str],
+        only_available: bool,
+        category: str | None,
+    ) -> Any:
+        q = self._q
+        return q.QueryRequest(
+            limit=k,
+            query=q.Query.Nearest(np.asarray(vector, dtype=np.float32).tolist()),
+            filter=self._filter(exclude_ids, only_available, category),
+            with_payload=[ITEM_ID],
+            params=q.SearchParams(hnsw_ef=self.hnsw_ef),
+        )
+
+    @staticmethod
+    def _hits(points: Iterable[Any]) -> list[Hit]:
+        return [(str(p.payload[ITEM_ID]), float(p.score)) for p in points]
+
+    def search(
+        self,
+        vector: FloatArray,
+        *,
+        k: int,
+        exclude_ids: Collection[str] = (),
+        only_available: bool = True,
+        category: str | None = None,
+    ) -> list[Hit]:
+        request = self._request(
+            vector, k=k, exclude_ids=exclude_ids, only_available=only_available, category=category
+        )
+        return self._hits(self.shard.query(request))
+
+    def search_batch(
+        self,
+        vectors: FloatArray,
+        *,
+        k: int,
+        exclude_ids: Sequence[Collection[str]] | None = None,
+        only_available: bool = True,
+        category: str | None = None,
+    ) -> list[list[Hit]]:
+        if len(vectors) == 0:
+            return []
+        excludes = _excludes(exclude_ids, len(vectors))
+        requests = [
+            self._request(v, k=k, exclude_ids=ex, only_available=only_available, category=category)
+            for v, ex in zip(vectors, excludes, strict=True)
+        ]
+        results = self.shard.query_batch(self._q.QueryBatchRequest(requests))
+        return [self._hits(points) for points in results]
+
+    def _records(self, ids: Iterable[str], *, with_vector: bool) -> list[Any]:
+        pids = list(dict.fromkeys(point_id(i) for i in ids))
+        if not pids:
+            return []
+        return list(self.shard.retrieve(pids, with_payload=True, with_vector=with_vector))
+
+    def get_vectors(self, ids: Iterable[str]) -> dict[str, FloatArray]:
+        return {
+            str(r.payload[ITEM_ID]): np.asarray(r.vector, dtype=np.float32)
+            for r in self._records(ids, with_vector=True)
+        }
+
+    def get_payloads(self, ids: Iterable[str]) -> dict[str, dict[str, Any]]:
+        return {
+            str(r.payload[ITEM_ID]): dict(r.payload) for r in self._records(ids, with_vector=False)
+        }
+
+    def set_available(self, ids: Sequence[str], available: bool) -> None:
+        if not ids:
+            return
+        op = self._q.UpdateOperation.set_payload(
+            [point_id(i) for i in ids], {AVAILABLE: bool(available)}
+        )
+        with self._write_lock:
+            self.shard.update(op)
+
+    def delete(self, ids: Sequence[str]) -> None:
+        if not ids:
+            return
+        op = self._q.UpdateOperation.delete_points([point_id(i) for i in ids])
+        with self._write_lock:
+            self.shard.update(op)
+
+    def count(self) -> int:
+        return int(self.shard.count(self._q.CountRequest(exact=True)))
+
+    def optimize(self) -> None:
+        """Build the HNSW index (blocking; searches wait meanwhile). Exact search until then."""
+        with self._write_lock:
+            self.shard.optimize()
+
+    def close(self) -> None:
+        if self._shard is not None:
+            with self._write_lock:
+                self._shard.flush()
+                self._shard.close()
+            self._shard = None
+
+
+# ---------------------------------------------------------------------------------------------
+# qdrant-client: a Qdrant server (URL + API key) or the client's local mode (path / ":memory:").
+# ---------------------------------------------------------------------------------------------
+
+
+class ClientVectorStore:
+    """qdrant-client behind `VectorStore`: a server, or local mode (a correctness path)."""
+
+    def __init__(
+        self,
+        *,
+        collection: str,
+        url: str | None = None,
+        api_key: str | None = None,
+        path: str | None = None,
+        hnsw_ef: int = 128,
+    ) -> None:
+        from qdrant_client import QdrantClient, models
+
+        self._m = models
+        self.collection = collection
+        self.hnsw_ef = hnsw_ef
+        self._dim: int | None = None
+        # Local mode is exact and ignores payload indexes and HNSW params (it warns about them).
+        self._local = not url
+        if url:
+            self.client = QdrantClient(url=url, api_key=api_key)
+        elif path == ":memory:" or path is None:
+            self.client = QdrantClient(location=":memory:")
+        else:
+            self.client = QdrantClient(path=path)
+
+    def ensure_collection(self, dim: int) -> None:
+        m = self._m
+        if self.client.collection_exists(self.collection):
+            info = self.client.get_collection(self.collection)
+            vectors = info.config.params.vectors
+            size = getattr(vectors, "size", None)
+            if size is not None and size != dim:
+                msg = (
+                    f"collection {self.collection!r} holds vectors of dim {size}, the encoder "
+                    f"makes {dim}: use another RELATA_STORE_COLLECTION"
+                )
+                raise VectorStoreError(msg)
+        else:
+            self.client.create_collection(
+                self.collection,
+                vectors_config=m.VectorParams(size=dim, distance=m.Distance.COSINE),
+            )
+            if not self._local:
+                self.client.create_payload_index(
+                    self.collection, AVAILABLE, m.PayloadSchemaType.BOOL
+                )
+                self.client.create_payload_index(
+                    self.collection, CATEGORIES, m.PayloadSchemaType.KEYWORD
+                )
+        self._dim = dim
+
+    def upsert(
+        self, ids: Sequence[str], vectors: FloatArray, payloads: Sequence[Mapping[str, Any]]
+    ) -> None:
+        _check_upsert(ids, vectors, payloads, self._dim)
+        if not len(ids):
+            return
+        points = [
+            self._m.PointStruct(
+                id=point_id(item_id), vector=vec.tolist(), payload=_point_payload(item_id, payload)
+            )
+            for item_id, vec, payload in zip(ids, vectors, payloads, strict=True)
+        ]
+        self.client.upsert(self.collection, points=points, wait=True)
+
+    def _filter(
+        self, exclude_ids: Collection[str], only_available: bool, category: str | None
+    ) -> Any:
+        m = self._m
+        must: list[Any] = []
+        if only_available:
+            must.append(m.FieldCondition(key=AVAILABLE, match=m.MatchValue(value=True)))
+        if category is not None:
+            must.append(m.FieldCondition(key=CATEGORIES, match=m.MatchValue(value=category)))
+        must_not: list[Any] = (
+            [m.HasIdCondition(has_id=[point_id(i) for i in exclude_ids])] if exclude_ids else []
+        )
+        if not must and not must_not:
+            return None
+        return m.Filter(must=must or None, must_not=must_not or None)
+
+    @staticmethod
+    def _hits(points: Iterable[Any]) -> list[Hit]:
+        return [(str(p.payload[ITEM_ID]), float(p.score)) for p in points]
+
+    def _params(self) -> Any:
+        return None if self._local else self._m.SearchParams(hnsw_ef=self.hnsw_ef)
+
+    def search(
+        self,
+        vector: FloatArray,
+        *,
+        k: int,
+        exclude_ids: Collection[str] = (),
+        only_available: bool = True,
+        category: str | None = None,
+    ) -> list[Hit]:
+        response = self.client.query_points(
+            self.collection,
+            query=np.asarray(vector, dtype=np.float32).tolist(),
+            query_filter=self._filter(exclude_ids, only_available, category),
+            search_params=self._params(),
+            limit=k,
+            with_payload=[ITEM_ID],
+        )
+        return self._hits(response.points)
+
+    def search_batch(
+        self,
+        vectors: FloatArray,
+        *,
+        k: int,
+        exclude_ids: Sequence[Collection[str]] | None = None,
+        only_available: bool = True,
+        category: str | None = None,
+    ) -> list[list[Hit]]:
+        if len(vectors) == 0:
+            return []
+        m = self._m
+        requests = [
+            m.QueryRequest(
+                query=np.asarray(v, dtype=np.float32).tolist(),
+                filter=self._filter(ex, only_available, category),
+                params=self._params(),
+                limit=k,
+                with_payload=[ITEM_ID],
+            )
+            for v, ex in zip(vectors, _excludes(exclude_ids, len(vectors)), strict=True)
+        ]
+        responses = self.client.query_batch_points(self.collection, requests=requests)
+        return [self._hits(r.points) for r in responses]
+
+    def _records(self, ids: Iterable[str], *, with_vectors: bool) -> list[Any]:
+        pids = list(dict.fromkeys(point_id(i) for i in ids))
+        if not pids:
+            return []
+        return list(
+            self.client.retrieve(
+                self.collection, ids=pids, with_payload=True, with_vectors=with_vectors
+            )
+        )
+
+    def get_vectors(self, ids: Iterable[str]) -> dict[str, FloatArray]:
+        out: dict[str, FloatArray] = {}
+        for r in self._records(ids, with_vectors=True):
+            out[str(r.payload[ITEM_ID])] = np.asarray(r.vector, dtype=np.float32)
+        return out
+
+    def get_payloads(self, ids: Iterable[str]) -> dict[str, dict[str, Any]]:
+        return {
+            str(r.payload[ITEM_ID]): dict(r.payload) for r in self._records(ids, with_vectors=False)
+        }
+
+    def set_available(self, ids: Sequence[str], available: bool) -> None:
+        if not ids:
+            return
+        self.client.set_payload(
+            self.collection,
+            payload={AVAILABLE: bool(available)},
+            points=[point_id(i) for i in ids],
+            wait=True,
+        )
+
+    def delete(self, ids: Sequence[str]) -> None:
+        if not ids:
+            return
+        self.client.delete(
+            self.collection,
+            points_selector=self._m.PointIdsList(points=[point_id(i) for i in ids]),
+            wait=True,
+        )
+
+    def count(self) -> int:
+        return int(self.client.count(self.collection, exact=True).count)
+
+    def optimize(self) -> None:
+        """Nothing to do: a server indexes in the background; local mode is exact."""
+
+    def close(self) -> None:
+        self.client.close()
+
+
+def build_store(settings: StoreSettings, dim: int) -> VectorStore:
+    """The store `settings` asks for, opened for vectors of `dim`."""
+    store: VectorStore
+    if settings.kind == "edge":
+        store = EdgeVectorStore(settings.path / settings.collection, hnsw_ef=settings.hnsw_ef)
+    elif settings.kind == "local":
+        store = ClientVectorStore(
+            collection=settings.collection, path=str(settings.path), hnsw_ef=settings.hnsw_ef
+        )
+    else:
+        store = ClientVectorStore(
+            collection=settings.collection,
+            url=settings.url,
+            api_key=settings.api_key.get_secret_value() if settings.api_key else None,
+            hnsw_ef=settings.hnsw_ef,
+        )
+    store.ensure_collection(dim)
+    return store
