@@ -1,0 +1,600 @@
+"""The whole relata pipeline on one machine, for the demo and the benchmark.
+
+`Pipeline` starts (or connects to) Kafka, creates the topics under a run-unique prefix,
+publishes the catalog, starts the stream processor (`relata streams`) and the encoder workers
+(`relata workers --role all`) as subprocesses in their own process groups, waits until they
+are ready, and tears everything down on exit, Ctrl-C or error. Subprocesses (rather than
+threads) give each stage its own interpreter and GIL on a small machine, and let the benchmark
+measure each one's CPU and RSS. A `RecommendationProbe` records event→recommendation latency.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import json
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.error
+import urllib.request
+import uuid
+from collections import Counter, deque
+from collections.abc import Callable, Iterator, MutableMapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+from typing import IO, Any
+
+from relata.latency import LatencySeries
+from relata.replay import (
+    CatalogReport,
+    ReplayProgress,
+    iter_jsonl,
+    make_consumer,
+    make_producer,
+    publish_catalog,
+    replay_events,
+)
+from schemas.settings import KafkaSettings
+from schemas.topics import (
+    ALL_TOPICS,
+    BEHAVIOR_EVENTS,
+    DEAD_LETTER,
+    ITEM_CATALOG,
+    PROFILE_UPDATES,
+    RECOMMENDATIONS,
+)
+
+logger = logging.getLogger(__name__)
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_DATA = REPO_ROOT / "data" / "online-retail"
+_PR_SET_PDEATHSIG = 1
+_STOP_TIMEOUT_S = 20.0
+
+
+class PipelineError(RuntimeError):
+    """The pipeline could not be started, or one of its processes died."""
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port that is free on `host` right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def _pdeathsig_hook() -> Callable[[], None]:
+    """A pre-exec hook: the child is SIGTERMed when its parent dies, even by SIGKILL."""
+    prctl = ctypes.CDLL(None, use_errno=True).prctl
+
+    def hook() -> None:
+        prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+
+    return hook
+
+
+@dataclass
+class ManagedProcess:
+    """A relata sub-command running in its own process group, its output in a log file."""
+
+    name: str
+    popen: subprocess.Popen[bytes]
+    log_path: Path
+    log_handle: IO[bytes]
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def log_tail(self, limit: int = 3000) -> str:
+        try:
+            return self.log_path.read_bytes()[-limit:].decode("utf-8", errors="replace")
+        except OSError:
+            return ""
+
+    def check(self) -> None:
+        """Raise PipelineError (with the log tail) when the process has exited."""
+        code = self.popen.poll()
+        if code is not None:
+            msg = f"{self.name} exited with status {code}; log {self.log_path}:\n{self.log_tail()}"
+            raise PipelineError(msg)
+
+    def stop(self, timeout_s: float = _STOP_TIMEOUT_S) -> None:
+        """SIGTERM the whole process group, then SIGKILL what is left after `timeout_s`."""
+        if self.popen.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.popen.pid, signal.SIGTERM)
+            try:
+                self.popen.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                logger.warning("process did not stop name=%s pid=%d; killing", self.name, self.pid)
+        # The group may hold children of the leader even after the leader exited.
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.popen.pid, signal.SIGKILL)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.popen.wait(5)
+        self.log_handle.close()
+
+
+def start_relata(
+    name: str, args: list[str], *, env: dict[str, str], log_dir: Path
+) -> ManagedProcess:
+    """Start `relata ARGS` with this interpreter, in a new session (process group)."""
+    log_path = log_dir / f"{name}.log"
+    handle = log_path.open("wb")
+    cmd = [sys.executable, "-c", "from relata.cli import main; main(prog_name='relata')", *args]
+    in_main = threading.current_thread() is threading.main_thread()
+    popen = subprocess.Popen(
+        cmd,
+        stdin=subprocess.DEVNULL,
+        stdout=handle,
+        stderr=subprocess.STDOUT,
+        cwd=REPO_ROOT,
+        env=env,
+        start_new_session=True,
+        # PDEATHSIG fires when the forking thread exits: only from the main thread.
+        preexec_fn=_pdeathsig_hook() if in_main else None,
+    )
+    logger.info("started name=%s pid=%d log=%s", name, popen.pid, log_path)
+    return ManagedProcess(name, popen, log_path, handle)
+
+
+# ---------------------------------------------------------------------------------------------
+# Observing the pipeline from outside: latency probe, lag, metrics
+
+
+@dataclass
+class ProbeStats:
+    recommendations: int = 0
+    dead_letters: Counter[str] = field(default_factory=Counter)
+
+
+class RecommendationProbe:
+    """Consumes `recommendations` and `dead-letter`; records event→recommendation latency.
+
+    Two measures: `reported` is the message's own `latency_ms` (the recommender's clock);
+    `measured` is this probe's consume time minus the send time of the oldest triggering
+    event that the replay recorded (independent of the pipeline's own accounting).
+    """
+
+    def __init__(self, kafka: KafkaSettings, *, sent_at: MutableMapping[str, float]) -> None:
+        self._kafka = kafka
+        self._sent_at = sent_at
+        self.reported = LatencySeries()
+        self.measured = LatencySeries()
+        self.stats = ProbeStats()
+        self.latest: dict[str, dict[str, Any]] = {}
+        self.recent_users: deque[str] = deque(maxlen=50)
+        self.last_record_at = 0.0
+        self._stop = threading.Event()
+        self._consumer = make_consumer(kafka)
+        self._assign_both()
+        self._thread = threading.Thread(target=self._run, name="relata-probe", daemon=True)
+
+    def _assign_both(self) -> None:
+        from confluent_kafka import OFFSET_BEGINNING, TopicPartition
+
+        partitions = []
+        for spec in (RECOMMENDATIONS, DEAD_LETTER):
+            topic = self._kafka.topic(spec.name)
+            meta = self._consumer.list_topics(topic, timeout=10)
+            partitions += [
+                TopicPartition(topic, p, OFFSET_BEGINNING) for p in meta.topics[topic].partitions
+            ]
+        self._consumer.assign(partitions)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(10)
+        self._consumer.close()
+
+    def _run(self) -> None:
+        rec_topic = self._kafka.topic(RECOMMENDATIONS.name)
+        while not self._stop.is_set():
+            messages = self._consumer.consume(500, 0.1)
+            now = time.time()
+            for msg in messages:
+                if msg.error() is not None or msg.value() is None:
+                    continue
+                self.last_record_at = now
+                if msg.topic() == rec_topic:
+                    self._on_recommendation(msg.value(), now)
+                else:
+                    self._on_dead_letter(msg.value())
+
+    def _on_recommendation(self, raw: bytes, now: float) -> None:
+        try:
+            rec = json.loads(raw)
+        except json.JSONDecodeError:
+            logger.warning("unparsable recommendation on the output topic")
+            return
+        self.stats.recommendations += 1
+        reported = rec.get("latency_ms")
+        if isinstance(reported, int | float):
+            self.reported.add(now, float(reported))
+        sent = [self._sent_at[e] for e in rec.get("trigger_event_ids", []) if e in self._sent_at]
+        if sent:
+            self.measured.add(now, (now - min(sent)) * 1000)
+        user = rec.get("user_id")
+        if isinstance(user, str):
+            self.latest[user] = rec
+            self.recent_users.append(user)
+
+    def _on_dead_letter(self, raw: bytes) -> None:
+        try:
+            error_type = str(json.loads(raw).get("error_type", "unknown"))
+        except (json.JSONDecodeError, AttributeError):
+            error_type = "unknown"
+        self.stats.dead_letters[error_type] += 1
+
+
+def _admin(kafka: KafkaSettings) -> Any:
+    from confluent_kafka.admin import AdminClient
+
+    from relata.topics import confluent_config
+
+    return AdminClient(confluent_config(kafka))
+
+
+class LagMonitor:
+    """Consumer-group lag (end offset − committed offset, summed over partitions)."""
+
+    def __init__(self, kafka: KafkaSettings) -> None:
+        self._admin = _admin(kafka)
+        self._consumer = make_consumer(kafka)
+
+    def end_offsets(self, topic: str) -> dict[int, int]:
+        from confluent_kafka import TopicPartition
+
+        meta = self._consumer.list_topics(topic, timeout=10)
+        out = {}
+        for p in meta.topics[topic].partitions:
+            _low, high = self._consumer.get_watermark_offsets(
+                TopicPartition(topic, p), timeout=10, cached=False
+            )
+            out[p] = high
+        return out
+
+    def committed(self, group: str, topic: str) -> dict[int, int]:
+        from confluent_kafka import ConsumerGroupTopicPartitions
+
+        futures = self._admin.list_consumer_group_offsets([ConsumerGroupTopicPartitions(group)])
+        result = futures[group].result(timeout=10)
+        return {
+            tp.partition: tp.offset
+            for tp in result.topic_partitions
+            if tp.topic == topic and tp.offset >= 0
+        }
+
+    def lag(self, group: str, topic: str) -> int:
+        ends = self.end_offsets(topic)
+        done = self.committed(group, topic)
+        return sum(max(0, end - done.get(p, 0)) for p, end in ends.items())
+
+    def group_stable(self, group: str) -> bool:
+        """Whether `group` is Stable with at least one member holding partitions."""
+        from confluent_kafka import ConsumerGroupState
+
+        futures = self._admin.describe_consumer_groups([group], request_timeout=10)
+        try:
+            description = futures[group].result(timeout=10)
+        except Exception:  # an unknown group is an error here: not stable yet
+            return False
+        if description.state != ConsumerGroupState.STABLE:
+            return False
+        return any(m.assignment.topic_partitions for m in description.members)
+
+    def close(self) -> None:
+        self._consumer.close()
+
+
+def scrape_metrics(url: str, *, timeout_s: float = 2.0) -> dict[str, float]:
+    """Prometheus text exposition at `url` as {"name{labels}": value}; {} when unreachable."""
+    try:
+        with urllib.request.urlopen(url, timeout=timeout_s) as response:
+            text = response.read().decode("utf-8", errors="replace")
+    except (urllib.error.URLError, OSError, TimeoutError):
+        return {}
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        if not line or line.startswith("#"):
+            continue
+        name, _, value = line.rpartition(" ")
+        with contextlib.suppress(ValueError):
+            out[name] = float(value)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# The pipeline
+
+
+@dataclass
+class PipelineOptions:
+    """How to run the pipeline. `kafka=None`: an embedded broker."""
+
+    data_dir: Path = DEFAULT_DATA
+    kafka: KafkaSettings | None = None
+    partitions: int = 4
+    ready_timeout_s: float = 600.0
+    extra_env: dict[str, str] = field(default_factory=dict)
+    keep_workdir: bool = False
+
+
+class Pipeline:
+    """The running pipeline; use as a context manager. See the module docstring."""
+
+    def __init__(self, options: PipelineOptions) -> None:
+        self.options = options
+        self.run_id = uuid.uuid4().hex[:8]
+        self.workdir = Path(tempfile.mkdtemp(prefix=f"relata-pipeline-{self.run_id}-"))
+        self._embedded: Any = None
+        self.kafka: KafkaSettings | None = None
+        self.processes: dict[str, ManagedProcess] = {}
+        self.sent_at: dict[str, float] = {}
+        self.probe: RecommendationProbe | None = None
+        self.lag: LagMonitor | None = None
+        self.catalog: CatalogReport | None = None
+        self.streams_port = free_port()
+        self.indexer_metrics_port = free_port()
+        self.recommender_metrics_port = free_port()
+        self.streams_app_id = f"relata-streams-{self.run_id}"
+        self.indexer_group = f"relata-indexer-{self.run_id}"
+        self.recommender_group = f"relata-recommender-{self.run_id}"
+
+    # -- lifecycle
+
+    def __enter__(self) -> Pipeline:
+        try:
+            self.start()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def start(self, *, status: Callable[[str], None] | None = None) -> None:
+        say = status or (lambda text: logger.info("%s", text))
+        given = self.options.kafka
+        if given is not None and "bootstrap_servers" in given.model_fields_set:
+            bootstrap = given.bootstrap_servers
+            say(f"using Kafka at {bootstrap}")
+        else:
+            from relata.kafka_broker import EmbeddedKafka
+
+            say("starting embedded Kafka")
+            self._embedded = EmbeddedKafka()
+            self._embedded.start()
+            bootstrap = self._embedded.bootstrap_servers
+        base = given or KafkaSettings()
+        self.kafka = base.model_copy(
+            update={
+                "bootstrap_servers": bootstrap,
+                "topic_prefix": f"{base.topic_prefix}relata-{self.run_id}.",
+                "partitions": self.options.partitions,
+            }
+        )
+        from relata.topics import ensure_topics
+
+        ensure_topics(self.kafka, ALL_TOPICS)
+        say("publishing the catalog")
+        self.catalog = publish_catalog(
+            iter_jsonl(self.options.data_dir / "items.jsonl.gz"),
+            producer=make_producer(self.kafka),
+            topic=self.kafka.topic(ITEM_CATALOG.name),
+        )
+        say(f"catalog: {self.catalog.published} items, {self.catalog.invalid} invalid lines")
+        env = self._child_env()
+        log_dir = self.workdir / "logs"
+        log_dir.mkdir()
+        say("starting workers (indexer + recommender) and the stream processor")
+        self.processes["workers"] = start_relata(
+            "workers", ["workers", "--role", "all"], env=env, log_dir=log_dir
+        )
+        self.processes["streams"] = start_relata(
+            "streams", ["streams", "--no-similar"], env=env, log_dir=log_dir
+        )
+        self.lag = LagMonitor(self.kafka)
+        self.probe = RecommendationProbe(self.kafka, sent_at=self.sent_at)
+        self.probe.start()
+        self._wait_ready(say)
+
+    def _child_env(self) -> dict[str, str]:
+        assert self.kafka is not None
+        env = {k: v for k, v in os.environ.items() if not k.startswith("RELATA_")}
+        kafka = self.kafka
+        env.update(
+            {
+                "RELATA_LOG_LEVEL": "INFO",
+                "RELATA_KAFKA_BOOTSTRAP_SERVERS": kafka.bootstrap_servers,
+                "RELATA_KAFKA_TOPIC_PREFIX": kafka.topic_prefix,
+                "RELATA_KAFKA_PARTITIONS": str(kafka.partitions),
+                "RELATA_KAFKA_SECURITY_PROTOCOL": kafka.security_protocol,
+                "RELATA_STREAMS_APP_ID": self.streams_app_id,
+                "RELATA_STREAMS_DATA_DIR": str(self.workdir / "streams"),
+                "RELATA_STREAMS_WEB_PORT": str(self.streams_port),
+                "RELATA_STORE_PATH": str(self.workdir / "qdrant"),
+                "RELATA_INDEXER_GROUP_ID": self.indexer_group,
+                "RELATA_INDEXER_METRICS_PORT": str(self.indexer_metrics_port),
+                "RELATA_RECOMMENDER_GROUP_ID": self.recommender_group,
+                "RELATA_RECOMMENDER_METRICS_PORT": str(self.recommender_metrics_port),
+            }
+        )
+        # Security settings of an external cluster pass through as the user gave them.
+        for name in (
+            "RELATA_KAFKA_SASL_MECHANISM",
+            "RELATA_KAFKA_SASL_USERNAME",
+            "RELATA_KAFKA_SASL_PASSWORD",
+            "RELATA_KAFKA_SSL_CAFILE",
+        ):
+            if name in os.environ:
+                env[name] = os.environ[name]
+        env.update(self.options.extra_env)
+        return env
+
+    def check_processes(self) -> None:
+        for process in self.processes.values():
+            process.check()
+
+    def _wait_ready(self, say: Callable[[str], None]) -> None:
+        assert self.kafka is not None and self.lag is not None
+        deadline = time.monotonic() + self.options.ready_timeout_s
+        catalog_topic = self.kafka.topic(ITEM_CATALOG.name)
+        pending = {"indexer": True, "recommender": True, "streams": True}
+        last_note = 0.0
+        while any(pending.values()):
+            self.check_processes()
+            if pending["indexer"]:
+                pending["indexer"] = self.lag.lag(self.indexer_group, catalog_topic) > 0 or not (
+                    self.lag.committed(self.indexer_group, catalog_topic)
+                )
+            if pending["recommender"]:
+                pending["recommender"] = not self.lag.group_stable(self.recommender_group)
+            if pending["streams"]:
+                healthy = self._streams_healthy()
+                pending["streams"] = not (healthy and self.lag.group_stable(self.streams_app_id))
+            if time.monotonic() > deadline:
+                waiting = ", ".join(name for name, wait in pending.items() if wait)
+                msg = (
+                    f"pipeline not ready after {self.options.ready_timeout_s:.0f} s "
+                    f"(waiting for {waiting}); logs in {self.workdir / 'logs'}"
+                )
+                raise PipelineError(msg)
+            if time.monotonic() - last_note > 10:
+                last_note = time.monotonic()
+                waiting = ", ".join(name for name, wait in pending.items() if wait)
+                if waiting:
+                    say(f"waiting for {waiting}")
+            time.sleep(0.5)
+        say("pipeline ready")
+
+    def _streams_healthy(self) -> bool:
+        url = f"http://127.0.0.1:{self.streams_port}/healthz"
+        try:
+            with urllib.request.urlopen(url, timeout=2) as response:
+                return bool(response.status == 200)
+        except (urllib.error.URLError, OSError, TimeoutError):
+            return False
+
+    def close(self) -> None:
+        """Stop everything this pipeline started; safe to call twice."""
+        if self.probe is not None:
+            with contextlib.suppress(Exception):
+                self.probe.stop()
+            self.probe = None
+        if self.lag is not None:
+            with contextlib.suppress(Exception):
+                self.lag.close()
+            self.lag = None
+        for process in reversed(list(self.processes.values())):
+            process.stop()
+        self.processes.clear()
+        if self._embedded is not None:
+            self._embedded.stop()
+            self._embedded = None
+        if not self.options.keep_workdir:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+
+    # -- driving and observing
+
+    def replay(
+        self,
+        *,
+        rate: float,
+        limit: int | None,
+        on_progress: Callable[[ReplayProgress], None] | None = None,
+        should_stop: Callable[[], bool] | None = None,
+        events_path: Path | None = None,
+    ) -> ReplayProgress:
+        """Replay the data set's events (or `events_path`) into behavior-events."""
+        assert self.kafka is not None
+        return replay_events(
+            iter_jsonl(events_path or self.options.data_dir / "events.jsonl.gz"),
+            producer=make_producer(self.kafka),
+            topic=self.kafka.topic(BEHAVIOR_EVENTS.name),
+            rate=rate,
+            limit=limit,
+            on_progress=on_progress,
+            sent_at=self.sent_at,
+            should_stop=should_stop,
+        )
+
+    def lags(self) -> dict[str, int]:
+        """Lag of the stream processor on events and of the recommender on profile updates."""
+        assert self.kafka is not None and self.lag is not None
+        return {
+            "streams": self.lag.lag(self.streams_app_id, self.kafka.topic(BEHAVIOR_EVENTS.name)),
+            "recommender": self.lag.lag(
+                self.recommender_group, self.kafka.topic(PROFILE_UPDATES.name)
+            ),
+        }
+
+    def wait_drained(self, *, quiet_s: float = 3.0, timeout_s: float = 120.0) -> bool:
+        """Wait until both consumer groups have no lag and no output arrived for `quiet_s`."""
+        assert self.probe is not None
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            self.check_processes()
+            lags = self.lags()
+            quiet = time.time() - self.probe.last_record_at >= quiet_s
+            if not any(lags.values()) and quiet:
+                return True
+            time.sleep(0.5)
+        return False
+
+    def metrics(self) -> dict[str, float]:
+        """The workers' and the stream processor's Prometheus metrics, merged."""
+        merged: dict[str, float] = {}
+        for port, path in (
+            (self.indexer_metrics_port, "/metrics"),
+            (self.recommender_metrics_port, "/metrics"),
+            (self.streams_port, "/metrics"),
+        ):
+            for name, value in scrape_metrics(f"http://127.0.0.1:{port}{path}").items():
+                merged.setdefault(name, value)
+        return merged
+
+    def pids(self) -> dict[str, int]:
+        """Process ids by role (plus the broker's when embedded)."""
+        out = {name: proc.pid for name, proc in self.processes.items()}
+        embedded = self._embedded
+        if embedded is not None and embedded.pid is not None:
+            out["kafka"] = embedded.pid
+        out["driver"] = os.getpid()
+        return out
+
+
+@contextlib.contextmanager
+def running_pipeline(
+    options: PipelineOptions, *, status: Callable[[str], None] | None = None
+) -> Iterator[Pipeline]:
+    """Start a pipeline, yield it, and always tear it down."""
+    pipeline = Pipeline(options)
+    try:
+        pipeline.start(status=status)
+        yield pipeline
+    finally:
+        pipeline.close()
