@@ -1,0 +1,58 @@
+"""Worker metrics carry exactly the names of docs/DESIGN.md "Metric names"."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry
+
+from workers.metrics import WorkerMetrics
+
+DESIGN_NAMES = {
+    "relata_encode_batch_size",
+    "relata_encode_seconds",
+    "relata_encoded_texts_total",
+    "relata_items_indexed_total",
+    "relata_items_retired_total",
+    "relata_qdrant_query_seconds",
+    "relata_recommender_batch_size",
+    "relata_profile_updates_coalesced_total",
+    "relata_recommendations_published_total",
+    "relata_event_to_recommendation_seconds",
+    "relata_dead_letter_total",
+    "relata_consumer_lag_records",
+}
+
+
+def _exported(registry: CollectorRegistry) -> set[str]:
+    names = set()
+    for family in registry.collect():
+        for sample in family.samples:
+            name = sample.name
+            for suffix in ("_bucket", "_sum", "_count", "_created"):
+                if family.type == "histogram" and name.endswith(suffix):
+                    name = name[: -len(suffix)]
+            if not name.endswith("_created"):
+                names.add(name)
+    return names
+
+
+def test_names_match_the_design() -> None:
+    registry = CollectorRegistry()
+    metrics = WorkerMetrics.create(registry)
+    metrics.dead_letter.labels(stage="recommender", error_type="invalid_fields").inc()
+    metrics.consumer_lag.labels(topic="profile-updates").set(3)
+    assert _exported(registry) == DESIGN_NAMES
+
+
+def test_latency_histogram_spans_1ms_to_10s() -> None:
+    registry = CollectorRegistry()
+    metrics = WorkerMetrics.create(registry)
+    metrics.event_to_recommendation_seconds.observe(0.004)
+    bounds = [
+        float(sample.labels["le"])
+        for family in registry.collect()
+        for sample in family.samples
+        if sample.name == "relata_event_to_recommendation_seconds_bucket"
+        and sample.labels["le"] != "+Inf"
+    ]
+    assert min(bounds) == 0.001
+    assert max(bounds) == 10.0

@@ -1,0 +1,152 @@
+"""Prometheus metrics of the encoder workers, built from a registry the caller owns.
+
+Names follow docs/DESIGN.md "Metric names"; dashboards and alerts use only these.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+# Texts per forward pass group (one encode call): single items up to a full catalog batch.
+ENCODE_BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096)
+# One encode call: a few ms for a title on CPU up to tens of seconds for a large batch.
+ENCODE_SECONDS_BUCKETS = (
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1,
+    2.5,
+    5,
+    10,
+    30,
+)
+# One store query (single or batched): edge answers in ~0.2-2 ms, a remote server in ms.
+QUERY_SECONDS_BUCKETS = (
+    0.0001,
+    0.00025,
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    1,
+)
+# Profile updates per recommender micro-batch.
+RECOMMENDER_BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096)
+# The headline latency, oldest triggering event's Kafka timestamp -> publish: 1 ms to 10 s.
+EVENT_TO_RECOMMENDATION_BUCKETS = (
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+)
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerMetrics:
+    """Every metric the worker processes (indexer, recommender) export."""
+
+    encode_batch_size: Histogram
+    encode_seconds: Histogram
+    encoded_texts: Counter
+    items_indexed: Counter
+    items_retired: Counter
+    qdrant_query_seconds: Histogram
+    recommender_batch_size: Histogram
+    profile_updates_coalesced: Counter
+    recommendations_published: Counter
+    event_to_recommendation_seconds: Histogram
+    dead_letter: Counter
+    consumer_lag: Gauge
+
+    @classmethod
+    def create(cls, registry: CollectorRegistry) -> WorkerMetrics:
+        """Register all worker metrics in `registry` (one call per registry)."""
+        return cls(
+            encode_batch_size=Histogram(
+                "relata_encode_batch_size",
+                "Texts per encode call.",
+                buckets=ENCODE_BATCH_BUCKETS,
+                registry=registry,
+            ),
+            encode_seconds=Histogram(
+                "relata_encode_seconds",
+                "Wall time of one encode call.",
+                buckets=ENCODE_SECONDS_BUCKETS,
+                registry=registry,
+            ),
+            encoded_texts=Counter(
+                "relata_encoded_texts_total", "Texts encoded.", registry=registry
+            ),
+            items_indexed=Counter(
+                "relata_items_indexed_total",
+                "Catalog items encoded and upserted into the vector store.",
+                registry=registry,
+            ),
+            items_retired=Counter(
+                "relata_items_retired_total",
+                "Catalog items marked unavailable (tombstone or available=false).",
+                registry=registry,
+            ),
+            qdrant_query_seconds=Histogram(
+                "relata_qdrant_query_seconds",
+                "Wall time of one vector-store query call (single or batched).",
+                buckets=QUERY_SECONDS_BUCKETS,
+                registry=registry,
+            ),
+            recommender_batch_size=Histogram(
+                "relata_recommender_batch_size",
+                "Profile updates per recommender micro-batch, before coalescing.",
+                buckets=RECOMMENDER_BATCH_BUCKETS,
+                registry=registry,
+            ),
+            profile_updates_coalesced=Counter(
+                "relata_profile_updates_coalesced_total",
+                "Profile updates folded into a later update of the same user in one batch.",
+                registry=registry,
+            ),
+            recommendations_published=Counter(
+                "relata_recommendations_published_total",
+                "Recommendation records published.",
+                registry=registry,
+            ),
+            event_to_recommendation_seconds=Histogram(
+                "relata_event_to_recommendation_seconds",
+                "Oldest triggering event's Kafka timestamp to recommendation publish.",
+                buckets=EVENT_TO_RECOMMENDATION_BUCKETS,
+                registry=registry,
+            ),
+            dead_letter=Counter(
+                "relata_dead_letter_total",
+                "Inputs sent to the dead-letter topic, by stage and error type.",
+                ["stage", "error_type"],
+                registry=registry,
+            ),
+            consumer_lag=Gauge(
+                "relata_consumer_lag_records",
+                "Records between the consumer's position and the high watermark, by topic.",
+                ["topic"],
+                registry=registry,
+            ),
+        )
