@@ -18,11 +18,12 @@ a batched Space-Saving / lossy-counting rule. When a new partner arrives at a fu
 weakest quarter of the list is dropped at once (one sort per capacity/4 insertions instead of
 a minimum search per insertion) and the largest dropped count becomes the list's `floor`.
 A partner admitted later starts at floor + its weight, with the floor recorded as its
-over-estimation error. Hence every kept count c with error e satisfies c - e <= true <= c,
-and any partner whose true decayed count exceeds the item's total pair weight divided by
-(3/4 capacity) is never dropped. Published support uses the lower bound c - e, so a re-admitted
-partner never looks stronger than it is. A hot item co-occurring with millions of items
-therefore holds at most `capacity` partners per kind.
+over-estimation error. Floors never decrease, so for every kept count c with error e,
+c - e <= true count <= c, and every partner whose true count exceeds the list's current floor
+is in the list (a dropped partner's true count is at most the floor it was dropped under).
+Published support uses the lower bound c - e, so a re-admitted partner never looks stronger
+than it is. The floor is small when a few partners dominate, as co-occurrence lists do; a hot
+item co-occurring with millions of items therefore holds at most `capacity` partners per kind.
 """
 
 from __future__ import annotations

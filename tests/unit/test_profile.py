@@ -1,0 +1,315 @@
+"""Folding events into user profiles: weights, decay, bounds, de-duplication, baskets."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from schemas.messages import EVENT_TYPES, BehaviorEvent, EventType, UserProfile
+from schemas.settings import StreamsSettings
+from streams.profile import FoldConfig, fold_event, profile_update
+
+T0 = datetime(2024, 1, 1, tzinfo=UTC)
+HOUR = 3600.0
+
+WEIGHTS: dict[EventType, float] = {
+    "view": 1.0,
+    "click": 2.0,
+    "add_to_cart": 4.0,
+    "purchase": 8.0,
+    "return": -8.0,
+}
+
+
+def config(**overrides: float) -> FoldConfig:
+    values: dict[str, float] = {
+        "half_life_s": HOUR,
+        "history_size": 3,
+        "dedup_size": 4,
+        "session_window_s": 1800.0,
+        "history_window": 2,
+    }
+    values.update(overrides)
+    return FoldConfig(
+        weights=WEIGHTS,
+        half_life_s=values["half_life_s"],
+        history_size=int(values["history_size"]),
+        dedup_size=int(values["dedup_size"]),
+        session_window_s=values["session_window_s"],
+        history_window=int(values["history_window"]),
+    )
+
+
+def ev(
+    event_id: str,
+    item: str,
+    *,
+    at_s: float = 0.0,
+    kind: EventType = "purchase",
+    user: str = "u1",
+    session: str | None = None,
+) -> BehaviorEvent:
+    return BehaviorEvent(
+        event_id=event_id,
+        user_id=user,
+        item_id=item,
+        event_type=kind,
+        ts=T0 + timedelta(seconds=at_s),
+        session_id=session,
+    )
+
+
+def fold_all(events: list[BehaviorEvent], cfg: FoldConfig) -> UserProfile | None:
+    profile = None
+    for e in events:
+        profile = fold_event(profile, e, cfg).profile
+    return profile
+
+
+def test_from_settings_maps_every_weight_and_window() -> None:
+    s = StreamsSettings(weight_click=3.0, half_life_hours=2.0, assoc_history_window=7)
+    cfg = FoldConfig.from_settings(s)
+    assert cfg.weights["click"] == 3.0
+    assert cfg.weights["return"] == s.weight_return
+    assert cfg.half_life_s == 7200.0
+    assert cfg.history_window == 7
+    assert cfg.history_size == s.history_size
+    assert cfg.session_window_s == s.assoc_session_window_s
+
+
+def test_missing_weight_is_rejected_with_the_valid_types() -> None:
+    with pytest.raises(ValueError, match="return"):
+        FoldConfig(weights={"view": 1.0}, half_life_s=1.0)  # type: ignore[arg-type]
+
+
+def test_weight_is_decayed_sum_of_event_type_weights() -> None:
+    cfg = config()
+    p = fold_all([ev("1", "a", kind="view"), ev("2", "a", at_s=HOUR, kind="purchase")], cfg)
+    assert p is not None
+    (entry,) = p.history
+    # view (1) decayed over one half-life, plus a purchase (8)
+    assert entry.weight == pytest.approx(0.5 + 8.0)
+    assert entry.count == 2
+    assert entry.last_event_type == "purchase"
+    assert entry.last_ts == T0 + timedelta(seconds=HOUR)
+
+
+def test_history_is_bounded_most_recent_first() -> None:
+    cfg = config(history_size=3)
+    events = [ev(str(i), f"i{i}", at_s=i * 10) for i in range(5)]
+    p = fold_all(events, cfg)
+    assert p is not None
+    assert [h.item_id for h in p.history] == ["i4", "i3", "i2"]
+    # touching an old item moves it to the front
+    p2 = fold_event(p, ev("x", "i2", at_s=100, kind="view"), cfg).profile
+    assert [h.item_id for h in p2.history] == ["i2", "i4", "i3"]
+
+
+def test_duplicate_event_is_a_no_op() -> None:
+    cfg = config()
+    first = fold_event(None, ev("1", "a"), cfg)
+    again = fold_event(first.profile, ev("1", "a"), cfg)
+    assert first.changed
+    assert not again.changed
+    assert again.profile is first.profile
+    assert again.basket_kind is None and again.basket_items == () and again.prior_items == ()
+
+
+def test_dedup_list_is_bounded_and_newest_last() -> None:
+    cfg = config(dedup_size=4)
+    p = fold_all([ev(str(i), "a", at_s=i) for i in range(10)], cfg)
+    assert p is not None
+    assert p.recent_event_ids == ["6", "7", "8", "9"]
+
+
+def test_return_makes_weight_negative_and_item_stays_in_history() -> None:
+    cfg = config()
+    p = fold_all([ev("1", "a"), ev("2", "a", at_s=HOUR, kind="return", session="c1")], cfg)
+    assert p is not None
+    (entry,) = p.history
+    assert entry.weight == pytest.approx(4.0 - 8.0)
+    assert entry.last_event_type == "return"
+
+
+def test_return_opens_no_basket_and_keeps_the_session() -> None:
+    cfg = config()
+    p = fold_all([ev("1", "a", session="s1"), ev("2", "x", at_s=1, session="s1")], cfg)
+    ret = fold_event(p, ev("3", "a", at_s=5, kind="return", session="c9"), cfg)
+    assert ret.changed and ret.basket_kind is None and not ret.sequence_step
+    assert ret.profile.session_id == "s1"
+    assert ret.profile.session_items == ["a", "x"]
+    nxt = fold_event(ret.profile, ev("4", "b", at_s=6, session="s1"), cfg)
+    # the returned item no longer counts as bought with the rest of its basket
+    assert nxt.basket_items == ("x",)
+
+
+def test_out_of_order_event_decays_down_and_keeps_recency() -> None:
+    cfg = config()
+    late = fold_all(
+        [ev("1", "a", at_s=2 * HOUR), ev("2", "b", at_s=2 * HOUR + 1), ev("3", "a", kind="view")],
+        cfg,
+    )
+    assert late is not None
+    a = next(h for h in late.history if h.item_id == "a")
+    # the late view (weight 1) is valued two half-lives before the entry's time
+    assert a.weight == pytest.approx(8.0 + 0.25)
+    assert a.last_ts == T0 + timedelta(seconds=2 * HOUR)
+    assert a.last_event_type == "purchase"
+    assert [h.item_id for h in late.history] == ["b", "a"]
+    assert late.last_ts == T0 + timedelta(seconds=2 * HOUR + 1)
+
+
+def test_basket_by_session_id_and_prior_items() -> None:
+    cfg = config(history_window=2, history_size=10)
+    r1 = fold_event(None, ev("1", "a", session="s1"), cfg)
+    assert r1.basket_kind == "bought_together" and r1.new_basket and r1.basket_items == ()
+    r2 = fold_event(r1.profile, ev("2", "b", at_s=1, session="s1"), cfg)
+    assert r2.basket_items == ("a",) and not r2.new_basket
+    assert r2.prior_items == ()  # same-basket items are not sequence sources
+    r3 = fold_event(r2.profile, ev("3", "c", at_s=2, session="s1"), cfg)
+    assert r3.basket_items == ("a", "b")
+    r4 = fold_event(r3.profile, ev("4", "d", at_s=9000, session="s2"), cfg)
+    assert r4.new_basket and r4.basket_items == ()
+    assert r4.prior_items == ("c", "b")  # most recent first, up to the window of 2
+    assert r4.sequence_step
+
+
+def test_repeat_of_an_item_in_its_basket_is_not_counted_again() -> None:
+    cfg = config()
+    r1 = fold_event(None, ev("1", "a", session="s1"), cfg)
+    r2 = fold_event(r1.profile, ev("2", "b", at_s=1, session="s1"), cfg)
+    r3 = fold_event(r2.profile, ev("3", "a", at_s=2, session="s1"), cfg)
+    assert r3.changed
+    assert r3.basket_kind is None and not r3.sequence_step
+    assert r3.profile.session_items == ["a", "b"]
+    assert r3.profile.history[0].count == 2
+
+
+def test_basket_by_time_window_without_session_id() -> None:
+    cfg = config(session_window_s=1800.0, history_size=10)
+    r1 = fold_event(None, ev("1", "a"), cfg)
+    r2 = fold_event(r1.profile, ev("2", "b", at_s=600), cfg)
+    assert r2.basket_items == ("a",)
+    r3 = fold_event(r2.profile, ev("3", "c", at_s=600 + 1801), cfg)
+    assert r3.basket_items == () and r3.new_basket
+    assert r3.prior_items == ("b", "a")
+
+
+def test_views_and_purchases_make_different_baskets() -> None:
+    cfg = config(history_size=10)
+    r1 = fold_event(None, ev("1", "a", kind="view", session="s"), cfg)
+    r2 = fold_event(r1.profile, ev("2", "b", at_s=1, kind="purchase", session="s"), cfg)
+    assert r2.basket_kind == "bought_together"
+    assert r2.basket_items == ()  # "a" was only viewed
+    r3 = fold_event(r2.profile, ev("3", "c", at_s=2, kind="click", session="s"), cfg)
+    assert r3.basket_kind == "also_viewed"
+    assert r3.basket_items == ("a", "b")
+    # buying the viewed item joins the purchase basket once
+    r4 = fold_event(r3.profile, ev("4", "a", at_s=3, kind="add_to_cart", session="s"), cfg)
+    assert r4.basket_kind == "bought_together"
+    assert r4.basket_items == ("b",)
+    assert not r4.sequence_step
+
+
+def test_profile_update_carries_history_and_trigger() -> None:
+    cfg = config()
+    event = ev("1", "a", kind="click")
+    p = fold_event(None, event, cfg).profile
+    now = T0 + timedelta(minutes=1)
+    update = profile_update(p, trigger_event_ids=["1"], source_ts_ms=123, now=now, event=event)
+    assert update.user_id == "u1"
+    assert update.history == p.history
+    assert update.last_event_type == "click" and update.last_item_id == "a"
+    assert update.trigger_event_ids == ["1"] and update.source_ts_ms == 123
+    assert update.updated_at == now
+
+
+# ---- properties ------------------------------------------------------------------------------
+
+event_specs = st.lists(
+    st.tuples(
+        st.integers(0, 30),  # event id (collisions = re-deliveries)
+        st.sampled_from(["a", "b", "c", "d", "e", "f"]),
+        st.sampled_from(EVENT_TYPES),
+        st.integers(-5000, 50_000),  # seconds, out of order on purpose
+        st.sampled_from([None, "s1", "s2"]),
+    ),
+    max_size=40,
+)
+
+
+def _events(
+    specs: list[tuple[int, str, EventType, int, str | None]], user: str
+) -> list[BehaviorEvent]:
+    return [
+        ev(f"{user}-{i}", item, at_s=t + 10_000, kind=kind, user=user, session=s)
+        for i, item, kind, t, s in specs
+    ]
+
+
+@settings(max_examples=150, deadline=None)
+@given(event_specs)
+def test_fold_never_exceeds_bounds(
+    specs: list[tuple[int, str, EventType, int, str | None]],
+) -> None:
+    cfg = config(history_size=4, dedup_size=5, history_window=2)
+    profile = None
+    for e in _events(specs, "u"):
+        result = fold_event(profile, e, cfg)
+        profile = result.profile
+        ids = [h.item_id for h in profile.history]
+        assert len(ids) <= cfg.history_size and len(set(ids)) == len(ids)
+        stamps = [h.last_ts for h in profile.history]
+        assert stamps == sorted(stamps, reverse=True)
+        assert len(profile.recent_event_ids) <= cfg.dedup_size
+        assert len(profile.session_items) <= cfg.session_size
+        assert len(result.prior_items) <= cfg.history_window
+        assert e.item_id not in result.basket_items and e.item_id not in result.prior_items
+
+
+@settings(max_examples=100, deadline=None)
+@given(event_specs, st.data())
+def test_refolding_any_recent_event_is_a_no_op(
+    specs: list[tuple[int, str, EventType, int, str | None]], data: st.DataObject
+) -> None:
+    cfg = config(dedup_size=50)
+    events = _events(specs, "u")
+    profile = fold_all(events, cfg)
+    if profile is None:
+        return
+    again = data.draw(st.sampled_from(events))
+    result = fold_event(profile, again, cfg)
+    assert not result.changed and result.profile is profile
+
+
+@settings(max_examples=100, deadline=None)
+@given(event_specs, event_specs, st.randoms(use_true_random=False))
+def test_interleaving_of_unrelated_users_is_irrelevant(
+    a: list[tuple[int, str, EventType, int, str | None]],
+    b: list[tuple[int, str, EventType, int, str | None]],
+    rnd: object,
+) -> None:
+    import random
+
+    assert isinstance(rnd, random.Random)
+    cfg = config()
+    ea, eb = _events(a, "ua"), _events(b, "ub")
+    alone = {"ua": fold_all(ea, cfg), "ub": fold_all(eb, cfg)}
+    # a random merge that keeps each user's own order
+    merged: list[BehaviorEvent] = []
+    ia = ib = 0
+    while ia < len(ea) or ib < len(eb):
+        if ib >= len(eb) or (ia < len(ea) and rnd.random() < 0.5):
+            merged.append(ea[ia])
+            ia += 1
+        else:
+            merged.append(eb[ib])
+            ib += 1
+    profiles: dict[str, UserProfile] = {}
+    for e in merged:
+        profiles[e.user_id] = fold_event(profiles.get(e.user_id), e, cfg).profile
+    assert profiles.get("ua") == alone["ua"]
+    assert profiles.get("ub") == alone["ub"]
