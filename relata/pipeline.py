@@ -27,7 +27,7 @@ import urllib.error
 import urllib.request
 import uuid
 from collections import Counter, deque
-from collections.abc import Callable, Iterator, MutableMapping
+from collections.abc import Callable, Iterable, Iterator, MutableMapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -207,16 +207,16 @@ class RecommendationProbe:
     def _run(self) -> None:
         rec_topic = self._kafka.topic(RECOMMENDATIONS.name)
         while not self._stop.is_set():
-            messages = self._consumer.consume(500, 0.1)
+            # poll() returns as soon as one record is there (consume(n) waits for n or timeout).
+            msg = self._consumer.poll(0.1)
+            if msg is None or msg.error() is not None or msg.value() is None:
+                continue
             now = time.time()
-            for msg in messages:
-                if msg.error() is not None or msg.value() is None:
-                    continue
-                self.last_record_at = now
-                if msg.topic() == rec_topic:
-                    self._on_recommendation(msg.value(), now)
-                else:
-                    self._on_dead_letter(msg.value())
+            self.last_record_at = now
+            if msg.topic() == rec_topic:
+                self._on_recommendation(msg.value(), now)
+            else:
+                self._on_dead_letter(msg.value())
 
     def _on_recommendation(self, raw: bytes, now: float) -> None:
         try:
@@ -520,6 +520,10 @@ class Pipeline:
 
     # -- driving and observing
 
+    @property
+    def events_path(self) -> Path:
+        return self.options.data_dir / "events.jsonl.gz"
+
     def replay(
         self,
         *,
@@ -527,12 +531,12 @@ class Pipeline:
         limit: int | None,
         on_progress: Callable[[ReplayProgress], None] | None = None,
         should_stop: Callable[[], bool] | None = None,
-        events_path: Path | None = None,
+        lines: Iterable[tuple[int, bytes]] | None = None,
     ) -> ReplayProgress:
-        """Replay the data set's events (or `events_path`) into behavior-events."""
+        """Replay the data set's events (or the given raw `lines`) into behavior-events."""
         assert self.kafka is not None
         return replay_events(
-            iter_jsonl(events_path or self.options.data_dir / "events.jsonl.gz"),
+            lines if lines is not None else iter_jsonl(self.events_path),
             producer=make_producer(self.kafka),
             topic=self.kafka.topic(BEHAVIOR_EVENTS.name),
             rate=rate,
