@@ -48,6 +48,8 @@ from .profile import FoldResult
 ASSOCIATION_KINDS: tuple[RelationKind, ...] = ("bought_together", "also_viewed", "next_item")
 # Rescale a record once its forward-decay scale passes 2^30: far from float overflow.
 _MAX_SCALE_EXPONENT = 30.0
+# Decay arithmetic leaves 2.0 as 1.9999999999: compare supports with a relative tolerance.
+_SUPPORT_TOLERANCE = 1.0 + 1e-9
 
 
 class ItemRecord(TypedDict):
@@ -356,7 +358,7 @@ def partner_scores(
     out: dict[str, tuple[float, float, float]] = {}
     for partner, (count, error) in partners.items():
         lower = (count - error) * factor
-        if lower < config.min_support:
+        if lower * _SUPPORT_TOLERANCE < config.min_support:
             continue
         count_j = item_count(lookup(partner), count_kind, now, h)
         denominator = math.sqrt(max(count_i, lower) * max(count_j, lower))

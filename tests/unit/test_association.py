@@ -1,0 +1,289 @@
+"""Streaming association statistics: arithmetic, decay, bounded memory, serialisation."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import Counter
+from datetime import UTC, datetime, timedelta
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from schemas.messages import BehaviorEvent, RelatedItems
+from schemas.settings import StreamsSettings
+from streams.association import (
+    AssociationConfig,
+    AssociationIndex,
+    AssociationInput,
+    ItemDelta,
+    association_evidence,
+    item_count,
+    material_change,
+    plan_updates,
+    record_size,
+    update_item,
+)
+from streams.profile import FoldConfig, fold_event
+
+T0 = datetime(2024, 1, 1, tzinfo=UTC)
+NO_DECAY = 1e15  # seconds: a half-life far beyond any test's time span
+
+
+def fold_config() -> FoldConfig:
+    return FoldConfig.from_settings(StreamsSettings())
+
+
+def feed(
+    index: AssociationIndex, baskets: list[list[str]], *, user_per_basket: bool = True
+) -> None:
+    """Each basket: purchases under one session id, baskets an hour apart."""
+    cfg = fold_config()
+    profiles: dict[str, object] = {}
+    n = 0
+    for b, items in enumerate(baskets):
+        user = f"u{b}" if user_per_basket else "u"
+        for item in items:
+            event = BehaviorEvent(
+                event_id=f"e{n}",
+                user_id=user,
+                item_id=item,
+                event_type="purchase",
+                ts=T0 + timedelta(hours=b, seconds=len(profiles)),
+                session_id=f"b{b}",
+            )
+            n += 1
+            result = fold_event(profiles.get(user), event, cfg)  # type: ignore[arg-type]
+            profiles[user] = result.profile
+            index.observe_event(result, event)
+
+
+# Five baskets; counted by hand:
+#   A in 4 (b0 b1 b2 b4), B in 4 (b0 b1 b3 b4), C in 2, D in 2; total 5.
+#   AB together in 3 -> confidence P(B|A) = 3/4, lift = 3*5/(4*4) = 0.9375
+#   AC together in 2 -> confidence 2/4, lift = 2*5/(4*2) = 1.25
+#   AD together in 1 -> below min_support 2, never published
+HAND_BASKETS = [["A", "B"], ["A", "B", "C"], ["A", "C"], ["B", "D"], ["A", "B", "D"]]
+
+
+def test_counts_and_totals_match_hand_computed_baskets() -> None:
+    index = AssociationIndex(AssociationConfig(half_life_s=NO_DECAY, min_support=2))
+    feed(index, HAND_BASKETS)
+    now = index.last_ts
+    counts = {i: item_count(index.items[i], "bought_together", now, NO_DECAY) for i in "ABCD"}
+    assert counts == pytest.approx({"A": 4, "B": 4, "C": 2, "D": 2})
+    assert index.totals is not None
+    assert index.totals["counts"]["bought_together"] == pytest.approx(5)
+    partners = index.items["A"]["partners"]["bought_together"]
+    assert {p: c for p, (c, _e) in partners.items()} == pytest.approx({"B": 3, "C": 2, "D": 1})
+    # symmetric
+    assert index.items["C"]["partners"]["bought_together"]["A"][0] == pytest.approx(2)
+
+
+def test_related_items_evidence_matches_hand_computation() -> None:
+    index = AssociationIndex(AssociationConfig(half_life_s=NO_DECAY, min_support=2))
+    feed(index, HAND_BASKETS)
+    related = index.related("A", kinds=["bought_together"])
+    assert related is not None
+    assert related.item_count == pytest.approx(4)
+    by_id = {r.item_id: r for r in related.related}
+    assert set(by_id) == {"B", "C"}  # D: support 1 < 2
+    b, c = by_id["B"].evidence, by_id["C"].evidence
+    assert b.support == 3
+    assert b.confidence == pytest.approx(0.75)
+    assert b.lift == pytest.approx(0.9375)
+    assert b.pmi == pytest.approx(math.log2(0.9375))
+    assert b.text == "bought together in 3 baskets, lift 0.9"
+    assert c.support == 2 and c.confidence == pytest.approx(0.5)
+    assert c.lift == pytest.approx(1.25) and c.pmi == pytest.approx(math.log2(1.25))
+    # score = association cosine: 3/sqrt(4*4) = 0.75 for B, 2/sqrt(4*2) = 0.7071 for C
+    assert by_id["B"].score == pytest.approx(0.75 * 1.0)
+    assert by_id["C"].score == pytest.approx(2 / math.sqrt(8))
+    assert [r.item_id for r in related.related] == ["B", "C"]
+
+
+def test_association_evidence_arithmetic_and_text() -> None:
+    e = association_evidence(37, 100, 50, 1000)
+    assert e.support == 37
+    assert e.confidence == pytest.approx(0.37)
+    assert e.lift == pytest.approx(7.4)
+    assert e.pmi == pytest.approx(math.log2(7.4))
+    assert e.text == "bought together in 37 baskets, lift 7.4"
+    empty = association_evidence(0, 0, 0, 0, kind="next_item")
+    assert empty.lift is None and empty.pmi is None and empty.confidence is None
+    assert empty.text == "chosen next after it 0 times"
+
+
+def test_next_item_transitions_are_directed_and_weighted_by_distance() -> None:
+    index = AssociationIndex(AssociationConfig(half_life_s=NO_DECAY, min_support=0.1))
+    feed(index, [["A"], ["B"], ["C"]], user_per_basket=False)
+    nxt = {
+        i: {p: c for p, (c, _e) in index.items[i]["partners"].get("next_item", {}).items()}
+        for i in "ABC"
+    }
+    assert nxt["A"] == pytest.approx({"B": 1.0, "C": 0.5})  # C is two steps after A
+    assert nxt["B"] == pytest.approx({"C": 1.0})
+    assert nxt["C"] == {}
+    assert "bought_together" not in index.items["A"]["partners"]  # separate baskets
+
+
+def test_counts_decay_with_event_time_half_life() -> None:
+    h = 100.0
+    cfg = AssociationConfig(half_life_s=h)
+    record = update_item(
+        None,
+        item_id="A",
+        delta=ItemDelta(pairs=[("bought_together", "B", 1.0)]),
+        ts=0.0,
+        config=cfg,
+    )
+    record = update_item(
+        record,
+        item_id="A",
+        delta=ItemDelta(pairs=[("bought_together", "B", 1.0)]),
+        ts=h,
+        config=cfg,
+    )
+    stored = record["partners"]["bought_together"]["B"][0]
+    from streams.association import decayed
+
+    assert decayed(record, stored, h, h) == pytest.approx(1.5)
+    assert decayed(record, stored, 3 * h, h) == pytest.approx(1.5 / 4)
+    # far in the future the record is rescaled (no overflow) and stays exact
+    far = 1000 * h
+    record = update_item(
+        record, item_id="A", delta=ItemDelta(counts={"bought_together": 1.0}), ts=far, config=cfg
+    )
+    assert record["landmark"] == far
+    assert item_count(record, "bought_together", far, h) == pytest.approx(1.0)
+    assert decayed(record, record["partners"]["bought_together"]["B"][0], far, h) == pytest.approx(
+        1.5 * 2.0**-999
+    )
+
+
+def test_hot_item_with_100k_distinct_partners_stays_bounded() -> None:
+    cfg = AssociationConfig(half_life_s=NO_DECAY, top_n=50, capacity=200)
+    record = None
+    heavy = Counter[str]()
+    for n in range(100_000):
+        pairs = [("bought_together", f"x{n}", 1.0)]
+        if n % 20 == 0:  # a few genuinely frequent partners among the long tail
+            pairs.append(("bought_together", f"h{n % 3}", 1.0))
+            heavy[f"h{n % 3}"] += 1
+        record = update_item(
+            record, item_id="HOT", delta=ItemDelta(pairs=pairs), ts=float(n), config=cfg
+        )
+    assert record is not None
+    partners = record["partners"]["bought_together"]
+    assert len(partners) <= cfg.capacity
+    assert record_size(record) <= cfg.capacity
+    assert len(json.dumps(record)) < 40_000  # a few hundred entries, not 100k
+    for h, true in heavy.items():
+        count, error = partners[h]
+        assert count - error == pytest.approx(true)  # never evicted: exact
+        assert count >= true - 1e-6
+        assert true > record["floors"]["bought_together"]
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.lists(st.integers(0, 40), min_size=1, max_size=400),
+    st.integers(4, 12),
+)
+def test_space_saving_bounds_hold_for_any_stream(stream: list[int], capacity: int) -> None:
+    cfg = AssociationConfig(half_life_s=NO_DECAY, top_n=1, capacity=capacity)
+    record = None
+    truth = Counter[str]()
+    for t, p in enumerate(stream):
+        # skew: small ids repeat more often
+        partner = f"p{p % (1 + p // 4)}"
+        truth[partner] += 1
+        delta = ItemDelta(pairs=[("also_viewed", partner, 1.0)])
+        record = update_item(record, item_id="X", delta=delta, ts=float(t), config=cfg)
+    assert record is not None
+    partners = record["partners"]["also_viewed"]
+    floor = record["floors"].get("also_viewed", 0.0)
+    assert len(partners) <= capacity
+    for partner, (count, error) in partners.items():
+        assert count - error <= truth[partner] + 1e-6
+        assert truth[partner] <= count + 1e-6
+    for partner, true in truth.items():
+        if true > floor:
+            assert partner in partners
+
+
+def test_min_support_uses_the_lower_bound() -> None:
+    cfg = AssociationConfig(half_life_s=NO_DECAY, top_n=1, capacity=1, min_support=2)
+    index = AssociationIndex(cfg)
+    record = update_item(
+        None,
+        item_id="A",
+        delta=ItemDelta(pairs=[("bought_together", "B", 1.0)] * 5),
+        ts=0.0,
+        config=cfg,
+    )
+    record = update_item(
+        record,
+        item_id="A",
+        delta=ItemDelta(pairs=[("bought_together", "C", 1.0)]),
+        ts=1.0,
+        config=cfg,
+    )
+    index.items["A"] = record
+    # C replaced B and inherited B's 5 as error: its lower bound 1 is below min_support
+    assert record["partners"]["bought_together"]["C"] == pytest.approx([6.0, 5.0])
+    assert index.scores("A", kind="bought_together") == {}
+
+
+def test_input_and_record_round_trip_through_json() -> None:
+    inp = AssociationInput(
+        item_id="A",
+        ts=12.5,
+        kind="bought_together",
+        basket_items=("B", "C"),
+        prior_items=("Z",),
+        sequence_step=True,
+        new_basket=False,
+    )
+    assert AssociationInput.from_dict(json.loads(json.dumps(inp.to_dict()))) == inp
+    with pytest.raises(ValueError, match="bought_together"):
+        AssociationInput.from_dict({**inp.to_dict(), "kind": "nonsense"})
+    # a record restored from JSON keeps counting where it left off
+    cfg = AssociationConfig(half_life_s=NO_DECAY)
+    deltas = plan_updates(inp)
+    assert set(deltas) == {"A", "B", "C", "Z"}
+    record = update_item(None, item_id="A", delta=deltas["A"], ts=inp.ts, config=cfg)
+    restored = json.loads(json.dumps(record))
+    again = update_item(restored, item_id="A", delta=deltas["A"], ts=inp.ts, config=cfg)
+    assert again["partners"]["bought_together"]["B"][0] == pytest.approx(2.0)
+    assert again["counts"] == pytest.approx({"bought_together": 2.0, "next_item": 2.0})
+
+
+def test_material_change_threshold() -> None:
+    index = AssociationIndex(AssociationConfig(half_life_s=NO_DECAY, min_support=1))
+    feed(index, HAND_BASKETS)
+    full = index.related("A", kinds=["bought_together"])
+    assert full is not None and len(full.related) == 3
+    fewer = RelatedItems.model_validate(
+        {**full.model_dump(), "related": full.model_dump()["related"][:2]}
+    )
+    assert material_change(None, full, 0.2)
+    assert not material_change(full, full, 0.0)
+    assert material_change(full, fewer, 0.2)  # one of three changed: 0.33 >= 0.2
+    assert not material_change(full, fewer, 0.5)
+
+
+def test_duplicates_and_returns_add_nothing() -> None:
+    index = AssociationIndex(AssociationConfig(half_life_s=NO_DECAY))
+    cfg = fold_config()
+    e = BehaviorEvent(
+        event_id="1", user_id="u", item_id="A", event_type="purchase", ts=T0, session_id="s"
+    )
+    r = fold_event(None, e, cfg)
+    assert index.observe_event(r, e) == {"A"}
+    dup = fold_event(r.profile, e, cfg)
+    assert index.observe_event(dup, e) == set()
+    ret = e.model_copy(update={"event_id": "2", "event_type": "return"})
+    assert index.observe_event(fold_event(r.profile, ret, cfg), ret) == set()
+    assert index.items["A"]["counts"]["bought_together"] == pytest.approx(1.0)
