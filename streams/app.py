@@ -77,6 +77,28 @@ FETCH_MAX_WAIT_MS = 100
 RELATED_FLUSH_INTERVAL_S = 0.25
 
 
+class StreamsError(RuntimeError):
+    """Root of the stream processor's errors."""
+
+
+class StoreUnavailableError(StreamsError):
+    """The configured table store cannot be used in this environment."""
+
+
+def check_store(settings: StreamsSettings) -> None:
+    """Fail fast when `rocksdb://` is asked for but no RocksDB binding is installed."""
+    if settings.store != "rocksdb://":
+        return
+    import importlib.util
+
+    if not any(importlib.util.find_spec(name) for name in ("rocksdict", "rocksdb")):
+        msg = (
+            "RELATA_STREAMS_STORE=rocksdb:// needs the `rocksdict` package "
+            "(pip install rocksdict); or use memory:// (also changelog-backed)"
+        )
+        raise StoreUnavailableError(msg)
+
+
 class SimilarItems(Protocol):
     """Vector-similar items of a catalog item (the composition root injects one)."""
 
@@ -410,6 +432,7 @@ def build_streams(
     The app id is `kafka.topic_prefix + settings.app_id`, so the changelog topics Faust creates
     (`<id>-profiles-changelog`, ...) carry the deployment's prefix too.
     """
+    check_store(settings)
     app_id = kafka.topic(settings.app_id)
     app = App(app_id, fetch_max_wait_ms=FETCH_MAX_WAIT_MS, **faust_settings(kafka, settings))
     names = {

@@ -361,3 +361,17 @@ def test_all_streams_metric_names_registered(streams: StreamsApp) -> None:
         "relata_association_items",
         "relata_http_requests",
     }
+
+
+def test_rocksdb_store_without_binding_fails_fast(tmp_path: Path) -> None:
+    import importlib.util
+
+    from streams.app import StoreUnavailableError, check_store
+
+    settings = StreamsSettings(store="rocksdb://", data_dir=tmp_path)
+    if any(importlib.util.find_spec(n) for n in ("rocksdict", "rocksdb")):
+        check_store(settings)  # a binding is installed: accepted
+    else:
+        with pytest.raises(StoreUnavailableError, match="rocksdict"):
+            check_store(settings)
+    check_store(StreamsSettings(store="memory://", data_dir=tmp_path))
