@@ -12,6 +12,9 @@ one process); there is no import-time app. Agents are glue around the pure logic
   updates) and keeps up with ~10k events/s; failover is by a standby replica
   (`table_standby_replicas=1`) that replays the changelog. Sharding by item would need a
   second hop for partner counts.
+  Delivery is at least once: the profile agent de-duplicates re-delivered events by
+  event_id, but after a crash (not a clean stop) association inputs committed late can be
+  counted twice; related lists are republished only on a material change of membership.
 - `process_recommendations` (recommendations): the latest list per user in a table for HTTP.
 - A task follows `item-catalog` into a `CatalogView` (known, available items).
 """
