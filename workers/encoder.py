@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -134,6 +135,9 @@ class TransformerEncoder:
         if adapter is not None and adapter.dim != self.dim:
             msg = f"adapter dim {adapter.dim} does not match model {name} dim {self.dim}"
             raise EncoderError(msg)
+        # Fast tokenizers fail ("Already borrowed") when one instance is used from two threads;
+        # the indexer and recommender share one encoder in `relata workers --role all`.
+        self._lock = threading.Lock()
         # One helper thread tokenises the next batch while the accelerator runs this one.
         self._tokenizer_pool = (
             ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokenize")
@@ -220,9 +224,13 @@ class TransformerEncoder:
     def encode(self, texts: Sequence[str]) -> FloatArray:
         """Embed `texts` (any order, any lengths) into L2-normalised float32 rows, in order."""
         texts = list(texts)
-        out = np.empty((len(texts), self.dim), dtype=np.float32)
         if not texts:
-            return out
+            return np.empty((0, self.dim), dtype=np.float32)
+        with self._lock:
+            return self._encode(texts)
+
+    def _encode(self, texts: list[str]) -> FloatArray:
+        out = np.empty((len(texts), self.dim), dtype=np.float32)
         # Characters are a cheap, good proxy of token counts for sorting.
         order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
         chunks = list(self._batches(texts, order))

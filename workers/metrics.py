@@ -80,6 +80,12 @@ class WorkerMetrics:
     dead_letter: Counter
     consumer_lag: Gauge
 
+    def observe_encode(self, texts: int, seconds: float) -> None:
+        """Record one encode call of `texts` texts."""
+        self.encode_batch_size.observe(texts)
+        self.encode_seconds.observe(seconds)
+        self.encoded_texts.inc(texts)
+
     @classmethod
     def create(cls, registry: CollectorRegistry) -> WorkerMetrics:
         """Register all worker metrics in `registry` (one call per registry)."""

@@ -1,0 +1,165 @@
+"""Item indexer: `item-catalog` -> encoder -> vector store, in micro-batches, at least once.
+
+Retiring (tombstone or available=false) keeps the vector and marks the point unavailable:
+searches skip it, while users whose history holds it keep a pooled vector and explanations
+that name it. Offsets are committed only after the store write and dead letters are
+acknowledged, so a crash re-does the batch; re-doing is harmless (upserts are idempotent).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from schemas.decoding import Rejection, decode, key_text
+from schemas.messages import CatalogItem
+from workers.encoder import Encoder
+from workers.item_text import item_categories, item_text
+from workers.kafka_io import (
+    Consumer,
+    LagReporter,
+    Producer,
+    commit,
+    flush,
+    send_dead_letter,
+    usable,
+)
+from workers.metrics import WorkerMetrics
+from workers.vector_store import VectorStore
+
+logger = logging.getLogger(__name__)
+
+STAGE = "item-indexer"
+
+
+@dataclass(frozen=True, slots=True)
+class IndexerTopics:
+    catalog: str
+    dead_letter: str
+
+
+def item_payload(item: CatalogItem) -> dict[str, Any]:
+    """The payload stored with an item's vector (filters use `available` and `categories`)."""
+    return {
+        "item_id": item.item_id,
+        "title": item.title,
+        "categories": item_categories(item, limit=50),
+        "brand": item.brand,
+        "price": item.price,
+        "available": item.available,
+    }
+
+
+@dataclass(slots=True)
+class BatchResult:
+    records: int = 0
+    indexed: int = 0
+    retired: int = 0
+    dead_letters: int = 0
+
+
+class ItemIndexer:
+    """The indexing loop: `poll_once()` handles one micro-batch; `run()` loops until stopped."""
+
+    def __init__(
+        self,
+        *,
+        consumer: Consumer,
+        producer: Producer,
+        encoder: Encoder,
+        store: VectorStore,
+        metrics: WorkerMetrics,
+        topics: IndexerTopics,
+        max_batch: int = 512,
+        max_wait_ms: float = 50.0,
+    ) -> None:
+        self.consumer = consumer
+        self.producer = producer
+        self.encoder = encoder
+        self.store = store
+        self.metrics = metrics
+        self.topics = topics
+        self.max_batch = max_batch
+        self.max_wait_s = max_wait_ms / 1000.0
+        self._lag = LagReporter(consumer, metrics.consumer_lag)
+
+    def poll_once(self) -> BatchResult:
+        """Consume up to `max_batch` records (waiting at most `max_wait_ms`) and apply them."""
+        messages = self.consumer.consume(num_messages=self.max_batch, timeout=self.max_wait_s)
+        result = BatchResult(records=len(messages))
+        if not messages:
+            self._lag.maybe_report()
+            return result
+        # Last record per item wins, as compaction would have it.
+        latest: dict[str, CatalogItem | None] = {}
+        for msg in usable(messages):
+            raw = msg.value()
+            if raw is None:
+                item_id = key_text(msg.key())
+                if item_id:
+                    latest[item_id] = None
+                continue
+            decoded = decode(raw, CatalogItem)
+            key = key_text(msg.key())
+            if not isinstance(decoded, Rejection) and key is not None and key != decoded.item_id:
+                decoded = Rejection(
+                    "invalid_fields",
+                    f"record key {key!r} does not match item_id {decoded.item_id!r}",
+                )
+            if isinstance(decoded, Rejection):
+                send_dead_letter(
+                    self.producer,
+                    topic=self.topics.dead_letter,
+                    message=msg,
+                    rejection=decoded,
+                    stage=STAGE,
+                    counter=self.metrics.dead_letter,
+                )
+                result.dead_letters += 1
+                continue
+            latest[decoded.item_id] = decoded
+
+        # Items with data are (re-)encoded even when retired, so their vector stays current.
+        items = [item for item in latest.values() if item is not None]
+        tombstoned = [item_id for item_id, item in latest.items() if item is None]
+        if items:
+            texts = [item_text(item) for item in items]
+            start = time.perf_counter()
+            vectors = self.encoder.encode(texts)
+            self.metrics.observe_encode(len(texts), time.perf_counter() - start)
+            self.store.upsert(
+                [item.item_id for item in items], vectors, [item_payload(i) for i in items]
+            )
+            result.indexed = sum(1 for i in items if i.available)
+            result.retired = len(items) - result.indexed
+        if tombstoned:
+            # A tombstone for an item never indexed has nothing to retire.
+            known = list(self.store.get_payloads(tombstoned))
+            self.store.set_available(known, False)
+            result.retired += len(known)
+        self.metrics.items_indexed.inc(result.indexed)
+        self.metrics.items_retired.inc(result.retired)
+        if result.dead_letters:
+            flush(self.producer)
+        commit(self.consumer)
+        self._lag.maybe_report()
+        logger.debug(
+            "indexed batch records=%d indexed=%d retired=%d dead_letters=%d",
+            result.records,
+            result.indexed,
+            result.retired,
+            result.dead_letters,
+        )
+        return result
+
+    def run(self, stop_event: threading.Event) -> None:
+        """Loop until `stop_event` is set; the caller closes consumer, producer and store."""
+        logger.info("item indexer started topic=%s", self.topics.catalog)
+        total = 0
+        while not stop_event.is_set():
+            result = self.poll_once()
+            total += result.records
+        logger.info("item indexer stopped records=%d", total)

@@ -1,0 +1,156 @@
+"""The slice of the Kafka client API the workers use, and helpers shared by both loops.
+
+The loops receive consumers and producers built by the composition root (confluent-kafka in
+production, fakes in unit tests); these Protocols name what they need.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from typing import Any, Protocol
+
+from prometheus_client import Counter, Gauge
+
+from schemas.decoding import Rejection, dead_letter
+
+logger = logging.getLogger(__name__)
+
+
+class Message(Protocol):
+    def error(self) -> Any: ...
+    def topic(self) -> str | None: ...
+    def partition(self) -> int | None: ...
+    def offset(self) -> int | None: ...
+    def key(self) -> bytes | None: ...
+    def value(self) -> bytes | None: ...
+    def timestamp(self) -> tuple[int, int]: ...
+
+
+class Consumer(Protocol):
+    def consume(self, num_messages: int = 1, timeout: float = -1) -> Sequence[Message]: ...
+    def commit(self, *args: Any, **kwargs: Any) -> Any: ...
+    def close(self) -> None: ...
+
+
+class Producer(Protocol):
+    def produce(self, topic: str, *args: Any, **kwargs: Any) -> None: ...
+    def poll(self, timeout: float = -1) -> int: ...
+    def flush(self, timeout: float = -1) -> int: ...
+
+
+class DeliveryError(RuntimeError):
+    """Records could not be delivered; offsets are not committed, so they will be redone."""
+
+
+def produce(producer: Producer, topic: str, *, key: bytes | None, value: bytes | None) -> None:
+    """Produce one record, waiting for queue space instead of failing when the queue is full."""
+    while True:
+        try:
+            producer.produce(topic, key=key, value=value)
+            return
+        except BufferError:
+            producer.poll(0.05)
+
+
+def flush(producer: Producer, *, timeout_s: float = 30.0) -> None:
+    """Wait until every produced record is acknowledged; raise when some are not."""
+    remaining = producer.flush(timeout_s)
+    if remaining:
+        raise DeliveryError(f"{remaining} records still undelivered after {timeout_s:.0f} s")
+
+
+def send_dead_letter(
+    producer: Producer,
+    *,
+    topic: str,
+    message: Message,
+    rejection: Rejection,
+    stage: str,
+    counter: Counter,
+) -> None:
+    """Publish a rejected input, verbatim with the reason, to the dead-letter `topic`."""
+    partition, offset = message.partition(), message.offset()
+    record = dead_letter(
+        rejection,
+        raw=message.value(),
+        key=message.key(),
+        topic=message.topic() or "",
+        partition=-1 if partition is None else partition,
+        offset=-1 if offset is None else offset,
+        stage=stage,
+    )
+    logger.warning(
+        "dead letter %s[%s] offset=%s stage=%s error_type=%s reason=%s",
+        record.source_topic,
+        record.partition,
+        record.offset,
+        stage,
+        rejection.error_type,
+        rejection.reason,
+    )
+    produce(producer, topic, key=message.key(), value=record.model_dump_json().encode())
+    counter.labels(stage=stage, error_type=rejection.error_type).inc()
+
+
+def commit(consumer: Consumer) -> None:
+    """Synchronously commit the consumed positions; nothing consumed is not an error."""
+    try:
+        consumer.commit(asynchronous=False)
+    except Exception as exc:
+        if "_NO_OFFSET" in str(exc) or "NO_OFFSET" in str(exc):
+            return
+        raise
+
+
+def usable(messages: Sequence[Message]) -> list[Message]:
+    """Drop client-side events (partition EOF, transient errors) from a consume() result."""
+    out: list[Message] = []
+    for msg in messages:
+        err = msg.error()
+        if err is None:
+            out.append(msg)
+        elif not _is_eof(err):
+            logger.warning("consumer error topic=%s error=%s", msg.topic(), err)
+    return out
+
+
+def _is_eof(err: Any) -> bool:
+    try:
+        from confluent_kafka import KafkaError
+
+        return bool(err.code() == KafkaError._PARTITION_EOF)
+    except Exception:  # a fake error in unit tests
+        return False
+
+
+class LagReporter:
+    """Sets `relata_consumer_lag_records{topic}` from the client's cached watermarks, at most
+    every `interval_s` (lag is a trend; querying the broker per batch would cost latency)."""
+
+    def __init__(self, consumer: Any, gauge: Gauge, *, interval_s: float = 5.0) -> None:
+        self._consumer = consumer
+        self._gauge = gauge
+        self._interval_s = interval_s
+        self._next = 0.0
+
+    def maybe_report(self) -> None:
+        now = time.monotonic()
+        if now < self._next or not hasattr(self._consumer, "assignment"):
+            return
+        self._next = now + self._interval_s
+        try:
+            lag: dict[str, int] = {}
+            partitions = self._consumer.assignment()
+            if not partitions:
+                return
+            for tp in self._consumer.position(partitions):
+                _, high = self._consumer.get_watermark_offsets(tp, cached=True)
+                if high is None or high < 0 or tp.offset is None or tp.offset < 0:
+                    continue
+                lag[tp.topic] = lag.get(tp.topic, 0) + max(0, high - tp.offset)
+            for topic, value in lag.items():
+                self._gauge.labels(topic=topic).set(value)
+        except Exception as exc:  # lag is advisory; never stop the loop for it
+            logger.debug("lag report failed error=%s", exc)
