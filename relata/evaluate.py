@@ -160,18 +160,18 @@ def split_users(events: Sequence[BehaviorEvent], *, positive: EventType, holdout
     for user_id, seq in by_user.items():
         cut: int | None = len(seq)
         target: int | None = None
-        for _ in range(holdout):
+        usable = len(seq)  # events that may be learned from: before the first held-out target
+        for n in range(holdout):
             target = target_index(seq[:cut], positive) if cut else None
-            cut = target
             if target is None:
                 break
+            if n == 0 and holdout > 1:
+                usable = target
+            cut = target
         if target is None:
             skipped["no new positive target"] += 1
-            # Users without a target still teach the statistics with all they did (their
-            # events are never a target), except under holdout>1, where only the prefix
-            # before the dropped evaluation target may be used.
-            if holdout == 1:
-                kept.extend(seq)
+            # Their events before any held-out target still teach the statistics.
+            kept.extend(seq[:usable])
             continue
         history = seq[:target]
         if not any(e.event_type != "return" for e in history):
@@ -634,10 +634,7 @@ def _method_inputs(
 ) -> tuple[BlendWeights, list[list[tuple[str, float]]] | None]:
     if name == "behaviour":
         return hybrid.model_copy(update={"vector": 0.0}), None
-    if name in BASELINES:
-        weights = BlendWeights(**BASELINES[name])  # type: ignore[arg-type]
-    else:
-        weights = hybrid
+    weights = BlendWeights(**BASELINES[name]) if name in BASELINES else hybrid  # type: ignore[arg-type]
     if name in ("popularity", "cooccurrence", "transitions"):
         return weights, None
     if name == "profile-text":
