@@ -1,0 +1,241 @@
+"""Recommender: coalescing, micro-batches, exclusions, dead letters, user-vector modes."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from prometheus_client import CollectorRegistry
+
+from schemas.messages import ProfileUpdate
+from schemas.settings import RecommenderSettings
+from tests.unit.worker_fakes import FakeConsumer, FakeEncoder, FakeProducer
+from workers.metrics import WorkerMetrics
+from workers.recommender import Recommender, RecommenderTopics, coalesce
+from workers.vector_store import ClientVectorStore
+
+TOPICS = RecommenderTopics(
+    profile_updates="profile-updates",
+    related_items="related-items",
+    recommendations="recommendations",
+    dead_letter="dead-letter",
+)
+NOW = 1_700_000_000.0
+TS = "2024-01-01T00:00:00+00:00"
+
+CATALOG = {
+    "lip1": "red matte lipstick",
+    "lip2": "pink matte lipstick",
+    "lip3": "nude matte lipstick",
+    "lip4": "coral matte lipstick",
+    "sh1": "dry shampoo volume",
+    "sh2": "clarifying shampoo volume",
+    "sh3": "moisture shampoo volume",
+    "nail": "nail polish remover",
+}
+
+
+def _history(*items: str) -> list[dict[str, Any]]:
+    return [
+        {"item_id": i, "weight": 8.0, "last_event_type": "purchase", "last_ts": TS, "count": 1}
+        for i in items
+    ]
+
+
+def _update(
+    user: str, *items: str, triggers: list[str] | None = None, ts: int = 1000
+) -> dict[str, Any]:
+    return {
+        "user_id": user,
+        "history": _history(*items),
+        "last_event_type": "purchase",
+        "last_item_id": items[0],
+        "trigger_event_ids": triggers or [f"{user}-e"],
+        "source_ts_ms": int(NOW * 1000) - ts,
+        "updated_at": TS,
+    }
+
+
+def _related(item: str, *others: str, count: float = 5.0) -> dict[str, Any]:
+    return {
+        "item_id": item,
+        "item_count": count,
+        "related": [
+            {
+                "item_id": o,
+                "kind": "bought_together",
+                "score": 3.0,
+                "evidence": {"support": 4, "lift": 3.0, "text": "bought together in 4 baskets"},
+            }
+            for o in others
+        ],
+        "updated_at": TS,
+    }
+
+
+@pytest.fixture
+def store() -> Iterator[ClientVectorStore]:
+    s = ClientVectorStore(collection="items", path=":memory:")
+    s.ensure_collection(FakeEncoder.dim)
+    ids = list(CATALOG)
+    s.upsert(
+        ids, FakeEncoder().encode([CATALOG[i] for i in ids]), [{"title": CATALOG[i]} for i in ids]
+    )
+    yield s
+    s.close()
+
+
+class Harness:
+    def __init__(self, store: ClientVectorStore, **settings: Any) -> None:
+        self.consumer = FakeConsumer("profile-updates")
+        self.related = FakeConsumer("related-items")
+        self.producer = FakeProducer()
+        self.encoder = FakeEncoder()
+        self.metrics = WorkerMetrics.create(CollectorRegistry())
+        self.store = store
+        defaults: dict[str, Any] = {"k": 3, "candidates": 10, "max_batch": 100, "max_wait_ms": 1}
+        self.recommender = Recommender(
+            consumer=self.consumer,
+            related_consumer=self.related,
+            producer=self.producer,
+            encoder=self.encoder,
+            store=store,
+            metrics=self.metrics,
+            topics=TOPICS,
+            settings=RecommenderSettings(**{**defaults, **settings}),
+            clock=lambda: NOW,
+        )
+
+    def recs(self) -> dict[str, dict[str, Any]]:
+        return {r["user_id"]: r for r in self.producer.values("recommendations")}
+
+
+def test_coalesce_keeps_latest_and_unions_triggers() -> None:
+    updates = [
+        ProfileUpdate.model_validate(_update("u", "lip1", triggers=["e1"], ts=50)),
+        ProfileUpdate.model_validate(_update("v", "sh1", triggers=["f1"])),
+        ProfileUpdate.model_validate(_update("u", "lip2", "lip1", triggers=["e2", "e1"], ts=10)),
+    ]
+    users, coalesced = coalesce(updates)
+    assert coalesced == 1
+    assert list(users) == ["u", "v"]
+    assert users["u"].update.last_item_id == "lip2"
+    assert users["u"].trigger_event_ids == ["e1", "e2"]
+    assert users["u"].source_ts_ms == int(NOW * 1000) - 50
+
+
+def test_pooled_recommendations_exclude_history_and_explain(store: ClientVectorStore) -> None:
+    h = Harness(store)
+    h.consumer.add_json(_update("u", "lip1", "lip2", ts=40), key="u")
+    h.consumer.add_json(_update("v", "sh1"), key="v")
+    result = h.recommender.poll_once()
+    assert (result.records, result.users, result.published) == (2, 2, 2)
+    recs = h.recs()
+    u_items = [i["item_id"] for i in recs["u"]["items"]]
+    assert u_items[:2] and set(u_items[:2]) <= {"lip3", "lip4"}
+    assert not {"lip1", "lip2"} & set(u_items)
+    assert [i["item_id"] for i in recs["v"]["items"]][:2] in (["sh2", "sh3"], ["sh3", "sh2"])
+    for rec in recs.values():
+        history = {"u": {"lip1", "lip2"}, "v": {"sh1"}}[rec["user_id"]]
+        for item in rec["items"]:
+            assert item["reasons"]
+            assert all(r["source_item_id"] in history for r in item["reasons"])
+    assert recs["u"]["latency_ms"] == pytest.approx(40.0)
+    assert recs["u"]["strategy"] == "hybrid/pooled"
+    assert recs["u"]["model_name"] == "fake"
+    assert h.encoder.calls == []  # pooled vectors come from the store, not the encoder
+    assert h.consumer.commits == [2]
+    assert h.metrics.recommendations_published._value.get() == 2
+
+
+def test_unavailable_items_are_never_recommended(store: ClientVectorStore) -> None:
+    store.set_available(["lip3", "sh2"], False)
+    h = Harness(store)
+    # sh2 also arrives as behaviour evidence: it must still be dropped.
+    h.related.add_json(_related("lip1", "sh2", "nail"), key="lip1")
+    h.consumer.add_json(_update("u", "lip1", "lip2"), key="u")
+    h.recommender.poll_once()
+    items = [i["item_id"] for i in h.recs()["u"]["items"]]
+    assert "lip3" not in items
+    assert "sh2" not in items
+    assert "nail" in items
+
+
+def test_related_items_evidence_names_the_history_item(store: ClientVectorStore) -> None:
+    h = Harness(store, strategy="hybrid")
+    h.related.add_json(_related("sh1", "nail"), key="sh1")
+    h.related.add(b"{broken", key=b"x")
+    h.consumer.add_json(_update("v", "sh1"), key="v")
+    h.recommender.poll_once()
+    nail = next(i for i in h.recs()["v"]["items"] if i["item_id"] == "nail")
+    reason = nail["reasons"][0]
+    assert reason["kind"] == "bought_together"
+    assert reason["source_item_id"] == "sh1"
+    assert "bought together in 4 baskets" in reason["text"]
+    assert [d["source_topic"] for d in h.producer.values("dead-letter")] == ["related-items"]
+
+
+def test_vector_strategy_ignores_behaviour_evidence(store: ClientVectorStore) -> None:
+    h = Harness(store, strategy="vector")
+    h.related.add_json(_related("sh1", "nail"), key="sh1")
+    h.consumer.add_json(_update("v", "sh1"), key="v")
+    h.recommender.poll_once()
+    rec = h.recs()["v"]
+    assert rec["strategy"] == "vector/pooled"
+    assert all(r["kind"] == "similar" for i in rec["items"] for r in i["reasons"])
+
+
+def test_text_user_vector_encodes_the_profile(store: ClientVectorStore) -> None:
+    h = Harness(store, user_vector="text")
+    h.consumer.add_json(_update("u", "lip1"), key="u")
+    h.recommender.poll_once()
+    assert h.encoder.calls == [["bought: red matte lipstick"]]
+    items = [i["item_id"] for i in h.recs()["u"]["items"]]
+    assert items[0].startswith("lip")
+    assert h.recs()["u"]["strategy"] == "hybrid/text"
+
+
+def test_micro_batch_coalesces_and_respects_max_batch(store: ClientVectorStore) -> None:
+    h = Harness(store, max_batch=3)
+    h.consumer.add_json(_update("u", "lip1", triggers=["e1"], ts=90), key="u")
+    h.consumer.add_json(_update("u", "lip2", "lip1", triggers=["e2"], ts=60), key="u")
+    h.consumer.add_json(_update("v", "sh1", triggers=["f1"]), key="v")
+    h.consumer.add_json(_update("u", "lip3", "lip2", "lip1", triggers=["e3"], ts=5), key="u")
+    first = h.recommender.poll_once()
+    assert (first.records, first.users, first.coalesced) == (3, 2, 1)
+    u_first = next(r for r in first.recommendations if r.user_id == "u")
+    assert u_first.trigger_event_ids == ["e1", "e2"]
+    assert u_first.latency_ms == pytest.approx(90.0)
+    assert {i.item_id for i in u_first.items}.isdisjoint({"lip1", "lip2"})
+    second = h.recommender.poll_once()
+    assert (second.records, second.users) == (1, 1)
+    assert second.recommendations[0].trigger_event_ids == ["e3"]
+    assert h.consumer.commits == [3, 4]
+    assert h.metrics.profile_updates_coalesced._value.get() == 1
+    assert h.recommender.poll_once().records == 0
+
+
+def test_bad_profile_updates_go_to_dead_letter_and_good_ones_flow(store: ClientVectorStore) -> None:
+    h = Harness(store)
+    h.consumer.add(b"not json", key=b"x")
+    h.consumer.add_json({**_update("y", "lip1"), "trigger_event_ids": []}, key="y")
+    h.consumer.add_json(_update("u", "lip1"), key="u")
+    result = h.recommender.poll_once()
+    assert result.dead_letters == 2
+    assert list(h.recs()) == ["u"]
+    letters = h.producer.values("dead-letter")
+    assert [d["error_type"] for d in letters] == ["malformed_json", "invalid_fields"]
+    assert {d["stage"] for d in letters} == {"recommender"}
+    assert h.consumer.commits == [3]
+
+
+def test_user_with_unknown_items_still_gets_a_record(store: ClientVectorStore) -> None:
+    h = Harness(store)
+    h.related.add_json(_related("lip1", "nail", count=9.0), key="lip1")
+    h.consumer.add_json(_update("w", "not-in-catalog"), key="w")
+    h.recommender.poll_once()
+    rec = h.recs()["w"]
+    # No vector and no evidence: the popularity fallback, explained by the user's own item.
+    assert [i["item_id"] for i in rec["items"]] == ["lip1", "nail"][: len(rec["items"])]
+    assert all(r["source_item_id"] == "not-in-catalog" for i in rec["items"] for r in i["reasons"])

@@ -1,0 +1,484 @@
+"""Recommender: `profile-updates` -> user vectors -> vector search + behaviour evidence ->
+explained `recommendations`, in micro-batches, at least once.
+
+Per batch: coalesce updates of one user into the latest (union of trigger ids, oldest source
+timestamp), build every user vector (pooled history item vectors, or the encoded profile
+text), run one batched store query, rank each user with `workers.ranking.rank` blending in the
+compacted `related-items` topic (read fully by every instance into memory), drop candidates
+that are unavailable, publish, flush, then commit.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+import numpy as np
+import numpy.typing as npt
+
+from schemas.decoding import Rejection, decode, key_text
+from schemas.messages import ProfileUpdate, Recommendation, RecommendedItem, RelatedItems
+from schemas.settings import RecommenderSettings
+from workers.encoder import Encoder
+from workers.kafka_io import (
+    Consumer,
+    LagReporter,
+    Message,
+    Producer,
+    commit,
+    flush,
+    produce,
+    send_dead_letter,
+    usable,
+)
+from workers.metrics import WorkerMetrics
+from workers.ranking import BlendWeights, pooled_user_vector, profile_text, rank
+from workers.vector_store import VectorStore
+
+logger = logging.getLogger(__name__)
+
+FloatArray = npt.NDArray[np.float32]
+STAGE = "recommender"
+# Rank this many extra candidates so that dropping retired behaviour candidates still leaves k.
+CANDIDATE_MARGIN = 2
+
+
+@dataclass(frozen=True, slots=True)
+class RecommenderTopics:
+    profile_updates: str
+    related_items: str
+    recommendations: str
+    dead_letter: str
+
+
+@dataclass(slots=True)
+class PendingUser:
+    """One user's coalesced updates of a batch."""
+
+    update: ProfileUpdate
+    trigger_event_ids: list[str]
+    source_ts_ms: int
+    coalesced: int = 0
+
+
+def coalesce(updates: Iterable[ProfileUpdate]) -> tuple[dict[str, PendingUser], int]:
+    """Fold updates of one user into the latest one (in arrival order, which is per-user
+    production order: the topic is keyed by user_id). Returns users and the coalesced count."""
+    users: dict[str, PendingUser] = {}
+    coalesced = 0
+    for update in updates:
+        pending = users.get(update.user_id)
+        if pending is None:
+            users[update.user_id] = PendingUser(
+                update, list(update.trigger_event_ids), update.source_ts_ms
+            )
+            continue
+        coalesced += 1
+        seen = set(pending.trigger_event_ids)
+        pending.trigger_event_ids.extend(e for e in update.trigger_event_ids if e not in seen)
+        pending.update = update
+        pending.source_ts_ms = min(pending.source_ts_ms, update.source_ts_ms)
+        pending.coalesced += 1
+    return users, coalesced
+
+
+class ItemCache:
+    """Bounded LRU of item vectors and titles read from the store (items rarely change)."""
+
+    def __init__(self, store: VectorStore, *, capacity: int = 200_000) -> None:
+        self.store = store
+        self.capacity = capacity
+        self._items: OrderedDict[str, tuple[FloatArray, str]] = OrderedDict()
+
+    def fetch(self, ids: Iterable[str]) -> None:
+        """Load the missing ones of `ids` with one store round trip."""
+        missing = [i for i in dict.fromkeys(ids) if i not in self._items]
+        if not missing:
+            return
+        vectors = self.store.get_vectors(missing)
+        payloads = self.store.get_payloads(list(vectors))
+        for item_id, vector in vectors.items():
+            title = payloads.get(item_id, {}).get("title") or ""
+            self._items[item_id] = (vector, str(title))
+        while len(self._items) > self.capacity:
+            self._items.popitem(last=False)
+
+    def get(self, item_id: str) -> tuple[FloatArray, str] | None:
+        entry = self._items.get(item_id)
+        if entry is not None:
+            self._items.move_to_end(item_id)
+        return entry
+
+    def invalidate(self, ids: Iterable[str]) -> None:
+        for item_id in ids:
+            self._items.pop(item_id, None)
+
+
+class _Vectors(Mapping[str, FloatArray]):
+    """Read-through view of the cache's vectors (for `rank`'s history/candidate vectors)."""
+
+    def __init__(self, cache: ItemCache) -> None:
+        self._cache = cache
+
+    def __getitem__(self, item_id: str) -> FloatArray:
+        entry = self._cache.get(item_id)
+        if entry is None:
+            self._cache.fetch([item_id])
+            entry = self._cache.get(item_id)
+        if entry is None:
+            raise KeyError(item_id)
+        return entry[0]
+
+    def __contains__(self, item_id: object) -> bool:
+        if not isinstance(item_id, str):
+            return False
+        try:
+            self[item_id]
+        except KeyError:
+            return False
+        return True
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(())
+
+    def __len__(self) -> int:
+        return 0
+
+
+class _Titles(Mapping[str, str]):
+    def __init__(self, cache: ItemCache) -> None:
+        self._cache = cache
+
+    def __getitem__(self, item_id: str) -> str:
+        entry = self._cache.get(item_id)
+        if entry is None or not entry[1]:
+            raise KeyError(item_id)
+        return entry[1]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(())
+
+    def __len__(self) -> int:
+        return 0
+
+
+def weights_for(strategy: str, weights: BlendWeights) -> BlendWeights:
+    """`vector`: similarity only (behaviour evidence and popularity off); `hybrid`: as given."""
+    if strategy == "vector":
+        return weights.model_copy(
+            update={
+                "vector": 1.0,
+                "bought_together": 0.0,
+                "also_viewed": 0.0,
+                "next_item": 0.0,
+                "similar": 0.0,
+                "popularity": 0.0,
+            }
+        )
+    return weights
+
+
+@dataclass(slots=True)
+class RelatedIndex:
+    """The compacted `related-items` topic in memory, plus a popularity list from it."""
+
+    items: dict[str, RelatedItems] = field(default_factory=dict)
+    _popularity: list[tuple[str, float]] | None = None
+
+    def apply(self, item_id: str, value: RelatedItems | None) -> None:
+        if value is None:
+            self.items.pop(item_id, None)
+        else:
+            self.items[item_id] = value
+        self._popularity = None
+
+    def popularity(self, limit: int = 1000) -> list[tuple[str, float]]:
+        """Items by decayed basket/history count, most popular first."""
+        if self._popularity is None:
+            ranked = sorted(self.items.values(), key=lambda r: (-r.item_count, r.item_id))
+            self._popularity = [(r.item_id, r.item_count) for r in ranked[:limit]]
+        return self._popularity
+
+
+@dataclass(slots=True)
+class BatchResult:
+    records: int = 0
+    users: int = 0
+    coalesced: int = 0
+    published: int = 0
+    dead_letters: int = 0
+    recommendations: list[Recommendation] = field(default_factory=list)
+
+
+class Recommender:
+    """The recommending loop: `poll_once()` handles one micro-batch; `run()` loops."""
+
+    def __init__(
+        self,
+        *,
+        consumer: Consumer,
+        related_consumer: Consumer | None,
+        producer: Producer,
+        encoder: Encoder,
+        store: VectorStore,
+        metrics: WorkerMetrics,
+        topics: RecommenderTopics,
+        settings: RecommenderSettings,
+        weights: BlendWeights | None = None,
+        cache_size: int = 200_000,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.consumer = consumer
+        self.related_consumer = related_consumer
+        self.producer = producer
+        self.encoder = encoder
+        self.store = store
+        self.metrics = metrics
+        self.topics = topics
+        self.settings = settings
+        self.weights = weights_for(settings.strategy, weights or BlendWeights())
+        self.strategy = f"{settings.strategy}/{settings.user_vector}"
+        self.related = RelatedIndex()
+        self.cache = ItemCache(store, capacity=cache_size)
+        self.clock = clock
+        self._lag = LagReporter(consumer, metrics.consumer_lag)
+
+    # -- related-items -------------------------------------------------------------------------
+
+    def _apply_related(self, messages: Iterable[Message]) -> int:
+        n = 0
+        for msg in usable(list(messages)):
+            raw = msg.value()
+            key = key_text(msg.key())
+            if raw is None:
+                if key:
+                    self.related.apply(key, None)
+                continue
+            decoded = decode(raw, RelatedItems)
+            if isinstance(decoded, Rejection):
+                send_dead_letter(
+                    self.producer,
+                    topic=self.topics.dead_letter,
+                    message=msg,
+                    rejection=decoded,
+                    stage=STAGE,
+                    counter=self.metrics.dead_letter,
+                )
+                continue
+            self.related.apply(decoded.item_id, decoded)
+            n += 1
+        return n
+
+    def drain_related(self, *, max_records: int = 10_000) -> int:
+        """Apply what `related-items` has ready now, without waiting."""
+        if self.related_consumer is None:
+            return 0
+        total = 0
+        while total < max_records:
+            batch = self.related_consumer.consume(num_messages=1000, timeout=0)
+            if not batch:
+                break
+            total += len(batch)
+            self._apply_related(batch)
+        return total
+
+    def catch_up_related(self, *, timeout_s: float = 10.0) -> int:
+        """At start: read `related-items` up to its current end (bounded by `timeout_s`)."""
+        if self.related_consumer is None:
+            return 0
+        deadline = time.monotonic() + timeout_s
+        total = 0
+        idle = 0
+        while time.monotonic() < deadline and idle < 3:
+            batch = self.related_consumer.consume(num_messages=1000, timeout=0.2)
+            if not batch:
+                idle += 1
+                continue
+            idle = 0
+            total += len(batch)
+            self._apply_related(batch)
+        logger.info("related-items loaded records=%d items=%d", total, len(self.related.items))
+        return total
+
+    # -- profile updates -----------------------------------------------------------------------
+
+    def _decode_updates(self, messages: list[Message], result: BatchResult) -> list[ProfileUpdate]:
+        updates: list[ProfileUpdate] = []
+        for msg in usable(messages):
+            decoded = decode(msg.value(), ProfileUpdate)
+            if isinstance(decoded, Rejection):
+                send_dead_letter(
+                    self.producer,
+                    topic=self.topics.dead_letter,
+                    message=msg,
+                    rejection=decoded,
+                    stage=STAGE,
+                    counter=self.metrics.dead_letter,
+                )
+                result.dead_letters += 1
+                continue
+            updates.append(decoded)
+        return updates
+
+    def _user_vectors(self, users: list[PendingUser]) -> list[FloatArray | None]:
+        max_items = self.weights.max_sources
+        self.cache.fetch(entry.item_id for u in users for entry in u.update.history[:max_items])
+        if self.settings.user_vector == "text":
+            titles = _Titles(self.cache)
+            texts = [profile_text(u.update.history, titles) for u in users]
+            todo = [n for n, text in enumerate(texts) if text]
+            out: list[FloatArray | None] = [None] * len(users)
+            if todo:
+                start = time.perf_counter()
+                encoded = self.encoder.encode([texts[n] for n in todo])
+                self.metrics.observe_encode(len(todo), time.perf_counter() - start)
+                for row, n in enumerate(todo):
+                    out[n] = encoded[row]
+            return out
+        vectors = _Vectors(self.cache)
+        return [
+            pooled_user_vector(
+                u.update.history,
+                vectors,
+                recency=self.weights.recency,
+                weight_exponent=self.weights.weight_exponent,
+                max_items=max_items,
+            )
+            for u in users
+        ]
+
+    def _search(
+        self, users: list[PendingUser], vectors: list[FloatArray | None]
+    ) -> list[list[tuple[str, float]]]:
+        hits: list[list[tuple[str, float]]] = [[] for _ in users]
+        if self.weights.vector <= 0:
+            return hits
+        todo = [n for n, v in enumerate(vectors) if v is not None]
+        if not todo:
+            return hits
+        matrix = np.stack([vectors[n] for n in todo]).astype(np.float32)  # type: ignore[misc]  # None filtered above
+        excludes = [{e.item_id for e in users[n].update.history} for n in todo]
+        start = time.perf_counter()
+        found = self.store.search_batch(
+            matrix, k=self.settings.candidates, exclude_ids=excludes, only_available=True
+        )
+        self.metrics.qdrant_query_seconds.observe(time.perf_counter() - start)
+        for n, user_hits in zip(todo, found, strict=True):
+            hits[n] = user_hits
+        return hits
+
+    def _available(self, ids: set[str]) -> set[str]:
+        if not ids:
+            return set()
+        start = time.perf_counter()
+        payloads = self.store.get_payloads(ids)
+        self.metrics.qdrant_query_seconds.observe(time.perf_counter() - start)
+        return {i for i, p in payloads.items() if p.get("available") is True}
+
+    def recommend(self, users: list[PendingUser]) -> list[list[RecommendedItem]]:
+        """Ranked, explained, available items for each user (pure of Kafka)."""
+        vectors = self._user_vectors(users)
+        hits = self._search(users, vectors)
+        # One round trip for the vectors `rank` uses to name the history item behind a hit.
+        depth = self.settings.k * CANDIDATE_MARGIN
+        self.cache.fetch(item_id for user_hits in hits for item_id, _ in user_hits[:depth])
+        history_vectors = _Vectors(self.cache)
+        titles = _Titles(self.cache)
+        popularity = self.related.popularity() if self.weights.popularity > 0 else None
+        ranked: list[list[RecommendedItem]] = []
+        for user, user_hits in zip(users, hits, strict=True):
+            ranked.append(
+                rank(
+                    history=user.update.history,
+                    related=self.related.items,
+                    vector_hits=user_hits,
+                    k=self.settings.k * CANDIDATE_MARGIN,
+                    weights=self.weights,
+                    history_vectors=history_vectors,
+                    candidate_vectors=history_vectors,
+                    popularity=popularity,
+                    titles=titles,
+                )
+            )
+        # Vector hits were filtered by availability in the store; behaviour candidates were not.
+        vector_ids = [{i for i, _ in h} for h in hits]
+        unchecked = {
+            item.item_id
+            for items, vec in zip(ranked, vector_ids, strict=True)
+            for item in items
+            if item.item_id not in vec
+        }
+        available = self._available(unchecked)
+        return [
+            [i for i in items if i.item_id in vec or i.item_id in available][: self.settings.k]
+            for items, vec in zip(ranked, vector_ids, strict=True)
+        ]
+
+    def poll_once(self) -> BatchResult:
+        """Consume up to `max_batch` updates (waiting at most `max_wait_ms`) and answer them."""
+        messages = list(
+            self.consumer.consume(
+                num_messages=self.settings.max_batch, timeout=self.settings.max_wait_ms / 1000.0
+            )
+        )
+        self.drain_related()
+        result = BatchResult(records=len(messages))
+        if not messages:
+            self._lag.maybe_report()
+            return result
+        self.metrics.recommender_batch_size.observe(len(messages))
+        updates = self._decode_updates(messages, result)
+        pending, result.coalesced = coalesce(updates)
+        self.metrics.profile_updates_coalesced.inc(result.coalesced)
+        users = list(pending.values())
+        result.users = len(users)
+        if users:
+            items = self.recommend(users)
+            generated_at = datetime.now(UTC)
+            now_ms = self.clock() * 1000.0
+            for user, user_items in zip(users, items, strict=True):
+                rec = Recommendation(
+                    user_id=user.update.user_id,
+                    items=user_items,
+                    generated_at=generated_at,
+                    model_name=self.encoder.name,
+                    model_version=self.encoder.version,
+                    strategy=self.strategy,
+                    trigger_event_ids=user.trigger_event_ids,
+                    latency_ms=max(0.0, now_ms - user.source_ts_ms),
+                )
+                produce(
+                    self.producer,
+                    self.topics.recommendations,
+                    key=rec.user_id.encode(),
+                    value=rec.model_dump_json().encode(),
+                )
+                result.recommendations.append(rec)
+        flush(self.producer)
+        # Observed once acknowledged by the broker: the latency a subscriber can actually see.
+        acked_ms = self.clock() * 1000.0
+        for user in users:
+            self.metrics.event_to_recommendation_seconds.observe(
+                max(0.0, acked_ms - user.source_ts_ms) / 1000.0
+            )
+        result.published = len(result.recommendations)
+        self.metrics.recommendations_published.inc(result.published)
+        commit(self.consumer)
+        self._lag.maybe_report()
+        return result
+
+    def run(self, stop_event: threading.Event) -> None:
+        """Loop until `stop_event` is set; the caller closes consumers, producer and store."""
+        self.catch_up_related()
+        logger.info(
+            "recommender started topic=%s strategy=%s", self.topics.profile_updates, self.strategy
+        )
+        total = 0
+        while not stop_event.is_set():
+            total += self.poll_once().records
+        logger.info("recommender stopped records=%d", total)
