@@ -1,0 +1,260 @@
+"""`relata workers`: the composition root of the item indexer and the recommender.
+
+Reads settings, creates topics, builds the Kafka clients, the encoder and the vector store,
+serves Prometheus `/metrics`, and runs the loops until SIGTERM/SIGINT. With `--role all` both
+loops share ONE encoder and ONE store in one process (two threads): an embedded qdrant-edge
+directory can be open in one process only, so that is how the demo runs.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any, Literal
+
+import click
+from prometheus_client import CollectorRegistry, start_http_server
+
+from relata.settings_cli import build_settings, settings_options
+from relata.topics import confluent_config, ensure_topics, topic_name
+from schemas.settings import (
+    EncoderSettings,
+    IndexerSettings,
+    KafkaSettings,
+    RecommenderSettings,
+    StoreSettings,
+)
+from schemas.topics import (
+    ALL_TOPICS,
+    DEAD_LETTER,
+    ITEM_CATALOG,
+    PROFILE_UPDATES,
+    RECOMMENDATIONS,
+    RELATED_ITEMS,
+)
+
+logger = logging.getLogger(__name__)
+
+Role = Literal["indexer", "recommender", "all"]
+
+
+def build_consumer(kafka: KafkaSettings, *, group_id: str, low_latency: bool = False) -> Any:
+    """A confluent-kafka consumer with manual commits (offsets committed after the work)."""
+    from confluent_kafka import Consumer
+
+    config = confluent_config(kafka) | {
+        "group.id": group_id,
+        "enable.auto.commit": False,
+        "auto.offset.reset": "earliest",
+        "session.timeout.ms": 10_000,
+        "heartbeat.interval.ms": 1_000,
+    }
+    if low_latency:
+        # The broker answers a fetch as soon as one byte is there, or after 5 ms.
+        config |= {"fetch.wait.max.ms": 5, "fetch.min.bytes": 1}
+    return Consumer(config)
+
+
+def build_producer(kafka: KafkaSettings) -> Any:
+    """An idempotent producer with a 1 ms linger (latency first; batches still form)."""
+    from confluent_kafka import Producer
+
+    return Producer(
+        confluent_config(kafka) | {"linger.ms": 1, "enable.idempotence": True, "acks": "all"}
+    )
+
+
+def build_related_consumer(kafka: KafkaSettings, *, group_prefix: str) -> Any:
+    """Reads every partition of `related-items` from the beginning, in every instance.
+
+    Assigned, never subscribed or committed: each instance needs the whole compacted topic.
+    """
+    from confluent_kafka import OFFSET_BEGINNING, TopicPartition
+
+    topic = topic_name(kafka, RELATED_ITEMS)
+    consumer = build_consumer(kafka, group_id=f"{group_prefix}-related-{uuid.uuid4().hex[:8]}")
+    metadata = consumer.list_topics(topic, timeout=30)
+    partitions = sorted(metadata.topics[topic].partitions)
+    consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in partitions])
+    return consumer
+
+
+@dataclass
+class Workers:
+    """The built loops and everything to close when they stop."""
+
+    loops: list[tuple[str, Callable[[threading.Event], None]]]
+    encoder: Any
+    store: Any
+    closers: list[Callable[[], Any]] = field(default_factory=list)
+
+    def run(self, stop_event: threading.Event) -> None:
+        """Run each loop in its own thread until `stop_event`; a crashed loop stops them all."""
+        errors: list[BaseException] = []
+
+        def guard(name: str, loop: Callable[[threading.Event], None]) -> None:
+            try:
+                loop(stop_event)
+            except BaseException as exc:
+                logger.exception("worker loop crashed loop=%s", name)
+                errors.append(exc)
+                stop_event.set()
+
+        threads = [
+            threading.Thread(target=guard, args=(name, loop), name=f"relata-{name}", daemon=True)
+            for name, loop in self.loops
+        ]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            while thread.is_alive():  # a timed join keeps the main thread responsive to signals
+                thread.join(0.5)
+        if errors:
+            raise RuntimeError(f"worker loop failed: {errors[0]!r}") from errors[0]
+
+    def close(self) -> None:
+        """Close Kafka clients, then the store and the encoder; each error is logged."""
+        for close in [*self.closers, self.store.close, getattr(self.encoder, "close", None)]:
+            if close is None:
+                continue
+            try:
+                close()
+            except Exception:
+                logger.exception("error while closing")
+
+
+def build_workers(
+    role: Role,
+    *,
+    kafka: KafkaSettings,
+    encoder_settings: EncoderSettings,
+    store_settings: StoreSettings,
+    indexer_settings: IndexerSettings,
+    recommender_settings: RecommenderSettings,
+    registry: CollectorRegistry,
+    encoder: Any = None,
+    store: Any = None,
+) -> Workers:
+    """Build the loops of `role`; one encoder and one store serve both loops of `all`."""
+    from workers.encoder import TransformerEncoder
+    from workers.indexer import IndexerTopics, ItemIndexer
+    from workers.metrics import WorkerMetrics
+    from workers.ranking import BlendWeights
+    from workers.recommender import Recommender, RecommenderTopics
+    from workers.vector_store import build_store
+
+    encoder = encoder or TransformerEncoder.from_settings(encoder_settings)
+    store = store or build_store(store_settings, encoder.dim)
+    metrics = WorkerMetrics.create(registry)
+    workers = Workers(loops=[], encoder=encoder, store=store)
+    dead_letter = topic_name(kafka, DEAD_LETTER)
+    if role in ("indexer", "all"):
+        consumer = build_consumer(kafka, group_id=indexer_settings.group_id)
+        consumer.subscribe([topic_name(kafka, ITEM_CATALOG)])
+        producer = build_producer(kafka)
+        indexer = ItemIndexer(
+            consumer=consumer,
+            producer=producer,
+            encoder=encoder,
+            store=store,
+            metrics=metrics,
+            topics=IndexerTopics(catalog=topic_name(kafka, ITEM_CATALOG), dead_letter=dead_letter),
+            max_batch=indexer_settings.max_batch,
+            max_wait_ms=indexer_settings.max_wait_ms,
+        )
+        workers.loops.append(("indexer", indexer.run))
+        workers.closers += [consumer.close, partial(producer.flush, 10)]
+    if role in ("recommender", "all"):
+        consumer = build_consumer(kafka, group_id=recommender_settings.group_id, low_latency=True)
+        consumer.subscribe([topic_name(kafka, PROFILE_UPDATES)])
+        related = build_related_consumer(kafka, group_prefix=recommender_settings.group_id)
+        producer = build_producer(kafka)
+        weights = (
+            BlendWeights.load(recommender_settings.blend_path)
+            if recommender_settings.blend_path
+            else None
+        )
+        recommender = Recommender(
+            consumer=consumer,
+            related_consumer=related,
+            producer=producer,
+            encoder=encoder,
+            store=store,
+            metrics=metrics,
+            topics=RecommenderTopics(
+                profile_updates=topic_name(kafka, PROFILE_UPDATES),
+                related_items=topic_name(kafka, RELATED_ITEMS),
+                recommendations=topic_name(kafka, RECOMMENDATIONS),
+                dead_letter=dead_letter,
+            ),
+            settings=recommender_settings,
+            weights=weights,
+        )
+        workers.loops.append(("recommender", recommender.run))
+        workers.closers += [consumer.close, related.close, partial(producer.flush, 10)]
+    return workers
+
+
+@click.command(name="workers")
+@click.option(
+    "--role",
+    type=click.Choice(["indexer", "recommender", "all"]),
+    default="all",
+    show_default=True,
+    envvar="RELATA_WORKERS_ROLE",
+    show_envvar=True,
+    help="Which loops to run; `all` shares one encoder and one store (needed for edge).",
+)
+@settings_options(RecommenderSettings, group="recommender")
+@settings_options(IndexerSettings, group="indexer")
+@settings_options(StoreSettings, group="store")
+@settings_options(EncoderSettings, group="encoder")
+@settings_options(KafkaSettings, group="kafka")
+def command(role: Role, **params: Any) -> None:
+    """Run the item indexer and/or the recommender until SIGTERM/SIGINT."""
+    kafka = build_settings(KafkaSettings, group="kafka", params=params)
+    encoder_settings = build_settings(EncoderSettings, group="encoder", params=params)
+    store_settings = build_settings(StoreSettings, group="store", params=params)
+    indexer_settings = build_settings(IndexerSettings, group="indexer", params=params)
+    recommender_settings = build_settings(RecommenderSettings, group="recommender", params=params)
+
+    created = ensure_topics(kafka, ALL_TOPICS)
+    logger.info("topics ready created=%s", ",".join(created) or "none")
+    registry = CollectorRegistry()
+    port = indexer_settings.metrics_port if role == "indexer" else recommender_settings.metrics_port
+    if port:
+        start_http_server(port, registry=registry)
+
+    stop_event = threading.Event()
+
+    def _stop(signum: int, _frame: Any) -> None:
+        logger.info("stopping signal=%s", signal.Signals(signum).name)
+        stop_event.set()
+
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
+
+    workers = build_workers(
+        role,
+        kafka=kafka,
+        encoder_settings=encoder_settings,
+        store_settings=store_settings,
+        indexer_settings=indexer_settings,
+        recommender_settings=recommender_settings,
+        registry=registry,
+    )
+    click.echo(
+        f"relata workers: role={role} broker={kafka.bootstrap_servers} "
+        f"store={store_settings.kind} model={workers.encoder.name}@{workers.encoder.version} "
+        + (f"metrics=http://0.0.0.0:{port}/metrics" if port else "metrics disabled")
+    )
+    try:
+        workers.run(stop_event)
+    finally:
+        workers.close()
+    click.echo("relata workers: stopped")
