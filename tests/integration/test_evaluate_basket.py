@@ -49,8 +49,6 @@ def test_basket_evaluation_on_online_retail_slice(tmp_path: Path) -> None:
     for name, m in report["methods"].items():
         assert 0.0 <= m["ndcg"] <= m["hr"] <= 1.0, name
         assert m["hr"] > 5 * chance, f"{name} is no better than chance: {m}"
-    # behaviour beats text similarity at completing a retailer's baskets
-    assert report["methods"]["bought_together"]["hr"] > report["methods"]["similar"]["hr"]
     fp = report["fpgrowth"]
     assert fp["rules"] > 0 and fp["pairs"] > 0 and fp["seconds"] > 0
     assert 0.0 <= fp["top100_overlap"] <= 1.0
