@@ -424,7 +424,9 @@ class Pipeline:
 
     def _child_env(self) -> dict[str, str]:
         assert self.kafka is not None
-        env = {k: v for k, v in os.environ.items() if not k.startswith("RELATA_")}
+        # The user's RELATA_* settings (encoder device, batch sizes, SASL...) pass through; the
+        # pipeline's own wiring (broker, prefix, groups, ports, dirs) overrides them.
+        env = dict(os.environ)
         kafka = self.kafka
         env.update(
             {
@@ -443,15 +445,6 @@ class Pipeline:
                 "RELATA_RECOMMENDER_METRICS_PORT": str(self.recommender_metrics_port),
             }
         )
-        # Security settings of an external cluster pass through as the user gave them.
-        for name in (
-            "RELATA_KAFKA_SASL_MECHANISM",
-            "RELATA_KAFKA_SASL_USERNAME",
-            "RELATA_KAFKA_SASL_PASSWORD",
-            "RELATA_KAFKA_SSL_CAFILE",
-        ):
-            if name in os.environ:
-                env[name] = os.environ[name]
         env.update(self.options.extra_env)
         return env
 
