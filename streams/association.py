@@ -15,8 +15,8 @@ scale would grow past 2^30.
 
 Bounded memory (the approximation): at most `capacity` partners per item and kind, kept with
 a batched Space-Saving / lossy-counting rule. When a new partner arrives at a full list, the
-weakest quarter of the list is dropped at once (one sort per capacity/4 insertions instead of
-a minimum search per insertion) and the largest dropped count becomes the list's `floor`.
+weakest quarter of the list (ties included) is dropped at once (one sort per capacity/4
+insertions instead of a minimum search per insertion) and the largest dropped count becomes the list's `floor`.
 A partner admitted later starts at floor + its weight, with the floor recorded as its
 over-estimation error. Floors never decrease, so for every kept count c with error e,
 c - e <= true count <= c, and every partner whose true count exceeds the list's current floor
@@ -172,24 +172,26 @@ def sequence_weight(distance: int) -> float:
 def plan_updates(inp: AssociationInput) -> dict[str, ItemDelta]:
     """Per-item changes implied by one input; apply each with `update_item`."""
     deltas: dict[str, ItemDelta] = {}
-
-    def delta(item_id: str) -> ItemDelta:
-        return deltas.setdefault(item_id, ItemDelta())
-
+    item = inp.item_id
     if inp.kind is not None:
-        own = delta(inp.item_id)
-        own.counts[inp.kind] = own.counts.get(inp.kind, 0.0) + 1.0
+        kind = inp.kind
+        own = deltas[item] = ItemDelta(counts={kind: 1.0})
         for other in inp.basket_items:
-            if other == inp.item_id:
+            if other == item:
                 continue
-            own.pairs.append((inp.kind, other, 1.0))
-            delta(other).pairs.append((inp.kind, inp.item_id, 1.0))
+            own.pairs.append((kind, other, 1.0))
+            found = deltas.get(other)
+            if found is None:
+                found = deltas[other] = ItemDelta()
+            found.pairs.append((kind, item, 1.0))
     if inp.sequence_step:
-        own = delta(inp.item_id)
+        own = deltas.setdefault(item, ItemDelta())
         own.counts["next_item"] = own.counts.get("next_item", 0.0) + 1.0
         for distance, source in enumerate(inp.prior_items):
-            if source != inp.item_id:
-                delta(source).pairs.append(("next_item", inp.item_id, sequence_weight(distance)))
+            if source != item:
+                deltas.setdefault(source, ItemDelta()).pairs.append(
+                    ("next_item", item, sequence_weight(distance))
+                )
     return deltas
 
 
@@ -230,22 +232,15 @@ def decayed(
     return value * math.pow(2.0, -max(0.0, now - record["landmark"]) / half_life_s)
 
 
-def _add_partner(record: ItemRecord, kind: str, partner: str, amount: float, capacity: int) -> None:
-    partners = record["partners"].setdefault(kind, {})
-    entry = partners.get(partner)
-    if entry is not None:
-        entry[0] += amount
-        return
-    floor = record["floors"].get(kind, 0.0)
-    if len(partners) >= capacity:
-        # Drop the weakest quarter at once; the floor rises to the largest dropped count.
-        ranked = sorted(partners, key=lambda p: partners[p][0])
-        drop = ranked[: max(1, capacity // 4)]
-        floor = max(floor, partners[drop[-1]][0])
-        for weak in drop:
-            del partners[weak]
-        record["floors"][kind] = floor
-    partners[partner] = [floor + amount, floor]
+def _prune(record: ItemRecord, kind: str, partners: dict[str, list[float]], capacity: int) -> float:
+    """Drop the weakest quarter of a full list; returns the new floor (largest dropped count)."""
+    counts = sorted(entry[0] for entry in partners.values())
+    threshold = counts[max(1, capacity // 4) - 1]
+    for weak in [p for p, entry in partners.items() if entry[0] <= threshold]:
+        del partners[weak]
+    floor = max(record["floors"].get(kind, 0.0), threshold)
+    record["floors"][kind] = floor
+    return floor
 
 
 def update_item(
@@ -265,9 +260,21 @@ def update_item(
     counts = record["counts"]
     for kind, amount in delta.counts.items():
         counts[kind] = counts.get(kind, 0.0) + amount * scale
-    record.setdefault("floors", {})
+    floors = record.setdefault("floors", {})
+    all_partners = record["partners"]
+    capacity = config.capacity
     for kind, partner, amount in delta.pairs:
-        _add_partner(record, kind, partner, amount * scale, config.capacity)
+        partners = all_partners.get(kind)
+        if partners is None:
+            partners = all_partners[kind] = {}
+        entry = partners.get(partner)
+        if entry is not None:
+            entry[0] += amount * scale
+            continue
+        floor = floors.get(kind, 0.0)
+        if len(partners) >= capacity:
+            floor = _prune(record, kind, partners, capacity)
+        partners[partner] = [floor + amount * scale, floor]
     return record
 
 
