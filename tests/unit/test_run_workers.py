@@ -1,0 +1,79 @@
+"""The workers composition root: loop threads, crash propagation, shutdown order."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from relata.run_workers import Workers
+
+
+class _Closable:
+    def __init__(self, log: list[str], name: str) -> None:
+        self.log, self.name = log, name
+
+    def close(self) -> None:
+        self.log.append(self.name)
+
+
+def test_loops_run_until_stopped_and_close_in_order() -> None:
+    log: list[str] = []
+    started = threading.Barrier(3)
+
+    def loop(stop: threading.Event) -> None:
+        started.wait(5)
+        stop.wait(5)
+
+    workers = Workers(
+        loops=[("a", loop), ("b", loop)],
+        encoder=_Closable(log, "encoder"),
+        store=_Closable(log, "store"),
+        closers=[lambda: log.append("consumer")],
+    )
+    stop = threading.Event()
+    runner = threading.Thread(target=workers.run, args=(stop,))
+    runner.start()
+    started.wait(5)
+    stop.set()
+    runner.join(5)
+    assert not runner.is_alive()
+    workers.close()
+    assert log == ["consumer", "store", "encoder"]
+
+
+def test_a_crashed_loop_stops_the_others_and_is_raised() -> None:
+    stopped = threading.Event()
+
+    def crash(stop: threading.Event) -> None:
+        raise ValueError("boom")
+
+    def wait(stop: threading.Event) -> None:
+        stop.wait(10)
+        stopped.set()
+
+    log: list[str] = []
+    workers = Workers(
+        loops=[("crash", crash), ("wait", wait)],
+        encoder=_Closable(log, "encoder"),
+        store=_Closable(log, "store"),
+    )
+    with pytest.raises(RuntimeError, match="boom"):
+        workers.run(threading.Event())
+    assert stopped.is_set()
+
+
+def test_close_carries_on_after_an_error() -> None:
+    log: list[str] = []
+
+    def failing() -> None:
+        raise OSError("already closed")
+
+    workers = Workers(
+        loops=[],
+        encoder=_Closable(log, "encoder"),
+        store=_Closable(log, "store"),
+        closers=[failing],
+    )
+    workers.close()
+    assert log == ["store", "encoder"]
