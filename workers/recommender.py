@@ -6,6 +6,10 @@ timestamp), build every user vector (pooled history item vectors, or the encoded
 text), run one batched store query, rank each user with `workers.ranking.rank` blending in the
 compacted `related-items` topic (read fully by every instance into memory), drop candidates
 that are unavailable, publish, flush, then commit.
+
+An item the store does not hold (not indexed yet) counts as unavailable. Item vectors and
+titles are cached (LRU); a catalog edit of an item's text reaches the cache only on eviction
+or restart, which is harmless for pooling but worth knowing.
 """
 
 from __future__ import annotations
