@@ -21,10 +21,14 @@ from pydantic import (
 EventType = Literal["view", "click", "add_to_cart", "purchase", "return"]
 EVENT_TYPES: tuple[EventType, ...] = ("view", "click", "add_to_cart", "purchase", "return")
 
-RelationKind = Literal["similar", "bought_together", "also_viewed", "next_item"]
+# similar: close in meaning (vector cosine); bought_together: same basket/session;
+# also_bought: bought by the same customers across their histories; also_viewed: viewed/clicked
+# together; next_item: bought next after it (directed sequence transition).
+RelationKind = Literal["similar", "bought_together", "also_bought", "also_viewed", "next_item"]
 RELATION_KINDS: tuple[RelationKind, ...] = (
     "similar",
     "bought_together",
+    "also_bought",
     "also_viewed",
     "next_item",
 )
@@ -172,7 +176,9 @@ class Reason(_Message):
     """One piece of support for a recommended item."""
 
     source_item_id: Identifier = Field(description="The user's own history item behind it.")
-    kind: Literal["similar", "bought_together", "also_viewed", "next_item", "popular"]
+    kind: Literal[
+        "similar", "bought_together", "also_bought", "also_viewed", "next_item", "popular"
+    ]
     strength: float = Field(description="This reason's contribution to the item's score.")
     text: str
 

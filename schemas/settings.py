@@ -203,7 +203,9 @@ class EmbeddedKafkaSettings(_Settings):
     cache_dir: Path | None = Field(
         None, description="Directory of the resolved jars; default: ~/.cache/relata/kafka-VERSION."
     )
-    port: int = Field(0, ge=0, le=65535, description="Broker port on 127.0.0.1; 0 picks a free one.")
+    port: int = Field(
+        0, ge=0, le=65535, description="Broker port on 127.0.0.1; 0 picks a free one."
+    )
     heap: str = Field("512m", pattern=r"^\d+[kmg]$", description="JVM heap (-Xmx) of the broker.")
     startup_timeout_s: float = Field(
         90.0, gt=0, description="Longest wait for the broker to answer after start."

@@ -98,7 +98,7 @@ related = st.builds(
 reasons = st.builds(
     Reason,
     source_item_id=ids,
-    kind=st.sampled_from(["similar", "bought_together", "also_viewed", "next_item", "popular"]),
+    kind=st.sampled_from([*RELATION_KINDS, "popular"]),
     strength=finite,
     text=text,
 )
