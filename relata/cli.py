@@ -21,6 +21,10 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "load-catalog": ("relata.replay", "Publish a catalog file (items.jsonl[.gz]) to item-catalog."),
     "replay": ("relata.replay", "Replay an events file (events.jsonl[.gz]) into behavior-events."),
     "tail": ("relata.replay", "Print the records of a topic as they arrive."),
+    "settings": (
+        "relata.settings_doc",
+        "List every RELATA_* setting with its default and meaning.",
+    ),
     "schemas": ("relata.schema_export", "Write one JSON Schema per topic into schemas/json/."),
     "kafka": ("relata.kafka_broker", "Run the embedded single-node Apache Kafka (KRaft)."),
     "bench": ("relata.bench", "Measure event-to-recommendation latency and throughput."),

@@ -1,0 +1,70 @@
+"""`relata settings`: every setting with its environment name, default and meaning."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import click
+from pydantic_settings import BaseSettings
+
+from schemas.settings import (
+    EmbeddedKafkaSettings,
+    EncoderSettings,
+    IndexerSettings,
+    KafkaSettings,
+    RecommenderSettings,
+    StoreSettings,
+    StreamsSettings,
+)
+
+SETTINGS_CLASSES: tuple[type[BaseSettings], ...] = (
+    KafkaSettings,
+    StreamsSettings,
+    EncoderSettings,
+    StoreSettings,
+    IndexerSettings,
+    RecommenderSettings,
+    EmbeddedKafkaSettings,
+)
+
+
+def rows() -> list[dict[str, Any]]:
+    """One row per setting: class, env name, default, description."""
+    out = []
+    for cls in SETTINGS_CLASSES:
+        prefix = str(cls.model_config.get("env_prefix", ""))
+        for name, field in cls.model_fields.items():
+            default = field.get_default(call_default_factory=True)
+            out.append(
+                {
+                    "group": cls.__name__.removesuffix("Settings"),
+                    "env": f"{prefix}{name}".upper(),
+                    "default": "" if default is None else str(default),
+                    "description": field.description or "",
+                }
+            )
+    return out
+
+
+def markdown_table() -> str:
+    """The configuration table the README carries (a test keeps them in step)."""
+    lines = ["| variable | default | meaning |", "|---|---|---|"]
+    for row in rows():
+        default = f"`{row['default']}`" if row["default"] else "—"
+        lines.append(f"| `{row['env']}` | {default} | {row['description'].replace('|', '/')} |")
+    return "\n".join(lines) + "\n"
+
+
+@click.command(name="settings")
+@click.option("--markdown", is_flag=True, help="Print the README's configuration table.")
+@click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
+def command(markdown: bool, as_json: bool) -> None:
+    """List every RELATA_* setting with its default and meaning."""
+    if as_json:
+        click.echo(json.dumps(rows(), indent=2))
+    elif markdown:
+        click.echo(markdown_table(), nl=False)
+    else:
+        for row in rows():
+            click.echo(f"{row['env']:<44} {row['default'] or '-':<28} {row['description']}")
