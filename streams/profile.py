@@ -139,8 +139,10 @@ def _fold_history(
     weight = config.weights[event.event_type]
     old = next((h for h in history if h.item_id == event.item_id), None)
     rest = [h for h in history if h.item_id != event.item_id]
+    # model_construct: every value comes from a validated event/entry; validating again per
+    # event was a large share of the fold's cost.
     if old is None:
-        entry = HistoryEntry(
+        entry = HistoryEntry.model_construct(
             item_id=event.item_id,
             weight=weight,
             last_event_type=event.event_type,
@@ -149,7 +151,7 @@ def _fold_history(
         )
     elif event.ts >= old.last_ts:
         decayed = old.weight * decay_factor(_ts(event.ts) - _ts(old.last_ts), config.half_life_s)
-        entry = HistoryEntry(
+        entry = HistoryEntry.model_construct(
             item_id=event.item_id,
             weight=decayed + weight,
             last_event_type=event.event_type,
@@ -159,10 +161,13 @@ def _fold_history(
     else:  # out of order: value the late event at the entry's time, keep the entry's recency
         late = weight * decay_factor(_ts(old.last_ts) - _ts(event.ts), config.half_life_s)
         entry = old.model_copy(update={"weight": old.weight + late, "count": old.count + 1})
-    # Most recent first; the touched entry goes first among equal timestamps.
-    merged = [entry, *rest]
-    merged.sort(key=lambda h: h.last_ts, reverse=True)
-    return merged[: config.history_size]
+    # Most recent first; the touched entry goes first among equal timestamps. The rest is
+    # already in that order, so the entry is inserted (no sort); in-order events go in front.
+    at = 0
+    while at < len(rest) and rest[at].last_ts > entry.last_ts:
+        at += 1
+    rest.insert(at, entry)
+    return rest[: config.history_size]
 
 
 def fold_event(profile: UserProfile | None, event: BehaviorEvent, config: FoldConfig) -> FoldResult:
@@ -180,8 +185,13 @@ def fold_event(profile: UserProfile | None, event: BehaviorEvent, config: FoldCo
     last_ts = event.ts if profile.last_ts is None else max(profile.last_ts, event.ts)
 
     if kind is None:  # a return: weight only, no basket, no sequence step
-        new_profile = profile.model_copy(
-            update={"history": history, "recent_event_ids": recent_ids, "last_ts": last_ts}
+        new_profile = UserProfile.model_construct(
+            user_id=profile.user_id,
+            history=history,
+            recent_event_ids=recent_ids,
+            session_id=profile.session_id,
+            session_items=profile.session_items,
+            last_ts=last_ts,
         )
         return FoldResult(profile=new_profile, changed=True)
 
@@ -209,14 +219,13 @@ def fold_event(profile: UserProfile | None, event: BehaviorEvent, config: FoldCo
         session_items.append(event.item_id)
         session_items = session_items[-config.session_size :]
 
-    new_profile = profile.model_copy(
-        update={
-            "history": history,
-            "recent_event_ids": recent_ids,
-            "last_ts": last_ts,
-            "session_id": event.session_id,
-            "session_items": session_items,
-        }
+    new_profile = UserProfile.model_construct(
+        user_id=profile.user_id,
+        history=history,
+        recent_event_ids=recent_ids,
+        session_id=event.session_id,
+        session_items=session_items,
+        last_ts=last_ts,
     )
     if already_counted:
         return FoldResult(profile=new_profile, changed=True)
