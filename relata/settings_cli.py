@@ -26,6 +26,10 @@ def _option_name(cls: type[BaseSettings], field: str, group: str) -> str:
     return f"--{group}-{field}".replace("_", "-") if group else f"--{field}".replace("_", "-")
 
 
+def _dest_prefix(group: str) -> str:
+    return f"{group.replace('-', '_')}__"
+
+
 def settings_options(cls: type[BaseSettings], *, group: str) -> Callable[[F], F]:
     """Add one option per field of `cls`, named `--GROUP-FIELD`, with its env name in --help."""
 
@@ -37,7 +41,7 @@ def settings_options(cls: type[BaseSettings], *, group: str) -> Callable[[F], F]
             )
             func = click.option(
                 _option_name(cls, name, group),
-                f"{group}__{name}",
+                f"{_dest_prefix(group)}{name}",
                 default=None,
                 help=help_text,
                 show_default=False,
@@ -49,7 +53,7 @@ def settings_options(cls: type[BaseSettings], *, group: str) -> Callable[[F], F]
 
 def build_settings(cls: type[S], *, group: str, params: dict[str, Any]) -> S:
     """Build `cls` from the options of `group` in `params` plus the environment; exit on error."""
-    prefix = f"{group}__"
+    prefix = _dest_prefix(group)
     overrides = {
         k[len(prefix) :]: v for k, v in params.items() if k.startswith(prefix) and v is not None
     }
@@ -61,6 +65,6 @@ def build_settings(cls: type[S], *, group: str, params: dict[str, Any]) -> S:
 
 def pop_group(params: dict[str, Any], group: str) -> dict[str, Any]:
     """Remove and return the options of `group` from a click params dict."""
-    prefix = f"{group}__"
+    prefix = _dest_prefix(group)
     keys = [k for k in params if k.startswith(prefix)]
     return {k: params.pop(k) for k in keys}
