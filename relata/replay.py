@@ -135,9 +135,9 @@ def make_producer(kafka: KafkaSettings, **overrides: Any) -> Any:
     """A confluent-kafka Producer with relata's batching and idempotence defaults."""
     from confluent_kafka import Producer
 
-    from relata.topics import confluent_config
+    from relata.topics import producer_config
 
-    config = {**confluent_config(kafka), **PRODUCER_DEFAULTS, **overrides}
+    config = {**producer_config(kafka), **PRODUCER_DEFAULTS, **overrides}
     return Producer(config)
 
 

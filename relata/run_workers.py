@@ -21,7 +21,7 @@ import click
 from prometheus_client import CollectorRegistry, start_http_server
 
 from relata.settings_cli import build_settings, settings_options
-from relata.topics import confluent_config, ensure_topics, topic_name
+from relata.topics import confluent_config, ensure_topics, producer_config, topic_name
 from schemas.settings import (
     EncoderSettings,
     IndexerSettings,
@@ -65,7 +65,7 @@ def build_producer(kafka: KafkaSettings) -> Any:
     from confluent_kafka import Producer
 
     return Producer(
-        confluent_config(kafka) | {"linger.ms": 1, "enable.idempotence": True, "acks": "all"}
+        producer_config(kafka) | {"linger.ms": 1, "enable.idempotence": True, "acks": "all"}
     )
 
 

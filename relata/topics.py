@@ -33,6 +33,16 @@ def confluent_config(settings: KafkaSettings) -> dict[str, Any]:
     return config
 
 
+def producer_config(settings: KafkaSettings) -> dict[str, Any]:
+    """`confluent_config` for producers: keys partitioned like Java clients and Faust (murmur2).
+
+    librdkafka's default partitioner hashes with CRC32; Faust and the Java clients use murmur2.
+    Mixing them would put one user's records on different partitions than Faust expects, which
+    breaks table routing of the HTTP API once several stream workers run.
+    """
+    return confluent_config(settings) | {"partitioner": "murmur2_random"}
+
+
 def topic_name(settings: KafkaSettings, spec: TopicSpec) -> str:
     """The deployed name of a topic: `settings.topic_prefix` + the spec's name."""
     return spec.full_name(settings.topic_prefix)

@@ -46,3 +46,11 @@ def test_sasl_without_credentials_fails_fast() -> None:
 
 def test_topic_name_uses_prefix() -> None:
     assert topic_name(KafkaSettings(topic_prefix="prod."), ITEM_CATALOG) == "prod.item-catalog"
+
+
+def test_producers_partition_like_faust_and_java_clients() -> None:
+    from relata.topics import producer_config
+
+    config = producer_config(KafkaSettings(bootstrap_servers="h:1"))
+    assert config["partitioner"] == "murmur2_random"
+    assert config["bootstrap.servers"] == "h:1"
