@@ -5,8 +5,10 @@ plus one global `TotalsRecord`. The live association agent and offline evaluatio
 (`AssociationIndex`) run exactly these functions.
 
 Kinds: `bought_together` (items of one purchase/add-to-cart basket), `also_viewed` (items of
-one view/click session) and `next_item` (directed: an earlier history item -> the new item,
-weighted 1/(1+distance) in the history).
+one view/click session), `next_item` (directed: an earlier history item -> the new item,
+weighted 1/(1+distance) in the history) and `also_bought` (symmetric: a newly bought item and
+the user's earlier bought items, weighted 1/(1+distance): "customers who bought this also
+bought"; it fills where baskets are single items, e.g. one review a day).
 
 Decay: forward decay in event time. A record stores counts scaled by 2^((t - landmark)/h), so
 an update touches only the entries it changes; reading at time `now` multiplies by
@@ -45,7 +47,12 @@ from schemas.settings import StreamsSettings
 
 from .profile import FoldResult
 
-ASSOCIATION_KINDS: tuple[RelationKind, ...] = ("bought_together", "also_viewed", "next_item")
+ASSOCIATION_KINDS: tuple[RelationKind, ...] = (
+    "bought_together",
+    "also_bought",
+    "also_viewed",
+    "next_item",
+)
 # Rescale a record once its forward-decay scale passes 2^30: far from float overflow.
 _MAX_SCALE_EXPONENT = 30.0
 # Decay arithmetic leaves 2.0 as 1.9999999999: compare supports with a relative tolerance.
@@ -82,7 +89,12 @@ class AssociationConfig:
     republish_change: float = 0.2
     # How much each kind counts in the related-items score (bought together is the strongest).
     kind_weights: Mapping[str, float] = field(
-        default_factory=lambda: {"bought_together": 1.0, "next_item": 0.8, "also_viewed": 0.5}
+        default_factory=lambda: {
+            "bought_together": 1.0,
+            "also_bought": 0.8,
+            "next_item": 0.8,
+            "also_viewed": 0.5,
+        }
     )
 
     def __post_init__(self) -> None:
@@ -112,6 +124,8 @@ class AssociationInput:
     prior_items: tuple[str, ...] = ()
     sequence_step: bool = False
     new_basket: bool = False
+    # Earlier bought items of the user (most recent first): the partners of `also_bought`.
+    bought_items: tuple[str, ...] = ()
 
     @classmethod
     def from_fold(cls, result: FoldResult, event: BehaviorEvent) -> AssociationInput | None:
@@ -126,6 +140,7 @@ class AssociationInput:
             prior_items=result.prior_items,
             sequence_step=result.sequence_step,
             new_basket=result.new_basket,
+            bought_items=result.bought_items,
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -137,6 +152,7 @@ class AssociationInput:
             "prior_items": list(self.prior_items),
             "sequence_step": self.sequence_step,
             "new_basket": self.new_basket,
+            "bought_items": list(self.bought_items),
         }
 
     @classmethod
@@ -153,6 +169,7 @@ class AssociationInput:
             prior_items=tuple(str(i) for i in data.get("prior_items", ())),
             sequence_step=bool(data.get("sequence_step", False)),
             new_basket=bool(data.get("new_basket", False)),
+            bought_items=tuple(str(i) for i in data.get("bought_items", ())),
         )
 
 
@@ -192,6 +209,17 @@ def plan_updates(inp: AssociationInput) -> dict[str, ItemDelta]:
                 deltas.setdefault(source, ItemDelta()).pairs.append(
                     ("next_item", item, sequence_weight(distance))
                 )
+        if inp.kind == "bought_together":
+            # Every bought sequence step counts (first purchases too), so that the cosine's
+            # denominator is the item's number of bought steps.
+            own.counts["also_bought"] = own.counts.get("also_bought", 0.0) + 1.0
+            for distance, source in enumerate(inp.bought_items):
+                if source != item:
+                    weight = sequence_weight(distance)
+                    own.pairs.append(("also_bought", source, weight))
+                    deltas.setdefault(source, ItemDelta()).pairs.append(
+                        ("also_bought", item, weight)
+                    )
     return deltas
 
 
@@ -291,6 +319,8 @@ def update_totals(
         counts[inp.kind] = counts.get(inp.kind, 0.0) + scale
     if inp.sequence_step:
         counts["next_item"] = counts.get("next_item", 0.0) + scale
+        if inp.kind == "bought_together":
+            counts["also_bought"] = counts.get("also_bought", 0.0) + scale
     return record
 
 
@@ -303,6 +333,7 @@ def item_count(record: ItemRecord | None, kind: str, now: float, half_life_s: fl
 
 _TEXTS: dict[str, str] = {
     "bought_together": "bought together in {n} baskets",
+    "also_bought": "bought by {n} of the same customers",
     "also_viewed": "viewed together in {n} sessions",
     "next_item": "chosen next after it {n} times",
     "similar": "co-occurred {n} times",

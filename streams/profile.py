@@ -99,8 +99,10 @@ class FoldResult:
     an item already counted in this basket for that kind). `basket_items`: the other items of
     the same basket for that kind (oldest first). `prior_items`: earlier distinct history items
     outside the current basket, most recent first, up to `history_window` — the sources of
-    `next_item` transitions; empty unless `sequence_step`. `sequence_step`: the item newly
-    joins the current basket/session (one sequence position).
+    `next_item` transitions; empty unless `sequence_step`. `bought_items`: the same window of
+    earlier history items restricted to positive purchase/add-to-cart entries, only when this
+    event is one too: the partners of `also_bought`. `sequence_step`: the item newly joins the
+    current basket/session (one sequence position).
     """
 
     profile: UserProfile
@@ -110,6 +112,7 @@ class FoldResult:
     basket_kind: RelationKind | None = None
     sequence_step: bool = False
     new_basket: bool = field(default=False)
+    bought_items: tuple[str, ...] = ()
 
 
 def decay_factor(dt_s: float, half_life_s: float) -> float:
@@ -209,13 +212,17 @@ def fold_event(profile: UserProfile | None, event: BehaviorEvent, config: FoldCo
     basket_items = tuple(i for i in session_items if i != event.item_id and kind_matches(i))
     already_counted = in_session and kind_matches(event.item_id)
     prior: tuple[str, ...] = ()
+    bought: tuple[str, ...] = ()
     if not in_session:
         members = set(session_items)
-        prior = tuple(
-            h.item_id
-            for h in profile.history
-            if h.item_id != event.item_id and h.item_id not in members
-        )[: config.history_window]
+        window = [
+            h for h in profile.history if h.item_id != event.item_id and h.item_id not in members
+        ][: config.history_window]
+        prior = tuple(h.item_id for h in window)
+        if kind == "bought_together":
+            bought = tuple(
+                h.item_id for h in window if h.last_event_type in PURCHASE_TYPES and h.weight > 0
+            )
         session_items.append(event.item_id)
         session_items = session_items[-config.session_size :]
 
@@ -237,6 +244,7 @@ def fold_event(profile: UserProfile | None, event: BehaviorEvent, config: FoldCo
         basket_kind=kind,
         sequence_step=not in_session,
         new_basket=not basket_items,
+        bought_items=bought,
     )
 
 

@@ -257,7 +257,9 @@ def test_input_and_record_round_trip_through_json() -> None:
     restored = json.loads(json.dumps(record))
     again = update_item(restored, item_id="A", delta=deltas["A"], ts=inp.ts, config=cfg)
     assert again["partners"]["bought_together"]["B"][0] == pytest.approx(2.0)
-    assert again["counts"] == pytest.approx({"bought_together": 2.0, "next_item": 2.0})
+    assert again["counts"] == pytest.approx(
+        {"bought_together": 2.0, "also_bought": 2.0, "next_item": 2.0}
+    )
 
 
 def test_material_change_threshold() -> None:
