@@ -36,7 +36,13 @@ from schemas.messages import BehaviorEvent, CatalogItem, EventType, HistoryEntry
 from schemas.settings import EncoderSettings, StreamsSettings
 from streams.association import AssociationConfig, AssociationIndex
 from streams.profile import FoldConfig, fold_event
-from workers.ranking import BlendWeights, pooled_user_vector, profile_text, rank
+from workers.ranking import (
+    BEHAVIOUR_KINDS,
+    BlendWeights,
+    pooled_user_vector,
+    profile_text,
+    rank,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -49,19 +55,16 @@ DEFAULT_CANDIDATES = 100
 _OFF = {
     "vector": 0.0,
     "bought_together": 0.0,
+    "also_bought": 0.0,
     "also_viewed": 0.0,
     "next_item": 0.0,
     "popularity": 0.0,
 }
 BASELINES: dict[str, dict[str, float]] = {
     "popularity": {**_OFF, "popularity": 1.0},
-    "cooccurrence": {
-        **_OFF,
-        "bought_together": 1.0,
-        "also_viewed": 1.0,
-        "recency": 1.0,
-        "weight_exponent": 0.0,
-    },
+    # Item co-occurrence kNN: cosine of co-occurrence in baskets, sessions and histories,
+    # summed over the user's recent items (same recency weighting as the hybrid's default).
+    "cooccurrence": {**_OFF, "bought_together": 1.0, "also_bought": 1.0, "also_viewed": 1.0},
     "transitions": {**_OFF, "next_item": 1.0},
     "profile-text": {**_OFF, "vector": 1.0},
     "pooled": {**_OFF, "vector": 1.0},
@@ -329,12 +332,11 @@ def rank_users(
     hits: Sequence[Sequence[tuple[str, float]]] | None,
     desc: str = "",
     progress: bool = True,
+    user_vectors: np.ndarray | None = None,
+    item_vectors: Mapping[str, np.ndarray] | None = None,
 ) -> MethodResult:
     """Rank every case's user with `workers.ranking.rank`; collect the target's rank."""
-    needs_related = any(
-        weights.kind_weight(kind) > 0
-        for kind in ("bought_together", "also_viewed", "next_item", "similar")
-    )
+    needs_related = any(weights.kind_weight(kind) > 0 for kind in (*BEHAVIOUR_KINDS, "similar"))
     ranks: list[int | None] = []
     lists: list[list[str]] = []
     it: Iterable[tuple[int, Case]] = enumerate(cases)
@@ -351,6 +353,8 @@ def rank_users(
             k=k,
             weights=weights,
             popularity=state.popularity,
+            user_vector=None if user_vectors is None else user_vectors[n],
+            candidate_vectors=item_vectors if user_vectors is not None else None,
         )
         ids = [r.item_id for r in recs]
         lists.append(ids)
@@ -420,10 +424,51 @@ def item_vectors(prepared: Prepared, *, encoder: Any, cache_dir: Path) -> np.nda
     return cached_encode(texts, encoder=encoder, cache_dir=cache_dir, label="items")
 
 
+class MatrixView(Mapping[str, np.ndarray]):
+    """Item id -> row of an item matrix (rank's candidate_vectors), without copying."""
+
+    def __init__(self, matrix: np.ndarray, pos: Mapping[str, int]) -> None:
+        self.matrix = matrix
+        self.pos = pos
+
+    def __getitem__(self, item_id: str) -> np.ndarray:
+        return self.matrix[self.pos[item_id]]
+
+    def __iter__(self) -> Any:
+        return iter(self.pos)
+
+    def __len__(self) -> int:
+        return len(self.pos)
+
+
+@dataclass
+class VectorInputs:
+    """Per-user vectors and exact hits, and the item matrix they were computed on."""
+
+    users: np.ndarray
+    hits: list[list[tuple[str, float]]]
+    items: MatrixView
+
+
+def pooled_inputs(
+    prepared: Prepared, matrix: np.ndarray, weights: BlendWeights, *, top: int
+) -> VectorInputs:
+    """Pooled user vectors (live `pooled` user vector) and their exact top hits."""
+    users = pooled_users(prepared, matrix, weights)
+    hits = vector_hits(users, matrix, prepared.item_ids, prepared.history_idx, top=top)
+    pos = {i: n for n, i in enumerate(prepared.item_ids)}
+    return VectorInputs(users=users, hits=hits, items=MatrixView(matrix, pos))
+
+
 def pooled_hits(
     prepared: Prepared, matrix: np.ndarray, weights: BlendWeights, *, top: int
 ) -> list[list[tuple[str, float]]]:
     """Vector hits from the pooled history vector of each user (live `pooled` user vector)."""
+    return pooled_inputs(prepared, matrix, weights, top=top).hits
+
+
+def pooled_users(prepared: Prepared, matrix: np.ndarray, weights: BlendWeights) -> np.ndarray:
+    """One pooled history vector per case (zero rows where no history item has a vector)."""
     pos = {i: n for n, i in enumerate(prepared.item_ids)}
     users = np.zeros((len(prepared.split.cases), matrix.shape[1]), dtype=np.float32)
     for n, case in enumerate(prepared.split.cases):
@@ -432,13 +477,13 @@ def pooled_hits(
         v = pooled_user_vector(
             history,
             vecs,
-            recency=weights.recency,
+            recency=weights.pool_recency,
             weight_exponent=weights.weight_exponent,
             max_items=weights.max_sources,
         )
         if v is not None:
             users[n] = v
-    return vector_hits(users, matrix, prepared.item_ids, prepared.history_idx, top=top)
+    return users
 
 
 def _table(results: Mapping[str, Mapping[str, float]], k: int, default: str) -> str:
@@ -539,9 +584,9 @@ def evaluate(
         adapted = load_adapter(adapter_path).apply(matrix)
 
     results: dict[str, MethodResult] = {}
-    hits_cache: dict[str, list[list[tuple[str, float]]]] = {}
+    hits_cache: dict[str, VectorInputs] = {}
     for name in wanted:
-        weights, hits = _method_inputs(
+        weights, hits, vin = _method_inputs(
             name,
             prepared=prepared,
             hybrid=hybrid_weights,
@@ -552,8 +597,19 @@ def evaluate(
             candidates=candidates,
             hits_cache=hits_cache,
         )
+        # Hybrids also score behaviour candidates with the language model (as the live
+        # recommender does with the vectors it holds); pure vector baselines do not need it.
+        hybrid_like = vin is not None and name not in BASELINES
         results[name] = rank_users(
-            cases=cases, state=state, weights=weights, k=k, hits=hits, desc=name, progress=progress
+            cases=cases,
+            state=state,
+            weights=weights,
+            k=k,
+            hits=hits,
+            desc=name,
+            progress=progress,
+            user_vectors=vin.users if hybrid_like and vin is not None else None,
+            item_vectors=vin.items if hybrid_like and vin is not None else None,
         )
 
     default = (
@@ -630,13 +686,13 @@ def _method_inputs(
     encoder: Any,
     cache_dir: Path,
     candidates: int,
-    hits_cache: dict[str, list[list[tuple[str, float]]]],
-) -> tuple[BlendWeights, list[list[tuple[str, float]]] | None]:
+    hits_cache: dict[str, VectorInputs],
+) -> tuple[BlendWeights, list[list[tuple[str, float]]] | None, VectorInputs | None]:
     if name == "behaviour":
-        return hybrid.model_copy(update={"vector": 0.0}), None
+        return hybrid.model_copy(update={"vector": 0.0}), None, None
     weights = BlendWeights(**BASELINES[name]) if name in BASELINES else hybrid  # type: ignore[arg-type]
     if name in ("popularity", "cooccurrence", "transitions"):
-        return weights, None
+        return weights, None, None
     if name == "profile-text":
         assert matrix is not None and encoder is not None
         texts = [
@@ -645,15 +701,18 @@ def _method_inputs(
         ]
         users = cached_encode(texts, encoder=encoder, cache_dir=cache_dir, label="profiles")
         users[[not t for t in texts]] = 0.0
-        return weights, vector_hits(
-            users, matrix, prepared.item_ids, prepared.history_idx, top=candidates
+        return (
+            weights,
+            vector_hits(users, matrix, prepared.item_ids, prepared.history_idx, top=candidates),
+            None,
         )
     use = adapted if "adapter" in name else matrix
     assert use is not None
-    key = f"{'adapted' if 'adapter' in name else 'base'}-{weights.recency}-{weights.weight_exponent}-{weights.max_sources}"
+    key = f"{'adapted' if 'adapter' in name else 'base'}-{weights.pool_recency}-{weights.weight_exponent}-{weights.max_sources}"
     if key not in hits_cache:
-        hits_cache[key] = pooled_hits(prepared, use, weights, top=candidates)
-    return weights, hits_cache[key]
+        hits_cache[key] = pooled_inputs(prepared, use, weights, top=candidates)
+    vin = hits_cache[key]
+    return weights, vin.hits, vin
 
 
 @click.command(name="evaluate")

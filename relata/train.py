@@ -20,7 +20,7 @@ import click
 import numpy as np
 
 from relata.eval_metrics import summarize
-from relata.evaluate import Prepared, item_vectors, pooled_hits, prepare, rank_users
+from relata.evaluate import Prepared, VectorInputs, item_vectors, pooled_inputs, prepare, rank_users
 from schemas.settings import EncoderSettings
 from workers.ranking import BlendWeights
 
@@ -109,13 +109,15 @@ def fit_adapter(
 
 
 GRID: dict[str, tuple[float, ...]] = {
-    "vector": (0.0, 0.1, 0.2, 0.3, 0.5, 0.8, 1.2, 2.0),
+    "vector": (0.0, 0.03, 0.06, 0.1, 0.15, 0.25, 0.4),
     "next_item": (0.5, 1.0, 2.0),
-    "bought_together": (0.25, 0.5, 1.0, 2.0),
-    "also_viewed": (0.25, 0.5, 1.0, 2.0),
-    "popularity": (0.0, 0.01, 0.03, 0.1, 0.3),
-    "recency": (0.4, 0.55, 0.7, 0.85),
-    "vector_sharpness": (0.5, 1.0, 2.0, 4.0),
+    "also_bought": (0.5, 1.0, 2.0),
+    "bought_together": (0.5, 1.0, 2.0),
+    "also_viewed": (0.5, 1.0, 2.0),
+    "popularity": (0.0, 0.01, 0.03, 0.1),
+    "recency": (0.5, 0.7, 0.85),
+    "vector_sharpness": (1.0, 2.0),
+    "vector_recency": (0.3, 0.5, 0.7, 0.85),
 }
 
 
@@ -130,16 +132,32 @@ def fit_blend(
 ) -> tuple[BlendWeights, float, list[dict[str, Any]]]:
     """Coordinate search over GRID maximising validation NDCG@k; returns best, its NDCG, trace."""
     cases, state = prepared.split.cases, prepared.state
-    hits_cache: dict[tuple[float, float, int], list[list[tuple[str, float]]]] = {}
+    hits_cache: dict[tuple[float, float, int], VectorInputs] = {}
+    # Kinds without any evidence in this data set (e.g. no sessions) are not searched.
+    present: set[str] = set()
+    for case in cases:
+        for entry in state.profiles[case.user_id][:5]:
+            rel = state.related(entry.item_id)
+            if rel is not None:
+                present.update(r.kind for r in rel.related)
 
     def score(w: BlendWeights) -> float:
-        hits = None
+        vin = None
         if matrix is not None and w.vector > 0:
-            key = (w.recency, w.weight_exponent, w.max_sources)
+            key = (w.pool_recency, w.weight_exponent, w.max_sources)
             if key not in hits_cache:
-                hits_cache[key] = pooled_hits(prepared, matrix, w, top=candidates)
-            hits = hits_cache[key]
-        result = rank_users(cases=cases, state=state, weights=w, k=k, hits=hits, progress=False)
+                hits_cache[key] = pooled_inputs(prepared, matrix, w, top=candidates)
+            vin = hits_cache[key]
+        result = rank_users(
+            cases=cases,
+            state=state,
+            weights=w,
+            k=k,
+            hits=None if vin is None else vin.hits,
+            progress=False,
+            user_vectors=None if vin is None else vin.users,
+            item_vectors=None if vin is None else vin.items,
+        )
         return summarize(result.ranks, k=k).ndcg
 
     best = start
@@ -150,6 +168,10 @@ def fit_blend(
         improved = False
         for name, values in GRID.items():
             if name == "vector_sharpness" and (matrix is None or best.vector == 0):
+                continue
+            if name in ("next_item", "also_bought", "bought_together", "also_viewed") and (
+                name not in present
+            ):
                 continue
             for value in values:
                 if getattr(best, name) == value:

@@ -81,7 +81,7 @@ class StreamsSettings(_Settings):
     )
     assoc_top_n: int = Field(50, ge=1, le=1000, description="Neighbours kept per item.")
     assoc_min_support: int = Field(
-        2, ge=1, description="Co-occurrences before a pair is published."
+        1, ge=1, description="Co-occurrences (decayed) before a pair is published."
     )
     assoc_half_life_days: float = Field(
         90.0, gt=0, description="Time decay half-life of association counts (event time)."

@@ -1,15 +1,22 @@
 """Blend behaviour evidence and language-model similarity into explained recommendations.
 
 Pure logic (numpy only): the live recommender and `relata evaluate` call the same `rank`.
-Scores of the three signals are put on comparable [0, 1] scales per user before the blend:
-- association: related-items (bought_together, also_viewed, next_item) of the user's history
-  items, each source weighted by its folded weight and its recency rank;
-- vector: cosine of the user vector with candidates, min-max scaled over the hits;
+Score of a candidate item (each term on a [0, 1]-ish scale, so weights are comparable):
+- association (item kNN): sum over the user's recent positive history items (sources, weights
+  decaying with recency, normalised to sum 1) of the related-items score of the candidate, per
+  relation kind (bought_together, also_bought, also_viewed, next_item); the association scores
+  are cosines (pair / sqrt(n_i n_j)) from `streams.association`, used as they are;
+- vector: cosine of the pooled user vector with the candidate, scaled against this user's
+  vector hits ((cos - weakest hit) / (best hit - weakest hit), bounded below by
+  `vector_floor`). Behaviour candidates that are not vector hits get their cosine from
+  `candidate_vectors` when given (they matter when the hits were cut short, e.g. by
+  availability, or with a negative floor);
 - popularity: log-scaled count, a weak prior and the fallback for sparse users.
 """
 
 from __future__ import annotations
 
+import heapq
 import json
 import logging
 import math
@@ -20,14 +27,16 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-from schemas.messages import HistoryEntry, Reason, RecommendedItem, RelatedItems
+from schemas.messages import HistoryEntry, Reason, RecommendedItem, RelatedItem, RelatedItems
 
 logger = logging.getLogger(__name__)
 
 BLEND_FORMAT = "relata.blend-weights"
-BLEND_VERSION = 1
+BLEND_VERSION = 2
 
-ReasonKind = Literal["similar", "bought_together", "also_viewed", "next_item", "popular"]
+ReasonKind = Literal[
+    "similar", "bought_together", "also_bought", "also_viewed", "next_item", "popular"
+]
 
 
 class BlendError(ValueError):
@@ -40,28 +49,47 @@ class BlendWeights(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    vector: float = Field(0.3, ge=0, description="Weight of the vector-similarity term.")
+    vector: float = Field(0.04, ge=0, description="Weight of the vector-similarity term.")
     bought_together: float = Field(1.0, ge=0, description="Weight of bought-together evidence.")
-    also_viewed: float = Field(
-        1.0, ge=0, description="Weight of also-viewed/sequence co-occurrence."
+    also_bought: float = Field(
+        1.0, ge=0, description="Weight of also-bought (same customers' histories) evidence."
     )
+    also_viewed: float = Field(1.0, ge=0, description="Weight of also-viewed (same session).")
     next_item: float = Field(1.0, ge=0, description="Weight of item-to-next-item transitions.")
     similar: float = Field(0.0, ge=0, description="Weight of `similar` related-items entries.")
     popularity: float = Field(0.02, ge=0, description="Weight of the popularity prior.")
     recency: float = Field(
-        0.7, gt=0, le=1, description="Source weight decay per step back in the user's history."
+        0.5, gt=0, le=1, description="Source weight decay per step back in the user's history."
     )
     weight_exponent: float = Field(
         0.5, ge=0, le=2, description="Exponent on a history item's folded weight (0 ignores it)."
     )
     vector_sharpness: float = Field(
-        2.0, gt=0, le=20, description="Exponent on min-max scaled cosine (higher: trust top hits)."
+        1.0, gt=0, le=20, description="Exponent on the scaled cosine (higher: trust top hits)."
+    )
+    vector_floor: float = Field(
+        0.0,
+        ge=-1,
+        le=0,
+        description="Lowest scaled cosine (below 0: behaviour candidates far from the user's "
+        "taste are pushed down; measured on Beauty, 0 was better).",
+    )
+    vector_recency: float | None = Field(
+        None,
+        gt=0,
+        le=1,
+        description="Recency decay of the pooled user vector (None: the same as `recency`).",
     )
     max_sources: int = Field(20, ge=1, le=1000, description="Most recent history items used.")
     max_related: int = Field(50, ge=1, le=1000, description="Related items read per source.")
     fitted_on: dict[str, Any] | None = Field(
         None, description="Provenance of fitted weights (data set, split, metric)."
     )
+
+    @property
+    def pool_recency(self) -> float:
+        """Recency decay used to pool the user vector."""
+        return self.recency if self.vector_recency is None else self.vector_recency
 
     def kind_weight(self, kind: str) -> float:
         """Weight of a related-items relation kind (0 for unknown kinds)."""
@@ -95,13 +123,15 @@ class BlendWeights(BaseModel):
             raise BlendError(f"invalid blend weights in {path}: {exc}") from exc
 
 
-_KIND_FIELDS = frozenset({"bought_together", "also_viewed", "next_item", "similar"})
+_KIND_FIELDS = frozenset({"bought_together", "also_bought", "also_viewed", "next_item", "similar"})
+BEHAVIOUR_KINDS: tuple[str, ...] = ("bought_together", "also_bought", "also_viewed", "next_item")
 
 _KIND_PHRASE: dict[str, str] = {
-    "bought_together": "often bought together with",
-    "also_viewed": "shoppers who chose it also chose",
-    "next_item": "often chosen next after",
-    "similar": "related to",
+    "bought_together": "often bought together with {src}",
+    "also_bought": "customers who bought {src} also bought it",
+    "also_viewed": "viewed in the same sessions as {src}",
+    "next_item": "often chosen next after {src}",
+    "similar": "related to {src}",
 }
 
 
@@ -179,23 +209,41 @@ def profile_text(
     return "; ".join(parts)
 
 
-class _Acc:
-    """Score and reasons collected for one candidate."""
-
-    __slots__ = ("reasons", "score")
-
-    def __init__(self) -> None:
-        self.score = 0.0
-        # (strength, source_item_id, kind, text)
-        self.reasons: list[tuple[float, str, ReasonKind, str]] = []
-
-
 def _label(item_id: str, titles: Mapping[str, str] | None) -> str:
     if titles:
         title = titles.get(item_id)
         if title:
             return f"'{title[:80]}'"
     return item_id
+
+
+def behaviour_candidates(
+    history: Sequence[HistoryEntry],
+    related: Mapping[str, RelatedItems],
+    weights: BlendWeights | None = None,
+) -> list[str]:
+    """Items that association evidence can propose for this history (for prefetching their
+    vectors before `rank`, so the language model scores them too)."""
+    w = weights or BlendWeights()
+    seen: dict[str, None] = {}
+    for entry, _ in source_weights(
+        history, recency=w.recency, weight_exponent=w.weight_exponent, max_sources=w.max_sources
+    ):
+        rel = related.get(entry.item_id)
+        if rel is not None:
+            for r in rel.related[: w.max_related]:
+                if w.kind_weight(r.kind) > 0.0:
+                    seen[r.item_id] = None
+    return list(seen)
+
+
+def _vector_of(vectors: Mapping[str, np.ndarray] | None, item_id: str) -> np.ndarray | None:
+    if vectors is None:
+        return None
+    try:
+        return vectors[item_id]
+    except KeyError:
+        return None
 
 
 def rank(
@@ -211,14 +259,16 @@ def rank(
     popularity: Sequence[tuple[str, float]] | None = None,
     titles: Mapping[str, str] | None = None,
     max_reasons: int = 3,
+    user_vector: np.ndarray | None = None,
 ) -> list[RecommendedItem]:
     """Top-k items for one user, each with reasons naming the user's own history items.
 
     history: most recent first (UserProfile/ProfileUpdate order). related: RelatedItems by
     history item id (missing ids are fine). vector_hits: (item_id, cosine with the user vector),
     best first. popularity: (item_id, count), most popular first: a prior and the fallback.
-    history_vectors/candidate_vectors: optional, to name the history item most similar to a
-    vector hit (with its cosine); without them the most recent history item is named.
+    history_vectors/candidate_vectors: optional; they name the history item most similar to a
+    vector hit (with its cosine) and, with `user_vector` (default: pooled from history_vectors),
+    give behaviour candidates that are not vector hits their cosine with the user.
     History items and `exclude` are never returned. Ties break on item id (deterministic).
     """
     if k <= 0 or not history:
@@ -230,54 +280,70 @@ def rank(
         history, recency=w.recency, weight_exponent=w.weight_exponent, max_sources=w.max_sources
     )
     anchor = sources[0][0].item_id if sources else history[0].item_id
-    accs: dict[str, _Acc] = {}
+    scores: dict[str, float] = {}
+    # candidate -> (strength, source item, RelatedItem) of its association evidence
+    evidence: dict[str, list[tuple[float, str, RelatedItem]]] = {}
 
-    # Association evidence: per source and kind, scores scaled by the list's best score, so a
-    # data set's raw score scale (lift, PMI, counts) does not matter; sum over sources is kNN.
+    # Association evidence (item kNN): association scores are cosines already, comparable
+    # across sources; sources are normalised to sum 1 so history length does not scale them.
     total_source = sum(sw for _, sw in sources) or 1.0
+    kind_w = {kind: w.kind_weight(kind) for kind in _KIND_FIELDS}
     for entry, sw in sources:
         rel = related.get(entry.item_id)
-        if rel is None or not rel.related:
+        if rel is None:
             continue
-        best: dict[str, float] = {}
+        share = sw / total_source
+        src = entry.item_id
         for r in rel.related[: w.max_related]:
-            if r.score > best.get(r.kind, 0.0):
-                best[r.kind] = r.score
-        for r in rel.related[: w.max_related]:
-            kw = w.kind_weight(r.kind)
-            top = best.get(r.kind, 0.0)
-            if kw <= 0.0 or r.score <= 0.0 or top <= 0.0 or r.item_id in banned:
+            kw = kind_w.get(r.kind, 0.0)
+            if kw <= 0.0 or r.score <= 0.0 or r.item_id in banned:
                 continue
-            strength = kw * (sw / total_source) * (r.score / top)
-            acc = accs.get(r.item_id)
-            if acc is None:
-                acc = accs[r.item_id] = _Acc()
-            acc.score += strength
-            text = f"{_KIND_PHRASE.get(r.kind, 'related to')} {_label(entry.item_id, titles)} ({r.evidence.text})"
-            acc.reasons.append((strength, entry.item_id, r.kind, text))
+            strength = kw * share * r.score
+            item_id = r.item_id
+            scores[item_id] = scores.get(item_id, 0.0) + strength
+            found = evidence.get(item_id)
+            if found is None:
+                evidence[item_id] = [(strength, src, r)]
+            else:
+                found.append((strength, src, r))
 
-    # Vector similarity, min-max scaled over the hits (top hit 1, weakest hit 0).
-    vec_items: list[str] = []
-    if w.vector > 0.0 and vector_hits:
-        cosines = [c for i, c in vector_hits if i not in banned]
-        if cosines:
-            hi, lo = max(cosines), min(cosines)
+    # Language model: cosine with the user vector, scaled against this user's hits (best hit 1,
+    # weakest hit 0); behaviour candidates far from the user's taste go below 0.
+    vec_score: dict[str, float] = {}
+    if w.vector > 0.0:
+        cos_of = {i: c for i, c in vector_hits if i not in banned}
+        if cos_of:
+            hi, lo = max(cos_of.values()), min(cos_of.values())
+            if len(cos_of) == 1 or hi - lo <= 1e-9:
+                lo = hi - 1.0
             span = hi - lo
-            for item_id, cos in vector_hits:
-                if item_id in banned:
-                    continue
-                scaled = 1.0 if span <= 1e-9 else (cos - lo) / span
-                strength = w.vector * scaled**w.vector_sharpness
-                acc = accs.get(item_id)
-                if acc is None:
-                    acc = accs[item_id] = _Acc()
-                acc.score += strength
-                acc.reasons.append((strength, "", "similar", f"{cos:.3f}"))
-                vec_items.append(item_id)
+            uvec = user_vector
+            if uvec is None and candidate_vectors is not None and history_vectors is not None:
+                uvec = pooled_user_vector(
+                    history,
+                    history_vectors,
+                    recency=w.pool_recency,
+                    weight_exponent=w.weight_exponent,
+                    max_items=w.max_sources,
+                )
+            if uvec is not None and candidate_vectors is not None:
+                for item_id in scores:
+                    if item_id not in cos_of:
+                        vec = _vector_of(candidate_vectors, item_id)
+                        if vec is not None:
+                            cos_of[item_id] = float(np.dot(uvec, vec))
+            sharp, floor = w.vector_sharpness, w.vector_floor
+            for item_id, cos in cos_of.items():
+                scaled = max(floor, (cos - lo) / span)
+                scaled = scaled**sharp if scaled > 0.0 else scaled
+                strength = w.vector * scaled
+                vec_score[item_id] = strength
+                scores[item_id] = scores.get(item_id, 0.0) + strength
 
     # Popularity: a weak prior on the candidates it covers, and the fill for sparse users. The
     # list is most popular first, so only its first k unseen items can ever make the top k.
     # A tiny floor keeps the fill working when the popularity weight is 0.
+    pop_score: dict[str, float] = {}
     if popularity:
         top_count = max(popularity[0][1], 0.0)
         denom = math.log1p(top_count) if top_count > 0 else 1.0
@@ -287,43 +353,48 @@ def rank(
             if item_id in banned:
                 continue
             strength = pw * (math.log1p(max(count, 0.0)) / denom)
-            acc = accs.get(item_id)
-            if acc is None:
+            if item_id not in scores:
                 if fill >= k:
                     continue
                 fill += 1
-                acc = accs[item_id] = _Acc()
-                acc.reasons.append(
-                    (
-                        strength,
-                        anchor,
-                        "popular",
-                        f"popular with shoppers (after {_label(anchor, titles)})",
-                    )
-                )
-            acc.score += strength
+            pop_score[item_id] = strength
+            scores[item_id] = scores.get(item_id, 0.0) + strength
 
-    ordered = sorted(accs.items(), key=lambda kv: (-kv[1].score, kv[0]))[:k]
-    vec_set = set(vec_items)
+    ordered = heapq.nsmallest(k, scores.items(), key=lambda kv: (-kv[1], kv[0]))
     vec_source = _vector_sources(
-        [i for i, _ in ordered if i in vec_set],
+        [i for i, _ in ordered if i in vec_score],
         sources=[e.item_id for e, _ in sources] or [history[0].item_id],
         history_vectors=history_vectors,
         candidate_vectors=candidate_vectors,
     )
     out: list[RecommendedItem] = []
-    for item_id, acc in ordered:
-        reasons: list[Reason] = []
-        for strength, src, kind, text in sorted(acc.reasons, key=lambda r: -r[0])[:max_reasons]:
-            if kind == "similar" and not src:
-                src, sim = vec_source.get(item_id, (anchor, None))
-                text = (
-                    f"similar to {_label(src, titles)} (cosine {sim:.2f})"
-                    if sim is not None
-                    else f"similar to your recent items, like {_label(src, titles)}"
-                )
-            reasons.append(Reason(source_item_id=src, kind=kind, strength=strength, text=text))
-        out.append(RecommendedItem(item_id=item_id, score=acc.score, reasons=reasons))
+    for item_id, score in ordered:
+        parts: list[tuple[float, str, ReasonKind, str]] = []
+        for strength, src, r in evidence.get(item_id, ()):
+            phrase = _KIND_PHRASE.get(r.kind, "related to {src}").format(src=_label(src, titles))
+            parts.append((strength, src, r.kind, f"{phrase} ({r.evidence.text})"))
+        vs = vec_score.get(item_id)
+        if vs is not None and vs > 0.0:
+            src, sim = vec_source.get(item_id, (anchor, None))
+            text = (
+                f"similar to {_label(src, titles)} (cosine {sim:.2f})"
+                if sim is not None
+                else f"similar to your recent items, like {_label(src, titles)}"
+            )
+            parts.append((vs, src, "similar", text))
+        ps = pop_score.get(item_id)
+        if ps is not None and (not parts or ps > 0.0):
+            parts.append(
+                (ps, anchor, "popular", f"popular with shoppers (after {_label(anchor, titles)})")
+            )
+        if not parts:  # only a negative vector term: still say where it came from
+            parts.append((score, anchor, "similar", "similar to your recent items"))
+        parts.sort(key=lambda p: -p[0])
+        reasons = [
+            Reason(source_item_id=src, kind=kind, strength=strength, text=text)
+            for strength, src, kind, text in parts[:max_reasons]
+        ]
+        out.append(RecommendedItem(item_id=item_id, score=score, reasons=reasons))
     return out
 
 

@@ -178,6 +178,7 @@ def weights_for(strategy: str, weights: BlendWeights) -> BlendWeights:
             update={
                 "vector": 1.0,
                 "bought_together": 0.0,
+                "also_bought": 0.0,
                 "also_viewed": 0.0,
                 "next_item": 0.0,
                 "similar": 0.0,
@@ -349,7 +350,7 @@ class Recommender:
             pooled_user_vector(
                 u.update.history,
                 vectors,
-                recency=self.weights.recency,
+                recency=self.weights.pool_recency,
                 weight_exponent=self.weights.weight_exponent,
                 max_items=max_items,
             )

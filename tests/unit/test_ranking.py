@@ -12,6 +12,7 @@ from schemas.messages import Evidence, HistoryEntry, RelatedItem, RelatedItems
 from workers.ranking import (
     BlendError,
     BlendWeights,
+    behaviour_candidates,
     pooled_user_vector,
     profile_text,
     rank,
@@ -184,3 +185,69 @@ def test_blend_weights_round_trip_and_version_check(tmp_path: Path) -> None:
     path.write_text("{not json")
     with pytest.raises(BlendError):
         BlendWeights.load(path)
+
+
+def test_association_score_is_recency_weighted_sum_of_cosines() -> None:
+    # Sources a (most recent) and b; recency 0.5 -> shares 2/3 and 1/3 (weights equal).
+    history = [entry("a"), entry("b", age=1)]
+    rel = {
+        "a": related("a", ("c", "also_bought", 0.6), ("d", "next_item", 0.3)),
+        "b": related("b", ("c", "also_bought", 0.3), ("e", "also_bought", 0.9)),
+    }
+    w = BlendWeights(vector=0.0, popularity=0.0, recency=0.5, next_item=2.0)
+    out = rank(history=history, related=rel, vector_hits=[], k=5, weights=w)
+    got = {r.item_id: r.score for r in out}
+    assert got["c"] == pytest.approx(2 / 3 * 0.6 + 1 / 3 * 0.3)
+    assert got["d"] == pytest.approx(2 / 3 * 0.3 * 2.0)
+    assert got["e"] == pytest.approx(1 / 3 * 0.9)
+    assert [r.item_id for r in out] == ["c", "d", "e"]
+    c = out[0]
+    assert [(r.source_item_id, r.kind) for r in c.reasons] == [
+        ("a", "also_bought"),
+        ("b", "also_bought"),
+    ]
+    assert c.reasons[0].text.startswith("customers who bought a also bought it")
+
+
+def test_language_model_reranks_behaviour_candidates() -> None:
+    # c and d have the same behaviour evidence; only d is close to the user's taste.
+    history = [entry("a")]
+    rel = {"a": related("a", ("c", "also_bought", 0.5), ("d", "also_bought", 0.5))}
+    hits = [("s1", 0.9), ("s2", 0.5)]
+    vecs = {
+        "a": np.array([1.0, 0.0], dtype=np.float32),
+        "c": np.array([0.0, 1.0], dtype=np.float32),
+        "d": np.array([0.8, 0.6], dtype=np.float32),
+        "s1": np.array([0.9, 0.436], dtype=np.float32),
+        "s2": np.array([0.5, 0.866], dtype=np.float32),
+    }
+    w = BlendWeights(vector=0.1, popularity=0.0, vector_floor=-1.0)
+    without = rank(history=history, related=rel, vector_hits=hits, k=4, weights=w)
+    assert [r.item_id for r in without][:2] == ["c", "d"]  # tie broken on id
+    with_lm = rank(
+        history=history,
+        related=rel,
+        vector_hits=hits,
+        k=4,
+        weights=w,
+        history_vectors=vecs,
+        candidate_vectors=vecs,
+    )
+    ids = [r.item_id for r in with_lm]
+    assert ids.index("d") < ids.index("c")
+    by_id = {r.item_id: r for r in with_lm}
+    # d: cosine 0.8 scaled between the weakest (0.5) and best (0.9) hit -> +0.75 x 0.1;
+    # c: cosine 0 is below the weakest hit -> a penalty, bounded at -1 x 0.1.
+    assert by_id["d"].score == pytest.approx(0.5 + 0.1 * 0.75, abs=1e-5)
+    assert by_id["c"].score == pytest.approx(0.5 - 0.1, abs=1e-5)
+    assert {r.kind for r in by_id["d"].reasons} == {"also_bought", "similar"}
+    assert all(r.source_item_id == "a" for r in by_id["d"].reasons)
+
+
+def test_behaviour_candidates_lists_what_evidence_can_propose() -> None:
+    history = [entry("a"), entry("r", weight=-8.0, etype="return")]
+    rel = {
+        "a": related("a", ("c", "also_bought", 0.5), ("s", "similar", 0.9)),
+        "r": related("r", ("z", "also_bought", 0.5)),
+    }
+    assert behaviour_candidates(history, rel) == ["c"]  # no returned source, no `similar`
