@@ -573,6 +573,7 @@ def command(
         PipelineOptions(data_dir=data_dir, kafka=kafka, partitions=kafka.partitions)
     )
     sampler: Sampler | None = None
+    failed = False
     try:
         ready_started = time.monotonic()
         pipeline.start(status=say)
@@ -626,10 +627,13 @@ def command(
                 phases=bench.phases,
             )
             report["plot"] = str(png)
+    except Exception:
+        failed = True
+        raise
     finally:
         if sampler is not None:
             sampler.stop()
-        pipeline.close()
+        pipeline.close(keep_logs=failed)
 
     base = report.get("baseline")
     relata_rate = report.get("max_sustainable_rate") or report.get("achieved_rate")

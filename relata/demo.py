@@ -226,7 +226,7 @@ def command(
     options = PipelineOptions(data_dir=data_dir, kafka=kafka, partitions=kafka.partitions)
     titles = load_titles(data_dir)
     sent = 0
-    interrupted = False
+    interrupted = failed = False
     pipeline = Pipeline(options)
     try:
         pipeline.start(status=lambda text: click.echo(f"relata demo: {text}", err=True))
@@ -251,6 +251,7 @@ def command(
                 if pipeline.wait_drained(timeout_s=DISPLAY_EVERY_S * 2):
                     break
                 display.tick()
+                click.echo(f"  consumer lag: {pipeline.lags()}", err=True)
             else:
                 click.echo("relata demo: pipeline did not drain within 180 s", err=True)
         except KeyboardInterrupt:
@@ -259,8 +260,11 @@ def command(
             click.echo("relata demo: interrupted; stopping", err=True)
         display.tick(force=True)
         totals = summary(pipeline, sent)
+    except Exception:
+        failed = True
+        raise
     finally:
-        pipeline.close()
+        pipeline.close(keep_logs=failed)
     latency = totals["latency_ms"]
     click.echo(
         f"relata demo: {totals['events']} events -> {totals['recommendations']} recommendations, "

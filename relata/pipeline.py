@@ -11,7 +11,6 @@ measure each one's CPU and RSS. A `RecommendationProbe` records event→recommen
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import json
 import logging
 import os
@@ -29,9 +28,12 @@ import uuid
 from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator, MutableMapping
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from types import TracebackType
 from typing import IO, Any
+
+from confluent_kafka import KafkaException
 
 from relata.latency import LatencySeries
 from relata.replay import (
@@ -59,6 +61,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_DATA = REPO_ROOT / "data" / "online-retail"
 _PR_SET_PDEATHSIG = 1
 _STOP_TIMEOUT_S = 20.0
+CANARY_PREFIX = "relata-canary-"
 
 
 class PipelineError(RuntimeError):
@@ -73,14 +76,18 @@ def free_port(host: str = "127.0.0.1") -> int:
         return port
 
 
-def _pdeathsig_hook() -> Callable[[], None]:
-    """A pre-exec hook: the child is SIGTERMed when its parent dies, even by SIGKILL."""
-    prctl = ctypes.CDLL(None, use_errno=True).prctl
-
-    def hook() -> None:
-        prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
-
-    return hook
+# The child asks the kernel for SIGKILL when its parent dies (even by SIGKILL), then checks
+# that the parent is still the one that started it (it may have died before the prctl). Done
+# after exec, in the child's own interpreter: a preexec_fn in a process that runs librdkafka
+# threads is not fork-safe. SIGKILL, not SIGTERM: without its parent the broker is going too,
+# and a Faust worker told to stop gracefully then waits forever for a commit to a dead broker.
+_CHILD_BOOT = (
+    "import ctypes, os, signal, sys\n"
+    "ctypes.CDLL(None, use_errno=True).prctl({pdeathsig}, signal.SIGKILL, 0, 0, 0)\n"
+    "if os.getppid() != {parent}: sys.exit(1)\n"
+    "from relata.cli import main\n"
+    "main(prog_name='relata')\n"
+)
 
 
 @dataclass
@@ -105,11 +112,25 @@ class ManagedProcess:
         except OSError:
             return ""
 
+    def first_errors(self, limit: int = 40) -> str:
+        """The first traceback or ERROR/CRITICAL lines of the log (the cause, not the teardown)."""
+        try:
+            lines = self.log_path.read_text(errors="replace").splitlines()
+        except OSError:
+            return ""
+        for index, line in enumerate(lines):
+            if line.startswith("Traceback") or " ERROR " in line or " CRITICAL " in line:
+                return "\n".join(lines[index : index + limit])
+        return ""
+
     def check(self) -> None:
-        """Raise PipelineError (with the log tail) when the process has exited."""
+        """Raise PipelineError (with the first errors and the log tail) when it has exited."""
         code = self.popen.poll()
         if code is not None:
-            msg = f"{self.name} exited with status {code}; log {self.log_path}:\n{self.log_tail()}"
+            msg = (
+                f"{self.name} exited with status {code}; log {self.log_path}\n"
+                f"first errors:\n{self.first_errors()}\nlog tail:\n{self.log_tail(1500)}"
+            )
             raise PipelineError(msg)
 
     def stop(self, timeout_s: float = _STOP_TIMEOUT_S) -> None:
@@ -135,8 +156,8 @@ def start_relata(
     """Start `relata ARGS` with this interpreter, in a new session (process group)."""
     log_path = log_dir / f"{name}.log"
     handle = log_path.open("wb")
-    cmd = [sys.executable, "-c", "from relata.cli import main; main(prog_name='relata')", *args]
-    in_main = threading.current_thread() is threading.main_thread()
+    boot = _CHILD_BOOT.format(pdeathsig=_PR_SET_PDEATHSIG, parent=os.getpid())
+    cmd = [sys.executable, "-c", boot, *args]
     popen = subprocess.Popen(
         cmd,
         stdin=subprocess.DEVNULL,
@@ -145,8 +166,6 @@ def start_relata(
         cwd=REPO_ROOT,
         env=env,
         start_new_session=True,
-        # PDEATHSIG fires when the forking thread exits: only from the main thread.
-        preexec_fn=_pdeathsig_hook() if in_main else None,
     )
     logger.info("started name=%s pid=%d log=%s", name, popen.pid, log_path)
     return ManagedProcess(name, popen, log_path, handle)
@@ -179,6 +198,7 @@ class RecommendationProbe:
         self.latest: dict[str, dict[str, Any]] = {}
         self.recent_users: deque[str] = deque(maxlen=50)
         self.last_record_at = 0.0
+        self.canaries = 0
         self._stop = threading.Event()
         self._consumer = make_consumer(kafka)
         self._assign_both()
@@ -224,6 +244,10 @@ class RecommendationProbe:
         except json.JSONDecodeError:
             logger.warning("unparsable recommendation on the output topic")
             return
+        user = rec.get("user_id")
+        if isinstance(user, str) and user.startswith(CANARY_PREFIX):
+            self.canaries += 1
+            return
         self.stats.recommendations += 1
         reported = rec.get("latency_ms")
         if isinstance(reported, int | float):
@@ -231,7 +255,6 @@ class RecommendationProbe:
         sent = [self._sent_at[e] for e in rec.get("trigger_event_ids", []) if e in self._sent_at]
         if sent:
             self.measured.add(now, (now - min(sent)) * 1000)
-        user = rec.get("user_id")
         if isinstance(user, str):
             self.latest[user] = rec
             self.recent_users.append(user)
@@ -244,27 +267,28 @@ class RecommendationProbe:
         self.stats.dead_letters[error_type] += 1
 
 
-def _admin(kafka: KafkaSettings) -> Any:
-    from confluent_kafka.admin import AdminClient
-
-    from relata.topics import confluent_config
-
-    return AdminClient(confluent_config(kafka))
-
-
 class LagMonitor:
-    """Consumer-group lag (end offset − committed offset, summed over partitions)."""
+    """Consumer-group lag (end offset − committed offset, summed over partitions).
+
+    Committed offsets are read by a consumer per group that never joins it (OffsetFetch only).
+    librdkafka's AdminClient group calls (list offsets / describe groups) crashed the process
+    (SIGSEGV in rdk:main, librdkafka 2.16) while a group was coordinating; this path does not.
+    """
 
     def __init__(self, kafka: KafkaSettings) -> None:
-        self._admin = _admin(kafka)
+        self._kafka = kafka
         self._consumer = make_consumer(kafka)
+        self._group_consumers: dict[str, Any] = {}
+
+    def _partitions(self, topic: str) -> list[int]:
+        meta = self._consumer.list_topics(topic, timeout=10)
+        return sorted(meta.topics[topic].partitions)
 
     def end_offsets(self, topic: str) -> dict[int, int]:
         from confluent_kafka import TopicPartition
 
-        meta = self._consumer.list_topics(topic, timeout=10)
         out = {}
-        for p in meta.topics[topic].partitions:
+        for p in self._partitions(topic):
             _low, high = self._consumer.get_watermark_offsets(
                 TopicPartition(topic, p), timeout=10, cached=False
             )
@@ -272,14 +296,17 @@ class LagMonitor:
         return out
 
     def committed(self, group: str, topic: str) -> dict[int, int]:
-        from confluent_kafka import ConsumerGroupTopicPartitions
+        from confluent_kafka import TopicPartition
 
-        futures = self._admin.list_consumer_group_offsets([ConsumerGroupTopicPartitions(group)])
-        result = futures[group].result(timeout=10)
+        consumer = self._group_consumers.get(group)
+        if consumer is None:
+            consumer = make_consumer(self._kafka, group_id=group)
+            self._group_consumers[group] = consumer
+        wanted = [TopicPartition(topic, p) for p in self._partitions(topic)]
         return {
             tp.partition: tp.offset
-            for tp in result.topic_partitions
-            if tp.topic == topic and tp.offset >= 0
+            for tp in consumer.committed(wanted, timeout=10)
+            if tp.offset >= 0
         }
 
     def lag(self, group: str, topic: str) -> int:
@@ -287,21 +314,10 @@ class LagMonitor:
         done = self.committed(group, topic)
         return sum(max(0, end - done.get(p, 0)) for p, end in ends.items())
 
-    def group_stable(self, group: str) -> bool:
-        """Whether `group` is Stable with at least one member holding partitions."""
-        from confluent_kafka import ConsumerGroupState
-
-        futures = self._admin.describe_consumer_groups([group], request_timeout=10)
-        try:
-            description = futures[group].result(timeout=10)
-        except Exception:  # an unknown group is an error here: not stable yet
-            return False
-        if description.state != ConsumerGroupState.STABLE:
-            return False
-        return any(m.assignment.topic_partitions for m in description.members)
-
     def close(self) -> None:
-        self._consumer.close()
+        for consumer in [self._consumer, *self._group_consumers.values()]:
+            with contextlib.suppress(Exception):
+                consumer.close()
 
 
 def scrape_metrics(url: str, *, timeout_s: float = 2.0) -> dict[str, float]:
@@ -351,6 +367,7 @@ class Pipeline:
         self.probe: RecommendationProbe | None = None
         self.lag: LagMonitor | None = None
         self.catalog: CatalogReport | None = None
+        self._canary_sent_at: float | None = None
         self.streams_port = free_port()
         self.indexer_metrics_port = free_port()
         self.recommender_metrics_port = free_port()
@@ -363,6 +380,9 @@ class Pipeline:
     def __enter__(self) -> Pipeline:
         try:
             self.start()
+        except Exception:
+            self.close(keep_logs=True)
+            raise
         except BaseException:
             self.close()
             raise
@@ -374,7 +394,7 @@ class Pipeline:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        self.close()
+        self.close(keep_logs=exc_type is not None and exc_type is not KeyboardInterrupt)
 
     def start(self, *, status: Callable[[str], None] | None = None) -> None:
         say = status or (lambda text: logger.info("%s", text))
@@ -456,19 +476,16 @@ class Pipeline:
         assert self.kafka is not None and self.lag is not None
         deadline = time.monotonic() + self.options.ready_timeout_s
         catalog_topic = self.kafka.topic(ITEM_CATALOG.name)
-        pending = {"indexer": True, "recommender": True, "streams": True}
+        # canary: one synthetic event whose recommendation proves every stage is assigned
+        # and live, so the measured events do not include consumer-group joins.
+        pending = {"indexer": True, "streams": True, "canary": True}
         last_note = 0.0
         while any(pending.values()):
             self.check_processes()
-            if pending["indexer"]:
-                pending["indexer"] = self.lag.lag(self.indexer_group, catalog_topic) > 0 or not (
-                    self.lag.committed(self.indexer_group, catalog_topic)
-                )
-            if pending["recommender"]:
-                pending["recommender"] = not self.lag.group_stable(self.recommender_group)
-            if pending["streams"]:
-                healthy = self._streams_healthy()
-                pending["streams"] = not (healthy and self.lag.group_stable(self.streams_app_id))
+            try:
+                self._check_ready(pending, catalog_topic)
+            except KafkaException as exc:  # coordinator loading, group not there yet: retry
+                logger.debug("readiness check failed, retrying error=%s", exc)
             if time.monotonic() > deadline:
                 waiting = ", ".join(name for name, wait in pending.items() if wait)
                 msg = (
@@ -484,6 +501,38 @@ class Pipeline:
             time.sleep(0.5)
         say("pipeline ready")
 
+    def _check_ready(self, pending: dict[str, bool], catalog_topic: str) -> None:
+        assert self.lag is not None
+        if pending["indexer"]:
+            pending["indexer"] = self.lag.lag(self.indexer_group, catalog_topic) > 0 or not (
+                self.lag.committed(self.indexer_group, catalog_topic)
+            )
+        if pending["streams"]:
+            pending["streams"] = not self._streams_healthy()
+        if not pending["indexer"] and not pending["streams"] and pending["canary"]:
+            pending["canary"] = not self._canary_answered()
+
+    def _canary_answered(self) -> bool:
+        assert self.kafka is not None and self.probe is not None and self.catalog is not None
+        if self._canary_sent_at is None or time.monotonic() - self._canary_sent_at > 30:
+            item = next(iter(iter_jsonl(self.options.data_dir / "items.jsonl.gz")))[1]
+            event = {
+                "event_id": f"{CANARY_PREFIX}{uuid.uuid4().hex[:8]}",
+                "user_id": f"{CANARY_PREFIX}{self.run_id}",
+                "item_id": json.loads(item)["item_id"],
+                "event_type": "view",
+                "ts": datetime.now(UTC).isoformat(),
+            }
+            producer = make_producer(self.kafka)
+            producer.produce(
+                self.kafka.topic(BEHAVIOR_EVENTS.name),
+                key=event["user_id"].encode(),
+                value=json.dumps(event).encode(),
+            )
+            producer.flush(10)
+            self._canary_sent_at = time.monotonic()
+        return self.probe.canaries > 0
+
     def _streams_healthy(self) -> bool:
         url = f"http://127.0.0.1:{self.streams_port}/healthz"
         try:
@@ -492,8 +541,21 @@ class Pipeline:
         except (urllib.error.URLError, OSError, TimeoutError):
             return False
 
-    def close(self) -> None:
-        """Stop everything this pipeline started; safe to call twice."""
+    def close(self, *, keep_logs: bool = False) -> None:
+        """Stop everything this pipeline started; safe to call twice.
+
+        `keep_logs` keeps the work directory (the processes' logs) for a post-mortem. A second
+        Ctrl-C during teardown is ignored, so that teardown always completes.
+        """
+        in_main = threading.current_thread() is threading.main_thread()
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN) if in_main else None
+        try:
+            self._close(keep_logs=keep_logs)
+        finally:
+            if previous is not None:
+                signal.signal(signal.SIGINT, previous)
+
+    def _close(self, *, keep_logs: bool) -> None:
         if self.probe is not None:
             with contextlib.suppress(Exception):
                 self.probe.stop()
@@ -508,7 +570,9 @@ class Pipeline:
         if self._embedded is not None:
             self._embedded.stop()
             self._embedded = None
-        if not self.options.keep_workdir:
+        if keep_logs or self.options.keep_workdir:
+            logger.warning("pipeline work directory kept: %s", self.workdir)
+        else:
             shutil.rmtree(self.workdir, ignore_errors=True)
 
     # -- driving and observing
@@ -555,7 +619,12 @@ class Pipeline:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             self.check_processes()
-            lags = self.lags()
+            try:
+                lags = self.lags()
+            except KafkaException as exc:
+                logger.debug("lag query failed, retrying error=%s", exc)
+                time.sleep(0.5)
+                continue
             quiet = time.time() - self.probe.last_record_at >= quiet_s
             if not any(lags.values()) and quiet:
                 return True
@@ -590,8 +659,12 @@ def running_pipeline(
 ) -> Iterator[Pipeline]:
     """Start a pipeline, yield it, and always tear it down."""
     pipeline = Pipeline(options)
+    failed = False
     try:
         pipeline.start(status=status)
         yield pipeline
+    except Exception:
+        failed = True
+        raise
     finally:
-        pipeline.close()
+        pipeline.close(keep_logs=failed)

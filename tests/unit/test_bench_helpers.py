@@ -1,0 +1,85 @@
+"""Unit tests of the bench/demo helpers: metric parsing, sustainability, event streams."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+from pathlib import Path
+
+from relata.bench import PhaseResult, endless_events, histogram, metric_sum
+from relata.demo import invalid_events, mixed_lines
+from relata.pipeline import scrape_metrics
+from schemas.decoding import Rejection, decode
+from schemas.messages import BehaviorEvent
+
+
+def _phase(*, rate: float, sent: int, end_lag: int | None, p99: float) -> PhaseResult:
+    return PhaseResult(
+        rate=rate,
+        sent=sent,
+        elapsed_s=10.0,
+        started=0.0,
+        ended=10.0,
+        end_lag=end_lag,
+        latency_ms={"p50": p99 / 2, "p95": p99, "p99": p99, "max": p99},
+        drained=True,
+        max_p99_ms=250.0,
+    )
+
+
+def test_sustainable_needs_rate_bounded_lag_and_p99() -> None:
+    assert _phase(rate=100, sent=1000, end_lag=10, p99=50).sustainable
+    assert not _phase(rate=100, sent=900, end_lag=10, p99=50).sustainable  # achieved 90 %
+    assert not _phase(rate=100, sent=1000, end_lag=5000, p99=50).sustainable  # lag grew
+    assert not _phase(rate=100, sent=1000, end_lag=10, p99=400).sustainable  # too slow
+    assert not _phase(rate=100, sent=1000, end_lag=None, p99=50).sustainable
+    assert not _phase(rate=100, sent=1000, end_lag=0, p99=math.nan).sustainable
+
+
+def test_histogram_and_sum_from_prometheus_names() -> None:
+    metrics = {
+        'relata_encode_batch_size_bucket{le="1.0"}': 2.0,
+        'relata_encode_batch_size_bucket{le="+Inf"}': 9.0,
+        'relata_encode_batch_size_bucket{le="32.0"}': 7.0,
+        "relata_encoded_texts_total": 100.0,
+        'relata_dead_letter_total{stage="a",error_type="x"}': 3.0,
+        'relata_dead_letter_total{stage="b",error_type="y"}': 4.0,
+    }
+    assert list(histogram(metrics, "relata_encode_batch_size").items()) == [
+        ("1.0", 2.0),
+        ("32.0", 7.0),
+        ("+Inf", 9.0),
+    ]
+    assert metric_sum(metrics, "relata_dead_letter_total") == 7.0
+    assert metric_sum(metrics, "relata_encoded_texts_total") == 100.0
+
+
+def test_scrape_metrics_of_an_unreachable_port_is_empty() -> None:
+    assert scrape_metrics("http://127.0.0.1:9/metrics", timeout_s=0.5) == {}
+
+
+def test_endless_events_renames_ids_after_the_first_pass(tmp_path: Path) -> None:
+    path = tmp_path / "events.jsonl"
+    path.write_text('{"event_id": "a", "user_id": "u"}\n{"event_id": "b", "user_id": "u"}\n')
+    ids = [json.loads(raw)["event_id"] for _, raw in itertools.islice(endless_events(path), 6)]
+    assert ids == ["a", "b", "a~1", "b~1", "a~2", "b~2"]
+
+
+def test_invalid_events_are_each_rejected_with_the_promised_error_type() -> None:
+    for error_type, raw in invalid_events(8):
+        result = decode(raw, BehaviorEvent)
+        assert isinstance(result, Rejection)
+        assert result.error_type == error_type
+
+
+def test_mixed_lines_spreads_invalid_lines_among_real_ones(tmp_path: Path) -> None:
+    path = tmp_path / "events.jsonl"
+    path.write_text("".join(f'{{"event_id": "e{n}"}}\n' for n in range(20)))
+    bad = [("malformed_json", b"{x"), ("malformed_json", b"{y")]
+    lines = [raw for _, raw in mixed_lines(path, events=10, invalid=bad)]
+    assert len(lines) == 12
+    assert lines.index(b"{x") not in (0, 11)
+    assert [raw for raw in lines if raw.startswith(b'{"')] == [
+        f'{{"event_id": "e{n}"}}'.encode() for n in range(10)
+    ]
