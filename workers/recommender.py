@@ -94,14 +94,23 @@ def coalesce(updates: Iterable[ProfileUpdate]) -> tuple[dict[str, PendingUser], 
 class ItemCache:
     """Bounded LRU of item vectors and titles read from the store (items rarely change)."""
 
+    # Items the store lacks (not indexed yet) are not asked for again for this long.
+    ABSENT_TTL_S = 10.0
+
     def __init__(self, store: VectorStore, *, capacity: int = 200_000) -> None:
         self.store = store
         self.capacity = capacity
         self._items: OrderedDict[str, tuple[FloatArray, str]] = OrderedDict()
+        self._absent: dict[str, float] = {}
 
     def fetch(self, ids: Iterable[str]) -> None:
         """Load the missing ones of `ids` with one store round trip."""
-        missing = [i for i in dict.fromkeys(ids) if i not in self._items]
+        now = time.monotonic()
+        missing = [
+            i
+            for i in dict.fromkeys(ids)
+            if i not in self._items and self._absent.get(i, 0.0) <= now
+        ]
         if not missing:
             return
         vectors = self.store.get_vectors(missing)
@@ -109,6 +118,11 @@ class ItemCache:
         for item_id, vector in vectors.items():
             title = payloads.get(item_id, {}).get("title") or ""
             self._items[item_id] = (vector, str(title))
+        for item_id in missing:
+            if item_id not in vectors:
+                self._absent[item_id] = now + self.ABSENT_TTL_S
+        if len(self._absent) > self.capacity:
+            self._absent = {i: t for i, t in self._absent.items() if t > now}
         while len(self._items) > self.capacity:
             self._items.popitem(last=False)
 

@@ -12,7 +12,7 @@ from schemas.messages import ProfileUpdate
 from schemas.settings import RecommenderSettings
 from tests.unit.worker_fakes import FakeConsumer, FakeEncoder, FakeProducer
 from workers.metrics import WorkerMetrics
-from workers.recommender import Recommender, RecommenderTopics, coalesce
+from workers.recommender import ItemCache, Recommender, RecommenderTopics, coalesce
 from workers.vector_store import ClientVectorStore
 
 TOPICS = RecommenderTopics(
@@ -239,3 +239,24 @@ def test_user_with_unknown_items_still_gets_a_record(store: ClientVectorStore) -
     # No vector and no evidence: the popularity fallback, explained by the user's own item.
     assert [i["item_id"] for i in rec["items"]] == ["lip1", "nail"][: len(rec["items"])]
     assert all(r["source_item_id"] == "not-in-catalog" for i in rec["items"] for r in i["reasons"])
+
+
+def test_item_cache_asks_the_store_once_for_absent_items(store: ClientVectorStore) -> None:
+    calls: list[list[str]] = []
+    original = store.get_vectors
+
+    def counting(ids: Any) -> Any:
+        ids = list(ids)
+        calls.append(ids)
+        return original(ids)
+
+    store.get_vectors = counting  # type: ignore[method-assign]
+    cache = ItemCache(store, capacity=2)
+    cache.fetch(["lip1", "ghost"])
+    cache.fetch(["lip1", "ghost"])
+    assert calls == [["lip1", "ghost"]]
+    assert cache.get("lip1") is not None
+    assert cache.get("ghost") is None
+    cache.fetch(["lip2", "lip3"])  # capacity 2: lip1 is evicted
+    assert cache.get("lip1") is None
+    assert cache.get("lip3") is not None
