@@ -607,7 +607,10 @@ class Pipeline:
         """Lag of the stream processor on events and of the recommender on profile updates."""
         assert self.kafka is not None and self.lag is not None
         return {
-            "streams": self.lag.lag(self.streams_app_id, self.kafka.topic(BEHAVIOR_EVENTS.name)),
+            # Faust's group id is the app id with the topic prefix (streams/app.py).
+            "streams": self.lag.lag(
+                self.kafka.topic(self.streams_app_id), self.kafka.topic(BEHAVIOR_EVENTS.name)
+            ),
             "recommender": self.lag.lag(
                 self.recommender_group, self.kafka.topic(PROFILE_UPDATES.name)
             ),
