@@ -132,13 +132,20 @@ class ItemCache:
             self._items.move_to_end(item_id)
         return entry
 
+    def ids(self) -> list[str]:
+        return list(self._items)
+
+    def size(self) -> int:
+        return len(self._items)
+
     def invalidate(self, ids: Iterable[str]) -> None:
         for item_id in ids:
             self._items.pop(item_id, None)
 
 
 class _Vectors(Mapping[str, FloatArray]):
-    """Read-through view of the cache's vectors (for `rank`'s history/candidate vectors)."""
+    """The cache's vectors as a mapping (for `rank`); callers prefetch what they need first,
+    so a lookup never costs a store round trip."""
 
     def __init__(self, cache: ItemCache) -> None:
         self._cache = cache
@@ -146,26 +153,14 @@ class _Vectors(Mapping[str, FloatArray]):
     def __getitem__(self, item_id: str) -> FloatArray:
         entry = self._cache.get(item_id)
         if entry is None:
-            self._cache.fetch([item_id])
-            entry = self._cache.get(item_id)
-        if entry is None:
             raise KeyError(item_id)
         return entry[0]
 
-    def __contains__(self, item_id: object) -> bool:
-        if not isinstance(item_id, str):
-            return False
-        try:
-            self[item_id]
-        except KeyError:
-            return False
-        return True
-
     def __iter__(self) -> Iterator[str]:
-        return iter(())
+        return iter(self._cache.ids())
 
     def __len__(self) -> int:
-        return 0
+        return self._cache.size()
 
 
 class _Titles(Mapping[str, str]):
@@ -179,10 +174,10 @@ class _Titles(Mapping[str, str]):
         return entry[1]
 
     def __iter__(self) -> Iterator[str]:
-        return iter(())
+        return iter(self._cache.ids())
 
     def __len__(self) -> int:
-        return 0
+        return self._cache.size()
 
 
 def weights_for(strategy: str, weights: BlendWeights) -> BlendWeights:
@@ -391,6 +386,15 @@ class Recommender:
             hits[n] = user_hits
         return hits
 
+    def _behaviour_candidates(self, users: list[PendingUser]) -> list[str]:
+        out: list[str] = []
+        for user in users:
+            for entry in user.update.history[: self.weights.max_sources]:
+                rel = self.related.items.get(entry.item_id)
+                if rel is not None:
+                    out.extend(r.item_id for r in rel.related[: self.weights.max_related])
+        return out
+
     def _available(self, ids: set[str]) -> set[str]:
         if not ids:
             return set()
@@ -403,14 +407,18 @@ class Recommender:
         """Ranked, explained, available items for each user (pure of Kafka)."""
         vectors = self._user_vectors(users)
         hits = self._search(users, vectors)
-        # One round trip for the vectors `rank` uses to name the history item behind a hit.
+        # One round trip for every vector `rank` may read: the hits it names a history item
+        # for, and the behaviour candidates it scores against the user vector.
         depth = self.settings.k * CANDIDATE_MARGIN
-        self.cache.fetch(item_id for user_hits in hits for item_id, _ in user_hits[:depth])
+        wanted = [item_id for user_hits in hits for item_id, _ in user_hits[:depth]]
+        if self.weights.vector > 0:
+            wanted += self._behaviour_candidates(users)
+        self.cache.fetch(wanted)
         history_vectors = _Vectors(self.cache)
         titles = _Titles(self.cache)
         popularity = self.related.popularity() if self.weights.popularity > 0 else None
         ranked: list[list[RecommendedItem]] = []
-        for user, user_hits in zip(users, hits, strict=True):
+        for user, user_hits, user_vector in zip(users, hits, vectors, strict=True):
             ranked.append(
                 rank(
                     history=user.update.history,
@@ -422,6 +430,7 @@ class Recommender:
                     candidate_vectors=history_vectors,
                     popularity=popularity,
                     titles=titles,
+                    user_vector=user_vector,
                 )
             )
         # Vector hits were filtered by availability in the store; behaviour candidates were not.

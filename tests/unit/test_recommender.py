@@ -141,6 +141,10 @@ def test_pooled_recommendations_exclude_history_and_explain(store: ClientVectorS
         for item in rec["items"]:
             assert item["reasons"]
             assert all(r["source_item_id"] in history for r in item["reasons"])
+    # Vector hits name the closest history item, with its cosine.
+    similar = [r for i in recs["u"]["items"] for r in i["reasons"] if r["kind"] == "similar"]
+    assert similar
+    assert any("cosine" in r["text"] for r in similar)
     assert recs["u"]["latency_ms"] == pytest.approx(40.0)
     assert recs["u"]["strategy"] == "hybrid/pooled"
     assert recs["u"]["model_name"] == "fake"
