@@ -100,7 +100,7 @@ def fit_adapter(
             opt.zero_grad()
             loss.backward()
             opt.step()
-            total += float(loss) * len(n)
+            total += float(loss.detach()) * len(n)
             count += len(n)
         losses.append(total / max(count, 1))
         logger.info("adapter epoch=%d loss=%.4f", epoch + 1, losses[-1])
