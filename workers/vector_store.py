@@ -108,6 +108,24 @@ def _excludes(exclude_ids: Sequence[Collection[str]] | None, n: int) -> Sequence
     return exclude_ids
 
 
+def _unique_point_ids(ids: Iterable[str]) -> list[str]:
+    """The point ids of `ids`, each once, in first-seen order."""
+    return list(dict.fromkeys(point_id(i) for i in ids))
+
+
+def _hits(points: Iterable[Any]) -> list[Hit]:
+    """(item id, score) pairs of scored points (both engines' points carry payload and score)."""
+    return [(str(p.payload[ITEM_ID]), float(p.score)) for p in points]
+
+
+def _vectors_by_item(records: Iterable[Any]) -> dict[str, FloatArray]:
+    return {str(r.payload[ITEM_ID]): np.asarray(r.vector, dtype=np.float32) for r in records}
+
+
+def _payloads_by_item(records: Iterable[Any]) -> dict[str, dict[str, Any]]:
+    return {str(r.payload[ITEM_ID]): dict(r.payload) for r in records}
+
+
 # ---------------------------------------------------------------------------------------------
 # qdrant-edge: Qdrant's engine in-process, on a directory.
 # ---------------------------------------------------------------------------------------------
@@ -215,10 +233,6 @@ class EdgeVectorStore:
             params=q.SearchParams(hnsw_ef=self.hnsw_ef),
         )
 
-    @staticmethod
-    def _hits(points: Iterable[Any]) -> list[Hit]:
-        return [(str(p.payload[ITEM_ID]), float(p.score)) for p in points]
-
     def search(
         self,
         vector: FloatArray,
@@ -231,7 +245,7 @@ class EdgeVectorStore:
         request = self._request(
             vector, k=k, exclude_ids=exclude_ids, only_available=only_available, category=category
         )
-        return self._hits(self.shard.query(request))
+        return _hits(self.shard.query(request))
 
     def search_batch(
         self,
@@ -250,24 +264,19 @@ class EdgeVectorStore:
             for v, ex in zip(vectors, excludes, strict=True)
         ]
         results = self.shard.query_batch(self._q.QueryBatchRequest(requests))
-        return [self._hits(points) for points in results]
+        return [_hits(points) for points in results]
 
     def _records(self, ids: Iterable[str], *, with_vector: bool) -> list[Any]:
-        pids = list(dict.fromkeys(point_id(i) for i in ids))
+        pids = _unique_point_ids(ids)
         if not pids:
             return []
         return list(self.shard.retrieve(pids, with_payload=True, with_vector=with_vector))
 
     def get_vectors(self, ids: Iterable[str]) -> dict[str, FloatArray]:
-        return {
-            str(r.payload[ITEM_ID]): np.asarray(r.vector, dtype=np.float32)
-            for r in self._records(ids, with_vector=True)
-        }
+        return _vectors_by_item(self._records(ids, with_vector=True))
 
     def get_payloads(self, ids: Iterable[str]) -> dict[str, dict[str, Any]]:
-        return {
-            str(r.payload[ITEM_ID]): dict(r.payload) for r in self._records(ids, with_vector=False)
-        }
+        return _payloads_by_item(self._records(ids, with_vector=False))
 
     def set_available(self, ids: Sequence[str], available: bool) -> None:
         if not ids:
@@ -389,10 +398,6 @@ class ClientVectorStore:
             return None
         return m.Filter(must=must or None, must_not=must_not or None)
 
-    @staticmethod
-    def _hits(points: Iterable[Any]) -> list[Hit]:
-        return [(str(p.payload[ITEM_ID]), float(p.score)) for p in points]
-
     def _params(self) -> Any:
         return None if self._local else self._m.SearchParams(hnsw_ef=self.hnsw_ef)
 
@@ -413,7 +418,7 @@ class ClientVectorStore:
             limit=k,
             with_payload=[ITEM_ID],
         )
-        return self._hits(response.points)
+        return _hits(response.points)
 
     def search_batch(
         self,
@@ -438,10 +443,10 @@ class ClientVectorStore:
             for v, ex in zip(vectors, _excludes(exclude_ids, len(vectors)), strict=True)
         ]
         responses = self.client.query_batch_points(self.collection, requests=requests)
-        return [self._hits(r.points) for r in responses]
+        return [_hits(r.points) for r in responses]
 
     def _records(self, ids: Iterable[str], *, with_vectors: bool) -> list[Any]:
-        pids = list(dict.fromkeys(point_id(i) for i in ids))
+        pids = _unique_point_ids(ids)
         if not pids:
             return []
         return list(
@@ -451,15 +456,10 @@ class ClientVectorStore:
         )
 
     def get_vectors(self, ids: Iterable[str]) -> dict[str, FloatArray]:
-        out: dict[str, FloatArray] = {}
-        for r in self._records(ids, with_vectors=True):
-            out[str(r.payload[ITEM_ID])] = np.asarray(r.vector, dtype=np.float32)
-        return out
+        return _vectors_by_item(self._records(ids, with_vectors=True))
 
     def get_payloads(self, ids: Iterable[str]) -> dict[str, dict[str, Any]]:
-        return {
-            str(r.payload[ITEM_ID]): dict(r.payload) for r in self._records(ids, with_vectors=False)
-        }
+        return _payloads_by_item(self._records(ids, with_vectors=False))
 
     def set_available(self, ids: Sequence[str], available: bool) -> None:
         if not ids:
