@@ -20,11 +20,11 @@ from workers.encoder import Encoder
 from workers.item_text import item_categories, item_text
 from workers.kafka_io import (
     Consumer,
+    DeadLetters,
     LagReporter,
     Producer,
     commit,
     flush,
-    send_dead_letter,
     usable,
 )
 from workers.metrics import WorkerMetrics
@@ -85,6 +85,9 @@ class ItemIndexer:
         self.max_batch = max_batch
         self.max_wait_s = max_wait_ms / 1000.0
         self._lag = LagReporter(consumer, metrics.consumer_lag)
+        self._dead_letters = DeadLetters(
+            producer, topic=topics.dead_letter, stage=STAGE, counter=metrics.dead_letter
+        )
 
     def poll_once(self) -> BatchResult:
         """Consume up to `max_batch` records (waiting at most `max_wait_ms`) and apply them."""
@@ -110,14 +113,7 @@ class ItemIndexer:
                     f"record key {key!r} does not match item_id {decoded.item_id!r}",
                 )
             if isinstance(decoded, Rejection):
-                send_dead_letter(
-                    self.producer,
-                    topic=self.topics.dead_letter,
-                    message=msg,
-                    rejection=decoded,
-                    stage=STAGE,
-                    counter=self.metrics.dead_letter,
-                )
+                self._dead_letters.send(msg, decoded)
                 result.dead_letters += 1
                 continue
             latest[decoded.item_id] = decoded

@@ -94,6 +94,27 @@ def send_dead_letter(
     counter.labels(stage=stage, error_type=rejection.error_type).inc()
 
 
+class DeadLetters:
+    """One stage's dead-letter route: producer, topic, stage and counter bound once."""
+
+    def __init__(self, producer: Producer, *, topic: str, stage: str, counter: Counter) -> None:
+        self.producer = producer
+        self.topic = topic
+        self.stage = stage
+        self.counter = counter
+
+    def send(self, message: Message, rejection: Rejection) -> None:
+        """Publish `message`, rejected for `rejection`, to the dead-letter topic."""
+        send_dead_letter(
+            self.producer,
+            topic=self.topic,
+            message=message,
+            rejection=rejection,
+            stage=self.stage,
+            counter=self.counter,
+        )
+
+
 def commit(consumer: Consumer) -> None:
     """Synchronously commit the consumed positions; nothing consumed is not an error."""
     try:

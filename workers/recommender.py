@@ -31,13 +31,13 @@ from schemas.settings import RecommenderSettings
 from workers.encoder import Encoder
 from workers.kafka_io import (
     Consumer,
+    DeadLetters,
     LagReporter,
     Message,
     Producer,
     commit,
     flush,
     produce,
-    send_dead_letter,
     usable,
 )
 from workers.metrics import WorkerMetrics
@@ -261,6 +261,9 @@ class Recommender:
         self.cache = ItemCache(store, capacity=cache_size)
         self.clock = clock
         self._lag = LagReporter(consumer, metrics.consumer_lag)
+        self._dead_letters = DeadLetters(
+            producer, topic=topics.dead_letter, stage=STAGE, counter=metrics.dead_letter
+        )
 
     # -- related-items -------------------------------------------------------------------------
 
@@ -275,14 +278,7 @@ class Recommender:
                 continue
             decoded = decode(raw, RelatedItems)
             if isinstance(decoded, Rejection):
-                send_dead_letter(
-                    self.producer,
-                    topic=self.topics.dead_letter,
-                    message=msg,
-                    rejection=decoded,
-                    stage=STAGE,
-                    counter=self.metrics.dead_letter,
-                )
+                self._dead_letters.send(msg, decoded)
                 continue
             self.related.apply(decoded.item_id, decoded)
             n += 1
@@ -326,14 +322,7 @@ class Recommender:
         for msg in usable(messages):
             decoded = decode(msg.value(), ProfileUpdate)
             if isinstance(decoded, Rejection):
-                send_dead_letter(
-                    self.producer,
-                    topic=self.topics.dead_letter,
-                    message=msg,
-                    rejection=decoded,
-                    stage=STAGE,
-                    counter=self.metrics.dead_letter,
-                )
+                self._dead_letters.send(msg, decoded)
                 result.dead_letters += 1
                 continue
             updates.append(decoded)
