@@ -32,6 +32,7 @@ from typing import IO
 
 import click
 
+from relata.process import stop_on_signals
 from relata.settings_cli import build_settings, settings_options
 from schemas.settings import EmbeddedKafkaSettings
 
@@ -480,13 +481,8 @@ def command(resolve_only: bool, **params: object) -> None:
         click.echo(str(resolve_jars(settings)))
         return
     stop = threading.Event()
-
-    def _request_stop(signum: int, frame: FrameType | None) -> None:
-        stop.set()
-
     with EmbeddedKafka(settings) as kafka:
-        signal.signal(signal.SIGINT, _request_stop)
-        signal.signal(signal.SIGTERM, _request_stop)
+        stop_on_signals(stop)
         click.echo(kafka.bootstrap_servers)
         click.echo(f"broker log: {kafka.log_path}  (Ctrl-C stops)", err=True)
         while not stop.is_set():

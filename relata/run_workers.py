@@ -9,7 +9,6 @@ directory can be open in one process only, so that is how the demo runs.
 from __future__ import annotations
 
 import logging
-import signal
 import threading
 import uuid
 from collections.abc import Callable
@@ -20,6 +19,7 @@ from typing import Any, Literal
 import click
 from prometheus_client import CollectorRegistry, start_http_server
 
+from relata.process import stop_on_signals
 from relata.settings_cli import build_settings, settings_options
 from relata.topics import confluent_config, ensure_topics, producer_config, topic_name
 from schemas.settings import (
@@ -231,13 +231,7 @@ def command(role: Role, **params: Any) -> None:
         start_http_server(port, registry=registry)
 
     stop_event = threading.Event()
-
-    def _stop(signum: int, _frame: Any) -> None:
-        logger.info("stopping signal=%s", signal.Signals(signum).name)
-        stop_event.set()
-
-    signal.signal(signal.SIGTERM, _stop)
-    signal.signal(signal.SIGINT, _stop)
+    stop_on_signals(stop_event, log=logger)
 
     workers = build_workers(
         role,
