@@ -135,7 +135,13 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 def _cluster_id() -> str:
-    return base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+    """A random KRaft cluster id (22 url-safe base64 chars, like `kafka-storage random-uuid`).
+
+    Kafka's argument parser reads an id that starts with `-` as an option, so the id is passed
+    as `--cluster-id=ID`; its first character is also drawn from letters to be doubly safe.
+    """
+    raw = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+    return "k" + raw[1:] if raw[0] in "-_" else raw
 
 
 def _server_properties(*, host: str, port: int, controller_port: int, log_dir: Path) -> str:
@@ -349,8 +355,7 @@ class EmbeddedKafka:
                 "kafka.tools.StorageTool",
                 "format",
                 "--standalone",
-                "-t",
-                _cluster_id(),
+                f"--cluster-id={_cluster_id()}",
                 "-c",
                 str(props),
             ),

@@ -132,3 +132,11 @@ def test_server_properties_single_node_for_fast_tests(tmp_path: Path) -> None:
 def test_default_cache_dir_is_outside_the_repo() -> None:
     jars = EmbeddedKafkaSettings().jars_dir()
     assert jars == Path.home() / ".cache" / "relata" / "kafka-4.1.1"
+
+
+def test_cluster_ids_never_read_as_options() -> None:
+    from relata.kafka_broker import _cluster_id
+
+    ids = {_cluster_id() for _ in range(2000)}
+    assert len(ids) == 2000
+    assert all(len(i) == 22 and i[0] not in "-_" for i in ids)
