@@ -21,6 +21,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from typing import TypeVar
 
 import numpy as np
 import numpy.typing as npt
@@ -45,6 +46,8 @@ from workers.ranking import BlendWeights, pooled_user_vector, profile_text, rank
 from workers.vector_store import VectorStore
 
 logger = logging.getLogger(__name__)
+
+_V = TypeVar("_V")
 
 FloatArray = npt.NDArray[np.float32]
 STAGE = "recommender"
@@ -143,12 +146,22 @@ class ItemCache:
             self._items.pop(item_id, None)
 
 
-class _Vectors(Mapping[str, FloatArray]):
-    """The cache's vectors as a mapping (for `rank`); callers prefetch what they need first,
-    so a lookup never costs a store round trip."""
+class _CacheView(Mapping[str, _V]):
+    """A read-only mapping over the cached items; subclasses pick what a lookup returns.
+    Callers prefetch what they need first, so a lookup never costs a store round trip."""
 
     def __init__(self, cache: ItemCache) -> None:
         self._cache = cache
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._cache.ids())
+
+    def __len__(self) -> int:
+        return self._cache.size()
+
+
+class _Vectors(_CacheView[FloatArray]):
+    """The cache's vectors as a mapping (for `rank`)."""
 
     def __getitem__(self, item_id: str) -> FloatArray:
         entry = self._cache.get(item_id)
@@ -156,28 +169,13 @@ class _Vectors(Mapping[str, FloatArray]):
             raise KeyError(item_id)
         return entry[0]
 
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._cache.ids())
 
-    def __len__(self) -> int:
-        return self._cache.size()
-
-
-class _Titles(Mapping[str, str]):
-    def __init__(self, cache: ItemCache) -> None:
-        self._cache = cache
-
+class _Titles(_CacheView[str]):
     def __getitem__(self, item_id: str) -> str:
         entry = self._cache.get(item_id)
         if entry is None or not entry[1]:
             raise KeyError(item_id)
         return entry[1]
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._cache.ids())
-
-    def __len__(self) -> int:
-        return self._cache.size()
 
 
 def weights_for(strategy: str, weights: BlendWeights) -> BlendWeights:
