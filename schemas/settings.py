@@ -97,6 +97,15 @@ class StreamsSettings(_Settings):
         le=100,
         description="Earlier history items paired with each new item (sequence co-occurrence).",
     )
+    assoc_basket_pairs: int = Field(
+        30,
+        ge=1,
+        le=1000,
+        description=(
+            "A new basket item pairs with at most this many most recent items of its basket "
+            "(windowed co-occurrence: bounds the work per event of very large baskets)."
+        ),
+    )
     assoc_republish_change: float = Field(
         0.2,
         ge=0,

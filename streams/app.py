@@ -8,8 +8,8 @@ one process); there is no import-time app. Agents are glue around the pure logic
   table `profiles` → `profile-updates` (+ the association input to `association-input`).
 - `process_associations` (internal `association-input`, ONE partition): all pair counts of
   an item need the counts of its partners (lift, cosine), so the statistics live in one
-  partition of table `associations` on one worker. Scaling choice: this agent is light (dict
-  updates) and keeps up with ~10k events/s; failover is by a standby replica
+  partition of table `associations` on one worker. It folds inputs in batches (`stream.take`)
+  and writes each touched record once per batch. Failover is by a standby replica
   (`table_standby_replicas=1`) that replays the changelog. Sharding by item would need a
   second hop for partner counts.
   Delivery is at least once: the profile agent de-duplicates re-delivered events by
@@ -57,12 +57,13 @@ from .association import (
     AssociationConfig,
     AssociationInput,
     ItemRecord,
+    Membership,
     TotalsRecord,
-    material_change,
-    plan_updates,
+    apply_inputs,
+    membership,
+    membership_changed,
     related_items,
-    update_item,
-    update_totals,
+    top_partners,
 )
 from .catalog import CatalogView
 from .metrics import StreamsMetrics
@@ -76,6 +77,10 @@ ASSOCIATION_INPUT = "association-input"
 TOTALS_KEY = "totals"
 # Lower than Faust's hard-coded 1500 ms: see streams/transport.py.
 FETCH_MAX_WAIT_MS = 100
+# The association agent folds up to this many inputs at once (waiting at most this long for
+# them) and writes each touched record once per batch; a backlog makes batches larger.
+ASSOCIATION_BATCH_MAX = 500
+ASSOCIATION_BATCH_WITHIN_S = 0.05
 # Related lists are recomputed for items touched since the last flush, at most this often.
 RELATED_FLUSH_INTERVAL_S = 0.25
 
@@ -163,8 +168,8 @@ class StreamsApp:
     process_events: Any = None
     process_associations: Any = None
     process_recommendations: Any = None
-    # Signatures of the last published related lists (in memory: a restart republishes once).
-    published: dict[str, RelatedItems] = field(default_factory=dict)
+    # Membership of the last published related lists (in memory: a restart republishes once).
+    published: dict[str, Membership] = field(default_factory=dict)
     dirty: set[str] = field(default_factory=set)
 
     # ---- profile agent -------------------------------------------------------------------
@@ -276,20 +281,31 @@ class StreamsApp:
     # ---- association agent ---------------------------------------------------------------
     def handle_association_input(self, data: Any) -> None:
         """Fold one association input into the per-item records and the totals."""
-        inp = AssociationInput.from_dict(data)
-        for item_id, delta in plan_updates(inp).items():
-            record = self.associations.get(item_id)
-            self.associations[item_id] = update_item(
-                record, item_id=item_id, delta=delta, ts=inp.ts, config=self.assoc_config
-            )
-            self.dirty.add(item_id)
+        self.handle_association_batch([data])
+
+    def handle_association_batch(self, batch: Sequence[Any]) -> None:
+        """Fold a batch of association inputs, in order, into the records and the totals.
+
+        The statistics equal one-by-one application; each touched record (and the totals) is
+        written to its changelog-backed table once per batch, not once per input: a record
+        holds up to capacity x kinds partners, and serialising it was the agent's main cost.
+        """
+        inputs = [AssociationInput.from_dict(data) for data in batch]
+        if not inputs:
+            return
         state = self.association_totals.get(TOTALS_KEY) or {"totals": None, "clock": 0.0}
-        totals = update_totals(state["totals"], inp, self.assoc_config)
-        self.association_totals[TOTALS_KEY] = {
-            "totals": totals,
-            "clock": max(float(state["clock"]), inp.ts),
-        }
-        self.metrics.association_updates.inc()
+        touched, totals = apply_inputs(
+            inputs,
+            lookup=self.associations.get,
+            totals=state["totals"],
+            config=self.assoc_config,
+        )
+        for item_id, record in touched.items():
+            self.associations[item_id] = record
+        self.dirty.update(touched)
+        clock = max(float(state["clock"]), *(inp.ts for inp in inputs))
+        self.association_totals[TOTALS_KEY] = {"totals": totals, "clock": clock}
+        self.metrics.association_updates.inc(len(inputs))
 
     def association_clock(self) -> tuple[TotalsRecord | None, float]:
         """The global totals and the event-time clock (latest event ts) of the statistics."""
@@ -316,24 +332,40 @@ class StreamsApp:
         )
 
     async def flush_related(self) -> int:
-        """Publish the related lists of touched items that changed materially."""
+        """Publish the related lists of touched items that changed materially.
+
+        Membership is checked on the scored top list; the evidence objects are built only for
+        the lists that are published.
+        """
         if not self.dirty:
             return 0
         items, self.dirty = self.dirty, set()
+        totals, clock = self.association_clock()
+        lookup = self.associations.get
         published = 0
         for item_id in sorted(items):
-            new = self.related_of(item_id)
-            if new is None:
+            record: ItemRecord | None = lookup(item_id)
+            if record is None:
                 continue
-            old = self.published.get(item_id)
-            if not material_change(old, new, self.assoc_config.republish_change):
+            top = top_partners(record, lookup=lookup, now=clock, config=self.assoc_config)
+            after = membership(top)
+            before = self.published.get(item_id)
+            if not membership_changed(before, after, self.assoc_config.republish_change):
                 continue
+            new = related_items(
+                record,
+                lookup=lookup,
+                totals=totals,
+                now=clock,
+                config=self.assoc_config,
+                top=top,
+            )
             await self.sender.send(
                 self.topic_names[RELATED_ITEMS.name],
                 key=item_id.encode("utf-8"),
                 value=new.model_dump_json().encode("utf-8"),
             )
-            self.published[item_id] = new
+            self.published[item_id] = after
             published += 1
         self.metrics.related_items_published.inc(published)
         return published
@@ -483,9 +515,9 @@ def build_streams(
     streams.recommendations = app.Table(
         "recommendations", default=None, partitions=kafka.partitions, schema=raw_values
     )
-    streams.associations = app.Table("associations", default=None, partitions=1, schema=json_values)
-    streams.association_totals = app.Table(
-        "association-totals", default=None, partitions=1, schema=json_values
+    streams.associations = _single_partition_table(app, "associations", schema=json_values)
+    streams.association_totals = _single_partition_table(
+        app, "association-totals", schema=json_values
     )
 
     @app.agent(topics[BEHAVIOR_EVENTS.name], name="process-events")
@@ -503,8 +535,8 @@ def build_streams(
 
     @app.agent(topics[ASSOCIATION_INPUT], name="process-associations")
     async def process_associations(stream: Any) -> None:
-        async for value in stream:
-            streams.handle_association_input(value)
+        async for batch in stream.take(ASSOCIATION_BATCH_MAX, within=ASSOCIATION_BATCH_WITHIN_S):
+            streams.handle_association_batch(batch)
 
     @app.agent(topics[RECOMMENDATIONS.name], name="process-recommendations")
     async def process_recommendations(stream: Any) -> None:
@@ -542,6 +574,24 @@ def build_streams(
 
     register_views(streams)
     return streams
+
+
+class SinglePartitionTable(faust.Table[Any, Any]):
+    """A table of one partition: every key is in partition 0.
+
+    Faust finds a key's partition from the current event, which is not set where an agent
+    consumes `stream.take` batches; with one partition the answer needs no event.
+    """
+
+    def partition_for_key(self, key: Any) -> int | None:
+        return 0
+
+
+def _single_partition_table(app: Any, name: str, *, schema: Any) -> Any:
+    table = SinglePartitionTable(
+        app, name=name, default=None, beacon=app.tables.beacon, partitions=1, schema=schema
+    )
+    return app.tables.add(table)
 
 
 def full_name(topic: Any) -> str:

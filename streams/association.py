@@ -31,7 +31,7 @@ item co-occurring with millions of items therefore holds at most `capacity` part
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, TypedDict
@@ -324,6 +324,34 @@ def update_totals(
     return record
 
 
+def apply_inputs(
+    inputs: Iterable[AssociationInput],
+    *,
+    lookup: Lookup,
+    totals: TotalsRecord | None,
+    config: AssociationConfig,
+) -> tuple[dict[str, ItemRecord], TotalsRecord | None]:
+    """Apply a batch of inputs in order; returns each touched record once, and the totals.
+
+    The result is exactly that of applying the inputs one by one (each item's deltas are
+    applied in input order at their own event time); only the state reads and writes are
+    batched: the caller stores each returned record once. Records from `lookup` are mutated.
+    """
+    touched: dict[str, ItemRecord] = {}
+    for inp in inputs:
+        for item_id, delta in plan_updates(inp).items():
+            record = touched.get(item_id)
+            touched[item_id] = update_item(
+                lookup(item_id) if record is None else record,
+                item_id=item_id,
+                delta=delta,
+                ts=inp.ts,
+                config=config,
+            )
+        totals = update_totals(totals, inp, config)
+    return touched, totals
+
+
 def item_count(record: ItemRecord | None, kind: str, now: float, half_life_s: float) -> float:
     """Decayed number of baskets/sessions/steps holding the item, at `now`."""
     if record is None:
@@ -404,6 +432,30 @@ def partner_scores(
     return out
 
 
+# (score, partner, kind, lower-bound pair count, partner count): one ranked neighbour.
+Scored = tuple[float, str, RelationKind, float, float]
+
+
+def top_partners(
+    record: ItemRecord,
+    *,
+    lookup: Lookup,
+    now: float,
+    config: AssociationConfig,
+    kinds: Iterable[RelationKind] = ASSOCIATION_KINDS,
+) -> list[Scored]:
+    """The top-N scored neighbours of one item over the given kinds, best first (no
+    evidence objects: cheap enough to check every touched item for a material change)."""
+    scored: list[Scored] = []
+    for kind in kinds:
+        for partner, (score, lower, count_j) in partner_scores(
+            record, kind=kind, lookup=lookup, now=now, config=config
+        ).items():
+            scored.append((score, partner, kind, lower, count_j))
+    scored.sort(key=lambda s: (-s[0], s[1], s[2]))
+    return scored[: config.top_n]
+
+
 def related_items(
     record: ItemRecord,
     *,
@@ -412,18 +464,15 @@ def related_items(
     now: float,
     config: AssociationConfig,
     kinds: Iterable[RelationKind] = ASSOCIATION_KINDS,
+    top: Sequence[Scored] | None = None,
 ) -> RelatedItems:
-    """Top-N neighbours of one item over the given kinds, each with its evidence."""
+    """Top-N neighbours of one item over the given kinds, each with its evidence (`top`:
+    the item's `top_partners` at `now`, when the caller has them already)."""
     h = config.half_life_s
-    scored: list[tuple[float, str, RelationKind, float, float]] = []
-    for kind in kinds:
-        for partner, (score, lower, count_j) in partner_scores(
-            record, kind=kind, lookup=lookup, now=now, config=config
-        ).items():
-            scored.append((score, partner, kind, lower, count_j))
-    scored.sort(key=lambda s: (-s[0], s[1], s[2]))
+    if top is None:
+        top = top_partners(record, lookup=lookup, now=now, config=config, kinds=kinds)
     related: list[RelatedItem] = []
-    for score, partner, kind, lower, count_j in scored[: config.top_n]:
+    for score, partner, kind, lower, count_j in top:
         total = 0.0 if totals is None else decayed(totals, totals["counts"].get(kind, 0.0), now, h)
         evidence = association_evidence(
             lower, item_count(record, kind, now, h), count_j, total, kind=kind
@@ -438,16 +487,31 @@ def related_items(
     )
 
 
-def material_change(old: RelatedItems | None, new: RelatedItems, threshold: float) -> bool:
-    """Republish when at least `threshold` of the top list (item, kind) changed membership."""
-    if old is None:
-        return bool(new.related)
-    before = {(r.item_id, r.kind) for r in old.related}
-    after = {(r.item_id, r.kind) for r in new.related}
+Membership = frozenset[tuple[str, str]]
+
+
+def membership(top: Iterable[Scored]) -> Membership:
+    """The (item, kind) pairs of a top list."""
+    return frozenset((partner, kind) for _, partner, kind, _, _ in top)
+
+
+def membership_changed(before: Membership | None, after: Membership, threshold: float) -> bool:
+    """True when at least `threshold` of the top list (item, kind) changed membership
+    (a first list counts as changed when it is not empty)."""
+    if before is None:
+        return bool(after)
     if before == after:
         return False
     changed = 1.0 - len(before & after) / max(len(before), len(after))
     return changed >= threshold if threshold > 0 else True
+
+
+def material_change(old: RelatedItems | None, new: RelatedItems, threshold: float) -> bool:
+    """Republish when at least `threshold` of the top list (item, kind) changed membership."""
+    before = None if old is None else frozenset((r.item_id, r.kind) for r in old.related)
+    return membership_changed(
+        before, frozenset((r.item_id, r.kind) for r in new.related), threshold
+    )
 
 
 def record_size(record: ItemRecord) -> int:
@@ -466,14 +530,17 @@ class AssociationIndex:
 
     def observe(self, inp: AssociationInput) -> set[str]:
         """Apply one input; returns the ids of the item records it touched."""
-        deltas = plan_updates(inp)
-        for item_id, delta in deltas.items():
-            self.items[item_id] = update_item(
-                self.items.get(item_id), item_id=item_id, delta=delta, ts=inp.ts, config=self.config
-            )
-        self.totals = update_totals(self.totals, inp, self.config)
-        self.last_ts = max(self.last_ts, inp.ts)
-        return set(deltas)
+        return self.observe_batch((inp,))
+
+    def observe_batch(self, inputs: Iterable[AssociationInput]) -> set[str]:
+        """Apply inputs in order (as the live agent does per batch); returns touched ids."""
+        inputs = tuple(inputs)
+        touched, self.totals = apply_inputs(
+            inputs, lookup=self.items.get, totals=self.totals, config=self.config
+        )
+        self.items.update(touched)
+        self.last_ts = max(self.last_ts, *(inp.ts for inp in inputs), 0.0)
+        return set(touched)
 
     def observe_event(self, result: FoldResult, event: BehaviorEvent) -> set[str]:
         """Consume one fold result (no-op for duplicates and returns)."""

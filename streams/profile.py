@@ -17,6 +17,10 @@ Semantics (documented once, here):
   entry's position do not move back in time.
 - Baskets: the same `session_id`, or, for events without one, events of one user within
   `session_window_s` of the previous event. Returns never open or join a basket.
+- Windowed co-occurrence: a new basket item pairs with the `basket_pairs` most recent items of
+  its basket only. Baskets of online shops are small, so this changes nothing there; a
+  wholesale invoice of hundreds of lines would otherwise cost O(basket) work per event and
+  O(basket^2) per basket.
 """
 
 from __future__ import annotations
@@ -61,16 +65,27 @@ class FoldConfig:
     dedup_size: int = 200
     session_window_s: float = 1800.0
     history_window: int = 5
-    # A basket larger than this keeps only its newest items as partners: bounds per-event work.
+    # Items remembered per basket (a repeat of one of them is not a new basket item).
     session_size: int = 100
+    # Windowed co-occurrence: a new basket item pairs with at most this many of the basket's
+    # most recent items, so the work per event of a very large basket stays bounded.
+    basket_pairs: int = 30
 
     def __post_init__(self) -> None:
         missing = [t for t in EVENT_TYPES if t not in self.weights]
         if missing:
             msg = f"FoldConfig.weights lacks event types {missing}; valid: {list(EVENT_TYPES)}"
             raise ValueError(msg)
-        if self.half_life_s <= 0 or self.history_size < 1 or self.dedup_size < 1:
-            msg = "FoldConfig needs half_life_s > 0, history_size >= 1 and dedup_size >= 1"
+        if (
+            self.half_life_s <= 0
+            or self.history_size < 1
+            or self.dedup_size < 1
+            or self.basket_pairs < 1
+        ):
+            msg = (
+                "FoldConfig needs half_life_s > 0, history_size >= 1, dedup_size >= 1 "
+                "and basket_pairs >= 1"
+            )
             raise ValueError(msg)
 
     @classmethod
@@ -88,6 +103,8 @@ class FoldConfig:
             dedup_size=settings.dedup_size,
             session_window_s=settings.assoc_session_window_s,
             history_window=settings.assoc_history_window,
+            session_size=max(100, settings.assoc_basket_pairs),
+            basket_pairs=settings.assoc_basket_pairs,
         )
 
 
@@ -97,7 +114,7 @@ class FoldResult:
 
     `basket_kind`: the association kind this event adds to, or None (a return, a duplicate, or
     an item already counted in this basket for that kind). `basket_items`: the other items of
-    the same basket for that kind (oldest first). `prior_items`: earlier distinct history items
+    the same basket for that kind (oldest first), at most `basket_pairs` (the most recent). `prior_items`: earlier distinct history items
     outside the current basket, most recent first, up to `history_window` — the sources of
     `next_item` transitions; empty unless `sequence_step`. `bought_items`: the same window of
     earlier history items restricted to positive purchase/add-to-cart entries, only when this
@@ -209,7 +226,9 @@ def fold_event(profile: UserProfile | None, event: BehaviorEvent, config: FoldCo
         # Not in the history any more (evicted from a big basket): assume it was bought.
         return prev is None or prev.last_event_type in PURCHASE_TYPES
 
-    basket_items = tuple(i for i in session_items if i != event.item_id and kind_matches(i))
+    basket_items = tuple(i for i in session_items if i != event.item_id and kind_matches(i))[
+        -config.basket_pairs :
+    ]
     already_counted = in_session and kind_matches(event.item_id)
     prior: tuple[str, ...] = ()
     bought: tuple[str, ...] = ()

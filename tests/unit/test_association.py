@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 from collections import Counter
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -18,12 +20,14 @@ from streams.association import (
     AssociationIndex,
     AssociationInput,
     ItemDelta,
+    apply_inputs,
     association_evidence,
     item_count,
     material_change,
     plan_updates,
     record_size,
     update_item,
+    update_totals,
 )
 from streams.profile import FoldConfig, fold_event
 
@@ -289,3 +293,69 @@ def test_duplicates_and_returns_add_nothing() -> None:
     ret = e.model_copy(update={"event_id": "2", "event_type": "return"})
     assert index.observe_event(fold_event(r.profile, ret, cfg), ret) == set()
     assert index.items["A"]["counts"]["bought_together"] == pytest.approx(1.0)
+
+
+def _inputs(baskets: list[list[str]], *, cfg: FoldConfig) -> list[AssociationInput]:
+    """Association inputs of purchase baskets by three alternating users, baskets an hour
+    apart (so histories, also_bought and next_item take part too)."""
+    profiles: dict[str, object] = {}
+    out = []
+    n = 0
+    for b, items in enumerate(baskets):
+        user = f"u{b % 3}"
+        for item in items:
+            event = BehaviorEvent(
+                event_id=f"e{n}",
+                user_id=user,
+                item_id=item,
+                event_type="purchase",
+                ts=T0 + timedelta(hours=b, seconds=n),
+                session_id=f"b{b}",
+            )
+            n += 1
+            result = fold_event(profiles.get(user), event, cfg)  # type: ignore[arg-type]
+            profiles[user] = result.profile
+            inp = AssociationInput.from_fold(result, event)
+            if inp is not None:
+                out.append(inp)
+    return out
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    st.lists(
+        st.lists(st.sampled_from([f"i{n}" for n in range(12)]), min_size=1, max_size=8),
+        min_size=1,
+        max_size=25,
+    ),
+    st.integers(1, 30),
+    st.sampled_from([600.0, 1e15]),
+)
+def test_batched_application_equals_one_by_one(
+    baskets: list[list[str]], batch: int, half_life_s: float
+) -> None:
+    # Small capacity and a short half-life: evictions and landmark rescaling happen too.
+    cfg = AssociationConfig(half_life_s=half_life_s, top_n=1, capacity=4)
+    fold_cfg = replace(fold_config(), basket_pairs=3)
+    inputs = _inputs(baskets, cfg=fold_cfg)
+    # Reference: each input applied on its own, each touched record stored per input.
+    items: dict[str, dict[str, object]] = {}
+    totals = None
+    for inp in inputs:
+        for item_id, delta in plan_updates(inp).items():
+            record = copy.deepcopy(items.get(item_id))
+            items[item_id] = update_item(  # type: ignore[assignment]
+                record,  # type: ignore[arg-type]
+                item_id=item_id,
+                delta=delta,
+                ts=inp.ts,
+                config=cfg,
+            )
+        totals = update_totals(totals, inp, cfg)
+    batched = AssociationIndex(cfg)
+    for start in range(0, len(inputs), batch):
+        batched.observe_batch(inputs[start : start + batch])
+    assert batched.items == items
+    assert batched.totals == totals
+    _, all_at_once = apply_inputs(inputs, lookup=lambda _: None, totals=None, config=cfg)
+    assert all_at_once == totals

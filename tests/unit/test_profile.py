@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -313,3 +314,27 @@ def test_interleaving_of_unrelated_users_is_irrelevant(
         profiles[e.user_id] = fold_event(profiles.get(e.user_id), e, cfg).profile
     assert profiles.get("ua") == alone["ua"]
     assert profiles.get("ub") == alone["ub"]
+
+
+def test_large_basket_pairs_with_its_most_recent_items_only() -> None:
+    cfg = replace(config(history_size=10), basket_pairs=2)
+    profile = None
+    results = []
+    for n, item in enumerate("abcd"):
+        result = fold_event(profile, ev(str(n), item, at_s=n, session="s1"), cfg)
+        results.append(result)
+        profile = result.profile
+    assert [r.basket_items for r in results] == [(), ("a",), ("a", "b"), ("b", "c")]
+    assert [r.new_basket for r in results] == [True, False, False, False]
+    # The basket still remembers "a" (session_size): a repeat is not a new basket item.
+    repeat = fold_event(profile, ev("9", "a", at_s=9, session="s1"), cfg)
+    assert repeat.changed and repeat.basket_kind is None and not repeat.sequence_step
+
+
+def test_basket_pairs_setting_bounds_pairs_and_keeps_session_memory() -> None:
+    assert FoldConfig.from_settings(StreamsSettings()).basket_pairs == 30
+    cfg = FoldConfig.from_settings(StreamsSettings(assoc_basket_pairs=250))
+    assert cfg.basket_pairs == 250
+    assert cfg.session_size >= 250
+    with pytest.raises(ValueError, match="basket_pairs"):
+        replace(cfg, basket_pairs=0)

@@ -19,6 +19,7 @@ from prometheus_client import CollectorRegistry
 from schemas.messages import DeadLetter, Evidence, ProfileUpdate, RelatedItem, RelatedItems
 from schemas.settings import KafkaSettings, StreamsSettings
 from streams.app import ASSOCIATION_INPUT, StreamsApp, build_streams
+from streams.association import AssociationIndex, AssociationInput
 from streams.catalog import CatalogView
 from streams.web import BadRequest, openapi_document, parse_related_query, related_body
 
@@ -375,3 +376,29 @@ def test_rocksdb_store_without_binding_fails_fast(tmp_path: Path) -> None:
         with pytest.raises(StoreUnavailableError, match="rocksdict"):
             check_store(settings)
     check_store(StreamsSettings(store="memory://", data_dir=tmp_path))
+
+
+@run_async
+async def test_association_agent_batches_equal_one_by_one_statistics(
+    streams: StreamsApp, sender: RecordingSender
+) -> None:
+    records = []
+    n = 0
+    for b, items in enumerate([("i1", "i2", "i3"), ("i2", "i3"), ("i1", "i3", "cold"), ("i2",)]):
+        user = f"u{b % 2}"
+        for item in items:
+            n += 1
+            records.append((user.encode(), encode(event(n, user=user, item=item, session_id=b))))
+    await put_events(streams, records)
+    inputs = [json.loads(v) for v in sender.values(streams.topic_names[ASSOCIATION_INPUT])]
+
+    async with streams.process_associations.test_context() as agent:
+        for value in inputs:
+            await agent.put(value, key=value["item_id"].encode(), partition=0, wait=False)
+    reference = AssociationIndex(streams.assoc_config)
+    for value in inputs:
+        reference.observe(AssociationInput.from_dict(value))
+    assert {k: streams.associations.get(k) for k in reference.items} == reference.items
+    totals, clock = streams.association_clock()
+    assert (totals, clock) == (reference.totals, reference.last_ts)
+    assert streams.registry.get_sample_value("relata_association_updates_total") == len(inputs)
