@@ -262,7 +262,7 @@ def decayed(
 
 def _prune(record: ItemRecord, kind: str, partners: dict[str, list[float]], capacity: int) -> float:
     """Drop the weakest quarter of a full list; returns the new floor (largest dropped count)."""
-    counts = sorted(entry[0] for entry in partners.values())
+    counts = sorted([entry[0] for entry in partners.values()])
     threshold = counts[max(1, capacity // 4) - 1]
     for weak in [p for p, entry in partners.items() if entry[0] <= threshold]:
         del partners[weak]
