@@ -187,7 +187,7 @@ def summary(pipeline: Pipeline, sent: int) -> dict[str, Any]:
 @click.option(
     "--events",
     type=click.IntRange(min=1),
-    default=5000,
+    default=3000,
     show_default=True,
     envvar="RELATA_DEMO_EVENTS",
     show_envvar=True,
@@ -196,7 +196,7 @@ def summary(pipeline: Pipeline, sent: int) -> dict[str, Any]:
 @click.option(
     "--rate",
     type=click.FloatRange(min=0),
-    default=200.0,
+    default=80.0,
     show_default=True,
     envvar="RELATA_DEMO_RATE",
     show_envvar=True,
