@@ -51,6 +51,7 @@ from schemas.topics import (
     RECOMMENDATIONS,
     RELATED_ITEMS,
 )
+from streams.web import stored_json
 
 from .association import (
     ASSOCIATION_KINDS,
@@ -222,7 +223,7 @@ class StreamsApp:
 
     async def _fold(self, event: BehaviorEvent, *, timestamp_s: float) -> None:
         stored = self.profiles.get(event.user_id)
-        profile = None if stored is None else UserProfile.model_validate_json(stored)
+        profile = None if stored is None else UserProfile.model_validate_json(stored_json(stored))
         result = fold_event(profile, event, self.fold_config)
         if not result.changed:
             self.metrics.events_duplicate.inc()
@@ -510,10 +511,16 @@ def build_streams(
         key_type=str, key_serializer="raw", value_serializer="json"
     )
     streams.profiles = app.Table(
-        "profiles", default=None, partitions=kafka.partitions, schema=raw_values
+        "profiles",
+        default=None,
+        partitions=kafka.partitions,
+        schema=raw_values,
     )
     streams.recommendations = app.Table(
-        "recommendations", default=None, partitions=kafka.partitions, schema=raw_values
+        "recommendations",
+        default=None,
+        partitions=kafka.partitions,
+        schema=raw_values,
     )
     streams.associations = _single_partition_table(app, "associations", schema=json_values)
     streams.association_totals = _single_partition_table(
@@ -535,8 +542,13 @@ def build_streams(
 
     @app.agent(topics[ASSOCIATION_INPUT], name="process-associations")
     async def process_associations(stream: Any) -> None:
-        async for batch in stream.take(ASSOCIATION_BATCH_MAX, within=ASSOCIATION_BATCH_WITHIN_S):
-            streams.handle_association_batch(batch)
+        batches = stream.take_events(ASSOCIATION_BATCH_MAX, within=ASSOCIATION_BATCH_WITHIN_S)
+        async for events in batches:
+            # Table writes need a current event: the RocksDB store picks the partition's
+            # database from it. The association tables have one partition, so the batch's last
+            # event stands for the whole batch (Faust has no public setter for this).
+            stream._set_current_event(events[-1])
+            streams.handle_association_batch([event.value for event in events])
 
     @app.agent(topics[RECOMMENDATIONS.name], name="process-recommendations")
     async def process_recommendations(stream: Any) -> None:

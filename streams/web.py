@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import json
 import logging
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, Literal, get_args
@@ -220,6 +221,19 @@ def openapi_document() -> dict[str, Any]:
     }
 
 
+def stored_json(stored: bytes | str | dict[str, Any]) -> bytes:
+    """A raw-JSON table value as bytes, whatever the store handed back.
+
+    The memory store keeps the bytes written; the RocksDB store serialises with the table's
+    own (JSON) serializer and hands back the parsed object.
+    """
+    if isinstance(stored, bytes):
+        return stored
+    if isinstance(stored, str):
+        return stored.encode("utf-8")
+    return json.dumps(stored).encode("utf-8")
+
+
 def register_views(streams: StreamsApp) -> None:
     """Add the HTTP views to `streams.app` (a no-op for requests when the web is disabled)."""
     app = streams.app
@@ -274,7 +288,8 @@ def register_views(streams: StreamsApp) -> None:
                 message = f"no recommendations published for user {user_id!r} yet"
                 return counted(endpoint, self.error(404, message, detail={"user_id": user_id}))
             return counted(
-                endpoint, self.bytes(stored, content_type="application/json", status=200)
+                endpoint,
+                self.bytes(stored_json(stored), content_type="application/json", status=200),
             )
 
     @app.page("/healthz")

@@ -367,3 +367,23 @@ def test_restart_recovers_association_statistics_from_changelog(
         while support(related_i1(second), "i2") != 5 and time.monotonic() < deadline:
             time.sleep(0.2)
         assert support(related_i1(second), "i2") == 5
+
+
+def test_rocksdb_store_folds_profiles_and_keeps_them_on_disk(
+    kafka_settings: KafkaSettings, unique_id: str, reader: TopicReader, tmp_path: Path
+) -> None:
+    """`RELATA_STREAMS_STORE=rocksdb://`: the same agents on RocksDB tables (rocksdict)."""
+    settings = streams_settings(tmp_path, unique_id).model_copy(update={"store": "rocksdb://"})
+    catalog(kafka_settings)
+    with start(kafka_settings, settings):
+        co_purchases(kafka_settings)
+        reader.until(
+            lambda r: len(r.values("profile-updates")) >= 7,
+            "one profile update per valid event on the RocksDB store",
+        )
+    updates = [ProfileUpdate.model_validate_json(v) for v in reader.values("profile-updates")]
+    u0 = [u for u in updates if u.user_id == "u0"][-1]
+    assert [h.item_id for h in u0.history] == ["i3", "i2", "i1"]
+    # The tables really lived in RocksDB: Faust keeps one database directory per table partition.
+    rocks_dirs = [p for p in (tmp_path / "faust").rglob("*.db") if p.is_dir()]
+    assert any("profiles" in p.name for p in rocks_dirs), sorted(p.name for p in rocks_dirs)
