@@ -51,7 +51,7 @@ from schemas.topics import (
     RECOMMENDATIONS,
     RELATED_ITEMS,
 )
-from streams.web import stored_json
+from streams.web import register_views, stored_json
 
 from .association import (
     ASSOCIATION_KINDS,
@@ -581,8 +581,6 @@ def build_streams(
     streams.process_events = process_events
     streams.process_associations = process_associations
     streams.process_recommendations = process_recommendations
-
-    from .web import register_views
 
     register_views(streams)
     return streams
