@@ -11,6 +11,7 @@ top-`candidates` list the live recommender gets from Qdrant, without HNSW approx
 
 from __future__ import annotations
 
+import copy
 import gzip
 import hashlib
 import json
@@ -50,6 +51,12 @@ HISTORY_EDGES = (1, 3, 6, 11, 21)
 POSITIVE_ORDER: tuple[EventType, ...] = ("purchase", "add_to_cart", "click")
 # Vector-search candidates per user, as RecommenderSettings.candidates.
 DEFAULT_CANDIDATES = 100
+# The seed's profile-text baseline: the user's last titles, encoded as one text. Its cost is
+# one transformer pass per user over the whole text (17 of 21 minutes of a Beauty run at 10
+# titles and 128 tokens); 5 titles cut at 64 tokens (most Beauty titles run 15-25 tokens, so
+# about the last 3 titles in full) halve the tokens encoded.
+PROFILE_TITLES = 5
+PROFILE_MAX_TOKENS = 64
 
 # Baseline weights: each isolates one signal of the same ranking function.
 _OFF = {
@@ -257,7 +264,9 @@ def _texts_key(version: str, texts: Sequence[str]) -> str:
     return digest.hexdigest()[:24]
 
 
-def cached_encode(texts: Sequence[str], *, encoder: Any, cache_dir: Path, label: str) -> np.ndarray:
+def cached_encode(
+    texts: Sequence[str], *, encoder: Any, cache_dir: Path, label: str, progress: bool = True
+) -> np.ndarray:
     """Encode texts, cached on disk by model version + hash of the texts."""
     path = (
         cache_dir
@@ -272,9 +281,15 @@ def cached_encode(texts: Sequence[str], *, encoder: Any, cache_dir: Path, label:
     from tqdm import tqdm
 
     out = np.empty((len(texts), encoder.dim), dtype=np.float32)
-    step = 1024
-    for s in tqdm(range(0, len(texts), step), desc=f"encode {label}", unit="chunk"):
-        out[s : s + step] = encoder.encode(list(texts[s : s + step]))
+    # Length-sorted over the whole set (the encoder sorts only within one call), so every
+    # batch pads to about its own length; chunks keep the progress bar moving.
+    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+    step = 512
+    with tqdm(total=len(texts), desc=f"encode {label}", unit="text", disable=not progress) as bar:
+        for s in range(0, len(order), step):
+            idx = order[s : s + step]
+            out[idx] = encoder.encode([texts[i] for i in idx])
+            bar.update(len(idx))
     logger.info(
         "encoded label=%s rows=%d seconds=%.1f", label, len(texts), time.perf_counter() - start
     )
@@ -417,11 +432,15 @@ def prepare(
     return prepared
 
 
-def item_vectors(prepared: Prepared, *, encoder: Any, cache_dir: Path) -> np.ndarray:
+def item_vectors(
+    prepared: Prepared, *, encoder: Any, cache_dir: Path, progress: bool = True
+) -> np.ndarray:
     from workers.item_text import item_text
 
     texts = [item_text(it) for it in prepared._items]  # type: ignore[attr-defined]
-    return cached_encode(texts, encoder=encoder, cache_dir=cache_dir, label="items")
+    return cached_encode(
+        texts, encoder=encoder, cache_dir=cache_dir, label="items", progress=progress
+    )
 
 
 class MatrixView(Mapping[str, np.ndarray]):
@@ -553,10 +572,17 @@ def evaluate(
         f"({', '.join(f'{r}: {n}' for r, n in sorted(prepared.split.skipped.items())) or 'none'}); "
         f"{len(prepared.item_ids)} items; {len(prepared.split.history_events)} history events"
     )
-    hybrid_weights = BlendWeights.load(blend_path) if blend_path else BlendWeights()
+    defaults = BlendWeights()
+    fitted = BlendWeights.load(blend_path) if blend_path else None
     wanted = list(methods) if methods else [*BASELINES, "behaviour", DEFAULT_METHOD]
+    if fitted is not None and not methods:
+        wanted.append(f"{DEFAULT_METHOD}+blend")
     if adapter_path and not methods:
         wanted += ["pooled+adapter", f"{DEFAULT_METHOD}+adapter"]
+    if "hybrid+blend" in wanted and fitted is None:
+        raise EvaluationError(
+            "method hybrid+blend needs --blend PATH (write one with `relata train`)"
+        )
     unknown = [m for m in wanted if m not in _all_methods()]
     if unknown:
         raise EvaluationError(f"unknown methods {unknown}; valid: {sorted(_all_methods())}")
@@ -571,7 +597,9 @@ def evaluate(
 
         base_settings = enc_settings.model_copy(update={"adapter_path": None})
         encoder = TransformerEncoder.from_settings(base_settings)
-        matrix = item_vectors(prepared, encoder=encoder, cache_dir=enc_settings.cache_dir)
+        matrix = item_vectors(
+            prepared, encoder=encoder, cache_dir=enc_settings.cache_dir, progress=progress
+        )
     adapted = None
     if any("adapter" in m for m in wanted):
         if adapter_path is None:
@@ -589,17 +617,19 @@ def evaluate(
         weights, hits, vin = _method_inputs(
             name,
             prepared=prepared,
-            hybrid=hybrid_weights,
+            defaults=defaults,
+            fitted=fitted,
             matrix=matrix,
             adapted=adapted,
             encoder=encoder,
             cache_dir=enc_settings.cache_dir,
             candidates=candidates,
             hits_cache=hits_cache,
+            progress=progress,
         )
         # Hybrids also score behaviour candidates with the language model (as the live
         # recommender does with the vectors it holds); pure vector baselines do not need it.
-        hybrid_like = vin is not None and name not in BASELINES
+        hybrid_like = vin is not None and name.split("+")[0] not in BASELINES
         results[name] = rank_users(
             cases=cases,
             state=state,
@@ -612,11 +642,15 @@ def evaluate(
             item_vectors=vin.items if hybrid_like and vin is not None else None,
         )
 
-    default = (
-        f"{DEFAULT_METHOD}+adapter" if f"{DEFAULT_METHOD}+adapter" in results else DEFAULT_METHOD
+    # The configuration the live system runs with these artifacts is the default.
+    default = next(
+        (
+            m
+            for m in (f"{DEFAULT_METHOD}+adapter", f"{DEFAULT_METHOD}+blend", DEFAULT_METHOD)
+            if m in results
+        ),
+        wanted[-1],
     )
-    if default not in results:
-        default = wanted[-1]
     summary = {
         name: summarize(
             r.ranks, k=k, recommended=r.lists, catalog_size=len(prepared.item_ids), mrr_cutoff=k
@@ -664,7 +698,8 @@ def evaluate(
             else {"name": encoder.name, "version": encoder.version},
             "blend": str(blend_path) if blend_path else "defaults",
             "adapter": str(adapter_path) if adapter_path else None,
-            "hybrid_weights": hybrid_weights.model_dump(exclude={"fitted_on"}),
+            "hybrid_weights": defaults.model_dump(exclude={"fitted_on"}),
+            "fitted_weights": None if fitted is None else fitted.model_dump(),
         },
         "seconds": round(time.perf_counter() - started, 1),
     }
@@ -673,33 +708,58 @@ def evaluate(
 
 
 def _all_methods() -> set[str]:
-    return {*BASELINES, "behaviour", DEFAULT_METHOD, "pooled+adapter", f"{DEFAULT_METHOD}+adapter"}
+    return {
+        *BASELINES,
+        "behaviour",
+        DEFAULT_METHOD,
+        f"{DEFAULT_METHOD}+blend",
+        "pooled+adapter",
+        f"{DEFAULT_METHOD}+adapter",
+    }
 
 
 def _method_inputs(
     name: str,
     *,
     prepared: Prepared,
-    hybrid: BlendWeights,
+    defaults: BlendWeights,
+    fitted: BlendWeights | None,
     matrix: np.ndarray | None,
     adapted: np.ndarray | None,
     encoder: Any,
     cache_dir: Path,
     candidates: int,
     hits_cache: dict[str, VectorInputs],
+    progress: bool = True,
 ) -> tuple[BlendWeights, list[list[tuple[str, float]]] | None, VectorInputs | None]:
     if name == "behaviour":
-        return hybrid.model_copy(update={"vector": 0.0}), None, None
-    weights = BlendWeights(**BASELINES[name]) if name in BASELINES else hybrid  # type: ignore[arg-type]
+        return defaults.model_copy(update={"vector": 0.0}), None, None
+    base = name.split("+")[0]
+    if base in BASELINES:
+        weights = BlendWeights(**BASELINES[base])  # type: ignore[arg-type]
+    elif name == DEFAULT_METHOD:
+        weights = defaults
+    else:  # hybrid+blend, hybrid+adapter: the fitted weights (the built-in ones without --blend)
+        weights = fitted or defaults
     if name in ("popularity", "cooccurrence", "transitions"):
         return weights, None, None
     if name == "profile-text":
         assert matrix is not None and encoder is not None
         texts = [
-            profile_text(prepared.state.profiles[c.user_id], prepared.titles)
+            profile_text(
+                prepared.state.profiles[c.user_id], prepared.titles, max_items=PROFILE_TITLES
+            )
             for c in prepared.split.cases
         ]
-        users = cached_encode(texts, encoder=encoder, cache_dir=cache_dir, label="profiles")
+        short = copy.copy(encoder)
+        short.max_length = PROFILE_MAX_TOKENS
+        users = cached_encode(
+            texts,
+            encoder=short,
+            cache_dir=cache_dir,
+            label=f"profiles-{PROFILE_MAX_TOKENS}tok",
+            progress=progress,
+        )
         users[[not t for t in texts]] = 0.0
         return (
             weights,
