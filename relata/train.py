@@ -22,7 +22,7 @@ import numpy as np
 from relata.eval_metrics import summarize
 from relata.evaluate import Prepared, VectorInputs, item_vectors, pooled_inputs, prepare, rank_users
 from schemas.settings import EncoderSettings
-from workers.ranking import BlendWeights
+from workers.ranking import BEHAVIOUR_KINDS, BlendWeights
 
 logger = logging.getLogger(__name__)
 
@@ -63,6 +63,7 @@ def fit_adapter(
     temperature: float = 0.05,
     decay: float = 1e-3,
     seed: int = 0,
+    progress: bool = False,
 ) -> tuple[np.ndarray, np.ndarray, list[float]]:
     """Train W (init identity) and b so that pooled adapted history vectors retrieve the next
     item among the batch's next items (InfoNCE). Returns weight, bias, loss per epoch."""
@@ -80,10 +81,13 @@ def fit_adapter(
     eye = torch.eye(dim)
     losses: list[float] = []
     rng = np.random.default_rng(seed)
+    from tqdm import tqdm
+
     for epoch in range(epochs):
         order = torch.from_numpy(rng.permutation(len(nxt)))
         total, count = 0.0, 0
-        for s in range(0, len(order), batch):
+        starts = range(0, len(order), batch)
+        for s in tqdm(starts, desc=f"adapter epoch {epoch + 1}/{epochs}", disable=not progress):
             idx = order[s : s + batch]
             p, n = prev_t[idx], nxt_t[idx]
             weight = eye + delta
@@ -129,6 +133,8 @@ def fit_blend(
     start: BlendWeights,
     rounds: int = 2,
     candidates: int = 100,
+    desc: str = "blend",
+    progress: bool = True,
 ) -> tuple[BlendWeights, float, list[dict[str, Any]]]:
     """Coordinate search over GRID maximising validation NDCG@k; returns best, its NDCG, trace."""
     cases, state = prepared.split.cases, prepared.state
@@ -160,28 +166,38 @@ def fit_blend(
         )
         return summarize(result.ranks, k=k).ndcg
 
+    from tqdm import tqdm
+
     best = start
     best_score = score(best)
     trace: list[dict[str, Any]] = [{"weights": "start", "ndcg": best_score}]
     logger.info("blend start ndcg=%.5f", best_score)
+    searched = {
+        name: values
+        for name, values in GRID.items()
+        if not (name in BEHAVIOUR_KINDS and name not in present)
+        and not (name in ("vector", "vector_sharpness", "vector_recency") and matrix is None)
+    }
     for r in range(rounds):
         improved = False
-        for name, values in GRID.items():
-            if name == "vector_sharpness" and (matrix is None or best.vector == 0):
-                continue
-            if name in ("next_item", "also_bought", "bought_together", "also_viewed") and (
-                name not in present
-            ):
-                continue
-            for value in values:
-                if getattr(best, name) == value:
-                    continue
-                cand = best.model_copy(update={name: value})
-                s = score(cand)
-                trace.append({"round": r, name: value, "ndcg": s})
-                if s > best_score + 1e-6:
-                    best, best_score, improved = cand, s, True
-                    logger.info("blend better %s=%s ndcg=%.5f", name, value, s)
+        total = sum(len(v) for v in searched.values())
+        with tqdm(
+            total=total, desc=f"{desc} round {r + 1}", unit="eval", disable=not progress
+        ) as bar:
+            for name, values in searched.items():
+                for value in values:
+                    bar.update(1)
+                    if getattr(best, name) == value:
+                        continue
+                    if name == "vector_sharpness" and best.vector == 0:
+                        continue
+                    cand = best.model_copy(update={name: value})
+                    s = score(cand)
+                    trace.append({"round": r, name: value, "ndcg": s})
+                    if s > best_score + 1e-6:
+                        best, best_score, improved = cand, s, True
+                        logger.info("blend better %s=%s ndcg=%.5f", name, value, s)
+                        bar.set_postfix(ndcg=f"{best_score:.4f}")
         if not improved:
             break
     return best, best_score, trace
@@ -234,13 +250,17 @@ def fit_blend(
     show_envvar=True,
     help="Validation users sampled for the blend search.",
 )
-def command(data_dir: Path, out_dir: Path, k: int, epochs: int, max_val_users: int) -> None:
+@click.option("--no-progress", is_flag=True, default=False, help="Hide progress bars.")
+def command(
+    data_dir: Path, out_dir: Path, k: int, epochs: int, max_val_users: int, no_progress: bool
+) -> None:
     """Fit the adapter and the blend weights on histories (internal validation split)."""
-    from workers.adapter import load_adapter, save_adapter
+    from workers.adapter import LinearAdapter, save_adapter
     from workers.encoder import TransformerEncoder
 
+    progress = not no_progress
     started = time.perf_counter()
-    prepared = prepare(data_dir, holdout=2, max_users=max_val_users)
+    prepared = prepare(data_dir, holdout=2, max_users=max_val_users, progress=progress)
     click.echo(
         f"{data_dir.name}: {len(prepared.split.cases)} validation users; "
         f"{len(prepared.split.history_events)} history events (evaluation targets held out)"
@@ -249,32 +269,50 @@ def command(data_dir: Path, out_dir: Path, k: int, epochs: int, max_val_users: i
     encoder = TransformerEncoder.from_settings(
         enc_settings.model_copy(update={"adapter_path": None})
     )
-    base = item_vectors(prepared, encoder=encoder, cache_dir=enc_settings.cache_dir)
+    # Frozen item vectors come from the evaluation's on-disk cache when present.
+    base = item_vectors(
+        prepared, encoder=encoder, cache_dir=enc_settings.cache_dir, progress=progress
+    )
+    timings = {"prepare": time.perf_counter() - started}
     start = BlendWeights()
     matrix = base
-    adapter_path: Path | None = None
+    adapter_path = out_dir / "adapter.npz"
+    adapter_meta: dict[str, Any] | None = None
+    weight = bias = None
     if epochs > 0:
+        mark = time.perf_counter()
         prev, nxt = training_pairs(prepared)
         click.echo(f"adapter: {len(nxt)} next-item pairs, {epochs} epochs")
-        weight, bias, losses = fit_adapter(base, prev, nxt, recency=start.recency, epochs=epochs)
-        adapter_path = save_adapter(
-            out_dir / "adapter.npz",
-            weight,
-            bias,
-            {
-                "kind": "residual-linear",
-                "objective": "in-batch InfoNCE, pooled previous items -> next item",
-                "data": data_dir.name,
-                "pairs": len(nxt),
-                "epochs": epochs,
-                "losses": losses,
-                "base_model": {"name": encoder.name, "version": encoder.version},
-            },
+        weight, bias, losses = fit_adapter(
+            base, prev, nxt, recency=start.recency, epochs=epochs, progress=progress
         )
-        matrix = load_adapter(adapter_path).apply(base)
-    base_w, base_score, _ = fit_blend(prepared, base, k=k, start=start, rounds=1)
-    best, best_score, trace = fit_blend(prepared, matrix, k=k, start=base_w)
-    use_adapter = adapter_path is not None and best_score > base_score
+        adapter_meta = {
+            "kind": "residual-linear",
+            "objective": "in-batch InfoNCE, pooled previous items -> next item",
+            "data": data_dir.name,
+            "pairs": len(nxt),
+            "epochs": epochs,
+            "losses": losses,
+            "base_model": {"name": encoder.name, "version": encoder.version},
+        }
+        matrix = LinearAdapter(weight=weight, bias=bias).apply(base)
+        timings["adapter"] = time.perf_counter() - mark
+    mark = time.perf_counter()
+    base_w, base_score, _ = fit_blend(
+        prepared, base, k=k, start=start, rounds=1, desc="blend (frozen)", progress=progress
+    )
+    best, best_score, trace = base_w, base_score, []
+    if adapter_meta is not None:
+        best, best_score, trace = fit_blend(
+            prepared, matrix, k=k, start=base_w, desc="blend (adapter)", progress=progress
+        )
+    timings["blend"] = time.perf_counter() - mark
+    use_adapter = adapter_meta is not None and best_score > base_score
+    if use_adapter:
+        save_adapter(adapter_path, weight, bias, adapter_meta or {})
+    elif adapter_path.exists():
+        # A stale adapter beside a blend fitted without one would be loaded by mistake.
+        adapter_path.unlink()
     chosen = best if use_adapter else base_w
     chosen = chosen.model_copy(
         update={
@@ -284,7 +322,7 @@ def command(data_dir: Path, out_dir: Path, k: int, epochs: int, max_val_users: i
                 "users": len(prepared.split.cases),
                 "k": k,
                 "ndcg_frozen": round(base_score, 5),
-                "ndcg_adapter": round(best_score, 5) if adapter_path else None,
+                "ndcg_adapter": round(best_score, 5) if adapter_meta else None,
                 "adapter": use_adapter,
                 "evaluations": len(trace),
             }
@@ -293,7 +331,22 @@ def command(data_dir: Path, out_dir: Path, k: int, epochs: int, max_val_users: i
     chosen.save(out_dir / "blend.json")
     click.echo(
         f"validation NDCG@{k}: frozen model {base_score:.4f}"
-        + (f", with adapter {best_score:.4f}" if adapter_path else "")
+        + (f", with adapter {best_score:.4f}" if adapter_meta else "")
+        + (
+            ""
+            if adapter_meta is None
+            else " (adapter kept)"
+            if use_adapter
+            else " (adapter dropped)"
+        )
     )
-    click.echo(f"wrote {out_dir / 'blend.json'}" + (f" and {adapter_path}" if adapter_path else ""))
-    click.echo(f"done in {time.perf_counter() - started:.0f} s")
+    click.echo(f"wrote {out_dir / 'blend.json'}" + (f" and {adapter_path}" if use_adapter else ""))
+    click.echo(
+        f"done in {time.perf_counter() - started:.0f} s ("
+        + ", ".join(f"{stage} {sec:.0f} s" for stage, sec in timings.items())
+        + ")"
+    )
+    click.echo(
+        f"evaluate: relata evaluate --data {data_dir} --blend {out_dir / 'blend.json'}"
+        + (f" --adapter {adapter_path}" if use_adapter else "")
+    )

@@ -1,0 +1,200 @@
+"""relata train and the evaluation of its artifacts, on synthetic data with a fake encoder."""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+from collections.abc import Sequence
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from relata.cli import main
+from relata.evaluate import evaluate, prepare
+from relata.train import fit_adapter, fit_blend, training_pairs
+from workers.adapter import load_adapter, save_adapter
+from workers.ranking import BlendWeights
+
+T0 = datetime(2024, 1, 1, tzinfo=UTC)
+DIM = 16
+
+
+class HashEncoder:
+    """Deterministic stand-in for the transformer: a unit vector per text from its hash."""
+
+    name = "hash-encoder"
+    version = "v1"
+    dim = DIM
+
+    def __init__(self) -> None:
+        self.calls = 0
+        self.max_length = 128
+
+    def encode(self, texts: Sequence[str]) -> np.ndarray:
+        self.calls += 1
+        rows = []
+        for t in texts:
+            seed = int(hashlib.sha256(t.encode()).hexdigest()[:8], 16)
+            v = np.random.default_rng(seed).standard_normal(DIM).astype(np.float32)
+            rows.append(v / np.linalg.norm(v))
+        return np.asarray(rows, dtype=np.float32).reshape(-1, DIM)
+
+
+def _event(user: str, item: str, step: int, etype: str = "purchase") -> dict[str, object]:
+    return {
+        "event_id": f"{user}-{step}-{item}",
+        "user_id": user,
+        "item_id": item,
+        "event_type": etype,
+        "ts": (T0 + timedelta(hours=step)).isoformat(),
+    }
+
+
+def _data(dir_: Path, users: int = 160, items: int = 40, seed: int = 0) -> Path:
+    """Users walk a ring of items (i -> i+1 -> i+2 ...) with some noise: learnable transitions."""
+    rng = np.random.default_rng(seed)
+    events: list[dict[str, object]] = []
+    for u in range(users):
+        pos = int(rng.integers(items))
+        for step in range(int(rng.integers(4, 9))):
+            item = pos if rng.random() > 0.15 else int(rng.integers(items))
+            events.append(_event(f"u{u}", f"i{item}", u * 100 + step))
+            pos = (pos + 1) % items
+    dir_.mkdir(parents=True)
+    with gzip.open(dir_ / "items.jsonl.gz", "wt") as fh:
+        for i in range(items):
+            fh.write(json.dumps({"item_id": f"i{i}", "title": f"product {i}"}) + "\n")
+    with gzip.open(dir_ / "events.jsonl.gz", "wt") as fh:
+        for e in events:
+            fh.write(json.dumps(e) + "\n")
+    return dir_
+
+
+@pytest.fixture
+def fake_encoder(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> HashEncoder:
+    from workers.encoder import TransformerEncoder
+
+    encoder = HashEncoder()
+    monkeypatch.setattr(TransformerEncoder, "from_settings", classmethod(lambda cls, s: encoder))
+    monkeypatch.setenv("RELATA_ENCODER_CACHE_DIR", str(tmp_path / "cache"))
+    return encoder
+
+
+def test_training_pairs_are_next_items_of_histories_without_repeats_or_returns(
+    tmp_path: Path,
+) -> None:
+    data = tmp_path / "d"
+    data.mkdir()
+    rows = [
+        _event("a", "x", 0),
+        _event("a", "y", 1),
+        _event("a", "x", 2),  # a repeat is not a new "next" choice
+        _event("a", "r", 3, "return"),
+        _event("a", "z", 4),
+        _event("a", "t", 5),  # evaluation target
+    ]
+    rows += [_event("b", i, n) for n, i in enumerate(["x", "y", "z", "t"])]
+    with gzip.open(data / "items.jsonl.gz", "wt") as fh:
+        for i in "xyzrt":
+            fh.write(json.dumps({"item_id": i, "title": i}) + "\n")
+    with gzip.open(data / "events.jsonl.gz", "wt") as fh:
+        fh.writelines(json.dumps(r) + "\n" for r in rows)
+    prepared = prepare(data, holdout=2, progress=False)
+    pos = {i: n for n, i in enumerate(prepared.item_ids)}
+    prev, nxt = training_pairs(prepared, window=3)
+    # Validation targets (a: z, b: z) and evaluation targets (t) are never learned from.
+    assert pos["t"] not in nxt.tolist() and pos["z"] not in nxt.tolist()
+    assert sorted(nxt.tolist()) == [pos["y"], pos["y"]]
+    assert prev.tolist() == [[pos["x"], -1, -1]] * 2
+
+
+def test_adapter_training_lowers_the_loss_and_stays_near_identity() -> None:
+    rng = np.random.default_rng(0)
+    items = rng.standard_normal((50, DIM)).astype(np.float32)
+    items /= np.linalg.norm(items, axis=1, keepdims=True)
+    prev = rng.integers(0, 50, size=(2000, 3))
+    nxt = (prev[:, 0] + 7) % 50  # the next item is a fixed function of the last one
+    weight, bias, losses = fit_adapter(items, prev, nxt, recency=0.5, epochs=5, batch=256)
+    assert weight.shape == (DIM, DIM) and bias.shape == (DIM,)
+    assert losses[-1] < losses[0]
+    assert not np.allclose(weight, np.eye(DIM))
+
+
+def test_blend_search_never_gets_worse_than_its_start(tmp_path: Path) -> None:
+    prepared = prepare(_data(tmp_path / "d"), holdout=2, progress=False)
+    start = BlendWeights(popularity=0.5, next_item=0.5)
+    best, score, trace = fit_blend(prepared, None, k=5, start=start, rounds=1, progress=False)
+    assert score >= trace[0]["ndcg"]
+    # Without item vectors the vector terms are not searched, and no absent relation kind is.
+    searched = {key for row in trace[1:] for key in row if key not in ("round", "ndcg")}
+    assert not searched & {"vector", "vector_sharpness", "vector_recency", "bought_together"}
+    assert best.vector == start.vector
+
+
+def test_train_writes_artifacts_that_evaluate_reports_with_and_without(
+    tmp_path: Path, fake_encoder: HashEncoder
+) -> None:
+    data = _data(tmp_path / "ring")
+    out = tmp_path / "artifacts"
+    result = CliRunner().invoke(
+        main,
+        ["train", "--data", str(data), "--out", str(out), "--epochs", "2", "--no-progress"],
+        catch_exceptions=False,
+    )
+    assert result.exit_code == 0, result.output
+    blend = BlendWeights.load(out / "blend.json")
+    assert blend.fitted_on is not None and blend.fitted_on["data"] == "ring"
+    adapter_kept = blend.fitted_on["adapter"]
+    # The adapter is written only when it won on validation (else a stale one is removed).
+    assert (out / "adapter.npz").exists() == adapter_kept
+    if adapter_kept:
+        assert load_adapter(out / "adapter.npz").meta["epochs"] == 2
+
+    # Evaluate sees the artifacts as extra methods; "hybrid" stays the built-in weights. An
+    # identity adapter must reproduce the frozen-vector methods exactly.
+    identity = save_adapter(tmp_path / "identity.npz", np.eye(DIM), np.zeros(DIM), {})
+    report = evaluate(
+        data,
+        k=5,
+        adapter_path=identity,
+        blend_path=out / "blend.json",
+        progress=False,
+        echo=lambda _: None,
+    )
+    methods = report["methods"]
+    assert {"hybrid", "hybrid+blend", "pooled+adapter", "hybrid+adapter"} <= set(methods)
+    assert report["default"] == "hybrid+adapter"
+    assert methods["pooled+adapter"] == methods["pooled"]
+    assert methods["hybrid+adapter"] == methods["hybrid+blend"]
+    assert report["protocol"]["hybrid_weights"] == BlendWeights().model_dump(exclude={"fitted_on"})
+    assert report["protocol"]["fitted_weights"]["fitted_on"]["data"] == "ring"
+    # Without an adapter the fitted blend is the default.
+    report = evaluate(
+        data,
+        k=5,
+        methods=["hybrid", "hybrid+blend"],
+        blend_path=out / "blend.json",
+        progress=False,
+        echo=lambda _: None,
+    )
+    assert report["default"] == "hybrid+blend"
+
+
+def test_profile_text_baseline_is_cached_under_its_token_limit(
+    tmp_path: Path, fake_encoder: HashEncoder
+) -> None:
+    from relata.evaluate import PROFILE_MAX_TOKENS
+
+    data = _data(tmp_path / "ring")
+    evaluate(data, k=5, methods=["profile-text"], progress=False, echo=lambda _: None)
+    cached = sorted(p.name for p in (tmp_path / "cache").iterdir())
+    assert any(name.startswith(f"profiles-{PROFILE_MAX_TOKENS}tok-") for name in cached)
+    # The shared encoder keeps its own limit (items and the live path use it).
+    assert fake_encoder.max_length == 128
+    calls = fake_encoder.calls
+    evaluate(data, k=5, methods=["profile-text"], progress=False, echo=lambda _: None)
+    assert fake_encoder.calls == calls
