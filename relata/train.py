@@ -57,7 +57,7 @@ def fit_adapter(
     nxt: np.ndarray,
     *,
     recency: float,
-    epochs: int = 4,
+    epochs: int = 3,
     batch: int = 1024,
     lr: float = 2e-3,
     temperature: float = 0.05,
@@ -234,7 +234,9 @@ def fit_blend(
 )
 @click.option(
     "--epochs",
-    default=4,
+    # On amazon-beauty (109k pairs) the loss is flat after the third epoch (6.29, 6.11, 6.08,
+    # 6.08, 6.08, 6.08) and each epoch costs ~45-100 s on 2 shared cores.
+    default=3,
     show_default=True,
     type=click.IntRange(0, 100),
     envvar="RELATA_TRAIN_EPOCHS",
