@@ -18,29 +18,13 @@ class TopicError(RuntimeError):
 
 
 def confluent_config(settings: KafkaSettings) -> dict[str, Any]:
-    """librdkafka (confluent-kafka) client config: bootstrap servers plus security/SASL/SSL."""
-    config: dict[str, Any] = {
-        "bootstrap.servers": settings.bootstrap_servers,
-        "security.protocol": settings.security_protocol,
-    }
-    if settings.security_protocol.startswith("SASL"):
-        assert settings.sasl_password is not None  # KafkaSettings validates SASL completeness
-        config["sasl.mechanism"] = settings.sasl_mechanism
-        config["sasl.username"] = settings.sasl_username
-        config["sasl.password"] = settings.sasl_password.get_secret_value()
-    if settings.ssl_cafile is not None:
-        config["ssl.ca.location"] = str(settings.ssl_cafile)
-    return config
+    """librdkafka (confluent-kafka) client config: see `KafkaSettings.librdkafka_config`."""
+    return dict(settings.librdkafka_config())
 
 
 def producer_config(settings: KafkaSettings) -> dict[str, Any]:
-    """`confluent_config` for producers: keys partitioned like Java clients and Faust (murmur2).
-
-    librdkafka's default partitioner hashes with CRC32; Faust and the Java clients use murmur2.
-    Mixing them would put one user's records on different partitions than Faust expects, which
-    breaks table routing of the HTTP API once several stream workers run.
-    """
-    return confluent_config(settings) | {"partitioner": "murmur2_random"}
+    """librdkafka producer config (murmur2 partitioning): see `KafkaSettings`."""
+    return dict(settings.librdkafka_producer_config())
 
 
 def topic_name(settings: KafkaSettings, spec: TopicSpec) -> str:

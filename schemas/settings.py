@@ -51,6 +51,30 @@ class KafkaSettings(_Settings):
     def topic(self, name: str) -> str:
         return f"{self.topic_prefix}{name}"
 
+    def librdkafka_config(self) -> dict[str, str]:
+        """librdkafka (confluent-kafka) client config: bootstrap servers and security."""
+        config = {
+            "bootstrap.servers": self.bootstrap_servers,
+            "security.protocol": self.security_protocol,
+        }
+        if self.security_protocol.startswith("SASL"):
+            assert self.sasl_password is not None  # validated above
+            config["sasl.mechanism"] = str(self.sasl_mechanism)
+            config["sasl.username"] = str(self.sasl_username)
+            config["sasl.password"] = self.sasl_password.get_secret_value()
+        if self.ssl_cafile is not None:
+            config["ssl.ca.location"] = str(self.ssl_cafile)
+        return config
+
+    def librdkafka_producer_config(self) -> dict[str, str]:
+        """`librdkafka_config` for producers: keys partitioned like Java clients and Faust.
+
+        librdkafka's default partitioner hashes with CRC32; Faust and the Java clients use
+        murmur2. Mixing them would put one user's records on other partitions than Faust
+        expects, which breaks the table routing of the HTTP API once several stream workers run.
+        """
+        return self.librdkafka_config() | {"partitioner": "murmur2_random"}
+
 
 class StreamsSettings(_Settings):
     """The Faust stream processor: profiles, association statistics, HTTP serving."""
@@ -65,6 +89,21 @@ class StreamsSettings(_Settings):
     web_host: str = Field("127.0.0.1", description="HTTP bind address (API and /metrics).")
     web_port: int = Field(6066, ge=0, le=65535, description="HTTP port; 0 disables the web server.")
     history_size: int = Field(50, ge=1, le=1000, description="Distinct items kept per user.")
+    batch_max_events: int = Field(
+        1000,
+        ge=1,
+        le=100_000,
+        description=(
+            "Events the profile agent folds per batch (one profile write and one profile update "
+            "per user per batch)."
+        ),
+    )
+    batch_wait_ms: float = Field(
+        5.0,
+        gt=0,
+        le=10_000,
+        description="Longest wait for a batch to fill (adds at most this to latency).",
+    )
     half_life_hours: float = Field(
         24.0 * 14, gt=0, description="Time decay half-life of history weights (event time)."
     )

@@ -14,6 +14,7 @@ partitions during recovery and when stream buffers fill), where 1500 ms stalls a
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import Any
 
@@ -54,3 +55,75 @@ class App(faust.App):
     def _new_transport(self) -> Any:
         transport_cls = _transport_class(self._fetch_max_wait_ms)
         return transport_cls(self.conf.broker_consumer, self)
+
+
+class DeliveryError(RuntimeError):
+    """The broker did not acknowledge records the stream processor produced."""
+
+
+class ConfluentSender:
+    """The agents' outputs through librdkafka (confluent-kafka).
+
+    Faust's send path cost ~0.8 ms of the event loop per record (measured at 400 events/s:
+    two sends per event were two thirds of the profile agent's time); librdkafka's `produce`
+    is a C call of microseconds and batches on its own threads. `flush` waits, off the event
+    loop, until the broker acknowledged everything sent; the agents flush before their input
+    offsets are acknowledged, so delivery stays at least once. A record the broker refused
+    after librdkafka's retries raises `DeliveryError` from `flush`, which stops the agent
+    rather than commit past an output that was lost.
+    """
+
+    def __init__(self, config: dict[str, str], *, flush_timeout_s: float = 30.0) -> None:
+        from confluent_kafka import Producer
+
+        self._producer = Producer(
+            {
+                **config,
+                "enable.idempotence": True,
+                # The agents flush per batch; lingering would only add latency.
+                "linger.ms": 0,
+                # A Python callback per record was a visible share of the event loop; failures
+                # are what `flush` must see.
+                "delivery.report.only.error": True,
+            }
+        )
+        self._flush_timeout_s = flush_timeout_s
+        self._failures: list[str] = []
+
+    def produce(
+        self, topic: str, *, key: bytes | None, value: bytes | None, partition: int | None = None
+    ) -> None:
+        """Queue one record (`partition` None: librdkafka's murmur2 partitioner on the key)."""
+        while True:
+            try:
+                if partition is None:
+                    self._producer.produce(topic, value=value, key=key, on_delivery=self._delivered)
+                else:
+                    self._producer.produce(
+                        topic,
+                        value=value,
+                        key=key,
+                        partition=partition,
+                        on_delivery=self._delivered,
+                    )
+                break
+            except BufferError:  # librdkafka's queue is full: wait for it to drain (backpressure)
+                self._producer.poll(0.05)
+
+    def _delivered(self, error: Any, message: Any) -> None:
+        if error is not None:
+            self._failures.append(f"{message.topic()}: {error}")
+
+    async def flush(self) -> None:
+        """Wait until every record sent so far is acknowledged; raise if one was refused."""
+        remaining = await asyncio.to_thread(self._producer.flush, self._flush_timeout_s)
+        if remaining:
+            msg = (
+                f"{remaining} records not acknowledged within {self._flush_timeout_s:.0f} s; "
+                "is the broker reachable?"
+            )
+            raise DeliveryError(msg)
+        if self._failures:
+            failures, self._failures = self._failures, []
+            msg = f"{len(failures)} records refused by the broker, first: {failures[0]}"
+            raise DeliveryError(msg)

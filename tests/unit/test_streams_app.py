@@ -37,9 +37,19 @@ def run_async(fn: Callable[..., Awaitable[None]]) -> Callable[..., None]:
 class RecordingSender:
     def __init__(self) -> None:
         self.sent: list[tuple[str, bytes | None, bytes]] = []
+        self.partitions: list[tuple[str, int | None]] = []
 
-    async def send(self, topic: str, *, key: bytes | None, value: bytes) -> None:
-        self.sent.append((topic, key, value))
+        self.flushes = 0
+
+    def produce(
+        self, topic: str, *, key: bytes | None, value: bytes | None, partition: int | None = None
+    ) -> None:
+        if value is not None:
+            self.sent.append((topic, key, value))
+        self.partitions.append((topic, partition))
+
+    async def flush(self) -> None:
+        self.flushes += 1
 
     def values(self, topic: str) -> list[bytes]:
         return [value for t, _, value in self.sent if t == topic]
@@ -69,18 +79,24 @@ def sender() -> RecordingSender:
     return RecordingSender()
 
 
-@pytest.fixture
-def streams(tmp_path: Path, sender: RecordingSender) -> StreamsApp:
-    settings = StreamsSettings(web_port=0, data_dir=tmp_path, assoc_min_support=2)
+def make_streams(tmp_path: Path, sender: RecordingSender, **settings: Any) -> StreamsApp:
+    """An app whose agents fold one event per batch unless `batch_max_events` says otherwise
+    (a batch is handled the moment it is full, so batch boundaries never depend on timing)."""
+    options: dict[str, Any] = {"batch_max_events": 1, "batch_wait_ms": 10_000.0} | settings
     app = build_streams(
         kafka=KafkaSettings(bootstrap_servers="127.0.0.1:1"),
-        settings=settings,
+        settings=StreamsSettings(web_port=0, data_dir=tmp_path, assoc_min_support=2, **options),
         registry=CollectorRegistry(),
         sender=sender,
         follow_catalog=False,
     )
     app.catalog.set_items({"i1": ("Hair",), "i2": ("Hair",), "i3": ("Nails",), "cold": ("Hair",)})
     return app
+
+
+@pytest.fixture
+def streams(tmp_path: Path, sender: RecordingSender) -> StreamsApp:
+    return make_streams(tmp_path, sender)
 
 
 NOW = datetime.now(UTC).replace(microsecond=0)
@@ -103,10 +119,30 @@ def encode(data: dict[str, Any]) -> bytes:
     return json.dumps(data).encode()
 
 
+async def settled(condition: Callable[[], bool], timeout_s: float = 10.0) -> None:
+    """Wait until `condition()` holds (the agents run concurrently with the test)."""
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while not condition():
+        assert asyncio.get_running_loop().time() < deadline, "agent did not finish in time"
+        await asyncio.sleep(0.005)
+
+
 async def put_events(streams: StreamsApp, records: list[tuple[bytes | None, bytes]]) -> None:
+    """Feed the profile agent and wait until it handled every record."""
+
+    def handled() -> float:
+        return streams.registry.get_sample_value("relata_event_batch_size_sum") or 0.0
+
     async with streams.process_events.test_context() as agent:
         for offset, (key, value) in enumerate(records):
             await agent.put(value, key=key, partition=0, timestamp=1_700_000_000.25 + offset)
+        await settled(lambda: handled() >= len(records))
+
+
+def association_inputs(streams: StreamsApp, sender: RecordingSender) -> list[dict[str, Any]]:
+    """Every association input sent, in order (one message carries a batch's inputs)."""
+    messages = [json.loads(v) for v in sender.values(streams.topic_names[ASSOCIATION_INPUT])]
+    return [data for message in messages for data in message]
 
 
 def dead_letters(sender: RecordingSender) -> list[DeadLetter]:
@@ -134,10 +170,72 @@ async def test_events_fold_into_profile_and_emit_updates(
     stored = streams.profiles.get("u1")
     assert stored is not None and json.loads(stored)["session_items"] == ["i1", "i2"]
     # The second purchase of the basket pairs with the first on the association input.
-    inputs = [json.loads(v) for v in sender.values(streams.topic_names[ASSOCIATION_INPUT])]
+    inputs = association_inputs(streams, sender)
     assert inputs[-1]["item_id"] == "i2" and inputs[-1]["basket_items"] == ["i1"]
     assert inputs[-1]["kind"] == "bought_together"
     assert dead_letters(sender) == []
+
+
+@run_async
+async def test_a_batch_coalesces_each_users_events_into_one_update(tmp_path: Path) -> None:
+    sender = RecordingSender()
+    streams = make_streams(tmp_path, sender, batch_max_events=5)
+    await put_events(
+        streams,
+        [
+            (b"u1", encode(event(1, user="u1", item="i1", session_id="b1"))),
+            (b"u2", encode(event(2, user="u2", item="i1", session_id="b2"))),
+            (b"u1", encode(event(3, user="u1", item="i2", session_id="b1"))),
+            (b"u1", b"{not json"),
+            (b"u1", encode(event(1, user="u1", item="i1", session_id="b1"))),  # re-delivered
+        ],
+    )
+    updates = {
+        u.user_id: u
+        for u in (ProfileUpdate.model_validate_json(v) for v in sender.values("profile-updates"))
+    }
+    assert len(sender.values("profile-updates")) == 2
+    assert updates["u1"].trigger_event_ids == ["e1", "e3"]
+    assert [h.item_id for h in updates["u1"].history] == ["i2", "i1"]
+    # Latency is counted from the oldest folded event's record (offset 0).
+    assert updates["u1"].source_ts_ms == 1_700_000_000_250
+    assert updates["u2"].trigger_event_ids == ["e2"]
+    # One association message for the batch, its inputs in input order.
+    assert len(sender.values(streams.topic_names[ASSOCIATION_INPUT])) == 1
+    inputs = association_inputs(streams, sender)
+    assert [(i["item_id"], i["basket_items"]) for i in inputs] == [
+        ("i1", []),
+        ("i1", []),
+        ("i2", ["i1"]),
+    ]
+    assert [(d.error_type, d.offset) for d in dead_letters(sender)] == [("malformed_json", 3)]
+    assert streams.registry.get_sample_value("relata_events_duplicate_total") == 1.0
+    assert streams.registry.get_sample_value("relata_event_batch_size_count") == 1.0
+    assert sender.flushes >= 1
+    assert {"u1", "u2"} <= set(streams.profiles.keys())
+
+
+@run_async
+async def test_changelog_records_go_to_the_partition_of_each_users_events(
+    tmp_path: Path,
+) -> None:
+    # One batch spans two partitions; each profile's changelog record must land on its own
+    # user's partition (Faust restores a partition's table rows from that changelog partition).
+    sender = RecordingSender()
+    streams = make_streams(tmp_path, sender, batch_max_events=2)
+    async with streams.process_events.test_context() as agent:
+        await agent.put(encode(event(1, user="u1")), key=b"u1", partition=3, timestamp=1.0)
+        await agent.put(encode(event(2, user="u2")), key=b"u2", partition=1, timestamp=2.0)
+        await settled(lambda: len(sender.values("profile-updates")) == 2)
+    changelog = streams.profiles.changelog_topic.get_topic_name()
+    assert changelog.endswith("profiles-changelog")
+    keys = [key for topic, key, _ in sender.sent if topic == changelog]
+    partitions = [p for topic, p in sender.partitions if topic == changelog]
+    # Keys encoded as Faust encodes its own changelog keys (so its recovery reads them back).
+    expected = [streams.profiles.changelog_topic.prepare_key(u, "json")[0] for u in ("u1", "u2")]
+    assert list(zip(keys, partitions, strict=True)) == list(zip(expected, [3, 1], strict=True))
+    stored = streams.profiles.get("u2")
+    assert stored is not None and json.loads(stored)["history"][0]["item_id"] == "i1"
 
 
 @run_async
@@ -212,11 +310,11 @@ async def test_associations_publish_related_items_for_co_purchases(
                 (user.encode(), encode(event(n, user=user, item=item, session_id=basket)))
             )
     await put_events(streams, records)
-    inputs = [json.loads(v) for v in sender.values(streams.topic_names[ASSOCIATION_INPUT])]
+    inputs = association_inputs(streams, sender)
 
     async with streams.process_associations.test_context() as agent:
         for value in inputs:
-            await agent.put(value, key=value["item_id"].encode(), partition=0)
+            await agent.put([value], partition=0)
     assert await streams.flush_related() == 2
 
     published = {
@@ -357,6 +455,7 @@ def test_all_streams_metric_names_registered(streams: StreamsApp) -> None:
         "relata_dead_letter",
         "relata_profile_updates",
         "relata_event_processing_seconds",
+        "relata_event_batch_size",
         "relata_association_updates",
         "relata_related_items_published",
         "relata_association_items",
@@ -390,11 +489,11 @@ async def test_association_agent_batches_equal_one_by_one_statistics(
             n += 1
             records.append((user.encode(), encode(event(n, user=user, item=item, session_id=b))))
     await put_events(streams, records)
-    inputs = [json.loads(v) for v in sender.values(streams.topic_names[ASSOCIATION_INPUT])]
+    inputs = association_inputs(streams, sender)
 
     async with streams.process_associations.test_context() as agent:
         for value in inputs:
-            await agent.put(value, key=value["item_id"].encode(), partition=0, wait=False)
+            await agent.put([value], partition=0, wait=False)
     reference = AssociationIndex(streams.assoc_config)
     for value in inputs:
         reference.observe(AssociationInput.from_dict(value))
