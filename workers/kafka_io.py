@@ -116,9 +116,10 @@ class DeadLetters:
 
 
 def commit(consumer: Consumer) -> None:
-    """Synchronously commit the consumed positions; nothing consumed is not an error."""
+    """Commit the consumed positions without waiting for the broker's answer (the outputs
+    were flushed first, so a lost commit only redoes records); nothing consumed is fine."""
     try:
-        consumer.commit(asynchronous=False)
+        consumer.commit(asynchronous=True)
     except Exception as exc:
         if "_NO_OFFSET" in str(exc) or "NO_OFFSET" in str(exc):
             return
