@@ -21,6 +21,7 @@ one process); there is no import-time app. Agents are glue around the pure logic
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
@@ -91,6 +92,7 @@ ASSOCIATION_BATCH_WITHIN_S = 0.2
 PRODUCER_MAX_BATCH_BYTES = 512 * 1024
 # Related lists are recomputed for items touched since the last flush, at most this often.
 RELATED_FLUSH_INTERVAL_S = 0.25
+RELATED_YIELD_EVERY = 25
 
 
 class StreamsError(RuntimeError):
@@ -420,7 +422,10 @@ class StreamsApp:
         totals, clock = self.association_clock()
         lookup = self.associations.get
         published = 0
-        for item_id in sorted(items):
+        for n, item_id in enumerate(sorted(items), start=1):
+            if n % RELATED_YIELD_EVERY == 0:
+                # Many dirty items take tens of milliseconds: let the profile agent run between.
+                await asyncio.sleep(0)
             record: ItemRecord | None = lookup(item_id)
             if record is None:
                 continue

@@ -1,0 +1,27 @@
+"""The stream processor's librdkafka sender: what `flush` promises when the broker is away."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from streams.transport import ConfluentSender, DeliveryError
+
+
+def test_flush_raises_when_records_are_not_acknowledged() -> None:
+    # Nothing listens on port 1: the record stays queued, and flush must say so rather than
+    # let the agent acknowledge its inputs.
+    sender = ConfluentSender(
+        {"bootstrap.servers": "127.0.0.1:1", "partitioner": "murmur2_random"},
+        flush_timeout_s=0.5,
+    )
+    sender.produce("t", key=b"k", value=b"v")
+    sender.produce("t", key=b"k", value=None, partition=0)
+    with pytest.raises(DeliveryError, match="2 records not acknowledged"):
+        asyncio.run(sender.flush())
+
+
+def test_flush_with_nothing_sent_returns() -> None:
+    sender = ConfluentSender({"bootstrap.servers": "127.0.0.1:1"}, flush_timeout_s=0.5)
+    asyncio.run(sender.flush())
