@@ -390,12 +390,32 @@ def worker_figures(metrics: dict[str, float]) -> dict[str, Any]:
 
 
 def rss_report(samples: list[Sample]) -> dict[str, dict[str, float]]:
+    """RSS per process at the start, halfway, the end, and its maximum: flat means the second
+    half (mid -> end) adds nothing once the state a data set needs is built."""
     names = sorted({n for s in samples for n in s.rss_mb})
     out = {}
     for name in names:
         values = [s.rss_mb[name] for s in samples if name in s.rss_mb]
         if values:
-            out[name] = {"start": values[0], "end": values[-1], "max": max(values)}
+            out[name] = {
+                "start": values[0],
+                "mid": values[len(values) // 2],
+                "end": values[-1],
+                "max": max(values),
+            }
+    return out
+
+
+def rss_over_time(
+    samples: list[Sample], *, origin: float, every_s: float = 10.0
+) -> list[list[Any]]:
+    """[[seconds, {process: RSS MB}], ...], one sample per `every_s`."""
+    out: list[list[Any]] = []
+    next_t = origin
+    for sample in samples:
+        if sample.t >= next_t:
+            out.append([round(sample.t - origin, 1), dict(sample.rss_mb)])
+            next_t = sample.t + every_s
     return out
 
 
@@ -611,6 +631,7 @@ def command(
         report.update(worker_figures(pipeline.metrics()))
         report["phases"] = [p.as_json() for p in bench.phases]
         report["rss_mb"] = rss_report(sampler.samples)
+        report["rss_over_time"] = rss_over_time(sampler.samples, origin=origin)
         report["cpu_percent_avg"] = cpu_report(sampler.samples)
         report["lag_over_time"] = [
             [round(s.t - origin, 1), sum(s.lag.values())] for s in sampler.samples

@@ -83,3 +83,20 @@ def test_mixed_lines_spreads_invalid_lines_among_real_ones(tmp_path: Path) -> No
     assert [raw for raw in lines if raw.startswith(b'{"')] == [
         f'{{"event_id": "e{n}"}}'.encode() for n in range(10)
     ]
+
+
+def test_rss_report_and_series_show_start_mid_end() -> None:
+    from relata.bench import Sample, rss_over_time, rss_report
+
+    samples = [
+        Sample(t=100.0 + i, lag={}, cpu_percent={}, rss_mb={"streams": 50.0 + i}) for i in range(25)
+    ]
+    assert rss_report(samples) == {
+        "streams": {"start": 50.0, "mid": 62.0, "end": 74.0, "max": 74.0}
+    }
+    series = rss_over_time(samples, origin=100.0, every_s=10.0)
+    assert series == [
+        [0.0, {"streams": 50.0}],
+        [10.0, {"streams": 60.0}],
+        [20.0, {"streams": 70.0}],
+    ]
