@@ -49,13 +49,16 @@ def say(text: str) -> None:
 # Events: an endless stream of the data set's events (later passes get fresh event ids)
 
 
-def endless_events(path: Path) -> Iterator[tuple[int, bytes]]:
-    """The data set's event lines, repeated; passes after the first rename event ids.
+def endless_events(path: Path, *, cycle_events: int | None = None) -> Iterator[tuple[int, bytes]]:
+    """The data set's event lines (only the first `cycle_events` of them, if given), repeated;
+    passes after the first rename event ids.
 
-    The stream processor de-duplicates by event id, so a second pass must not reuse them.
+    The stream processor de-duplicates by event id, so a second pass must not reuse them. A
+    short cycle replays a fixed population of users and items: after its first pass the state
+    is complete, so memory that still grows is a leak (the soak test).
     """
     for cycle in itertools.count():
-        for number, raw in iter_jsonl(path):
+        for number, raw in itertools.islice(iter_jsonl(path), cycle_events):
             if cycle == 0:
                 yield number, raw
                 continue
@@ -556,6 +559,12 @@ def plot(
     is_flag=True,
     help="Do not measure the encoder ceiling (faster; the field is null).",
 )
+@click.option(
+    "--cycle-events",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Replay only the first N events, repeated (a fixed population: the memory soak).",
+)
 @settings_options(KafkaSettings, group="kafka")
 def command(
     data_dir: Path,
@@ -569,11 +578,17 @@ def command(
     baseline: str,
     baseline_seconds: float,
     skip_ceiling: bool,
+    cycle_events: int | None,
     **params: Any,
 ) -> None:
     """Measure event→recommendation latency, throughput, lag and resources of the pipeline."""
     kafka = build_settings(KafkaSettings, group="kafka", params=params)
-    report: dict[str, Any] = {"data": str(data_dir), "rate": rate, "duration_s": duration}
+    report: dict[str, Any] = {
+        "data": str(data_dir),
+        "rate": rate,
+        "duration_s": duration,
+        "cycle_events": cycle_events,
+    }
     if skip_ceiling and baseline == "none":
         report["encoder_ceiling_texts_per_s"] = None
     else:
@@ -601,7 +616,12 @@ def command(
         report.update(worker_figures(pipeline.metrics()))
         sampler = Sampler(pipeline)
         sampler.start()
-        bench = Bench(pipeline, sampler, endless_events(pipeline.events_path), max_p99_ms)
+        bench = Bench(
+            pipeline,
+            sampler,
+            endless_events(pipeline.events_path, cycle_events=cycle_events),
+            max_p99_ms,
+        )
         if warmup > 0:
             bench.run_phase(rate, warmup, label="warmup")
         main = bench.run_phase(rate, duration, label="measure")

@@ -64,6 +64,8 @@ def test_endless_events_renames_ids_after_the_first_pass(tmp_path: Path) -> None
     path.write_text('{"event_id": "a", "user_id": "u"}\n{"event_id": "b", "user_id": "u"}\n')
     ids = [json.loads(raw)["event_id"] for _, raw in itertools.islice(endless_events(path), 6)]
     assert ids == ["a", "b", "a~1", "b~1", "a~2", "b~2"]
+    first_only = itertools.islice(endless_events(path, cycle_events=1), 3)
+    assert [json.loads(raw)["event_id"] for _, raw in first_only] == ["a", "a~1", "a~2"]
 
 
 def test_invalid_events_are_each_rejected_with_the_promised_error_type() -> None:
