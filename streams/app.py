@@ -85,11 +85,6 @@ FETCH_MAX_WAIT_MS = 100
 # related lists are recomputed every RELATED_FLUSH_INTERVAL_S anyway.
 ASSOCIATION_BATCH_MAX = 500
 ASSOCIATION_BATCH_WITHIN_S = 0.2
-# aiokafka's per-partition batch (Faust's default 16 KiB): a full batch makes every further
-# send wait for the broker's acknowledgement of the previous one, so a few profile-sized
-# changelog records per round trip capped the whole stream processor at ~150 events/s.
-# Below the broker's default message.max.bytes (1 MiB).
-PRODUCER_MAX_BATCH_BYTES = 512 * 1024
 # Related lists are recomputed for items touched since the last flush, at most this often.
 RELATED_FLUSH_INTERVAL_S = 0.25
 RELATED_YIELD_EVERY = 25
@@ -153,9 +148,9 @@ class Record:
     topic: str
     partition: int
     offset: int
-    timestamp_s: float = 0.0
-    # The Faust event it came from (None in unit tests that call the handlers directly).
-    event: Any = field(default=None, compare=False, repr=False)
+    timestamp_s: float
+    # The Faust event it came from: made the current event before a table write (see Bind).
+    event: Any = field(compare=False, repr=False)
 
     @classmethod
     def of(cls, event: Any) -> Record:
@@ -172,16 +167,11 @@ class Record:
         )
 
 
-# Makes a record's Faust event the current one (`Stream._set_current_event`).
+# Makes a record's Faust event the current one (`Stream._set_current_event`). Called before
+# each table write of a batch: Faust writes a key's changelog to the partition of the *current
+# event* (and the RocksDB store picks its database by it), so the current event must be one of
+# that key's own records, not the batch's last.
 Bind = Callable[[Any], None]
-
-
-def _bind(bind: Bind | None, record: Record) -> None:
-    """Before a table write in a batch: Faust writes a key's changelog to the partition of
-    the *current event* (and the RocksDB store picks its database by it), so the current
-    event must be one of that key's own records, not the batch's last."""
-    if bind is not None and record.event is not None:
-        bind(record.event)
 
 
 @dataclass(slots=True)
@@ -211,7 +201,7 @@ class StreamsApp:
     dirty: set[str] = field(default_factory=set)
 
     # ---- profile agent -------------------------------------------------------------------
-    async def handle_events(self, records: Sequence[Record], *, bind: Bind | None = None) -> None:
+    async def handle_events(self, records: Sequence[Record], *, bind: Bind) -> None:
         """Validate, fold and forward a batch of behaviour events; bad input goes to
         dead-letter.
 
@@ -269,7 +259,7 @@ class StreamsApp:
         events: Sequence[tuple[int, BehaviorEvent, Record]],
         inputs: list[tuple[int, dict[str, Any]]],
         *,
-        bind: Bind | None,
+        bind: Bind,
     ) -> None:
         """Fold one user's events of a batch (in order); write the profile and send one
         update. An event that fails to fold is dead-lettered; the others still count."""
@@ -298,7 +288,7 @@ class StreamsApp:
                 inputs.append((index, assoc.to_dict()))
         if profile is None or not folded:
             return
-        _bind(bind, folded[-1][1])
+        bind(folded[-1][1].event)
         self.profiles[user_id] = profile.model_dump_json().encode("utf-8")
         update = profile_update(
             profile,
@@ -454,9 +444,7 @@ class StreamsApp:
         return published
 
     # ---- recommendations table ------------------------------------------------------------
-    async def handle_recommendations(
-        self, records: Sequence[Record], *, bind: Bind | None = None
-    ) -> None:
+    async def handle_recommendations(self, records: Sequence[Record], *, bind: Bind) -> None:
         """Keep the latest recommendation list per user (a tombstone deletes it); each user's
         entry is written once per batch."""
         latest: dict[str, Record] = {}
@@ -471,7 +459,7 @@ class StreamsApp:
                 continue
             latest[decoded.user_id] = record
         for user_id, record in latest.items():
-            _bind(bind, record)
+            bind(record.event)
             if record.value is None:
                 self.recommendations.pop(user_id, None)
             else:
@@ -535,7 +523,6 @@ def faust_settings(kafka: KafkaSettings, settings: StreamsSettings) -> dict[str,
         "broker_commit_interval": settings.commit_interval_s,
         "consumer_auto_offset_reset": "earliest",
         "producer_linger": 0.0,
-        "producer_max_batch_size": PRODUCER_MAX_BATCH_BYTES,
         "web_enabled": settings.web_port != 0,
         "web_host": settings.web_host,
         "web_bind": settings.web_host,
@@ -570,10 +557,10 @@ def build_streams(
     names[DEAD_LETTER.name] = kafka.topic(DEAD_LETTER.name)
     names[ASSOCIATION_INPUT] = f"{app_id}-{ASSOCIATION_INPUT}"
 
+    # The agents' sources (outputs go through the sender, by name).
     topics = {
-        name: app.topic(full, key_serializer="raw", value_serializer="raw")
-        for name, full in names.items()
-        if name not in (ASSOCIATION_INPUT, ITEM_CATALOG.name)
+        name: app.topic(names[name], key_serializer="raw", value_serializer="raw")
+        for name in (BEHAVIOR_EVENTS.name, RECOMMENDATIONS.name)
     }
     topics[ASSOCIATION_INPUT] = app.topic(
         names[ASSOCIATION_INPUT],
