@@ -370,7 +370,7 @@ def make_consumer(kafka: KafkaSettings, *, group_id: str | None = None, **overri
         "group.id": group_id or f"relata-tail-{uuid.uuid4().hex[:12]}",
         "enable.auto.commit": False,
         "enable.partition.eof": False,
-        "fetch.wait.max.ms": 10,
+        "fetch.wait.max.ms": 500,
         **overrides,
     }
     return Consumer(config)

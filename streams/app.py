@@ -77,7 +77,10 @@ logger = logging.getLogger(__name__)
 STAGE = "streams"
 ASSOCIATION_INPUT = "association-input"
 TOTALS_KEY = "totals"
-# Lower than Faust's hard-coded 1500 ms: see streams/transport.py.
+# Lower than Faust's hard-coded 1500 ms: see streams/transport.py. Unlike librdkafka, aiokafka
+# keeps one fetch in flight per broker and leaves out partitions with records not yet taken,
+# so a partition's next events can wait for this timeout of the others' fetch when traffic is
+# sparse: it bounds latency at low rates.
 FETCH_MAX_WAIT_MS = 100
 # The association agent folds up to this many association-input messages (each the inputs of
 # one profile batch) at once, waiting at most this long for them. Each batch rewrites every

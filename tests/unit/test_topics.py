@@ -12,11 +12,12 @@ from schemas.settings import KafkaSettings
 from schemas.topics import ITEM_CATALOG
 
 
-def test_plaintext_config_has_only_bootstrap_and_protocol() -> None:
+def test_plaintext_config_has_bootstrap_protocol_and_no_nagle() -> None:
     settings = KafkaSettings(bootstrap_servers="a:1,b:2", security_protocol="PLAINTEXT")
     assert confluent_config(settings) == {
         "bootstrap.servers": "a:1,b:2",
         "security.protocol": "PLAINTEXT",
+        "socket.nagle.disable": "true",
     }
 
 
@@ -32,6 +33,7 @@ def test_sasl_ssl_config_maps_credentials_and_ca() -> None:
     assert confluent_config(settings) == {
         "bootstrap.servers": "kafka:9093",
         "security.protocol": "SASL_SSL",
+        "socket.nagle.disable": "true",
         "sasl.mechanism": "SCRAM-SHA-512",
         "sasl.username": "relata",
         "sasl.password": "s3cret",

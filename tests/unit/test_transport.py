@@ -25,3 +25,24 @@ def test_flush_raises_when_records_are_not_acknowledged() -> None:
 def test_flush_with_nothing_sent_returns() -> None:
     sender = ConfluentSender({"bootstrap.servers": "127.0.0.1:1"}, flush_timeout_s=0.5)
     asyncio.run(sender.flush())
+
+
+def test_flush_leaves_the_event_loop_to_other_tasks_while_it_waits() -> None:
+    sender = ConfluentSender({"bootstrap.servers": "127.0.0.1:1"}, flush_timeout_s=0.3)
+    sender.produce("t", key=b"k", value=b"v")
+    ticks = 0
+
+    async def ticker() -> None:
+        nonlocal ticks
+        while True:
+            ticks += 1
+            await asyncio.sleep(0.01)
+
+    async def main() -> None:
+        task = asyncio.create_task(ticker())
+        with pytest.raises(DeliveryError):
+            await sender.flush()
+        task.cancel()
+
+    asyncio.run(main())
+    assert ticks >= 10  # the other agents ran during the 0.3 s wait
