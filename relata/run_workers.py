@@ -19,7 +19,7 @@ from typing import Any, Literal
 import click
 from prometheus_client import CollectorRegistry, start_http_server
 
-from relata.process import stop_on_signals
+from relata.process import freeze_startup_heap, stop_on_signals
 from relata.settings_cli import build_settings, settings_options
 from relata.topics import confluent_config, ensure_topics, producer_config, topic_name
 from schemas.settings import (
@@ -249,6 +249,7 @@ def command(role: Role, **params: Any) -> None:
         f"store={store_settings.kind} model={workers.encoder.name}@{workers.encoder.version} "
         + (f"metrics=http://0.0.0.0:{port}/metrics" if port else "metrics disabled")
     )
+    freeze_startup_heap(logger)
     try:
         workers.run(stop_event)
     finally:

@@ -1,3 +1,4 @@
+import gc
 import logging
 import os
 import signal
@@ -5,7 +6,7 @@ import threading
 
 import pytest
 
-from relata.process import stop_on_signals
+from relata.process import freeze_startup_heap, stop_on_signals
 
 
 @pytest.fixture
@@ -38,3 +39,17 @@ def test_without_a_logger_nothing_is_logged(
         os.kill(os.getpid(), signal.SIGTERM)
     assert stop.is_set()
     assert "stopping signal" not in caplog.text
+
+
+def test_freeze_startup_heap_takes_live_objects_out_of_collections() -> None:
+    startup_state = {"model": ["weights"]}
+    try:
+        frozen = freeze_startup_heap()
+        assert frozen == gc.get_freeze_count() > 0
+        # Full collections no longer scan what was alive at startup...
+        assert not any(obj is startup_state for obj in gc.get_objects())
+        # ...but still scan (and free) what the process creates afterwards.
+        later = {"profile": ["item"]}
+        assert any(obj is later for obj in gc.get_objects())
+    finally:
+        gc.unfreeze()
