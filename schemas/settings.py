@@ -85,6 +85,16 @@ class StreamsSettings(_Settings):
     model_config = SettingsConfigDict(env_prefix="RELATA_STREAMS_")
 
     app_id: str = Field("relata-streams", description="Faust app id (consumer group, table names).")
+    role: Literal["all", "profiles", "associations"] = Field(
+        "all",
+        description=(
+            "What this process runs: `profiles` (events to profiles and profile updates, "
+            "GET /users/...), `associations` (association statistics and related-items, "
+            "GET /items/...; Faust app id `<app_id>-associations`), or `all` of both in one "
+            "process. Run `profiles` and `associations` as separate processes in production: "
+            "then the association fold never holds up the profile agent's event loop."
+        ),
+    )
     store: Literal["memory://", "rocksdb://"] = Field(
         "memory://", description="Table store; both are changelog-backed."
     )

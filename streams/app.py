@@ -17,6 +17,11 @@ one process); there is no import-time app. Agents are glue around the pure logic
   counted twice; related lists are republished only on a material change of membership.
 - `process_recommendations` (recommendations): the latest list per user in a table for HTTP.
 - A task follows `item-catalog` into a `CatalogView` (known, available items).
+
+`StreamsSettings.role` picks the agents: `profiles` (process_events, process_recommendations),
+`associations` (process_associations, the related-items timer; Faust app id
+`<app_id>-associations`, its own consumer group) or `all`. The association tables' changelog
+topics and the association-input topic are named after the base app id in every role.
 """
 
 from __future__ import annotations
@@ -86,11 +91,13 @@ FETCH_MAX_WAIT_MS = 100
 # one profile batch) at once, waiting at most this long for them. Each batch rewrites every
 # record it touched (and its changelog record), so larger batches are cheaper per input; the
 # related lists are recomputed every RELATED_FLUSH_INTERVAL_S anyway.
-ASSOCIATION_BATCH_MAX = 500
-ASSOCIATION_BATCH_WITHIN_S = 0.2
+ASSOCIATION_BATCH_MAX = 1000
+ASSOCIATION_BATCH_WITHIN_S = 0.5
+# Inputs folded (and records written) between two yields of the event loop.
+ASSOCIATION_SLICE = 32
 # Related lists are recomputed for items touched since the last flush, at most this often.
-RELATED_FLUSH_INTERVAL_S = 0.25
-RELATED_YIELD_EVERY = 25
+RELATED_FLUSH_INTERVAL_S = 0.5
+RELATED_YIELD_EVERY = 16
 
 
 class StreamsError(RuntimeError):
@@ -349,13 +356,16 @@ class StreamsApp:
         )
 
     # ---- association agent ---------------------------------------------------------------
-    def handle_association_batch(self, messages: Sequence[Any]) -> None:
+    async def handle_association_batch(self, messages: Sequence[Any]) -> None:
         """Fold a batch of association-input messages (each a list of inputs, in order) into
         the records and the totals.
 
         The statistics equal one-by-one application; each touched record (and the totals) is
         written to its changelog-backed table once per batch, not once per input: a record
         holds up to capacity x kinds partners, and serialising it was the agent's main cost.
+        The work is done in slices of ASSOCIATION_SLICE inputs (and record writes) with the
+        event loop let go between them, so a large batch never holds up the profile agent,
+        which shares the loop, for more than a few milliseconds.
         """
         inputs = [
             AssociationInput.from_dict(data)
@@ -366,14 +376,28 @@ class StreamsApp:
         if not inputs:
             return
         state = self.association_totals.get(TOTALS_KEY) or {"totals": None, "clock": 0.0}
-        touched, totals = apply_inputs(
-            inputs,
-            lookup=self.associations.get,
-            totals=state["totals"],
-            config=self.assoc_config,
-        )
-        for item_id, record in touched.items():
-            self.associations[item_id] = record
+        totals = state["totals"]
+        touched: dict[str, ItemRecord] = {}
+        table = self.associations
+
+        def lookup(item_id: str) -> ItemRecord | None:
+            record = touched.get(item_id)
+            return table.get(item_id) if record is None else record
+
+        for start in range(0, len(inputs), ASSOCIATION_SLICE):
+            if start:
+                await asyncio.sleep(0)
+            part, totals = apply_inputs(
+                inputs[start : start + ASSOCIATION_SLICE],
+                lookup=lookup,
+                totals=totals,
+                config=self.assoc_config,
+            )
+            touched.update(part)
+        for n, (item_id, record) in enumerate(touched.items(), start=1):
+            table[item_id] = record
+            if n % ASSOCIATION_SLICE == 0:
+                await asyncio.sleep(0)
         self.dirty.update(touched)
         clock = max(float(state["clock"]), *(inp.ts for inp in inputs))
         self.association_totals[TOTALS_KEY] = {"totals": totals, "clock": clock}
@@ -551,14 +575,19 @@ def build_streams(
     (`<id>-profiles-changelog`, ...) carry the deployment's prefix too.
     """
     check_store(settings)
-    app_id = kafka.topic(settings.app_id)
+    base_id = kafka.topic(settings.app_id)
+    profiles_role = settings.role in ("all", "profiles")
+    associations_role = settings.role in ("all", "associations")
+    # Each role is its own Faust app (its own consumer group and table assignment); `all`
+    # keeps the base id, so its topics are those of the two roles run apart.
+    app_id = f"{base_id}-associations" if settings.role == "associations" else base_id
     app = App(app_id, fetch_max_wait_ms=FETCH_MAX_WAIT_MS, **faust_settings(kafka, settings))
     names = {
         spec.name: kafka.topic(spec.name)
         for spec in (BEHAVIOR_EVENTS, ITEM_CATALOG, PROFILE_UPDATES, RELATED_ITEMS, RECOMMENDATIONS)
     }
     names[DEAD_LETTER.name] = kafka.topic(DEAD_LETTER.name)
-    names[ASSOCIATION_INPUT] = f"{app_id}-{ASSOCIATION_INPUT}"
+    names[ASSOCIATION_INPUT] = association_input_topic(kafka, settings)
 
     # The agents' sources (outputs go through the sender, by name).
     topics = {
@@ -585,25 +614,47 @@ def build_streams(
         sender=sender or ConfluentSender(kafka.librdkafka_producer_config()),
         similar=similar,
     )
-    # Keys are str; values raw JSON bytes (pydantic models) or JSON dicts (association records).
-    raw_values: faust.Schema[str, bytes] = faust.Schema(
-        key_type=str, value_type=bytes, key_serializer="raw", value_serializer="raw"
-    )
-    json_values: faust.Schema[str, Any] = faust.Schema(
-        key_type=str, key_serializer="raw", value_serializer="json"
-    )
-    sender = streams.sender
+    if profiles_role:
+        _add_profile_agents(streams, topics)
+    if associations_role:
+        _add_association_agents(streams, topics, base_id=base_id)
+
+    async def follow_catalog_task() -> None:
+        await streams.catalog.follow(
+            names[ITEM_CATALOG.name], consumer_config=aiokafka_config(kafka)
+        )
+
+    if follow_catalog:
+        app.task(follow_catalog_task)
+
+    register_views(streams)
+    return streams
+
+
+def association_input_topic(kafka: KafkaSettings, settings: StreamsSettings) -> str:
+    """The internal topic from the profile agent to the association agent (one partition)."""
+    return f"{kafka.topic(settings.app_id)}-{ASSOCIATION_INPUT}"
+
+
+# Keys are str; values raw JSON bytes (pydantic models) or JSON dicts (association records).
+RAW_VALUES: faust.Schema[str, bytes] = faust.Schema(
+    key_type=str, value_type=bytes, key_serializer="raw", value_serializer="raw"
+)
+JSON_VALUES: faust.Schema[str, Any] = faust.Schema(
+    key_type=str, key_serializer="raw", value_serializer="json"
+)
+
+
+def _add_profile_agents(streams: StreamsApp, topics: dict[str, Any]) -> None:
+    """Role `profiles`: tables profiles and recommendations, their agents."""
+    app: App = streams.app
+    settings, sender = streams.settings, streams.sender
+    partitions = streams.kafka.partitions
     streams.profiles = _table(
-        app, "profiles", partitions=kafka.partitions, schema=raw_values, sender=sender
+        app, "profiles", partitions=partitions, schema=RAW_VALUES, sender=sender
     )
     streams.recommendations = _table(
-        app, "recommendations", partitions=kafka.partitions, schema=raw_values, sender=sender
-    )
-    streams.associations = _table(
-        app, "associations", partitions=1, schema=json_values, sender=sender
-    )
-    streams.association_totals = _table(
-        app, "association-totals", partitions=1, schema=json_values, sender=sender
+        app, "recommendations", partitions=partitions, schema=RAW_VALUES, sender=sender
     )
 
     @app.agent(topics[BEHAVIOR_EVENTS.name], name="process-events")
@@ -615,6 +666,42 @@ def build_streams(
             records = [Record.of(event) for event in events]
             await streams.handle_events(records, bind=stream._set_current_event)
 
+    @app.agent(topics[RECOMMENDATIONS.name], name="process-recommendations")
+    async def process_recommendations(stream: Any) -> None:
+        wait_s = settings.batch_wait_ms / 1000
+        async for events in stream.take_events(settings.batch_max_events, within=wait_s):
+            records = [Record.of(event) for event in events]
+            await streams.handle_recommendations(records, bind=stream._set_current_event)
+
+    streams.process_events = process_events
+    streams.process_recommendations = process_recommendations
+
+
+def _add_association_agents(streams: StreamsApp, topics: dict[str, Any], *, base_id: str) -> None:
+    """Role `associations`: the association tables, their agent and the related-items timer.
+
+    The changelog topics are named after the base app id in every role, so `all` and
+    `associations` read and write the same state.
+    """
+    app: App = streams.app
+    sender = streams.sender
+    streams.associations = _table(
+        app,
+        "associations",
+        partitions=1,
+        schema=JSON_VALUES,
+        sender=sender,
+        changelog=f"{base_id}-associations-changelog",
+    )
+    streams.association_totals = _table(
+        app,
+        "association-totals",
+        partitions=1,
+        schema=JSON_VALUES,
+        sender=sender,
+        changelog=f"{base_id}-association-totals-changelog",
+    )
+
     @app.agent(topics[ASSOCIATION_INPUT], name="process-associations")
     async def process_associations(stream: Any) -> None:
         batches = stream.take_events(ASSOCIATION_BATCH_MAX, within=ASSOCIATION_BATCH_WITHIN_S)
@@ -623,15 +710,8 @@ def build_streams(
             # database from it. The association tables have one partition, so the batch's last
             # event stands for the whole batch (Faust has no public setter for this).
             stream._set_current_event(events[-1])
-            streams.handle_association_batch([event.value for event in events])
+            await streams.handle_association_batch([event.value for event in events])
             await streams.sender.flush()  # the changelog records, before the inputs are acked
-
-    @app.agent(topics[RECOMMENDATIONS.name], name="process-recommendations")
-    async def process_recommendations(stream: Any) -> None:
-        wait_s = settings.batch_wait_ms / 1000
-        async for events in stream.take_events(settings.batch_max_events, within=wait_s):
-            records = [Record.of(event) for event in events]
-            await streams.handle_recommendations(records, bind=stream._set_current_event)
 
     async def publish_related() -> None:
         await streams.flush_related()
@@ -639,22 +719,9 @@ def build_streams(
     async def count_association_items() -> None:
         streams.metrics.association_items.set(_local_size(streams.associations))
 
-    async def follow_catalog_task() -> None:
-        await streams.catalog.follow(
-            names[ITEM_CATALOG.name], consumer_config=aiokafka_config(kafka)
-        )
-
     app.timer(interval=RELATED_FLUSH_INTERVAL_S)(publish_related)
     app.timer(interval=10.0)(count_association_items)
-    if follow_catalog:
-        app.task(follow_catalog_task)
-
-    streams.process_events = process_events
     streams.process_associations = process_associations
-    streams.process_recommendations = process_recommendations
-
-    register_views(streams)
-    return streams
 
 
 class ChangelogTable(faust.Table[Any, Any]):
@@ -669,6 +736,11 @@ class ChangelogTable(faust.Table[Any, Any]):
     """
 
     sender: Sender
+    # The changelog topic's name; None: Faust's `<app id>-<table>-changelog`.
+    changelog_name: str | None = None
+
+    def _changelog_topic_name(self) -> str:
+        return self.changelog_name or super()._changelog_topic_name()
 
     def on_key_set(self, key: Any, value: Any) -> None:
         partition = self.partition_for_key(key)
@@ -692,12 +764,21 @@ class ChangelogTable(faust.Table[Any, Any]):
         self._sensor_on_del(self, key)
 
 
-def _table(app: Any, name: str, *, partitions: int, schema: Any, sender: Sender) -> Any:
+def _table(
+    app: Any,
+    name: str,
+    *,
+    partitions: int,
+    schema: Any,
+    sender: Sender,
+    changelog: str | None = None,
+) -> Any:
     table_class = SinglePartitionTable if partitions == 1 else ChangelogTable
     table = table_class(
         app, name=name, default=None, beacon=app.tables.beacon, partitions=partitions, schema=schema
     )
     table.sender = sender
+    table.changelog_name = changelog
     return app.tables.add(table)
 
 

@@ -251,46 +251,51 @@ def register_views(streams: StreamsApp) -> None:
             return None
         return forwarded
 
-    @app.page("/items/{item_id}/related")
-    class RelatedView(View):
-        async def get(self, request: Request, item_id: str) -> Response:
-            endpoint = "related"
-            try:
-                k, kind, same_category = parse_related_query(request.query)
-            except BadRequest as exc:
-                return counted(endpoint, self.error(400, str(exc), detail=exc.detail))
-            if not streams.catalog.ready.is_set():
-                return counted(endpoint, self.error(503, "the item catalog is still loading"))
-            if item_id not in streams.catalog:
-                message = f"item {item_id!r} is not an available item of the catalog"
-                return counted(endpoint, self.error(404, message, detail={"item_id": item_id}))
-            if kind == "similar" and streams.similar is None:
-                message = "similar items need a vector store; this deployment runs without one"
-                return counted(endpoint, self.error(503, message))
-            if kind != "similar":
-                forwarded = await route(self, request, streams.associations, item_id)
+    # Each role serves what its tables hold (role `all`: both).
+    if streams.associations is not None:
+
+        @app.page("/items/{item_id}/related")
+        class RelatedView(View):
+            async def get(self, request: Request, item_id: str) -> Response:
+                endpoint = "related"
+                try:
+                    k, kind, same_category = parse_related_query(request.query)
+                except BadRequest as exc:
+                    return counted(endpoint, self.error(400, str(exc), detail=exc.detail))
+                if not streams.catalog.ready.is_set():
+                    return counted(endpoint, self.error(503, "the item catalog is still loading"))
+                if item_id not in streams.catalog:
+                    message = f"item {item_id!r} is not an available item of the catalog"
+                    return counted(endpoint, self.error(404, message, detail={"item_id": item_id}))
+                if kind == "similar" and streams.similar is None:
+                    message = "similar items need a vector store; this deployment runs without one"
+                    return counted(endpoint, self.error(503, message))
+                if kind != "similar":
+                    forwarded = await route(self, request, streams.associations, item_id)
+                    if forwarded is not None:
+                        return forwarded
+                body = await related_body(
+                    streams, item_id=item_id, k=k, kind=kind, same_category=same_category
+                )
+                return counted(endpoint, self.json(body.model_dump(mode="json")))
+
+    if streams.recommendations is not None:
+
+        @app.page("/users/{user_id}/recommendations")
+        class RecommendationsView(View):
+            async def get(self, request: Request, user_id: str) -> Response:
+                endpoint = "recommendations"
+                forwarded = await route(self, request, streams.recommendations, user_id)
                 if forwarded is not None:
                     return forwarded
-            body = await related_body(
-                streams, item_id=item_id, k=k, kind=kind, same_category=same_category
-            )
-            return counted(endpoint, self.json(body.model_dump(mode="json")))
-
-    @app.page("/users/{user_id}/recommendations")
-    class RecommendationsView(View):
-        async def get(self, request: Request, user_id: str) -> Response:
-            endpoint = "recommendations"
-            forwarded = await route(self, request, streams.recommendations, user_id)
-            if forwarded is not None:
-                return forwarded
-            stored = streams.recommendations.get(user_id)
-            if stored is None:
-                message = f"no recommendations published for user {user_id!r} yet"
-                return counted(endpoint, self.error(404, message, detail={"user_id": user_id}))
-            return counted(
-                endpoint,
-                self.bytes(stored_json(stored), content_type="application/json", status=200),
-            )
+                stored = streams.recommendations.get(user_id)
+                if stored is None:
+                    message = f"no recommendations published for user {user_id!r} yet"
+                    return counted(endpoint, self.error(404, message, detail={"user_id": user_id}))
+                return counted(
+                    endpoint,
+                    self.bytes(stored_json(stored), content_type="application/json", status=200),
+                )
 
     @app.page("/healthz")
     class HealthView(View):

@@ -108,7 +108,7 @@ def test_objects_are_complete_and_unique() -> None:
 def test_workloads_select_their_pods_and_probe_declared_ports() -> None:
     workloads = _workloads()
     assert {w["metadata"]["name"] for w in workloads} == {
-        "relata-streams", "relata-indexer", "relata-recommender",
+        "relata-streams", "relata-associations", "relata-indexer", "relata-recommender",
     }  # fmt: skip
     for workload in workloads:
         template = workload["spec"]["template"]
@@ -135,6 +135,15 @@ def test_worker_roles_are_indexer_and_recommender() -> None:
     assert roles["relata-indexer"] == ["workers", "--role", "indexer"]
     assert roles["relata-recommender"] == ["workers", "--role", "recommender"]
     assert roles["relata-streams"] == ["streams"]
+    assert roles["relata-associations"] == ["streams"]
+    stream_roles = {
+        w["metadata"]["name"]: {
+            e["name"]: e.get("value") for e in w["spec"]["template"]["spec"]["containers"][0]["env"]
+        }["RELATA_STREAMS_ROLE"]
+        for w in _workloads()
+        if w["metadata"]["name"] in ("relata-streams", "relata-associations")
+    }
+    assert stream_roles == {"relata-streams": "profiles", "relata-associations": "associations"}
 
 
 def test_services_pdbs_and_hpa_point_at_workloads() -> None:
@@ -164,10 +173,10 @@ def test_services_pdbs_and_hpa_point_at_workloads() -> None:
             assert any(
                 w["kind"] == ref["kind"] and w["metadata"]["name"] == ref["name"] for w in workloads
             )
-    streams = next(w for w in workloads if w["kind"] == "StatefulSet")
-    assert streams["spec"]["serviceName"] in {
-        o["metadata"]["name"] for o in objects if o["kind"] == "Service"
-    }
+    for stateful in (w for w in workloads if w["kind"] == "StatefulSet"):
+        assert stateful["spec"]["serviceName"] in {
+            o["metadata"]["name"] for o in objects if o["kind"] == "Service"
+        }
 
 
 def _settings_env_names() -> set[str]:

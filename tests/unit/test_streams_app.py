@@ -501,3 +501,31 @@ async def test_association_agent_batches_equal_one_by_one_statistics(
     totals, clock = streams.association_clock()
     assert (totals, clock) == (reference.totals, reference.last_ts)
     assert streams.registry.get_sample_value("relata_association_updates_total") == len(inputs)
+
+
+def test_roles_split_agents_tables_and_routes_and_share_the_association_state(
+    tmp_path: Path, sender: RecordingSender
+) -> None:
+    profiles = make_streams(tmp_path / "p", sender, role="profiles")
+    associations = make_streams(tmp_path / "a", sender, role="associations")
+    everything = make_streams(tmp_path / "all", sender)
+
+    assert profiles.process_events is not None and profiles.process_associations is None
+    assert profiles.profiles is not None and profiles.associations is None
+    assert associations.process_associations is not None and associations.process_events is None
+    assert associations.profiles is None and associations.recommendations is None
+    # One consumer group per role ...
+    assert profiles.app.conf.id == everything.app.conf.id == "relata-streams"
+    assert associations.app.conf.id == "relata-streams-associations"
+    # ... the association state in the same topics whichever role holds it ...
+    for name in ("associations", "association_totals"):
+        apart = getattr(associations, name).changelog_topic.get_topic_name()
+        assert apart == getattr(everything, name).changelog_topic.get_topic_name()
+    assert apart == "relata-streams-association-totals-changelog"
+    # ... fed by the topic the profile agent produces to.
+    assert profiles.topic_names[ASSOCIATION_INPUT] == associations.topic_names[ASSOCIATION_INPUT]
+    # Each role serves the routes its tables answer.
+    related, users = "/items/{item_id}/related", "/users/{user_id}/recommendations"
+    assert users in profiles.app.web.views and related not in profiles.app.web.views
+    assert related in associations.app.web.views and users not in associations.app.web.views
+    assert {related, users, "/healthz", "/metrics"} <= set(everything.app.web.views)
