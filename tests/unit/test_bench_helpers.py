@@ -22,6 +22,7 @@ def _phase(*, rate: float, sent: int, end_lag: int | None, p99: float) -> PhaseR
         started=0.0,
         ended=10.0,
         end_lag=end_lag,
+        association_lag=5000,  # related-items freshness: not part of the rule
         latency_ms={"p50": p99 / 2, "p95": p99, "p99": p99, "max": p99},
         drained=True,
         max_p99_ms=250.0,
