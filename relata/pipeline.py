@@ -46,7 +46,7 @@ from relata.replay import (
     publish_catalog,
     replay_events,
 )
-from schemas.settings import KafkaSettings
+from schemas.settings import KafkaSettings, StreamsSettings
 from schemas.topics import (
     ALL_TOPICS,
     BEHAVIOR_EVENTS,
@@ -55,7 +55,7 @@ from schemas.topics import (
     PROFILE_UPDATES,
     RECOMMENDATIONS,
 )
-from streams.app import ASSOCIATION_INPUT
+from streams.app import association_input_topic, faust_app_id
 
 logger = logging.getLogger(__name__)
 
@@ -371,6 +371,7 @@ class Pipeline:
         self.catalog: CatalogReport | None = None
         self._canary_sent_at: float | None = None
         self._event_producer: Any = None
+        self._streams_group = self._associations_group = self._association_input = ""
         self.streams_port = free_port()
         self.associations_port = free_port()
         self.indexer_metrics_port = free_port()
@@ -421,6 +422,13 @@ class Pipeline:
                 "partitions": self.options.partitions,
             }
         )
+        # The stream-processor roles' consumer groups (their Faust app ids) and the
+        # association agent's input topic, as streams/app.py names them.
+        profiles = StreamsSettings(app_id=self.streams_app_id, role="profiles")
+        associations = profiles.model_copy(update={"role": "associations"})
+        self._streams_group = faust_app_id(self.kafka, profiles)
+        self._associations_group = faust_app_id(self.kafka, associations)
+        self._association_input = association_input_topic(self.kafka, associations)
         from relata.topics import ensure_topics
 
         ensure_topics(self.kafka, ALL_TOPICS)
@@ -641,13 +649,9 @@ class Pipeline:
         """Lag of the stream processor on events and on association inputs, and of the
         recommender on profile updates."""
         assert self.kafka is not None and self.lag is not None
-        # Faust's group id is the app id with the topic prefix (streams/app.py).
-        streams_group = self.kafka.topic(self.streams_app_id)
         return {
-            "streams": self.lag.lag(streams_group, self.kafka.topic(BEHAVIOR_EVENTS.name)),
-            "associations": self.lag.lag(
-                f"{streams_group}-associations", f"{streams_group}-{ASSOCIATION_INPUT}"
-            ),
+            "streams": self.lag.lag(self._streams_group, self.kafka.topic(BEHAVIOR_EVENTS.name)),
+            "associations": self.lag.lag(self._associations_group, self._association_input),
             "recommender": self.lag.lag(
                 self.recommender_group, self.kafka.topic(PROFILE_UPDATES.name)
             ),

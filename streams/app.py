@@ -30,7 +30,7 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Protocol
@@ -580,9 +580,7 @@ def build_streams(
     base_id = kafka.topic(settings.app_id)
     profiles_role = settings.role in ("all", "profiles")
     associations_role = settings.role in ("all", "associations")
-    # Each role is its own Faust app (its own consumer group and table assignment); `all`
-    # keeps the base id, so its topics are those of the two roles run apart.
-    app_id = f"{base_id}-associations" if settings.role == "associations" else base_id
+    app_id = faust_app_id(kafka, settings)
     if settings.role == "associations":
         # Off the latency path: the broker gathers association inputs (one message per profile
         # batch) before it answers, instead of one fetch round trip per message.
@@ -639,6 +637,17 @@ def build_streams(
     return streams
 
 
+def faust_app_id(kafka: KafkaSettings, settings: StreamsSettings) -> str:
+    """The Faust app id, and so the consumer group, of the settings' role.
+
+    Each role is its own Faust app (its own consumer group and table assignment): the prefixed
+    `app_id`, `<that>-associations` for role associations. `all` keeps the base id, so its
+    topics are those of the two roles run apart.
+    """
+    base_id = kafka.topic(settings.app_id)
+    return f"{base_id}-associations" if settings.role == "associations" else base_id
+
+
 def association_input_topic(kafka: KafkaSettings, settings: StreamsSettings) -> str:
     """The internal topic from the profile agent to the association agent (one partition)."""
     return f"{kafka.topic(settings.app_id)}-{ASSOCIATION_INPUT}"
@@ -665,20 +674,21 @@ def _add_profile_agents(streams: StreamsApp, topics: dict[str, Any]) -> None:
         app, "recommendations", partitions=partitions, schema=RAW_VALUES, sender=sender
     )
 
-    @app.agent(topics[BEHAVIOR_EVENTS.name], name="process-events")
-    async def process_events(stream: Any) -> None:
+    async def record_batches(stream: Any) -> AsyncIterator[list[Record]]:
         # Faust acknowledges a batch's events when the next batch is asked for, i.e. after
-        # handle_events returned with every output acknowledged by the broker.
+        # the handler returned with every output acknowledged by the broker.
         wait_s = settings.batch_wait_ms / 1000
         async for events in stream.take_events(settings.batch_max_events, within=wait_s):
-            records = [Record.of(event) for event in events]
+            yield [Record.of(event) for event in events]
+
+    @app.agent(topics[BEHAVIOR_EVENTS.name], name="process-events")
+    async def process_events(stream: Any) -> None:
+        async for records in record_batches(stream):
             await streams.handle_events(records, bind=stream._set_current_event)
 
     @app.agent(topics[RECOMMENDATIONS.name], name="process-recommendations")
     async def process_recommendations(stream: Any) -> None:
-        wait_s = settings.batch_wait_ms / 1000
-        async for events in stream.take_events(settings.batch_max_events, within=wait_s):
-            records = [Record.of(event) for event in events]
+        async for records in record_batches(stream):
             await streams.handle_recommendations(records, bind=stream._set_current_event)
 
     streams.process_events = process_events
