@@ -649,6 +649,12 @@ def command(
                 "reported_latency_ms": _json_safe(
                     summarize(v for t, v in probe.reported.samples if main.started <= t)
                 ),
+                # event -> profile update consumed: the stream processor's share of the latency
+                "profile_stage_latency_ms": _json_safe(
+                    summarize(
+                        v for t, v in probe.profile_stage.samples if main.started <= t <= main.ended
+                    )
+                ),
             }
         )
         if find_max:

@@ -184,11 +184,14 @@ class ProbeStats:
 
 
 class RecommendationProbe:
-    """Consumes `recommendations` and `dead-letter`; records event→recommendation latency.
+    """Consumes `recommendations`, `profile-updates` and `dead-letter`; records
+    event→recommendation latency and the stream processor's share of it.
 
     Two measures: `reported` is the message's own `latency_ms` (the recommender's clock);
     `measured` is this probe's consume time minus the send time of the oldest triggering
     event that the replay recorded (independent of the pipeline's own accounting).
+    `profile_stage` is the same clock for profile updates: event → profile update consumed,
+    the stream processor's part (batch window, fold, acknowledgement, two broker hops).
     """
 
     def __init__(self, kafka: KafkaSettings, *, sent_at: MutableMapping[str, float]) -> None:
@@ -196,6 +199,7 @@ class RecommendationProbe:
         self._sent_at = sent_at
         self.reported = LatencySeries()
         self.measured = LatencySeries()
+        self.profile_stage = LatencySeries()
         self.stats = ProbeStats()
         self.latest: dict[str, dict[str, Any]] = {}
         self.recent_users: deque[str] = deque(maxlen=50)
@@ -210,7 +214,7 @@ class RecommendationProbe:
         from confluent_kafka import OFFSET_BEGINNING, TopicPartition
 
         partitions = []
-        for spec in (RECOMMENDATIONS, DEAD_LETTER):
+        for spec in (RECOMMENDATIONS, PROFILE_UPDATES, DEAD_LETTER):
             topic = self._kafka.topic(spec.name)
             meta = self._consumer.list_topics(topic, timeout=10)
             partitions += [
@@ -228,6 +232,7 @@ class RecommendationProbe:
 
     def _run(self) -> None:
         rec_topic = self._kafka.topic(RECOMMENDATIONS.name)
+        update_topic = self._kafka.topic(PROFILE_UPDATES.name)
         while not self._stop.is_set():
             # poll() returns as soon as one record is there (consume(n) waits for n or timeout).
             msg = self._consumer.poll(0.1)
@@ -237,6 +242,8 @@ class RecommendationProbe:
             self.last_record_at = now
             if msg.topic() == rec_topic:
                 self._on_recommendation(msg.value(), now)
+            elif msg.topic() == update_topic:
+                self._on_profile_update(msg.value(), now)
             else:
                 self._on_dead_letter(msg.value())
 
@@ -254,12 +261,27 @@ class RecommendationProbe:
         reported = rec.get("latency_ms")
         if isinstance(reported, int | float):
             self.reported.add(now, float(reported))
-        sent = [self._sent_at[e] for e in rec.get("trigger_event_ids", []) if e in self._sent_at]
-        if sent:
-            self.measured.add(now, (now - min(sent)) * 1000)
+        first = self._first_sent(rec)
+        if first is not None:
+            self.measured.add(now, (now - first) * 1000)
         if isinstance(user, str):
             self.latest[user] = rec
             self.recent_users.append(user)
+
+    def _first_sent(self, record: dict[str, Any]) -> float | None:
+        ids = record.get("trigger_event_ids", [])
+        sent = [self._sent_at[e] for e in ids if e in self._sent_at]
+        return min(sent) if sent else None
+
+    def _on_profile_update(self, raw: bytes, now: float) -> None:
+        try:
+            update = json.loads(raw)
+        except json.JSONDecodeError:
+            logger.warning("unparsable profile update")
+            return
+        first = self._first_sent(update)
+        if first is not None:
+            self.profile_stage.add(now, (now - first) * 1000)
 
     def _on_dead_letter(self, raw: bytes) -> None:
         try:
