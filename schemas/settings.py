@@ -121,6 +121,16 @@ class StreamsSettings(_Settings):
             "load the recommender and the broker do less work per event (README, Speed)."
         ),
     )
+    fetch_wait_ms: int = Field(
+        10,
+        ge=1,
+        le=1_500,
+        description=(
+            "Longest wait of the profile agent's Kafka fetch for 64 KiB of events: under load one "
+            "fetch round trip brings many events (not one per produce request), at light load it "
+            "adds at most this to latency."
+        ),
+    )
     half_life_hours: float = Field(
         24.0 * 14, gt=0, description="Time decay half-life of history weights (event time)."
     )

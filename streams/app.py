@@ -82,11 +82,14 @@ logger = logging.getLogger(__name__)
 STAGE = "streams"
 ASSOCIATION_INPUT = "association-input"
 TOTALS_KEY = "totals"
-# Lower than Faust's hard-coded 1500 ms: see streams/transport.py. Unlike librdkafka, aiokafka
-# keeps one fetch in flight per broker and leaves out partitions with records not yet taken,
-# so a partition's next events can wait for this timeout of the others' fetch when traffic is
-# sparse: it bounds latency at low rates.
-FETCH_MAX_WAIT_MS = 100
+# The profile agent's fetch waits for this much data, or `StreamsSettings.fetch_wait_ms`
+# (lower than Faust's hard-coded 1500 ms: see streams/transport.py). With one byte (the default
+# of Kafka clients) every produce request upstream became a fetch round trip of its own: at
+# 1,000 events/s the stream processor's consumer thread and the broker spent ~10 % and ~4 % of a
+# core on them. Unlike librdkafka, aiokafka keeps one fetch in flight per broker and leaves out
+# partitions with records not yet taken, so a partition's next events can wait for the others'
+# fetch: the short wait also bounds that.
+FETCH_MIN_BYTES = 65_536
 # The associations role's wait for 64 KiB of inputs (its batches are 0.5 s anyway).
 ASSOCIATION_FETCH_MAX_WAIT_MS = 500
 # The association agent folds up to this many association-input messages (each the inputs of
@@ -586,7 +589,7 @@ def build_streams(
         # batch) before it answers, instead of one fetch round trip per message.
         fetch = {"fetch_max_wait_ms": ASSOCIATION_FETCH_MAX_WAIT_MS, "fetch_min_bytes": 65536}
     else:
-        fetch = {"fetch_max_wait_ms": FETCH_MAX_WAIT_MS, "fetch_min_bytes": 1}
+        fetch = {"fetch_max_wait_ms": settings.fetch_wait_ms, "fetch_min_bytes": FETCH_MIN_BYTES}
     app = App(app_id, **fetch, **faust_settings(kafka, settings))
     names = {
         spec.name: kafka.topic(spec.name)
@@ -675,10 +678,10 @@ def _add_profile_agents(streams: StreamsApp, topics: dict[str, Any]) -> None:
     )
 
     async def record_batches(stream: Any) -> AsyncIterator[list[Record]]:
-        # Faust acknowledges a batch's events when the next batch is asked for, i.e. after
-        # the handler returned with every output acknowledged by the broker.
+        # A batch's events are acknowledged when the next batch is asked for, i.e. after the
+        # handler returned with every output acknowledged by the broker (transport.py).
         wait_s = settings.batch_wait_ms / 1000
-        async for events in stream.take_events(settings.batch_max_events, within=wait_s):
+        async for events in stream.take_batches(settings.batch_max_events, within=wait_s):
             yield [Record.of(event) for event in events]
 
     @app.agent(topics[BEHAVIOR_EVENTS.name], name="process-events")

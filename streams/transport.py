@@ -18,10 +18,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import Any
+from collections.abc import AsyncIterator
+from typing import Any, cast
 
 import faust
+from faust.streams import current_event
 from faust.transport.drivers import aiokafka as faust_aiokafka
+from mode.utils.locks import Event
 
 logger = logging.getLogger(__name__)
 
@@ -48,9 +51,71 @@ def _transport_class(fetch_max_wait_ms: int, fetch_min_bytes: int) -> type[Any]:
     return Transport
 
 
+class BatchingStream(faust.Stream[Any]):
+    """A Faust stream with `take_batches`: micro-batches whose window runs while the previous
+    batch is being handled."""
+
+    async def take_batches(self, max_: int, within: float) -> AsyncIterator[list[Any]]:
+        """Yield the buffered events every `within` seconds, or as soon as `max_` are buffered;
+        each batch's events are acknowledged once the consumer asks for the next batch.
+
+        Unlike Faust's `take_events`, whose window starts again only after the consumer is
+        done with a batch (a cycle of window + handling time, and no events buffered meanwhile),
+        the next batch's window starts when a batch is handed out and events keep arriving into
+        it: a cycle is max(window, handling time). Same batch rate at light load, up to one
+        handling time less latency under load, and a batch that took longer than the window is
+        followed at once by the events that arrived during it.
+        """
+        events: list[Any] = []
+        full = Event()
+        handled = Event()
+        enable_acks = self.enable_acks
+
+        async def add_to_buffer(value: Any) -> Any:
+            # The drainer task's own current event (a context variable): the consumer of the
+            # batches sets `Stream.current_event` too (before its table writes), concurrently.
+            event = current_event()
+            if event is None:
+                raise RuntimeError("take_batches found no current event")
+            events.append(event)
+            if len(events) >= max_:
+                # A full batch: take no more events until it has been handled (as take_events).
+                handled.clear()
+                full.set()
+                await self.wait(handled)
+            return value
+
+        # The batches are acknowledged here, after the consumer is done with them.
+        self.enable_acks = False
+        self.add_processor(add_to_buffer)
+        self._enable_passive(cast(Any, aiter(self.channel)))
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + within
+        try:
+            while not self.should_stop:
+                timeout = deadline - loop.time()
+                if timeout > 0 and len(events) < max_:
+                    await self.wait_for_stopped(full, timeout=timeout)
+                deadline = loop.time() + within
+                if not events:
+                    continue
+                batch = events[:]
+                events.clear()
+                full.clear()
+                try:
+                    yield batch
+                finally:
+                    for event in batch:
+                        await self.ack(event)
+                    handled.set()
+        finally:
+            self.enable_acks = enable_acks
+            self._processors.remove(add_to_buffer)
+
+
 class App(faust.App):
-    """faust.App with `fetch_max_wait_ms` and `fetch_min_bytes` for its (aiokafka) worker
-    consumer. A larger `fetch_min_bytes` lets the broker gather data before it answers: one
+    """faust.App whose streams are `BatchingStream`s, with `fetch_max_wait_ms` and
+    `fetch_min_bytes` for its (aiokafka) worker consumer. A larger `fetch_min_bytes` lets the broker gather data before it answers: one
     fetch round trip per many records instead of one per record, where latency can wait."""
 
     def __init__(
@@ -58,6 +123,7 @@ class App(faust.App):
     ) -> None:
         self._fetch_max_wait_ms = fetch_max_wait_ms
         self._fetch_min_bytes = fetch_min_bytes
+        kwargs.setdefault("Stream", BatchingStream)
         super().__init__(*args, **kwargs)
 
     def _new_transport(self) -> Any:
@@ -78,11 +144,14 @@ class ConfluentSender:
 
     Faust's send path cost ~0.8 ms of the event loop per record (measured at 400 events/s:
     two sends per event were two thirds of the profile agent's time); librdkafka's `produce`
-    is a C call of microseconds and batches on its own threads. `flush` waits (the event loop
-    keeps running) until the broker acknowledged everything sent; the agents flush before their input
-    offsets are acknowledged, so delivery stays at least once. A record the broker refused
-    after librdkafka's retries raises `DeliveryError` from `flush`, which stops the agent
-    rather than commit past an output that was lost.
+    is a C call of microseconds and batches on its own threads. `produce` only queues a record
+    here; `flush` hands the batch's records to librdkafka in one go (so they travel in one
+    produce request: handed over one by one while the agent folded, they went out in 2-4
+    requests a batch, ~60 % of the broker's produce requests at 500 events/s) and waits (the
+    event loop keeps running) until the broker acknowledged everything. The agents flush before
+    their input offsets are acknowledged, so delivery stays at least once. A record the broker
+    refused after librdkafka's retries raises `DeliveryError` from `flush`, which stops the
+    agent rather than commit past an output that was lost.
     """
 
     def __init__(self, config: dict[str, str], *, flush_timeout_s: float = 30.0) -> None:
@@ -92,39 +161,52 @@ class ConfluentSender:
             {
                 **config,
                 "enable.idempotence": True,
-                # The agents flush per batch; lingering would only add latency.
-                "linger.ms": 0,
+                # Covers the hand-over of one batch's records in `flush` (a tight loop of C
+                # calls), so they leave together; the agents flush per batch anyway.
+                "linger.ms": 1,
             }
         )
         self._flush_timeout_s = flush_timeout_s
         self._failures: list[str] = []
+        self._queued: list[tuple[str, bytes | None, bytes | None, int | None]] = []
 
     def produce(
         self, topic: str, *, key: bytes | None, value: bytes | None, partition: int | None = None
     ) -> None:
-        """Queue one record (`partition` None: librdkafka's murmur2 partitioner on the key)."""
-        while True:
-            try:
-                if partition is None:
-                    self._producer.produce(topic, value=value, key=key, on_delivery=self._delivered)
-                else:
-                    self._producer.produce(
-                        topic,
-                        value=value,
-                        key=key,
-                        partition=partition,
-                        on_delivery=self._delivered,
-                    )
-                break
-            except BufferError:  # librdkafka's queue is full: wait for it to drain (backpressure)
-                self._producer.poll(0.05)
+        """Queue one record for the next `flush` (`partition` None: librdkafka's murmur2
+        partitioner on the key)."""
+        self._queued.append((topic, key, value, partition))
+
+    @property
+    def queued(self) -> int:
+        """Records produced since the last `flush` (not yet handed to librdkafka)."""
+        return len(self._queued)
+
+    def _hand_over(self) -> None:
+        queued, self._queued = self._queued, []
+        produce = self._producer.produce
+        delivered = self._delivered
+        for topic, key, value, partition in queued:
+            while True:
+                try:
+                    if partition is None:
+                        produce(topic, value=value, key=key, on_delivery=delivered)
+                    else:
+                        produce(
+                            topic, value=value, key=key, partition=partition, on_delivery=delivered
+                        )
+                    break
+                except BufferError:  # librdkafka's queue is full: let it drain (backpressure)
+                    self._producer.poll(0.05)
 
     def _delivered(self, error: Any, message: Any) -> None:
         if error is not None:
             self._failures.append(f"{message.topic()}: {error}")
 
     async def flush(self) -> None:
-        """Wait until every record sent so far is acknowledged; raise if one was refused."""
+        """Send every queued record and wait until all are acknowledged; raise if one was
+        refused."""
+        self._hand_over()
         # Polled on the event loop: `len(producer)` counts records not yet acknowledged, and
         # `poll(0)` serves their delivery reports. librdkafka's blocking `flush` in a thread
         # measured 10-14 ms per batch against a ~5 ms broker round trip (it re-checks every

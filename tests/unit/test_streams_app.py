@@ -514,9 +514,11 @@ def test_roles_split_agents_tables_and_routes_and_share_the_association_state(
     assert profiles.profiles is not None and profiles.associations is None
     assert associations.process_associations is not None and associations.process_events is None
     assert associations.profiles is None and associations.recommendations is None
-    # The associations role lets the broker gather its inputs; the latency path does not wait.
+    # Both let the broker gather records; the latency path waits at most fetch_wait_ms for them.
     assert associations.app._fetch_min_bytes == 65536
-    assert profiles.app._fetch_min_bytes == everything.app._fetch_min_bytes == 1
+    assert profiles.app._fetch_min_bytes == everything.app._fetch_min_bytes == 65536
+    assert associations.app._fetch_max_wait_ms == 500
+    assert profiles.app._fetch_max_wait_ms == profiles.settings.fetch_wait_ms == 10
     # One consumer group per role ...
     assert profiles.app.conf.id == everything.app.conf.id == "relata-streams"
     assert associations.app.conf.id == "relata-streams-associations"

@@ -18,8 +18,11 @@ def test_flush_raises_when_records_are_not_acknowledged() -> None:
     )
     sender.produce("t", key=b"k", value=b"v")
     sender.produce("t", key=b"k", value=None, partition=0)
+    # Queued until the flush hands the batch to librdkafka (one produce request per batch).
+    assert sender.queued == 2
     with pytest.raises(DeliveryError, match="2 records not acknowledged"):
         asyncio.run(sender.flush())
+    assert sender.queued == 0
 
 
 def test_flush_with_nothing_sent_returns() -> None:
