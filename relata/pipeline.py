@@ -64,6 +64,10 @@ DEFAULT_DATA = REPO_ROOT / "data" / "online-retail"
 _PR_SET_PDEATHSIG = 1
 _STOP_TIMEOUT_S = 20.0
 CANARY_PREFIX = "relata-canary-"
+# The association statistics are off the latency path (related-items are republished every
+# second): on one small machine they yield the CPU to the profile agent, the recommender and the
+# broker. Deployed, each role has its own pod and CPU request instead (deploy/k8s).
+ASSOCIATIONS_NICE = 10
 
 
 class PipelineError(RuntimeError):
@@ -87,6 +91,7 @@ _CHILD_BOOT = (
     "import ctypes, os, signal, sys\n"
     "ctypes.CDLL(None, use_errno=True).prctl({pdeathsig}, signal.SIGKILL, 0, 0, 0)\n"
     "if os.getppid() != {parent}: sys.exit(1)\n"
+    "os.nice({nice})\n"
     "from relata.cli import main\n"
     "main(prog_name='relata')\n"
 )
@@ -153,12 +158,13 @@ class ManagedProcess:
 
 
 def start_relata(
-    name: str, args: list[str], *, env: dict[str, str], log_dir: Path
+    name: str, args: list[str], *, env: dict[str, str], log_dir: Path, nice: int = 0
 ) -> ManagedProcess:
-    """Start `relata ARGS` with this interpreter, in a new session (process group)."""
+    """Start `relata ARGS` with this interpreter, in a new session (process group); `nice`
+    lowers its CPU priority by that much (off-latency-path work on a small machine)."""
     log_path = log_dir / f"{name}.log"
     handle = log_path.open("wb")
-    boot = _CHILD_BOOT.format(pdeathsig=_PR_SET_PDEATHSIG, parent=os.getpid())
+    boot = _CHILD_BOOT.format(pdeathsig=_PR_SET_PDEATHSIG, parent=os.getpid(), nice=int(nice))
     cmd = [sys.executable, "-c", boot, *args]
     popen = subprocess.Popen(
         cmd,
@@ -482,6 +488,7 @@ class Pipeline:
                 "RELATA_STREAMS_DATA_DIR": str(self.workdir / "associations"),
             },
             log_dir=log_dir,
+            nice=ASSOCIATIONS_NICE,
         )
         self.lag = LagMonitor(self.kafka)
         self.probe = RecommendationProbe(self.kafka, sent_at=self.sent_at)

@@ -97,11 +97,11 @@ ASSOCIATION_FETCH_MAX_WAIT_MS = 500
 # record it touched (and its changelog record), so larger batches are cheaper per input; the
 # related lists are recomputed every RELATED_FLUSH_INTERVAL_S anyway.
 ASSOCIATION_BATCH_MAX = 1000
-ASSOCIATION_BATCH_WITHIN_S = 0.5
+ASSOCIATION_BATCH_WITHIN_S = 1.0
 # Inputs folded (and records written) between two yields of the event loop.
 ASSOCIATION_SLICE = 32
 # Related lists are recomputed for items touched since the last flush, at most this often.
-RELATED_FLUSH_INTERVAL_S = 0.5
+RELATED_FLUSH_INTERVAL_S = 1.0
 RELATED_YIELD_EVERY = 16
 
 
