@@ -157,8 +157,13 @@ def _fold_history(
     history: list[HistoryEntry], event: BehaviorEvent, config: FoldConfig
 ) -> list[HistoryEntry]:
     weight = config.weights[event.event_type]
-    old = next((h for h in history if h.item_id == event.item_id), None)
-    rest = [h for h in history if h.item_id != event.item_id]
+    old: HistoryEntry | None = None
+    rest = history
+    for at, h in enumerate(history):
+        if h.item_id == event.item_id:
+            old = h
+            rest = history[:at] + history[at + 1 :]
+            break
     # model_construct: every value comes from a validated event/entry; validating again per
     # event was a large share of the fold's cost.
     if old is None:
@@ -198,7 +203,7 @@ def fold_event(profile: UserProfile | None, event: BehaviorEvent, config: FoldCo
     elif event.event_id in profile.recent_event_ids:
         return FoldResult(profile=profile, changed=False)
 
-    previous = {h.item_id: h for h in profile.history}
+    previous: dict[str, HistoryEntry] | None = None  # built on first use (a purchase basket)
     kind = basket_kind_of(event.event_type)
     history = _fold_history(list(profile.history), event, config)
     recent_ids = [*profile.recent_event_ids, event.event_id][-config.dedup_size :]
@@ -222,21 +227,33 @@ def fold_event(profile: UserProfile | None, event: BehaviorEvent, config: FoldCo
     def kind_matches(item_id: str) -> bool:
         if kind == "also_viewed":  # anything acted on in the session was seen
             return True
+        nonlocal previous
+        if previous is None:
+            previous = {h.item_id: h for h in profile.history}
         prev = previous.get(item_id)
         # Not in the history any more (evicted from a big basket): assume it was bought.
         return prev is None or prev.last_event_type in PURCHASE_TYPES
 
-    basket_items = tuple(i for i in session_items if i != event.item_id and kind_matches(i))[
-        -config.basket_pairs :
-    ]
+    # The basket's most recent `basket_pairs` matching items, oldest first: scanned from the
+    # newest end and stopped there (a wholesale basket holds up to `session_size` items).
+    newest_first: list[str] = []
+    for item_id in reversed(session_items):
+        if item_id != event.item_id and kind_matches(item_id):
+            newest_first.append(item_id)
+            if len(newest_first) == config.basket_pairs:
+                break
+    basket_items = tuple(reversed(newest_first))
     already_counted = in_session and kind_matches(event.item_id)
     prior: tuple[str, ...] = ()
     bought: tuple[str, ...] = ()
     if not in_session:
         members = set(session_items)
-        window = [
-            h for h in profile.history if h.item_id != event.item_id and h.item_id not in members
-        ][: config.history_window]
+        window: list[HistoryEntry] = []
+        for h in profile.history:
+            if h.item_id != event.item_id and h.item_id not in members:
+                window.append(h)
+                if len(window) == config.history_window:
+                    break
         prior = tuple(h.item_id for h in window)
         if kind == "bought_together":
             bought = tuple(
