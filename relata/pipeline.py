@@ -34,6 +34,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import IO, Any
 
+import orjson
 from confluent_kafka import KafkaException
 
 from relata.latency import LatencySeries
@@ -255,8 +256,8 @@ class RecommendationProbe:
 
     def _on_recommendation(self, raw: bytes, now: float) -> None:
         try:
-            rec = json.loads(raw)
-        except json.JSONDecodeError:
+            rec = orjson.loads(raw)
+        except orjson.JSONDecodeError:
             logger.warning("unparsable recommendation on the output topic")
             return
         user = rec.get("user_id")
@@ -281,8 +282,8 @@ class RecommendationProbe:
 
     def _on_profile_update(self, raw: bytes, now: float) -> None:
         try:
-            update = json.loads(raw)
-        except json.JSONDecodeError:
+            update = orjson.loads(raw)
+        except orjson.JSONDecodeError:
             logger.warning("unparsable profile update")
             return
         first = self._first_sent(update)
