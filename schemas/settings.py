@@ -112,13 +112,14 @@ class StreamsSettings(_Settings):
         ),
     )
     batch_wait_ms: float = Field(
-        50.0,
+        30.0,
         gt=0,
         le=10_000,
         description=(
-            "Batch window of the profile agent (adds at most this to latency, half on average). "
-            "A longer window folds more of a user's events into one profile update, so under "
-            "load the recommender and the broker do less work per event (README, Speed)."
+            "Batch window of the profile agent: a batch closes this long after the previous one "
+            "was handed out (adds at most this to latency, half on average). A longer window "
+            "folds more of a user's events into one profile update, so under load the "
+            "recommender and the broker do less work per event (README, Speed)."
         ),
     )
     fetch_wait_ms: int = Field(
