@@ -254,11 +254,20 @@ class RecommendationProbe:
             else:
                 self._on_dead_letter(msg.value())
 
-    def _on_recommendation(self, raw: bytes, now: float) -> None:
+    @staticmethod
+    def _parsed(raw: bytes, what: str) -> dict[str, Any] | None:
         try:
-            rec = orjson.loads(raw)
+            record = orjson.loads(raw)
         except orjson.JSONDecodeError:
-            logger.warning("unparsable recommendation on the output topic")
+            record = None
+        if not isinstance(record, dict):
+            logger.warning("unparsable %s", what)
+            return None
+        return record
+
+    def _on_recommendation(self, raw: bytes, now: float) -> None:
+        rec = self._parsed(raw, "recommendation on the output topic")
+        if rec is None:
             return
         user = rec.get("user_id")
         if isinstance(user, str) and user.startswith(CANARY_PREFIX):
@@ -281,10 +290,8 @@ class RecommendationProbe:
         return min(sent) if sent else None
 
     def _on_profile_update(self, raw: bytes, now: float) -> None:
-        try:
-            update = orjson.loads(raw)
-        except orjson.JSONDecodeError:
-            logger.warning("unparsable profile update")
+        update = self._parsed(raw, "profile update")
+        if update is None:
             return
         first = self._first_sent(update)
         if first is not None:

@@ -90,7 +90,7 @@ TOTALS_KEY = "totals"
 # partitions with records not yet taken, so a partition's next events can wait for the others'
 # fetch: the short wait also bounds that.
 FETCH_MIN_BYTES = 65_536
-# The associations role's wait for 64 KiB of inputs (its batches are 0.5 s anyway).
+# The associations role's wait for 64 KiB of inputs (its batches are 1 s anyway).
 ASSOCIATION_FETCH_MAX_WAIT_MS = 500
 # The association agent folds up to this many association-input messages (each the inputs of
 # one profile batch) at once, waiting at most this long for them. Each batch rewrites every

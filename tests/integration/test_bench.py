@@ -57,6 +57,11 @@ def test_bench_writes_json_with_all_keys_and_a_png(kafka_bootstrap: str, tmp_pat
     assert report["rate"] == 50
     assert set(report["latency_ms"]) == {"p50", "p95", "p99", "max"}
     assert report["latency_ms"]["p50"] <= report["latency_ms"]["p99"] <= report["latency_ms"]["max"]
+    # The stream processor's share: event -> profile update, part of event -> recommendation.
+    stage = report["profile_stage_latency_ms"]
+    assert set(stage) == {"p50", "p95", "p99", "max"}
+    assert 0 < stage["p50"] <= stage["max"]
+    assert stage["p50"] < report["latency_ms"]["max"]
     assert report["achieved_rate"] > 0
     assert report["encoder_ceiling_texts_per_s"] > 0
     assert report["encoder_texts_per_s"] > 0
