@@ -57,7 +57,8 @@ class BatchingStream(faust.Stream[Any]):
 
     async def take_batches(self, max_: int, within: float) -> AsyncIterator[list[Any]]:
         """Yield the buffered events every `within` seconds, or as soon as `max_` are buffered;
-        each batch's events are acknowledged once the consumer asks for the next batch.
+        each batch's events are acknowledged once the consumer asks for the next batch (never
+        when its handling raised: Faust's `take_events` acknowledges them then too).
 
         Unlike Faust's `take_events`, whose window starts again only after the consumer is
         done with a batch (a cycle of window + handling time, and no events buffered meanwhile),
@@ -102,13 +103,14 @@ class BatchingStream(faust.Stream[Any]):
                 batch = events[:]
                 events.clear()
                 full.clear()
-                try:
-                    yield batch
-                finally:
-                    for event in batch:
-                        await self.ack(event)
-                    handled.set()
+                yield batch
+                # Reached only when the consumer asks for the next batch: a batch whose handler
+                # raised (or was cancelled) stays unacknowledged and is delivered again.
+                for event in batch:
+                    await self.ack(event)
+                handled.set()
         finally:
+            handled.set()
             self.enable_acks = enable_acks
             self._processors.remove(add_to_buffer)
 

@@ -95,3 +95,33 @@ def test_a_batch_holds_at_most_max_events(tmp_path: Path) -> None:
     asyncio.run(main())
     assert [len(b["values"]) for b in seen] == [2, 2, 1]
     assert [v for b in seen for v in b["values"]] == [f"e{n}".encode() for n in range(5)]
+
+
+def test_a_batch_whose_handling_fails_is_not_acknowledged(tmp_path: Path) -> None:
+    app = App(
+        "batching-fail-test",
+        broker="kafka://127.0.0.1:1",
+        store="memory://",
+        datadir=str(tmp_path),
+        web_enabled=False,
+        autodiscover=False,
+    )
+    topic = app.topic("events", key_serializer="raw", value_serializer="raw")
+    handed: list[Any] = []
+
+    @app.agent(topic)
+    async def agent(stream: Any) -> None:
+        async for events in stream.take_batches(10, within=0.05):
+            handed.extend(events)
+            raise RuntimeError("the handler failed")
+
+    async def main() -> None:
+        async with agent.test_context() as test_agent:
+            await test_agent.put(b"e1", key=b"u", partition=0, wait=False)
+            await wait_for(lambda: bool(handed))
+            await asyncio.sleep(0.2)
+
+    asyncio.run(main())
+    # At least once: the failed batch's events stay unacknowledged, so they are delivered again.
+    assert [e.value for e in handed] == [b"e1"]
+    assert [e.message.acked for e in handed] == [False]
