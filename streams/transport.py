@@ -1,5 +1,6 @@
 """A Faust App whose Kafka consumer uses a configurable `fetch_max_wait_ms` (and
-`fetch_min_bytes`), and the agents' librdkafka sender.
+`fetch_min_bytes`) and whose streams batch with `BatchingStream.take_batches`, and the agents'
+librdkafka sender.
 
 faust-streaming 0.15.3 hard-codes `fetch_max_wait_ms=1500` for the worker consumer and
 exposes no setting for it (`broker_max_poll_interval` is the rebalance liveness bound, not the
@@ -117,8 +118,9 @@ class BatchingStream(faust.Stream[Any]):
 
 class App(faust.App):
     """faust.App whose streams are `BatchingStream`s, with `fetch_max_wait_ms` and
-    `fetch_min_bytes` for its (aiokafka) worker consumer. A larger `fetch_min_bytes` lets the broker gather data before it answers: one
-    fetch round trip per many records instead of one per record, where latency can wait."""
+    `fetch_min_bytes` for its (aiokafka) worker consumer. A larger `fetch_min_bytes` lets the
+    broker gather data before it answers: one fetch round trip per many records instead of one
+    per record, where latency can wait."""
 
     def __init__(
         self, *args: Any, fetch_max_wait_ms: int = 1500, fetch_min_bytes: int = 1, **kwargs: Any
