@@ -238,13 +238,7 @@ class RecommenderSettings(_Settings):
     group_id: str = Field("relata-recommender", description="Consumer group of profile updates.")
     max_batch: int = Field(256, ge=1, le=100_000, description="Profile updates per micro-batch.")
     max_wait_ms: float = Field(
-        0.0,
-        ge=0,
-        le=10_000,
-        description=(
-            "Longest wait to fill a micro-batch once its first update arrived; 0: the updates "
-            "already fetched (a profile batch's updates arrive together)."
-        ),
+        5.0, ge=0, le=10_000, description="Longest wait to fill a micro-batch."
     )
     k: int = Field(10, ge=1, le=200, description="Items per recommendation.")
     candidates: int = Field(100, ge=1, le=5000, description="Vector-search candidates per user.")

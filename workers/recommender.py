@@ -53,9 +53,6 @@ FloatArray = npt.NDArray[np.float32]
 STAGE = "recommender"
 # Rank this many extra candidates so that dropping retired behaviour candidates still leaves k.
 CANDIDATE_MARGIN = 2
-# Longest wait for the next profile update: bounds how late the loop sees a stop request, the
-# related-items topic and the lag report when no updates come.
-IDLE_WAIT_S = 0.1
 
 
 @dataclass(frozen=True, slots=True)
@@ -438,17 +435,12 @@ class Recommender:
         ]
 
     def poll_once(self) -> BatchResult:
-        """Wait for an update (at most `IDLE_WAIT_S`), take up to `max_batch` (waiting at most
-        `max_wait_ms` more for them) and answer them.
-
-        librdkafka's `consume(n, timeout)` returns early only with n records, so one call with a
-        5 ms timeout added those 5 ms to every recommendation; now the first update ends the
-        wait, and the rest of the micro-batch is what has been fetched with it."""
-        messages = list(self.consumer.consume(num_messages=1, timeout=IDLE_WAIT_S))
-        if messages and self.settings.max_batch > 1:
-            messages += self.consumer.consume(
-                num_messages=self.settings.max_batch - 1, timeout=self.settings.max_wait_ms / 1000.0
+        """Consume up to `max_batch` updates (waiting at most `max_wait_ms`) and answer them."""
+        messages = list(
+            self.consumer.consume(
+                num_messages=self.settings.max_batch, timeout=self.settings.max_wait_ms / 1000.0
             )
+        )
         self.drain_related()
         result = BatchResult(records=len(messages))
         if not messages:
