@@ -15,16 +15,21 @@ WINDOW_S = 1.0
 HANDLE_S = 1.5
 
 
-def make_agent(tmp_path: Path, *, max_events: int) -> tuple[Any, list[dict[str, Any]]]:
+def make_app(tmp_path: Path, name: str) -> tuple[App, Any]:
+    """A Faust app (memory store, no broker reached) and its raw `events` topic."""
     app = App(
-        "batching-test",
+        name,
         broker="kafka://127.0.0.1:1",
         store="memory://",
         datadir=str(tmp_path),
         web_enabled=False,
         autodiscover=False,
     )
-    topic = app.topic("events", key_serializer="raw", value_serializer="raw")
+    return app, app.topic("events", key_serializer="raw", value_serializer="raw")
+
+
+def make_agent(tmp_path: Path, *, max_events: int) -> tuple[Any, list[dict[str, Any]]]:
+    app, topic = make_app(tmp_path, "batching-test")
     seen: list[dict[str, Any]] = []
 
     @app.agent(topic)
@@ -98,15 +103,7 @@ def test_a_batch_holds_at_most_max_events(tmp_path: Path) -> None:
 
 
 def test_a_batch_whose_handling_fails_is_not_acknowledged(tmp_path: Path) -> None:
-    app = App(
-        "batching-fail-test",
-        broker="kafka://127.0.0.1:1",
-        store="memory://",
-        datadir=str(tmp_path),
-        web_enabled=False,
-        autodiscover=False,
-    )
-    topic = app.topic("events", key_serializer="raw", value_serializer="raw")
+    app, topic = make_app(tmp_path, "batching-fail-test")
     handed: list[Any] = []
 
     @app.agent(topic)
