@@ -36,10 +36,15 @@ class VectorStoreError(RuntimeError):
 
 
 @functools.lru_cache(maxsize=1 << 18)
+def point_uuid(item_id: str) -> uuid.UUID:
+    """The Qdrant point id of an item id, as the engines return it (cached: a uuid5 costs
+    ~4 us, and the recommender maps every history item of every update)."""
+    return uuid.uuid5(ITEM_NAMESPACE, item_id)
+
+
 def point_id(item_id: str) -> str:
-    """The Qdrant point id (a UUID string) of an item id (cached: a uuid5 costs ~4 us, and the
-    recommender maps every history item of every update)."""
-    return str(uuid.uuid5(ITEM_NAMESPACE, item_id))
+    """The Qdrant point id (a UUID string) of an item id."""
+    return str(point_uuid(item_id))
 
 
 class VectorStore(Protocol):
@@ -154,7 +159,7 @@ class EdgeVectorStore:
         # Point id -> item id of the points this process wrote or has seen: searches then ask
         # for no payload (reading it was 60 % of a query at 3.7k items); an id not known yet
         # (a store opened from disk) is looked up once, in one retrieve per search.
-        self._item_ids: dict[Any, str] = {}  # keyed as the engine returns ids (uuid.UUID)
+        self._item_ids: dict[uuid.UUID, str] = {}
         # Writers (indexer) and readers (recommender) may share one store in one process;
         # serialising writes keeps set_payload/upsert/optimize from interleaving.
         self._write_lock = threading.Lock()
@@ -207,7 +212,7 @@ class EdgeVectorStore:
         ]
         with self._write_lock:
             self.shard.update(q.UpdateOperation.upsert_points(points))
-        self._item_ids.update((uuid.UUID(point_id(i)), i) for i in ids)
+        self._item_ids.update((point_uuid(i), i) for i in ids)
 
     def _filter(self, only_available: bool, category: str | None) -> Any:
         q = self._q
@@ -239,7 +244,7 @@ class EdgeVectorStore:
             params=q.SearchParams(hnsw_ef=self.hnsw_ef),
         )
 
-    def _scored(self, results: Sequence[Sequence[Any]]) -> list[list[tuple[Any, float]]]:
+    def _scored(self, results: Sequence[Sequence[Any]]) -> list[list[tuple[uuid.UUID, float]]]:
         """(point id, score) pairs per result list, learning the item ids of unknown points."""
         scored = [[(p.id, p.score) for p in points] for points in results]
         unknown = {pid for hits in scored for pid, _ in hits if pid not in self._item_ids}
@@ -249,9 +254,10 @@ class EdgeVectorStore:
                 self._item_ids[record.id] = str(record.payload[ITEM_ID])
         return scored
 
-    def _hits(
-        self, scored: Sequence[tuple[Any, float]], *, k: int, exclude_ids: Collection[str]
+    def _named_hits(
+        self, scored: Sequence[tuple[uuid.UUID, float]], *, k: int, exclude_ids: Collection[str]
     ) -> list[Hit]:
+        """The first k (item id, score) pairs of `scored` that are not excluded."""
         names = self._item_ids
         out: list[Hit] = []
         for pid, score in scored:
@@ -276,7 +282,7 @@ class EdgeVectorStore:
             vector, k=k, exclude_ids=exclude_ids, only_available=only_available, category=category
         )
         (scored,) = self._scored([self.shard.query(request)])
-        return self._hits(scored, k=k, exclude_ids=exclude_ids)
+        return self._named_hits(scored, k=k, exclude_ids=exclude_ids)
 
     def search_batch(
         self,
@@ -296,7 +302,7 @@ class EdgeVectorStore:
         ]
         results = self.shard.query_batch(self._q.QueryBatchRequest(requests))
         return [
-            self._hits(scored, k=k, exclude_ids=ex)
+            self._named_hits(scored, k=k, exclude_ids=ex)
             for scored, ex in zip(self._scored(results), excludes, strict=True)
         ]
 
@@ -328,7 +334,7 @@ class EdgeVectorStore:
         with self._write_lock:
             self.shard.update(op)
         for item_id in ids:
-            self._item_ids.pop(uuid.UUID(point_id(item_id)), None)
+            self._item_ids.pop(point_uuid(item_id), None)
 
     def count(self) -> int:
         return int(self.shard.count(self._q.CountRequest(exact=True)))
