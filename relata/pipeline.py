@@ -56,7 +56,7 @@ from schemas.topics import (
     PROFILE_UPDATES,
     RECOMMENDATIONS,
 )
-from streams.app import association_input_topic, faust_app_id
+from streams.app import association_input_topic, events_group, faust_app_id
 
 logger = logging.getLogger(__name__)
 
@@ -462,7 +462,7 @@ class Pipeline:
         # association agent's input topic, as streams/app.py names them.
         profiles = StreamsSettings(app_id=self.streams_app_id, role="profiles")
         associations = profiles.model_copy(update={"role": "associations"})
-        self._streams_group = faust_app_id(self.kafka, profiles)
+        self._streams_group = events_group(self.kafka, profiles)
         self._associations_group = faust_app_id(self.kafka, associations)
         self._association_input = association_input_topic(self.kafka, associations)
         from relata.topics import ensure_topics

@@ -29,7 +29,13 @@ from relata.topics import create_missing_topics, ensure_topics
 from schemas.messages import Evidence, RelatedItem
 from schemas.settings import EncoderSettings, KafkaSettings, StoreSettings, StreamsSettings
 from schemas.topics import ALL_TOPICS
-from streams.app import SimilarItems, StreamsApp, association_input_topic, build_streams
+from streams.app import (
+    SimilarItems,
+    StreamsApp,
+    association_input_topic,
+    build_streams,
+    profiles_changelog_topic,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -83,10 +89,13 @@ def encoder_dim(encoder: EncoderSettings) -> int:
 
 
 def ensure_stream_topics(kafka: KafkaSettings, settings: StreamsSettings) -> list[str]:
-    """The public topics, and the internal association-input topic (one partition: the
-    association statistics are one state). Created here, before the app starts, because with
-    the roles in separate processes the profile agent produces to it and may start first."""
+    """The public topics, the internal association-input topic (one partition: the
+    association statistics are one state) and the profiles changelog (compacted, one partition
+    per events partition). Created here, before the app starts, because with the roles in
+    separate processes the profile agent produces to it and may start first."""
     internal = {association_input_topic(kafka, settings): (1, "delete")}
+    if settings.role in ("all", "profiles"):
+        internal[profiles_changelog_topic(kafka, settings)] = (kafka.partitions, "compact")
     return ensure_topics(kafka, ALL_TOPICS) + create_missing_topics(kafka, internal)
 
 

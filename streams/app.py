@@ -4,8 +4,11 @@
 one process); there is no import-time app. Agents are glue around the pure logic in
 `streams/profile.py` and `streams/association.py`:
 
-- `process_events` (behavior-events, key user_id): decode → dead-letter on failure → fold into
-  table `profiles` → `profile-updates` (+ the association input to `association-input`).
+- the profile agent (behavior-events, key user_id): decode → dead-letter on failure → fold into
+  table `profiles` → `profile-updates` (+ the association input to `association-input`). Its
+  input is read in record batches with librdkafka and its table is its own (both in
+  `streams/event_consumer.py`: Faust's per-message path cost four times the agent's work);
+  it runs as a Faust task beside the other agents, in consumer group `<app_id>-events`.
 - `process_associations` (internal `association-input`, ONE partition): all pair counts of
   an item need the counts of its partners (lift, cosine), so the statistics live in one
   partition of table `associations` on one worker. It folds inputs in batches (`stream.take`)
@@ -18,7 +21,7 @@ one process); there is no import-time app. Agents are glue around the pure logic
 - `process_recommendations` (recommendations): the latest list per user in a table for HTTP.
 - A task follows `item-catalog` into a `CatalogView` (known, available items).
 
-`StreamsSettings.role` picks the agents: `profiles` (process_events, process_recommendations),
+`StreamsSettings.role` picks the agents: `profiles` (the profile agent, process_recommendations),
 `associations` (process_associations, the related-items timer; Faust app id
 `<app_id>-associations`, its own consumer group) or `all`. The association tables' changelog
 topics and the association-input topic are named after the base app id in every role.
@@ -30,7 +33,7 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Protocol
@@ -73,6 +76,7 @@ from .association import (
     top_partners,
 )
 from .catalog import CatalogView
+from .event_consumer import EventBatchConsumer, ProfileStore
 from .metrics import StreamsMetrics
 from .profile import FoldConfig, fold_event, profile_update
 from .transport import App, ConfluentSender
@@ -164,8 +168,9 @@ class Record:
     partition: int
     offset: int
     timestamp_s: float
-    # The Faust event it came from: made the current event before a table write (see Bind).
-    event: Any = field(compare=False, repr=False)
+    # The Faust event it came from, if any: made the current event before a table write (see
+    # Bind).
+    event: Any = field(default=None, compare=False, repr=False)
 
     @classmethod
     def of(cls, event: Any) -> Record:
@@ -179,6 +184,19 @@ class Record:
             offset=message.offset,
             timestamp_s=message.timestamp,
             event=event,
+        )
+
+    @classmethod
+    def of_message(cls, message: Any) -> Record:
+        """The record of a confluent-kafka message."""
+        _, timestamp_ms = message.timestamp()
+        return cls(
+            key=message.key(),
+            value=message.value(),
+            topic=message.topic(),
+            partition=message.partition(),
+            offset=message.offset(),
+            timestamp_s=timestamp_ms / 1000,
         )
 
 
@@ -208,7 +226,7 @@ class StreamsApp:
     associations: Any = None
     association_totals: Any = None
     recommendations: Any = None
-    process_events: Any = None
+    event_consumer: EventBatchConsumer | None = None
     process_associations: Any = None
     process_recommendations: Any = None
     # Membership of the last published related lists (in memory: a restart republishes once).
@@ -216,7 +234,7 @@ class StreamsApp:
     dirty: set[str] = field(default_factory=set)
 
     # ---- profile agent -------------------------------------------------------------------
-    async def handle_events(self, records: Sequence[Record], *, bind: Bind) -> None:
+    async def handle_events(self, records: Sequence[Record]) -> None:
         """Validate, fold and forward a batch of behaviour events; bad input goes to
         dead-letter.
 
@@ -234,7 +252,7 @@ class StreamsApp:
                 by_user.setdefault(event.user_id, []).append((index, event, record))
         inputs: list[tuple[int, dict[str, Any]]] = []
         for user_id, events in by_user.items():
-            await self._fold_user(user_id, events, inputs, bind=bind)
+            await self._fold_user(user_id, events, inputs)
         if inputs:
             inputs.sort(key=lambda pair: pair[0])
             self.sender.produce(
@@ -273,13 +291,12 @@ class StreamsApp:
         user_id: str,
         events: Sequence[tuple[int, BehaviorEvent, Record]],
         inputs: list[tuple[int, dict[str, Any]]],
-        *,
-        bind: Bind,
     ) -> None:
         """Fold one user's events of a batch (in order); write the profile and send one
         update. An event that fails to fold is dead-lettered; the others still count."""
+        partition = events[0][2].partition  # keyed by user_id: a user is one partition
         try:
-            stored = self.profiles.get(user_id)
+            stored = self.profiles.get(partition, user_id)
             profile = (
                 None if stored is None else UserProfile.model_validate_json(stored_json(stored))
             )
@@ -303,8 +320,7 @@ class StreamsApp:
                 inputs.append((index, assoc.to_dict()))
         if profile is None or not folded:
             return
-        bind(folded[-1][1].event)
-        self.profiles[user_id] = profile.model_dump_json().encode("utf-8")
+        self.profiles.put(partition, user_id, profile.model_dump_json().encode("utf-8"))
         update = profile_update(
             profile,
             trigger_event_ids=[event.event_id for event, _ in folded],
@@ -601,7 +617,7 @@ def build_streams(
     # The agents' sources (outputs go through the sender, by name).
     topics = {
         name: app.topic(names[name], key_serializer="raw", value_serializer="raw")
-        for name in (BEHAVIOR_EVENTS.name, RECOMMENDATIONS.name)
+        for name in (RECOMMENDATIONS.name,)
     }
     topics[ASSOCIATION_INPUT] = app.topic(
         names[ASSOCIATION_INPUT],
@@ -666,36 +682,70 @@ JSON_VALUES: faust.Schema[str, Any] = faust.Schema(
 
 
 def _add_profile_agents(streams: StreamsApp, topics: dict[str, Any]) -> None:
-    """Role `profiles`: tables profiles and recommendations, their agents."""
+    """Role `profiles`: the profile agent (its own consumer and table, see
+    streams/event_consumer.py) and the recommendations table with its Faust agent."""
     app: App = streams.app
-    settings, sender = streams.settings, streams.sender
-    partitions = streams.kafka.partitions
-    streams.profiles = _table(
-        app, "profiles", partitions=partitions, schema=RAW_VALUES, sender=sender
+    kafka, settings, sender = streams.kafka, streams.settings, streams.sender
+    app_id = faust_app_id(kafka, settings)
+    directory = settings.data_dir / app_id if settings.store == "rocksdb://" else None
+    streams.profiles = ProfileStore(
+        changelog_topic=profiles_changelog_topic(kafka, settings),
+        changelog=sender,
+        directory=directory,
     )
+    client = kafka.librdkafka_config()
+    session_ms = int(settings.session_timeout_s * 1000)
+    consumer = EventBatchConsumer(
+        consumer_config=client
+        | {
+            "group.id": events_group(kafka, settings),
+            "auto.offset.reset": "earliest",
+            # Offsets are stored after a batch's outputs are acknowledged, committed from there.
+            "enable.auto.offset.store": False,
+            "enable.auto.commit": True,
+            "auto.commit.interval.ms": int(settings.commit_interval_s * 1000),
+            "session.timeout.ms": session_ms,
+            "heartbeat.interval.ms": int(min(settings.heartbeat_interval_s * 1000, session_ms / 3)),
+            "fetch.wait.max.ms": settings.fetch_wait_ms,
+            "fetch.min.bytes": FETCH_MIN_BYTES,
+        },
+        # Reads changelog partitions by assignment: its group id is never joined or committed.
+        restore_config=client
+        | {"group.id": f"{events_group(kafka, settings)}-restore", "enable.auto.commit": False},
+        topic=streams.topic_names[BEHAVIOR_EVENTS.name],
+        store=streams.profiles,
+        handle=streams.handle_events,
+        to_record=Record.of_message,
+        batch_max=settings.batch_max_events,
+        window_s=settings.batch_wait_ms / 1000,
+    )
+    streams.event_consumer = consumer
+    app.task(consumer.run)
+
     streams.recommendations = _table(
-        app, "recommendations", partitions=partitions, schema=RAW_VALUES, sender=sender
+        app, "recommendations", partitions=kafka.partitions, schema=RAW_VALUES, sender=sender
     )
-
-    async def record_batches(stream: Any) -> AsyncIterator[list[Record]]:
-        # A batch's events are acknowledged when the next batch is asked for, i.e. after the
-        # handler returned with every output acknowledged by the broker (transport.py).
-        wait_s = settings.batch_wait_ms / 1000
-        async for events in stream.take_batches(settings.batch_max_events, within=wait_s):
-            yield [Record.of(event) for event in events]
-
-    @app.agent(topics[BEHAVIOR_EVENTS.name], name="process-events")
-    async def process_events(stream: Any) -> None:
-        async for records in record_batches(stream):
-            await streams.handle_events(records, bind=stream._set_current_event)
 
     @app.agent(topics[RECOMMENDATIONS.name], name="process-recommendations")
     async def process_recommendations(stream: Any) -> None:
-        async for records in record_batches(stream):
+        # A batch's records are acknowledged when the next batch is asked for, i.e. after the
+        # handler returned with every output acknowledged by the broker (transport.py).
+        wait_s = settings.batch_wait_ms / 1000
+        async for events in stream.take_batches(settings.batch_max_events, within=wait_s):
+            records = [Record.of(event) for event in events]
             await streams.handle_recommendations(records, bind=stream._set_current_event)
 
-    streams.process_events = process_events
     streams.process_recommendations = process_recommendations
+
+
+def events_group(kafka: KafkaSettings, settings: StreamsSettings) -> str:
+    """The profile agent's consumer group (of behavior-events): `<app id>-events`."""
+    return f"{faust_app_id(kafka, settings)}-events"
+
+
+def profiles_changelog_topic(kafka: KafkaSettings, settings: StreamsSettings) -> str:
+    """The profiles table's compacted changelog (the name Faust gave it when it owned it)."""
+    return f"{faust_app_id(kafka, settings)}-profiles-changelog"
 
 
 def _add_association_agents(streams: StreamsApp, topics: dict[str, Any], *, base_id: str) -> None:
@@ -840,4 +890,6 @@ __all__ = [
     "StreamsApp",
     "build_app",
     "build_streams",
+    "events_group",
+    "profiles_changelog_topic",
 ]

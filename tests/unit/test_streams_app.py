@@ -1,5 +1,6 @@
-"""Unit tests of the Faust glue: agents run with `agent.test_context()` and a memory store;
-outputs are captured by a recording sender instead of Kafka."""
+"""Unit tests of the stream processor's glue: the profile agent's handler fed record batches,
+the Faust agents run with `agent.test_context()` and a memory store; outputs are captured by a
+recording sender instead of Kafka."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from prometheus_client import CollectorRegistry
 
 from schemas.messages import DeadLetter, Evidence, ProfileUpdate, RelatedItem, RelatedItems
 from schemas.settings import KafkaSettings, StreamsSettings
-from streams.app import ASSOCIATION_INPUT, StreamsApp, build_streams
+from streams.app import ASSOCIATION_INPUT, Record, StreamsApp, build_streams
 from streams.association import AssociationIndex, AssociationInput
 from streams.catalog import CatalogView
 from streams.web import BadRequest, openapi_document, parse_related_query, related_body
@@ -127,16 +128,37 @@ async def settled(condition: Callable[[], bool], timeout_s: float = 10.0) -> Non
         await asyncio.sleep(0.005)
 
 
-async def put_events(streams: StreamsApp, records: list[tuple[bytes | None, bytes]]) -> None:
-    """Feed the profile agent and wait until it handled every record."""
+def records_of(
+    pairs: Sequence[tuple[bytes | None, bytes]], *, partitions: Sequence[int] | None = None
+) -> list[Record]:
+    """behavior-events records at offsets 0.. (partition 0 unless `partitions` says)."""
+    return [
+        Record(
+            key=key,
+            value=value,
+            topic="behavior-events",
+            partition=0 if partitions is None else partitions[offset],
+            offset=offset,
+            timestamp_s=1_700_000_000.25 + offset,
+        )
+        for offset, (key, value) in enumerate(pairs)
+    ]
 
-    def handled() -> float:
-        return streams.registry.get_sample_value("relata_event_batch_size_sum") or 0.0
 
-    async with streams.process_events.test_context() as agent:
-        for offset, (key, value) in enumerate(records):
-            await agent.put(value, key=key, partition=0, timestamp=1_700_000_000.25 + offset)
-        await settled(lambda: handled() >= len(records))
+async def put_events(
+    streams: StreamsApp,
+    pairs: Sequence[tuple[bytes | None, bytes]],
+    *,
+    partitions: Sequence[int] | None = None,
+) -> None:
+    """Feed the profile agent in batches of `batch_max_events`, as its consumer hands them
+    out, on assigned (opened) partitions."""
+    records = records_of(pairs, partitions=partitions)
+    for partition in {record.partition for record in records} - streams.profiles.partitions:
+        streams.profiles.open(partition)
+    size = streams.settings.batch_max_events
+    for start in range(0, len(records), size):
+        await streams.handle_events(records[start : start + size])
 
 
 def association_inputs(streams: StreamsApp, sender: RecordingSender) -> list[dict[str, Any]]:
@@ -167,7 +189,7 @@ async def test_events_fold_into_profile_and_emit_updates(
     assert [u.source_ts_ms for u in updates] == [1_700_000_000_250, 1_700_000_001_250]
     assert updates[-1].trigger_event_ids == ["e2"]
     assert {key for topic, key, _ in sender.sent if topic == "profile-updates"} == {b"u1"}
-    stored = streams.profiles.get("u1")
+    stored = streams.profiles.get(0, "u1")
     assert stored is not None and json.loads(stored)["session_items"] == ["i1", "i2"]
     # The second purchase of the basket pairs with the first on the association input.
     inputs = association_inputs(streams, sender)
@@ -223,18 +245,20 @@ async def test_changelog_records_go_to_the_partition_of_each_users_events(
     # user's partition (Faust restores a partition's table rows from that changelog partition).
     sender = RecordingSender()
     streams = make_streams(tmp_path, sender, batch_max_events=2)
-    async with streams.process_events.test_context() as agent:
-        await agent.put(encode(event(1, user="u1")), key=b"u1", partition=3, timestamp=1.0)
-        await agent.put(encode(event(2, user="u2")), key=b"u2", partition=1, timestamp=2.0)
-        await settled(lambda: len(sender.values("profile-updates")) == 2)
-    changelog = streams.profiles.changelog_topic.get_topic_name()
-    assert changelog.endswith("profiles-changelog")
+    await put_events(
+        streams,
+        [(b"u1", encode(event(1, user="u1"))), (b"u2", encode(event(2, user="u2")))],
+        partitions=[3, 1],
+    )
+    changelog = streams.profiles.changelog_topic
+    assert changelog == "relata-streams-profiles-changelog"
     keys = [key for topic, key, _ in sender.sent if topic == changelog]
     partitions = [p for topic, p in sender.partitions if topic == changelog]
-    # Keys encoded as Faust encodes its own changelog keys (so its recovery reads them back).
-    expected = [streams.profiles.changelog_topic.prepare_key(u, "json")[0] for u in ("u1", "u2")]
+    # Keys encoded as Faust encoded this table's changelog keys (JSON), so changelogs written
+    # before the profile agent left Faust are read back.
+    expected = [json.dumps(u).encode() for u in ("u1", "u2")]
     assert list(zip(keys, partitions, strict=True)) == list(zip(expected, [3, 1], strict=True))
-    stored = streams.profiles.get("u2")
+    stored = streams.profiles.get(1, "u2")
     assert stored is not None and json.loads(stored)["history"][0]["item_id"] == "i1"
 
 
@@ -510,18 +534,25 @@ def test_roles_split_agents_tables_and_routes_and_share_the_association_state(
     associations = make_streams(tmp_path / "a", sender, role="associations")
     everything = make_streams(tmp_path / "all", sender)
 
-    assert profiles.process_events is not None and profiles.process_associations is None
+    assert profiles.event_consumer is not None and profiles.process_associations is None
     assert profiles.profiles is not None and profiles.associations is None
-    assert associations.process_associations is not None and associations.process_events is None
+    assert associations.process_associations is not None and associations.event_consumer is None
     assert associations.profiles is None and associations.recommendations is None
     # Both let the broker gather records; the latency path waits at most fetch_wait_ms for them.
     assert associations.app._fetch_min_bytes == 65536
     assert profiles.app._fetch_min_bytes == everything.app._fetch_min_bytes == 65536
     assert associations.app._fetch_max_wait_ms == 500
     assert profiles.app._fetch_max_wait_ms == profiles.settings.fetch_wait_ms == 10
-    # One consumer group per role ...
+    events = profiles.event_consumer.consumer_config
+    assert (events["fetch.min.bytes"], events["fetch.wait.max.ms"]) == (65536, 10)
+    # Offsets are stored by the agent (after its outputs are acknowledged), never by librdkafka.
+    assert events["enable.auto.offset.store"] is False
+    # One consumer group per role, and one of the profile agent's own ...
     assert profiles.app.conf.id == everything.app.conf.id == "relata-streams"
     assert associations.app.conf.id == "relata-streams-associations"
+    assert events["group.id"] == "relata-streams-events"
+    assert everything.event_consumer is not None
+    assert everything.event_consumer.consumer_config["group.id"] == "relata-streams-events"
     # ... the association state in the same topics whichever role holds it ...
     for name in ("associations", "association_totals"):
         apart = getattr(associations, name).changelog_topic.get_topic_name()
