@@ -240,6 +240,15 @@ class RecommenderSettings(_Settings):
     max_wait_ms: float = Field(
         5.0, ge=0, le=10_000, description="Longest wait to fill a micro-batch."
     )
+    commit_interval_ms: float = Field(
+        500.0,
+        ge=0,
+        le=60_000,
+        description=(
+            "Offsets of answered updates are committed at most this often, and when stopping "
+            "(each commit is a broker write; a rebalance or crash redoes at most this much)."
+        ),
+    )
     k: int = Field(10, ge=1, le=200, description="Items per recommendation.")
     candidates: int = Field(100, ge=1, le=5000, description="Vector-search candidates per user.")
     user_vector: Literal["pooled", "text"] = Field(

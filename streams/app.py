@@ -86,16 +86,15 @@ logger = logging.getLogger(__name__)
 STAGE = "streams"
 ASSOCIATION_INPUT = "association-input"
 TOTALS_KEY = "totals"
-# The profile agent's fetch waits for this much data, or `StreamsSettings.fetch_wait_ms`
-# (lower than Faust's hard-coded 1500 ms: see streams/transport.py). With one byte (the default
-# of Kafka clients) every produce request upstream became a fetch round trip of its own: at
-# 1,000 events/s the stream processor's consumer thread and the broker spent ~10 % and ~4 % of a
-# core on them. Unlike librdkafka, aiokafka keeps one fetch in flight per broker and leaves out
-# partitions with records not yet taken, so a partition's next events can wait for the others'
-# fetch: the short wait also bounds that.
+# The profile agent's fetch (librdkafka) waits for this much data, or
+# `StreamsSettings.fetch_wait_ms`. With one byte (the default of Kafka clients) every produce
+# request upstream becomes a fetch round trip of its own, broker CPU for nothing; the short wait
+# bounds what it adds to latency at light load. Faust's consumer asks for as much.
 FETCH_MIN_BYTES = 65_536
-# The associations role's wait for 64 KiB of inputs (its batches are 1 s anyway).
-ASSOCIATION_FETCH_MAX_WAIT_MS = 500
+# The Faust consumer's wait for 64 KiB (association inputs: batches are 1 s anyway; the
+# recommendations table behind GET /users/...: at most this much staler than the topic). At
+# 10 ms it fetched ~70 times a second at 500 events/s for the table alone.
+FAUST_FETCH_MAX_WAIT_MS = 500
 # The association agent folds up to this many association-input messages (each the inputs of
 # one profile batch) at once, waiting at most this long for them. Each batch rewrites every
 # record it touched (and its changelog record), so larger batches are cheaper per input; the
@@ -600,13 +599,16 @@ def build_streams(
     profiles_role = settings.role in ("all", "profiles")
     associations_role = settings.role in ("all", "associations")
     app_id = faust_app_id(kafka, settings)
-    if settings.role == "associations":
-        # Off the latency path: the broker gathers association inputs (one message per profile
-        # batch) before it answers, instead of one fetch round trip per message.
-        fetch = {"fetch_max_wait_ms": ASSOCIATION_FETCH_MAX_WAIT_MS, "fetch_min_bytes": 65536}
-    else:
-        fetch = {"fetch_max_wait_ms": settings.fetch_wait_ms, "fetch_min_bytes": FETCH_MIN_BYTES}
-    app = App(app_id, **fetch, **faust_settings(kafka, settings))
+    # Faust's consumer is off the latency path in every role (association inputs, the
+    # recommendations table for HTTP reads, changelogs): the broker gathers records before it
+    # answers instead of one fetch round trip per message (the profile agent's own consumer
+    # waits at most `fetch_wait_ms`).
+    app = App(
+        app_id,
+        fetch_max_wait_ms=FAUST_FETCH_MAX_WAIT_MS,
+        fetch_min_bytes=FETCH_MIN_BYTES,
+        **faust_settings(kafka, settings),
+    )
     names = {
         spec.name: kafka.topic(spec.name)
         for spec in (BEHAVIOR_EVENTS, ITEM_CATALOG, PROFILE_UPDATES, RELATED_ITEMS, RECOMMENDATIONS)

@@ -258,6 +258,8 @@ class Recommender:
         self.related = RelatedIndex()
         self.cache = ItemCache(store, capacity=cache_size)
         self.clock = clock
+        self._next_commit = 0.0  # time.monotonic() from when the next commit is due
+        self._uncommitted = False
         self._lag = LagReporter(consumer, metrics.consumer_lag)
         self._dead_letters = DeadLetters(
             producer, topic=topics.dead_letter, stage=STAGE, counter=metrics.dead_letter
@@ -444,6 +446,7 @@ class Recommender:
         self.drain_related()
         result = BatchResult(records=len(messages))
         if not messages:
+            self._maybe_commit()
             self._lag.maybe_report()
             return result
         self.metrics.recommender_batch_size.observe(len(messages))
@@ -483,9 +486,18 @@ class Recommender:
             )
         result.published = len(result.recommendations)
         self.metrics.recommendations_published.inc(result.published)
-        commit(self.consumer)
+        self._uncommitted = True
+        self._maybe_commit()
         self._lag.maybe_report()
         return result
+
+    def _maybe_commit(self, *, force: bool = False) -> None:
+        """Commit the answered updates' offsets when due (every `commit_interval_ms`)."""
+        now = time.monotonic()
+        if self._uncommitted and (force or now >= self._next_commit):
+            commit(self.consumer)
+            self._uncommitted = False
+            self._next_commit = now + self.settings.commit_interval_ms / 1000.0
 
     def run(self, stop_event: threading.Event) -> None:
         """Loop until `stop_event` is set; the caller closes consumers, producer and store."""
@@ -496,4 +508,5 @@ class Recommender:
         total = 0
         while not stop_event.is_set():
             total += self.poll_once().records
+        self._maybe_commit(force=True)  # what was answered since the last periodic commit
         logger.info("recommender stopped records=%d", total)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from typing import Any
 
@@ -94,7 +95,13 @@ class Harness:
         self.encoder = FakeEncoder()
         self.metrics = WorkerMetrics.create(CollectorRegistry())
         self.store = store
-        defaults: dict[str, Any] = {"k": 3, "candidates": 10, "max_batch": 100, "max_wait_ms": 1}
+        defaults: dict[str, Any] = {
+            "k": 3,
+            "candidates": 10,
+            "max_batch": 100,
+            "max_wait_ms": 1,
+            "commit_interval_ms": 0,  # every batch, unless a test says otherwise
+        }
         self.recommender = Recommender(
             consumer=self.consumer,
             related_consumer=self.related,
@@ -218,6 +225,23 @@ def test_micro_batch_coalesces_and_respects_max_batch(store: ClientVectorStore) 
     assert h.consumer.commits == [3, 4]
     assert h.metrics.profile_updates_coalesced._value.get() == 1
     assert h.recommender.poll_once().records == 0
+
+
+def test_commits_are_spaced_by_the_interval_and_made_when_stopping(
+    store: ClientVectorStore,
+) -> None:
+    h = Harness(store, max_batch=1, commit_interval_ms=60_000)
+    for user in ("u", "v", "w"):
+        h.consumer.add_json(_update(user, "lip1"), key=user)
+    h.recommender.poll_once()
+    h.recommender.poll_once()
+    # The first batch commits; the second is answered but not committed within the interval.
+    assert h.consumer.commits == [1]
+    stop = threading.Event()
+    stop.set()
+    h.recommender.run(stop)
+    assert h.consumer.commits == [1, 2]
+    assert len(h.recs()) == 2
 
 
 def test_bad_profile_updates_go_to_dead_letter_and_good_ones_flow(store: ClientVectorStore) -> None:

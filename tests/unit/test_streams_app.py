@@ -541,8 +541,7 @@ def test_roles_split_agents_tables_and_routes_and_share_the_association_state(
     # Both let the broker gather records; the latency path waits at most fetch_wait_ms for them.
     assert associations.app._fetch_min_bytes == 65536
     assert profiles.app._fetch_min_bytes == everything.app._fetch_min_bytes == 65536
-    assert associations.app._fetch_max_wait_ms == 500
-    assert profiles.app._fetch_max_wait_ms == profiles.settings.fetch_wait_ms == 10
+    assert associations.app._fetch_max_wait_ms == profiles.app._fetch_max_wait_ms == 500
     events = profiles.event_consumer.consumer_config
     assert (events["fetch.min.bytes"], events["fetch.wait.max.ms"]) == (65536, 10)
     # Offsets are stored by the agent (after its outputs are acknowledged), never by librdkafka.
