@@ -102,7 +102,7 @@ class ProfileStore:
     def keys(self) -> Iterator[str]:
         """Every key held (all partitions)."""
         for data in self._partitions.values():
-            for key in data:
+            for key in data.keys():  # noqa: SIM118  # rocksdict raw mode cannot __iter__
                 yield key.decode("utf-8") if isinstance(key, bytes) else key
 
     def __len__(self) -> int:
@@ -176,6 +176,7 @@ class EventBatchConsumer:
         to_record: ToRecord,
         batch_max: int,
         window_s: float,
+        client: Callable[[dict[str, Any]], Any] | None = None,
     ) -> None:
         self.consumer_config = consumer_config
         self._restore_config = restore_config
@@ -185,6 +186,8 @@ class EventBatchConsumer:
         self._to_record = to_record
         self._batch_max = batch_max
         self._window_s = window_s
+        # Builds the consumers from a config (confluent_kafka.Consumer; a fake in unit tests).
+        self._client = client or _confluent_consumer
         self._thread = ThreadPoolExecutor(1, thread_name_prefix="relata-events")
         self._consumer: Any = None
         self._stopping = False
@@ -198,9 +201,7 @@ class EventBatchConsumer:
 
     async def run(self) -> None:
         """Consume and handle until cancelled or `stop`; then commit and leave the group."""
-        from confluent_kafka import Consumer
-
-        self._consumer = Consumer(self.consumer_config)
+        self._consumer = self._client(self.consumer_config)
         self._consumer.subscribe(
             [self._topic],
             on_assign=self._on_assign,
@@ -298,10 +299,8 @@ class EventBatchConsumer:
         self._callback(self._lost, partitions)
 
     def _assigned(self, partitions: Sequence[Any]) -> None:
-        from confluent_kafka import Consumer
-
         started = time.monotonic()
-        reader = Consumer(self._restore_config)
+        reader = self._client(self._restore_config)
         try:
             restored = sum(self._restore(reader, p.partition) for p in partitions)
         finally:
@@ -369,3 +368,9 @@ class EventBatchConsumer:
             self._consumer.close()  # revokes (and so drops) the partitions, leaves the group
             self._consumer = None
         self._store.close_all()
+
+
+def _confluent_consumer(config: dict[str, Any]) -> Any:
+    from confluent_kafka import Consumer
+
+    return Consumer(config)

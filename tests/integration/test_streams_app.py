@@ -377,6 +377,39 @@ def test_restart_recovers_association_statistics_from_changelog(
         assert support(related_i1(second), "i2") == 5
 
 
+def test_restart_restores_profiles_from_the_changelog_and_resumes_after_committed_events(
+    kafka_settings: KafkaSettings, unique_id: str, tmp_path: Path, reader: TopicReader
+) -> None:
+    """The profile agent's own table: a new process rebuilds a user's profile from the
+    changelog when it is assigned the partition, and starts after the committed events."""
+    kafka = kafka_settings
+    catalog(kafka)
+    settings = streams_settings(tmp_path, unique_id)
+
+    def updates_of(user: str) -> list[ProfileUpdate]:
+        updates = [ProfileUpdate.model_validate_json(v) for v in reader.values("profile-updates")]
+        return [u for u in updates if u.user_id == user]
+
+    with start(kafka, settings):
+        publish(
+            kafka,
+            "behavior-events",
+            [(b"u0", event(1, "u0", "i1", "b1")), (b"u0", event(2, "u0", "i2", "b1"))],
+        )
+        reader.until(lambda r: folded(r) >= 2, "both events folded before the restart")
+    # A second process (fresh memory store, same app id and so the same group and changelog).
+    restarted = settings.model_copy(update={"data_dir": tmp_path / "second"})
+    with start(kafka, restarted):
+        publish(kafka, "behavior-events", [(b"u0", event(3, "u0", "i3", "b1"))])
+        reader.until(lambda r: "e3" in updates_of("u0")[-1].trigger_event_ids, "e3 folded")
+    latest = updates_of("u0")[-1]
+    # The history before the restart came back from the changelog ...
+    assert [h.item_id for h in latest.history] == ["i3", "i2", "i1"]
+    # ... and no event was folded twice: the committed offsets were honoured.
+    triggers = [t for u in updates_of("u0") for t in u.trigger_event_ids]
+    assert sorted(triggers) == ["e1", "e2", "e3"]
+
+
 def test_rocksdb_store_folds_profiles_and_keeps_them_on_disk(
     kafka_settings: KafkaSettings, unique_id: str, reader: TopicReader, tmp_path: Path
 ) -> None:

@@ -1,0 +1,246 @@
+"""The profile agent's batch consumer and table (streams/event_consumer.py) against a fake
+librdkafka consumer: restore on assignment, offsets stored only after a handled batch, commit
+and drop on close, failures surfaced. The real broker path is in
+tests/integration/test_streams_app.py (restart and restore)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+from confluent_kafka import TopicPartition
+
+from streams.event_consumer import (
+    EventBatchConsumer,
+    PartitionNotAssignedError,
+    ProfileStore,
+    changelog_key,
+)
+
+TOPIC = "behavior-events"
+CHANGELOG = "app-profiles-changelog"
+
+
+@dataclass
+class Message:
+    topic_: str
+    partition_: int
+    offset_: int
+    key_: bytes | None
+    value_: bytes | None
+
+    def error(self) -> None:
+        return None
+
+    def topic(self) -> str:
+        return self.topic_
+
+    def partition(self) -> int:
+        return self.partition_
+
+    def offset(self) -> int:
+        return self.offset_
+
+    def key(self) -> bytes | None:
+        return self.key_
+
+    def value(self) -> bytes | None:
+        return self.value_
+
+    def timestamp(self) -> tuple[int, int]:
+        return (1, 1_700_000_000_000 + self.offset_)
+
+
+@dataclass
+class GroupConsumer:
+    """Assigns `assign` on the first consume, then hands out `batches` one per call."""
+
+    assign: list[int]
+    batches: list[list[Message]]
+    callbacks: dict[str, Any] = field(default_factory=dict)
+    stored: list[tuple[int, int]] = field(default_factory=list)
+    commits: int = 0
+    closed: bool = False
+
+    def subscribe(self, topics: Sequence[str], **callbacks: Any) -> None:
+        assert list(topics) == [TOPIC]
+        self.callbacks = callbacks
+
+    def consume(self, num_messages: int, timeout: float) -> list[Message]:
+        if self.assign:
+            partitions, self.assign = self.assign, []
+            self.callbacks["on_assign"](self, [TopicPartition(TOPIC, p) for p in partitions])
+        return self.batches.pop(0)[:num_messages] if self.batches else []
+
+    def store_offsets(self, *, offsets: Sequence[TopicPartition]) -> None:
+        self.stored.extend((tp.partition, tp.offset) for tp in offsets)
+
+    def commit(self, *, asynchronous: bool) -> None:
+        assert asynchronous is False
+        self.commits += 1
+
+    def close(self) -> None:
+        self.callbacks["on_revoke"](self, [])
+        self.closed = True
+
+
+@dataclass
+class ChangelogReader:
+    """Serves changelog records by partition, as an assign()-ed consumer would."""
+
+    records: dict[int, list[tuple[bytes | None, bytes | None]]]
+    fail: bool = False
+    queue: list[Message] = field(default_factory=list)
+
+    def get_watermark_offsets(self, tp: TopicPartition, timeout: float) -> tuple[int, int]:
+        if self.fail:
+            raise RuntimeError("changelog unreadable")
+        return 0, len(self.records.get(tp.partition, []))
+
+    def assign(self, partitions: Sequence[TopicPartition]) -> None:
+        (tp,) = partitions
+        self.queue = [
+            Message(tp.topic, tp.partition, offset, key, value)
+            for offset, (key, value) in enumerate(self.records[tp.partition])
+        ]
+
+    def consume(self, num_messages: int, timeout: float) -> list[Message]:
+        batch, self.queue = self.queue[:num_messages], self.queue[num_messages:]
+        return batch
+
+    def unassign(self) -> None:
+        self.queue = []
+
+    def close(self) -> None:
+        pass
+
+
+class Sink:
+    def __init__(self) -> None:
+        self.sent: list[tuple[str, bytes | None, bytes | None, int | None]] = []
+
+    def produce(
+        self, topic: str, *, key: bytes | None, value: bytes | None, partition: int | None = None
+    ) -> None:
+        self.sent.append((topic, key, value, partition))
+
+
+def build(
+    group: GroupConsumer,
+    reader: ChangelogReader,
+    handle: Any,
+    *,
+    store: ProfileStore | None = None,
+) -> tuple[EventBatchConsumer, ProfileStore]:
+    store = store or ProfileStore(changelog_topic=CHANGELOG, changelog=Sink())
+
+    def client(config: dict[str, Any]) -> Any:
+        return group if config.get("role") == "group" else reader
+
+    consumer = EventBatchConsumer(
+        consumer_config={"role": "group"},
+        restore_config={"role": "restore"},
+        topic=TOPIC,
+        store=store,
+        handle=handle,
+        to_record=lambda message: message,
+        batch_max=100,
+        window_s=0.001,
+        client=client,
+    )
+    return consumer, store
+
+
+def test_assigned_partitions_are_restored_before_their_events_and_offsets_follow_handling() -> None:
+    group = GroupConsumer(
+        assign=[0, 1],
+        batches=[
+            [
+                Message(TOPIC, 0, 5, b"u1", b"e1"),
+                Message(TOPIC, 1, 7, b"u3", b"e2"),
+                Message(TOPIC, 0, 6, b"u1", b"e3"),
+            ],
+            [Message(TOPIC, 1, 8, b"u3", b"e4")],
+        ],
+    )
+    reader = ChangelogReader(
+        {
+            0: [
+                (changelog_key("u1"), b"p1"),
+                (changelog_key("u2"), b"p2"),
+                (changelog_key("u2"), None),  # a tombstone deletes u2
+            ]
+        }
+    )
+    seen: list[tuple[list[bytes | None], list[tuple[int, int]]]] = []
+
+    async def handle(records: list[Message]) -> None:
+        # The partitions' profiles are there before the first event is handled.
+        assert store.get(0, "u1") == b"p1" and store.get(0, "u2") is None
+        seen.append(([r.value() for r in records], list(group.stored)))
+        if len(seen) == 2:
+            consumer.stop()
+
+    consumer, store = build(group, reader, handle)
+    asyncio.run(consumer.run())
+    # Offsets of a batch are stored only after its handler returned (none before the first).
+    assert seen == [([b"e1", b"e2", b"e3"], []), ([b"e4"], [(0, 7), (1, 8)])]
+    assert group.stored == [(0, 7), (1, 8), (1, 9)]
+    assert consumer.restored_records == 3
+    # Closing commits what was stored, leaves the group and drops the partitions.
+    assert group.closed and group.commits >= 1
+    assert store.partitions == set()
+
+
+def test_a_failed_batch_stores_no_offsets_and_the_consumer_still_closes() -> None:
+    group = GroupConsumer(assign=[0], batches=[[Message(TOPIC, 0, 0, b"u1", b"e1")]])
+
+    async def handle(records: list[Message]) -> None:
+        raise RuntimeError("broker refused the outputs")
+
+    consumer, _ = build(group, ChangelogReader({}), handle)
+    with pytest.raises(RuntimeError, match="refused"):
+        asyncio.run(consumer.run())
+    assert group.stored == [] and group.closed
+
+
+def test_a_failed_restore_stops_the_consumer_with_its_error() -> None:
+    group = GroupConsumer(assign=[0], batches=[[Message(TOPIC, 0, 0, b"u1", b"e1")]])
+    handled: list[Any] = []
+
+    async def handle(records: list[Message]) -> None:
+        handled.append(records)
+
+    consumer, _ = build(group, ChangelogReader({0: [(b'"u1"', b"p")]}, fail=True), handle)
+    with pytest.raises(RuntimeError, match="changelog unreadable"):
+        asyncio.run(consumer.run())
+    assert handled == [] and group.stored == [] and group.closed
+
+
+@pytest.mark.parametrize("rocksdb", [False, True])
+def test_store_writes_its_changelog_and_refuses_partitions_it_does_not_own(
+    tmp_path: Path, rocksdb: bool
+) -> None:
+    sink = Sink()
+    store = ProfileStore(
+        changelog_topic=CHANGELOG, changelog=sink, directory=tmp_path if rocksdb else None
+    )
+    store.open(2)
+    store.put(2, "u1", b'{"user_id":"u1"}')
+    assert store.get(2, "u1") == b'{"user_id":"u1"}'
+    assert list(store.keys()) == ["u1"] and len(store) == 1
+    # Same topic, partition and key encoding (JSON) as Faust's changelog of this table.
+    assert sink.sent == [(CHANGELOG, b'"u1"', b'{"user_id":"u1"}', 2)]
+    with pytest.raises(PartitionNotAssignedError, match="partition 3"):
+        store.get(3, "u1")
+    # Reopening starts empty (a restore rebuilds it), also on RocksDB.
+    store.open(2)
+    assert store.get(2, "u1") is None
+    store.restore(2, [(b'"u1"', b"v1"), (None, b"ignored")])
+    assert store.get(2, "u1") == b"v1"
+    store.close_all()
+    assert store.partitions == set()
