@@ -720,6 +720,8 @@ def _add_profile_agents(streams: StreamsApp, topics: dict[str, Any]) -> None:
         to_record=Record.of_message,
         batch_max=settings.batch_max_events,
         window_s=settings.batch_wait_ms / 1000,
+        on_lag=streams.metrics.consumer_lag.labels(streams.topic_names[BEHAVIOR_EVENTS.name]).set,
+        on_restored=streams.metrics.profiles_restored.inc,
     )
     streams.event_consumer = consumer
     app.task(consumer.run)

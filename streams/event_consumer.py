@@ -35,6 +35,8 @@ logger = logging.getLogger(__name__)
 RESTORE_BATCH = 10_000
 # Longest wait for the first event of a batch when idle (a stop is noticed within it).
 IDLE_WAIT_S = 0.5
+# How often the consumer lag gauge is refreshed.
+LAG_REPORT_S = 5.0
 
 
 class Changelog(Protocol):
@@ -177,6 +179,8 @@ class EventBatchConsumer:
         batch_max: int,
         window_s: float,
         client: Callable[[dict[str, Any]], Any] | None = None,
+        on_lag: Callable[[int], None] | None = None,
+        on_restored: Callable[[int], None] | None = None,
     ) -> None:
         self.consumer_config = consumer_config
         self._restore_config = restore_config
@@ -188,6 +192,9 @@ class EventBatchConsumer:
         self._window_s = window_s
         # Builds the consumers from a config (confluent_kafka.Consumer; a fake in unit tests).
         self._client = client or _confluent_consumer
+        self._on_lag = on_lag
+        self._on_restored = on_restored
+        self._next_lag_report = 0.0
         self._thread = ThreadPoolExecutor(1, thread_name_prefix="relata-events")
         self._consumer: Any = None
         self._stopping = False
@@ -247,7 +254,26 @@ class EventBatchConsumer:
         if self._failure is not None:
             failure, self._failure = self._failure, None
             raise failure
+        self._maybe_report_lag()
         return [m for m in messages if self._usable(m)]
+
+    def _maybe_report_lag(self) -> None:
+        """Records behind the high watermarks of the assigned partitions, every
+        LAG_REPORT_S, from librdkafka's cached watermarks (no broker round trip)."""
+        now = time.monotonic()
+        if self._on_lag is None or now < self._next_lag_report:
+            return
+        self._next_lag_report = now + LAG_REPORT_S
+        try:
+            lag = 0
+            for tp in self._consumer.position(self._consumer.assignment()):
+                _, high = self._consumer.get_watermark_offsets(tp, cached=True)
+                if high is not None and high >= 0 and tp.offset is not None and tp.offset >= 0:
+                    lag += max(0, high - tp.offset)
+        except Exception as exc:  # advisory: never stop consuming for it
+            logger.debug("lag report failed topic=%s error=%s", self._topic, exc)
+            return
+        self._on_lag(lag)
 
     def _usable(self, message: Any) -> bool:
         error = message.error()
@@ -306,6 +332,8 @@ class EventBatchConsumer:
         finally:
             reader.close()
         self.restored_records += restored
+        if self._on_restored is not None:
+            self._on_restored(restored)
         logger.info(
             "assigned topic=%s partitions=%s restored_records=%d seconds=%.2f",
             self._topic,

@@ -46,6 +46,8 @@ class StreamsMetrics:
     related_items_published: Counter
     association_items: Gauge
     http_requests: Counter
+    consumer_lag: Gauge
+    profiles_restored: Counter
 
     @classmethod
     def create(cls, registry: CollectorRegistry) -> StreamsMetrics:
@@ -105,6 +107,18 @@ class StreamsMetrics:
                 "relata_http_requests_total",
                 "HTTP requests served, by endpoint and status code.",
                 ["endpoint", "status"],
+                registry=registry,
+            ),
+            consumer_lag=Gauge(
+                "relata_consumer_lag_records",
+                "Records between the consumer's position and the high watermark, by topic "
+                "(the profile agent's behavior-events).",
+                ["topic"],
+                registry=registry,
+            ),
+            profiles_restored=Counter(
+                "relata_profiles_restored_total",
+                "Changelog records replayed into the profiles table on partition assignment.",
                 registry=registry,
             ),
         )

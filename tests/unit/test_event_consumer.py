@@ -76,6 +76,16 @@ class GroupConsumer:
             self.callbacks["on_assign"](self, [TopicPartition(TOPIC, p) for p in partitions])
         return self.batches.pop(0)[:num_messages] if self.batches else []
 
+    def assignment(self) -> list[TopicPartition]:
+        return [TopicPartition(TOPIC, 0), TopicPartition(TOPIC, 1)]
+
+    def position(self, partitions: Sequence[TopicPartition]) -> list[TopicPartition]:
+        return [TopicPartition(TOPIC, tp.partition, 7) for tp in partitions]
+
+    def get_watermark_offsets(self, tp: TopicPartition, *, cached: bool) -> tuple[int, int]:
+        assert cached  # never a broker round trip per batch
+        return 0, 10
+
     def store_offsets(self, *, offsets: Sequence[TopicPartition]) -> None:
         self.stored.extend((tp.partition, tp.offset) for tp in offsets)
 
@@ -135,6 +145,8 @@ def build(
     handle: Any,
     *,
     store: ProfileStore | None = None,
+    lags: list[int] | None = None,
+    restored: list[int] | None = None,
 ) -> tuple[EventBatchConsumer, ProfileStore]:
     store = store or ProfileStore(changelog_topic=CHANGELOG, changelog=Sink())
 
@@ -151,6 +163,8 @@ def build(
         batch_max=100,
         window_s=0.001,
         client=client,
+        on_lag=None if lags is None else lags.append,
+        on_restored=None if restored is None else restored.append,
     )
     return consumer, store
 
@@ -185,12 +199,17 @@ def test_assigned_partitions_are_restored_before_their_events_and_offsets_follow
         if len(seen) == 2:
             consumer.stop()
 
-    consumer, store = build(group, reader, handle)
+    lags: list[int] = []
+    restored: list[int] = []
+    consumer, store = build(group, reader, handle, lags=lags, restored=restored)
     asyncio.run(consumer.run())
     # Offsets of a batch are stored only after its handler returned (none before the first).
     assert seen == [([b"e1", b"e2", b"e3"], []), ([b"e4"], [(0, 7), (1, 8)])]
     assert group.stored == [(0, 7), (1, 8), (1, 9)]
-    assert consumer.restored_records == 3
+    assert consumer.restored_records == 3 and restored == [3]
+    # Lag from the cached watermarks (10) and positions (7) of both partitions, reported once
+    # within LAG_REPORT_S.
+    assert lags == [6]
     # Closing commits what was stored, leaves the group and drops the partitions.
     assert group.closed and group.commits >= 1
     assert store.partitions == set()

@@ -484,6 +484,8 @@ def test_all_streams_metric_names_registered(streams: StreamsApp) -> None:
         "relata_related_items_published",
         "relata_association_items",
         "relata_http_requests",
+        "relata_consumer_lag_records",
+        "relata_profiles_restored",
     }
 
 
