@@ -260,15 +260,20 @@ def decayed(
     return value * math.pow(2.0, -max(0.0, now - record["landmark"]) / half_life_s)
 
 
-def _prune(record: ItemRecord, kind: str, partners: dict[str, list[float]], capacity: int) -> float:
-    """Drop the weakest quarter of a full list; returns the new floor (largest dropped count)."""
+def _prune(record: ItemRecord, kind: str, capacity: int) -> dict[str, list[float]]:
+    """Drop the weakest quarter of a full list (the floor becomes the largest dropped count);
+    returns the kept list, which replaces it in the record.
+
+    The kept partners go to a new dict (in their order) rather than being deleted from the old
+    one: a dict that has had many deletions still iterates over their slots until it is
+    resized, and on the live stream a long-tailed item's list is pruned over and over."""
+    partners = record["partners"][kind]
     counts = sorted([entry[0] for entry in partners.values()])
     threshold = counts[max(1, capacity // 4) - 1]
-    for weak in [p for p, entry in partners.items() if entry[0] <= threshold]:
-        del partners[weak]
-    floor = max(record["floors"].get(kind, 0.0), threshold)
-    record["floors"][kind] = floor
-    return floor
+    kept = {p: entry for p, entry in partners.items() if entry[0] > threshold}
+    record["partners"][kind] = kept
+    record["floors"][kind] = max(record["floors"].get(kind, 0.0), threshold)
+    return kept
 
 
 def update_item(
@@ -299,9 +304,9 @@ def update_item(
         if entry is not None:
             entry[0] += amount * scale
             continue
-        floor = floors.get(kind, 0.0)
         if len(partners) >= capacity:
-            floor = _prune(record, kind, partners, capacity)
+            partners = _prune(record, kind, capacity)
+        floor = floors.get(kind, 0.0)
         partners[partner] = [floor + amount * scale, floor]
     return record
 
