@@ -373,19 +373,20 @@ class EventBatchConsumer:
     def _revoked(self, partitions: Sequence[Any]) -> None:
         # Every handled batch's offsets are stored (handling and consuming take turns).
         self._commit()
-        for p in partitions:
-            self._store.close(p.partition)
-        logger.info(
-            "revoked topic=%s partitions=%s",
-            self._topic,
-            ",".join(str(p.partition) for p in partitions),
-        )
+        self._drop(partitions, logging.INFO, "revoked")
 
     def _lost(self, partitions: Sequence[Any]) -> None:
+        self._drop(
+            partitions, logging.WARNING, "lost (not committed: re-delivered to their new owner)"
+        )
+
+    def _drop(self, partitions: Sequence[Any], level: int, what: str) -> None:
         for p in partitions:
             self._store.close(p.partition)
-        logger.warning(
-            "lost topic=%s partitions=%s (not committed: re-delivered to their new owner)",
+        logger.log(
+            level,
+            "%s topic=%s partitions=%s",
+            what,
             self._topic,
             ",".join(str(p.partition) for p in partitions),
         )

@@ -20,39 +20,16 @@ from streams.event_consumer import (
     ProfileStore,
     changelog_key,
 )
+from tests.unit.worker_fakes import FakeMessage
 
 TOPIC = "behavior-events"
 CHANGELOG = "app-profiles-changelog"
 
 
-@dataclass
-class Message:
-    topic_: str
-    partition_: int
-    offset_: int
-    key_: bytes | None
-    value_: bytes | None
-
-    def error(self) -> None:
-        return None
-
-    def topic(self) -> str:
-        return self.topic_
-
-    def partition(self) -> int:
-        return self.partition_
-
-    def offset(self) -> int:
-        return self.offset_
-
-    def key(self) -> bytes | None:
-        return self.key_
-
-    def value(self) -> bytes | None:
-        return self.value_
-
-    def timestamp(self) -> tuple[int, int]:
-        return (1, 1_700_000_000_000 + self.offset_)
+def message(  # a confluent-kafka message, as the worker fakes build it
+    topic: str, partition: int, offset: int, key: bytes | None, value: bytes | None
+) -> Any:
+    return FakeMessage(topic, value, key, partition, offset)
 
 
 @dataclass
@@ -60,7 +37,7 @@ class GroupConsumer:
     """Assigns `assign` on the first consume, then hands out `batches` one per call."""
 
     assign: list[int]
-    batches: list[list[Message]]
+    batches: list[list[Any]]
     callbacks: dict[str, Any] = field(default_factory=dict)
     stored: list[tuple[int, int]] = field(default_factory=list)
     commits: int = 0
@@ -70,7 +47,7 @@ class GroupConsumer:
         assert list(topics) == [TOPIC]
         self.callbacks = callbacks
 
-    def consume(self, num_messages: int, timeout: float) -> list[Message]:
+    def consume(self, num_messages: int, timeout: float) -> list[Any]:
         if self.assign:
             partitions, self.assign = self.assign, []
             self.callbacks["on_assign"](self, [TopicPartition(TOPIC, p) for p in partitions])
@@ -104,7 +81,7 @@ class ChangelogReader:
 
     records: dict[int, list[tuple[bytes | None, bytes | None]]]
     fail: bool = False
-    queue: list[Message] = field(default_factory=list)
+    queue: list[Any] = field(default_factory=list)
 
     def get_watermark_offsets(self, tp: TopicPartition, timeout: float) -> tuple[int, int]:
         if self.fail:
@@ -114,11 +91,11 @@ class ChangelogReader:
     def assign(self, partitions: Sequence[TopicPartition]) -> None:
         (tp,) = partitions
         self.queue = [
-            Message(tp.topic, tp.partition, offset, key, value)
+            message(tp.topic, tp.partition, offset, key, value)
             for offset, (key, value) in enumerate(self.records[tp.partition])
         ]
 
-    def consume(self, num_messages: int, timeout: float) -> list[Message]:
+    def consume(self, num_messages: int, timeout: float) -> list[Any]:
         batch, self.queue = self.queue[:num_messages], self.queue[num_messages:]
         return batch
 
@@ -174,11 +151,11 @@ def test_assigned_partitions_are_restored_before_their_events_and_offsets_follow
         assign=[0, 1],
         batches=[
             [
-                Message(TOPIC, 0, 5, b"u1", b"e1"),
-                Message(TOPIC, 1, 7, b"u3", b"e2"),
-                Message(TOPIC, 0, 6, b"u1", b"e3"),
+                message(TOPIC, 0, 5, b"u1", b"e1"),
+                message(TOPIC, 1, 7, b"u3", b"e2"),
+                message(TOPIC, 0, 6, b"u1", b"e3"),
             ],
-            [Message(TOPIC, 1, 8, b"u3", b"e4")],
+            [message(TOPIC, 1, 8, b"u3", b"e4")],
         ],
     )
     reader = ChangelogReader(
@@ -192,7 +169,7 @@ def test_assigned_partitions_are_restored_before_their_events_and_offsets_follow
     )
     seen: list[tuple[list[bytes | None], list[tuple[int, int]]]] = []
 
-    async def handle(records: list[Message]) -> None:
+    async def handle(records: list[Any]) -> None:
         # The partitions' profiles are there before the first event is handled.
         assert store.get(0, "u1") == b"p1" and store.get(0, "u2") is None
         seen.append(([r.value() for r in records], list(group.stored)))
@@ -216,9 +193,9 @@ def test_assigned_partitions_are_restored_before_their_events_and_offsets_follow
 
 
 def test_a_failed_batch_stores_no_offsets_and_the_consumer_still_closes() -> None:
-    group = GroupConsumer(assign=[0], batches=[[Message(TOPIC, 0, 0, b"u1", b"e1")]])
+    group = GroupConsumer(assign=[0], batches=[[message(TOPIC, 0, 0, b"u1", b"e1")]])
 
-    async def handle(records: list[Message]) -> None:
+    async def handle(records: list[Any]) -> None:
         raise RuntimeError("broker refused the outputs")
 
     consumer, _ = build(group, ChangelogReader({}), handle)
@@ -228,10 +205,10 @@ def test_a_failed_batch_stores_no_offsets_and_the_consumer_still_closes() -> Non
 
 
 def test_a_failed_restore_stops_the_consumer_with_its_error() -> None:
-    group = GroupConsumer(assign=[0], batches=[[Message(TOPIC, 0, 0, b"u1", b"e1")]])
+    group = GroupConsumer(assign=[0], batches=[[message(TOPIC, 0, 0, b"u1", b"e1")]])
     handled: list[Any] = []
 
-    async def handle(records: list[Message]) -> None:
+    async def handle(records: list[Any]) -> None:
         handled.append(records)
 
     consumer, _ = build(group, ChangelogReader({0: [(b'"u1"', b"p")]}, fail=True), handle)
