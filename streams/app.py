@@ -701,6 +701,9 @@ def _add_profile_agents(streams: StreamsApp, topics: dict[str, Any]) -> None:
         consumer_config=client
         | {
             "group.id": events_group(kafka, settings),
+            # Incremental rebalancing: a rebalance revokes (and the new owner replays from the
+            # changelog) only the partitions that move, not every partition of every member.
+            "partition.assignment.strategy": "cooperative-sticky",
             "auto.offset.reset": "earliest",
             # Offsets are stored after a batch's outputs are acknowledged, committed from there.
             "enable.auto.offset.store": False,

@@ -410,6 +410,59 @@ def test_restart_restores_profiles_from_the_changelog_and_resumes_after_committe
     assert sorted(triggers) == ["e1", "e2", "e3"]
 
 
+def test_a_second_worker_takes_over_partitions_with_their_profiles(
+    kafka_settings: KafkaSettings, unique_id: str, tmp_path: Path, reader: TopicReader
+) -> None:
+    """Two profile workers in one group: the partitions that move to the newcomer arrive with
+    their profiles (replayed from the changelog), and the first keeps the others."""
+    kafka = kafka_settings
+    catalog(kafka)
+    settings = streams_settings(tmp_path, unique_id).model_copy(update={"role": "profiles"})
+    users = [f"u{n}" for n in range(8)]  # murmur2 spreads them over both partitions
+
+    def latest(user: str) -> ProfileUpdate | None:
+        updates = [ProfileUpdate.model_validate_json(v) for v in reader.values("profile-updates")]
+        mine = [u for u in updates if u.user_id == user]
+        return mine[-1] if mine else None
+
+    with start(kafka, settings) as first:
+        publish(
+            kafka,
+            "behavior-events",
+            [(u.encode(), event(n, u, "i1", f"b-{u}")) for n, u in enumerate(users)],
+        )
+        reader.until(lambda r: folded(r) >= len(users), "every user's first event folded")
+        second_settings = settings.model_copy(
+            update={"data_dir": tmp_path / "second", "web_port": free_port()}
+        )
+        with start(kafka, second_settings) as second:
+            consumers = (first.streams.event_consumer, second.streams.event_consumer)
+            assert consumers[0] is not None and consumers[1] is not None
+            deadline = time.monotonic() + WAIT_S
+            while not (first.streams.profiles.partitions and second.streams.profiles.partitions):
+                assert time.monotonic() < deadline, "the partitions were not shared out"
+                time.sleep(0.2)
+            assert first.streams.profiles.partitions.isdisjoint(second.streams.profiles.partitions)
+            moved = second.streams.profiles.partitions
+            publish(
+                kafka,
+                "behavior-events",
+                [(u.encode(), event(100 + n, u, "i2", f"b-{u}")) for n, u in enumerate(users)],
+            )
+            reader.until(
+                lambda r: all(
+                    (seen := latest(u)) is not None and seen.last_item_id == "i2" for u in users
+                ),
+                "every user's second event folded",
+            )
+    # Every profile, on whichever worker, holds both events: the moved ones came with theirs.
+    for user in users:
+        update = latest(user)
+        assert update is not None
+        assert [h.item_id for h in update.history] == ["i2", "i1"], user
+    assert consumers[1].restored_records >= 1 and moved
+
+
 def test_rocksdb_store_folds_profiles_and_keeps_them_on_disk(
     kafka_settings: KafkaSettings, unique_id: str, reader: TopicReader, tmp_path: Path
 ) -> None:

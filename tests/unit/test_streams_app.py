@@ -548,6 +548,8 @@ def test_roles_split_agents_tables_and_routes_and_share_the_association_state(
     assert (events["fetch.min.bytes"], events["fetch.wait.max.ms"]) == (65536, 10)
     # Offsets are stored by the agent (after its outputs are acknowledged), never by librdkafka.
     assert events["enable.auto.offset.store"] is False
+    # A rebalance moves (and so replays) only the partitions that change owner.
+    assert events["partition.assignment.strategy"] == "cooperative-sticky"
     # One consumer group per role, and one of the profile agent's own ...
     assert profiles.app.conf.id == everything.app.conf.id == "relata-streams"
     assert associations.app.conf.id == "relata-streams-associations"
