@@ -696,11 +696,12 @@ def _add_profile_agents(streams: StreamsApp, topics: dict[str, Any]) -> None:
         directory=directory,
     )
     client = kafka.librdkafka_config()
+    group = events_group(kafka, settings)
     session_ms = int(settings.session_timeout_s * 1000)
     consumer = EventBatchConsumer(
         consumer_config=client
         | {
-            "group.id": events_group(kafka, settings),
+            "group.id": group,
             # Incremental rebalancing: a rebalance revokes (and the new owner replays from the
             # changelog) only the partitions that move, not every partition of every member.
             "partition.assignment.strategy": "cooperative-sticky",
@@ -715,8 +716,7 @@ def _add_profile_agents(streams: StreamsApp, topics: dict[str, Any]) -> None:
             "fetch.min.bytes": FETCH_MIN_BYTES,
         },
         # Reads changelog partitions by assignment: its group id is never joined or committed.
-        restore_config=client
-        | {"group.id": f"{events_group(kafka, settings)}-restore", "enable.auto.commit": False},
+        restore_config=client | {"group.id": f"{group}-restore", "enable.auto.commit": False},
         topic=streams.topic_names[BEHAVIOR_EVENTS.name],
         store=streams.profiles,
         handle=streams.handle_events,

@@ -199,8 +199,6 @@ class EventBatchConsumer:
         self._consumer: Any = None
         self._stopping = False
         self._failure: Exception | None = None
-        self.restored_records = 0
-        self.batches = 0
 
     async def _call(self, fn: Callable[..., Any], *args: Any) -> Any:
         loop = asyncio.get_running_loop()
@@ -231,7 +229,6 @@ class EventBatchConsumer:
                     continue
                 await self._handle(records)
                 await self._call(self._store_offsets, messages)
-                self.batches += 1
         finally:
             if pending is not None:  # cancelled mid-consume: let that call end first
                 await asyncio.wait([pending])
@@ -331,7 +328,6 @@ class EventBatchConsumer:
             restored = sum(self._restore(reader, p.partition) for p in partitions)
         finally:
             reader.close()
-        self.restored_records += restored
         if self._on_restored is not None:
             self._on_restored(restored)
         logger.info(
