@@ -65,6 +65,23 @@ DEFAULT_DATA = REPO_ROOT / "data" / "online-retail"
 _PR_SET_PDEATHSIG = 1
 _STOP_TIMEOUT_S = 20.0
 CANARY_PREFIX = "relata-canary-"
+
+
+def canary_ts(events_path: Path) -> str:
+    """The canary's event time: that of the data set's first event (a replay's clock), or now.
+
+    Association statistics decay against the latest event time they have seen; a canary
+    stamped with the wall clock, ahead of a replayed data set's years-old events, aged every
+    replayed co-occurrence to nothing (2^-60 for online-retail at a 90-day half-life), so no
+    related list was published and no recommendation carried association evidence.
+    """
+    first = next(iter(iter_jsonl(events_path)), None) if events_path.exists() else None
+    if first is not None:
+        with contextlib.suppress(ValueError, KeyError, TypeError):
+            return str(json.loads(first[1])["ts"])
+    return datetime.now(UTC).isoformat()
+
+
 # The association statistics are off the latency path (related-items are republished every
 # second): on one small machine they yield the CPU to the profile agent, the recommender and the
 # broker. Deployed, each role has its own pod and CPU request instead (deploy/k8s).
@@ -586,7 +603,7 @@ class Pipeline:
                 "user_id": f"{CANARY_PREFIX}{self.run_id}",
                 "item_id": json.loads(item)["item_id"],
                 "event_type": "view",
-                "ts": datetime.now(UTC).isoformat(),
+                "ts": canary_ts(self.events_path),
             }
             producer = self.event_producer()
             producer.produce(

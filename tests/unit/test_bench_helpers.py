@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import gzip
 import itertools
 import json
 import math
+from datetime import UTC, datetime
 from pathlib import Path
 
 from relata.bench import PhaseResult, endless_events, histogram, metric_sum
 from relata.demo import invalid_events, mixed_lines
-from relata.pipeline import scrape_metrics
+from relata.pipeline import canary_ts, scrape_metrics
 from schemas.decoding import Rejection, decode
 from schemas.messages import BehaviorEvent
 
@@ -103,3 +105,15 @@ def test_rss_report_and_series_show_start_mid_end() -> None:
         [10.0, {"streams": 60.0}],
         [20.0, {"streams": 70.0}],
     ]
+
+
+def test_the_canary_lives_in_the_replayed_data_sets_time(tmp_path: Path) -> None:
+    # A wall-clock canary ahead of years-old replayed events decayed every association to
+    # nothing; it takes the first event's time, and the wall clock only without events.
+    events = tmp_path / "events.jsonl.gz"
+    with gzip.open(events, "wt") as out:
+        out.write('{"event_id": "e1", "ts": "2010-12-01T08:26:00Z"}\n')
+        out.write('{"event_id": "e2", "ts": "2011-12-09T12:50:00Z"}\n')
+    assert canary_ts(events) == "2010-12-01T08:26:00Z"
+    missing = datetime.fromisoformat(canary_ts(tmp_path / "none.jsonl.gz"))
+    assert abs((datetime.now(UTC) - missing).total_seconds()) < 60
