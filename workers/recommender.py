@@ -53,6 +53,8 @@ FloatArray = npt.NDArray[np.float32]
 STAGE = "recommender"
 # Rank this many extra candidates so that dropping retired behaviour candidates still leaves k.
 CANDIDATE_MARGIN = 2
+# related-items records applied per poll, before its answers (see `poll_once`).
+RELATED_PER_POLL = 25
 
 
 @dataclass(frozen=True, slots=True)
@@ -290,7 +292,9 @@ class Recommender:
             return 0
         total = 0
         while total < max_records:
-            batch = self.related_consumer.consume(num_messages=1000, timeout=0)
+            batch = self.related_consumer.consume(
+                num_messages=min(1000, max_records - total), timeout=0
+            )
             if not batch:
                 break
             total += len(batch)
@@ -443,7 +447,10 @@ class Recommender:
                 num_messages=self.settings.max_batch, timeout=self.settings.max_wait_ms / 1000.0
             )
         )
-        self.drain_related()
+        # A bounded share per poll: the association agent publishes the lists that changed each
+        # second in one burst (hundreds early in a stream, ~130 us each to decode), and draining
+        # a whole burst before answering held the updates up for 100+ ms.
+        self.drain_related(max_records=RELATED_PER_POLL)
         result = BatchResult(records=len(messages))
         if not messages:
             self._maybe_commit()

@@ -13,7 +13,13 @@ from schemas.messages import ProfileUpdate
 from schemas.settings import RecommenderSettings
 from tests.unit.worker_fakes import FakeConsumer, FakeEncoder, FakeProducer
 from workers.metrics import WorkerMetrics
-from workers.recommender import ItemCache, Recommender, RecommenderTopics, coalesce
+from workers.recommender import (
+    RELATED_PER_POLL,
+    ItemCache,
+    Recommender,
+    RecommenderTopics,
+    coalesce,
+)
 from workers.vector_store import ClientVectorStore
 
 TOPICS = RecommenderTopics(
@@ -185,6 +191,24 @@ def test_related_items_evidence_names_the_history_item(store: ClientVectorStore)
     assert reason["source_item_id"] == "sh1"
     assert "bought together in 4 baskets" in reason["text"]
     assert [d["source_topic"] for d in h.producer.values("dead-letter")] == ["related-items"]
+
+
+def test_a_burst_of_related_lists_is_applied_a_bounded_share_per_poll(
+    store: ClientVectorStore,
+) -> None:
+    # The association agent publishes every changed list at once; the updates waiting behind
+    # such a burst are answered after RELATED_PER_POLL of them, the rest follow in later polls.
+    h = Harness(store)
+    burst = RELATED_PER_POLL * 2 + 3
+    for n in range(burst):
+        h.related.add_json(_related(f"item{n}", "nail"), key=f"item{n}")
+    h.consumer.add_json(_update("u", "lip1"), key="u")
+    h.recommender.poll_once()
+    assert "u" in h.recs()
+    assert len(h.recommender.related.items) == RELATED_PER_POLL
+    h.recommender.poll_once()
+    h.recommender.poll_once()
+    assert len(h.recommender.related.items) == burst
 
 
 def test_vector_strategy_ignores_behaviour_evidence(store: ClientVectorStore) -> None:
