@@ -203,13 +203,20 @@ class RelatedIndex:
 
     items: dict[str, RelatedItems] = field(default_factory=dict)
     _popularity: list[tuple[str, float]] | None = None
+    _counts: dict[str, float] | None = None
 
     def apply(self, item_id: str, value: RelatedItems | None) -> None:
         if value is None:
             self.items.pop(item_id, None)
         else:
             self.items[item_id] = value
-        self._popularity = None
+        self._popularity = self._counts = None
+
+    def popularity_counts(self) -> dict[str, float]:
+        """`popularity()` as a mapping (built once per change, not per ranked user)."""
+        if self._counts is None:
+            self._counts = dict(self.popularity())
+        return self._counts
 
     def popularity(self, limit: int = 1000) -> list[tuple[str, float]]:
         """Items by decayed basket/history count, most popular first."""
@@ -410,6 +417,7 @@ class Recommender:
         history_vectors = _Vectors(self.cache)
         titles = _Titles(self.cache)
         popularity = self.related.popularity() if self.weights.popularity > 0 else None
+        counts = self.related.popularity_counts() if popularity else None
         ranked: list[list[RecommendedItem]] = []
         for user, user_hits, user_vector in zip(users, hits, vectors, strict=True):
             ranked.append(
@@ -422,6 +430,7 @@ class Recommender:
                     history_vectors=history_vectors,
                     candidate_vectors=history_vectors,
                     popularity=popularity,
+                    popularity_counts=counts,
                     titles=titles,
                     user_vector=user_vector,
                 )
