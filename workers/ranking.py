@@ -209,6 +209,11 @@ def profile_text(
     return "; ".join(parts)
 
 
+def _evidence_text(r: RelatedItem, src: str, titles: Mapping[str, str] | None) -> str:
+    phrase = _KIND_PHRASE.get(r.kind, "related to {src}").format(src=_label(src, titles))
+    return f"{phrase} ({r.evidence.text})"
+
+
 def _label(item_id: str, titles: Mapping[str, str] | None) -> str:
     if titles:
         title = titles.get(item_id)
@@ -329,11 +334,18 @@ def rank(
                     max_items=w.max_sources,
                 )
             if uvec is not None and candidate_vectors is not None:
+                # One matrix product for the behaviour candidates (up to max_sources x
+                # max_related of them), not one dot product each.
+                ids: list[str] = []
+                vecs: list[np.ndarray] = []
                 for item_id in scores:
                     if item_id not in cos_of:
                         vec = _vector_of(candidate_vectors, item_id)
                         if vec is not None:
-                            cos_of[item_id] = float(np.dot(uvec, vec))
+                            ids.append(item_id)
+                            vecs.append(vec)
+                if ids:
+                    cos_of.update(zip(ids, (np.stack(vecs) @ uvec).tolist(), strict=True))
             sharp, floor = w.vector_sharpness, w.vector_floor
             for item_id, cos in cos_of.items():
                 scaled = max(floor, (cos - lo) / span)
@@ -376,10 +388,11 @@ def rank(
     )
     out: list[RecommendedItem] = []
     for item_id, score in ordered:
-        parts: list[tuple[float, str, ReasonKind, str]] = []
+        # (strength, source, kind, text, or the RelatedItem to word it from: only the
+        # max_reasons strongest are worded)
+        parts: list[tuple[float, str, ReasonKind, str | RelatedItem]] = []
         for strength, src, r in evidence.get(item_id, ()):
-            phrase = _KIND_PHRASE.get(r.kind, "related to {src}").format(src=_label(src, titles))
-            parts.append((strength, src, r.kind, f"{phrase} ({r.evidence.text})"))
+            parts.append((strength, src, r.kind, r))
         vs = vec_score.get(item_id)
         if vs is not None and vs > 0.0:
             src, sim = vec_source.get(item_id, (anchor, None))
@@ -400,7 +413,12 @@ def rank(
         # Built from validated inputs only: no per-field validation (it was a fifth of the
         # recommender's time at 2k candidates a user).
         reasons = [
-            Reason.model_construct(source_item_id=src, kind=kind, strength=strength, text=text)
+            Reason.model_construct(
+                source_item_id=src,
+                kind=kind,
+                strength=strength,
+                text=text if isinstance(text, str) else _evidence_text(text, src, titles),
+            )
             for strength, src, kind, text in parts[:max_reasons]
         ]
         out.append(RecommendedItem.model_construct(item_id=item_id, score=score, reasons=reasons))
