@@ -22,14 +22,47 @@ import logging
 import math
 from collections.abc import Mapping, Sequence, Set
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Protocol, cast
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-from schemas.messages import HistoryEntry, Reason, RecommendedItem, RelatedItem, RelatedItems
+from schemas.messages import HistoryEntry, Reason, RecommendedItem
 
 logger = logging.getLogger(__name__)
+
+
+# What `rank` reads of a related-items list: RelatedItems itself (relata evaluate), or the
+# recommender's compact, garbage-collector-untracked copy of it (workers/recommender.py).
+class EvidenceView(Protocol):
+    @property
+    def text(self) -> str: ...
+
+
+class NeighbourView(Protocol):
+    @property
+    def item_id(self) -> str: ...
+
+    @property
+    def kind(self) -> str: ...
+
+    @property
+    def score(self) -> float: ...
+
+    @property
+    def evidence(self) -> EvidenceView: ...
+
+
+class RelatedView(Protocol):
+    @property
+    def item_id(self) -> str: ...
+
+    @property
+    def item_count(self) -> float: ...
+
+    @property
+    def related(self) -> Sequence[NeighbourView]: ...
+
 
 BLEND_FORMAT = "relata.blend-weights"
 BLEND_VERSION = 2
@@ -209,7 +242,7 @@ def profile_text(
     return "; ".join(parts)
 
 
-def _evidence_text(r: RelatedItem, src: str, titles: Mapping[str, str] | None) -> str:
+def _evidence_text(r: NeighbourView, src: str, titles: Mapping[str, str] | None) -> str:
     phrase = _KIND_PHRASE.get(r.kind, "related to {src}").format(src=_label(src, titles))
     return f"{phrase} ({r.evidence.text})"
 
@@ -224,7 +257,7 @@ def _label(item_id: str, titles: Mapping[str, str] | None) -> str:
 
 def behaviour_candidates(
     history: Sequence[HistoryEntry],
-    related: Mapping[str, RelatedItems],
+    related: Mapping[str, RelatedView],
     weights: BlendWeights | None = None,
 ) -> list[str]:
     """Items that association evidence can propose for this history (for prefetching their
@@ -254,7 +287,7 @@ def _vector_of(vectors: Mapping[str, np.ndarray] | None, item_id: str) -> np.nda
 def rank(
     *,
     history: Sequence[HistoryEntry],
-    related: Mapping[str, RelatedItems],
+    related: Mapping[str, RelatedView],
     vector_hits: Sequence[tuple[str, float]],
     k: int,
     weights: BlendWeights | None = None,
@@ -289,7 +322,7 @@ def rank(
     anchor = sources[0][0].item_id if sources else history[0].item_id
     scores: dict[str, float] = {}
     # candidate -> (strength, source item, RelatedItem) of its association evidence
-    evidence: dict[str, list[tuple[float, str, RelatedItem]]] = {}
+    evidence: dict[str, list[tuple[float, str, NeighbourView]]] = {}
 
     # Association evidence (item kNN): association scores are cosines already, comparable
     # across sources; sources are normalised to sum 1 so history length does not scale them.
@@ -390,9 +423,9 @@ def rank(
     for item_id, score in ordered:
         # (strength, source, kind, text, or the RelatedItem to word it from: only the
         # max_reasons strongest are worded)
-        parts: list[tuple[float, str, ReasonKind, str | RelatedItem]] = []
+        parts: list[tuple[float, str, ReasonKind, str | NeighbourView]] = []
         for strength, src, r in evidence.get(item_id, ()):
-            parts.append((strength, src, r.kind, r))
+            parts.append((strength, src, cast(ReasonKind, r.kind), r))
         vs = vec_score.get(item_id)
         if vs is not None and vs > 0.0:
             src, sim = vec_source.get(item_id, (anchor, None))
