@@ -33,7 +33,8 @@ logger = logging.getLogger(__name__)
 
 
 # What `rank` reads of a related-items list: RelatedItems itself (relata evaluate), or the
-# recommender's compact, garbage-collector-untracked copy of it (workers/recommender.py).
+# recommender's compact named-tuple copy of it, fewer objects for the garbage collector to scan
+# (workers/recommender.py).
 class EvidenceView(Protocol):
     @property
     def text(self) -> str: ...
@@ -321,7 +322,7 @@ def rank(
     )
     anchor = sources[0][0].item_id if sources else history[0].item_id
     scores: dict[str, float] = {}
-    # candidate -> (strength, source item, RelatedItem) of its association evidence
+    # candidate -> (strength, source item, neighbour entry) of its association evidence
     evidence: dict[str, list[tuple[float, str, NeighbourView]]] = {}
 
     # Association evidence (item kNN): association scores are cosines already, comparable
@@ -421,7 +422,7 @@ def rank(
     )
     out: list[RecommendedItem] = []
     for item_id, score in ordered:
-        # (strength, source, kind, text, or the RelatedItem to word it from: only the
+        # (strength, source, kind, text, or the neighbour entry to word it from: only the
         # max_reasons strongest are worded)
         parts: list[tuple[float, str, ReasonKind, str | NeighbourView]] = []
         for strength, src, r in evidence.get(item_id, ()):

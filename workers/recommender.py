@@ -346,8 +346,8 @@ class Recommender:
             n += 1
         return n
 
-    def drain_related(self, *, max_records: int = 10_000) -> int:
-        """Apply what `related-items` has ready now, without waiting."""
+    def drain_related(self, *, max_records: int = RELATED_PER_POLL) -> int:
+        """Apply up to `max_records` of what `related-items` has ready now, without waiting."""
         if self.related_consumer is None:
             return 0
         total = 0
@@ -512,7 +512,7 @@ class Recommender:
         # A bounded share per poll: the association agent publishes the lists that changed each
         # second in one burst (hundreds early in a stream, ~130 us each to decode), and draining
         # a whole burst before answering held the updates up for 100+ ms.
-        self.drain_related(max_records=RELATED_PER_POLL)
+        self.drain_related()
         result = BatchResult(records=len(messages))
         if not messages:
             self._maybe_commit()
