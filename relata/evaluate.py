@@ -40,6 +40,8 @@ from streams.profile import FoldConfig, fold_event
 from workers.ranking import (
     BEHAVIOUR_KINDS,
     BlendWeights,
+    RelatedTable,
+    VectorRows,
     pooled_user_vector,
     profile_text,
     rank,
@@ -202,21 +204,21 @@ class State:
     popularity: list[tuple[str, float]]
     item_counts: dict[str, float]
     _related: dict[str, RelatedItems | None] = field(default_factory=dict)
+    _table: RelatedTable = field(default_factory=RelatedTable)
 
     def related(self, item_id: str) -> RelatedItems | None:
         if item_id not in self._related:
-            self._related[item_id] = self.index.related(item_id)
+            found = self._related[item_id] = self.index.related(item_id)
+            if found is not None:
+                self._table.put(found)
         return self._related[item_id]
 
-    def related_for(
-        self, history: Sequence[HistoryEntry], max_sources: int
-    ) -> dict[str, RelatedItems]:
-        out: dict[str, RelatedItems] = {}
+    def related_for(self, history: Sequence[HistoryEntry], max_sources: int) -> RelatedTable:
+        """The related lists `rank` reads for this history (the table holds every list looked
+        up so far; rank reads only the history's)."""
         for e in history[:max_sources]:
-            r = self.related(e.item_id)
-            if r is not None:
-                out[e.item_id] = r
-        return out
+            self.related(e.item_id)
+        return self._table
 
 
 def build_state(
@@ -443,30 +445,13 @@ def item_vectors(
     )
 
 
-class MatrixView(Mapping[str, np.ndarray]):
-    """Item id -> row of an item matrix (rank's candidate_vectors), without copying."""
-
-    def __init__(self, matrix: np.ndarray, pos: Mapping[str, int]) -> None:
-        self.matrix = matrix
-        self.pos = pos
-
-    def __getitem__(self, item_id: str) -> np.ndarray:
-        return self.matrix[self.pos[item_id]]
-
-    def __iter__(self) -> Any:
-        return iter(self.pos)
-
-    def __len__(self) -> int:
-        return len(self.pos)
-
-
 @dataclass
 class VectorInputs:
     """Per-user vectors and exact hits, and the item matrix they were computed on."""
 
     users: np.ndarray
     hits: list[list[tuple[str, float]]]
-    items: MatrixView
+    items: VectorRows
 
 
 def pooled_inputs(
@@ -476,7 +461,7 @@ def pooled_inputs(
     users = pooled_users(prepared, matrix, weights)
     hits = vector_hits(users, matrix, prepared.item_ids, prepared.history_idx, top=top)
     pos = {i: n for n, i in enumerate(prepared.item_ids)}
-    return VectorInputs(users=users, hits=hits, items=MatrixView(matrix, pos))
+    return VectorInputs(users=users, hits=hits, items=VectorRows(matrix, pos))
 
 
 def pooled_hits(

@@ -16,53 +16,21 @@ Score of a candidate item (each term on a [0, 1]-ish scale, so weights are compa
 
 from __future__ import annotations
 
-import heapq
+import itertools
 import json
 import logging
 import math
-from collections.abc import Mapping, Sequence, Set
+from collections.abc import Iterable, Iterator, Mapping, Sequence, Set
 from pathlib import Path
-from typing import Any, Literal, Protocol, cast
+from typing import Any, Literal, NamedTuple, cast
 
 import numpy as np
+import numpy.typing as npt
 from pydantic import BaseModel, ConfigDict, Field
 
-from schemas.messages import HistoryEntry, Reason, RecommendedItem
+from schemas.messages import RELATION_KINDS, HistoryEntry, Reason, RecommendedItem, RelatedItems
 
 logger = logging.getLogger(__name__)
-
-
-# What `rank` reads of a related-items list: RelatedItems itself (relata evaluate), or the
-# recommender's compact named-tuple copy of it, fewer objects for the garbage collector to scan
-# (workers/recommender.py).
-class EvidenceView(Protocol):
-    @property
-    def text(self) -> str: ...
-
-
-class NeighbourView(Protocol):
-    @property
-    def item_id(self) -> str: ...
-
-    @property
-    def kind(self) -> str: ...
-
-    @property
-    def score(self) -> float: ...
-
-    @property
-    def evidence(self) -> EvidenceView: ...
-
-
-class RelatedView(Protocol):
-    @property
-    def item_id(self) -> str: ...
-
-    @property
-    def item_count(self) -> float: ...
-
-    @property
-    def related(self) -> Sequence[NeighbourView]: ...
 
 
 BLEND_FORMAT = "relata.blend-weights"
@@ -169,6 +137,145 @@ _KIND_PHRASE: dict[str, str] = {
 }
 
 
+# Relation kinds as small integer codes (their position in RELATION_KINDS).
+_KIND_CODE: dict[str, int] = {kind: code for code, kind in enumerate(RELATION_KINDS)}
+
+
+class RelatedList(NamedTuple):
+    """One item's related-items list in columns: what `rank` reads of it.
+
+    One object for the garbage collector per list (numpy arrays and tuples of strings are not
+    scanned), where pydantic objects were ~6 per neighbour: with thousands of lists of 50, full
+    collections paused the recommender 50-180 ms (gc.callbacks at 250 events/s)."""
+
+    item_id: str
+    item_count: float
+    ids: tuple[str, ...]  # neighbour item ids, best first
+    idx: npt.NDArray[np.int64]  # the same, interned by the table (RelatedTable.index)
+    kinds: npt.NDArray[np.int8]  # relation kind codes (positions in RELATION_KINDS)
+    scores: npt.NDArray[np.float64]
+    texts: tuple[str, ...]  # evidence texts
+
+
+class RelatedTable:
+    """Related-items lists by item id, in columns, with every item id interned as an integer
+    (scoring a user's candidates is then array arithmetic, not a Python loop per neighbour).
+    Interned ids are kept for the table's life: bounded by the catalog, not by traffic."""
+
+    __slots__ = ("_index", "_lists", "_names")
+
+    def __init__(self) -> None:
+        self._index: dict[str, int] = {}
+        self._names: list[str] = []
+        self._lists: dict[str, RelatedList] = {}
+
+    @classmethod
+    def of(cls, related: Mapping[str, RelatedItems]) -> RelatedTable:
+        table = cls()
+        for value in related.values():
+            table.put(value)
+        return table
+
+    def index(self, item_id: str) -> int:
+        """The integer of an item id (assigned on first sight)."""
+        n = self._index.get(item_id)
+        if n is None:
+            n = self._index[item_id] = len(self._names)
+            self._names.append(item_id)
+        return n
+
+    def known(self, item_ids: Iterable[str]) -> npt.NDArray[np.int64]:
+        """The integers of those of `item_ids` the table has seen (none are assigned)."""
+        index = self._index
+        return np.array([n for n in map(index.get, item_ids) if n is not None], dtype=np.int64)
+
+    def names(self, idx: Sequence[int] | npt.NDArray[np.int64]) -> list[str]:
+        names = self._names
+        return [names[i] for i in idx]
+
+    def put(self, value: RelatedItems) -> None:
+        related = value.related
+        ids = tuple(r.item_id for r in related)
+        self._lists[value.item_id] = RelatedList(
+            value.item_id,
+            value.item_count,
+            ids,
+            np.fromiter((self.index(i) for i in ids), dtype=np.int64, count=len(ids)),
+            np.fromiter((_KIND_CODE[r.kind] for r in related), dtype=np.int8, count=len(ids)),
+            np.fromiter((r.score for r in related), dtype=np.float64, count=len(ids)),
+            tuple(r.evidence.text for r in related),
+        )
+
+    def remove(self, item_id: str) -> None:
+        self._lists.pop(item_id, None)
+
+    def get(self, item_id: str) -> RelatedList | None:
+        return self._lists.get(item_id)
+
+    def lists(self) -> Iterable[RelatedList]:
+        return self._lists.values()
+
+    def __len__(self) -> int:
+        return len(self._lists)
+
+    def __contains__(self, item_id: object) -> bool:
+        return item_id in self._lists
+
+
+class VectorRows(Mapping[str, np.ndarray]):
+    """Item id -> row of an item matrix, without copying; `gather` takes many rows in one
+    numpy call (rank's candidate cosines), where stacking one array per item cost more than
+    the product itself at ~1,000 behaviour candidates a user."""
+
+    def __init__(self, matrix: np.ndarray, rows: Mapping[str, int]) -> None:
+        self.matrix = matrix
+        self.rows = rows
+
+    def __getitem__(self, item_id: str) -> np.ndarray:
+        row: np.ndarray = self.matrix[self.rows[item_id]]
+        return row
+
+    def __contains__(self, item_id: object) -> bool:
+        return item_id in self.rows
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.rows)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def gather(self, item_ids: Iterable[str]) -> tuple[list[str], np.ndarray]:
+        """The ids of `item_ids` that have a row, and their rows as one matrix."""
+        ids = list(item_ids)
+        rows = np.fromiter(map(self.rows.get, ids, itertools.repeat(-1)), dtype=np.intp)
+        found = np.flatnonzero(rows >= 0)
+        if len(found) < len(ids):
+            return [ids[n] for n in found.tolist()], self.matrix[rows[found]]
+        return ids, self.matrix[rows]
+
+
+def _gather(
+    vectors: Mapping[str, np.ndarray], item_ids: Iterable[str]
+) -> tuple[list[str], np.ndarray | None]:
+    """The ids of `item_ids` that `vectors` holds, and their vectors stacked (None if none)."""
+    if isinstance(vectors, VectorRows):
+        ids, matrix = vectors.gather(item_ids)
+        return ids, matrix if ids else None
+    found = [(i, v) for i in item_ids if (v := _vector_of(vectors, i)) is not None]
+    if not found:
+        return [], None
+    return [i for i, _ in found], np.stack([np.asarray(v, dtype=np.float32) for _, v in found])
+
+
+def _table(related: RelatedTable | Mapping[str, RelatedItems]) -> RelatedTable:
+    return related if isinstance(related, RelatedTable) else RelatedTable.of(related)
+
+
+def _kind_weights(w: BlendWeights) -> npt.NDArray[np.float64]:
+    """The blend weight of each relation kind code."""
+    return np.array([w.kind_weight(kind) for kind in RELATION_KINDS], dtype=np.float64)
+
+
 def source_weights(
     history: Sequence[HistoryEntry], *, recency: float, weight_exponent: float, max_sources: int
 ) -> list[tuple[HistoryEntry, float]]:
@@ -243,13 +350,13 @@ def profile_text(
     return "; ".join(parts)
 
 
-def _evidence_text(r: NeighbourView, src: str, titles: Mapping[str, str] | None) -> str:
-    phrase = _KIND_PHRASE.get(r.kind, "related to {src}").format(src=_label(src, titles))
-    return f"{phrase} ({r.evidence.text})"
+def _evidence_text(kind: str, evidence: str, src_label: str) -> str:
+    phrase = _KIND_PHRASE.get(kind, "related to {src}").format(src=src_label)
+    return f"{phrase} ({evidence})"
 
 
 def _label(item_id: str, titles: Mapping[str, str] | None) -> str:
-    if titles:
+    if titles is not None:
         title = titles.get(item_id)
         if title:
             return f"'{title[:80]}'"
@@ -258,21 +365,26 @@ def _label(item_id: str, titles: Mapping[str, str] | None) -> str:
 
 def behaviour_candidates(
     history: Sequence[HistoryEntry],
-    related: Mapping[str, RelatedView],
+    related: RelatedTable | Mapping[str, RelatedItems],
     weights: BlendWeights | None = None,
 ) -> list[str]:
     """Items that association evidence can propose for this history (for prefetching their
     vectors before `rank`, so the language model scores them too)."""
     w = weights or BlendWeights()
+    table = _table(related)
+    kind_w = _kind_weights(w)
     seen: dict[str, None] = {}
     for entry, _ in source_weights(
         history, recency=w.recency, weight_exponent=w.weight_exponent, max_sources=w.max_sources
     ):
-        rel = related.get(entry.item_id)
-        if rel is not None:
-            for r in rel.related[: w.max_related]:
-                if w.kind_weight(r.kind) > 0.0:
-                    seen[r.item_id] = None
+        lst = table.get(entry.item_id)
+        if lst is not None:
+            n = min(len(lst.ids), w.max_related)
+            wanted = kind_w[lst.kinds[:n]] > 0.0
+            if wanted.all():
+                seen.update(dict.fromkeys(lst.ids[:n]))
+            else:
+                seen.update((lst.ids[i], None) for i in np.flatnonzero(wanted).tolist())
     return list(seen)
 
 
@@ -285,10 +397,96 @@ def _vector_of(vectors: Mapping[str, np.ndarray] | None, item_id: str) -> np.nda
         return None
 
 
-def rank(
+class _Association(NamedTuple):
+    """A user's association evidence: candidate ids with summed strengths, and per evidence
+    row (source order, then list order) its candidate, strength, source and list position."""
+
+    ids: list[str]
+    scores: npt.NDArray[np.float64]
+    row_candidate: npt.NDArray[np.intp]
+    row_strength: npt.NDArray[np.float64]
+    row_source: npt.NDArray[np.intp]
+    row_at: npt.NDArray[np.intp]
+    lists: dict[int, RelatedList]  # source position -> its list
+
+
+def _association(
+    sources: Sequence[tuple[HistoryEntry, float]],
+    table: RelatedTable,
+    w: BlendWeights,
+    banned: Set[str],
+) -> _Association | None:
+    """Association evidence (item kNN): association scores are cosines already, comparable
+    across sources; sources are normalised to sum 1 so history length does not scale them."""
+    total_source = sum(sw for _, sw in sources) or 1.0
+    lists: dict[int, RelatedList] = {}
+    taken: list[tuple[int, int, float]] = []  # (source position, neighbours read, share)
+    for pos, (entry, sw) in enumerate(sources):
+        lst = table.get(entry.item_id)
+        if lst is not None and lst.ids:
+            lists[pos] = lst
+            taken.append((pos, min(len(lst.ids), w.max_related), sw / total_source))
+    if not taken:
+        return None
+    # Every source's first max_related neighbours as one set of rows, masked at once.
+    counts = [n for _, n, _ in taken]
+    idx = np.concatenate([lists[pos].idx[:n] for pos, n, _ in taken])
+    scores = np.concatenate([lists[pos].scores[:n] for pos, n, _ in taken])
+    kind_w = _kind_weights(w)[np.concatenate([lists[pos].kinds[:n] for pos, n, _ in taken])]
+    source = np.repeat(np.array([pos for pos, _, _ in taken], dtype=np.intp), counts)
+    share = np.repeat(np.array([sh for _, _, sh in taken], dtype=np.float64), counts)
+    starts = np.repeat(np.cumsum([0, *counts[:-1]]), counts)
+    keep = np.flatnonzero((kind_w > 0.0) & (scores > 0.0) & ~np.isin(idx, table.known(banned)))
+    if not len(keep):
+        return None
+    # (kind weight x share) x score: the scalar formula's order of multiplication
+    strengths = kind_w[keep] * share[keep] * scores[keep]
+    uniq, inverse = np.unique(idx[keep], return_inverse=True)
+    # bincount adds in row order: the same sums, bit for bit, as adding source by source
+    return _Association(
+        ids=table.names(uniq.tolist()),
+        scores=np.bincount(inverse, weights=strengths, minlength=len(uniq)).astype(
+            np.float64, copy=False
+        ),
+        row_candidate=inverse,
+        row_strength=strengths,
+        row_source=source[keep],
+        row_at=keep - starts[keep],
+        lists=lists,
+    )
+
+
+def _top(scores: Mapping[str, float], k: int) -> list[tuple[str, float]]:
+    """The k best (item, score) pairs, ties broken on item id."""
+    ids = list(scores)
+    if len(ids) > k:
+        values = np.fromiter(scores.values(), dtype=np.float64, count=len(ids))
+        kth = values[np.argpartition(-values, k - 1)[:k]].min()
+        ids = [ids[i] for i in np.flatnonzero(values >= kth)]  # the k best and their ties
+    return sorted(((i, scores[i]) for i in ids), key=lambda kv: (-kv[1], kv[0]))[:k]
+
+
+class Scored(NamedTuple):
+    """One user's ranked candidates (`items`: (item id, score), best first) and what
+    `explain` words their reasons from."""
+
+    items: list[tuple[str, float]]
+    history: Sequence[HistoryEntry]
+    sources: list[tuple[HistoryEntry, float]]
+    anchor: str
+    assoc: _Association | None
+    vec_score: dict[str, float]
+    pop_score: dict[str, float]
+    history_vectors: Mapping[str, np.ndarray] | None
+    candidate_vectors: Mapping[str, np.ndarray] | None
+    titles: Mapping[str, str] | None
+    max_reasons: int
+
+
+def score(
     *,
     history: Sequence[HistoryEntry],
-    related: Mapping[str, RelatedView],
+    related: RelatedTable | Mapping[str, RelatedItems],
     vector_hits: Sequence[tuple[str, float]],
     k: int,
     weights: BlendWeights | None = None,
@@ -300,20 +498,21 @@ def rank(
     max_reasons: int = 3,
     user_vector: np.ndarray | None = None,
     popularity_counts: Mapping[str, float] | None = None,
-) -> list[RecommendedItem]:
-    """Top-k items for one user, each with reasons naming the user's own history items.
+) -> Scored:
+    """The top-k items for one user with their scores (`explain` words their reasons, which
+    name the user's own history items).
 
-    history: most recent first (UserProfile/ProfileUpdate order). related: RelatedItems by
-    history item id (missing ids are fine). vector_hits: (item_id, cosine with the user vector),
-    best first. popularity: (item_id, count), most popular first: a prior and the fallback
-    (`popularity_counts`, the same as a mapping, saves building it per call).
+    history: most recent first (UserProfile/ProfileUpdate order). related: a RelatedTable, or
+    RelatedItems by history item id (missing ids are fine). vector_hits: (item_id, cosine with
+    the user vector), best first. popularity: (item_id, count), most popular first: a prior and
+    the fallback (`popularity_counts`, the same as a mapping, saves building it per call).
     history_vectors/candidate_vectors: optional; they name the history item most similar to a
     vector hit (with its cosine) and, with `user_vector` (default: pooled from history_vectors),
     give behaviour candidates that are not vector hits their cosine with the user.
     History items and `exclude` are never returned. Ties break on item id (deterministic).
     """
     if k <= 0 or not history:
-        return []
+        return Scored([], history, [], "", None, {}, {}, None, None, titles, max_reasons)
     w = weights or BlendWeights()
     banned = set(exclude)
     banned.update(e.item_id for e in history)
@@ -321,38 +520,17 @@ def rank(
         history, recency=w.recency, weight_exponent=w.weight_exponent, max_sources=w.max_sources
     )
     anchor = sources[0][0].item_id if sources else history[0].item_id
-    scores: dict[str, float] = {}
-    # candidate -> (strength, source item, neighbour entry) of its association evidence
-    evidence: dict[str, list[tuple[float, str, NeighbourView]]] = {}
-
-    # Association evidence (item kNN): association scores are cosines already, comparable
-    # across sources; sources are normalised to sum 1 so history length does not scale them.
-    total_source = sum(sw for _, sw in sources) or 1.0
-    kind_w = {kind: w.kind_weight(kind) for kind in _KIND_FIELDS}
-    for entry, sw in sources:
-        rel = related.get(entry.item_id)
-        if rel is None:
-            continue
-        share = sw / total_source
-        src = entry.item_id
-        for r in rel.related[: w.max_related]:
-            kw = kind_w.get(r.kind, 0.0)
-            if kw <= 0.0 or r.score <= 0.0 or r.item_id in banned:
-                continue
-            strength = kw * share * r.score
-            item_id = r.item_id
-            scores[item_id] = scores.get(item_id, 0.0) + strength
-            found = evidence.get(item_id)
-            if found is None:
-                evidence[item_id] = [(strength, src, r)]
-            else:
-                found.append((strength, src, r))
+    assoc = _association(sources, _table(related), w, banned) if sources else None
+    scores: dict[str, float] = (
+        {} if assoc is None else dict(zip(assoc.ids, assoc.scores.tolist(), strict=True))
+    )
 
     # Language model: cosine with the user vector, scaled against this user's hits (best hit 1,
     # weakest hit 0); behaviour candidates far from the user's taste go below 0.
     vec_score: dict[str, float] = {}
     if w.vector > 0.0:
         cos_of = {i: c for i, c in vector_hits if i not in banned}
+        n_hits = len(cos_of)
         if cos_of:
             hi, lo = max(cos_of.values()), min(cos_of.values())
             if len(cos_of) == 1 or hi - lo <= 1e-9:
@@ -370,21 +548,22 @@ def rank(
             if uvec is not None and candidate_vectors is not None:
                 # One matrix product for the behaviour candidates (up to max_sources x
                 # max_related of them), not one dot product each.
-                ids: list[str] = []
-                vecs: list[np.ndarray] = []
-                for item_id in scores:
-                    if item_id not in cos_of:
-                        vec = _vector_of(candidate_vectors, item_id)
-                        if vec is not None:
-                            ids.append(item_id)
-                            vecs.append(vec)
-                if ids:
-                    cos_of.update(zip(ids, (np.stack(vecs) @ uvec).tolist(), strict=True))
-            sharp, floor = w.vector_sharpness, w.vector_floor
-            for item_id, cos in cos_of.items():
-                scaled = max(floor, (cos - lo) / span)
-                scaled = scaled**sharp if scaled > 0.0 else scaled
-                strength = w.vector * scaled
+                ids, matrix = _gather(candidate_vectors, (i for i in scores if i not in cos_of))
+                if matrix is not None:
+                    cos_of.update(zip(ids, (matrix @ uvec).tolist(), strict=True))
+            cos = np.fromiter(cos_of.values(), dtype=np.float64, count=len(cos_of))
+            scaled = np.maximum(w.vector_floor, (cos - lo) / span)
+            positive = scaled > 0.0
+            scaled[positive] = scaled[positive] ** w.vector_sharpness
+            strengths = w.vector * scaled
+            # Every hit is a candidate (the first n_hits of cos_of); a behaviour candidate's
+            # term matters only when it is not 0 (with the default floor, one outside the hits'
+            # range adds nothing).
+            counted = strengths != 0.0
+            counted[:n_hits] = True
+            names = list(cos_of)
+            for n in np.flatnonzero(counted).tolist():
+                item_id, strength = names[n], float(strengths[n])
                 vec_score[item_id] = strength
                 scores[item_id] = scores.get(item_id, 0.0) + strength
 
@@ -398,7 +577,8 @@ def rank(
         pw = w.popularity + 1e-6
         counts = popularity_counts if popularity_counts is not None else dict(popularity)
         # The candidates it covers get the prior; then the first k unseen items fill.
-        for item_id in scores:
+        covered = scores.keys() & counts.keys() if isinstance(counts, dict) else scores
+        for item_id in covered:
             count = counts.get(item_id)
             if count is not None:
                 pop_score[item_id] = pw * (math.log1p(max(count, 0.0)) / denom)
@@ -413,36 +593,86 @@ def rank(
         for item_id, strength in pop_score.items():
             scores[item_id] = scores.get(item_id, 0.0) + strength
 
-    ordered = heapq.nsmallest(k, scores.items(), key=lambda kv: (-kv[1], kv[0]))
-    vec_source = _vector_sources(
-        [i for i, _ in ordered if i in vec_score],
-        sources=[e.item_id for e, _ in sources] or [history[0].item_id],
-        history_vectors=history_vectors,
-        candidate_vectors=candidate_vectors,
+    return Scored(
+        _top(scores, k),
+        history,
+        sources,
+        anchor,
+        assoc,
+        vec_score,
+        pop_score,
+        history_vectors,
+        candidate_vectors,
+        titles,
+        max_reasons,
     )
+
+
+def rank(
+    *,
+    history: Sequence[HistoryEntry],
+    related: RelatedTable | Mapping[str, RelatedItems],
+    vector_hits: Sequence[tuple[str, float]],
+    k: int,
+    **options: Any,
+) -> list[RecommendedItem]:
+    """Top-k items for one user, each with reasons naming the user's own history items:
+    `explain(score(...))` (see `score` for the options)."""
+    return explain(score(history=history, related=related, vector_hits=vector_hits, k=k, **options))
+
+
+def explain(scored: Scored, item_ids: Sequence[str] | None = None) -> list[RecommendedItem]:
+    """The scored items (or those of `item_ids`, in their order) with their reasons: the
+    max_reasons strongest pieces of evidence, each naming the history item behind it."""
+    titles, anchor, sources, assoc = scored.titles, scored.anchor, scored.sources, scored.assoc
+    score_of = dict(scored.items)
+    ids = [i for i, _ in scored.items] if item_ids is None else list(item_ids)
+    if not ids:
+        return []
+    vec_source = _vector_sources(
+        [i for i in ids if i in scored.vec_score],
+        sources=[e.item_id for e, _ in sources] or [scored.history[0].item_id],
+        history_vectors=scored.history_vectors,
+        candidate_vectors=scored.candidate_vectors,
+    )
+    labels: dict[str, str] = {}
+
+    def label(item_id: str) -> str:
+        found = labels.get(item_id)
+        if found is None:
+            found = labels[item_id] = _label(item_id, titles)
+        return found
+
+    candidate_of = {} if assoc is None else {item_id: n for n, item_id in enumerate(assoc.ids)}
     out: list[RecommendedItem] = []
-    for item_id, score in ordered:
-        # (strength, source, kind, text, or the neighbour entry to word it from: only the
+    for item_id in ids:
+        item_score = score_of[item_id]
+        # (strength, source, kind, text, or the (list, position) to word it from: only the
         # max_reasons strongest are worded)
-        parts: list[tuple[float, str, ReasonKind, str | NeighbourView]] = []
-        for strength, src, r in evidence.get(item_id, ()):
-            parts.append((strength, src, cast(ReasonKind, r.kind), r))
-        vs = vec_score.get(item_id)
+        parts: list[tuple[float, str, ReasonKind, str | tuple[RelatedList, int]]] = []
+        n = candidate_of.get(item_id)
+        if assoc is not None and n is not None:
+            for row in np.flatnonzero(assoc.row_candidate == n).tolist():
+                pos, at = int(assoc.row_source[row]), int(assoc.row_at[row])
+                lst = assoc.lists[pos]
+                kind = cast(ReasonKind, RELATION_KINDS[int(lst.kinds[at])])
+                parts.append(
+                    (float(assoc.row_strength[row]), sources[pos][0].item_id, kind, (lst, at))
+                )
+        vs = scored.vec_score.get(item_id)
         if vs is not None and vs > 0.0:
             src, sim = vec_source.get(item_id, (anchor, None))
             text = (
-                f"similar to {_label(src, titles)} (cosine {sim:.2f})"
+                f"similar to {label(src)} (cosine {sim:.2f})"
                 if sim is not None
-                else f"similar to your recent items, like {_label(src, titles)}"
+                else f"similar to your recent items, like {label(src)}"
             )
             parts.append((vs, src, "similar", text))
-        ps = pop_score.get(item_id)
+        ps = scored.pop_score.get(item_id)
         if ps is not None and (not parts or ps > 0.0):
-            parts.append(
-                (ps, anchor, "popular", f"popular with shoppers (after {_label(anchor, titles)})")
-            )
+            parts.append((ps, anchor, "popular", f"popular with shoppers (after {label(anchor)})"))
         if not parts:  # only a negative vector term: still say where it came from
-            parts.append((score, anchor, "similar", "similar to your recent items"))
+            parts.append((item_score, anchor, "similar", "similar to your recent items"))
         parts.sort(key=lambda p: -p[0])
         # Built from validated inputs only: no per-field validation (it was a fifth of the
         # recommender's time at 2k candidates a user).
@@ -451,11 +681,15 @@ def rank(
                 source_item_id=src,
                 kind=kind,
                 strength=strength,
-                text=text if isinstance(text, str) else _evidence_text(text, src, titles),
+                text=text
+                if isinstance(text, str)
+                else _evidence_text(kind, text[0].texts[text[1]], label(src)),
             )
-            for strength, src, kind, text in parts[:max_reasons]
+            for strength, src, kind, text in parts[: scored.max_reasons]
         ]
-        out.append(RecommendedItem.model_construct(item_id=item_id, score=score, reasons=reasons))
+        out.append(
+            RecommendedItem.model_construct(item_id=item_id, score=item_score, reasons=reasons)
+        )
     return out
 
 

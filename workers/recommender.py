@@ -21,7 +21,6 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import NamedTuple, TypeVar
 
 import numpy as np
 import numpy.typing as npt
@@ -42,12 +41,20 @@ from workers.kafka_io import (
     usable,
 )
 from workers.metrics import WorkerMetrics
-from workers.ranking import BlendWeights, pooled_user_vector, profile_text, rank
+from workers.ranking import (
+    BlendWeights,
+    RelatedTable,
+    VectorRows,
+    behaviour_candidates,
+    explain,
+    pooled_user_vector,
+    profile_text,
+    score,
+)
 from workers.vector_store import VectorStore
 
 logger = logging.getLogger(__name__)
 
-_V = TypeVar("_V")
 
 FloatArray = npt.NDArray[np.float32]
 STAGE = "recommender"
@@ -97,7 +104,9 @@ def coalesce(updates: Iterable[ProfileUpdate]) -> tuple[dict[str, PendingUser], 
 
 
 class ItemCache:
-    """Bounded LRU of item vectors and titles read from the store (items rarely change)."""
+    """Bounded LRU of item vectors and titles read from the store (items rarely change). The
+    vectors are rows of one matrix (`vectors()`), so ranking gathers a user's candidates in
+    one numpy call."""
 
     # Items the store lacks (not indexed yet) are not asked for again for this long.
     ABSENT_TTL_S = 10.0
@@ -105,16 +114,17 @@ class ItemCache:
     def __init__(self, store: VectorStore, *, capacity: int = 200_000) -> None:
         self.store = store
         self.capacity = capacity
-        self._items: OrderedDict[str, tuple[FloatArray, str]] = OrderedDict()
+        self._titles: OrderedDict[str, str] = OrderedDict()  # the LRU order
+        self._rows: dict[str, int] = {}
+        self._matrix: FloatArray = np.zeros((0, 0), dtype=np.float32)
+        self._free: list[int] = []
         self._absent: dict[str, float] = {}
 
     def fetch(self, ids: Iterable[str]) -> None:
         """Load the missing ones of `ids` with one store round trip."""
         now = time.monotonic()
         missing = [
-            i
-            for i in dict.fromkeys(ids)
-            if i not in self._items and self._absent.get(i, 0.0) <= now
+            i for i in dict.fromkeys(ids) if i not in self._rows and self._absent.get(i, 0.0) <= now
         ]
         if not missing:
             return
@@ -122,62 +132,72 @@ class ItemCache:
         payloads = self.store.get_payloads(list(vectors))
         for item_id, vector in vectors.items():
             title = payloads.get(item_id, {}).get("title") or ""
-            self._items[item_id] = (vector, str(title))
+            self._titles[item_id] = str(title)
+            row = self._row(len(vector))
+            self._matrix[row] = vector
+            self._rows[item_id] = row
         for item_id in missing:
             if item_id not in vectors:
                 self._absent[item_id] = now + self.ABSENT_TTL_S
         if len(self._absent) > self.capacity:
             self._absent = {i: t for i, t in self._absent.items() if t > now}
-        while len(self._items) > self.capacity:
-            self._items.popitem(last=False)
+        while len(self._titles) > self.capacity:
+            item_id, _ = self._titles.popitem(last=False)
+            self._free.append(self._rows.pop(item_id))
+
+    def _row(self, dim: int) -> int:
+        """A free row of the matrix, growing it (doubling) when full."""
+        if self._free:
+            return self._free.pop()
+        used = len(self._rows) + len(self._free)
+        if used == len(self._matrix):
+            grown = np.zeros((max(1024, 2 * used), dim), dtype=np.float32)
+            if used:
+                grown[:used] = self._matrix[:used]
+            self._matrix = grown  # views handed out before keep the old one
+        return used
+
+    def vectors(self) -> VectorRows:
+        """The cached vectors by item id (valid until the next `fetch`)."""
+        return VectorRows(self._matrix, self._rows)
 
     def get(self, item_id: str) -> tuple[FloatArray, str] | None:
-        entry = self._items.get(item_id)
-        if entry is not None:
-            self._items.move_to_end(item_id)
-        return entry
+        row = self._rows.get(item_id)
+        if row is None:
+            return None
+        self._titles.move_to_end(item_id)
+        return self._matrix[row], self._titles[item_id]
 
     def ids(self) -> list[str]:
-        return list(self._items)
+        return list(self._rows)
 
     def size(self) -> int:
-        return len(self._items)
+        return len(self._rows)
 
     def invalidate(self, ids: Iterable[str]) -> None:
         for item_id in ids:
-            self._items.pop(item_id, None)
+            if self._titles.pop(item_id, None) is not None:
+                self._free.append(self._rows.pop(item_id))
 
 
-class _CacheView(Mapping[str, _V]):
-    """A read-only mapping over the cached items; subclasses pick what a lookup returns.
-    Callers prefetch what they need first, so a lookup never costs a store round trip."""
+class _Titles(Mapping[str, str]):
+    """The cache's titles as a read-only mapping (for `rank`'s reasons). Callers prefetch what
+    they need first, so a lookup never costs a store round trip."""
 
     def __init__(self, cache: ItemCache) -> None:
         self._cache = cache
+
+    def __getitem__(self, item_id: str) -> str:
+        entry = self._cache.get(item_id)
+        if entry is None or not entry[1]:
+            raise KeyError(item_id)
+        return entry[1]
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._cache.ids())
 
     def __len__(self) -> int:
         return self._cache.size()
-
-
-class _Vectors(_CacheView[FloatArray]):
-    """The cache's vectors as a mapping (for `rank`)."""
-
-    def __getitem__(self, item_id: str) -> FloatArray:
-        entry = self._cache.get(item_id)
-        if entry is None:
-            raise KeyError(item_id)
-        return entry[0]
-
-
-class _Titles(_CacheView[str]):
-    def __getitem__(self, item_id: str) -> str:
-        entry = self._cache.get(item_id)
-        if entry is None or not entry[1]:
-            raise KeyError(item_id)
-        return entry[1]
 
 
 def weights_for(strategy: str, weights: BlendWeights) -> BlendWeights:
@@ -197,85 +217,46 @@ def weights_for(strategy: str, weights: BlendWeights) -> BlendWeights:
     return weights
 
 
-class CompactNeighbour(NamedTuple):
-    """One neighbour of a `CompactRelated`, its evidence fields flattened in."""
-
-    item_id: str
-    kind: str
-    score: float
-    support: int | None
-    confidence: float | None
-    lift: float | None
-    pmi: float | None
-    cosine: float | None
-    text: str
-
-    @property
-    def evidence(self) -> CompactNeighbour:
-        """The evidence fields (`text`, `support`, ...) are the neighbour's own."""
-        return self
-
-
-class CompactRelated(NamedTuple):
-    """A related-items list as named tuples of strings and numbers: one object the garbage
-    collector tracks per neighbour, against ~6 for the pydantic objects (model, its dict and
-    field set, the evidence's). Kept as pydantic objects (a few thousand lists of 50), every
-    full collection re-scanned them: pauses of 50-180 ms that grew over a run (measured with
-    gc.callbacks at 250 events/s), the recommender's latency spikes."""
-
-    item_id: str
-    item_count: float
-    related: tuple[CompactNeighbour, ...]
-
-    @classmethod
-    def of(cls, value: RelatedItems) -> CompactRelated:
-        return cls(
-            value.item_id,
-            value.item_count,
-            tuple(
-                CompactNeighbour(
-                    r.item_id,
-                    r.kind,
-                    r.score,
-                    r.evidence.support,
-                    r.evidence.confidence,
-                    r.evidence.lift,
-                    r.evidence.pmi,
-                    r.evidence.cosine,
-                    r.evidence.text,
-                )
-                for r in value.related
-            ),
-        )
-
-
 @dataclass(slots=True)
 class RelatedIndex:
-    """The compacted `related-items` topic in memory (compact copies), plus a popularity list
-    from it."""
+    """The compacted `related-items` topic in memory (in columns, `workers.ranking`), plus a
+    popularity list from it."""
 
-    items: dict[str, CompactRelated] = field(default_factory=dict)
+    # The popularity list is a prior: rebuilt at most this often (sorting every list on each
+    # applied record was milliseconds a poll while related lists stream in).
+    POPULARITY_REFRESH_S = 1.0
+
+    table: RelatedTable = field(default_factory=RelatedTable)
     _popularity: list[tuple[str, float]] | None = None
     _counts: dict[str, float] | None = None
+    _changed: bool = False
+    _built_at: float = 0.0
 
     def apply(self, item_id: str, value: RelatedItems | None) -> None:
         if value is None:
-            self.items.pop(item_id, None)
+            self.table.remove(item_id)
         else:
-            self.items[item_id] = CompactRelated.of(value)
-        self._popularity = self._counts = None
+            self.table.put(value)
+        self._changed = True
+
+    def __len__(self) -> int:
+        return len(self.table)
 
     def popularity_counts(self) -> dict[str, float]:
-        """`popularity()` as a mapping (built once per change, not per ranked user)."""
-        if self._counts is None:
-            self._counts = dict(self.popularity())
-        return self._counts
+        """`popularity()` as a mapping (built with it, not per ranked user)."""
+        self.popularity()
+        return self._counts or {}
 
     def popularity(self, limit: int = 1000) -> list[tuple[str, float]]:
-        """Items by decayed basket/history count, most popular first."""
-        if self._popularity is None:
-            ranked = sorted(self.items.values(), key=lambda r: (-r.item_count, r.item_id))
+        """Items by decayed basket/history count, most popular first (at most
+        POPULARITY_REFRESH_S behind the applied lists)."""
+        now = time.monotonic()
+        stale = self._changed and now - self._built_at >= self.POPULARITY_REFRESH_S
+        if self._popularity is None or stale:
+            ranked = sorted(self.table.lists(), key=lambda r: (-r.item_count, r.item_id))
             self._popularity = [(r.item_id, r.item_count) for r in ranked[:limit]]
+            self._counts = dict(self._popularity)
+            self._changed, self._built_at = False, now
         return self._popularity
 
 
@@ -376,7 +357,7 @@ class Recommender:
             idle = 0
             total += len(batch)
             self._apply_related(batch)
-        logger.info("related-items loaded records=%d items=%d", total, len(self.related.items))
+        logger.info("related-items loaded records=%d items=%d", total, len(self.related))
         return total
 
     # -- profile updates -----------------------------------------------------------------------
@@ -407,7 +388,7 @@ class Recommender:
                 for row, n in enumerate(todo):
                     out[n] = encoded[row]
             return out
-        vectors = _Vectors(self.cache)
+        vectors = self.cache.vectors()
         return [
             pooled_user_vector(
                 u.update.history,
@@ -439,15 +420,6 @@ class Recommender:
             hits[n] = user_hits
         return hits
 
-    def _behaviour_candidates(self, users: list[PendingUser]) -> list[str]:
-        out: list[str] = []
-        for user in users:
-            for entry in user.update.history[: self.weights.max_sources]:
-                rel = self.related.items.get(entry.item_id)
-                if rel is not None:
-                    out.extend(r.item_id for r in rel.related[: self.weights.max_related])
-        return out
-
     def _available(self, ids: set[str]) -> set[str]:
         if not ids:
             return set()
@@ -465,41 +437,47 @@ class Recommender:
         depth = self.settings.k * CANDIDATE_MARGIN
         wanted = [item_id for user_hits in hits for item_id, _ in user_hits[:depth]]
         if self.weights.vector > 0:
-            wanted += self._behaviour_candidates(users)
+            for user in users:
+                wanted += behaviour_candidates(
+                    user.update.history, self.related.table, self.weights
+                )
         self.cache.fetch(wanted)
-        history_vectors = _Vectors(self.cache)
+        vectors_now = self.cache.vectors()
         titles = _Titles(self.cache)
         popularity = self.related.popularity() if self.weights.popularity > 0 else None
         counts = self.related.popularity_counts() if popularity else None
-        ranked: list[list[RecommendedItem]] = []
-        for user, user_hits, user_vector in zip(users, hits, vectors, strict=True):
-            ranked.append(
-                rank(
-                    history=user.update.history,
-                    related=self.related.items,
-                    vector_hits=user_hits,
-                    k=self.settings.k * CANDIDATE_MARGIN,
-                    weights=self.weights,
-                    history_vectors=history_vectors,
-                    candidate_vectors=history_vectors,
-                    popularity=popularity,
-                    popularity_counts=counts,
-                    titles=titles,
-                    user_vector=user_vector,
-                )
+        scored = [
+            score(
+                history=user.update.history,
+                related=self.related.table,
+                vector_hits=user_hits,
+                k=self.settings.k * CANDIDATE_MARGIN,
+                weights=self.weights,
+                history_vectors=vectors_now,
+                candidate_vectors=vectors_now,
+                popularity=popularity,
+                popularity_counts=counts,
+                titles=titles,
+                user_vector=user_vector,
             )
+            for user, user_hits, user_vector in zip(users, hits, vectors, strict=True)
+        ]
         # Vector hits were filtered by availability in the store; behaviour candidates were not.
+        # Only the k kept of each user are worded (`explain`).
         vector_ids = [{i for i, _ in h} for h in hits]
         unchecked = {
-            item.item_id
-            for items, vec in zip(ranked, vector_ids, strict=True)
-            for item in items
-            if item.item_id not in vec
+            item_id
+            for ranked, vec in zip(scored, vector_ids, strict=True)
+            for item_id, _ in ranked.items
+            if item_id not in vec
         }
         available = self._available(unchecked)
         return [
-            [i for i in items if i.item_id in vec or i.item_id in available][: self.settings.k]
-            for items, vec in zip(ranked, vector_ids, strict=True)
+            explain(
+                ranked,
+                [i for i, _ in ranked.items if i in vec or i in available][: self.settings.k],
+            )
+            for ranked, vec in zip(scored, vector_ids, strict=True)
         ]
 
     def poll_once(self) -> BatchResult:

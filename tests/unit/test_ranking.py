@@ -12,10 +12,14 @@ from schemas.messages import Evidence, HistoryEntry, RelatedItem, RelatedItems
 from workers.ranking import (
     BlendError,
     BlendWeights,
+    RelatedTable,
+    VectorRows,
     behaviour_candidates,
+    explain,
     pooled_user_vector,
     profile_text,
     rank,
+    score,
 )
 
 T0 = datetime(2024, 1, 1, tzinfo=UTC)
@@ -251,3 +255,57 @@ def test_behaviour_candidates_lists_what_evidence_can_propose() -> None:
         "r": related("r", ("z", "also_bought", 0.5)),
     }
     assert behaviour_candidates(history, rel) == ["c"]  # no returned source, no `similar`
+
+
+def test_related_table_interns_ids_and_ranks_like_the_lists_it_holds() -> None:
+    rel = {
+        "a": related("a", ("c", "bought_together", 0.6), ("d", "next_item", 0.3)),
+        "b": related("b", ("c", "also_bought", 0.3), ("e", "also_viewed", 0.9)),
+    }
+    table = RelatedTable.of(rel)
+    assert len(table) == 2 and "a" in table and "c" not in table
+    lst = table.get("a")
+    assert lst is not None and lst.ids == ("c", "d") and lst.texts[0] == "bought_together x3"
+    assert table.names(lst.idx.tolist()) == ["c", "d"]
+    assert table.index("c") == lst.idx[0]  # one integer per item id, for the table's life
+    assert table.known(["c", "zzz"]).tolist() == [lst.idx[0]]  # known() assigns none
+    assert table.known(["zzz"]).tolist() == []
+    history = [entry("a"), entry("b", age=1)]
+    hits = [("f", 0.9), ("c", 0.5)]
+    from_lists = rank(history=history, related=rel, vector_hits=hits, k=5)
+    from_table = rank(history=history, related=table, vector_hits=hits, k=5)
+    assert [r.model_dump() for r in from_table] == [r.model_dump() for r in from_lists]
+    table.remove("a")
+    assert table.get("a") is None
+    assert {r.item_id for r in rank(history=history, related=table, vector_hits=[], k=5)} == {
+        "c",
+        "e",
+    }
+
+
+def test_explain_words_any_subset_of_the_scored_items_as_rank_does() -> None:
+    rel = {"a": related("a", *[(f"i{n}", "also_bought", 1.0 - n / 10) for n in range(6)])}
+    history = [entry("a")]
+    scored = score(history=history, related=rel, vector_hits=[("v", 0.8), ("i3", 0.7)], k=6)
+    full = {
+        r.item_id: r
+        for r in rank(history=history, related=rel, vector_hits=[("v", 0.8), ("i3", 0.7)], k=6)
+    }
+    assert [i for i, _ in scored.items] == list(full)
+    subset = [i for i, _ in scored.items][::-2]
+    worded = explain(scored, subset)
+    assert [r.item_id for r in worded] == subset
+    assert [r.model_dump() for r in worded] == [full[i].model_dump() for i in subset]
+    assert explain(scored, []) == []
+
+
+def test_vector_rows_gather_skips_unknown_ids_and_matches_the_matrix() -> None:
+    matrix = np.arange(12, dtype=np.float32).reshape(4, 3)
+    rows = VectorRows(matrix, {"a": 0, "b": 2, "c": 3})
+    ids, got = rows.gather(["c", "x", "a"])
+    assert ids == ["c", "a"]
+    np.testing.assert_array_equal(got, matrix[[3, 0]])
+    assert "b" in rows and "x" not in rows and len(rows) == 3 and list(rows) == ["a", "b", "c"]
+    np.testing.assert_array_equal(rows["b"], matrix[2])
+    ids, got = rows.gather(["x"])
+    assert ids == [] and got.shape == (0, 3)

@@ -6,10 +6,11 @@ import threading
 from collections.abc import Iterator
 from typing import Any
 
+import numpy as np
 import pytest
 from prometheus_client import CollectorRegistry
 
-from schemas.messages import ProfileUpdate
+from schemas.messages import ProfileUpdate, RelatedItems
 from schemas.settings import RecommenderSettings
 from tests.unit.worker_fakes import FakeConsumer, FakeEncoder, FakeProducer
 from workers.metrics import WorkerMetrics
@@ -18,6 +19,7 @@ from workers.recommender import (
     ItemCache,
     Recommender,
     RecommenderTopics,
+    RelatedIndex,
     coalesce,
 )
 from workers.vector_store import ClientVectorStore
@@ -205,10 +207,10 @@ def test_a_burst_of_related_lists_is_applied_a_bounded_share_per_poll(
     h.consumer.add_json(_update("u", "lip1"), key="u")
     h.recommender.poll_once()
     assert "u" in h.recs()
-    assert len(h.recommender.related.items) == RELATED_PER_POLL
+    assert len(h.recommender.related) == RELATED_PER_POLL
     h.recommender.poll_once()
     h.recommender.poll_once()
-    assert len(h.recommender.related.items) == burst
+    assert len(h.recommender.related) == burst
 
 
 def test_vector_strategy_ignores_behaviour_evidence(store: ClientVectorStore) -> None:
@@ -312,3 +314,50 @@ def test_item_cache_asks_the_store_once_for_absent_items(store: ClientVectorStor
     cache.fetch(["lip2", "lip3"])  # capacity 2: lip1 is evicted
     assert cache.get("lip1") is None
     assert cache.get("lip3") is not None
+
+
+def test_item_cache_rows_are_reused_after_eviction_and_growth_keeps_vectors(
+    store: ClientVectorStore,
+) -> None:
+    cache = ItemCache(store, capacity=2)
+    cache.fetch(["lip1", "lip2"])
+    before = cache.vectors()["lip1"].copy()
+    cache.fetch(["lip3"])  # evicts lip1 (least recently used), its row goes to lip3
+    rows = cache.vectors()
+    assert "lip1" not in rows and set(rows) == {"lip2", "lip3"}
+    expected = store.get_vectors(["lip2", "lip3"])
+    for item_id in ("lip2", "lip3"):
+        np.testing.assert_allclose(rows[item_id], expected[item_id])
+    ids, matrix = rows.gather(["lip3", "lip1", "lip2"])
+    assert ids == ["lip3", "lip2"] and matrix.shape == (2, FakeEncoder.dim)
+    cache.invalidate(["lip2"])
+    assert cache.get("lip2") is None and cache.size() == 1
+    cache.fetch(["lip1"])
+    np.testing.assert_allclose(cache.vectors()["lip1"], before)
+
+    big = ItemCache(store, capacity=10_000)
+    vectors = {f"x{n}": np.full(FakeEncoder.dim, n, dtype=np.float32) for n in range(1500)}
+    store.get_vectors = lambda ids: {i: vectors[i] for i in ids if i in vectors}  # type: ignore[method-assign]
+    store.get_payloads = lambda ids: {i: {"title": i} for i in ids}  # type: ignore[method-assign]
+    big.fetch(list(vectors)[:1000])
+    big.fetch(list(vectors)[1000:])  # past the first 1,024 rows: the matrix grows
+    rows = big.vectors()
+    assert len(rows) == 1500
+    assert rows["x0"][0] == 0.0 and rows["x1023"][0] == 1023.0 and rows["x1499"][0] == 1499.0
+
+
+def test_popularity_is_rebuilt_at_most_once_per_refresh_interval() -> None:
+    def lst(item: str, count: float) -> RelatedItems:
+        return RelatedItems.model_validate(_related(item, "nail", count=count))
+
+    index = RelatedIndex()
+    index.apply("a", lst("a", 5.0))
+    assert index.popularity() == [("a", 5.0)]
+    index.apply("b", lst("b", 9.0))
+    assert index.popularity() == [("a", 5.0)]  # within the interval: the prior may lag
+    index._built_at -= RelatedIndex.POPULARITY_REFRESH_S
+    assert index.popularity() == [("b", 9.0), ("a", 5.0)]
+    assert index.popularity_counts() == {"b": 9.0, "a": 5.0}
+    index.apply("b", None)
+    index._built_at -= RelatedIndex.POPULARITY_REFRESH_S
+    assert index.popularity() == [("a", 5.0)] and len(index) == 1
