@@ -392,7 +392,7 @@ def association_evidence(
     text = _TEXTS[kind].format(n=support)
     if lift is not None:
         text += f", lift {lift:.1f}"
-    return Evidence(
+    return Evidence.model_construct(  # in range by construction (see related_items)
         support=support,
         confidence=None if confidence is None else max(0.0, confidence),
         lift=None if lift is None else max(0.0, lift),
@@ -477,14 +477,23 @@ def related_items(
     if top is None:
         top = top_partners(record, lookup=lookup, now=now, config=config, kinds=kinds)
     related: list[RelatedItem] = []
+    # (the item's count, the kind's total) per kind: the same for every neighbour of a kind
+    counts: dict[str, tuple[float, float]] = {}
     for score, partner, kind, lower, count_j in top:
-        total = 0.0 if totals is None else decayed(totals, totals["counts"].get(kind, 0.0), now, h)
-        evidence = association_evidence(
-            lower, item_count(record, kind, now, h), count_j, total, kind=kind
+        found = counts.get(kind)
+        if found is None:
+            total = (
+                0.0 if totals is None else decayed(totals, totals["counts"].get(kind, 0.0), now, h)
+            )
+            found = counts[kind] = (item_count(record, kind, now, h), total)
+        evidence = association_evidence(lower, found[0], count_j, found[1], kind=kind)
+        # Computed here, in range by construction: no per-field validation (validating the
+        # models of every published list was a fifth of the association agent's CPU).
+        related.append(
+            RelatedItem.model_construct(item_id=partner, kind=kind, score=score, evidence=evidence)
         )
-        related.append(RelatedItem(item_id=partner, kind=kind, score=score, evidence=evidence))
     main_kind = "bought_together" if "bought_together" in record["counts"] else "next_item"
-    return RelatedItems(
+    return RelatedItems.model_construct(
         item_id=record["item_id"],
         item_count=max(0.0, item_count(record, main_kind, now, h)),
         related=related,

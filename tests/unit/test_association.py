@@ -359,3 +359,17 @@ def test_batched_application_equals_one_by_one(
     assert batched.totals == totals
     _, all_at_once = apply_inputs(inputs, lookup=lambda _: None, totals=None, config=cfg)
     assert all_at_once == totals
+
+
+def test_published_lists_pass_the_schema_they_are_built_without() -> None:
+    """related_items builds its models unvalidated (model_construct): what it builds, with
+    decayed (fractional) counts, must validate and round-trip through the topic's JSON."""
+    index = AssociationIndex(AssociationConfig(half_life_s=86_400.0, min_support=1))
+    feed(index, HAND_BASKETS)
+    built = [index.related(item) for item in ("A", "B")]
+    assert all(b is not None and b.related for b in built)
+    for b in built:
+        assert b is not None
+        again = RelatedItems.model_validate_json(b.model_dump_json())
+        assert again.model_dump() == b.model_dump()
+        assert all(r.evidence.text and (r.evidence.support or 0) >= 0 for r in again.related)
