@@ -1,6 +1,8 @@
 """Blend behaviour evidence and language-model similarity into explained recommendations.
 
-Pure logic (numpy only): the live recommender and `relata evaluate` call the same `rank`.
+Pure logic (numpy only): the live recommender and `relata evaluate` rank with the same code
+(`rank` = `explain(score(...))`; the recommender calls the two steps apart, so that it words
+only the items it keeps after its availability check).
 Score of a candidate item (each term on a [0, 1]-ish scale, so weights are comparable):
 - association (item kNN): sum over the user's recent positive history items (sources, weights
   decaying with recency, normalised to sum 1) of the related-items score of the candidate, per

@@ -3,9 +3,10 @@ explained `recommendations`, in micro-batches, at least once.
 
 Per batch: coalesce updates of one user into the latest (union of trigger ids, oldest source
 timestamp), build every user vector (pooled history item vectors, or the encoded profile
-text), run one batched store query, rank each user with `workers.ranking.rank` blending in the
-compacted `related-items` topic (read fully by every instance into memory), drop candidates
-that are unavailable, publish, flush, then commit.
+text), run one batched store query, score each user's candidates with `workers.ranking.score`
+blending in the compacted `related-items` topic (read fully by every instance into memory),
+drop candidates that are unavailable, word the reasons of the k kept (`explain`; together
+these are `rank`), publish, flush, then commit.
 
 An item the store does not hold (not indexed yet) counts as unavailable. Item vectors and
 titles are cached (LRU); a catalog edit of an item's text reaches the cache only on eviction
