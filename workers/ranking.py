@@ -473,9 +473,8 @@ class Scored(NamedTuple):
     `explain` words their reasons from."""
 
     items: list[tuple[str, float]]
-    history: Sequence[HistoryEntry]
     sources: list[tuple[HistoryEntry, float]]
-    anchor: str
+    anchor: str  # the history item a reason names when nothing more specific does
     assoc: _Association | None
     vec_score: dict[str, float]
     pop_score: dict[str, float]
@@ -514,7 +513,7 @@ def score(
     History items and `exclude` are never returned. Ties break on item id (deterministic).
     """
     if k <= 0 or not history:
-        return Scored([], history, [], "", None, {}, {}, None, None, titles, max_reasons)
+        return Scored([], [], "", None, {}, {}, None, None, titles, max_reasons)
     w = weights or BlendWeights()
     banned = set(exclude)
     banned.update(e.item_id for e in history)
@@ -579,11 +578,8 @@ def score(
         pw = w.popularity + 1e-6
         counts = popularity_counts if popularity_counts is not None else dict(popularity)
         # The candidates it covers get the prior; then the first k unseen items fill.
-        covered = scores.keys() & counts.keys() if isinstance(counts, dict) else scores
-        for item_id in covered:
-            count = counts.get(item_id)
-            if count is not None:
-                pop_score[item_id] = pw * (math.log1p(max(count, 0.0)) / denom)
+        for item_id in scores.keys() & counts.keys():
+            pop_score[item_id] = pw * (math.log1p(max(counts[item_id], 0.0)) / denom)
         fill = 0
         for item_id, count in popularity:
             if fill >= k:
@@ -597,7 +593,6 @@ def score(
 
     return Scored(
         _top(scores, k),
-        history,
         sources,
         anchor,
         assoc,
@@ -633,7 +628,7 @@ def explain(scored: Scored, item_ids: Sequence[str] | None = None) -> list[Recom
         return []
     vec_source = _vector_sources(
         [i for i in ids if i in scored.vec_score],
-        sources=[e.item_id for e, _ in sources] or [scored.history[0].item_id],
+        sources=[e.item_id for e, _ in sources] or [anchor],
         history_vectors=scored.history_vectors,
         candidate_vectors=scored.candidate_vectors,
     )
