@@ -179,6 +179,16 @@ class StreamsSettings(_Settings):
         le=1,
         description="Republish related-items when this share of the top list changed.",
     )
+    assoc_batch_window_s: float = Field(
+        5.0,
+        gt=0,
+        le=300,
+        description=(
+            "The association agent folds the inputs of this long at once and then republishes "
+            "the related lists that changed: each touched item's record (and changelog record) "
+            "is written once per window, so related-items lag the stream by up to this much."
+        ),
+    )
     session_timeout_s: float = Field(10.0, gt=0, description="Kafka consumer session timeout.")
     heartbeat_interval_s: float = Field(1.0, gt=0, description="Kafka heartbeat interval.")
     commit_interval_s: float = Field(0.5, gt=0, description="Offset commit interval.")

@@ -39,7 +39,6 @@ from typing import Any, TypedDict
 from schemas.messages import (
     BehaviorEvent,
     Evidence,
-    RelatedItem,
     RelatedItems,
     RelationKind,
 )
@@ -186,6 +185,15 @@ def sequence_weight(distance: int) -> float:
     return 1.0 / (1.0 + distance)
 
 
+def _delta(deltas: dict[str, ItemDelta], item_id: str) -> ItemDelta:
+    """The item's delta in `deltas`, created on first use (not one per lookup, as
+    `setdefault(item, ItemDelta())` would: two dicts and a list a call)."""
+    found = deltas.get(item_id)
+    if found is None:
+        found = deltas[item_id] = ItemDelta()
+    return found
+
+
 def plan_updates(inp: AssociationInput) -> dict[str, ItemDelta]:
     """Per-item changes implied by one input; apply each with `update_item`."""
     deltas: dict[str, ItemDelta] = {}
@@ -197,18 +205,13 @@ def plan_updates(inp: AssociationInput) -> dict[str, ItemDelta]:
             if other == item:
                 continue
             own.pairs.append((kind, other, 1.0))
-            found = deltas.get(other)
-            if found is None:
-                found = deltas[other] = ItemDelta()
-            found.pairs.append((kind, item, 1.0))
+            _delta(deltas, other).pairs.append((kind, item, 1.0))
     if inp.sequence_step:
-        own = deltas.setdefault(item, ItemDelta())
+        own = _delta(deltas, item)
         own.counts["next_item"] = own.counts.get("next_item", 0.0) + 1.0
         for distance, source in enumerate(inp.prior_items):
             if source != item:
-                deltas.setdefault(source, ItemDelta()).pairs.append(
-                    ("next_item", item, sequence_weight(distance))
-                )
+                _delta(deltas, source).pairs.append(("next_item", item, sequence_weight(distance)))
         if inp.kind == "bought_together":
             # Every bought sequence step counts (first purchases too), so that the cosine's
             # denominator is the item's number of bought steps.
@@ -217,9 +220,7 @@ def plan_updates(inp: AssociationInput) -> dict[str, ItemDelta]:
                 if source != item:
                     weight = sequence_weight(distance)
                     own.pairs.append(("also_bought", source, weight))
-                    deltas.setdefault(source, ItemDelta()).pairs.append(
-                        ("also_bought", item, weight)
-                    )
+                    _delta(deltas, source).pairs.append(("also_bought", item, weight))
     return deltas
 
 
@@ -373,15 +374,16 @@ _TEXTS: dict[str, str] = {
 }
 
 
-def association_evidence(
+def evidence_fields(
     pair: float,
     count_i: float,
     count_j: float,
     total: float,
     *,
     kind: RelationKind = "bought_together",
-) -> Evidence:
-    """Support, confidence P(j|i), lift and PMI (log2 lift) of a pair, with readable text.
+) -> dict[str, Any]:
+    """Support, confidence P(j|i), lift and PMI (log2 lift) of a pair, with readable text: the
+    fields of an `Evidence`.
 
     Counts may be decayed (fractional); support is reported rounded.
     """
@@ -392,16 +394,32 @@ def association_evidence(
     text = _TEXTS[kind].format(n=support)
     if lift is not None:
         text += f", lift {lift:.1f}"
-    return Evidence.model_construct(  # in range by construction (see related_items)
-        support=support,
-        confidence=None if confidence is None else max(0.0, confidence),
-        lift=None if lift is None else max(0.0, lift),
-        pmi=pmi,
-        text=text,
-    )
+    return {
+        "support": support,
+        "confidence": None if confidence is None else max(0.0, confidence),
+        "lift": None if lift is None else max(0.0, lift),
+        "pmi": pmi,
+        "text": text,
+    }
+
+
+def association_evidence(
+    pair: float,
+    count_i: float,
+    count_j: float,
+    total: float,
+    *,
+    kind: RelationKind = "bought_together",
+) -> Evidence:
+    """`evidence_fields` as a validated `Evidence`."""
+    return Evidence.model_validate(evidence_fields(pair, count_i, count_j, total, kind=kind))
 
 
 Lookup = Callable[[str], ItemRecord | None]
+
+
+# kind -> item id -> decayed item count at one `now`: what `partner_scores` looked up already.
+CountMemo = dict[str, dict[str, float]]
 
 
 def partner_scores(
@@ -411,27 +429,34 @@ def partner_scores(
     lookup: Lookup,
     now: float,
     config: AssociationConfig,
+    memo: CountMemo | None = None,
 ) -> dict[str, tuple[float, float, float]]:
     """Scored partners of one kind: partner -> (score, lower-bound pair count, partner count).
 
     Score: the association cosine (Ochiai) of the lower-bound pair count,
     pair / sqrt(count_i * count_j), times the kind's weight. It rewards strength like lift but
     does not explode for rare partners; only pairs with support >= min_support qualify.
+
+    `memo` keeps the partners' counts across calls at the same `now` (a flush scores many
+    lists that share partners); a caller passes a fresh one per `now`.
     """
     h = config.half_life_s
     partners = record["partners"].get(kind)
     if not partners:
         return {}
-    count_kind = kind
-    count_i = item_count(record, count_kind, now, h)
+    count_i = item_count(record, kind, now, h)
     weight = config.kind_weights.get(kind, 1.0)
     factor = decayed(record, 1.0, now, h)
+    known: dict[str, float] = {} if memo is None else memo.setdefault(kind, {})
+    min_support = config.min_support
     out: dict[str, tuple[float, float, float]] = {}
     for partner, (count, error) in partners.items():
         lower = (count - error) * factor
-        if lower * _SUPPORT_TOLERANCE < config.min_support:
+        if lower * _SUPPORT_TOLERANCE < min_support:
             continue
-        count_j = item_count(lookup(partner), count_kind, now, h)
+        count_j = known.get(partner)
+        if count_j is None:
+            count_j = known[partner] = item_count(lookup(partner), kind, now, h)
         denominator = math.sqrt(max(count_i, lower) * max(count_j, lower))
         out[partner] = (weight * lower / denominator if denominator > 0 else 0.0, lower, count_j)
     return out
@@ -448,13 +473,14 @@ def top_partners(
     now: float,
     config: AssociationConfig,
     kinds: Iterable[RelationKind] = ASSOCIATION_KINDS,
+    memo: CountMemo | None = None,
 ) -> list[Scored]:
     """The top-N scored neighbours of one item over the given kinds, best first (no
     evidence objects: cheap enough to check every touched item for a material change)."""
     scored: list[Scored] = []
     for kind in kinds:
         for partner, (score, lower, count_j) in partner_scores(
-            record, kind=kind, lookup=lookup, now=now, config=config
+            record, kind=kind, lookup=lookup, now=now, config=config, memo=memo
         ).items():
             scored.append((score, partner, kind, lower, count_j))
     scored.sort(key=lambda s: (-s[0], s[1], s[2]))
@@ -476,7 +502,7 @@ def related_items(
     h = config.half_life_s
     if top is None:
         top = top_partners(record, lookup=lookup, now=now, config=config, kinds=kinds)
-    related: list[RelatedItem] = []
+    related: list[dict[str, Any]] = []
     # (the item's count, the kind's total) per kind: the same for every neighbour of a kind
     counts: dict[str, tuple[float, float]] = {}
     for score, partner, kind, lower, count_j in top:
@@ -486,18 +512,24 @@ def related_items(
                 0.0 if totals is None else decayed(totals, totals["counts"].get(kind, 0.0), now, h)
             )
             found = counts[kind] = (item_count(record, kind, now, h), total)
-        evidence = association_evidence(lower, found[0], count_j, found[1], kind=kind)
-        # Computed here, in range by construction: no per-field validation (validating the
-        # models of every published list was a fifth of the association agent's CPU).
         related.append(
-            RelatedItem.model_construct(item_id=partner, kind=kind, score=score, evidence=evidence)
+            {
+                "item_id": partner,
+                "kind": kind,
+                "score": score,
+                "evidence": evidence_fields(lower, found[0], count_j, found[1], kind=kind),
+            }
         )
     main_kind = "bought_together" if "bought_together" in record["counts"] else "next_item"
-    return RelatedItems.model_construct(
-        item_id=record["item_id"],
-        item_count=max(0.0, item_count(record, main_kind, now, h)),
-        related=related,
-        updated_at=datetime.fromtimestamp(now, tz=UTC),
+    # One validation of the whole tree (pydantic-core, in one call): half the time of building
+    # the 100 nested models one by one without validation.
+    return RelatedItems.model_validate(
+        {
+            "item_id": record["item_id"],
+            "item_count": max(0.0, item_count(record, main_kind, now, h)),
+            "related": related,
+            "updated_at": datetime.fromtimestamp(now, tz=UTC),
+        }
     )
 
 

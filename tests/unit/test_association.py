@@ -19,6 +19,7 @@ from streams.association import (
     AssociationConfig,
     AssociationIndex,
     AssociationInput,
+    CountMemo,
     ItemDelta,
     apply_inputs,
     association_evidence,
@@ -26,6 +27,7 @@ from streams.association import (
     material_change,
     plan_updates,
     record_size,
+    top_partners,
     update_item,
     update_totals,
 )
@@ -361,9 +363,9 @@ def test_batched_application_equals_one_by_one(
     assert all_at_once == totals
 
 
-def test_published_lists_pass_the_schema_they_are_built_without() -> None:
-    """related_items builds its models unvalidated (model_construct): what it builds, with
-    decayed (fractional) counts, must validate and round-trip through the topic's JSON."""
+def test_published_lists_round_trip_through_the_topic_json() -> None:
+    """related_items builds plain fields and validates the whole list once: what it builds,
+    with decayed (fractional) counts, round-trips through the topic's JSON."""
     index = AssociationIndex(AssociationConfig(half_life_s=86_400.0, min_support=1))
     feed(index, HAND_BASKETS)
     built = [index.related(item) for item in ("A", "B")]
@@ -373,3 +375,30 @@ def test_published_lists_pass_the_schema_they_are_built_without() -> None:
         again = RelatedItems.model_validate_json(b.model_dump_json())
         assert again.model_dump() == b.model_dump()
         assert all(r.evidence.text and (r.evidence.support or 0) >= 0 for r in again.related)
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    st.lists(
+        st.lists(st.sampled_from([f"i{n}" for n in range(10)]), min_size=1, max_size=6),
+        min_size=1,
+        max_size=30,
+    )
+)
+def test_a_count_memo_shared_across_lists_changes_no_score(baskets: list[list[str]]) -> None:
+    """The flush scores every touched list with one memo of partner counts: each list's top
+    partners equal those computed without it, in any order of the lists."""
+    cfg = AssociationConfig(half_life_s=86_400.0, min_support=1, top_n=3, capacity=4)
+    index = AssociationIndex(cfg)
+    index.observe_batch(_inputs(baskets, cfg=fold_config()))
+    memo: CountMemo = {}
+    scored = False
+    for item_id in sorted(index.items, reverse=True):
+        record = index.items[item_id]
+        args = {"lookup": index.items.get, "now": index.last_ts, "config": cfg}
+        top = top_partners(record, **args)  # type: ignore[arg-type]
+        assert top_partners(record, memo=memo, **args) == top  # type: ignore[arg-type]
+        scored = scored or bool(top)
+    assert (
+        any(memo.values()) == scored
+    )  # filled by the lists that scored partners, used by later ones
