@@ -43,6 +43,7 @@ from workers.ranking import (
     RelatedTable,
     VectorRows,
     pooled_user_vector,
+    popularity_prior,
     profile_text,
     rank,
 )
@@ -361,6 +362,7 @@ def rank_users(
         from tqdm import tqdm
 
         it = tqdm(it, total=len(cases), desc=desc or "rank", unit="user", mininterval=1.0)
+    prior = popularity_prior(state.popularity, weights)  # the same for every user
     for n, case in it:
         history = state.profiles[case.user_id]
         recs = rank(
@@ -370,6 +372,7 @@ def rank_users(
             k=k,
             weights=weights,
             popularity=state.popularity,
+            prior_of=prior,
             user_vector=None if user_vectors is None else user_vectors[n],
             candidate_vectors=item_vectors if user_vectors is not None else None,
         )

@@ -49,6 +49,7 @@ from workers.ranking import (
     behaviour_candidates,
     explain,
     pooled_user_vector,
+    popularity_prior,
     profile_text,
     score,
 )
@@ -229,7 +230,8 @@ class RelatedIndex:
 
     table: RelatedTable = field(default_factory=RelatedTable)
     _popularity: list[tuple[str, float]] | None = None
-    _counts: dict[str, float] | None = None
+    _prior: dict[str, float] | None = None
+    _prior_weights: BlendWeights | None = None
     _changed: bool = False
     _built_at: float = 0.0
 
@@ -243,10 +245,13 @@ class RelatedIndex:
     def __len__(self) -> int:
         return len(self.table)
 
-    def popularity_counts(self) -> dict[str, float]:
-        """`popularity()` as a mapping (built with it, not per ranked user)."""
-        self.popularity()
-        return self._counts or {}
+    def popularity_prior(self, weights: BlendWeights) -> dict[str, float]:
+        """`ranking.popularity_prior` of `popularity()` (built with it, not per ranked user)."""
+        popularity = self.popularity()
+        if self._prior is None or self._prior_weights is not weights:
+            self._prior = popularity_prior(popularity, weights)
+            self._prior_weights = weights
+        return self._prior
 
     def popularity(self, limit: int = 1000) -> list[tuple[str, float]]:
         """Items by decayed basket/history count, most popular first (at most
@@ -256,7 +261,7 @@ class RelatedIndex:
         if self._popularity is None or stale:
             ranked = sorted(self.table.lists(), key=lambda r: (-r.item_count, r.item_id))
             self._popularity = [(r.item_id, r.item_count) for r in ranked[:limit]]
-            self._counts = dict(self._popularity)
+            self._prior = None
             self._changed, self._built_at = False, now
         return self._popularity
 
@@ -446,7 +451,7 @@ class Recommender:
         vectors_now = self.cache.vectors()
         titles = _Titles(self.cache)
         popularity = self.related.popularity() if self.weights.popularity > 0 else None
-        counts = self.related.popularity_counts() if popularity else None
+        prior = self.related.popularity_prior(self.weights) if popularity else None
         scored = [
             score(
                 history=user.update.history,
@@ -457,7 +462,7 @@ class Recommender:
                 history_vectors=vectors_now,
                 candidate_vectors=vectors_now,
                 popularity=popularity,
-                popularity_counts=counts,
+                prior_of=prior,
                 titles=titles,
                 user_vector=user_vector,
             )

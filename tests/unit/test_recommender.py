@@ -14,6 +14,7 @@ from schemas.messages import ProfileUpdate, RelatedItems
 from schemas.settings import RecommenderSettings
 from tests.unit.worker_fakes import FakeConsumer, FakeEncoder, FakeProducer
 from workers.metrics import WorkerMetrics
+from workers.ranking import BlendWeights, popularity_prior
 from workers.recommender import (
     RELATED_PER_POLL,
     ItemCache,
@@ -357,7 +358,11 @@ def test_popularity_is_rebuilt_at_most_once_per_refresh_interval() -> None:
     assert index.popularity() == [("a", 5.0)]  # within the interval: the prior may lag
     index._built_at -= RelatedIndex.POPULARITY_REFRESH_S
     assert index.popularity() == [("b", 9.0), ("a", 5.0)]
-    assert index.popularity_counts() == {"b": 9.0, "a": 5.0}
+    weights = BlendWeights()
+    prior = index.popularity_prior(weights)
+    assert prior == popularity_prior([("b", 9.0), ("a", 5.0)], weights)
+    assert prior["b"] > prior["a"] > 0.0
+    assert index.popularity_prior(weights) is prior  # kept until the list is rebuilt
     index.apply("b", None)
     index._built_at -= RelatedIndex.POPULARITY_REFRESH_S
     assert index.popularity() == [("a", 5.0)] and len(index) == 1
