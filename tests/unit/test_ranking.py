@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from workers.ranking import (
     behaviour_candidates,
     explain,
     pooled_user_vector,
+    popularity_prior,
     profile_text,
     rank,
     score,
@@ -309,3 +311,30 @@ def test_vector_rows_gather_skips_unknown_ids_and_matches_the_matrix() -> None:
     np.testing.assert_array_equal(rows["b"], matrix[2])
     ids, got = rows.gather(["x"])
     assert ids == [] and got.shape == (0, 3)
+
+
+def test_related_table_unique_and_flags_match_numpy() -> None:
+    table = RelatedTable()
+    ids = [f"i{n}" for n in range(40)]
+    for item_id in ids:
+        table.index(item_id)
+    rng = np.random.default_rng(7)
+    for size in (1, 5, 200):
+        idx = rng.integers(0, len(ids), size).astype(np.int64)
+        uniq, inverse = table.unique(idx)
+        want_uniq, want_inverse = np.unique(idx, return_inverse=True)
+        assert uniq.tolist() == want_uniq.tolist()
+        assert inverse.tolist() == want_inverse.tolist()
+    flags = table.flags(["i3", "i7", "never-seen"])
+    assert np.flatnonzero(flags).tolist() == [3, 7]
+    assert len(flags) == len(ids)  # one flag per interned id; "never-seen" got none
+
+
+def test_popularity_prior_is_log_scaled_against_the_top_item() -> None:
+    weights = BlendWeights(popularity=0.5)
+    prior = popularity_prior([("a", 99.0), ("b", 9.0), ("c", 0.0), ("d", -3.0)], weights)
+    pw = 0.5 + 1e-6
+    assert prior["a"] == pytest.approx(pw)
+    assert prior["b"] == pytest.approx(pw * math.log(10.0) / math.log(100.0))
+    assert prior["c"] == prior["d"] == 0.0
+    assert popularity_prior([], weights) == {}
