@@ -153,3 +153,38 @@ def test_replay_events_records_send_times_matching_kafka_timestamps(
         assert record.value is not None
         event_id = json.loads(record.value)["event_id"]
         assert record.timestamp_ms == int(sent_at[event_id] * 1000)
+
+
+def test_lag_monitor_reads_end_and_committed_offsets_of_every_partition(
+    kafka_settings: KafkaSettings, unique_id: str
+) -> None:
+    """The bench's lag: end offsets of all partitions in one request, minus a group's commits."""
+    from confluent_kafka import Producer, TopicPartition
+
+    from relata.pipeline import LagMonitor
+    from relata.replay import make_consumer
+    from relata.topics import confluent_config
+
+    ensure_topics(kafka_settings, [BEHAVIOR_EVENTS], partitions=3)
+    topic = kafka_settings.topic(BEHAVIOR_EVENTS.name)
+    producer = Producer(confluent_config(kafka_settings))
+    for n in range(3):  # 2, 3 and 4 records in partitions 0, 1 and 2
+        for _ in range(n + 2):
+            producer.produce(topic, partition=n, value=b"{}")
+    assert producer.flush(30) == 0
+    group = f"lag-{unique_id}"
+    committer = make_consumer(kafka_settings, group_id=group)
+    committer.commit(
+        offsets=[TopicPartition(topic, 0, 1), TopicPartition(topic, 2, 4)], asynchronous=False
+    )
+    committer.close()
+    monitor = LagMonitor(kafka_settings)
+    try:
+        assert monitor.end_offsets(topic) == {0: 2, 1: 3, 2: 4}
+        assert monitor.committed(group, topic) == {0: 1, 2: 4}
+        assert monitor.lag(group, topic) == (2 - 1) + 3 + 0
+        producer.produce(topic, partition=1, value=b"{}")
+        assert producer.flush(30) == 0
+        assert monitor.lag(group, topic) == 5  # partitions cached, offsets read afresh
+    finally:
+        monitor.close()
