@@ -11,8 +11,9 @@ one process); there is no import-time app. Agents are glue around the pure logic
   it runs as a Faust task beside the other agents, in consumer group `<app_id>-events`.
 - `process_associations` (internal `association-input`, ONE partition): all pair counts of
   an item need the counts of its partners (lift, cosine), so the statistics live in one
-  partition of table `associations` on one worker. It folds inputs in batches (`stream.take`)
-  and writes each touched record once per batch. Failover is by a standby replica
+  partition of table `associations` on one worker. It folds inputs in windows of
+  `StreamsSettings.assoc_batch_window_s` (`stream.take_events`) and writes each touched record
+  once per window. Failover is by a standby replica
   (`table_standby_replicas=1`) that replays the changelog. Sharding by item would need a
   second hop for partner counts.
   Delivery is at least once: the profile agent de-duplicates re-delivered events by

@@ -323,23 +323,27 @@ def _inputs(baskets: list[list[str]], *, cfg: FoldConfig) -> list[AssociationInp
     return out
 
 
+def baskets(items: int, *, max_basket: int, max_baskets: int) -> st.SearchStrategy[list[list[str]]]:
+    """Purchase baskets over `items` item ids."""
+    basket = st.lists(
+        st.sampled_from([f"i{n}" for n in range(items)]), min_size=1, max_size=max_basket
+    )
+    return st.lists(basket, min_size=1, max_size=max_baskets)
+
+
 @settings(max_examples=40, deadline=None)
 @given(
-    st.lists(
-        st.lists(st.sampled_from([f"i{n}" for n in range(12)]), min_size=1, max_size=8),
-        min_size=1,
-        max_size=25,
-    ),
+    baskets(12, max_basket=8, max_baskets=25),
     st.integers(1, 30),
     st.sampled_from([600.0, 1e15]),
 )
 def test_batched_application_equals_one_by_one(
-    baskets: list[list[str]], batch: int, half_life_s: float
+    stream: list[list[str]], batch: int, half_life_s: float
 ) -> None:
     # Small capacity and a short half-life: evictions and landmark rescaling happen too.
     cfg = AssociationConfig(half_life_s=half_life_s, top_n=1, capacity=4)
     fold_cfg = replace(fold_config(), basket_pairs=3)
-    inputs = _inputs(baskets, cfg=fold_cfg)
+    inputs = _inputs(stream, cfg=fold_cfg)
     # Reference: each input applied on its own, each touched record stored per input.
     items: dict[str, dict[str, object]] = {}
     totals = None
@@ -378,19 +382,13 @@ def test_published_lists_round_trip_through_the_topic_json() -> None:
 
 
 @settings(max_examples=30, deadline=None)
-@given(
-    st.lists(
-        st.lists(st.sampled_from([f"i{n}" for n in range(10)]), min_size=1, max_size=6),
-        min_size=1,
-        max_size=30,
-    )
-)
-def test_a_count_memo_shared_across_lists_changes_no_score(baskets: list[list[str]]) -> None:
+@given(baskets(10, max_basket=6, max_baskets=30))
+def test_a_count_memo_shared_across_lists_changes_no_score(stream: list[list[str]]) -> None:
     """The flush scores every touched list with one memo of partner counts: each list's top
     partners equal those computed without it, in any order of the lists."""
     cfg = AssociationConfig(half_life_s=86_400.0, min_support=1, top_n=3, capacity=4)
     index = AssociationIndex(cfg)
-    index.observe_batch(_inputs(baskets, cfg=fold_config()))
+    index.observe_batch(_inputs(stream, cfg=fold_config()))
     memo: CountMemo = {}
     scored = False
     for item_id in sorted(index.items, reverse=True):
