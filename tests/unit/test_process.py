@@ -45,7 +45,9 @@ def test_freeze_startup_heap_takes_live_objects_out_of_collections() -> None:
     startup_state = {"model": ["weights"]}
     try:
         frozen = freeze_startup_heap()
-        assert frozen == gc.get_freeze_count() > 0
+        # Frozen objects are still freed when their last reference goes (another thread may
+        # drop some in between): the count can only have shrunk since.
+        assert 0 < gc.get_freeze_count() <= frozen
         # Full collections no longer scan what was alive at startup...
         assert not any(obj is startup_state for obj in gc.get_objects())
         # ...but still scan (and free) what the process creates afterwards.
