@@ -245,13 +245,16 @@ class RelatedIndex:
     def __len__(self) -> int:
         return len(self.table)
 
-    def popularity_prior(self, weights: BlendWeights) -> dict[str, float]:
-        """`ranking.popularity_prior` of `popularity()` (built with it, not per ranked user)."""
+    def popularity_with_prior(
+        self, weights: BlendWeights
+    ) -> tuple[list[tuple[str, float]], dict[str, float]]:
+        """`popularity()` and its `ranking.popularity_prior`, from the same rebuild (the prior
+        is kept with the list, not computed per ranked user)."""
         popularity = self.popularity()
         if self._prior is None or self._prior_weights is not weights:
             self._prior = popularity_prior(popularity, weights)
             self._prior_weights = weights
-        return self._prior
+        return popularity, self._prior
 
     def popularity(self, limit: int = 1000) -> list[tuple[str, float]]:
         """Items by decayed basket/history count, most popular first (at most
@@ -450,8 +453,12 @@ class Recommender:
         self.cache.fetch(wanted)
         vectors_now = self.cache.vectors()
         titles = _Titles(self.cache)
-        popularity = self.related.popularity() if self.weights.popularity > 0 else None
-        prior = self.related.popularity_prior(self.weights) if popularity else None
+        # One call for both: a list rebuilt between two calls would not match its prior.
+        popularity, prior = (
+            self.related.popularity_with_prior(self.weights)
+            if self.weights.popularity > 0
+            else (None, None)
+        )
         scored = [
             score(
                 history=user.update.history,

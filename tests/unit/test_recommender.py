@@ -359,10 +359,13 @@ def test_popularity_is_rebuilt_at_most_once_per_refresh_interval() -> None:
     index._built_at -= RelatedIndex.POPULARITY_REFRESH_S
     assert index.popularity() == [("b", 9.0), ("a", 5.0)]
     weights = BlendWeights()
-    prior = index.popularity_prior(weights)
-    assert prior == popularity_prior([("b", 9.0), ("a", 5.0)], weights)
+    ranked, prior = index.popularity_with_prior(weights)
+    assert ranked == [("b", 9.0), ("a", 5.0)]
+    assert prior == popularity_prior(ranked, weights)
     assert prior["b"] > prior["a"] > 0.0
-    assert index.popularity_prior(weights) is prior  # kept until the list is rebuilt
+    assert index.popularity_with_prior(weights)[1] is prior  # kept until the list is rebuilt
     index.apply("b", None)
     index._built_at -= RelatedIndex.POPULARITY_REFRESH_S
     assert index.popularity() == [("a", 5.0)] and len(index) == 1
+    ranked, prior = index.popularity_with_prior(weights)  # the prior of the rebuilt list
+    assert ranked == [("a", 5.0)] and prior.keys() == {"a"}
