@@ -400,13 +400,24 @@ def behaviour_candidates(
     ]
     if not lists:
         return []
-    # Every source's first max_related neighbours as one set of rows; those of a kind with a
-    # weight, each item once, in first-seen order (sources most recent first, lists best first).
-    idx = np.concatenate([lst.idx[: w.max_related] for lst in lists])
-    kinds = np.concatenate([lst.kinds[: w.max_related] for lst in lists])
+    # Those of a kind with a weight, each item once, in first-seen order (sources most recent
+    # first, lists best first).
+    idx, kinds, _ = _neighbour_rows(lists, w.max_related)
     idx = idx[_kind_weights(w)[kinds] > 0.0]
     _, first = np.unique(idx, return_index=True)
     return table.names(idx[np.sort(first)].tolist())
+
+
+def _neighbour_rows(
+    lists: Sequence[RelatedList], max_related: int
+) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int8], npt.NDArray[np.float64]]:
+    """Every list's first max_related neighbours as one set of rows, in list order: their
+    interned ids, kind codes and scores."""
+    return (
+        np.concatenate([lst.idx[:max_related] for lst in lists]),
+        np.concatenate([lst.kinds[:max_related] for lst in lists]),
+        np.concatenate([lst.scores[:max_related] for lst in lists]),
+    )
 
 
 def _vector_of(vectors: Mapping[str, np.ndarray] | None, item_id: str) -> np.ndarray | None:
@@ -451,9 +462,8 @@ def _association(
         return None
     # Every source's first max_related neighbours as one set of rows, masked at once.
     counts = [n for _, n, _ in taken]
-    idx = np.concatenate([lists[pos].idx[:n] for pos, n, _ in taken])
-    scores = np.concatenate([lists[pos].scores[:n] for pos, n, _ in taken])
-    kind_w = _kind_weights(w)[np.concatenate([lists[pos].kinds[:n] for pos, n, _ in taken])]
+    idx, kinds, scores = _neighbour_rows([lists[pos] for pos, _, _ in taken], w.max_related)
+    kind_w = _kind_weights(w)[kinds]
     source = np.repeat(np.array([pos for pos, _, _ in taken], dtype=np.intp), counts)
     share = np.repeat(np.array([sh for _, _, sh in taken], dtype=np.float64), counts)
     starts = np.repeat(np.cumsum([0, *counts[:-1]]), counts)
