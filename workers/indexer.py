@@ -19,12 +19,12 @@ from schemas.messages import CatalogItem
 from workers.encoder import Encoder
 from workers.item_text import item_categories, item_text
 from workers.kafka_io import (
+    AckedProducer,
     Consumer,
     DeadLetters,
     LagReporter,
     Producer,
     commit,
-    flush,
     usable,
 )
 from workers.metrics import WorkerMetrics
@@ -77,7 +77,8 @@ class ItemIndexer:
         max_wait_ms: float = 50.0,
     ) -> None:
         self.consumer = consumer
-        self.producer = producer
+        # Dead letters: a refused one raises from `flush` (delivery reports), never lost.
+        self.producer = AckedProducer(producer)
         self.encoder = encoder
         self.store = store
         self.metrics = metrics
@@ -86,7 +87,7 @@ class ItemIndexer:
         self.max_wait_s = max_wait_ms / 1000.0
         self._lag = LagReporter(consumer, metrics.consumer_lag)
         self._dead_letters = DeadLetters(
-            producer, topic=topics.dead_letter, stage=STAGE, counter=metrics.dead_letter
+            self.producer, topic=topics.dead_letter, stage=STAGE, counter=metrics.dead_letter
         )
 
     def poll_once(self) -> BatchResult:
@@ -139,7 +140,7 @@ class ItemIndexer:
         self.metrics.items_indexed.inc(result.indexed)
         self.metrics.items_retired.inc(result.retired)
         if result.dead_letters:
-            flush(self.producer)
+            self.producer.flush()
         commit(self.consumer)
         self._lag.maybe_report()
         logger.debug(

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections import deque
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from prometheus_client import Counter, Gauge
@@ -59,6 +61,133 @@ def flush(producer: Producer, *, timeout_s: float = 30.0) -> None:
     remaining = producer.flush(timeout_s)
     if remaining:
         raise DeliveryError(f"{remaining} records still undelivered after {timeout_s:.0f} s")
+
+
+# A loop that outruns the broker by this many batches waits for the oldest's acknowledgement.
+MAX_UNACKED_BATCHES = 256
+
+Partition = tuple[str, int]
+
+
+@dataclass(slots=True)
+class _Batch:
+    """The input offsets of one consumed batch and its records not yet acknowledged."""
+
+    offsets: dict[Partition, int]  # next offset to commit, per (topic, partition)
+    open: bool
+    outstanding: int = 0
+    error: str | None = field(default=None)
+
+    def delivered(self, error: Any, message: Any) -> None:
+        self.outstanding -= 1
+        if error is not None and self.error is None:
+            self.error = f"{message.topic()}[{message.partition()}]: {error}"
+
+
+class AckedProducer:
+    """A producer that tells which consumed offsets may be committed, without a round trip
+    per batch.
+
+    `begin(messages)` opens the batch of a consume() result; every record produced until
+    `end()` counts toward it, through librdkafka's delivery reports. A batch's offsets become
+    committable (`take_committable`) once it and every batch before it had all their records
+    acknowledged, so a loop can go on to its next batch while the broker acknowledges this one
+    and still commit at least once. A record the broker refused (after librdkafka's retries)
+    raises `DeliveryError` from `settle`: neither its batch nor any later one is committed, so
+    they are redone after the restart. Records produced outside a batch (a dead letter of an
+    uncommitted input) are checked the same way. `flush` waits for everything.
+    """
+
+    def __init__(self, producer: Producer, *, max_unacked: int = MAX_UNACKED_BATCHES) -> None:
+        self.producer = producer
+        self.max_unacked = max_unacked
+        self._batches: deque[_Batch] = deque()
+        self._committable: dict[Partition, int] = {}
+
+    def begin(self, messages: Sequence[Message]) -> None:
+        """Open the batch of `messages` (closing the one before, if still open)."""
+        while len(self._batches) >= self.max_unacked:  # back-pressure: the broker is behind
+            self.producer.poll(0.05)
+            self.settle()
+        self.end()
+        offsets: dict[Partition, int] = {}
+        for msg in messages:
+            topic, partition, offset = msg.topic(), msg.partition(), msg.offset()
+            if topic is None or partition is None or offset is None or offset < 0:
+                continue
+            key = (topic, partition)
+            offsets[key] = max(offsets.get(key, 0), offset + 1)
+        self._batches.append(_Batch(offsets, open=True))
+
+    def end(self) -> None:
+        """Close the open batch: it settles once its records are acknowledged."""
+        if self._batches:
+            self._batches[-1].open = False
+
+    def produce(
+        self,
+        topic: str,
+        *,
+        key: bytes | None,
+        value: bytes | None,
+        on_acked: Callable[[], None] | None = None,
+    ) -> None:
+        """Produce one record for the open batch (or a batch of its own outside one);
+        `on_acked` runs when the broker acknowledged it (from `settle`/`flush`)."""
+        last = self._batches[-1] if self._batches else None
+        if last is None or not (last.open or not last.offsets):
+            last = _Batch({}, open=False)
+            self._batches.append(last)
+        batch = last
+        if on_acked is None:
+            callback: Callable[[Any, Any], None] = batch.delivered
+        else:
+
+            def callback(error: Any, message: Any) -> None:
+                batch.delivered(error, message)
+                if error is None:
+                    on_acked()
+
+        batch.outstanding += 1
+        while True:
+            try:
+                self.producer.produce(topic, key=key, value=value, on_delivery=callback)
+                return
+            except BufferError:  # librdkafka's queue is full: let it drain
+                self.producer.poll(0.05)
+
+    def settle(self) -> None:
+        """Serve delivery reports; move the offsets of acknowledged batches to committable."""
+        self.producer.poll(0)
+        batches = self._batches
+        while batches and not batches[0].open and batches[0].outstanding <= 0:
+            batch = batches.popleft()
+            if batch.error is not None:
+                batches.clear()
+                raise DeliveryError(
+                    f"a record was refused by the broker: {batch.error}; the offsets of its "
+                    "batch and of later ones are not committed and will be redone"
+                )
+            self._committable.update(batch.offsets)
+
+    def poll(self, timeout: float = -1) -> int:
+        return self.producer.poll(timeout)
+
+    def flush(self, timeout: float = 30.0) -> int:
+        """Wait until every record is acknowledged; raise when some are not, or were refused."""
+        self.end()
+        flush(self.producer, timeout_s=timeout)
+        self.settle()
+        return 0
+
+    @property
+    def unacked_batches(self) -> int:
+        return len(self._batches)
+
+    def take_committable(self) -> dict[Partition, int]:
+        """The next offsets to commit per partition, acknowledged since the last call."""
+        out, self._committable = self._committable, {}
+        return out
 
 
 def send_dead_letter(
@@ -113,6 +242,18 @@ class DeadLetters:
             stage=self.stage,
             counter=self.counter,
         )
+
+
+def commit_offsets(consumer: Consumer, offsets: Mapping[Partition, int]) -> None:
+    """Commit these next offsets without waiting for the broker's answer (their outputs were
+    acknowledged first, so a lost commit only redoes records)."""
+    if not offsets:
+        return
+    from confluent_kafka import TopicPartition
+
+    consumer.commit(
+        offsets=[TopicPartition(t, p, o) for (t, p), o in offsets.items()], asynchronous=True
+    )
 
 
 def commit(consumer: Consumer) -> None:

@@ -11,6 +11,7 @@ from prometheus_client import CollectorRegistry
 
 from tests.unit.worker_fakes import FakeConsumer, FakeEncoder, FakeProducer
 from workers.indexer import IndexerTopics, ItemIndexer
+from workers.kafka_io import DeliveryError
 from workers.metrics import WorkerMetrics
 from workers.vector_store import ClientVectorStore
 
@@ -139,6 +140,18 @@ def test_bad_records_go_to_dead_letter_and_good_ones_flow(store: ClientVectorSto
     assert consumer.commits == [4]
     labels = {"stage": "item-indexer", "error_type": "invalid_fields"}
     assert metrics.dead_letter.labels(**labels)._value.get() == 2
+
+
+def test_a_refused_dead_letter_stops_the_indexer_before_the_commit(
+    store: ClientVectorStore,
+) -> None:
+    consumer, producer = FakeConsumer("item-catalog"), FakeProducer()
+    producer.refuse_topics = {"dead-letter"}
+    consumer.add(b"{not json", key=b"x")
+    indexer, _, _ = _indexer(consumer, producer, store)
+    with pytest.raises(DeliveryError, match="refused by the broker"):
+        indexer.poll_once()
+    assert consumer.commits == []
 
 
 def test_reprocessing_a_batch_is_idempotent(store: ClientVectorStore) -> None:

@@ -13,6 +13,7 @@ from prometheus_client import CollectorRegistry
 from schemas.messages import ProfileUpdate, RelatedItems
 from schemas.settings import RecommenderSettings
 from tests.unit.worker_fakes import FakeConsumer, FakeEncoder, FakeProducer
+from workers.kafka_io import DeliveryError
 from workers.metrics import WorkerMetrics
 from workers.ranking import BlendWeights, popularity_prior
 from workers.recommender import (
@@ -269,6 +270,36 @@ def test_commits_are_spaced_by_the_interval_and_made_when_stopping(
     h.recommender.run(stop)
     assert h.consumer.commits == [1, 2]
     assert len(h.recs()) == 2
+
+
+def test_offsets_are_committed_only_once_the_answers_are_acknowledged(
+    store: ClientVectorStore,
+) -> None:
+    h = Harness(store, max_batch=1)
+    h.producer.hold = True  # the broker has not acknowledged anything yet
+    for user in ("u", "v"):
+        h.consumer.add_json(_update(user, "lip1"), key=user)
+    assert h.recommender.poll_once().published == 1
+    assert h.recommender.poll_once().published == 1
+    # Both answered without waiting for the broker, neither committed.
+    assert len(h.recs()) == 2
+    assert h.consumer.commits == []
+    assert h.metrics.event_to_recommendation_seconds._sum.get() == 0
+    h.producer.deliver()
+    assert h.recommender.poll_once().records == 0
+    assert h.consumer.commits == [2]
+    # The latency histogram counts acknowledged recommendations.
+    assert h.metrics.recommendations_published._value.get() == 2
+    assert h.metrics.event_to_recommendation_seconds._sum.get() > 0
+
+
+def test_a_refused_answer_stops_the_loop_without_committing_it(store: ClientVectorStore) -> None:
+    h = Harness(store)
+    h.producer.refuse_topics = {"recommendations"}
+    h.consumer.add_json(_update("u", "lip1"), key="u")
+    with pytest.raises(DeliveryError, match="refused by the broker"):
+        h.recommender.poll_once()
+    assert h.consumer.commits == []
 
 
 def test_bad_profile_updates_go_to_dead_letter_and_good_ones_flow(store: ClientVectorStore) -> None:

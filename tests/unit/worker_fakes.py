@@ -63,8 +63,9 @@ class FakeConsumer:
         self.consumed += len(batch)
         return batch
 
-    def commit(self, *args: Any, **kwargs: Any) -> None:
-        self.commits.append(self.consumed)
+    def commit(self, *args: Any, offsets: Sequence[Any] | None = None, **kwargs: Any) -> None:
+        # Offsets are the messages' positions in the queue: the next offset = how many.
+        self.commits.append(self.consumed if offsets is None else max(o.offset for o in offsets))
 
     def close(self) -> None:
         self.closed = True
@@ -72,18 +73,44 @@ class FakeConsumer:
 
 @dataclass
 class FakeProducer:
+    """Records what is produced; the broker "acknowledges" every record at the next poll or
+    flush, unless `hold` (then at `deliver`), and refuses the records of `refuse_topics`."""
+
     records: list[tuple[str, bytes | None, bytes | None]] = field(default_factory=list)
     flushed: int = 0
+    hold: bool = False
+    refuse_topics: set[str] = field(default_factory=set)
+    _reports: list[tuple[Any, str]] = field(default_factory=list)
 
-    def produce(self, topic: str, key: bytes | None = None, value: bytes | None = None) -> None:
+    def produce(
+        self,
+        topic: str,
+        key: bytes | None = None,
+        value: bytes | None = None,
+        on_delivery: Any = None,
+    ) -> None:
         self.records.append((topic, key, value))
+        if on_delivery is not None:
+            self._reports.append((on_delivery, topic))
+
+    def deliver(self) -> int:
+        """Serve the delivery reports of everything produced so far."""
+        reports, self._reports = self._reports, []
+        for callback, topic in reports:
+            error = "REFUSED (fake broker)" if topic in self.refuse_topics else None
+            callback(error, FakeMessage(topic, None))
+        return len(reports)
 
     def poll(self, timeout: float = -1) -> int:
-        return 0
+        return 0 if self.hold else self.deliver()
 
     def flush(self, timeout: float = -1) -> int:
+        self.deliver()
         self.flushed = len(self.records)
         return 0
+
+    def __len__(self) -> int:
+        return len(self._reports)
 
     def values(self, topic: str) -> list[dict[str, Any]]:
         return [json.loads(v) for t, _, v in self.records if t == topic and v is not None]
