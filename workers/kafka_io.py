@@ -246,7 +246,12 @@ class DeadLetters:
 
 def commit_offsets(consumer: Consumer, offsets: Mapping[Partition, int]) -> None:
     """Commit these next offsets without waiting for the broker's answer (their outputs were
-    acknowledged first, so a lost commit only redoes records)."""
+    acknowledged first, so a lost commit only redoes records). Offsets of partitions a
+    rebalance took away are dropped: their new owner commits its own."""
+    assignment = getattr(consumer, "assignment", None)
+    if offsets and assignment is not None:
+        assigned = {(tp.topic, tp.partition) for tp in assignment()}
+        offsets = {key: offset for key, offset in offsets.items() if key in assigned}
     if not offsets:
         return
     from confluent_kafka import TopicPartition

@@ -139,7 +139,7 @@ class WorkerMetrics:
             ),
             event_to_recommendation_seconds=Histogram(
                 "relata_event_to_recommendation_seconds",
-                "Oldest triggering event's Kafka timestamp to recommendation publish.",
+                "Oldest triggering event's Kafka timestamp to the recommendation acknowledged by the broker.",
                 buckets=EVENT_TO_RECOMMENDATION_BUCKETS,
                 registry=registry,
             ),

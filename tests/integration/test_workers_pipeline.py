@@ -245,3 +245,29 @@ def test_pipeline_recommends_for_every_user(
     assert ("item-indexer", "invalid_fields") in by_stage
     assert ("recommender", "malformed_json") in by_stage
     assert ("recommender", "invalid_fields") in by_stage
+
+    # Every update was answered and acknowledged, so the recommender's group commits the end of
+    # profile-updates (AckedProducer: offsets follow the delivery reports), within its interval.
+    from confluent_kafka import TopicPartition
+
+    probe = Consumer(
+        confluent_config(kafka_settings)
+        | {"group.id": f"{kafka_settings.topic_prefix}recommender", "enable.auto.commit": False}
+    )
+    partitions = [
+        TopicPartition(updates_topic, p)
+        for p in probe.list_topics(updates_topic, timeout=10).topics[updates_topic].partitions
+    ]
+    ends = {tp.partition: probe.get_watermark_offsets(tp, timeout=10)[1] for tp in partitions}
+    partitions = [tp for tp in partitions if ends[tp.partition] > 0]  # an empty one: no commit
+    ends = {p: end for p, end in ends.items() if end > 0}
+    assert ends
+    committed: dict[int, int] = {}
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        committed = {tp.partition: tp.offset for tp in probe.committed(partitions, timeout=10)}
+        if committed == ends:
+            break
+        time.sleep(0.5)
+    probe.close()
+    assert committed == ends

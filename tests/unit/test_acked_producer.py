@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 
 from tests.unit.worker_fakes import FakeMessage
-from workers.kafka_io import AckedProducer, DeliveryError
+from workers.kafka_io import AckedProducer, DeliveryError, commit_offsets
 
 
 class ManualBroker:
@@ -129,3 +129,26 @@ def test_flush_waits_for_everything_and_back_pressure_bounds_the_unacknowledged(
     assert acked.flush() == 0
     assert acked.unacked_batches == 0
     assert acked.take_committable() == {("in", 0): 3}
+
+
+class AssignedConsumer:
+    def __init__(self, *partitions: int) -> None:
+        self.partitions = partitions
+        self.committed: list[list[tuple[str, int, int]]] = []
+
+    def assignment(self) -> list[Any]:
+        from confluent_kafka import TopicPartition
+
+        return [TopicPartition("in", p) for p in self.partitions]
+
+    def commit(self, *, offsets: list[Any], asynchronous: bool) -> None:
+        assert asynchronous
+        self.committed.append([(tp.topic, tp.partition, tp.offset) for tp in offsets])
+
+
+def test_offsets_of_partitions_taken_away_by_a_rebalance_are_not_committed() -> None:
+    consumer = AssignedConsumer(1)
+    commit_offsets(consumer, {("in", 0): 5, ("in", 1): 9})  # type: ignore[arg-type]
+    assert consumer.committed == [[("in", 1, 9)]]
+    commit_offsets(consumer, {("in", 0): 6})  # type: ignore[arg-type]
+    assert consumer.committed == [[("in", 1, 9)]]  # nothing left to commit: no call
