@@ -13,7 +13,9 @@ from workers.vector_store import (
     EdgeVectorStore,
     VectorStore,
     VectorStoreError,
+    edge_point_id,
     point_id,
+    point_uuid,
 )
 
 DIM = 8
@@ -77,6 +79,41 @@ def test_point_ids_are_deterministic_uuids() -> None:
     assert point_id("sku-1") == point_id("sku-1")
     assert point_id("sku-1") != point_id("sku-2")
     assert len(point_id("sku-1")) == 36
+
+
+def test_edge_point_ids_are_the_uuids_upper_63_bits() -> None:
+    assert edge_point_id("sku-1") == point_uuid("sku-1").int >> 65
+    assert edge_point_id("sku-1") != edge_point_id("sku-2")
+    assert all(0 <= edge_point_id(f"sku-{n}") < 2**63 for n in range(1000))
+
+
+def test_edge_search_reads_integer_ids_and_learns_unknown_ones(tmp_path: Path) -> None:
+    first = EdgeVectorStore(tmp_path / "edge")
+    first.ensure_collection(DIM)
+    first.upsert(ITEMS, VECTORS, PAYLOADS)
+    first.close()
+    # A new process knows none of the ids: one retrieve names them, from the payload.
+    reopened = EdgeVectorStore(tmp_path / "edge")
+    reopened.ensure_collection(DIM)
+    assert _ids(reopened.search(QUERY, k=2)) == ["a", "b"]
+    (record,) = reopened.shard.retrieve([edge_point_id("a")], with_payload=True, with_vector=False)
+    assert record.payload["item_id"] == "a"
+    reopened.close()
+
+
+def test_edge_refuses_a_store_written_with_uuid_point_ids(tmp_path: Path) -> None:
+    import qdrant_edge as q
+
+    legacy = EdgeVectorStore(tmp_path / "edge")
+    legacy.ensure_collection(DIM)
+    legacy.shard.update(
+        q.UpdateOperation.upsert_points(
+            [q.Point(point_id("a"), VECTORS[0].tolist(), {"item_id": "a", "available": True})]
+        )
+    )
+    legacy.close()
+    with pytest.raises(VectorStoreError, match="UUID point ids"):
+        EdgeVectorStore(tmp_path / "edge").ensure_collection(DIM)
 
 
 def test_search_ranks_by_cosine_and_skips_unavailable(store: VectorStore) -> None:
