@@ -232,6 +232,16 @@ class StoreSettings(_Settings):
     api_key: SecretStr | None = Field(None, description="Qdrant API key (kind=server).")
     collection: str = Field("relata-items", description="Collection of item vectors.")
     hnsw_ef: int = Field(128, ge=1, le=4096, description="HNSW search beam width.")
+    search_threads: int = Field(
+        1,
+        ge=0,
+        le=1024,
+        description=(
+            "Search threads of the embedded (edge) store; 0: the engine's default, one per core. "
+            "One costs half the CPU per query at the recommender's 1-2 queries a batch on 2 "
+            "cores (README, Speed); more can shorten one query over a large multi-segment store."
+        ),
+    )
 
     @model_validator(mode="after")
     def _server_needs_url(self) -> StoreSettings:

@@ -235,3 +235,30 @@ def test_edge_rejects_a_store_of_another_dim(tmp_path: Path) -> None:
 def test_unopened_edge_store_says_so(tmp_path: Path) -> None:
     with pytest.raises(VectorStoreError, match="ensure_collection"):
         EdgeVectorStore(tmp_path).count()
+
+
+@pytest.mark.parametrize("threads", [0, 1, 3])
+def test_edge_search_threads_change_no_result(tmp_path: Path, threads: int) -> None:
+    store = EdgeVectorStore(tmp_path / "edge", search_threads=threads)
+    store.ensure_collection(DIM)
+    store.upsert(ITEMS, VECTORS, PAYLOADS)
+    queries = np.stack([QUERY, _basis(3, tilt=0.5), _basis(5, tilt=2.0)])
+    batch = store.search_batch(queries, k=3, exclude_ids=[{"a"}, set(), {"b", "c"}])
+    assert [_ids(hits) for hits in batch] == [
+        _ids(store.search(q, k=3, exclude_ids=ex))
+        for q, ex in zip(queries, [{"a"}, set(), {"b", "c"}], strict=True)
+    ]
+    assert _ids(batch[0]) == ["b", "c", "e"]
+    store.close()
+
+
+def test_build_store_passes_the_search_threads(tmp_path: Path) -> None:
+    from schemas.settings import StoreSettings
+    from workers.vector_store import build_store
+
+    store = build_store(StoreSettings(kind="edge", path=tmp_path, search_threads=2), DIM)
+    assert isinstance(store, EdgeVectorStore)
+    assert store.search_threads == 2
+    store.close()
+    with pytest.raises(ValueError, match="search_threads"):
+        StoreSettings(search_threads=-1)
