@@ -87,11 +87,17 @@ def test_edge_point_ids_are_the_uuids_upper_63_bits() -> None:
     assert all(0 <= edge_point_id(f"sku-{n}") < 2**63 for n in range(1000))
 
 
-def test_edge_search_reads_integer_ids_and_learns_unknown_ones(tmp_path: Path) -> None:
-    first = EdgeVectorStore(tmp_path / "edge")
+def _written_edge_store(path: Path) -> Path:
+    """An edge store directory holding ITEMS, closed (as another process would leave it)."""
+    first = EdgeVectorStore(path)
     first.ensure_collection(DIM)
     first.upsert(ITEMS, VECTORS, PAYLOADS)
     first.close()
+    return path
+
+
+def test_edge_search_reads_integer_ids_and_learns_unknown_ones(tmp_path: Path) -> None:
+    _written_edge_store(tmp_path / "edge")
     # A new process knows none of the ids: one retrieve names them, from the payload.
     reopened = EdgeVectorStore(tmp_path / "edge")
     reopened.ensure_collection(DIM)
@@ -223,11 +229,7 @@ def test_client_rejects_a_collection_of_another_dim(tmp_path: Path) -> None:
 
 
 def test_edge_rejects_a_store_of_another_dim(tmp_path: Path) -> None:
-    first = EdgeVectorStore(tmp_path / "edge")
-    first.ensure_collection(DIM)
-    first.upsert(ITEMS, VECTORS, PAYLOADS)
-    first.close()
-    second = EdgeVectorStore(tmp_path / "edge")
+    second = EdgeVectorStore(_written_edge_store(tmp_path / "edge"))
     with pytest.raises(VectorStoreError, match="dim"):
         second.ensure_collection(DIM * 2)
 
