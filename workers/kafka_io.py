@@ -10,7 +10,7 @@ import logging
 import time
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 from prometheus_client import Counter, Gauge
@@ -46,13 +46,22 @@ class DeliveryError(RuntimeError):
     """Records could not be delivered; offsets are not committed, so they will be redone."""
 
 
-def produce(producer: Producer, topic: str, *, key: bytes | None, value: bytes | None) -> None:
-    """Produce one record, waiting for queue space instead of failing when the queue is full."""
+def produce(
+    producer: Producer,
+    topic: str,
+    *,
+    key: bytes | None,
+    value: bytes | None,
+    on_delivery: Callable[[Any, Any], None] | None = None,
+) -> None:
+    """Produce one record, waiting for queue space instead of failing when the queue is full;
+    `on_delivery(error, message)` is its delivery report."""
+    extra = {} if on_delivery is None else {"on_delivery": on_delivery}
     while True:
         try:
-            producer.produce(topic, key=key, value=value)
+            producer.produce(topic, key=key, value=value, **extra)
             return
-        except BufferError:
+        except BufferError:  # librdkafka's queue is full: let it drain
             producer.poll(0.05)
 
 
@@ -76,7 +85,7 @@ class _Batch:
     offsets: dict[Partition, int]  # next offset to commit, per (topic, partition)
     open: bool
     outstanding: int = 0
-    error: str | None = field(default=None)
+    error: str | None = None
 
     def delivered(self, error: Any, message: Any) -> None:
         self.outstanding -= 1
@@ -134,11 +143,10 @@ class AckedProducer:
     ) -> None:
         """Produce one record for the open batch (or a batch of its own outside one);
         `on_acked` runs when the broker acknowledged it (from `settle`/`flush`)."""
-        last = self._batches[-1] if self._batches else None
-        if last is None or not (last.open or not last.offsets):
-            last = _Batch({}, open=False)
-            self._batches.append(last)
-        batch = last
+        batch = self._batches[-1] if self._batches else None
+        if batch is None or (not batch.open and batch.offsets):  # no batch open: one of its own
+            batch = _Batch({}, open=False)
+            self._batches.append(batch)
         if on_acked is None:
             callback: Callable[[Any, Any], None] = batch.delivered
         else:
@@ -149,12 +157,7 @@ class AckedProducer:
                     on_acked()
 
         batch.outstanding += 1
-        while True:
-            try:
-                self.producer.produce(topic, key=key, value=value, on_delivery=callback)
-                return
-            except BufferError:  # librdkafka's queue is full: let it drain
-                self.producer.poll(0.05)
+        produce(self.producer, topic, key=key, value=value, on_delivery=callback)
 
     def settle(self) -> None:
         """Serve delivery reports; move the offsets of acknowledged batches to committable."""

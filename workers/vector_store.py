@@ -173,9 +173,9 @@ class EdgeVectorStore:
         self.search_threads = search_threads
         self._shard: Any = None
         self._dim: int | None = None
-        # Point id (`edge_point_id`) -> item id of the points this process wrote or has seen: searches then ask for no payload (reading it was 60 % of a query at 3.7k
-        # items); an id not known yet (a store opened from disk) is looked up once, in one
-        # retrieve per search.
+        # Point id (`edge_point_id`) -> item id of the points this process wrote or has seen:
+        # searches then ask for no payload (reading it was 60 % of a query at 3.7k items); an id
+        # not known yet (a store opened from disk) is looked up once, in one retrieve per search.
         self._item_ids: dict[int, str] = {}
         # Writers (indexer) and readers (recommender) may share one store in one process;
         # serialising writes keeps set_payload/upsert/optimize from interleaving.
