@@ -31,7 +31,7 @@ from typing import Any
 import click
 
 from relata.latency import LatencySeries, summarize
-from relata.pipeline import DEFAULT_DATA, Pipeline, PipelineOptions
+from relata.pipeline import DEFAULT_DATA, Pipeline, PipelineOptions, pipeline_partitions
 from relata.replay import ReplayProgress, iter_jsonl
 from relata.settings_cli import build_settings, settings_options
 from schemas.settings import EncoderSettings, KafkaSettings
@@ -614,7 +614,7 @@ def command(
         gc.collect()
 
     pipeline = Pipeline(
-        PipelineOptions(data_dir=data_dir, kafka=kafka, partitions=kafka.partitions)
+        PipelineOptions(data_dir=data_dir, kafka=kafka, partitions=pipeline_partitions(kafka))
     )
     sampler: Sampler | None = None
     failed = False

@@ -21,7 +21,7 @@ from typing import Any
 
 import click
 
-from relata.pipeline import DEFAULT_DATA, Pipeline, PipelineOptions
+from relata.pipeline import DEFAULT_DATA, Pipeline, PipelineOptions, pipeline_partitions
 from relata.replay import ReplayProgress, iter_jsonl
 from relata.settings_cli import build_settings, settings_options
 from schemas.settings import KafkaSettings
@@ -227,7 +227,7 @@ def command(
     is given; topics and groups get a run-unique prefix.
     """
     kafka = build_settings(KafkaSettings, group="kafka", params=params)
-    options = PipelineOptions(data_dir=data_dir, kafka=kafka, partitions=kafka.partitions)
+    options = PipelineOptions(data_dir=data_dir, kafka=kafka, partitions=pipeline_partitions(kafka))
     titles = load_titles(data_dir)
     sent = 0
     interrupted = failed = False

@@ -87,6 +87,18 @@ def canary_ts(events_path: Path) -> str:
 # broker. Deployed, each role has its own pod and CPU request instead (deploy/k8s).
 ASSOCIATIONS_NICE = 10
 
+# One instance of each stage runs here, so its topics get one partition each: librdkafka sends a
+# produce request per partition that has records, so with 4 partitions a batch of the profile
+# agent's outputs was up to 4 requests per topic (the broker ~43 -> ~37 % of a core at
+# 500 events/s; README, Speed). RELATA_KAFKA_PARTITIONS (or --kafka-partitions) overrides it.
+PIPELINE_PARTITIONS = 1
+
+
+def pipeline_partitions(kafka: KafkaSettings) -> int:
+    """Partitions of the pipeline's topics: the configured number when one was set, else
+    PIPELINE_PARTITIONS (KafkaSettings' default, 4, is for deployments that scale out)."""
+    return kafka.partitions if "partitions" in kafka.model_fields_set else PIPELINE_PARTITIONS
+
 
 class PipelineError(RuntimeError):
     """The pipeline could not be started, or one of its processes died."""
@@ -416,7 +428,7 @@ class PipelineOptions:
 
     data_dir: Path = DEFAULT_DATA
     kafka: KafkaSettings | None = None
-    partitions: int = 4
+    partitions: int = PIPELINE_PARTITIONS
     ready_timeout_s: float = 600.0
     extra_env: dict[str, str] = field(default_factory=dict)
     keep_workdir: bool = False

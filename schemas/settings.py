@@ -22,7 +22,15 @@ class KafkaSettings(_Settings):
 
     bootstrap_servers: str = Field("127.0.0.1:9092", description="Comma-separated host:port list.")
     topic_prefix: str = Field("", description="Prefix added to every topic name.")
-    partitions: int = Field(4, ge=1, le=1024, description="Partitions of topics relata creates.")
+    partitions: int = Field(
+        4,
+        ge=1,
+        le=1024,
+        description=(
+            "Partitions of topics relata creates: the most instances of one stage that share "
+            "its input. `relata demo` and `relata bench` run one instance of each: 1 unless set."
+        ),
+    )
     replication_factor: int = Field(
         1, ge=1, le=16, description="Replication of topics relata creates."
     )

@@ -9,11 +9,14 @@ import math
 from datetime import UTC, datetime
 from pathlib import Path
 
+import pytest
+
 from relata.bench import PhaseResult, endless_events, histogram, metric_sum
 from relata.demo import invalid_events, mixed_lines
-from relata.pipeline import canary_ts, scrape_metrics
+from relata.pipeline import PipelineOptions, canary_ts, pipeline_partitions, scrape_metrics
 from schemas.decoding import Rejection, decode
 from schemas.messages import BehaviorEvent
+from schemas.settings import KafkaSettings
 
 
 def _phase(*, rate: float, sent: int, end_lag: int | None, p99: float) -> PhaseResult:
@@ -117,3 +120,15 @@ def test_the_canary_lives_in_the_replayed_data_sets_time(tmp_path: Path) -> None
     assert canary_ts(events) == "2010-12-01T08:26:00Z"
     missing = datetime.fromisoformat(canary_ts(tmp_path / "none.jsonl.gz"))
     assert abs((datetime.now(UTC) - missing).total_seconds()) < 60
+
+
+def test_the_pipeline_gives_its_topics_one_partition_unless_partitions_are_configured(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # One instance of each stage: one partition a topic (fewer produce requests per batch).
+    monkeypatch.delenv("RELATA_KAFKA_PARTITIONS", raising=False)
+    assert KafkaSettings().partitions == 4  # deployments' default stays
+    assert pipeline_partitions(KafkaSettings()) == 1 == PipelineOptions().partitions
+    assert pipeline_partitions(KafkaSettings(partitions=6)) == 6  # --kafka-partitions
+    monkeypatch.setenv("RELATA_KAFKA_PARTITIONS", "3")
+    assert pipeline_partitions(KafkaSettings()) == 3
