@@ -31,7 +31,6 @@ topics and the association-input topic are named after the base app id in every 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -40,6 +39,7 @@ from datetime import UTC, datetime
 from typing import Any, Protocol
 
 import faust
+import orjson
 from faust.transport.drivers.aiokafka import credentials_to_aiokafka_auth
 from prometheus_client import CollectorRegistry
 
@@ -259,7 +259,7 @@ class StreamsApp:
             self.sender.produce(
                 self.topic_names[ASSOCIATION_INPUT],
                 key=None,
-                value=json.dumps([data for _, data in inputs]).encode("utf-8"),
+                value=orjson.dumps([data for _, data in inputs]),
             )
         await self.sender.flush()
         self.metrics.event_batch_size.observe(len(records))
