@@ -382,32 +382,6 @@ def _label(item_id: str, titles: Mapping[str, str] | None) -> str:
     return item_id
 
 
-def behaviour_candidates(
-    history: Sequence[HistoryEntry],
-    related: RelatedTable | Mapping[str, RelatedItems],
-    weights: BlendWeights | None = None,
-) -> list[str]:
-    """Items that association evidence can propose for this history (for prefetching their
-    vectors before `rank`, so the language model scores them too)."""
-    w = weights or BlendWeights()
-    table = _table(related)
-    lists = [
-        lst
-        for entry, _ in source_weights(
-            history, recency=w.recency, weight_exponent=w.weight_exponent, max_sources=w.max_sources
-        )
-        if (lst := table.get(entry.item_id)) is not None
-    ]
-    if not lists:
-        return []
-    # Those of a kind with a weight, each item once, in first-seen order (sources most recent
-    # first, lists best first).
-    idx, kinds, _ = _neighbour_rows(lists, w.max_related)
-    idx = idx[_kind_weights(w)[kinds] > 0.0]
-    _, first = np.unique(idx, return_index=True)
-    return table.names(idx[np.sort(first)].tolist())
-
-
 def _neighbour_rows(
     lists: Sequence[RelatedList], max_related: int
 ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int8], npt.NDArray[np.float64]]:
@@ -487,6 +461,38 @@ def _association(
     )
 
 
+class UserEvidence(NamedTuple):
+    """What `score` derives from a history before any vector: the evidence sources (recent
+    positive items, weighted) and the association evidence. A caller that prefetches vectors
+    reads the association candidates from it (`candidates`) and hands it to `score`."""
+
+    sources: list[tuple[HistoryEntry, float]]
+    assoc: _Association | None
+    banned: set[str]  # the history and `exclude`: never returned
+
+    @property
+    def candidates(self) -> list[str]:
+        """The items association evidence proposes (their vectors give them a cosine)."""
+        return [] if self.assoc is None else self.assoc.ids
+
+
+def user_evidence(
+    history: Sequence[HistoryEntry],
+    related: RelatedTable | Mapping[str, RelatedItems],
+    weights: BlendWeights | None = None,
+    exclude: Set[str] = frozenset(),
+) -> UserEvidence:
+    """The sources and association evidence of one history (the first step of `score`)."""
+    w = weights or BlendWeights()
+    banned = set(exclude)
+    banned.update(e.item_id for e in history)
+    sources = source_weights(
+        history, recency=w.recency, weight_exponent=w.weight_exponent, max_sources=w.max_sources
+    )
+    assoc = _association(sources, _table(related), w, banned) if sources else None
+    return UserEvidence(sources, assoc, banned)
+
+
 def popularity_prior(
     popularity: Sequence[tuple[str, float]], weights: BlendWeights
 ) -> dict[str, float]:
@@ -542,6 +548,7 @@ def score(
     max_reasons: int = 3,
     user_vector: np.ndarray | None = None,
     prior_of: Mapping[str, float] | None = None,
+    evidence: UserEvidence | None = None,
 ) -> Scored:
     """The top-k items for one user with their scores (`explain` words their reasons, which
     name the user's own history items).
@@ -555,17 +562,16 @@ def score(
     vector hit (with its cosine) and, with `user_vector` (default: pooled from history_vectors),
     give behaviour candidates that are not vector hits their cosine with the user.
     History items and `exclude` are never returned. Ties break on item id (deterministic).
+    evidence: `user_evidence` of the same history, related, weights and exclude, when the
+    caller has it already (the recommender reads its candidates to prefetch their vectors).
     """
     if k <= 0 or not history:
         return Scored([], [], "", None, {}, {}, None, None, titles, max_reasons)
     w = weights or BlendWeights()
-    banned = set(exclude)
-    banned.update(e.item_id for e in history)
-    sources = source_weights(
-        history, recency=w.recency, weight_exponent=w.weight_exponent, max_sources=w.max_sources
-    )
+    if evidence is None:
+        evidence = user_evidence(history, related, w, exclude)
+    sources, assoc, banned = evidence
     anchor = sources[0][0].item_id if sources else history[0].item_id
-    assoc = _association(sources, _table(related), w, banned) if sources else None
     scores: dict[str, float] = (
         {} if assoc is None else dict(zip(assoc.ids, assoc.scores.tolist(), strict=True))
     )
@@ -683,22 +689,34 @@ def explain(scored: Scored, item_ids: Sequence[str] | None = None) -> list[Recom
             found = labels[item_id] = _label(item_id, titles)
         return found
 
-    candidate_of = {} if assoc is None else dict(zip(assoc.ids, range(len(assoc.ids)), strict=True))
+    # The association evidence rows of the worded items, found in one pass over the rows
+    # (source order, then list order), not one pass per item.
+    rows_of: dict[str, list[tuple[float, str, ReasonKind, tuple[RelatedList, int]]]] = {}
+    if assoc is not None:
+        candidate_of = dict(zip(assoc.ids, range(len(assoc.ids)), strict=True))
+        wanted = [n for i in ids if (n := candidate_of.get(i)) is not None]
+        if wanted:
+            rows = np.flatnonzero(np.isin(assoc.row_candidate, wanted))
+            for n, pos, at, strength in zip(
+                assoc.row_candidate[rows].tolist(),
+                assoc.row_source[rows].tolist(),
+                assoc.row_at[rows].tolist(),
+                assoc.row_strength[rows].tolist(),
+                strict=True,
+            ):
+                lst = assoc.lists[pos]
+                kind = cast(ReasonKind, RELATION_KINDS[int(lst.kinds[at])])
+                rows_of.setdefault(assoc.ids[n], []).append(
+                    (strength, sources[pos][0].item_id, kind, (lst, at))
+                )
     out: list[dict[str, Any]] = []
     for item_id in ids:
         item_score = score_of[item_id]
         # (strength, source, kind, text, or the (list, position) to word it from: only the
         # max_reasons strongest are worded)
-        parts: list[tuple[float, str, ReasonKind, str | tuple[RelatedList, int]]] = []
-        n = candidate_of.get(item_id)
-        if assoc is not None and n is not None:
-            for row in np.flatnonzero(assoc.row_candidate == n).tolist():
-                pos, at = int(assoc.row_source[row]), int(assoc.row_at[row])
-                lst = assoc.lists[pos]
-                kind = cast(ReasonKind, RELATION_KINDS[int(lst.kinds[at])])
-                parts.append(
-                    (float(assoc.row_strength[row]), sources[pos][0].item_id, kind, (lst, at))
-                )
+        parts: list[tuple[float, str, ReasonKind, str | tuple[RelatedList, int]]] = list(
+            rows_of.get(item_id, ())
+        )
         vs = scored.vec_score.get(item_id)
         if vs is not None and vs > 0.0:
             src, sim = vec_source.get(item_id, (anchor, None))

@@ -47,12 +47,12 @@ from workers.ranking import (
     BlendWeights,
     RelatedTable,
     VectorRows,
-    behaviour_candidates,
     explain,
     pooled_user_vector,
     popularity_prior,
     profile_text,
     score,
+    user_evidence,
 )
 from workers.vector_store import VectorStore
 
@@ -446,11 +446,12 @@ class Recommender:
         # for, and the behaviour candidates it scores against the user vector.
         depth = self.settings.k * CANDIDATE_MARGIN
         wanted = [item_id for user_hits in hits for item_id, _ in user_hits[:depth]]
+        evidence = [
+            user_evidence(user.update.history, self.related.table, self.weights) for user in users
+        ]
         if self.weights.vector > 0:
-            for user in users:
-                wanted += behaviour_candidates(
-                    user.update.history, self.related.table, self.weights
-                )
+            for found in evidence:
+                wanted += found.candidates
         self.cache.fetch(wanted)
         vectors_now = self.cache.vectors()
         titles = _Titles(self.cache)
@@ -473,8 +474,11 @@ class Recommender:
                 prior_of=prior,
                 titles=titles,
                 user_vector=user_vector,
+                evidence=found,
             )
-            for user, user_hits, user_vector in zip(users, hits, vectors, strict=True)
+            for user, user_hits, user_vector, found in zip(
+                users, hits, vectors, evidence, strict=True
+            )
         ]
         # Vector hits were filtered by availability in the store; behaviour candidates were not.
         # Only the k kept of each user are worded (`explain`).

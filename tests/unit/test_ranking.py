@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -15,13 +16,13 @@ from workers.ranking import (
     BlendWeights,
     RelatedTable,
     VectorRows,
-    behaviour_candidates,
     explain,
     pooled_user_vector,
     popularity_prior,
     profile_text,
     rank,
     score,
+    user_evidence,
 )
 
 T0 = datetime(2024, 1, 1, tzinfo=UTC)
@@ -250,13 +251,22 @@ def test_language_model_reranks_behaviour_candidates() -> None:
     assert all(r.source_item_id == "a" for r in by_id["d"].reasons)
 
 
-def test_behaviour_candidates_lists_what_evidence_can_propose() -> None:
-    history = [entry("a"), entry("r", weight=-8.0, etype="return")]
+def test_user_evidence_lists_what_evidence_can_propose_and_score_takes_it() -> None:
+    history = [entry("a"), entry("r", weight=-8.0, etype="return"), entry("b", age=1)]
     rel = {
-        "a": related("a", ("c", "also_bought", 0.5), ("s", "similar", 0.9)),
+        "a": related("a", ("c", "also_bought", 0.5), ("s", "similar", 0.9), ("b", "next_item", 1)),
         "r": related("r", ("z", "also_bought", 0.5)),
     }
-    assert behaviour_candidates(history, rel) == ["c"]  # no returned source, no `similar`
+    found = user_evidence(history, rel)
+    # No returned source, no `similar`, no history item.
+    assert found.candidates == ["c"]
+    assert [e.item_id for e, _ in found.sources] == ["a", "b"]
+    assert found.banned == {"a", "r", "b"}
+    assert user_evidence(history, rel, exclude={"c"}).candidates == []
+    # Handed to score, it gives what score derives itself.
+    options: dict[str, Any] = {"history": history, "related": rel, "vector_hits": [], "k": 5}
+    given, derived = score(**options, evidence=found).items, score(**options).items
+    assert given == derived and [i for i, _ in given] == ["c"] and given[0][1] > 0
 
 
 def test_related_table_interns_ids_and_ranks_like_the_lists_it_holds() -> None:
