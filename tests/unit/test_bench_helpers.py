@@ -2,16 +2,23 @@
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import itertools
 import json
 import math
+import os
+import signal
+import subprocess
+import sys
+import time
 from datetime import UTC, datetime
 from pathlib import Path
 
+import psutil
 import pytest
 
-from relata.bench import PhaseResult, endless_events, histogram, metric_sum
+from relata.bench import PhaseResult, Sampler, endless_events, histogram, metric_sum
 from relata.demo import invalid_events, mixed_lines
 from relata.pipeline import PipelineOptions, canary_ts, pipeline_partitions, scrape_metrics
 from schemas.decoding import Rejection, decode
@@ -132,3 +139,50 @@ def test_the_pipeline_gives_its_topics_one_partition_unless_partitions_are_confi
     assert pipeline_partitions(KafkaSettings(partitions=6)) == 6  # --kafka-partitions
     monkeypatch.setenv("RELATA_KAFKA_PARTITIONS", "3")
     assert pipeline_partitions(KafkaSettings()) == 3
+
+
+class _Pids:
+    """What Sampler reads of a pipeline: its process ids by name, and lags."""
+
+    def __init__(self, pids: dict[str, int]) -> None:
+        self._pids = pids
+
+    def pids(self) -> dict[str, int]:
+        return self._pids
+
+    def lags(self) -> dict[str, int]:
+        return {"events": 3}
+
+
+def test_sampler_counts_each_process_with_its_own_children_not_those_sampled_apart() -> None:
+    # This process (the driver) -> a sampled stage -> its own child, which allocates 64 MiB and
+    # burns CPU: it belongs to the stage's family, and neither to the driver's.
+    script = (
+        "import subprocess, sys, time\n"
+        "child = subprocess.Popen([sys.executable, '-c', "
+        "'b = bytearray(64 << 20)\\nwhile True: pass'])\n"
+        "print(child.pid, flush=True)\n"
+        "time.sleep(60)\n"
+    )
+    stage = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    grandchild = None
+    try:
+        assert stage.stdout is not None
+        grandchild = int(stage.stdout.readline())
+        time.sleep(0.5)  # the 64 MiB allocated
+        sampler = Sampler(_Pids({"driver": os.getpid(), "stage": stage.pid}))  # type: ignore[arg-type]
+        assert sampler.family("driver") == [os.getpid()]
+        assert sampler.family("stage") == sorted([stage.pid, grandchild])
+        time.sleep(0.5)
+        sample = sampler.sample()
+        assert sample.lag == {"events": 3}
+        own_mb = psutil.Process().memory_info().rss / 2**20
+        assert sample.rss_mb["stage"] > 64  # the grandchild's allocation, counted
+        assert abs(sample.rss_mb["driver"] - own_mb) < 32  # the stage's not counted again
+        assert sample.cpu_percent["stage"] > 30  # the spinning grandchild, counted
+    finally:
+        stage.kill()
+        stage.wait()
+        if grandchild is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(grandchild, signal.SIGKILL)
