@@ -171,14 +171,16 @@ def test_sampler_counts_each_process_with_its_own_children_not_those_sampled_apa
         grandchild = int(stage.stdout.readline())
         time.sleep(0.5)  # the 64 MiB allocated
         sampler = Sampler(_Pids({"driver": os.getpid(), "stage": stage.pid}))  # type: ignore[arg-type]
-        assert sampler.family("driver") == [os.getpid()]
+        # (the test process may have other children: a broker started by another test)
+        driver = sampler.family("driver")
+        assert os.getpid() in driver and not {stage.pid, grandchild} & set(driver)
         assert sampler.family("stage") == sorted([stage.pid, grandchild])
         time.sleep(0.5)
         sample = sampler.sample()
         assert sample.lag == {"events": 3}
-        own_mb = psutil.Process().memory_info().rss / 2**20
         assert sample.rss_mb["stage"] > 64  # the grandchild's allocation, counted
-        assert abs(sample.rss_mb["driver"] - own_mb) < 32  # the stage's not counted again
+        driver_mb = sum(psutil.Process(p).memory_info().rss for p in driver) / 2**20
+        assert abs(sample.rss_mb["driver"] - driver_mb) < 32  # the stage's not counted again
         assert sample.cpu_percent["stage"] > 30  # the spinning grandchild, counted
     finally:
         stage.kill()
