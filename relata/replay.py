@@ -145,7 +145,7 @@ def make_producer(kafka: KafkaSettings, **overrides: Any) -> Any:
 
     from relata.topics import producer_config
 
-    config = {**producer_config(kafka), **PRODUCER_DEFAULTS, **overrides}
+    config = {**producer_config(kafka, "relata-replay"), **PRODUCER_DEFAULTS, **overrides}
     return Producer(config)
 
 
@@ -372,7 +372,7 @@ def make_consumer(kafka: KafkaSettings, *, group_id: str | None = None, **overri
     from relata.topics import confluent_config
 
     config = {
-        **confluent_config(kafka),
+        **confluent_config(kafka, "relata-tail"),
         "group.id": group_id or f"relata-tail-{uuid.uuid4().hex[:12]}",
         "enable.auto.commit": False,
         "enable.partition.eof": False,

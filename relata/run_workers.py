@@ -43,11 +43,13 @@ logger = logging.getLogger(__name__)
 Role = Literal["indexer", "recommender", "all"]
 
 
-def build_consumer(kafka: KafkaSettings, *, group_id: str, low_latency: bool = False) -> Any:
+def build_consumer(
+    kafka: KafkaSettings, *, group_id: str, client_id: str, low_latency: bool = False
+) -> Any:
     """A confluent-kafka consumer with manual commits (offsets committed after the work)."""
     from confluent_kafka import Consumer
 
-    config = confluent_config(kafka) | {
+    config = confluent_config(kafka, client_id) | {
         "group.id": group_id,
         "enable.auto.commit": False,
         "auto.offset.reset": "earliest",
@@ -62,12 +64,13 @@ def build_consumer(kafka: KafkaSettings, *, group_id: str, low_latency: bool = F
     return Consumer(config)
 
 
-def build_producer(kafka: KafkaSettings) -> Any:
+def build_producer(kafka: KafkaSettings, *, client_id: str) -> Any:
     """An idempotent producer with a 1 ms linger (latency first; batches still form)."""
     from confluent_kafka import Producer
 
     return Producer(
-        producer_config(kafka) | {"linger.ms": 1, "enable.idempotence": True, "acks": "all"}
+        producer_config(kafka, client_id)
+        | {"linger.ms": 1, "enable.idempotence": True, "acks": "all"}
     )
 
 
@@ -79,7 +82,11 @@ def build_related_consumer(kafka: KafkaSettings, *, group_prefix: str) -> Any:
     from confluent_kafka import OFFSET_BEGINNING, TopicPartition
 
     topic = topic_name(kafka, RELATED_ITEMS)
-    consumer = build_consumer(kafka, group_id=f"{group_prefix}-related-{uuid.uuid4().hex[:8]}")
+    consumer = build_consumer(
+        kafka,
+        group_id=f"{group_prefix}-related-{uuid.uuid4().hex[:8]}",
+        client_id="relata-recommender-related",
+    )
     metadata = consumer.list_topics(topic, timeout=30)
     partitions = sorted(metadata.topics[topic].partitions)
     consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in partitions])
@@ -156,9 +163,11 @@ def build_workers(
     workers = Workers(loops=[], encoder=encoder, store=store)
     dead_letter = topic_name(kafka, DEAD_LETTER)
     if role in ("indexer", "all"):
-        consumer = build_consumer(kafka, group_id=indexer_settings.group_id)
+        consumer = build_consumer(
+            kafka, group_id=indexer_settings.group_id, client_id="relata-indexer"
+        )
         consumer.subscribe([topic_name(kafka, ITEM_CATALOG)])
-        producer = build_producer(kafka)
+        producer = build_producer(kafka, client_id="relata-indexer")
         indexer = ItemIndexer(
             consumer=consumer,
             producer=producer,
@@ -172,10 +181,15 @@ def build_workers(
         workers.loops.append(("indexer", indexer.run))
         workers.closers += [consumer.close, partial(producer.flush, 10)]
     if role in ("recommender", "all"):
-        consumer = build_consumer(kafka, group_id=recommender_settings.group_id, low_latency=True)
+        consumer = build_consumer(
+            kafka,
+            group_id=recommender_settings.group_id,
+            client_id="relata-recommender",
+            low_latency=True,
+        )
         consumer.subscribe([topic_name(kafka, PROFILE_UPDATES)])
         related = build_related_consumer(kafka, group_prefix=recommender_settings.group_id)
-        producer = build_producer(kafka)
+        producer = build_producer(kafka, client_id="relata-recommender")
         weights = (
             BlendWeights.load(recommender_settings.blend_path)
             if recommender_settings.blend_path

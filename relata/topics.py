@@ -17,14 +17,14 @@ class TopicError(RuntimeError):
     """Topics could not be created or did not become available."""
 
 
-def confluent_config(settings: KafkaSettings) -> dict[str, Any]:
+def confluent_config(settings: KafkaSettings, client_id: str | None = None) -> dict[str, Any]:
     """librdkafka (confluent-kafka) client config: see `KafkaSettings.librdkafka_config`."""
-    return dict(settings.librdkafka_config())
+    return dict(settings.librdkafka_config(client_id))
 
 
-def producer_config(settings: KafkaSettings) -> dict[str, Any]:
+def producer_config(settings: KafkaSettings, client_id: str | None = None) -> dict[str, Any]:
     """librdkafka producer config (murmur2 partitioning): see `KafkaSettings`."""
-    return dict(settings.librdkafka_producer_config())
+    return dict(settings.librdkafka_producer_config(client_id))
 
 
 def topic_name(settings: KafkaSettings, spec: TopicSpec) -> str:
@@ -59,7 +59,7 @@ def create_missing_topics(
 
     if not wanted:
         return []
-    admin = AdminClient(confluent_config(settings))
+    admin = AdminClient(confluent_config(settings, "relata-admin"))
     try:
         existing = set(admin.list_topics(timeout=timeout_s).topics)
     except KafkaException as exc:

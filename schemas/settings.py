@@ -59,8 +59,10 @@ class KafkaSettings(_Settings):
     def topic(self, name: str) -> str:
         return f"{self.topic_prefix}{name}"
 
-    def librdkafka_config(self) -> dict[str, str]:
-        """librdkafka (confluent-kafka) client config: bootstrap servers and security."""
+    def librdkafka_config(self, client_id: str | None = None) -> dict[str, str]:
+        """librdkafka (confluent-kafka) client config: bootstrap servers and security, and
+        `client.id` when given (which relata component a connection is, in the broker's logs,
+        request metrics and quotas; librdkafka's default is "rdkafka" for every client)."""
         config = {
             "bootstrap.servers": self.bootstrap_servers,
             "security.protocol": self.security_protocol,
@@ -75,16 +77,18 @@ class KafkaSettings(_Settings):
             config["sasl.password"] = self.sasl_password.get_secret_value()
         if self.ssl_cafile is not None:
             config["ssl.ca.location"] = str(self.ssl_cafile)
+        if client_id is not None:
+            config["client.id"] = client_id
         return config
 
-    def librdkafka_producer_config(self) -> dict[str, str]:
+    def librdkafka_producer_config(self, client_id: str | None = None) -> dict[str, str]:
         """`librdkafka_config` for producers: keys partitioned like Java clients and Faust.
 
         librdkafka's default partitioner hashes with CRC32; Faust and the Java clients use
         murmur2. Mixing them would put one user's records on other partitions than Faust
         expects, which breaks the table routing of the HTTP API once several stream workers run.
         """
-        return self.librdkafka_config() | {"partitioner": "murmur2_random"}
+        return self.librdkafka_config(client_id) | {"partitioner": "murmur2_random"}
 
 
 class StreamsSettings(_Settings):

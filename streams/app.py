@@ -546,13 +546,19 @@ def _ssl_context(kafka: KafkaSettings) -> Any:
     return ssl.create_default_context(cafile=str(kafka.ssl_cafile) if kafka.ssl_cafile else None)
 
 
-def aiokafka_config(kafka: KafkaSettings) -> dict[str, Any]:
-    """aiokafka client config (bootstrap servers and security) from KafkaSettings."""
-    config: dict[str, Any] = {"bootstrap_servers": kafka.bootstrap_servers}
+def aiokafka_config(kafka: KafkaSettings, client_id: str) -> dict[str, Any]:
+    """aiokafka client config (bootstrap servers, security, client id) from KafkaSettings."""
+    config: dict[str, Any] = {"bootstrap_servers": kafka.bootstrap_servers, "client_id": client_id}
     credentials = _credentials(kafka)
     if credentials is not None:
         config.update(credentials_to_aiokafka_auth(credentials, None))
     return config
+
+
+def client_id(settings: StreamsSettings) -> str:
+    """The Kafka client id of this role's Faust app and sender: `relata-streams-<role>` (the
+    profile agent's own consumer is `relata-profiles`)."""
+    return f"relata-streams-{settings.role}"
 
 
 def faust_settings(kafka: KafkaSettings, settings: StreamsSettings) -> dict[str, Any]:
@@ -560,6 +566,7 @@ def faust_settings(kafka: KafkaSettings, settings: StreamsSettings) -> dict[str,
     session = settings.session_timeout_s
     return {
         "broker": _broker_urls(kafka),
+        "broker_client_id": client_id(settings),
         "broker_credentials": _credentials(kafka),
         "store": settings.store,
         "datadir": str(settings.data_dir),
@@ -644,7 +651,7 @@ def build_streams(
         fold_config=FoldConfig.from_settings(settings),
         assoc_config=AssociationConfig.from_settings(settings),
         topic_names=names,
-        sender=sender or ConfluentSender(kafka.librdkafka_producer_config()),
+        sender=sender or ConfluentSender(kafka.librdkafka_producer_config(client_id(settings))),
         similar=similar,
     )
     if profiles_role:
@@ -654,7 +661,8 @@ def build_streams(
 
     async def follow_catalog_task() -> None:
         await streams.catalog.follow(
-            names[ITEM_CATALOG.name], consumer_config=aiokafka_config(kafka)
+            names[ITEM_CATALOG.name],
+            consumer_config=aiokafka_config(kafka, f"{client_id(settings)}-catalog"),
         )
 
     if follow_catalog:
@@ -701,7 +709,7 @@ def _add_profile_agents(streams: StreamsApp, topics: dict[str, Any]) -> None:
         changelog=sender,
         directory=directory,
     )
-    client = kafka.librdkafka_config()
+    client = kafka.librdkafka_config("relata-profiles")
     group = events_group(kafka, settings)
     session_ms = int(settings.session_timeout_s * 1000)
     consumer = EventBatchConsumer(
@@ -722,7 +730,12 @@ def _add_profile_agents(streams: StreamsApp, topics: dict[str, Any]) -> None:
             "fetch.min.bytes": FETCH_MIN_BYTES,
         },
         # Reads changelog partitions by assignment: its group id is never joined or committed.
-        restore_config=client | {"group.id": f"{group}-restore", "enable.auto.commit": False},
+        restore_config=client
+        | {
+            "client.id": "relata-profiles-restore",
+            "group.id": f"{group}-restore",
+            "enable.auto.commit": False,
+        },
         topic=streams.topic_names[BEHAVIOR_EVENTS.name],
         store=streams.profiles,
         handle=streams.handle_events,

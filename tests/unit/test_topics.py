@@ -56,3 +56,20 @@ def test_producers_partition_like_faust_and_java_clients() -> None:
     config = producer_config(KafkaSettings(bootstrap_servers="h:1"))
     assert config["partitioner"] == "murmur2_random"
     assert config["bootstrap.servers"] == "h:1"
+
+
+def test_each_client_says_which_component_it_is() -> None:
+    from relata.topics import producer_config
+    from schemas.settings import StreamsSettings
+    from streams.app import aiokafka_config, faust_settings
+
+    kafka = KafkaSettings(bootstrap_servers="h:1")
+    assert "client.id" not in confluent_config(kafka)  # librdkafka's "rdkafka" unless named
+    assert confluent_config(kafka, "relata-tail")["client.id"] == "relata-tail"
+    assert producer_config(kafka, "relata-replay")["client.id"] == "relata-replay"
+    assert aiokafka_config(kafka, "relata-streams-all-catalog")["client_id"] == (
+        "relata-streams-all-catalog"
+    )
+    for role in ("profiles", "associations"):
+        settings = StreamsSettings(role=role)
+        assert faust_settings(kafka, settings)["broker_client_id"] == f"relata-streams-{role}"
