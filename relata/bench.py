@@ -87,7 +87,7 @@ class Sampler:
     are the pipeline's processes).
 
     The process families are looked up every FAMILY_REFRESH_S, not per sample (each lookup
-    reads every process's /proc/PID/stat, a tenth of a core at one a second per family), and
+    reads every process's /proc/PID/stat: a third of the driver's samples at 500 events/s), and
     their psutil objects are kept, so a child's CPU is counted from its second sample on (a
     new object's first `cpu_percent` is 0.0).
     """

@@ -730,12 +730,8 @@ def _add_profile_agents(streams: StreamsApp, topics: dict[str, Any]) -> None:
             "fetch.min.bytes": FETCH_MIN_BYTES,
         },
         # Reads changelog partitions by assignment: its group id is never joined or committed.
-        restore_config=client
-        | {
-            "client.id": "relata-profiles-restore",
-            "group.id": f"{group}-restore",
-            "enable.auto.commit": False,
-        },
+        restore_config=kafka.librdkafka_config("relata-profiles-restore")
+        | {"group.id": f"{group}-restore", "enable.auto.commit": False},
         topic=streams.topic_names[BEHAVIOR_EVENTS.name],
         store=streams.profiles,
         handle=streams.handle_events,
