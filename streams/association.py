@@ -31,7 +31,7 @@ item co-occurring with millions of items therefore holds at most `capacity` part
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, TypedDict
@@ -58,14 +58,21 @@ _MAX_SCALE_EXPONENT = 30.0
 _SUPPORT_TOLERANCE = 1.0 + 1e-9
 
 
+# (scaled count, scaled over-estimation error). Written as a tuple, never changed in place: a
+# tuple of floats (and a dict of such tuples) is untracked by the cyclic garbage collector, so
+# the full collections no longer walk millions of partner entries (lists, as before, were
+# half of the fold's time in collections). Read back from JSON (a changelog) it is a list.
+PartnerEntry = tuple[float, float] | list[float]
+
+
 class ItemRecord(TypedDict):
     """Association state of one item: counts and partners, forward-decay scaled."""
 
     item_id: str
     landmark: float
     counts: dict[str, float]
-    # kind -> partner item id -> [scaled count, scaled over-estimation error]
-    partners: dict[str, dict[str, list[float]]]
+    # kind -> partner item id -> (scaled count, scaled over-estimation error)
+    partners: dict[str, dict[str, PartnerEntry]]
     # kind -> scaled count of the strongest partner ever dropped (admission error of newcomers)
     floors: dict[str, float]
 
@@ -180,47 +187,56 @@ class ItemDelta:
     pairs: list[tuple[str, str, float]] = field(default_factory=list)  # (kind, partner, weight)
 
 
+# (item, kind, partner, amount): one record update of an input; partner None adds to the
+# item's count of the kind, a partner to the pair's count.
+Update = tuple[str, str, str | None, float]
+
+
 def sequence_weight(distance: int) -> float:
     """Weight of a transition from the history item `distance` steps back (0 = most recent)."""
     return 1.0 / (1.0 + distance)
 
 
-def _delta(deltas: dict[str, ItemDelta], item_id: str) -> ItemDelta:
-    """The item's delta in `deltas`, created on first use (not one per lookup, as
-    `setdefault(item, ItemDelta())` would: two dicts and a list a call)."""
-    found = deltas.get(item_id)
-    if found is None:
-        found = deltas[item_id] = ItemDelta()
-    return found
-
-
-def plan_updates(inp: AssociationInput) -> dict[str, ItemDelta]:
-    """Per-item changes implied by one input; apply each with `update_item`."""
-    deltas: dict[str, ItemDelta] = {}
+def input_updates(inp: AssociationInput) -> Iterator[Update]:
+    """The record updates one input implies, in application order: (item, kind, None, amount)
+    adds to the item's count of a kind, (item, kind, partner, weight) to a pair's count.
+    An item's own updates keep this order wherever they are applied (`apply_inputs`,
+    `plan_updates`); the order across items does not matter (records are independent)."""
     item = inp.item_id
-    if inp.kind is not None:
-        kind = inp.kind
-        own = deltas[item] = ItemDelta(counts={kind: 1.0})
+    kind = inp.kind
+    if kind is not None:
+        yield item, kind, None, 1.0
         for other in inp.basket_items:
-            if other == item:
-                continue
-            own.pairs.append((kind, other, 1.0))
-            _delta(deltas, other).pairs.append((kind, item, 1.0))
+            if other != item:
+                yield item, kind, other, 1.0
+                yield other, kind, item, 1.0
     if inp.sequence_step:
-        own = _delta(deltas, item)
-        own.counts["next_item"] = own.counts.get("next_item", 0.0) + 1.0
+        yield item, "next_item", None, 1.0
         for distance, source in enumerate(inp.prior_items):
             if source != item:
-                _delta(deltas, source).pairs.append(("next_item", item, sequence_weight(distance)))
-        if inp.kind == "bought_together":
+                yield source, "next_item", item, sequence_weight(distance)
+        if kind == "bought_together":
             # Every bought sequence step counts (first purchases too), so that the cosine's
             # denominator is the item's number of bought steps.
-            own.counts["also_bought"] = own.counts.get("also_bought", 0.0) + 1.0
+            yield item, "also_bought", None, 1.0
             for distance, source in enumerate(inp.bought_items):
                 if source != item:
                     weight = sequence_weight(distance)
-                    own.pairs.append(("also_bought", source, weight))
-                    _delta(deltas, source).pairs.append(("also_bought", item, weight))
+                    yield item, "also_bought", source, weight
+                    yield source, "also_bought", item, weight
+
+
+def plan_updates(inp: AssociationInput) -> dict[str, ItemDelta]:
+    """`input_updates` grouped by item; apply each with `update_item`."""
+    deltas: dict[str, ItemDelta] = {}
+    for item_id, kind, partner, amount in input_updates(inp):
+        delta = deltas.get(item_id)
+        if delta is None:
+            delta = deltas[item_id] = ItemDelta()
+        if partner is None:
+            delta.counts[kind] = delta.counts.get(kind, 0.0) + amount
+        else:
+            delta.pairs.append((kind, partner, amount))
     return deltas
 
 
@@ -232,25 +248,22 @@ def new_totals_record(ts: float) -> TotalsRecord:
     return {"landmark": ts, "counts": {}}
 
 
-def _rescale_if_needed(record: ItemRecord | TotalsRecord, ts: float, half_life_s: float) -> None:
+def _scale_at(record: ItemRecord | TotalsRecord, ts: float, half_life_s: float) -> float:
+    """The record's forward-decay scale at `ts`, rescaling it first (landmark moved to `ts`)
+    when the scale would pass 2^30."""
     exponent = (ts - record["landmark"]) / half_life_s
     if exponent <= _MAX_SCALE_EXPONENT:
-        return
+        return math.pow(2.0, exponent)
     factor = math.pow(2.0, -exponent)
     record["counts"] = {k: v * factor for k, v in record["counts"].items()}
-    all_partners: dict[str, dict[str, list[float]]] = record.get("partners", {})  # type: ignore[assignment]  # TotalsRecord has none
-    for partners in all_partners.values():
-        for entry in partners.values():
-            entry[0] *= factor
-            entry[1] *= factor
+    all_partners: dict[str, dict[str, PartnerEntry]] = record.get("partners", {})  # type: ignore[assignment]  # TotalsRecord has none
+    for kind, partners in all_partners.items():
+        all_partners[kind] = {p: (c * factor, e * factor) for p, (c, e) in partners.items()}
     floors: dict[str, float] = record.get("floors", {})  # type: ignore[assignment]  # TotalsRecord has none
     for kind in floors:
         floors[kind] *= factor
     record["landmark"] = ts
-
-
-def _scale(record: ItemRecord | TotalsRecord, ts: float, half_life_s: float) -> float:
-    return math.pow(2.0, (ts - record["landmark"]) / half_life_s)
+    return 1.0
 
 
 def decayed(
@@ -261,7 +274,7 @@ def decayed(
     return value * math.pow(2.0, -max(0.0, now - record["landmark"]) / half_life_s)
 
 
-def _prune(record: ItemRecord, kind: str, capacity: int) -> dict[str, list[float]]:
+def _prune(record: ItemRecord, kind: str, capacity: int) -> dict[str, PartnerEntry]:
     """Drop the weakest quarter of a full list (the floor becomes the largest dropped count);
     returns the kept list, which replaces it in the record.
 
@@ -277,6 +290,37 @@ def _prune(record: ItemRecord, kind: str, capacity: int) -> dict[str, list[float
     return kept
 
 
+def _add_pair(record: ItemRecord, kind: str, partner: str, amount: float, capacity: int) -> None:
+    """Add a scaled amount to one pair of the record (admitting the partner at the list's
+    floor, after pruning a full list)."""
+    all_partners = record["partners"]
+    partners = all_partners.get(kind)
+    if partners is None:
+        partners = all_partners[kind] = {}
+    entry = partners.get(partner)
+    if entry is not None:
+        partners[partner] = (entry[0] + amount, entry[1])
+        return
+    if len(partners) >= capacity:
+        partners = _prune(record, kind, capacity)
+    floor = record["floors"].get(kind, 0.0)
+    partners[partner] = (floor + amount, floor)
+
+
+def _stored(record: ItemRecord | None, item_id: str, ts: float) -> ItemRecord:
+    """A record to update: a new one for an unseen item; `floors` added to one written
+    before floors existed; the partner entries of one read back from JSON (lists) made
+    tuples, once (a list of a kind's first entry means the kind was never updated here)."""
+    if record is None:
+        return new_item_record(item_id, ts)
+    record.setdefault("floors", {})
+    all_partners = record["partners"]
+    for kind, partners in all_partners.items():
+        if partners and type(next(iter(partners.values()))) is list:
+            all_partners[kind] = {p: (c, e) for p, (c, e) in partners.items()}
+    return record
+
+
 def update_item(
     record: ItemRecord | None,
     *,
@@ -287,28 +331,13 @@ def update_item(
 ) -> ItemRecord:
     """Apply one item's delta at event time `ts`; mutates and returns the record (a new one
     when `record` is None)."""
-    if record is None:
-        record = new_item_record(item_id, ts)
-    _rescale_if_needed(record, ts, config.half_life_s)
-    scale = _scale(record, ts, config.half_life_s)
+    record = _stored(record, item_id, ts)
+    scale = _scale_at(record, ts, config.half_life_s)
     counts = record["counts"]
     for kind, amount in delta.counts.items():
         counts[kind] = counts.get(kind, 0.0) + amount * scale
-    floors = record.setdefault("floors", {})
-    all_partners = record["partners"]
-    capacity = config.capacity
     for kind, partner, amount in delta.pairs:
-        partners = all_partners.get(kind)
-        if partners is None:
-            partners = all_partners[kind] = {}
-        entry = partners.get(partner)
-        if entry is not None:
-            entry[0] += amount * scale
-            continue
-        if len(partners) >= capacity:
-            partners = _prune(record, kind, capacity)
-        floor = floors.get(kind, 0.0)
-        partners[partner] = [floor + amount * scale, floor]
+        _add_pair(record, kind, partner, amount * scale, config.capacity)
     return record
 
 
@@ -318,8 +347,7 @@ def update_totals(
     """Count a new basket/session and a sequence step in the global totals."""
     if record is None:
         record = new_totals_record(inp.ts)
-    _rescale_if_needed(record, inp.ts, config.half_life_s)
-    scale = _scale(record, inp.ts, config.half_life_s)
+    scale = _scale_at(record, inp.ts, config.half_life_s)
     counts = record["counts"]
     if inp.kind is not None and inp.new_basket:
         counts[inp.kind] = counts.get(inp.kind, 0.0) + scale
@@ -344,16 +372,25 @@ def apply_inputs(
     batched: the caller stores each returned record once. Records from `lookup` are mutated.
     """
     touched: dict[str, ItemRecord] = {}
+    half_life_s, capacity = config.half_life_s, config.capacity
     for inp in inputs:
-        for item_id, delta in plan_updates(inp).items():
-            record = touched.get(item_id)
-            touched[item_id] = update_item(
-                lookup(item_id) if record is None else record,
-                item_id=item_id,
-                delta=delta,
-                ts=inp.ts,
-                config=config,
-            )
+        ts = inp.ts
+        # The records this input updates, with their scale at ts: one scale per record and
+        # input, as when its updates are applied together (`update_item`).
+        scaled: dict[str, tuple[ItemRecord, float]] = {}
+        for item_id, kind, partner, amount in input_updates(inp):
+            found = scaled.get(item_id)
+            if found is None:
+                record = touched.get(item_id)
+                if record is None:
+                    record = touched[item_id] = _stored(lookup(item_id), item_id, ts)
+                found = scaled[item_id] = (record, _scale_at(record, ts, half_life_s))
+            record, scale = found
+            if partner is None:
+                counts = record["counts"]
+                counts[kind] = counts.get(kind, 0.0) + amount * scale
+            else:
+                _add_pair(record, kind, partner, amount * scale, capacity)
         totals = update_totals(totals, inp, config)
     return touched, totals
 

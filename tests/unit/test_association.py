@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import gc
 import json
 import math
 from collections import Counter
@@ -266,6 +267,24 @@ def test_input_and_record_round_trip_through_json() -> None:
     assert again["counts"] == pytest.approx(
         {"bought_together": 2.0, "also_bought": 2.0, "next_item": 2.0}
     )
+
+
+def test_partner_lists_leave_the_garbage_collector_alone() -> None:
+    # The fold's cost was half collections walking the partner entries (lists); written as
+    # tuples of floats, a record's partner lists are untracked after one collection. A list
+    # entry read back from JSON is replaced by a tuple on its next update.
+    cfg = AssociationConfig(half_life_s=600.0, top_n=2, capacity=4)
+    index = AssociationIndex(cfg)
+    feed(index, [["A", "B", "C", "D", "E", "F"], ["A", "B"]] * 3)
+    restored = json.loads(json.dumps(index.items["A"]))
+    assert isinstance(restored["partners"]["bought_together"]["B"], list)
+    index.items["A"] = restored
+    feed(index, [["A", "B"]])
+    gc.collect()
+    for record in index.items.values():
+        for partners in record["partners"].values():
+            assert partners and not gc.is_tracked(partners)
+            assert all(type(entry) is tuple for entry in partners.values())
 
 
 def test_material_change_threshold() -> None:
