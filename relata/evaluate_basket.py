@@ -270,9 +270,10 @@ def streaming_pairs(
     out: dict[frozenset[str], float] = {}
     for item_id, record in index.items.items():
         partners = record["partners"].get("bought_together", {})
+        errors = record["errors"].get("bought_together", {})
         count_i = item_count(record, "bought_together", now, h)
-        for partner, (count, error) in partners.items():
-            lower = decayed(record, count - error, now, h)
+        for partner, count in partners.items():
+            lower = decayed(record, count - errors.get(partner, 0.0), now, h)
             if lower / total < min_support:
                 continue
             count_j = item_count(index.items.get(partner), "bought_together", now, h)

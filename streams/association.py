@@ -58,21 +58,23 @@ _MAX_SCALE_EXPONENT = 30.0
 _SUPPORT_TOLERANCE = 1.0 + 1e-9
 
 
-# (scaled count, scaled over-estimation error). Written as a tuple, never changed in place: a
-# tuple of floats (and a dict of such tuples) is untracked by the cyclic garbage collector, so
-# the full collections no longer walk millions of partner entries (lists, as before, were
-# half of the fold's time in collections). Read back from JSON (a changelog) it is a list.
-PartnerEntry = tuple[float, float] | list[float]
-
-
 class ItemRecord(TypedDict):
-    """Association state of one item: counts and partners, forward-decay scaled."""
+    """Association state of one item: counts and partners, forward-decay scaled.
+
+    Every leaf is a float in a dict keyed by strings: such dicts are never tracked by the
+    cyclic garbage collector. Partner entries as [count, error] lists (relata before the
+    eleventh session, `_upgraded`) were millions of tracked objects that every full collection
+    walked: half of the fold's time.
+    """
 
     item_id: str
     landmark: float
     counts: dict[str, float]
-    # kind -> partner item id -> (scaled count, scaled over-estimation error)
-    partners: dict[str, dict[str, PartnerEntry]]
+    # kind -> partner item id -> scaled count
+    partners: dict[str, dict[str, float]]
+    # kind -> partner item id -> scaled over-estimation error, for the partners admitted over a
+    # floor (absent: 0)
+    errors: dict[str, dict[str, float]]
     # kind -> scaled count of the strongest partner ever dropped (admission error of newcomers)
     floors: dict[str, float]
 
@@ -241,7 +243,14 @@ def plan_updates(inp: AssociationInput) -> dict[str, ItemDelta]:
 
 
 def new_item_record(item_id: str, ts: float) -> ItemRecord:
-    return {"item_id": item_id, "landmark": ts, "counts": {}, "partners": {}, "floors": {}}
+    return {
+        "item_id": item_id,
+        "landmark": ts,
+        "counts": {},
+        "partners": {},
+        "errors": {},
+        "floors": {},
+    }
 
 
 def new_totals_record(ts: float) -> TotalsRecord:
@@ -256,9 +265,10 @@ def _scale_at(record: ItemRecord | TotalsRecord, ts: float, half_life_s: float) 
         return math.pow(2.0, exponent)
     factor = math.pow(2.0, -exponent)
     record["counts"] = {k: v * factor for k, v in record["counts"].items()}
-    all_partners: dict[str, dict[str, PartnerEntry]] = record.get("partners", {})  # type: ignore[assignment]  # TotalsRecord has none
-    for kind, partners in all_partners.items():
-        all_partners[kind] = {p: (c * factor, e * factor) for p, (c, e) in partners.items()}
+    for field_name in ("partners", "errors"):  # a TotalsRecord has neither
+        by_kind: dict[str, dict[str, float]] = record.get(field_name, {})  # type: ignore[assignment]
+        for kind, values in by_kind.items():
+            by_kind[kind] = {p: v * factor for p, v in values.items()}
     floors: dict[str, float] = record.get("floors", {})  # type: ignore[assignment]  # TotalsRecord has none
     for kind in floors:
         floors[kind] *= factor
@@ -274,7 +284,7 @@ def decayed(
     return value * math.pow(2.0, -max(0.0, now - record["landmark"]) / half_life_s)
 
 
-def _prune(record: ItemRecord, kind: str, capacity: int) -> dict[str, PartnerEntry]:
+def _prune(record: ItemRecord, kind: str, capacity: int) -> dict[str, float]:
     """Drop the weakest quarter of a full list (the floor becomes the largest dropped count);
     returns the kept list, which replaces it in the record.
 
@@ -282,10 +292,12 @@ def _prune(record: ItemRecord, kind: str, capacity: int) -> dict[str, PartnerEnt
     one: a dict that has had many deletions still iterates over their slots until it is
     resized, and on the live stream a long-tailed item's list is pruned over and over."""
     partners = record["partners"][kind]
-    counts = sorted([entry[0] for entry in partners.values()])
-    threshold = counts[max(1, capacity // 4) - 1]
-    kept = {p: entry for p, entry in partners.items() if entry[0] > threshold}
+    threshold = sorted(partners.values())[max(1, capacity // 4) - 1]
+    kept = {p: count for p, count in partners.items() if count > threshold}
     record["partners"][kind] = kept
+    errors = record["errors"].get(kind)
+    if errors:
+        record["errors"][kind] = {p: e for p, e in errors.items() if p in kept}
     record["floors"][kind] = max(record["floors"].get(kind, 0.0), threshold)
     return kept
 
@@ -297,27 +309,40 @@ def _add_pair(record: ItemRecord, kind: str, partner: str, amount: float, capaci
     partners = all_partners.get(kind)
     if partners is None:
         partners = all_partners[kind] = {}
-    entry = partners.get(partner)
-    if entry is not None:
-        partners[partner] = (entry[0] + amount, entry[1])
+    count = partners.get(partner)
+    if count is not None:
+        partners[partner] = count + amount
         return
     if len(partners) >= capacity:
         partners = _prune(record, kind, capacity)
     floor = record["floors"].get(kind, 0.0)
-    partners[partner] = (floor + amount, floor)
+    partners[partner] = floor + amount
+    if floor:
+        errors = record["errors"].get(kind)
+        if errors is None:
+            errors = record["errors"][kind] = {}
+        errors[partner] = floor
 
 
 def _stored(record: ItemRecord | None, item_id: str, ts: float) -> ItemRecord:
-    """A record to update: a new one for an unseen item; `floors` added to one written
-    before floors existed; the partner entries of one read back from JSON (lists) made
-    tuples, once (a list of a kind's first entry means the kind was never updated here)."""
-    if record is None:
-        return new_item_record(item_id, ts)
+    """A record to update: a new one for an unseen item, else the record in this format."""
+    return new_item_record(item_id, ts) if record is None else _upgraded(record)
+
+
+def _upgraded(record: ItemRecord) -> ItemRecord:
+    """The record in this format, converted in place when an earlier relata wrote it (partner
+    entries [count, error], no `errors`; before that, no `floors` either)."""
+    if "errors" in record:
+        return record
     record.setdefault("floors", {})
-    all_partners = record["partners"]
-    for kind, partners in all_partners.items():
-        if partners and type(next(iter(partners.values()))) is list:
-            all_partners[kind] = {p: (c, e) for p, (c, e) in partners.items()}
+    errors: dict[str, dict[str, float]] = {}
+    all_partners: dict[str, Any] = record["partners"]  # kind -> partner -> [count, error]
+    for kind, entries in all_partners.items():
+        all_partners[kind] = {p: float(entry[0]) for p, entry in entries.items()}
+        found = {p: float(entry[1]) for p, entry in entries.items() if entry[1]}
+        if found:
+            errors[kind] = found
+    record["errors"] = errors
     return record
 
 
@@ -478,17 +503,18 @@ def partner_scores(
     lists that share partners); a caller passes a fresh one per `now`.
     """
     h = config.half_life_s
-    partners = record["partners"].get(kind)
+    partners = _upgraded(record)["partners"].get(kind)
     if not partners:
         return {}
+    errors = record["errors"].get(kind) or {}
     count_i = item_count(record, kind, now, h)
     weight = config.kind_weights.get(kind, 1.0)
     factor = decayed(record, 1.0, now, h)
     known: dict[str, float] = {} if memo is None else memo.setdefault(kind, {})
     min_support = config.min_support
     out: dict[str, tuple[float, float, float]] = {}
-    for partner, (count, error) in partners.items():
-        lower = (count - error) * factor
+    for partner, count in partners.items():
+        lower = (count - errors.get(partner, 0.0)) * factor
         if lower * _SUPPORT_TOLERANCE < min_support:
             continue
         count_j = known.get(partner)

@@ -53,7 +53,7 @@ def test_also_bought_pairs_counts_and_cosine_by_hand() -> None:
     )
     # Bought steps: A 2, B 1, C 2. Pairs: A-B 1, A-C 1.5, B-C 1 (symmetric).
     partners = {
-        item: {p: round(v[0], 9) for p, v in index.items[item]["partners"]["also_bought"].items()}
+        item: {p: round(v, 9) for p, v in index.items[item]["partners"]["also_bought"].items()}
         for item in "ABC"
     }
     assert partners == {

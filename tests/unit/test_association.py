@@ -9,6 +9,7 @@ import math
 from collections import Counter
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import pytest
 from hypothesis import given, settings
@@ -83,9 +84,9 @@ def test_counts_and_totals_match_hand_computed_baskets() -> None:
     assert index.totals is not None
     assert index.totals["counts"]["bought_together"] == pytest.approx(5)
     partners = index.items["A"]["partners"]["bought_together"]
-    assert {p: c for p, (c, _e) in partners.items()} == pytest.approx({"B": 3, "C": 2, "D": 1})
+    assert partners == pytest.approx({"B": 3, "C": 2, "D": 1})
     # symmetric
-    assert index.items["C"]["partners"]["bought_together"]["A"][0] == pytest.approx(2)
+    assert index.items["C"]["partners"]["bought_together"]["A"] == pytest.approx(2)
 
 
 def test_related_items_evidence_matches_hand_computation() -> None:
@@ -125,10 +126,7 @@ def test_association_evidence_arithmetic_and_text() -> None:
 def test_next_item_transitions_are_directed_and_weighted_by_distance() -> None:
     index = AssociationIndex(AssociationConfig(half_life_s=NO_DECAY, min_support=0.1))
     feed(index, [["A"], ["B"], ["C"]], user_per_basket=False)
-    nxt = {
-        i: {p: c for p, (c, _e) in index.items[i]["partners"].get("next_item", {}).items()}
-        for i in "ABC"
-    }
+    nxt = {i: index.items[i]["partners"].get("next_item", {}) for i in "ABC"}
     assert nxt["A"] == pytest.approx({"B": 1.0, "C": 0.5})  # C is two steps after A
     assert nxt["B"] == pytest.approx({"C": 1.0})
     assert nxt["C"] == {}
@@ -152,7 +150,7 @@ def test_counts_decay_with_event_time_half_life() -> None:
         ts=h,
         config=cfg,
     )
-    stored = record["partners"]["bought_together"]["B"][0]
+    stored = record["partners"]["bought_together"]["B"]
     from streams.association import decayed
 
     assert decayed(record, stored, h, h) == pytest.approx(1.5)
@@ -164,7 +162,7 @@ def test_counts_decay_with_event_time_half_life() -> None:
     )
     assert record["landmark"] == far
     assert item_count(record, "bought_together", far, h) == pytest.approx(1.0)
-    assert decayed(record, record["partners"]["bought_together"]["B"][0], far, h) == pytest.approx(
+    assert decayed(record, record["partners"]["bought_together"]["B"], far, h) == pytest.approx(
         1.5 * 2.0**-999
     )
 
@@ -186,8 +184,9 @@ def test_hot_item_with_100k_distinct_partners_stays_bounded() -> None:
     assert len(partners) <= cfg.capacity
     assert record_size(record) <= cfg.capacity
     assert len(json.dumps(record)) < 40_000  # a few hundred entries, not 100k
+    errors = record["errors"]["bought_together"]
     for h, true in heavy.items():
-        count, error = partners[h]
+        count, error = partners[h], errors.get(h, 0.0)
         assert count - error == pytest.approx(true)  # never evicted: exact
         assert count >= true - 1e-6
         assert true > record["floors"]["bought_together"]
@@ -212,7 +211,10 @@ def test_space_saving_bounds_hold_for_any_stream(stream: list[int], capacity: in
     partners = record["partners"]["also_viewed"]
     floor = record["floors"].get("also_viewed", 0.0)
     assert len(partners) <= capacity
-    for partner, (count, error) in partners.items():
+    errors = record["errors"].get("also_viewed", {})
+    assert set(errors) <= set(partners)  # a dropped partner's error goes with it
+    for partner, count in partners.items():
+        error = errors.get(partner, 0.0)
         assert count - error <= truth[partner] + 1e-6
         assert truth[partner] <= count + 1e-6
     for partner, true in truth.items():
@@ -239,7 +241,8 @@ def test_min_support_uses_the_lower_bound() -> None:
     )
     index.items["A"] = record
     # C replaced B and inherited B's 5 as error: its lower bound 1 is below min_support
-    assert record["partners"]["bought_together"]["C"] == pytest.approx([6.0, 5.0])
+    assert record["partners"]["bought_together"]["C"] == pytest.approx(6.0)
+    assert record["errors"]["bought_together"]["C"] == pytest.approx(5.0)
     assert index.scores("A", kind="bought_together") == {}
 
 
@@ -263,28 +266,50 @@ def test_input_and_record_round_trip_through_json() -> None:
     record = update_item(None, item_id="A", delta=deltas["A"], ts=inp.ts, config=cfg)
     restored = json.loads(json.dumps(record))
     again = update_item(restored, item_id="A", delta=deltas["A"], ts=inp.ts, config=cfg)
-    assert again["partners"]["bought_together"]["B"][0] == pytest.approx(2.0)
+    assert again["partners"]["bought_together"]["B"] == pytest.approx(2.0)
     assert again["counts"] == pytest.approx(
         {"bought_together": 2.0, "also_bought": 2.0, "next_item": 2.0}
     )
 
 
-def test_partner_lists_leave_the_garbage_collector_alone() -> None:
-    # The fold's cost was half collections walking the partner entries (lists); written as
-    # tuples of floats, a record's partner lists are untracked after one collection. A list
-    # entry read back from JSON is replaced by a tuple on its next update.
+def test_records_leave_the_garbage_collector_alone() -> None:
+    # The fold's cost was half collections walking partner entries ([count, error] lists);
+    # every leaf is now a float in a str-keyed dict, which the collector never tracks. A record
+    # written by an earlier relata is converted when it is next updated or scored.
     cfg = AssociationConfig(half_life_s=600.0, top_n=2, capacity=4)
     index = AssociationIndex(cfg)
     feed(index, [["A", "B", "C", "D", "E", "F"], ["A", "B"]] * 3)
-    restored = json.loads(json.dumps(index.items["A"]))
-    assert isinstance(restored["partners"]["bought_together"]["B"], list)
-    index.items["A"] = restored
+    assert index.items["A"]["errors"]  # partners admitted over a floor carry their error
+    before = copy.deepcopy(index.items)
+    # The earlier format: entries [count, error], no errors map.
+    for item_id in ("A", "C"):
+        record = json.loads(json.dumps(index.items[item_id]))
+        errors = record.pop("errors")
+        record["partners"] = {
+            kind: {p: [c, errors.get(kind, {}).get(p, 0.0)] for p, c in partners.items()}
+            for kind, partners in record["partners"].items()
+        }
+        index.items[item_id] = record
+    assert index.scores("C", kind="bought_together") == pytest.approx(
+        _with(cfg, before, index).scores("C", kind="bought_together")
+    )
+    assert index.items["C"] == before["C"]  # converted by scoring
     feed(index, [["A", "B"]])
     gc.collect()
     for record in index.items.values():
-        for partners in record["partners"].values():
-            assert partners and not gc.is_tracked(partners)
-            assert all(type(entry) is tuple for entry in partners.values())
+        assert "errors" in record
+        for by_kind in (record["partners"], record["errors"], record["counts"]):
+            for values in by_kind.values() if by_kind is not record["counts"] else [by_kind]:
+                assert not gc.is_tracked(values)
+                assert all(type(v) is float for v in values.values())
+
+
+def _with(
+    cfg: AssociationConfig, items: dict[str, Any], like: AssociationIndex
+) -> AssociationIndex:
+    other = AssociationIndex(cfg)
+    other.items, other.totals, other.last_ts = items, like.totals, like.last_ts
+    return other
 
 
 def test_material_change_threshold() -> None:
