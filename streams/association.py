@@ -62,9 +62,9 @@ class ItemRecord(TypedDict):
     """Association state of one item: counts and partners, forward-decay scaled.
 
     Every leaf is a float in a dict keyed by strings: such dicts are never tracked by the
-    cyclic garbage collector. Partner entries as [count, error] lists (relata before the
-    eleventh session, `_upgraded`) were millions of tracked objects that every full collection
-    walked: half of the fold's time.
+    cyclic garbage collector. Partner entries used to be [count, error] lists (`_upgraded`
+    converts such records): millions of tracked objects that every full collection walked,
+    half of the fold's time.
     """
 
     item_id: str
