@@ -298,10 +298,10 @@ def test_records_leave_the_garbage_collector_alone() -> None:
     gc.collect()
     for record in index.items.values():
         assert "errors" in record
-        for by_kind in (record["partners"], record["errors"], record["counts"]):
-            for values in by_kind.values() if by_kind is not record["counts"] else [by_kind]:
-                assert not gc.is_tracked(values)
-                assert all(type(v) is float for v in values.values())
+        leaves = [record["counts"], *record["partners"].values(), *record["errors"].values()]
+        for values in leaves:
+            assert not gc.is_tracked(values)
+            assert all(type(v) is float for v in values.values())
 
 
 def _with(
