@@ -348,3 +348,27 @@ def test_popularity_prior_is_log_scaled_against_the_top_item() -> None:
     assert prior["b"] == pytest.approx(pw * math.log(10.0) / math.log(100.0))
     assert prior["c"] == prior["d"] == 0.0
     assert popularity_prior([], weights) == {}
+
+
+def test_popularity_prior_adds_to_the_candidates_it_covers() -> None:
+    """A behaviour candidate that is also popular gets its association score plus its prior
+    (and says so); an uncovered one keeps its association score; the fill comes after."""
+    weights = BlendWeights(vector=0.0, popularity=0.5)
+    popular = [("c", 99.0), ("b", 9.0), ("p", 5.0)]
+    prior = popularity_prior(popular, weights)
+    history = [entry("a")]
+    rel = {"a": related("a", ("b", "bought_together", 0.5), ("c", "bought_together", 0.5))}
+    alone = score(history=history, related=rel, vector_hits=[], k=5, weights=weights)
+    assoc = dict(alone.items)
+    assert assoc["b"] == assoc["c"]  # equal evidence: the prior decides
+    scored = score(
+        history=history, related=rel, vector_hits=[], k=5, weights=weights, popularity=popular
+    )
+    assert scored.items == [
+        ("c", assoc["c"] + prior["c"]),
+        ("b", assoc["b"] + prior["b"]),
+        ("p", prior["p"]),
+    ]
+    assert scored.pop_score == {"b": prior["b"], "c": prior["c"], "p": prior["p"]}
+    top = explain(scored)[0]
+    assert top.item_id == "c" and {r.kind for r in top.reasons} == {"bought_together", "popular"}
