@@ -630,8 +630,8 @@ def score(
     if popularity:
         prior = popularity_prior(popularity, w) if prior_of is None else prior_of
         # The candidates it covers get the prior; then the first k unseen items fill.
-        # One lookup per candidate (a set intersection of both key views and a merged dict
-        # cost ~4 times as much at ~400 candidates and a 1,000-item prior).
+        # One lookup per candidate, added in place (the intersection of both key views and a
+        # merged dict took 1.3-1.8 times as long at ~370 candidates and a 1,000-item prior).
         pop_score = {i: p for i in scores if (p := prior.get(i)) is not None}
         for item_id, p in pop_score.items():
             scores[item_id] += p

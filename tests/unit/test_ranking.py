@@ -357,18 +357,28 @@ def test_popularity_prior_adds_to_the_candidates_it_covers() -> None:
     popular = [("c", 99.0), ("b", 9.0), ("p", 5.0)]
     prior = popularity_prior(popular, weights)
     history = [entry("a")]
-    rel = {"a": related("a", ("b", "bought_together", 0.5), ("c", "bought_together", 0.5))}
+    rel = {
+        "a": related(
+            "a",
+            ("b", "bought_together", 0.5),
+            ("c", "bought_together", 0.5),
+            ("d", "bought_together", 0.5),
+        )
+    }
     alone = score(history=history, related=rel, vector_hits=[], k=5, weights=weights)
     assoc = dict(alone.items)
-    assert assoc["b"] == assoc["c"]  # equal evidence: the prior decides
+    assert assoc["b"] == assoc["c"] == assoc["d"]  # equal evidence: the prior decides
     scored = score(
         history=history, related=rel, vector_hits=[], k=5, weights=weights, popularity=popular
     )
-    assert scored.items == [
-        ("c", assoc["c"] + prior["c"]),
-        ("b", assoc["b"] + prior["b"]),
-        ("p", prior["p"]),
-    ]
+    assert dict(scored.items) == {
+        "c": assoc["c"] + prior["c"],
+        "b": assoc["b"] + prior["b"],
+        "d": assoc["d"],  # not in the popularity list: no prior
+        "p": prior["p"],  # the fill
+    }
+    assert [i for i, _ in scored.items][:3] == ["c", "b", "d"]
+    assert [s for _, s in scored.items] == sorted((s for _, s in scored.items), reverse=True)
     assert scored.pop_score == {"b": prior["b"], "c": prior["c"], "p": prior["p"]}
     top = explain(scored)[0]
     assert top.item_id == "c" and {r.kind for r in top.reasons} == {"bought_together", "popular"}
