@@ -11,10 +11,10 @@ and the share spent pruning full partner lists. No Kafka, no model.
 from __future__ import annotations
 
 import itertools
-import sys
 import time
 from pathlib import Path
-from typing import Any
+
+from bench_util import data_and_counts, timed
 
 import streams.association as association
 from relata.replay import iter_jsonl
@@ -42,16 +42,7 @@ def main(data_dir: Path, events: int) -> None:
         len(delta.pairs) for inp in inputs for delta in association.plan_updates(inp).values()
     )
 
-    pruning = [0.0]
-    prune = association._prune
-
-    def timed_prune(*args: Any) -> Any:
-        started = time.perf_counter()
-        try:
-            return prune(*args)
-        finally:
-            pruning[0] += time.perf_counter() - started
-
+    timed_prune, pruning = timed(association._prune)
     association._prune = timed_prune  # type: ignore[assignment]  # measuring only
     table: dict[str, association.ItemRecord] = {}
     totals: association.TotalsRecord | None = None
@@ -70,7 +61,5 @@ def main(data_dir: Path, events: int) -> None:
 
 
 if __name__ == "__main__":
-    main(
-        Path(sys.argv[1]) if len(sys.argv) > 1 else Path("data/online-retail"),
-        int(sys.argv[2]) if len(sys.argv) > 2 else 60_000,
-    )
+    data, (events,) = data_and_counts(60_000)
+    main(data, events)

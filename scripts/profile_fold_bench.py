@@ -12,13 +12,13 @@ inputs. Prints microseconds per event in all and the share of `fold_event`. No K
 from __future__ import annotations
 
 import itertools
-import sys
 import time
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import orjson
+from bench_util import data_and_counts, timed
 
 import streams.profile as profile_module
 from relata.replay import iter_jsonl
@@ -32,15 +32,7 @@ from streams.profile import FoldConfig, profile_update
 def main(data_dir: Path, events: int, batch: int) -> None:
     config = FoldConfig.from_settings(StreamsSettings())
     raws = [raw for _, raw in itertools.islice(iter_jsonl(data_dir / "events.jsonl.gz"), events)]
-    fold = profile_module.fold_event
-    folding = [0.0]
-
-    def timed_fold(*args: Any) -> Any:
-        started = time.perf_counter()
-        try:
-            return fold(*args)
-        finally:
-            folding[0] += time.perf_counter() - started
+    timed_fold, folding = timed(profile_module.fold_event)
 
     store: dict[str, bytes] = {}
     updates = 0
@@ -89,8 +81,5 @@ def main(data_dir: Path, events: int, batch: int) -> None:
 
 
 if __name__ == "__main__":
-    main(
-        Path(sys.argv[1]) if len(sys.argv) > 1 else Path("data/online-retail"),
-        int(sys.argv[2]) if len(sys.argv) > 2 else 60_000,
-        int(sys.argv[3]) if len(sys.argv) > 3 else 500,
-    )
+    data, (events, batch) = data_and_counts(60_000, 500)
+    main(data, events, batch)
