@@ -80,7 +80,7 @@ from .association import (
 from .catalog import CatalogView
 from .event_consumer import EventBatchConsumer, ProfileStore
 from .metrics import StreamsMetrics
-from .profile import FoldConfig, fold_event, profile_update
+from .profile import FoldConfig, fold_user_events, profile_update
 from .transport import App, ConfluentSender
 
 logger = logging.getLogger(__name__)
@@ -304,21 +304,18 @@ class StreamsApp:
         except Exception as exc:  # corrupt state: keep the stream flowing, keep the records
             await self._failed(exc, events)
             return
+        fold = fold_user_events(profile, [event for _, event, _ in events], self.fold_config)
+        for at, error in fold.failed:  # dead-letter the event whose fold raised; the rest count
+            await self._failed(error, [events[at]])
+        self.metrics.events_duplicate.inc(fold.duplicates)
         folded: list[tuple[BehaviorEvent, Record]] = []
-        for index, event, record in events:
-            try:
-                result = fold_event(profile, event, self.fold_config)
-            except Exception as exc:  # a bug: dead-letter this event, fold the others
-                await self._failed(exc, [(index, event, record)])
-                continue
-            if not result.changed:
-                self.metrics.events_duplicate.inc()
-                continue
-            profile = result.profile
+        for at, result in fold.changed:
+            index, event, record = events[at]
             folded.append((event, record))
             assoc = AssociationInput.from_fold(result, event)
             if assoc is not None:
                 inputs.append((index, assoc.to_dict()))
+        profile = fold.profile
         if profile is None or not folded:
             return
         self.profiles.put(partition, user_id, profile.model_dump_json().encode("utf-8"))

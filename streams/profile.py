@@ -26,7 +26,7 @@ Semantics (documented once, here):
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 
@@ -279,6 +279,37 @@ def fold_event(profile: UserProfile | None, event: BehaviorEvent, config: FoldCo
         new_basket=not basket_items,
         bought_items=bought,
     )
+
+
+@dataclass(slots=True)
+class UserFold:
+    """One user's events of a batch folded in order: the resulting profile, the fold of each
+    event that changed it (with its position in the events given), the duplicates skipped and
+    the events whose fold raised (a bug: set aside so the others still count)."""
+
+    profile: UserProfile | None
+    changed: list[tuple[int, FoldResult]] = field(default_factory=list)
+    duplicates: int = 0
+    failed: list[tuple[int, Exception]] = field(default_factory=list)
+
+
+def fold_user_events(
+    profile: UserProfile | None, events: Sequence[BehaviorEvent], config: FoldConfig
+) -> UserFold:
+    """Fold one user's events of a batch, in order, into `profile` (None: a new user)."""
+    fold = UserFold(profile=profile)
+    for at, event in enumerate(events):
+        try:
+            result = fold_event(fold.profile, event, config)
+        except Exception as exc:  # a bug in the fold: the caller dead-letters this event
+            fold.failed.append((at, exc))
+            continue
+        if not result.changed:
+            fold.duplicates += 1
+            continue
+        fold.profile = result.profile
+        fold.changed.append((at, result))
+    return fold
 
 
 def profile_update(

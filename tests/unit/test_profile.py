@@ -9,9 +9,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import streams.profile as profile_module
 from schemas.messages import EVENT_TYPES, BehaviorEvent, EventType, UserProfile
 from schemas.settings import StreamsSettings
-from streams.profile import FoldConfig, fold_event, profile_update
+from streams.profile import FoldConfig, fold_event, fold_user_events, profile_update
 
 T0 = datetime(2024, 1, 1, tzinfo=UTC)
 HOUR = 3600.0
@@ -338,3 +339,40 @@ def test_basket_pairs_setting_bounds_pairs_and_keeps_session_memory() -> None:
     assert cfg.session_size >= 250
     with pytest.raises(ValueError, match="basket_pairs"):
         replace(cfg, basket_pairs=0)
+
+
+def test_fold_user_events_equals_event_by_event_and_counts_duplicates() -> None:
+    cfg = config()
+    events = [
+        ev("e1", "i1", session="b1"),
+        ev("e2", "i2", at_s=60, session="b1"),
+        ev("e1", "i1", session="b1"),  # re-delivered
+        ev("e3", "i3", at_s=120, kind="view"),
+    ]
+    fold = fold_user_events(None, events, cfg)
+    assert fold.profile == fold_all(events, cfg)
+    assert [at for at, _ in fold.changed] == [0, 1, 3]
+    assert fold.duplicates == 1 and fold.failed == []
+    # Each kept result is that event's own fold: its basket context, not the batch's.
+    assert [result.basket_items for _, result in fold.changed] == [(), ("i1",), ()]
+
+
+def test_fold_user_events_sets_aside_an_event_whose_fold_raises(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    real = profile_module.fold_event
+
+    def failing_on_e2(
+        profile: UserProfile | None, event: BehaviorEvent, cfg: FoldConfig
+    ) -> profile_module.FoldResult:
+        if event.event_id == "e2":
+            raise RuntimeError("boom")
+        return real(profile, event, cfg)
+
+    monkeypatch.setattr(profile_module, "fold_event", failing_on_e2)
+    events = [ev("e1", "i1"), ev("e2", "i2", at_s=60), ev("e3", "i3", at_s=120)]
+    fold = fold_user_events(None, events, config())
+    assert [(at, str(exc)) for at, exc in fold.failed] == [(1, "boom")]
+    assert [at for at, _ in fold.changed] == [0, 2]
+    assert fold.profile is not None
+    assert [h.item_id for h in fold.profile.history] == ["i3", "i1"]

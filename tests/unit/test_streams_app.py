@@ -17,6 +17,7 @@ import pytest
 from openapi_spec_validator import validate
 from prometheus_client import CollectorRegistry
 
+import streams.profile as profile_module
 from schemas.messages import DeadLetter, Evidence, ProfileUpdate, RelatedItem, RelatedItems
 from schemas.settings import KafkaSettings, StreamsSettings
 from streams.app import ASSOCIATION_INPUT, Record, StreamsApp, build_streams
@@ -308,6 +309,35 @@ async def test_bad_input_goes_to_dead_letter_while_good_events_flow(
         if s.name == "relata_dead_letter_total"
     }
     assert ("implausible_timestamp", 2.0) in samples and ("malformed_json", 1.0) in samples
+
+
+@run_async
+async def test_an_event_whose_fold_raises_is_dead_lettered_and_the_others_fold(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real = profile_module.fold_event
+
+    def failing_on_e2(profile: Any, event: Any, config: Any) -> Any:
+        if event.event_id == "e2":
+            raise RuntimeError("fold bug")
+        return real(profile, event, config)
+
+    monkeypatch.setattr(profile_module, "fold_event", failing_on_e2)
+    sender = RecordingSender()
+    streams = make_streams(tmp_path, sender, batch_max_events=3)
+    await put_events(
+        streams,
+        [
+            (b"u1", encode(event(1, item="i1"))),
+            (b"u1", encode(event(2, item="i2"))),
+            (b"u1", encode(event(3, item="i3"))),
+        ],
+    )
+    rejected = dead_letters(sender)
+    assert [(d.error_type, d.offset) for d in rejected] == [("processing_error", 1)]
+    assert "RuntimeError: fold bug" in rejected[0].reason
+    updates = [ProfileUpdate.model_validate_json(v) for v in sender.values("profile-updates")]
+    assert [u.trigger_event_ids for u in updates] == [["e1", "e3"]]
 
 
 @run_async
