@@ -131,7 +131,7 @@ class StreamsSettings(_Settings):
             "Batch window of the profile agent: a batch closes this long after the previous one "
             "was handed out (adds at most this to latency, half on average). A longer window "
             "folds more of a user's events into one profile update, so under load the "
-            "recommender and the broker do less work per event (README, Speed)."
+            "recommender and the broker do less work per event (docs/results/speed-history.md)."
         ),
     )
     fetch_wait_ms: int = Field(
@@ -251,7 +251,7 @@ class StoreSettings(_Settings):
         description=(
             "Search threads of the embedded (edge) store; 0: the engine's default, one per core. "
             "One costs half the CPU per query at the recommender's 1-2 queries a batch on 2 "
-            "cores (README, Speed); more can shorten one query over a large multi-segment store."
+            "cores (docs/results/speed-history.md); more can shorten one query over a large multi-segment store."
         ),
     )
 
