@@ -143,9 +143,7 @@ def make_producer(kafka: KafkaSettings, **overrides: Any) -> Any:
     """A confluent-kafka Producer with relata's batching and idempotence defaults."""
     from confluent_kafka import Producer
 
-    from relata.topics import producer_config
-
-    config = {**producer_config(kafka, "relata-replay"), **PRODUCER_DEFAULTS, **overrides}
+    config = {**kafka.librdkafka_producer_config("relata-replay"), **PRODUCER_DEFAULTS, **overrides}
     return Producer(config)
 
 
@@ -369,10 +367,8 @@ def make_consumer(kafka: KafkaSettings, *, group_id: str | None = None, **overri
     """A confluent-kafka Consumer that does not commit (readers of output topics)."""
     from confluent_kafka import Consumer
 
-    from relata.topics import confluent_config
-
     config = {
-        **confluent_config(kafka, "relata-tail"),
+        **kafka.librdkafka_config("relata-tail"),
         "group.id": group_id or f"relata-tail-{uuid.uuid4().hex[:12]}",
         "enable.auto.commit": False,
         "enable.partition.eof": False,

@@ -21,7 +21,7 @@ from prometheus_client import CollectorRegistry, start_http_server
 
 from relata.process import freeze_startup_heap, stop_on_signals
 from relata.settings_cli import build_settings, settings_options
-from relata.topics import confluent_config, ensure_topics, producer_config, topic_name
+from relata.topics import ensure_topics, topic_name
 from schemas.settings import (
     EncoderSettings,
     IndexerSettings,
@@ -49,7 +49,7 @@ def build_consumer(
     """A confluent-kafka consumer with manual commits (offsets committed after the work)."""
     from confluent_kafka import Consumer
 
-    config = confluent_config(kafka, client_id) | {
+    config = kafka.librdkafka_config(client_id) | {
         "group.id": group_id,
         "enable.auto.commit": False,
         "auto.offset.reset": "earliest",
@@ -69,7 +69,7 @@ def build_producer(kafka: KafkaSettings, *, client_id: str) -> Any:
     from confluent_kafka import Producer
 
     return Producer(
-        producer_config(kafka, client_id)
+        kafka.librdkafka_producer_config(client_id)
         | {"linger.ms": 1, "enable.idempotence": True, "acks": "all"}
     )
 

@@ -17,16 +17,6 @@ class TopicError(RuntimeError):
     """Topics could not be created or did not become available."""
 
 
-def confluent_config(settings: KafkaSettings, client_id: str | None = None) -> dict[str, Any]:
-    """librdkafka (confluent-kafka) client config: see `KafkaSettings.librdkafka_config`."""
-    return dict(settings.librdkafka_config(client_id))
-
-
-def producer_config(settings: KafkaSettings, client_id: str | None = None) -> dict[str, Any]:
-    """librdkafka producer config (murmur2 partitioning): see `KafkaSettings`."""
-    return dict(settings.librdkafka_producer_config(client_id))
-
-
 def topic_name(settings: KafkaSettings, spec: TopicSpec) -> str:
     """The deployed name of a topic: `settings.topic_prefix` + the spec's name."""
     return spec.full_name(settings.topic_prefix)
@@ -59,7 +49,7 @@ def create_missing_topics(
 
     if not wanted:
         return []
-    admin = AdminClient(confluent_config(settings, "relata-admin"))
+    admin = AdminClient(settings.librdkafka_config("relata-admin"))
     try:
         existing = set(admin.list_topics(timeout=timeout_s).topics)
     except KafkaException as exc:

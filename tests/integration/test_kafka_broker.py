@@ -14,7 +14,7 @@ from confluent_kafka import Consumer, Producer
 from confluent_kafka.admin import AdminClient, ConfigResource, ResourceType
 
 from relata.kafka_broker import pid_alive, remove_stale_workdirs
-from relata.topics import confluent_config, ensure_topics, topic_name
+from relata.topics import ensure_topics, topic_name
 from schemas.settings import KafkaSettings
 from schemas.topics import ALL_TOPICS, BEHAVIOR_EVENTS, ITEM_CATALOG, RECOMMENDATIONS
 
@@ -30,13 +30,13 @@ def _cleanup_policy(admin: AdminClient, topic: str) -> str:
 def test_produce_and_consume_round_trip(kafka_settings: KafkaSettings, unique_id: str) -> None:
     ensure_topics(kafka_settings, [BEHAVIOR_EVENTS])
     topic = topic_name(kafka_settings, BEHAVIOR_EVENTS)
-    producer = Producer(confluent_config(kafka_settings))
+    producer = Producer(kafka_settings.librdkafka_config())
     producer.produce(topic, key=b"user-1", value=b'{"hello": "kafka"}')
     assert producer.flush(30) == 0
 
     consumer = Consumer(
         {
-            **confluent_config(kafka_settings),
+            **kafka_settings.librdkafka_config(),
             "group.id": f"g-{unique_id}",
             "auto.offset.reset": "earliest",
             "session.timeout.ms": 6000,
@@ -64,7 +64,7 @@ def test_ensure_topics_sets_cleanup_policy_and_is_idempotent(kafka_settings: Kaf
     assert set(created) == expected
     assert all(name.startswith(kafka_settings.topic_prefix) for name in expected)
 
-    admin = AdminClient(confluent_config(kafka_settings))
+    admin = AdminClient(kafka_settings.librdkafka_config())
     assert _cleanup_policy(admin, topic_name(kafka_settings, ITEM_CATALOG)) == "compact"
     assert _cleanup_policy(admin, topic_name(kafka_settings, RECOMMENDATIONS)) == "compact"
     assert _cleanup_policy(admin, topic_name(kafka_settings, BEHAVIOR_EVENTS)) == "delete"

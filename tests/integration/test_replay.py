@@ -163,11 +163,10 @@ def test_lag_monitor_reads_end_and_committed_offsets_of_every_partition(
 
     from relata.pipeline import LagMonitor
     from relata.replay import make_consumer
-    from relata.topics import confluent_config
 
     ensure_topics(kafka_settings, [BEHAVIOR_EVENTS], partitions=3)
     topic = kafka_settings.topic(BEHAVIOR_EVENTS.name)
-    producer = Producer(confluent_config(kafka_settings))
+    producer = Producer(kafka_settings.librdkafka_config())
     for n in range(3):  # 2, 3 and 4 records in partitions 0, 1 and 2
         for _ in range(n + 2):
             producer.produce(topic, partition=n, value=b"{}")

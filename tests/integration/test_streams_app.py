@@ -18,7 +18,6 @@ from openapi_spec_validator import validate
 
 from relata.kafka_broker import free_port
 from relata.run_streams import RunningStreams, VectorStoreSimilar, start_streams_in_thread
-from relata.topics import confluent_config
 from schemas.messages import DeadLetter, ProfileUpdate, RelatedItems
 from schemas.settings import KafkaSettings, StreamsSettings
 
@@ -42,7 +41,7 @@ def streams_settings(tmp_path: Path, unique_id: str) -> StreamsSettings:
 
 def producer(kafka: KafkaSettings) -> Producer:
     # murmur2 like Java clients and Faust, so HTTP routing agrees with record placement.
-    return Producer({**confluent_config(kafka), "partitioner": "murmur2_random"})
+    return Producer(kafka.librdkafka_producer_config())
 
 
 def publish(
@@ -98,7 +97,7 @@ class TopicReader:
     def __init__(self, kafka: KafkaSettings, topics: list[str], group: str) -> None:
         self._consumer = Consumer(
             {
-                **confluent_config(kafka),
+                **kafka.librdkafka_config(),
                 "group.id": group,
                 "auto.offset.reset": "earliest",
                 "enable.auto.commit": False,

@@ -18,7 +18,7 @@ from confluent_kafka import Consumer, Producer
 from prometheus_client import CollectorRegistry
 
 from relata.run_workers import Workers, build_workers
-from relata.topics import confluent_config, ensure_topics, topic_name
+from relata.topics import ensure_topics, topic_name
 from schemas.messages import HistoryEntry, ProfileUpdate, Recommendation, RelatedItems
 from schemas.settings import (
     EncoderSettings,
@@ -145,7 +145,7 @@ def test_pipeline_recommends_for_every_user(
     tombstoned = outside[1]
     retired.add(tombstoned)
 
-    producer = Producer(confluent_config(kafka_settings))
+    producer = Producer(kafka_settings.librdkafka_config())
     catalog_topic = topic_name(kafka_settings, ITEM_CATALOG)
     for record in catalog:
         record = dict(record, available=record["item_id"] not in retired - {tombstoned})
@@ -199,7 +199,7 @@ def test_pipeline_recommends_for_every_user(
     assert producer.flush(30) == 0
 
     consumer = Consumer(
-        confluent_config(kafka_settings)
+        kafka_settings.librdkafka_config()
         | {"group.id": f"{kafka_settings.topic_prefix}reader", "auto.offset.reset": "earliest"}
     )
     consumer.subscribe(
@@ -251,7 +251,7 @@ def test_pipeline_recommends_for_every_user(
     from confluent_kafka import TopicPartition
 
     probe = Consumer(
-        confluent_config(kafka_settings)
+        kafka_settings.librdkafka_config()
         | {"group.id": f"{kafka_settings.topic_prefix}recommender", "enable.auto.commit": False}
     )
     partitions = [

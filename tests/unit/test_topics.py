@@ -7,14 +7,14 @@ from pathlib import Path
 import pytest
 from pydantic import SecretStr, ValidationError
 
-from relata.topics import confluent_config, topic_name
+from relata.topics import topic_name
 from schemas.settings import KafkaSettings
 from schemas.topics import ITEM_CATALOG
 
 
 def test_plaintext_config_has_bootstrap_protocol_and_no_nagle() -> None:
     settings = KafkaSettings(bootstrap_servers="a:1,b:2", security_protocol="PLAINTEXT")
-    assert confluent_config(settings) == {
+    assert settings.librdkafka_config() == {
         "bootstrap.servers": "a:1,b:2",
         "security.protocol": "PLAINTEXT",
         "socket.nagle.disable": "true",
@@ -30,7 +30,7 @@ def test_sasl_ssl_config_maps_credentials_and_ca() -> None:
         sasl_password=SecretStr("s3cret"),
         ssl_cafile=Path("/etc/ssl/ca.pem"),
     )
-    assert confluent_config(settings) == {
+    assert settings.librdkafka_config() == {
         "bootstrap.servers": "kafka:9093",
         "security.protocol": "SASL_SSL",
         "socket.nagle.disable": "true",
@@ -51,22 +51,20 @@ def test_topic_name_uses_prefix() -> None:
 
 
 def test_producers_partition_like_faust_and_java_clients() -> None:
-    from relata.topics import producer_config
 
-    config = producer_config(KafkaSettings(bootstrap_servers="h:1"))
+    config = KafkaSettings(bootstrap_servers="h:1").librdkafka_producer_config()
     assert config["partitioner"] == "murmur2_random"
     assert config["bootstrap.servers"] == "h:1"
 
 
 def test_each_client_says_which_component_it_is() -> None:
-    from relata.topics import producer_config
     from schemas.settings import StreamsSettings
     from streams.app import aiokafka_config, faust_settings
 
     kafka = KafkaSettings(bootstrap_servers="h:1")
-    assert "client.id" not in confluent_config(kafka)  # librdkafka's "rdkafka" unless named
-    assert confluent_config(kafka, "relata-tail")["client.id"] == "relata-tail"
-    assert producer_config(kafka, "relata-replay")["client.id"] == "relata-replay"
+    assert "client.id" not in kafka.librdkafka_config()  # librdkafka's "rdkafka" unless named
+    assert kafka.librdkafka_config("relata-tail")["client.id"] == "relata-tail"
+    assert kafka.librdkafka_producer_config("relata-replay")["client.id"] == "relata-replay"
     assert aiokafka_config(kafka, "relata-streams-all-catalog")["client_id"] == (
         "relata-streams-all-catalog"
     )
