@@ -44,7 +44,7 @@ from schemas.messages import (
 )
 from schemas.settings import StreamsSettings
 
-from .profile import FoldResult
+from .profile import EventFold
 
 ASSOCIATION_KINDS: tuple[RelationKind, ...] = (
     "bought_together",
@@ -136,7 +136,7 @@ class AssociationInput:
     bought_items: tuple[str, ...] = ()
 
     @classmethod
-    def from_fold(cls, result: FoldResult, event: BehaviorEvent) -> AssociationInput | None:
+    def from_fold(cls, result: EventFold, event: BehaviorEvent) -> AssociationInput | None:
         """None when the event adds nothing (duplicate, return, repeat within a basket)."""
         if not result.changed or (result.basket_kind is None and not result.sequence_step):
             return None
@@ -651,7 +651,7 @@ class AssociationIndex:
         self.last_ts = max(self.last_ts, *(inp.ts for inp in inputs), 0.0)
         return set(touched)
 
-    def observe_event(self, result: FoldResult, event: BehaviorEvent) -> set[str]:
+    def observe_event(self, result: EventFold, event: BehaviorEvent) -> set[str]:
         """Consume one fold result (no-op for duplicates and returns)."""
         inp = AssociationInput.from_fold(result, event)
         return set() if inp is None else self.observe(inp)

@@ -108,28 +108,41 @@ class FoldConfig:
         )
 
 
-@dataclass(frozen=True, slots=True)
-class FoldResult:
-    """Outcome of folding one event.
+@dataclass(frozen=True, slots=True, kw_only=True)
+class EventFold:
+    """What folding one event did besides changing the profile: the basket and sequence
+    context that the association statistics consume.
 
     `basket_kind`: the association kind this event adds to, or None (a return, a duplicate, or
     an item already counted in this basket for that kind). `basket_items`: the other items of
-    the same basket for that kind (oldest first), at most `basket_pairs` (the most recent). `prior_items`: earlier distinct history items
-    outside the current basket, most recent first, up to `history_window` — the sources of
-    `next_item` transitions; empty unless `sequence_step`. `bought_items`: the same window of
-    earlier history items restricted to positive purchase/add-to-cart entries, only when this
-    event is one too: the partners of `also_bought`. `sequence_step`: the item newly joins the
-    current basket/session (one sequence position).
+    the same basket for that kind (oldest first), at most `basket_pairs` (the most recent).
+    `prior_items`: earlier distinct history items outside the current basket, most recent
+    first, up to `history_window` — the sources of `next_item` transitions; empty unless
+    `sequence_step`. `bought_items`: the same window of earlier history items restricted to
+    positive purchase/add-to-cart entries, only when this event is one too: the partners of
+    `also_bought`. `sequence_step`: the item newly joins the current basket/session (one
+    sequence position).
     """
 
-    profile: UserProfile
     changed: bool
     basket_items: tuple[str, ...] = ()
     prior_items: tuple[str, ...] = ()
     basket_kind: RelationKind | None = None
     sequence_step: bool = False
-    new_basket: bool = field(default=False)
+    new_basket: bool = False
     bought_items: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class FoldResult(EventFold):
+    """Outcome of folding one event: the new profile (the same object for a duplicate) and
+    the event's context."""
+
+    profile: UserProfile
+
+
+_DUPLICATE = EventFold(changed=False)
+_NO_CONTEXT = EventFold(changed=True)
 
 
 def decay_factor(dt_s: float, half_life_s: float) -> float:
@@ -143,30 +156,65 @@ def _ts(value: datetime) -> float:
     return value.timestamp()
 
 
-def _same_basket(profile: UserProfile, event: BehaviorEvent, config: FoldConfig) -> bool:
-    if not profile.session_items:
+@dataclass(slots=True)
+class _Folding:
+    """A profile while events fold into it: plain lists changed in place, so a user's batch
+    builds one `UserProfile` at its end instead of one (and copies of its lists) per event."""
+
+    user_id: str
+    history: list[HistoryEntry]
+    recent_event_ids: list[str]
+    session_id: str | None
+    session_items: list[str]
+    last_ts: datetime | None
+
+    @classmethod
+    def of(cls, profile: UserProfile) -> _Folding:
+        return cls(
+            user_id=profile.user_id,
+            history=list(profile.history),
+            recent_event_ids=list(profile.recent_event_ids),
+            session_id=profile.session_id,
+            session_items=list(profile.session_items),
+            last_ts=profile.last_ts,
+        )
+
+    def profile(self) -> UserProfile:
+        """The folded profile; it takes these lists, so fold nothing more into this state."""
+        # model_construct: every value comes from a validated event or profile; validating
+        # again was a large share of the fold's cost.
+        return UserProfile.model_construct(
+            user_id=self.user_id,
+            history=self.history,
+            recent_event_ids=self.recent_event_ids,
+            session_id=self.session_id,
+            session_items=self.session_items,
+            last_ts=self.last_ts,
+        )
+
+
+def _same_basket(state: _Folding, event: BehaviorEvent, config: FoldConfig) -> bool:
+    if not state.session_items:
         return False
     if event.session_id is not None:
-        return profile.session_id == event.session_id
-    if profile.session_id is not None or profile.last_ts is None:
+        return state.session_id == event.session_id
+    if state.session_id is not None or state.last_ts is None:
         return False
-    return abs(_ts(event.ts) - _ts(profile.last_ts)) <= config.session_window_s
+    return abs(_ts(event.ts) - _ts(state.last_ts)) <= config.session_window_s
 
 
-def _fold_history(
+def _history_entry(
     history: list[HistoryEntry], event: BehaviorEvent, config: FoldConfig
-) -> list[HistoryEntry]:
+) -> tuple[HistoryEntry, int | None]:
+    """The event's item's entry with the event's weight folded in, and the position of the
+    entry it replaces (None: a new item)."""
     weight = config.weights[event.event_type]
-    old: HistoryEntry | None = None
-    rest = history
-    for at, h in enumerate(history):
+    at: int | None = None
+    for i, h in enumerate(history):
         if h.item_id == event.item_id:
-            old = h
-            rest = history[:at] + history[at + 1 :]
+            at = i
             break
-    # model_construct: every value comes from a validated event/entry; validating again per
-    # event was a large share of the fold's cost.
-    if old is None:
+    if at is None:
         entry = HistoryEntry.model_construct(
             item_id=event.item_id,
             weight=weight,
@@ -174,7 +222,9 @@ def _fold_history(
             last_ts=event.ts,
             count=1,
         )
-    elif event.ts >= old.last_ts:
+        return entry, None
+    old = history[at]
+    if event.ts >= old.last_ts:
         decayed = old.weight * decay_factor(_ts(event.ts) - _ts(old.last_ts), config.half_life_s)
         entry = HistoryEntry.model_construct(
             item_id=event.item_id,
@@ -186,41 +236,52 @@ def _fold_history(
     else:  # out of order: value the late event at the entry's time, keep the entry's recency
         late = weight * decay_factor(_ts(old.last_ts) - _ts(event.ts), config.half_life_s)
         entry = old.model_copy(update={"weight": old.weight + late, "count": old.count + 1})
-    # Most recent first; the touched entry goes first among equal timestamps. The rest is
-    # already in that order, so the entry is inserted (no sort); in-order events go in front.
+    return entry, at
+
+
+def _place(
+    history: list[HistoryEntry], entry: HistoryEntry, replaces: int | None, history_size: int
+) -> None:
+    """Put `entry` into the history in place of the entry at `replaces`: most recent first,
+    the touched entry first among equal timestamps, at most `history_size` entries. The rest
+    is already in that order, so the entry is inserted (no sort); in-order events go in front."""
+    if replaces is not None:
+        del history[replaces]
     at = 0
-    while at < len(rest) and rest[at].last_ts > entry.last_ts:
+    while at < len(history) and history[at].last_ts > entry.last_ts:
         at += 1
-    rest.insert(at, entry)
-    return rest[: config.history_size]
+    history.insert(at, entry)
+    del history[history_size:]
 
 
-def fold_event(profile: UserProfile | None, event: BehaviorEvent, config: FoldConfig) -> FoldResult:
-    """Fold one event into a profile (None: a new user); returns the new profile and the
-    basket/sequence context that the association statistics consume."""
-    if profile is None:
-        profile = UserProfile(user_id=event.user_id)
-    elif event.event_id in profile.recent_event_ids:
-        return FoldResult(profile=profile, changed=False)
-
+def _fold_into(state: _Folding, event: BehaviorEvent, config: FoldConfig) -> EventFold:
+    """Fold one event into `state`; its context, read from the state before it. Everything is
+    computed before the state changes, so an event whose fold raises leaves no trace."""
+    if event.event_id in state.recent_event_ids:
+        return _DUPLICATE
     kind = basket_kind_of(event.event_type)
-    history = _fold_history(list(profile.history), event, config)
-    recent_ids = [*profile.recent_event_ids, event.event_id][-config.dedup_size :]
-    last_ts = event.ts if profile.last_ts is None else max(profile.last_ts, event.ts)
-
+    entry, replaces = _history_entry(state.history, event, config)
     if kind is None:  # a return: weight only, no basket, no sequence step
-        new_profile = UserProfile.model_construct(
-            user_id=profile.user_id,
-            history=history,
-            recent_event_ids=recent_ids,
-            session_id=profile.session_id,
-            session_items=profile.session_items,
-            last_ts=last_ts,
-        )
-        return FoldResult(profile=new_profile, changed=True)
+        context = _NO_CONTEXT
+    else:
+        context, session_items = _basket_context(state, event, kind, config)
+        state.session_id = event.session_id
+        state.session_items = session_items
+    _place(state.history, entry, replaces, config.history_size)
+    state.recent_event_ids.append(event.event_id)
+    del state.recent_event_ids[: -config.dedup_size]
+    if state.last_ts is None or event.ts > state.last_ts:
+        state.last_ts = event.ts
+    return context
 
-    same = _same_basket(profile, event, config)
-    session_items = list(profile.session_items) if same else []
+
+def _basket_context(
+    state: _Folding, event: BehaviorEvent, kind: RelationKind, config: FoldConfig
+) -> tuple[EventFold, list[str]]:
+    """The basket and sequence context of a purchase or view event, read from the state
+    before it, and the basket's items after it."""
+    same = _same_basket(state, event, config)
+    session_items = list(state.session_items) if same else []
     in_session = event.item_id in session_items
 
     # Items of the basket that do not count for this kind: for a purchase basket, those whose
@@ -229,7 +290,7 @@ def fold_event(profile: UserProfile | None, event: BehaviorEvent, config: FoldCo
     # per event: a call per basket item was a fifth of the fold on wholesale baskets.
     excluded: set[str] | frozenset[str] = frozenset()
     if session_items and kind != "also_viewed":
-        excluded = {h.item_id for h in profile.history if h.last_event_type not in PURCHASE_TYPES}
+        excluded = {h.item_id for h in state.history if h.last_event_type not in PURCHASE_TYPES}
 
     # The basket's most recent `basket_pairs` matching items, oldest first: scanned from the
     # newest end and stopped there (a wholesale basket holds up to `session_size` items).
@@ -246,7 +307,7 @@ def fold_event(profile: UserProfile | None, event: BehaviorEvent, config: FoldCo
     if not in_session:
         members = set(session_items)
         window: list[HistoryEntry] = []
-        for h in profile.history:
+        for h in state.history:
             if h.item_id != event.item_id and h.item_id not in members:
                 window.append(h)
                 if len(window) == config.history_window:
@@ -257,20 +318,10 @@ def fold_event(profile: UserProfile | None, event: BehaviorEvent, config: FoldCo
                 h.item_id for h in window if h.last_event_type in PURCHASE_TYPES and h.weight > 0
             )
         session_items.append(event.item_id)
-        session_items = session_items[-config.session_size :]
-
-    new_profile = UserProfile.model_construct(
-        user_id=profile.user_id,
-        history=history,
-        recent_event_ids=recent_ids,
-        session_id=event.session_id,
-        session_items=session_items,
-        last_ts=last_ts,
-    )
+        del session_items[: -config.session_size]
     if already_counted:
-        return FoldResult(profile=new_profile, changed=True)
-    return FoldResult(
-        profile=new_profile,
+        return _NO_CONTEXT, session_items
+    context = EventFold(
         changed=True,
         basket_items=basket_items,
         prior_items=prior,
@@ -279,16 +330,36 @@ def fold_event(profile: UserProfile | None, event: BehaviorEvent, config: FoldCo
         new_basket=not basket_items,
         bought_items=bought,
     )
+    return context, session_items
+
+
+def fold_event(profile: UserProfile | None, event: BehaviorEvent, config: FoldConfig) -> FoldResult:
+    """Fold one event into a profile (None: a new user); returns the new profile and the
+    basket/sequence context that the association statistics consume."""
+    if profile is not None and event.event_id in profile.recent_event_ids:
+        return FoldResult(profile=profile, changed=False)
+    state = _Folding.of(profile or UserProfile(user_id=event.user_id))
+    context = _fold_into(state, event, config)
+    return FoldResult(
+        profile=state.profile(),
+        changed=True,
+        basket_items=context.basket_items,
+        prior_items=context.prior_items,
+        basket_kind=context.basket_kind,
+        sequence_step=context.sequence_step,
+        new_basket=context.new_basket,
+        bought_items=context.bought_items,
+    )
 
 
 @dataclass(slots=True)
 class UserFold:
-    """One user's events of a batch folded in order: the resulting profile, the fold of each
-    event that changed it (with its position in the events given), the duplicates skipped and
-    the events whose fold raised (a bug: set aside so the others still count)."""
+    """One user's events of a batch folded in order: the resulting profile, the context of
+    each event that changed it (with its position in the events given), the duplicates
+    skipped and the events whose fold raised (a bug: set aside so the others still count)."""
 
     profile: UserProfile | None
-    changed: list[tuple[int, FoldResult]] = field(default_factory=list)
+    changed: list[tuple[int, EventFold]] = field(default_factory=list)
     duplicates: int = 0
     failed: list[tuple[int, Exception]] = field(default_factory=list)
 
@@ -296,19 +367,24 @@ class UserFold:
 def fold_user_events(
     profile: UserProfile | None, events: Sequence[BehaviorEvent], config: FoldConfig
 ) -> UserFold:
-    """Fold one user's events of a batch, in order, into `profile` (None: a new user)."""
+    """Fold one user's events of a batch, in order, into `profile` (None: a new user); one
+    `UserProfile` is built at the end, none per event."""
     fold = UserFold(profile=profile)
+    if not events:
+        return fold
+    state = _Folding.of(profile or UserProfile(user_id=events[0].user_id))
     for at, event in enumerate(events):
         try:
-            result = fold_event(fold.profile, event, config)
+            context = _fold_into(state, event, config)
         except Exception as exc:  # a bug in the fold: the caller dead-letters this event
             fold.failed.append((at, exc))
             continue
-        if not result.changed:
+        if not context.changed:
             fold.duplicates += 1
             continue
-        fold.profile = result.profile
-        fold.changed.append((at, result))
+        fold.changed.append((at, context))
+    if fold.changed:
+        fold.profile = state.profile()
     return fold
 
 

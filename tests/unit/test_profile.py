@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import pytest
 from hypothesis import given, settings
@@ -357,22 +358,26 @@ def test_fold_user_events_equals_event_by_event_and_counts_duplicates() -> None:
     assert [result.basket_items for _, result in fold.changed] == [(), ("i1",), ()]
 
 
-def test_fold_user_events_sets_aside_an_event_whose_fold_raises(
+def test_fold_user_events_sets_aside_an_event_whose_fold_raises_without_a_trace(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    real = profile_module.fold_event
+    real = profile_module._basket_context
 
+    # The basket context is read after the event's history entry is computed: a fold that
+    # raises there must leave neither (the profile is as if the event never came).
     def failing_on_e2(
-        profile: UserProfile | None, event: BehaviorEvent, cfg: FoldConfig
-    ) -> profile_module.FoldResult:
+        state: Any, event: BehaviorEvent, kind: Any, cfg: FoldConfig
+    ) -> tuple[profile_module.EventFold, list[str]]:
         if event.event_id == "e2":
             raise RuntimeError("boom")
-        return real(profile, event, cfg)
+        return real(state, event, kind, cfg)
 
-    monkeypatch.setattr(profile_module, "fold_event", failing_on_e2)
+    monkeypatch.setattr(profile_module, "_basket_context", failing_on_e2)
     events = [ev("e1", "i1"), ev("e2", "i2", at_s=60), ev("e3", "i3", at_s=120)]
     fold = fold_user_events(None, events, config())
     assert [(at, str(exc)) for at, exc in fold.failed] == [(1, "boom")]
     assert [at for at, _ in fold.changed] == [0, 2]
     assert fold.profile is not None
     assert [h.item_id for h in fold.profile.history] == ["i3", "i1"]
+    assert fold.profile.recent_event_ids == ["e1", "e3"]
+    assert fold.profile == fold_all([events[0], events[2]], config())

@@ -315,14 +315,14 @@ async def test_bad_input_goes_to_dead_letter_while_good_events_flow(
 async def test_an_event_whose_fold_raises_is_dead_lettered_and_the_others_fold(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    real = profile_module.fold_event
+    real = profile_module._basket_context
 
-    def failing_on_e2(profile: Any, event: Any, config: Any) -> Any:
+    def failing_on_e2(state: Any, event: Any, kind: Any, config: Any) -> Any:
         if event.event_id == "e2":
             raise RuntimeError("fold bug")
-        return real(profile, event, config)
+        return real(state, event, kind, config)
 
-    monkeypatch.setattr(profile_module, "fold_event", failing_on_e2)
+    monkeypatch.setattr(profile_module, "_basket_context", failing_on_e2)
     sender = RecordingSender()
     streams = make_streams(tmp_path, sender, batch_max_events=3)
     await put_events(
