@@ -486,19 +486,21 @@ def plot(
     origin: float,
     phases: list[PhaseResult],
 ) -> None:
-    """Latency (p50/p99 per second) and total lag over time, phases shaded."""
+    """Latency (p50/p99 per second) and total lag over time, phases shaded; below it each
+    process's RSS over time (what the memory soak is read from)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     windows = series.windows(1.0, origin=origin)
-    fig, ax = plt.subplots(figsize=(10, 5))
+    fig, (ax, rss_ax) = plt.subplots(
+        2, 1, figsize=(10, 7.5), sharex=True, gridspec_kw={"height_ratios": [2, 1]}
+    )
     if windows:
         xs = [w for w, _ in windows]
         ax.plot(xs, [s["p50"] for _, s in windows], label="p50 latency (ms)")
         ax.plot(xs, [s["p99"] for _, s in windows], label="p99 latency (ms)")
-    ax.set_xlabel("seconds since the first phase")
     ax.set_ylabel("event → recommendation latency (ms)")
     ax.set_yscale("log")
     lag_ax = ax.twinx()
@@ -519,6 +521,16 @@ def plot(
     lines2, labels2 = lag_ax.get_legend_handles_labels()
     ax.legend(lines + lines2, labels + labels2, loc="upper left")
     ax.set_title("relata: event → recommendation latency and lag")
+    for name in sorted({name for sample in samples for name in sample.rss_mb}):
+        rss_ax.plot(
+            [sample.t - origin for sample in samples if name in sample.rss_mb],
+            [sample.rss_mb[name] for sample in samples if name in sample.rss_mb],
+            label=name,
+        )
+    rss_ax.set_ylabel("RSS (MB)")
+    rss_ax.set_xlabel("seconds since the first phase")
+    if samples:
+        rss_ax.legend(loc="upper left", fontsize=8, ncols=3)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
