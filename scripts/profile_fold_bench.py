@@ -3,8 +3,9 @@
 Replays the first EVENTS events of a data set in batches of BATCH (the profile agent's batch
 size) through the same steps as `StreamsApp.handle_events`: decode and validate each event,
 group the batch by user, read each user's stored profile (JSON), fold the user's events in
-order (`fold_user_events`, as the agent does), write the profile and one profile update (JSON), and serialise the batch's association
-inputs. Prints microseconds per event in all and the share of the fold itself. No Kafka, no model.
+order (`fold_user_events`, as the agent does), write the profile and one profile update
+(JSON), and serialise the batch's association inputs. Prints microseconds per event in all and
+the share of the fold itself. No Kafka, no model.
 
     .venv/bin/python scripts/profile_fold_bench.py [DATA_DIR] [EVENTS] [BATCH]
 """

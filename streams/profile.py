@@ -255,8 +255,9 @@ def _place(
 
 
 def _fold_into(state: _Folding, event: BehaviorEvent, config: FoldConfig) -> EventFold:
-    """Fold one event into `state`; its context, read from the state before it. Everything is
-    computed before the state changes, so an event whose fold raises leaves no trace."""
+    """Fold one event into `state`; its context, read from the state before it. The event's
+    history entry and context are computed before the state changes, so an event whose fold
+    raises there leaves no trace."""
     if event.event_id in state.recent_event_ids:
         return _DUPLICATE
     kind = basket_kind_of(event.event_type)
