@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
+import itertools
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -11,6 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import streams.profile as profile_module
+from relata.replay import iter_jsonl
 from schemas.messages import EVENT_TYPES, BehaviorEvent, EventType, UserProfile
 from schemas.settings import StreamsSettings
 from streams.profile import FoldConfig, fold_event, fold_user_events, profile_update
@@ -381,3 +385,44 @@ def test_fold_user_events_sets_aside_an_event_whose_fold_raises_without_a_trace(
     assert [h.item_id for h in fold.profile.history] == ["i3", "i1"]
     assert fold.profile.recent_event_ids == ["e1", "e3"]
     assert fold.profile == fold_all([events[0], events[2]], config())
+
+
+def test_batched_fold_equals_the_event_by_event_fold_on_real_baskets() -> None:
+    """online-retail's wholesale invoices (long baskets, returns, repeats), a re-delivered
+    event now and then: the profile agent's batched fold gives the profiles and association
+    contexts that folding one event at a time gives."""
+    data = Path(__file__).resolve().parents[2] / "data" / "online-retail" / "events.jsonl.gz"
+    cfg = FoldConfig.from_settings(StreamsSettings())
+    raws = itertools.islice(iter_jsonl(data), 3000)
+    events = [BehaviorEvent.model_validate_json(raw) for _, raw in raws]
+    events = [e for n, event in enumerate(events) for e in [event] * (1 + (n % 40 == 0))]
+
+    one_by_one: dict[str, UserProfile] = {}
+    expected: list[tuple[str, Any]] = []
+    for event in events:
+        result = fold_event(one_by_one.get(event.user_id), event, cfg)
+        one_by_one[event.user_id] = result.profile
+        expected.append((event.event_id, context_of(result)))
+
+    batched: dict[str, UserProfile] = {}
+    got: list[tuple[str, Any]] = []
+    for start in range(0, len(events), 250):
+        by_user: dict[str, list[BehaviorEvent]] = {}
+        for event in events[start : start + 250]:
+            by_user.setdefault(event.user_id, []).append(event)
+        for user_id, user_events in by_user.items():
+            fold = fold_user_events(batched.get(user_id), user_events, cfg)
+            assert fold.failed == []
+            got.extend((user_events[at].event_id, context_of(c)) for at, c in fold.changed)
+            if fold.profile is not None:
+                batched[user_id] = fold.profile
+    assert batched == one_by_one
+    changed = [pair for pair in expected if pair[1]["changed"]]
+    assert sorted(got, key=lambda pair: pair[0]) == sorted(changed, key=lambda pair: pair[0])
+    assert len(changed) < len(expected)  # the re-delivered events were skipped
+    assert any(context["basket_items"] for _, context in changed)
+
+
+def context_of(fold: profile_module.EventFold) -> dict[str, Any]:
+    """An event's fold context: a `FoldResult`'s fields but its profile."""
+    return {f.name: getattr(fold, f.name) for f in dataclasses.fields(profile_module.EventFold)}
