@@ -159,7 +159,9 @@ def _ts(value: datetime) -> float:
 @dataclass(slots=True)
 class _Folding:
     """A profile while events fold into it: plain lists changed in place, so a user's batch
-    builds one `UserProfile` at its end instead of one (and copies of its lists) per event."""
+    builds one `UserProfile` at its end instead of one per event, and copies its history and
+    event ids once (the basket's items are still copied per purchase or view event: see
+    `_basket_context`)."""
 
     user_id: str
     history: list[HistoryEntry]
@@ -282,6 +284,8 @@ def _basket_context(
     """The basket and sequence context of a purchase or view event, read from the state
     before it, and the basket's items after it."""
     same = _same_basket(state, event, config)
+    # A copy: the state's basket changes only once the whole fold of the event has been
+    # computed, so an event whose fold raises leaves it as it was.
     session_items = list(state.session_items) if same else []
     in_session = event.item_id in session_items
 
