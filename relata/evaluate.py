@@ -33,12 +33,12 @@ from relata.eval_metrics import (
     summarize,
     target_rank,
 )
+from schemas import vocabulary
 from schemas.messages import BehaviorEvent, CatalogItem, EventType, HistoryEntry, RelatedItems
 from schemas.settings import EncoderSettings, StreamsSettings
 from streams.association import AssociationConfig, AssociationIndex
 from streams.profile import FoldConfig, fold_event
 from workers.ranking import (
-    BEHAVIOUR_KINDS,
     BlendWeights,
     RelatedTable,
     VectorRows,
@@ -354,7 +354,7 @@ def rank_users(
     item_vectors: Mapping[str, np.ndarray] | None = None,
 ) -> MethodResult:
     """Rank every case's user with `workers.ranking.rank`; collect the target's rank."""
-    needs_related = any(weights.kind_weight(kind) > 0 for kind in (*BEHAVIOUR_KINDS, "similar"))
+    needs_related = any(weights.kind_weight(kind) > 0 for kind in vocabulary.relation_kinds())
     ranks: list[int | None] = []
     lists: list[list[str]] = []
     it: Iterable[tuple[int, Case]] = enumerate(cases)

@@ -45,7 +45,7 @@ from streams.association import (
     decayed,
     item_count,
 )
-from streams.profile import PURCHASE_TYPES, FoldConfig, fold_event
+from streams.profile import FoldConfig, fold_event, purchase_types
 
 logger = logging.getLogger(__name__)
 
@@ -72,7 +72,7 @@ def assign_baskets(
     sizes: dict[str, set[str]] = defaultdict(set)
     last: dict[str, str] = {}
     for e in windowed:
-        if e.event_type in PURCHASE_TYPES and e.session_id is not None:
+        if e.event_type in purchase_types() and e.session_id is not None:
             sizes[e.session_id].add(e.item_id)
             last[e.user_id] = e.session_id
     multi = sum(1 for s in last.values() if len(sizes[s]) >= 2)
@@ -108,7 +108,7 @@ def split_last_baskets(
     as distinct items in order). Training keeps every event outside the held-out baskets."""
     last: dict[str, tuple[float, str]] = {}
     for e in events:
-        if e.event_type in PURCHASE_TYPES and e.session_id is not None:
+        if e.event_type in purchase_types() and e.session_id is not None:
             key = (e.ts.timestamp(), e.session_id)
             if e.user_id not in last or key[0] >= last[e.user_id][0]:
                 last[e.user_id] = key
@@ -117,7 +117,7 @@ def split_last_baskets(
     baskets: dict[str, list[str]] = defaultdict(list)
     for e in events:
         if (e.user_id, e.session_id) in held:
-            if e.event_type in PURCHASE_TYPES and e.item_id not in baskets[e.user_id]:
+            if e.event_type in purchase_types() and e.item_id not in baskets[e.user_id]:
                 baskets[e.user_id].append(e.item_id)
         else:
             train.append(e)
@@ -128,7 +128,7 @@ def training_baskets(events: Iterable[BehaviorEvent]) -> list[list[str]]:
     """Distinct purchased items per (user, session) of the training events (for FP-growth)."""
     baskets: dict[tuple[str, str | None], dict[str, None]] = defaultdict(dict)
     for e in events:
-        if e.event_type in PURCHASE_TYPES:
+        if e.event_type in purchase_types():
             baskets[(e.user_id, e.session_id)][e.item_id] = None
     return [list(b) for b in baskets.values()]
 

@@ -21,8 +21,9 @@ import numpy as np
 
 from relata.eval_metrics import summarize
 from relata.evaluate import Prepared, VectorInputs, item_vectors, pooled_inputs, prepare, rank_users
+from schemas import vocabulary
 from schemas.settings import EncoderSettings
-from workers.ranking import BEHAVIOUR_KINDS, BlendWeights
+from workers.ranking import BlendWeights
 
 logger = logging.getLogger(__name__)
 
@@ -175,7 +176,7 @@ def fit_blend(
     searched = {
         name: values
         for name, values in GRID.items()
-        if not (name in BEHAVIOUR_KINDS and name not in present)
+        if not (name in vocabulary.behaviour_kinds() and name not in present)
         and not (name in ("vector", "vector_sharpness", "vector_recency") and matrix is None)
     }
     for r in range(rounds):

@@ -34,7 +34,7 @@ def _classify(exc: ValidationError) -> Rejection:
     for err in errors[:5]:
         loc = ".".join(str(p) for p in err["loc"]) or "<root>"
         parts.append(f"{loc}: {err['msg']}")
-        if err["loc"] == ("event_type",) and err["type"] == "literal_error":
+        if err["type"] == "unknown_event_type":
             error_type = "unknown_event_type"
         elif err["loc"] == ("ts",) and "plausible" in err["msg"]:
             error_type = "implausible_timestamp"

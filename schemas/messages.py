@@ -18,20 +18,13 @@ from pydantic import (
     field_validator,
 )
 
-EventType = Literal["view", "click", "add_to_cart", "purchase", "return"]
-EVENT_TYPES: tuple[EventType, ...] = ("view", "click", "add_to_cart", "purchase", "return")
+from schemas.vocabulary import Term, event_types, reason_kinds, relation_kinds
 
-# similar: close in meaning (vector cosine); bought_together: same basket/session;
-# also_bought: bought by the same customers across their histories; also_viewed: viewed/clicked
-# together; next_item: bought next after it (directed sequence transition).
-RelationKind = Literal["similar", "bought_together", "also_bought", "also_viewed", "next_item"]
-RELATION_KINDS: tuple[RelationKind, ...] = (
-    "similar",
-    "bought_together",
-    "also_bought",
-    "also_viewed",
-    "next_item",
-)
+# Event types and relation kinds are declared once, in `schemas.vocabulary`; these types
+# accept exactly the declared terms (checked when a message is validated).
+EventType = Annotated[str, Term(event_types, "unknown_event_type", "event type")]
+RelationKind = Annotated[str, Term(relation_kinds, "unknown_relation_kind", "relation kind")]
+ReasonKind = Annotated[str, Term(reason_kinds, "unknown_reason_kind", "reason kind")]
 
 DeadLetterError = Literal[
     "malformed_json",
@@ -176,9 +169,7 @@ class Reason(_Message):
     """One piece of support for a recommended item."""
 
     source_item_id: Identifier = Field(description="The user's own history item behind it.")
-    kind: Literal[
-        "similar", "bought_together", "also_bought", "also_viewed", "next_item", "popular"
-    ]
+    kind: ReasonKind
     strength: float = Field(description="This reason's contribution to the item's score.")
     text: str
 

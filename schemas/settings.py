@@ -12,6 +12,8 @@ from typing import Literal
 from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from schemas import vocabulary
+
 
 class _Settings(BaseSettings):
     model_config = SettingsConfigDict(extra="forbid", frozen=True, validate_default=True)
@@ -147,11 +149,31 @@ class StreamsSettings(_Settings):
     half_life_hours: float = Field(
         24.0 * 14, gt=0, description="Time decay half-life of history weights (event time)."
     )
-    weight_view: float = Field(1.0, description="Weight of a view.")
-    weight_click: float = Field(2.0, description="Weight of a click.")
-    weight_add_to_cart: float = Field(4.0, description="Weight of an add-to-cart.")
-    weight_purchase: float = Field(8.0, description="Weight of a purchase.")
-    weight_return: float = Field(-8.0, description="Weight of a return (negative: a rejection).")
+    weight_view: float = Field(
+        vocabulary.event_type("view").weight, description="Weight of a view."
+    )
+    weight_click: float = Field(
+        vocabulary.event_type("click").weight, description="Weight of a click."
+    )
+    weight_add_to_cart: float = Field(
+        vocabulary.event_type("add_to_cart").weight, description="Weight of an add-to-cart."
+    )
+    weight_purchase: float = Field(
+        vocabulary.event_type("purchase").weight, description="Weight of a purchase."
+    )
+    weight_return: float = Field(
+        vocabulary.event_type("return").weight,
+        description="Weight of a return (negative: a rejection).",
+    )
+
+    def event_weights(self) -> dict[str, float]:
+        """The profile weight of every declared event type: its `weight_<type>` setting where
+        there is one, else the vocabulary's default."""
+        return {
+            spec.name: float(getattr(self, f"weight_{spec.name}", spec.weight))
+            for spec in vocabulary.event_type_specs()
+        }
+
     dedup_size: int = Field(
         200,
         ge=1,

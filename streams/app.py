@@ -64,7 +64,6 @@ from schemas.topics import (
 from streams.web import register_views, stored_json
 
 from .association import (
-    ASSOCIATION_KINDS,
     AssociationConfig,
     AssociationInput,
     CountMemo,
@@ -430,7 +429,7 @@ class StreamsApp:
         return state["totals"], float(state["clock"])
 
     def related_of(
-        self, item_id: str, *, kinds: Iterable[RelationKind] = ASSOCIATION_KINDS
+        self, item_id: str, *, kinds: Iterable[RelationKind] | None = None
     ) -> RelatedItems | None:
         """Current association neighbours of one item (None: no behaviour seen)."""
         record: ItemRecord | None = self.associations.get(item_id)

@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, TypedDict
 
+from schemas import vocabulary
 from schemas.messages import (
     BehaviorEvent,
     Evidence,
@@ -46,12 +47,6 @@ from schemas.settings import StreamsSettings
 
 from .profile import EventFold
 
-ASSOCIATION_KINDS: tuple[RelationKind, ...] = (
-    "bought_together",
-    "also_bought",
-    "also_viewed",
-    "next_item",
-)
 # Rescale a record once its forward-decay scale passes 2^30: far from float overflow.
 _MAX_SCALE_EXPONENT = 30.0
 # Decay arithmetic leaves 2.0 as 1.9999999999: compare supports with a relative tolerance.
@@ -166,8 +161,9 @@ class AssociationInput:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> AssociationInput:
         kind = data.get("kind")
-        if kind is not None and kind not in ASSOCIATION_KINDS:
-            msg = f"unknown association kind {kind!r}; valid: {list(ASSOCIATION_KINDS)}"
+        valid = vocabulary.behaviour_kinds()
+        if kind is not None and kind not in valid:
+            msg = f"unknown association kind {kind!r}; valid: {list(valid)}"
             raise ValueError(msg)
         return cls(
             item_id=str(data["item_id"]),
@@ -535,13 +531,13 @@ def top_partners(
     lookup: Lookup,
     now: float,
     config: AssociationConfig,
-    kinds: Iterable[RelationKind] = ASSOCIATION_KINDS,
+    kinds: Iterable[RelationKind] | None = None,
     memo: CountMemo | None = None,
 ) -> list[Scored]:
     """The top-N scored neighbours of one item over the given kinds, best first (no
     evidence objects: cheap enough to check every touched item for a material change)."""
     scored: list[Scored] = []
-    for kind in kinds:
+    for kind in vocabulary.behaviour_kinds() if kinds is None else kinds:
         for partner, (score, lower, count_j) in partner_scores(
             record, kind=kind, lookup=lookup, now=now, config=config, memo=memo
         ).items():
@@ -557,7 +553,7 @@ def related_items(
     totals: TotalsRecord | None,
     now: float,
     config: AssociationConfig,
-    kinds: Iterable[RelationKind] = ASSOCIATION_KINDS,
+    kinds: Iterable[RelationKind] | None = None,
     top: Sequence[Scored] | None = None,
 ) -> RelatedItems:
     """Top-N neighbours of one item over the given kinds, each with its evidence (`top`:
@@ -661,7 +657,7 @@ class AssociationIndex:
         item_id: str,
         *,
         now: float | None = None,
-        kinds: Iterable[RelationKind] = ASSOCIATION_KINDS,
+        kinds: Iterable[RelationKind] | None = None,
     ) -> RelatedItems | None:
         record = self.items.get(item_id)
         if record is None:

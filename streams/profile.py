@@ -30,8 +30,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 
+from schemas import vocabulary
 from schemas.messages import (
-    EVENT_TYPES,
     BehaviorEvent,
     EventType,
     HistoryEntry,
@@ -41,18 +41,10 @@ from schemas.messages import (
 )
 from schemas.settings import StreamsSettings
 
-# Event types that make a "bought together" basket and those that make an "also viewed" one.
-PURCHASE_TYPES: frozenset[EventType] = frozenset({"purchase", "add_to_cart"})
-VIEW_TYPES: frozenset[EventType] = frozenset({"view", "click"})
 
-
-def basket_kind_of(event_type: EventType) -> RelationKind | None:
-    """The association kind an event type contributes to (None for returns)."""
-    if event_type in PURCHASE_TYPES:
-        return "bought_together"
-    if event_type in VIEW_TYPES:
-        return "also_viewed"
-    return None
+def purchase_types() -> frozenset[EventType]:
+    """Event types that make a "bought together" basket (and count as bought)."""
+    return vocabulary.basket_event_types("bought_together")
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,11 +62,18 @@ class FoldConfig:
     # Windowed co-occurrence: a new basket item pairs with at most this many of the basket's
     # most recent items, so the work per event of a very large basket stays bounded.
     basket_pairs: int = 30
+    # From the vocabulary, read once: the fold looks them up per event.
+    basket_kinds: Mapping[str, str | None] = field(
+        init=False,
+        default_factory=lambda: {s.name: s.basket_kind for s in vocabulary.event_type_specs()},
+    )
+    purchase_types: frozenset[str] = field(init=False, default_factory=lambda: purchase_types())
 
     def __post_init__(self) -> None:
-        missing = [t for t in EVENT_TYPES if t not in self.weights]
+        known = vocabulary.event_types()
+        missing = [t for t in known if t not in self.weights]
         if missing:
-            msg = f"FoldConfig.weights lacks event types {missing}; valid: {list(EVENT_TYPES)}"
+            msg = f"FoldConfig.weights lacks event types {missing}; valid: {list(known)}"
             raise ValueError(msg)
         if (
             self.half_life_s <= 0
@@ -91,13 +90,7 @@ class FoldConfig:
     @classmethod
     def from_settings(cls, settings: StreamsSettings) -> FoldConfig:
         return cls(
-            weights={
-                "view": settings.weight_view,
-                "click": settings.weight_click,
-                "add_to_cart": settings.weight_add_to_cart,
-                "purchase": settings.weight_purchase,
-                "return": settings.weight_return,
-            },
+            weights=settings.event_weights(),
             half_life_s=settings.half_life_hours * 3600.0,
             history_size=settings.history_size,
             dedup_size=settings.dedup_size,
@@ -262,7 +255,7 @@ def _fold_into(state: _Folding, event: BehaviorEvent, config: FoldConfig) -> Eve
     raises there leaves no trace."""
     if event.event_id in state.recent_event_ids:
         return _DUPLICATE
-    kind = basket_kind_of(event.event_type)
+    kind = config.basket_kinds[event.event_type]
     entry, replaces = _history_entry(state.history, event, config)
     if kind is None:  # a return: weight only, no basket, no sequence step
         context = _NO_CONTEXT
@@ -295,7 +288,9 @@ def _basket_context(
     # per event: a call per basket item was a fifth of the fold on wholesale baskets.
     excluded: set[str] | frozenset[str] = frozenset()
     if session_items and kind != "also_viewed":
-        excluded = {h.item_id for h in state.history if h.last_event_type not in PURCHASE_TYPES}
+        excluded = {
+            h.item_id for h in state.history if h.last_event_type not in config.purchase_types
+        }
 
     # The basket's most recent `basket_pairs` matching items, oldest first: scanned from the
     # newest end and stopped there (a wholesale basket holds up to `session_size` items).
@@ -320,7 +315,9 @@ def _basket_context(
         prior = tuple(h.item_id for h in window)
         if kind == "bought_together":
             bought = tuple(
-                h.item_id for h in window if h.last_event_type in PURCHASE_TYPES and h.weight > 0
+                h.item_id
+                for h in window
+                if h.last_event_type in config.purchase_types and h.weight > 0
             )
         session_items.append(event.item_id)
         del session_items[: -config.session_size]

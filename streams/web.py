@@ -18,7 +18,7 @@ import functools
 import json
 import logging
 from datetime import datetime
-from typing import TYPE_CHECKING, Any, Literal, get_args
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from faust.exceptions import SameNode
 from faust.web import Request, Response, View
@@ -26,15 +26,25 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic.json_schema import models_json_schema
 
-from schemas.messages import Recommendation, RelatedItem, RelationKind
+from schemas import vocabulary
+from schemas.messages import Recommendation, RelatedItem
+from schemas.vocabulary import Term
 
 if TYPE_CHECKING:
     from .app import StreamsApp
 
 logger = logging.getLogger(__name__)
 
-KindParam = Literal["similar", "bought_together", "also_viewed", "next_item", "all"]
-KINDS: tuple[str, ...] = get_args(KindParam)
+ALL = "all"  # every relation kind
+# The content kind served by the vector store (the others come from the association agent).
+SIMILAR = "similar"
+
+
+def kind_params() -> tuple[str, ...]:
+    """What `kind` may be: `all` or one relation kind of the vocabulary."""
+    return (ALL, *vocabulary.relation_kinds())
+
+
 MAX_K = 100
 
 
@@ -44,7 +54,7 @@ class RelatedResponse(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     item_id: str
-    kind: KindParam
+    kind: Annotated[str, Term(kind_params, "unknown_relation_kind", "kind")]
     k: int = Field(ge=1, le=MAX_K)
     same_category: bool
     item_count: float = Field(
@@ -95,8 +105,8 @@ def parse_related_query(query: Any) -> tuple[int, str, bool]:
     if not 1 <= k <= MAX_K:
         raise BadRequest(f"k must be an integer in 1..{MAX_K}, got {raw_k!r}", k=raw_k)
     kind = query.get("kind", "all")
-    if kind not in KINDS:
-        raise BadRequest(f"kind must be one of {list(KINDS)}, got {kind!r}", kind=kind)
+    if kind not in kind_params():
+        raise BadRequest(f"kind must be one of {list(kind_params())}, got {kind!r}", kind=kind)
     raw_same = query.get("same_category", "false").lower()
     if raw_same not in ("true", "false", "1", "0"):
         raise BadRequest(
@@ -152,7 +162,11 @@ def openapi_document() -> dict[str, Any]:
                         {
                             "name": "kind",
                             "in": "query",
-                            "schema": {"type": "string", "enum": list(KINDS), "default": "all"},
+                            "schema": {
+                                "type": "string",
+                                "enum": list(kind_params()),
+                                "default": ALL,
+                            },
                         },
                         {
                             "name": "same_category",
@@ -267,10 +281,10 @@ def register_views(streams: StreamsApp) -> None:
                 if item_id not in streams.catalog:
                     message = f"item {item_id!r} is not an available item of the catalog"
                     return counted(endpoint, self.error(404, message, detail={"item_id": item_id}))
-                if kind == "similar" and streams.similar is None:
+                if kind == SIMILAR and streams.similar is None:
                     message = "similar items need a vector store; this deployment runs without one"
                     return counted(endpoint, self.error(503, message))
-                if kind != "similar":
+                if kind != SIMILAR:
                     forwarded = await route(self, request, streams.associations, item_id)
                     if forwarded is not None:
                         return forwarded
@@ -329,7 +343,7 @@ async def related_body(
 ) -> RelatedResponse:
     """Assemble the related items of one known item: similar (injected) and associations."""
     related: list[RelatedItem] = []
-    if kind in ("similar", "all") and streams.similar is not None:
+    if kind in (SIMILAR, ALL) and streams.similar is not None:
         provider = streams.similar
         categories = streams.catalog.categories(item_id) if same_category else None
         call = functools.partial(provider.similar, item_id, k=k, categories=categories)
@@ -338,10 +352,8 @@ async def related_body(
         related.extend((found or [])[:k])
     item_count = 0.0
     updated_at = None
-    if kind != "similar":
-        kinds: tuple[RelationKind, ...] = (
-            ("bought_together", "also_viewed", "next_item") if kind == "all" else (kind,)  # type: ignore[assignment]
-        )
+    if kind != SIMILAR:
+        kinds = vocabulary.behaviour_kinds() if kind == ALL else (kind,)
         assoc = streams.related_of(item_id, kinds=kinds)
         if assoc is not None:
             item_count = assoc.item_count

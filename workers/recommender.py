@@ -20,7 +20,7 @@ import logging
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence, Set
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import partial
@@ -45,15 +45,17 @@ from workers.kafka_io import (
 from workers.metrics import WorkerMetrics
 from workers.ranking import (
     BlendWeights,
+    Lookups,
     RelatedTable,
     VectorRows,
-    explain,
     pooled_user_vector,
+    popularity_of,
     popularity_prior,
     profile_text,
-    score,
-    user_evidence,
+    recommend,
+    strategy_weights,
 )
+from workers.ranking.core import History
 from workers.vector_store import VectorStore
 
 logger = logging.getLogger(__name__)
@@ -61,8 +63,6 @@ logger = logging.getLogger(__name__)
 
 FloatArray = npt.NDArray[np.float32]
 STAGE = "recommender"
-# Rank this many extra candidates so that dropping retired behaviour candidates still leaves k.
-CANDIDATE_MARGIN = 2
 # related-items records applied per poll, before its answers (see `poll_once`).
 RELATED_PER_POLL = 25
 
@@ -203,23 +203,6 @@ class _Titles(Mapping[str, str]):
         return self._cache.size()
 
 
-def weights_for(strategy: str, weights: BlendWeights) -> BlendWeights:
-    """`vector`: similarity only (behaviour evidence and popularity off); `hybrid`: as given."""
-    if strategy == "vector":
-        return weights.model_copy(
-            update={
-                "vector": 1.0,
-                "bought_together": 0.0,
-                "also_bought": 0.0,
-                "also_viewed": 0.0,
-                "next_item": 0.0,
-                "similar": 0.0,
-                "popularity": 0.0,
-            }
-        )
-    return weights
-
-
 @dataclass(slots=True)
 class RelatedIndex:
     """The compacted `related-items` topic in memory (in columns, `workers.ranking`), plus a
@@ -263,8 +246,7 @@ class RelatedIndex:
         now = time.monotonic()
         stale = self._changed and now - self._built_at >= self.POPULARITY_REFRESH_S
         if self._popularity is None or stale:
-            ranked = sorted(self.table.lists(), key=lambda r: (-r.item_count, r.item_id))
-            self._popularity = [(r.item_id, r.item_count) for r in ranked[:limit]]
+            self._popularity = popularity_of(self.table.lists(), limit)
             self._prior = None
             self._changed, self._built_at = False, now
         return self._popularity
@@ -307,13 +289,22 @@ class Recommender:
         self.metrics = metrics
         self.topics = topics
         self.settings = settings
-        self.weights = weights_for(settings.strategy, weights or BlendWeights())
+        self.weights = strategy_weights(settings.strategy, weights or BlendWeights())
         self.strategy = f"{settings.strategy}/{settings.user_vector}"
         self.related = RelatedIndex()
         self.cache = ItemCache(store, capacity=cache_size)
         self.clock = clock
         self._next_commit = 0.0  # time.monotonic() from when the next commit is due
         self._lag = LagReporter(consumer, metrics.consumer_lag)
+        self._lookups = Lookups(
+            user_vectors=self._user_vectors,
+            search=self._search,
+            item_vectors=self._item_vectors,
+            available=self._available,
+            related=self.related.table,
+            popularity=self.related.popularity_with_prior,
+            titles=_Titles(self.cache),
+        )
         self._dead_letters = DeadLetters(
             self.producer, topic=topics.dead_letter, stage=STAGE, counter=metrics.dead_letter
         )
@@ -383,14 +374,14 @@ class Recommender:
             updates.append(decoded)
         return updates
 
-    def _user_vectors(self, users: list[PendingUser]) -> list[FloatArray | None]:
+    def _user_vectors(self, histories: Sequence[History]) -> list[FloatArray | None]:
         max_items = self.weights.max_sources
-        self.cache.fetch(entry.item_id for u in users for entry in u.update.history[:max_items])
+        self.cache.fetch(entry.item_id for h in histories for entry in h[:max_items])
         if self.settings.user_vector == "text":
             titles = _Titles(self.cache)
-            texts = [profile_text(u.update.history, titles) for u in users]
+            texts = [profile_text(h, titles) for h in histories]
             todo = [n for n, text in enumerate(texts) if text]
-            out: list[FloatArray | None] = [None] * len(users)
+            out: list[FloatArray | None] = [None] * len(histories)
             if todo:
                 start = time.perf_counter()
                 encoded = self.encoder.encode([texts[n] for n in todo])
@@ -401,38 +392,30 @@ class Recommender:
         vectors = self.cache.vectors()
         return [
             pooled_user_vector(
-                u.update.history,
+                h,
                 vectors,
                 recency=self.weights.pool_recency,
                 weight_exponent=self.weights.weight_exponent,
                 max_items=max_items,
             )
-            for u in users
+            for h in histories
         ]
 
     def _search(
-        self, users: list[PendingUser], vectors: list[FloatArray | None]
+        self, matrix: FloatArray, excludes: list[set[str]]
     ) -> list[list[tuple[str, float]]]:
-        hits: list[list[tuple[str, float]]] = [[] for _ in users]
-        if self.weights.vector <= 0:
-            return hits
-        todo = [n for n, v in enumerate(vectors) if v is not None]
-        if not todo:
-            return hits
-        matrix = np.stack([vectors[n] for n in todo]).astype(np.float32)  # type: ignore[misc]  # None filtered above
-        excludes = [{e.item_id for e in users[n].update.history} for n in todo]
         start = time.perf_counter()
         found = self.store.search_batch(
             matrix, k=self.settings.candidates, exclude_ids=excludes, only_available=True
         )
         self.metrics.qdrant_query_seconds.observe(time.perf_counter() - start)
-        for n, user_hits in zip(todo, found, strict=True):
-            hits[n] = user_hits
-        return hits
+        return found
 
-    def _available(self, ids: set[str]) -> set[str]:
-        if not ids:
-            return set()
+    def _item_vectors(self, ids: Iterable[str]) -> VectorRows:
+        self.cache.fetch(ids)
+        return self.cache.vectors()
+
+    def _available(self, ids: Set[str]) -> set[str]:
         start = time.perf_counter()
         payloads = self.store.get_payloads(ids)
         self.metrics.qdrant_query_seconds.observe(time.perf_counter() - start)
@@ -440,63 +423,12 @@ class Recommender:
 
     def recommend(self, users: list[PendingUser]) -> list[list[RecommendedItem]]:
         """Ranked, explained, available items for each user (pure of Kafka)."""
-        vectors = self._user_vectors(users)
-        hits = self._search(users, vectors)
-        # One round trip for every vector `rank` may read: the hits it names a history item
-        # for, and the behaviour candidates it scores against the user vector.
-        depth = self.settings.k * CANDIDATE_MARGIN
-        wanted = [item_id for user_hits in hits for item_id, _ in user_hits[:depth]]
-        evidence = [
-            user_evidence(user.update.history, self.related.table, self.weights) for user in users
-        ]
-        if self.weights.vector > 0:
-            for found in evidence:
-                wanted += found.candidates
-        self.cache.fetch(wanted)
-        vectors_now = self.cache.vectors()
-        titles = _Titles(self.cache)
-        # One call for both: a list rebuilt between two calls would not match its prior.
-        popularity, prior = (
-            self.related.popularity_with_prior(self.weights)
-            if self.weights.popularity > 0
-            else (None, None)
+        return recommend(
+            [user.update.history for user in users],
+            lookups=self._lookups,
+            weights=self.weights,
+            k=self.settings.k,
         )
-        scored = [
-            score(
-                history=user.update.history,
-                related=self.related.table,
-                vector_hits=user_hits,
-                k=self.settings.k * CANDIDATE_MARGIN,
-                weights=self.weights,
-                history_vectors=vectors_now,
-                candidate_vectors=vectors_now,
-                popularity=popularity,
-                prior_of=prior,
-                titles=titles,
-                user_vector=user_vector,
-                evidence=found,
-            )
-            for user, user_hits, user_vector, found in zip(
-                users, hits, vectors, evidence, strict=True
-            )
-        ]
-        # Vector hits were filtered by availability in the store; behaviour candidates were not.
-        # Only the k kept of each user are worded (`explain`).
-        vector_ids = [{i for i, _ in h} for h in hits]
-        unchecked = {
-            item_id
-            for ranked, vec in zip(scored, vector_ids, strict=True)
-            for item_id, _ in ranked.items
-            if item_id not in vec
-        }
-        available = self._available(unchecked)
-        return [
-            explain(
-                ranked,
-                [i for i, _ in ranked.items if i in vec or i in available][: self.settings.k],
-            )
-            for ranked, vec in zip(scored, vector_ids, strict=True)
-        ]
 
     def poll_once(self) -> BatchResult:
         """Consume up to `max_batch` updates (waiting at most `max_wait_ms`) and answer them.

@@ -15,7 +15,8 @@ from hypothesis import strategies as st
 
 import streams.profile as profile_module
 from relata.replay import iter_jsonl
-from schemas.messages import EVENT_TYPES, BehaviorEvent, EventType, UserProfile
+from schemas import vocabulary
+from schemas.messages import BehaviorEvent, EventType, UserProfile
 from schemas.settings import StreamsSettings
 from streams.profile import FoldConfig, fold_event, fold_user_events, profile_update
 
@@ -240,7 +241,7 @@ event_specs = st.lists(
     st.tuples(
         st.integers(0, 30),  # event id (collisions = re-deliveries)
         st.sampled_from(["a", "b", "c", "d", "e", "f"]),
-        st.sampled_from(EVENT_TYPES),
+        st.sampled_from(vocabulary.event_types()),
         st.integers(-5000, 50_000),  # seconds, out of order on purpose
         st.sampled_from([None, "s1", "s2"]),
     ),

@@ -12,10 +12,9 @@ from hypothesis import strategies as st
 from pydantic import BaseModel, ValidationError
 
 from relata.schema_export import DEFAULT_DIR, render_all
+from schemas import vocabulary
 from schemas.decoding import Rejection, dead_letter, decode
 from schemas.messages import (
-    EVENT_TYPES,
-    RELATION_KINDS,
     BehaviorEvent,
     CatalogItem,
     DeadLetter,
@@ -43,7 +42,7 @@ events = st.builds(
     event_id=ids,
     user_id=ids,
     item_id=ids,
-    event_type=st.sampled_from(EVENT_TYPES),
+    event_type=st.sampled_from(vocabulary.event_types()),
     ts=st.datetimes(
         min_value=datetime(1995, 1, 1), max_value=datetime(2025, 1, 1), timezones=st.just(UTC)
     ),
@@ -66,7 +65,7 @@ history_entries = st.builds(
     HistoryEntry,
     item_id=ids,
     weight=finite,
-    last_event_type=st.sampled_from(EVENT_TYPES),
+    last_event_type=st.sampled_from(vocabulary.event_types()),
     last_ts=aware,
     count=st.integers(1, 10_000),
 )
@@ -88,7 +87,7 @@ related = st.builds(
         st.builds(
             RelatedItem,
             item_id=ids,
-            kind=st.sampled_from(RELATION_KINDS),
+            kind=st.sampled_from(vocabulary.relation_kinds()),
             score=finite,
             evidence=evidence,
         ),
@@ -98,7 +97,7 @@ related = st.builds(
 reasons = st.builds(
     Reason,
     source_item_id=ids,
-    kind=st.sampled_from([*RELATION_KINDS, "popular"]),
+    kind=st.sampled_from(vocabulary.reason_kinds()),
     strength=finite,
     text=text,
 )
@@ -125,7 +124,7 @@ profile_updates = st.builds(
     ProfileUpdate,
     user_id=ids,
     history=st.lists(history_entries, max_size=5),
-    last_event_type=st.sampled_from(EVENT_TYPES),
+    last_event_type=st.sampled_from(vocabulary.event_types()),
     last_item_id=ids,
     trigger_event_ids=st.lists(ids, min_size=1, max_size=4),
     source_ts_ms=st.integers(0, 2**42),

@@ -18,6 +18,7 @@ from openapi_spec_validator import validate
 from prometheus_client import CollectorRegistry
 
 import streams.profile as profile_module
+from schemas import vocabulary
 from schemas.messages import DeadLetter, Evidence, ProfileUpdate, RelatedItem, RelatedItems
 from schemas.settings import KafkaSettings, StreamsSettings
 from streams.app import ASSOCIATION_INPUT, Record, StreamsApp, build_streams
@@ -490,13 +491,8 @@ def test_openapi_document_is_valid_openapi_3_1() -> None:
     assert document["openapi"] == "3.1.0"
     params = document["paths"]["/items/{item_id}/related"]["get"]["parameters"]
     kind = next(p for p in params if p["name"] == "kind")
-    assert kind["schema"]["enum"] == [
-        "similar",
-        "bought_together",
-        "also_viewed",
-        "next_item",
-        "all",
-    ]
+    assert kind["schema"]["enum"] == ["all", *vocabulary.relation_kinds()]
+    assert "also_bought" in kind["schema"]["enum"]
     assert "RelatedItem" in document["components"]["schemas"]
 
 

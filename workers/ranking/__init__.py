@@ -1,0 +1,54 @@
+"""Blend behaviour evidence and language-model similarity into explained recommendations.
+
+Pure logic (numpy only): the live recommender and `relata evaluate` rank with the same code,
+`recommend` (`core.py`), which scores (`score.py`) and words the reasons (`explain.py`) of a
+batch of users from look-ups they are handed.
+
+Score of a candidate item (each term on a [0, 1]-ish scale, so weights are comparable):
+- association (item kNN): sum over the user's recent positive history items (sources, weights
+  decaying with recency, normalised to sum 1) of the related-items score of the candidate, per
+  behaviour relation kind (`schemas.vocabulary`); the association scores are cosines
+  (pair / sqrt(n_i n_j)) from `streams.association`, used as they are;
+- vector: cosine of the user vector with the candidate, scaled against this user's vector hits
+  ((cos - weakest hit) / (best hit - weakest hit), bounded below by `vector_floor`). Behaviour
+  candidates that are not vector hits get their cosine from `candidate_vectors` when given;
+- popularity: log-scaled count, a weak prior and the fallback for sparse users.
+"""
+
+from .core import Lookups, recommend
+from .explain import explain, rank
+from .related import RelatedList, RelatedTable, VectorRows, kind_codes, popularity_of
+from .score import Scored, UserEvidence, popularity_prior, score, user_evidence
+from .user_vector import pooled_user_vector, profile_text, source_weights
+from .weights import (
+    STRATEGIES,
+    BlendError,
+    BlendWeights,
+    StrategyError,
+    strategy_weights,
+)
+
+__all__ = [
+    "STRATEGIES",
+    "BlendError",
+    "BlendWeights",
+    "Lookups",
+    "RelatedList",
+    "RelatedTable",
+    "Scored",
+    "StrategyError",
+    "UserEvidence",
+    "VectorRows",
+    "explain",
+    "kind_codes",
+    "pooled_user_vector",
+    "popularity_of",
+    "popularity_prior",
+    "profile_text",
+    "rank",
+    "recommend",
+    "score",
+    "source_weights",
+    "strategy_weights",
+    "user_evidence",
+]
