@@ -43,7 +43,9 @@ import orjson
 from faust.transport.drivers.aiokafka import credentials_to_aiokafka_auth
 from prometheus_client import CollectorRegistry
 
-from schemas.decoding import Rejection, dead_letter, decode
+from kafkaio.dead_letters import DeadLetters
+from kafkaio.producer import ConfluentSender
+from schemas.decoding import Rejection, decode
 from schemas.messages import (
     BehaviorEvent,
     Recommendation,
@@ -81,7 +83,7 @@ from .catalog import CatalogView
 from .event_consumer import EventBatchConsumer, ProfileStore
 from .metrics import StreamsMetrics
 from .profile import FoldConfig, fold_user_events, profile_update
-from .transport import App, ConfluentSender
+from .transport import App
 
 logger = logging.getLogger(__name__)
 
@@ -222,6 +224,7 @@ class StreamsApp:
     assoc_config: AssociationConfig
     topic_names: dict[str, str]
     sender: Sender
+    dead_letters: DeadLetters
     similar: SimilarItems | None
     profiles: Any = None
     associations: Any = None
@@ -351,27 +354,13 @@ class StreamsApp:
 
     async def reject(self, rejection: Rejection, where: Record) -> None:
         """Send one input to `dead-letter` with its reason and position, and count it."""
-        key, topic, partition, offset = where.key, where.topic, where.partition, where.offset
-        letter = dead_letter(
+        self.dead_letters.send_at(
             rejection,
-            raw=where.value,
-            key=key,
-            topic=topic,
-            partition=partition,
-            offset=offset,
-            stage=STAGE,
-        )
-        self.sender.produce(
-            self.topic_names[DEAD_LETTER.name], key=key, value=letter.model_dump_json().encode()
-        )
-        self.metrics.dead_letter.labels(STAGE, rejection.error_type).inc()
-        logger.info(
-            "dead-letter %s[%d] offset=%d error_type=%s reason=%s",
-            topic,
-            partition,
-            offset,
-            rejection.error_type,
-            rejection.reason[:200],
+            topic=where.topic,
+            partition=where.partition,
+            offset=where.offset,
+            key=where.key,
+            value=where.value,
         )
 
     # ---- association agent ---------------------------------------------------------------
@@ -638,17 +627,24 @@ def build_streams(
         key_serializer="raw",
         value_serializer="json",
     )
+    metrics = StreamsMetrics.create(registry)
+    sender = sender or ConfluentSender.from_config(
+        kafka.librdkafka_producer_config(client_id(settings))
+    )
     streams = StreamsApp(
         app=app,
         kafka=kafka,
         settings=settings,
-        metrics=StreamsMetrics.create(registry),
+        metrics=metrics,
         registry=registry,
         catalog=catalog or CatalogView(),
         fold_config=FoldConfig.from_settings(settings),
         assoc_config=AssociationConfig.from_settings(settings),
         topic_names=names,
-        sender=sender or ConfluentSender(kafka.librdkafka_producer_config(client_id(settings))),
+        sender=sender,
+        dead_letters=DeadLetters(
+            sender, topic=names[DEAD_LETTER.name], stage=STAGE, counter=metrics.dead_letter
+        ),
         similar=similar,
     )
     if profiles_role:
@@ -735,7 +731,7 @@ def _add_profile_agents(streams: StreamsApp, topics: dict[str, Any]) -> None:
         to_record=Record.of_message,
         batch_max=settings.batch_max_events,
         window_s=settings.batch_wait_ms / 1000,
-        on_lag=streams.metrics.consumer_lag.labels(streams.topic_names[BEHAVIOR_EVENTS.name]).set,
+        lag_gauge=streams.metrics.consumer_lag,
         on_restored=streams.metrics.profiles_restored.inc,
     )
     streams.event_consumer = consumer

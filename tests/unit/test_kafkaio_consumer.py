@@ -1,5 +1,5 @@
-"""kafkaio's consume side and dead letters: the consume-error policy, commits, consumer lag
-and the dead-letter route."""
+"""kafkaio's consume side and dead letters: the consume-error policy (one function, the same
+for the stream processor and the workers), commits, consumer lag and the dead-letter route."""
 
 from __future__ import annotations
 
@@ -11,11 +11,19 @@ import pytest
 from confluent_kafka import KafkaError, KafkaException, TopicPartition
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
+import kafkaio.consumer
+import streams.event_consumer
+import workers.indexer
+import workers.recommender
 from kafkaio.consumer import LagReporter, commit, usable
 from kafkaio.dead_letters import DeadLetters
 from schemas.decoding import Rejection
 from schemas.messages import DeadLetter
-from tests.unit.worker_fakes import FakeMessage, FakeProducer
+from streams.event_consumer import EventBatchConsumer, ProfileStore
+from tests.unit.worker_fakes import FakeConsumer, FakeEncoder, FakeMessage, FakeProducer
+from workers.indexer import IndexerTopics, ItemIndexer
+from workers.metrics import WorkerMetrics
+from workers.vector_store import ClientVectorStore
 
 TOPIC = "in"
 ITEM = json.dumps({"item_id": "a", "title": "red lipstick", "categories": ["Beauty"]}).encode()
@@ -48,6 +56,75 @@ def test_eof_is_skipped_other_errors_are_logged_and_skipped(
 def test_a_fatal_error_raises() -> None:
     with pytest.raises(KafkaException):
         usable([good(), failed(FATAL)])
+
+
+# ---- the same policy for both users --------------------------------------------------------
+
+
+class BatchClient:
+    """A librdkafka consumer as the profile agent's batch consumer uses it."""
+
+    def __init__(self, messages: list[Any]) -> None:
+        self.messages = messages
+
+    def consume(self, num_messages: int, timeout: float) -> list[Any]:
+        out, self.messages = self.messages, []
+        return out
+
+
+def streams_usable(messages: list[FakeMessage]) -> list[bytes | None]:
+    """The records the stream processor's event consumer hands to its handler."""
+
+    async def handle(records: list[Any]) -> None: ...
+
+    consumer = EventBatchConsumer(
+        consumer_config={},
+        restore_config={},
+        topic=TOPIC,
+        store=ProfileStore(changelog_topic="c", changelog=FakeProducer()),
+        handle=handle,
+        to_record=lambda message: message,
+        batch_max=100,
+        window_s=0.0,
+    )
+    consumer._consumer = BatchClient(messages)
+    return [m.value() for m in consumer._next_batch(0.0)]
+
+
+def workers_usable(messages: list[FakeMessage]) -> list[bytes | None]:
+    """The records the item indexer applies (each good one is indexed)."""
+    store = ClientVectorStore(collection="items", path=":memory:")
+    store.ensure_collection(FakeEncoder.dim)
+    source = FakeConsumer(TOPIC, queue=messages)
+    indexer = ItemIndexer(
+        consumer=source,
+        producer=FakeProducer(),
+        encoder=FakeEncoder(),
+        store=store,
+        metrics=WorkerMetrics.create(CollectorRegistry()),
+        topics=IndexerTopics(catalog=TOPIC, dead_letter="dead-letter"),
+        max_wait_ms=1,
+    )
+    try:
+        result = indexer.poll_once()
+    finally:
+        store.close()
+    assert result.dead_letters == 0  # client-side errors are never dead-lettered
+    return [ITEM] * result.indexed
+
+
+def test_both_users_apply_the_one_consume_error_policy() -> None:
+    assert (
+        streams.event_consumer.usable
+        is workers.indexer.usable
+        is workers.recommender.usable
+        is kafkaio.consumer.usable
+    )
+    messages = [failed(EOF_ERROR), good(0), failed(TRANSIENT)]
+    assert streams_usable(list(messages)) == workers_usable(list(messages)) == [ITEM]
+    for user in (streams_usable, workers_usable):
+        with pytest.raises(KafkaException):
+            user([good(0), failed(FATAL)])
 
 
 # ---- commits, lag, dead letters ------------------------------------------------------------
