@@ -27,7 +27,7 @@ from .metrics import StreamsMetrics
 from .ports import Sender
 from .profile import FoldConfig, fold_user_events, profile_update
 from .records import Record, reject
-from .web import stored_json
+from .tables import stored_json
 
 logger = logging.getLogger(__name__)
 

@@ -1,8 +1,9 @@
 """The stream processor's Faust tables: changelog records through the `Sender`, one-partition
-tables, value schemas."""
+tables, value schemas, and reading stored values back."""
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import faust
@@ -94,3 +95,16 @@ def local_size(table: Any) -> int:
         return len(table)
     except Exception:  # a store without a cheap len: skip this sample
         return 0
+
+
+def stored_json(stored: bytes | str | dict[str, Any]) -> bytes:
+    """A raw-JSON table value as bytes, whatever the store handed back.
+
+    The memory store keeps the bytes written; the RocksDB store serialises with the table's
+    own (JSON) serializer and hands back the parsed object.
+    """
+    if isinstance(stored, bytes):
+        return stored
+    if isinstance(stored, str):
+        return stored.encode("utf-8")
+    return json.dumps(stored).encode("utf-8")

@@ -15,21 +15,23 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import json
 import logging
+from collections.abc import Iterable
 from datetime import datetime
-from typing import TYPE_CHECKING, Any, Literal, get_args
+from typing import Any, Literal, Protocol, get_args
 
 from faust.exceptions import SameNode
 from faust.web import Request, Response, View
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic.json_schema import models_json_schema
 
-from schemas.messages import Recommendation, RelatedItem, RelationKind
+from schemas.messages import Recommendation, RelatedItem, RelatedItems, RelationKind
 
-if TYPE_CHECKING:
-    from .app import StreamsApp
+from .catalog import CatalogView
+from .metrics import StreamsMetrics
+from .ports import SimilarItems
+from .tables import stored_json
 
 logger = logging.getLogger(__name__)
 
@@ -221,20 +223,32 @@ def openapi_document() -> dict[str, Any]:
     }
 
 
-def stored_json(stored: bytes | str | dict[str, Any]) -> bytes:
-    """A raw-JSON table value as bytes, whatever the store handed back.
+class Served(Protocol):
+    """What the HTTP views read (the built stream processor, `streams.app.StreamsApp`): the
+    Faust app, the tables they answer from (None: not held by this role), the catalog, the
+    similar-items provider, association neighbours and the metrics."""
 
-    The memory store keeps the bytes written; the RocksDB store serialises with the table's
-    own (JSON) serializer and hands back the parsed object.
-    """
-    if isinstance(stored, bytes):
-        return stored
-    if isinstance(stored, str):
-        return stored.encode("utf-8")
-    return json.dumps(stored).encode("utf-8")
+    @property
+    def app(self) -> Any: ...
+    @property
+    def registry(self) -> CollectorRegistry: ...
+    @property
+    def metrics(self) -> StreamsMetrics: ...
+    @property
+    def catalog(self) -> CatalogView: ...
+    @property
+    def similar(self) -> SimilarItems | None: ...
+    @property
+    def associations(self) -> Any: ...
+    @property
+    def recommendations(self) -> Any: ...
+
+    def related_of(self, item_id: str, *, kinds: Iterable[RelationKind]) -> RelatedItems | None:
+        """Current association neighbours of one item (None: no behaviour seen)."""
+        ...
 
 
-def register_views(streams: StreamsApp) -> None:
+def register_views(streams: Served) -> None:
     """Add the HTTP views to `streams.app` (a no-op for requests when the web is disabled)."""
     app = streams.app
     counter = streams.metrics.http_requests
@@ -325,7 +339,7 @@ def register_views(streams: StreamsApp) -> None:
 
 
 async def related_body(
-    streams: StreamsApp, *, item_id: str, k: int, kind: str, same_category: bool
+    streams: Served, *, item_id: str, k: int, kind: str, same_category: bool
 ) -> RelatedResponse:
     """Assemble the related items of one known item: similar (injected) and associations."""
     related: list[RelatedItem] = []
