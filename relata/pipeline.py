@@ -56,7 +56,7 @@ from schemas.topics import (
     PROFILE_UPDATES,
     RECOMMENDATIONS,
 )
-from streams.app import association_input_topic, events_group, faust_app_id
+from streams.naming import association_input_topic, events_group, faust_app_id
 
 logger = logging.getLogger(__name__)
 

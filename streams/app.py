@@ -1,8 +1,11 @@
 """The Faust stream processor: profiles, association statistics, and the HTTP API.
 
-`build_app` / `build_streams` build a *new* app per call (a Faust app cannot be restarted in
-one process); there is no import-time app. Agents are glue around the pure logic in
-`streams/profile.py` and `streams/association.py`:
+The composition root of the stream processor: `build_app` / `build_streams` build a *new* app
+per call (a Faust app cannot be restarted in one process); there is no import-time app. The
+agents' handlers are glue around the pure logic in `streams/profile.py` and
+`streams/association.py` (`streams/profiles_agent.py`, `streams/associations_agent.py`,
+`streams/recommendations_agent.py`); tables are in `streams/tables.py`, names in
+`streams/naming.py`, the Faust configuration in `streams/faust_config.py`:
 
 - the profile agent (behavior-events, key user_id): decode → dead-letter on failure → fold into
   table `profiles` → `profile-updates` (+ the association input to `association-input`). Its
@@ -30,28 +33,16 @@ topics and the association-input topic are named after the base app id in every 
 
 from __future__ import annotations
 
-import asyncio
 import logging
-import time
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
-from datetime import UTC, datetime
-from typing import Any, Protocol
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
 
-import faust
-import orjson
-from faust.transport.drivers.aiokafka import credentials_to_aiokafka_auth
 from prometheus_client import CollectorRegistry
 
-from schemas.decoding import Rejection, dead_letter, decode
-from schemas.messages import (
-    BehaviorEvent,
-    Recommendation,
-    RelatedItem,
-    RelatedItems,
-    RelationKind,
-    UserProfile,
-)
+from kafkaio.dead_letters import DeadLetters
+from kafkaio.producer import ConfluentSender
+from schemas.messages import RelatedItems, RelationKind
 from schemas.settings import KafkaSettings, StreamsSettings
 from schemas.topics import (
     BEHAVIOR_EVENTS,
@@ -61,32 +52,33 @@ from schemas.topics import (
     RECOMMENDATIONS,
     RELATED_ITEMS,
 )
-from streams.web import register_views, stored_json
 
-from .association import (
-    AssociationConfig,
-    AssociationInput,
-    CountMemo,
-    ItemRecord,
-    Membership,
-    TotalsRecord,
-    apply_inputs,
-    membership,
-    membership_changed,
-    related_items,
-    top_partners,
-)
+from .association import AssociationConfig
+from .associations_agent import AssociationAgent
 from .catalog import CatalogView
 from .event_consumer import EventBatchConsumer, ProfileStore
+from .faust_config import aiokafka_config, faust_settings
 from .metrics import StreamsMetrics
-from .profile import FoldConfig, fold_user_events, profile_update
-from .transport import App, ConfluentSender
+from .naming import (
+    ASSOCIATION_INPUT,
+    association_input_topic,
+    client_id,
+    events_group,
+    faust_app_id,
+    profiles_changelog_topic,
+)
+from .ports import Sender, SimilarItems
+from .profile import FoldConfig
+from .profiles_agent import ProfileAgent
+from .recommendations_agent import RecommendationsAgent
+from .records import Record
+from .tables import JSON_VALUES, RAW_VALUES, changelog_table, local_size
+from .transport import App
+from .web import register_views
 
 logger = logging.getLogger(__name__)
 
 STAGE = "streams"
-ASSOCIATION_INPUT = "association-input"
-TOTALS_KEY = "totals"
 # The profile agent's fetch (librdkafka) waits for this much data, or
 # `StreamsSettings.fetch_wait_ms`. With one byte (the default of Kafka clients) every produce
 # request upstream becomes a fetch round trip of its own, broker CPU for nothing; the short wait
@@ -102,11 +94,8 @@ FAUST_FETCH_MAX_WAIT_MS = 500
 # cheaper per input: at 500 events/s on online-retail, 1 s -> 5 s took the agent from ~42 to
 # ~29 % of a core, and the lists it republished from ~128 to ~93 a second.
 ASSOCIATION_BATCH_MAX = 5000
-# Inputs folded (and records written) between two yields of the event loop.
-ASSOCIATION_SLICE = 32
 # Related lists are recomputed for items touched since the last flush, at most this often.
 RELATED_FLUSH_INTERVAL_S = 1.0
-RELATED_YIELD_EVERY = 16
 
 
 class StreamsError(RuntimeError):
@@ -131,85 +120,12 @@ def check_store(settings: StreamsSettings) -> None:
         raise StoreUnavailableError(msg)
 
 
-class SimilarItems(Protocol):
-    """Vector-similar items of a catalog item (the composition root injects one)."""
-
-    def similar(
-        self, item_id: str, *, k: int, categories: Sequence[str] | None
-    ) -> list[RelatedItem] | None:
-        """Up to k items (kind "similar", best first, cosine in the evidence); with
-        `categories` (the item's own, from the catalog) only items of its category.
-        None when the item is unknown to the vector store."""
-        ...
-
-
-class Sender(Protocol):
-    """Where the agents' output records and the tables' changelogs go (Kafka in production,
-    a list in unit tests)."""
-
-    def produce(
-        self, topic: str, *, key: bytes | None, value: bytes | None, partition: int | None = None
-    ) -> None:
-        """Queue one record (`partition` None: by the key)."""
-        ...
-
-    async def flush(self) -> None:
-        """Return once everything sent is acknowledged (raise if it cannot be)."""
-        ...
-
-
-@dataclass(frozen=True, slots=True)
-class Record:
-    """One consumed input record: what the handlers see, and where a dead letter points."""
-
-    key: bytes | None
-    value: bytes | None
-    topic: str
-    partition: int
-    offset: int
-    timestamp_s: float
-    # The Faust event it came from, if any: made the current event before a table write (see
-    # Bind).
-    event: Any = field(default=None, compare=False, repr=False)
-
-    @classmethod
-    def of(cls, event: Any) -> Record:
-        """The record of a Faust event."""
-        message = event.message
-        return cls(
-            key=message.key,
-            value=message.value,
-            topic=message.topic,
-            partition=message.partition,
-            offset=message.offset,
-            timestamp_s=message.timestamp,
-            event=event,
-        )
-
-    @classmethod
-    def of_message(cls, message: Any) -> Record:
-        """The record of a confluent-kafka message."""
-        _, timestamp_ms = message.timestamp()
-        return cls(
-            key=message.key(),
-            value=message.value(),
-            topic=message.topic(),
-            partition=message.partition(),
-            offset=message.offset(),
-            timestamp_s=timestamp_ms / 1000,
-        )
-
-
-# Makes a record's Faust event the current one (`Stream._set_current_event`). Called before
-# each table write of a batch: Faust writes a key's changelog to the partition of the *current
-# event* (and the RocksDB store picks its database by it), so the current event must be one of
-# that key's own records, not the batch's last.
-Bind = Callable[[Any], None]
-
-
 @dataclass(slots=True)
 class StreamsApp:
-    """A built app plus the parts tests and the HTTP views need to reach."""
+    """A built app: its tables, agents' handlers and the parts tests and the HTTP views reach.
+
+    The handlers of a role that is not run (and their tables) are None.
+    """
 
     app: Any
     kafka: KafkaSettings
@@ -221,371 +137,27 @@ class StreamsApp:
     assoc_config: AssociationConfig
     topic_names: dict[str, str]
     sender: Sender
+    dead_letters: DeadLetters
     similar: SimilarItems | None
-    profiles: Any = None
+    profiles: ProfileStore | None = None
     associations: Any = None
     association_totals: Any = None
     recommendations: Any = None
     event_consumer: EventBatchConsumer | None = None
+    profile_agent: ProfileAgent | None = None
+    association_agent: AssociationAgent | None = None
+    recommendations_agent: RecommendationsAgent | None = None
     process_associations: Any = None
     process_recommendations: Any = None
-    # Membership of the last published related lists (in memory: a restart republishes once).
-    published: dict[str, Membership] = field(default_factory=dict)
-    dirty: set[str] = field(default_factory=set)
-
-    # ---- profile agent -------------------------------------------------------------------
-    async def handle_events(self, records: Sequence[Record]) -> None:
-        """Validate, fold and forward a batch of behaviour events; bad input goes to
-        dead-letter.
-
-        Each user's events fold in order; a user's profile is written, and one profile update
-        (naming every folded event) sent, once per batch: coalescing, so a burst of one
-        user's events (an invoice, a session) costs one table write and one recommendation.
-        The association inputs of the batch travel as one message, in input order. Returns
-        once every output is acknowledged (the caller then acknowledges the inputs).
-        """
-        started = time.perf_counter()
-        by_user: dict[str, list[tuple[int, BehaviorEvent, Record]]] = {}
-        for index, record in enumerate(records):
-            event = await self._validated(record)
-            if event is not None:
-                by_user.setdefault(event.user_id, []).append((index, event, record))
-        inputs: list[tuple[int, dict[str, Any]]] = []
-        for user_id, events in by_user.items():
-            await self._fold_user(user_id, events, inputs)
-        if inputs:
-            inputs.sort(key=lambda pair: pair[0])
-            self.sender.produce(
-                self.topic_names[ASSOCIATION_INPUT],
-                key=None,
-                value=orjson.dumps([data for _, data in inputs]),
-            )
-        await self.sender.flush()
-        self.metrics.event_batch_size.observe(len(records))
-        self.metrics.event_processing_seconds.observe(time.perf_counter() - started)
-
-    async def _validated(self, record: Record) -> BehaviorEvent | None:
-        decoded = decode(record.value, BehaviorEvent)
-        if isinstance(decoded, Rejection):
-            await self.reject(decoded, record)
-            return None
-        event = decoded
-        if record.key != event.user_id.encode("utf-8"):
-            reason = (
-                f"record key {record.key!r} is not the event's user_id {event.user_id!r}: "
-                "behavior-events must be keyed by user_id so a user's events share a partition"
-            )
-            await self.reject(Rejection("invalid_fields", reason), record)
-            return None
-        if not self.catalog.ready.is_set():
-            await self.catalog.ready.wait()
-        if event.item_id not in self.catalog:
-            reason = f"item_id {event.item_id!r} is not an available item of the catalog"
-            await self.reject(Rejection("unknown_item", reason), record)
-            return None
-        self.metrics.events_consumed.labels(event.event_type).inc()
-        return event
-
-    async def _fold_user(
-        self,
-        user_id: str,
-        events: Sequence[tuple[int, BehaviorEvent, Record]],
-        inputs: list[tuple[int, dict[str, Any]]],
-    ) -> None:
-        """Fold one user's events of a batch (in order); write the profile and send one
-        update. An event that fails to fold is dead-lettered; the others still count."""
-        partition = events[0][2].partition  # keyed by user_id: a user is one partition
-        try:
-            stored = self.profiles.get(partition, user_id)
-            profile = (
-                None if stored is None else UserProfile.model_validate_json(stored_json(stored))
-            )
-        except Exception as exc:  # corrupt state: keep the stream flowing, keep the records
-            await self._failed(exc, events)
-            return
-        fold = fold_user_events(profile, [event for _, event, _ in events], self.fold_config)
-        for at, error in fold.failed:  # dead-letter the event whose fold raised; the rest count
-            await self._failed(error, [events[at]])
-        self.metrics.events_duplicate.inc(fold.duplicates)
-        folded: list[tuple[BehaviorEvent, Record]] = []
-        for at, result in fold.changed:
-            index, event, record = events[at]
-            folded.append((event, record))
-            assoc = AssociationInput.from_fold(result, event)
-            if assoc is not None:
-                inputs.append((index, assoc.to_dict()))
-        profile = fold.profile
-        if profile is None or not folded:
-            return
-        self.profiles.put(partition, user_id, profile.model_dump_json().encode("utf-8"))
-        update = profile_update(
-            profile,
-            trigger_event_ids=[event.event_id for event, _ in folded],
-            # The oldest folded event's produce time: latency counts from the first trigger.
-            source_ts_ms=max(0, int(min(record.timestamp_s for _, record in folded) * 1000)),
-            now=datetime.now(UTC),
-            event=folded[-1][0],
-        )
-        self.sender.produce(
-            self.topic_names[PROFILE_UPDATES.name],
-            key=user_id.encode("utf-8"),
-            value=update.model_dump_json().encode("utf-8"),
-        )
-        self.metrics.profile_updates.inc()
-
-    async def _failed(
-        self, exc: Exception, events: Sequence[tuple[int, BehaviorEvent, Record]]
-    ) -> None:
-        for _, event, record in events:
-            logger.error(
-                "processing failed %s[%d] offset=%d user_id=%s",
-                record.topic,
-                record.partition,
-                record.offset,
-                event.user_id,
-                exc_info=exc,
-            )
-            rejection = Rejection("processing_error", f"{type(exc).__name__}: {exc}")
-            await self.reject(rejection, record)
-
-    async def reject(self, rejection: Rejection, where: Record) -> None:
-        """Send one input to `dead-letter` with its reason and position, and count it."""
-        key, topic, partition, offset = where.key, where.topic, where.partition, where.offset
-        letter = dead_letter(
-            rejection,
-            raw=where.value,
-            key=key,
-            topic=topic,
-            partition=partition,
-            offset=offset,
-            stage=STAGE,
-        )
-        self.sender.produce(
-            self.topic_names[DEAD_LETTER.name], key=key, value=letter.model_dump_json().encode()
-        )
-        self.metrics.dead_letter.labels(STAGE, rejection.error_type).inc()
-        logger.info(
-            "dead-letter %s[%d] offset=%d error_type=%s reason=%s",
-            topic,
-            partition,
-            offset,
-            rejection.error_type,
-            rejection.reason[:200],
-        )
-
-    # ---- association agent ---------------------------------------------------------------
-    async def handle_association_batch(self, messages: Sequence[Any]) -> None:
-        """Fold a batch of association-input messages (each a list of inputs, in order) into
-        the records and the totals.
-
-        The statistics equal one-by-one application; each touched record (and the totals) is
-        written to its changelog-backed table once per batch, not once per input: a record
-        holds up to capacity x kinds partners, and serialising it was the agent's main cost.
-        The work is done in slices of ASSOCIATION_SLICE inputs (and record writes) with the
-        event loop let go between them, so a large batch never holds up the profile agent,
-        which shares the loop, for more than a few milliseconds.
-        """
-        inputs = [
-            AssociationInput.from_dict(data)
-            for message in messages
-            # A list per profile batch; a single input from a version before batching.
-            for data in (message if isinstance(message, list) else [message])
-        ]
-        if not inputs:
-            return
-        state = self.association_totals.get(TOTALS_KEY) or {"totals": None, "clock": 0.0}
-        totals = state["totals"]
-        touched: dict[str, ItemRecord] = {}
-        table = self.associations
-
-        def lookup(item_id: str) -> ItemRecord | None:
-            record = touched.get(item_id)
-            return table.get(item_id) if record is None else record
-
-        for start in range(0, len(inputs), ASSOCIATION_SLICE):
-            if start:
-                await asyncio.sleep(0)
-            part, totals = apply_inputs(
-                inputs[start : start + ASSOCIATION_SLICE],
-                lookup=lookup,
-                totals=totals,
-                config=self.assoc_config,
-            )
-            touched.update(part)
-        for n, (item_id, record) in enumerate(touched.items(), start=1):
-            table[item_id] = record
-            if n % ASSOCIATION_SLICE == 0:
-                await asyncio.sleep(0)
-        self.dirty.update(touched)
-        clock = max(float(state["clock"]), *(inp.ts for inp in inputs))
-        self.association_totals[TOTALS_KEY] = {"totals": totals, "clock": clock}
-        self.metrics.association_updates.inc(len(inputs))
-
-    def association_clock(self) -> tuple[TotalsRecord | None, float]:
-        """The global totals and the event-time clock (latest event ts) of the statistics."""
-        state = self.association_totals.get(TOTALS_KEY)
-        if state is None:
-            return None, 0.0
-        return state["totals"], float(state["clock"])
 
     def related_of(
         self, item_id: str, *, kinds: Iterable[RelationKind] | None = None
     ) -> RelatedItems | None:
-        """Current association neighbours of one item (None: no behaviour seen)."""
-        record: ItemRecord | None = self.associations.get(item_id)
-        if record is None:
+        """Current association neighbours of one item (None: no behaviour seen, or this role
+        holds no association statistics)."""
+        if self.association_agent is None:
             return None
-        totals, clock = self.association_clock()
-        return related_items(
-            record,
-            lookup=self.associations.get,
-            totals=totals,
-            now=clock,
-            config=self.assoc_config,
-            kinds=kinds,
-        )
-
-    async def flush_related(self) -> int:
-        """Publish the related lists of touched items that changed materially.
-
-        Membership is checked on the scored top list; the evidence objects are built only for
-        the lists that are published.
-        """
-        if not self.dirty:
-            return 0
-        items, self.dirty = self.dirty, set()
-        totals, clock = self.association_clock()
-        lookup = self.associations.get
-        # The partners' counts at `clock`, looked up once per flush (lists share partners).
-        memo: CountMemo = {}
-        published = 0
-        for n, item_id in enumerate(sorted(items), start=1):
-            if n % RELATED_YIELD_EVERY == 0:
-                # Many dirty items take tens of milliseconds: let the profile agent run between.
-                await asyncio.sleep(0)
-            record: ItemRecord | None = lookup(item_id)
-            if record is None:
-                continue
-            top = top_partners(
-                record, lookup=lookup, now=clock, config=self.assoc_config, memo=memo
-            )
-            after = membership(top)
-            before = self.published.get(item_id)
-            if not membership_changed(before, after, self.assoc_config.republish_change):
-                continue
-            new = related_items(
-                record,
-                lookup=lookup,
-                totals=totals,
-                now=clock,
-                config=self.assoc_config,
-                top=top,
-            )
-            self.sender.produce(
-                self.topic_names[RELATED_ITEMS.name],
-                key=item_id.encode("utf-8"),
-                value=new.model_dump_json().encode("utf-8"),
-            )
-            self.published[item_id] = after
-            published += 1
-        await self.sender.flush()
-        self.metrics.related_items_published.inc(published)
-        return published
-
-    # ---- recommendations table ------------------------------------------------------------
-    async def handle_recommendations(self, records: Sequence[Record], *, bind: Bind) -> None:
-        """Keep the latest recommendation list per user (a tombstone deletes it); each user's
-        entry is written once per batch."""
-        latest: dict[str, Record] = {}
-        for record in records:
-            if record.value is None:
-                if record.key is not None:
-                    latest[record.key.decode("utf-8", errors="replace")] = record
-                continue
-            decoded = decode(record.value, Recommendation)
-            if isinstance(decoded, Rejection):
-                await self.reject(decoded, record)
-                continue
-            latest[decoded.user_id] = record
-        for user_id, record in latest.items():
-            bind(record.event)
-            if record.value is None:
-                self.recommendations.pop(user_id, None)
-            else:
-                self.recommendations[user_id] = record.value
-        await self.sender.flush()
-
-
-def _broker_urls(kafka: KafkaSettings) -> list[str]:
-    return [f"kafka://{hp.strip()}" for hp in kafka.bootstrap_servers.split(",") if hp.strip()]
-
-
-def _credentials(kafka: KafkaSettings) -> Any:
-    if kafka.security_protocol.startswith("SASL"):
-        assert kafka.sasl_password is not None  # KafkaSettings validates SASL completeness
-        return faust.SASLCredentials(
-            username=kafka.sasl_username,
-            password=kafka.sasl_password.get_secret_value(),
-            mechanism=kafka.sasl_mechanism,
-            ssl_context=_ssl_context(kafka),
-        )
-    if kafka.security_protocol == "SSL":
-        return faust.SSLCredentials(_ssl_context(kafka))
-    return None
-
-
-def _ssl_context(kafka: KafkaSettings) -> Any:
-    if kafka.security_protocol not in ("SSL", "SASL_SSL"):
-        return None
-    import ssl
-
-    return ssl.create_default_context(cafile=str(kafka.ssl_cafile) if kafka.ssl_cafile else None)
-
-
-def aiokafka_config(kafka: KafkaSettings, client_id: str) -> dict[str, Any]:
-    """aiokafka client config (bootstrap servers, security, client id) from KafkaSettings."""
-    config: dict[str, Any] = {"bootstrap_servers": kafka.bootstrap_servers, "client_id": client_id}
-    credentials = _credentials(kafka)
-    if credentials is not None:
-        config.update(credentials_to_aiokafka_auth(credentials, None))
-    return config
-
-
-def client_id(settings: StreamsSettings) -> str:
-    """The Kafka client id of this role's Faust app and sender: `relata-streams-<role>` (the
-    profile agent's own consumer is `relata-profiles`)."""
-    return f"relata-streams-{settings.role}"
-
-
-def faust_settings(kafka: KafkaSettings, settings: StreamsSettings) -> dict[str, Any]:
-    """Faust configuration from the settings (timeouts per shared/NOTES.md)."""
-    session = settings.session_timeout_s
-    return {
-        "broker": _broker_urls(kafka),
-        "broker_client_id": client_id(settings),
-        "broker_credentials": _credentials(kafka),
-        "store": settings.store,
-        "datadir": str(settings.data_dir),
-        "autodiscover": False,
-        "topic_partitions": kafka.partitions,
-        "topic_replication_factor": kafka.replication_factor,
-        "table_standby_replicas": 1,
-        "broker_session_timeout": session,
-        "broker_heartbeat_interval": min(settings.heartbeat_interval_s, session / 3),
-        # A member that does not rejoin within this is dropped; Faust's default (60 s) makes
-        # a restart after a crash wait a minute.
-        "broker_rebalance_timeout": max(2.0, session),
-        "broker_request_timeout": max(90.0, session * 2),
-        "broker_commit_interval": settings.commit_interval_s,
-        "consumer_auto_offset_reset": "earliest",
-        "producer_linger": 0.0,
-        "web_enabled": settings.web_port != 0,
-        "web_host": settings.web_host,
-        "web_bind": settings.web_host,
-        "web_port": settings.web_port or 6066,
-        "worker_redirect_stdouts": False,
-        "logging_config": None,
-    }
+        return self.association_agent.related_of(item_id, kinds=kinds)
 
 
 def build_streams(
@@ -637,17 +209,24 @@ def build_streams(
         key_serializer="raw",
         value_serializer="json",
     )
+    metrics = StreamsMetrics.create(registry)
+    sender = sender or ConfluentSender.from_config(
+        kafka.librdkafka_producer_config(client_id(settings))
+    )
     streams = StreamsApp(
         app=app,
         kafka=kafka,
         settings=settings,
-        metrics=StreamsMetrics.create(registry),
+        metrics=metrics,
         registry=registry,
         catalog=catalog or CatalogView(),
         fold_config=FoldConfig.from_settings(settings),
         assoc_config=AssociationConfig.from_settings(settings),
         topic_names=names,
-        sender=sender or ConfluentSender(kafka.librdkafka_producer_config(client_id(settings))),
+        sender=sender,
+        dead_letters=DeadLetters(
+            sender, topic=names[DEAD_LETTER.name], stage=STAGE, counter=metrics.dead_letter
+        ),
         similar=similar,
     )
     if profiles_role:
@@ -668,31 +247,6 @@ def build_streams(
     return streams
 
 
-def faust_app_id(kafka: KafkaSettings, settings: StreamsSettings) -> str:
-    """The Faust app id, and so the consumer group, of the settings' role.
-
-    Each role is its own Faust app (its own consumer group and table assignment): the prefixed
-    `app_id`, `<that>-associations` for role associations. `all` keeps the base id, so its
-    topics are those of the two roles run apart.
-    """
-    base_id = kafka.topic(settings.app_id)
-    return f"{base_id}-associations" if settings.role == "associations" else base_id
-
-
-def association_input_topic(kafka: KafkaSettings, settings: StreamsSettings) -> str:
-    """The internal topic from the profile agent to the association agent (one partition)."""
-    return f"{kafka.topic(settings.app_id)}-{ASSOCIATION_INPUT}"
-
-
-# Keys are str; values raw JSON bytes (pydantic models) or JSON dicts (association records).
-RAW_VALUES: faust.Schema[str, bytes] = faust.Schema(
-    key_type=str, value_type=bytes, key_serializer="raw", value_serializer="raw"
-)
-JSON_VALUES: faust.Schema[str, Any] = faust.Schema(
-    key_type=str, key_serializer="raw", value_serializer="json"
-)
-
-
 def _add_profile_agents(streams: StreamsApp, topics: dict[str, Any]) -> None:
     """Role `profiles`: the profile agent (its own consumer and table, see
     streams/event_consumer.py) and the recommendations table with its Faust agent."""
@@ -704,6 +258,16 @@ def _add_profile_agents(streams: StreamsApp, topics: dict[str, Any]) -> None:
         changelog_topic=profiles_changelog_topic(kafka, settings),
         changelog=sender,
         directory=directory,
+    )
+    streams.profile_agent = ProfileAgent(
+        profiles=streams.profiles,
+        catalog=streams.catalog,
+        sender=sender,
+        dead_letters=streams.dead_letters,
+        metrics=streams.metrics,
+        fold_config=streams.fold_config,
+        profile_updates_topic=streams.topic_names[PROFILE_UPDATES.name],
+        association_input_topic=streams.topic_names[ASSOCIATION_INPUT],
     )
     client = kafka.librdkafka_config("relata-profiles")
     group = events_group(kafka, settings)
@@ -730,40 +294,34 @@ def _add_profile_agents(streams: StreamsApp, topics: dict[str, Any]) -> None:
         | {"group.id": f"{group}-restore", "enable.auto.commit": False},
         topic=streams.topic_names[BEHAVIOR_EVENTS.name],
         store=streams.profiles,
-        handle=streams.handle_events,
+        handle=streams.profile_agent.handle_events,
         to_record=Record.of_message,
         batch_max=settings.batch_max_events,
         window_s=settings.batch_wait_ms / 1000,
-        on_lag=streams.metrics.consumer_lag.labels(streams.topic_names[BEHAVIOR_EVENTS.name]).set,
+        lag_gauge=streams.metrics.consumer_lag,
         on_restored=streams.metrics.profiles_restored.inc,
     )
     streams.event_consumer = consumer
     app.task(consumer.run)
 
-    streams.recommendations = _table(
+    streams.recommendations = changelog_table(
         app, "recommendations", partitions=kafka.partitions, schema=RAW_VALUES, sender=sender
     )
+    recommendations = RecommendationsAgent(
+        recommendations=streams.recommendations, sender=sender, dead_letters=streams.dead_letters
+    )
+    streams.recommendations_agent = recommendations
 
     @app.agent(topics[RECOMMENDATIONS.name], name="process-recommendations")
     async def process_recommendations(stream: Any) -> None:
         # A batch's records are acknowledged when the next batch is asked for, i.e. after the
-        # handler returned with every output acknowledged by the broker (transport.py).
+        # handler returned with every output acknowledged by the broker (streams/transport.py).
         wait_s = settings.batch_wait_ms / 1000
         async for events in stream.take_batches(settings.batch_max_events, within=wait_s):
             records = [Record.of(event) for event in events]
-            await streams.handle_recommendations(records, bind=stream._set_current_event)
+            await recommendations.handle_recommendations(records, bind=stream._set_current_event)
 
     streams.process_recommendations = process_recommendations
-
-
-def events_group(kafka: KafkaSettings, settings: StreamsSettings) -> str:
-    """The profile agent's consumer group (of behavior-events): `<app id>-events`."""
-    return f"{faust_app_id(kafka, settings)}-events"
-
-
-def profiles_changelog_topic(kafka: KafkaSettings, settings: StreamsSettings) -> str:
-    """The profiles table's compacted changelog (the name Faust gave it when it owned it)."""
-    return f"{faust_app_id(kafka, settings)}-profiles-changelog"
 
 
 def _add_association_agents(streams: StreamsApp, topics: dict[str, Any], *, base_id: str) -> None:
@@ -774,7 +332,7 @@ def _add_association_agents(streams: StreamsApp, topics: dict[str, Any], *, base
     """
     app: App = streams.app
     sender = streams.sender
-    streams.associations = _table(
+    streams.associations = changelog_table(
         app,
         "associations",
         partitions=1,
@@ -782,7 +340,7 @@ def _add_association_agents(streams: StreamsApp, topics: dict[str, Any], *, base
         sender=sender,
         changelog=f"{base_id}-associations-changelog",
     )
-    streams.association_totals = _table(
+    streams.association_totals = changelog_table(
         app,
         "association-totals",
         partitions=1,
@@ -790,6 +348,15 @@ def _add_association_agents(streams: StreamsApp, topics: dict[str, Any], *, base
         sender=sender,
         changelog=f"{base_id}-association-totals-changelog",
     )
+    agent = AssociationAgent(
+        associations=streams.associations,
+        association_totals=streams.association_totals,
+        sender=sender,
+        metrics=streams.metrics,
+        config=streams.assoc_config,
+        related_items_topic=streams.topic_names[RELATED_ITEMS.name],
+    )
+    streams.association_agent = agent
 
     @app.agent(topics[ASSOCIATION_INPUT], name="process-associations")
     async def process_associations(stream: Any) -> None:
@@ -801,94 +368,18 @@ def _add_association_agents(streams: StreamsApp, topics: dict[str, Any], *, base
             # database from it. The association tables have one partition, so the batch's last
             # event stands for the whole batch (Faust has no public setter for this).
             stream._set_current_event(events[-1])
-            await streams.handle_association_batch([event.value for event in events])
+            await agent.handle_association_batch([event.value for event in events])
             await streams.sender.flush()  # the changelog records, before the inputs are acked
 
     async def publish_related() -> None:
-        await streams.flush_related()
+        await agent.flush_related()
 
     async def count_association_items() -> None:
-        streams.metrics.association_items.set(_local_size(streams.associations))
+        streams.metrics.association_items.set(local_size(streams.associations))
 
     app.timer(interval=RELATED_FLUSH_INTERVAL_S)(publish_related)
     app.timer(interval=10.0)(count_association_items)
     streams.process_associations = process_associations
-
-
-class ChangelogTable(faust.Table[Any, Any]):
-    """A Faust table whose changelog records go through the stream processor's `Sender`.
-
-    Faust's own send path (FutureMessage, producer buffer, aiokafka) cost ~0.3 ms of the event
-    loop per table write; the writes of a batch now queue in librdkafka and are acknowledged
-    by the batch's `flush`, before its input offsets are. Same topic, partition (the current
-    event's, as Faust does), key and value encoding, so Faust's recovery and standby replicas
-    read them as their own. Not done: the RocksDB store's persisted-offset bookkeeping, so a
-    restart with rocksdb:// replays the changelog from its start (correct, slower).
-    """
-
-    sender: Sender
-    # The changelog topic's name; None: Faust's `<app id>-<table>-changelog`.
-    changelog_name: str | None = None
-
-    def _changelog_topic_name(self) -> str:
-        return self.changelog_name or super()._changelog_topic_name()
-
-    def on_key_set(self, key: Any, value: Any) -> None:
-        partition = self.partition_for_key(key)
-        topic = self.changelog_topic
-        raw_key, _ = topic.prepare_key(key, self.key_serializer)
-        raw_value, _ = topic.prepare_value(value, self.value_serializer)
-        self.sender.produce(
-            topic.get_topic_name(), key=raw_key, value=raw_value, partition=partition
-        )
-        if partition is not None:
-            self._maybe_set_key_ttl(key, partition)
-        self._sensor_on_set(self, key, value)
-
-    def on_key_del(self, key: Any) -> None:
-        partition = self.partition_for_key(key)
-        topic = self.changelog_topic
-        raw_key, _ = topic.prepare_key(key, self.key_serializer)
-        self.sender.produce(topic.get_topic_name(), key=raw_key, value=None, partition=partition)
-        if partition is not None:
-            self._maybe_del_key_ttl(key, partition)
-        self._sensor_on_del(self, key)
-
-
-def _table(
-    app: Any,
-    name: str,
-    *,
-    partitions: int,
-    schema: Any,
-    sender: Sender,
-    changelog: str | None = None,
-) -> Any:
-    table_class = SinglePartitionTable if partitions == 1 else ChangelogTable
-    table = table_class(
-        app, name=name, default=None, beacon=app.tables.beacon, partitions=partitions, schema=schema
-    )
-    table.sender = sender
-    table.changelog_name = changelog
-    return app.tables.add(table)
-
-
-class SinglePartitionTable(ChangelogTable):
-    """A table of one partition: every key is in partition 0.
-
-    Faust finds a key's partition from the current event, which is not set where an agent
-    consumes `stream.take` batches; with one partition the answer needs no event.
-    """
-
-    def partition_for_key(self, key: Any) -> int | None:
-        return 0
-
-
-def _local_size(table: Any) -> int:
-    try:
-        return len(table)
-    except Exception:  # a store without a cheap len: skip this sample
-        return 0
 
 
 def build_app(
@@ -908,6 +399,7 @@ __all__ = [
     "Sender",
     "SimilarItems",
     "StreamsApp",
+    "association_input_topic",
     "build_app",
     "build_streams",
     "events_group",

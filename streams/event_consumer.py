@@ -29,6 +29,10 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Protocol
 
+from prometheus_client import Gauge
+
+from kafkaio.consumer import LagReporter, commit, usable
+
 logger = logging.getLogger(__name__)
 
 # A restore reads the changelog this many records per call.
@@ -179,7 +183,7 @@ class EventBatchConsumer:
         batch_max: int,
         window_s: float,
         client: Callable[[dict[str, Any]], Any] | None = None,
-        on_lag: Callable[[int], None] | None = None,
+        lag_gauge: Gauge | None = None,
         on_restored: Callable[[int], None] | None = None,
     ) -> None:
         self.consumer_config = consumer_config
@@ -192,9 +196,10 @@ class EventBatchConsumer:
         self._window_s = window_s
         # Builds the consumers from a config (confluent_kafka.Consumer; a fake in unit tests).
         self._client = client or _confluent_consumer
-        self._on_lag = on_lag
+        # Consumer lag by topic, reported every LAG_REPORT_S (`kafkaio.consumer.LagReporter`).
+        self._lag_gauge = lag_gauge
+        self._lag: LagReporter | None = None
         self._on_restored = on_restored
-        self._next_lag_report = 0.0
         self._thread = ThreadPoolExecutor(1, thread_name_prefix="relata-events")
         self._consumer: Any = None
         self._stopping = False
@@ -207,6 +212,8 @@ class EventBatchConsumer:
     async def run(self) -> None:
         """Consume and handle until cancelled or `stop`; then commit and leave the group."""
         self._consumer = self._client(self.consumer_config)
+        if self._lag_gauge is not None:
+            self._lag = LagReporter(self._consumer, self._lag_gauge, interval_s=LAG_REPORT_S)
         self._consumer.subscribe(
             [self._topic],
             on_assign=self._on_assign,
@@ -251,37 +258,9 @@ class EventBatchConsumer:
         if self._failure is not None:
             failure, self._failure = self._failure, None
             raise failure
-        self._maybe_report_lag()
-        return [m for m in messages if self._usable(m)]
-
-    def _maybe_report_lag(self) -> None:
-        """Records behind the high watermarks of the assigned partitions, every
-        LAG_REPORT_S, from librdkafka's cached watermarks (no broker round trip)."""
-        now = time.monotonic()
-        if self._on_lag is None or now < self._next_lag_report:
-            return
-        self._next_lag_report = now + LAG_REPORT_S
-        try:
-            lag = 0
-            for tp in self._consumer.position(self._consumer.assignment()):
-                _, high = self._consumer.get_watermark_offsets(tp, cached=True)
-                if high is not None and high >= 0 and tp.offset is not None and tp.offset >= 0:
-                    lag += max(0, high - tp.offset)
-        except Exception as exc:  # advisory: never stop consuming for it
-            logger.debug("lag report failed topic=%s error=%s", self._topic, exc)
-            return
-        self._on_lag(lag)
-
-    def _usable(self, message: Any) -> bool:
-        error = message.error()
-        if error is None:
-            return True
-        from confluent_kafka import KafkaException
-
-        if error.fatal():
-            raise KafkaException(error)
-        logger.warning("consume error topic=%s error=%s", self._topic, error)
-        return False
+        if self._lag is not None:
+            self._lag.maybe_report()
+        return usable(messages)
 
     def _store_offsets(self, messages: Sequence[Any]) -> None:
         from confluent_kafka import TopicPartition
@@ -294,13 +273,12 @@ class EventBatchConsumer:
         )
 
     def _commit(self) -> None:
-        from confluent_kafka import KafkaError, KafkaException
+        from confluent_kafka import KafkaException
 
         try:
-            self._consumer.commit(asynchronous=False)
+            # The stored offsets: those of batches whose outputs were acknowledged.
+            commit(self._consumer, asynchronous=False)
         except KafkaException as exc:
-            if exc.args and exc.args[0].code() == KafkaError._NO_OFFSET:
-                return  # nothing handled since the last commit
             logger.warning("offset commit failed topic=%s error=%s", self._topic, exc)
 
     def _callback(self, fn: Callable[[Sequence[Any]], None], partitions: Sequence[Any]) -> None:

@@ -1,6 +1,6 @@
 """A Faust App whose Kafka consumer uses a configurable `fetch_max_wait_ms` (and
-`fetch_min_bytes`) and whose streams batch with `BatchingStream.take_batches`, and the agents'
-librdkafka sender.
+`fetch_min_bytes`) and whose streams batch with `BatchingStream.take_batches` (the agents'
+librdkafka sender is `kafkaio.producer.ConfluentSender`).
 
 faust-streaming 0.15.3 hard-codes `fetch_max_wait_ms=1500` for the worker consumer and
 exposes no setting for it (`broker_max_poll_interval` is the rebalance liveness bound, not the
@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections.abc import AsyncIterator
 from typing import Any, cast
 
@@ -133,100 +132,3 @@ class App(faust.App):
     def _new_transport(self) -> Any:
         transport_cls = _transport_class(self._fetch_max_wait_ms, self._fetch_min_bytes)
         return transport_cls(self.conf.broker_consumer, self)
-
-
-# How often `ConfluentSender.flush` checks for acknowledgements.
-FLUSH_POLL_S = 0.0005
-
-
-class DeliveryError(RuntimeError):
-    """The broker did not acknowledge records the stream processor produced."""
-
-
-class ConfluentSender:
-    """The agents' outputs through librdkafka (confluent-kafka).
-
-    Faust's send path cost ~0.8 ms of the event loop per record (measured at 400 events/s:
-    two sends per event were two thirds of the profile agent's time); librdkafka's `produce`
-    is a C call of microseconds and batches on its own threads. `produce` only queues a record
-    here; `flush` hands the batch's records to librdkafka in one go (so they travel in one
-    produce request: handed over one by one while the agent folded, they went out in 2-4
-    requests a batch, ~60 % of the broker's produce requests at 500 events/s) and waits (the
-    event loop keeps running) until the broker acknowledged everything. The agents flush before
-    their input offsets are acknowledged, so delivery stays at least once. A record the broker
-    refused after librdkafka's retries raises `DeliveryError` from `flush`, which stops the
-    agent rather than commit past an output that was lost.
-    """
-
-    def __init__(self, config: dict[str, str], *, flush_timeout_s: float = 30.0) -> None:
-        from confluent_kafka import Producer
-
-        self._producer = Producer(
-            {
-                **config,
-                "enable.idempotence": True,
-                # Covers the hand-over of one batch's records in `flush` (a tight loop of C
-                # calls), so they leave together; the agents flush per batch anyway.
-                "linger.ms": 1,
-            }
-        )
-        self._flush_timeout_s = flush_timeout_s
-        self._failures: list[str] = []
-        self._queued: list[tuple[str, bytes | None, bytes | None, int | None]] = []
-
-    def produce(
-        self, topic: str, *, key: bytes | None, value: bytes | None, partition: int | None = None
-    ) -> None:
-        """Queue one record for the next `flush` (`partition` None: librdkafka's murmur2
-        partitioner on the key)."""
-        self._queued.append((topic, key, value, partition))
-
-    @property
-    def queued(self) -> int:
-        """Records produced since the last `flush` (not yet handed to librdkafka)."""
-        return len(self._queued)
-
-    def _hand_over(self) -> None:
-        queued, self._queued = self._queued, []
-        produce = self._producer.produce
-        delivered = self._delivered
-        for topic, key, value, partition in queued:
-            while True:
-                try:
-                    if partition is None:
-                        produce(topic, value=value, key=key, on_delivery=delivered)
-                    else:
-                        produce(
-                            topic, value=value, key=key, partition=partition, on_delivery=delivered
-                        )
-                    break
-                except BufferError:  # librdkafka's queue is full: let it drain (backpressure)
-                    self._producer.poll(0.05)
-
-    def _delivered(self, error: Any, message: Any) -> None:
-        if error is not None:
-            self._failures.append(f"{message.topic()}: {error}")
-
-    async def flush(self) -> None:
-        """Send every queued record and wait until all are acknowledged; raise if one was
-        refused."""
-        self._hand_over()
-        # Polled on the event loop: `len(producer)` counts records not yet acknowledged, and
-        # `poll(0)` serves their delivery reports. librdkafka's blocking `flush` in a thread
-        # measured 10-14 ms per batch against a ~5 ms broker round trip (it re-checks every
-        # 10 ms, and every hand-over between threads waits for the GIL).
-        deadline = time.monotonic() + self._flush_timeout_s
-        self._producer.poll(0)
-        while (remaining := len(self._producer)) and time.monotonic() < deadline:
-            await asyncio.sleep(FLUSH_POLL_S)
-            self._producer.poll(0)
-        if remaining:
-            msg = (
-                f"{remaining} records not acknowledged within {self._flush_timeout_s:.0f} s; "
-                "is the broker reachable?"
-            )
-            raise DeliveryError(msg)
-        if self._failures:
-            failures, self._failures = self._failures, []
-            msg = f"{len(failures)} records refused by the broker, first: {failures[0]}"
-            raise DeliveryError(msg)

@@ -15,23 +15,25 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import json
 import logging
+from collections.abc import Iterable
 from datetime import datetime
-from typing import TYPE_CHECKING, Annotated, Any, Literal
+from typing import Annotated, Any, Literal, Protocol
 
 from faust.exceptions import SameNode
 from faust.web import Request, Response, View
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic.json_schema import models_json_schema
 
 from schemas import vocabulary
-from schemas.messages import Recommendation, RelatedItem
+from schemas.messages import Recommendation, RelatedItem, RelatedItems, RelationKind
 from schemas.vocabulary import Term
 
-if TYPE_CHECKING:
-    from .app import StreamsApp
+from .catalog import CatalogView
+from .metrics import StreamsMetrics
+from .ports import SimilarItems
+from .tables import stored_json
 
 logger = logging.getLogger(__name__)
 
@@ -235,20 +237,32 @@ def openapi_document() -> dict[str, Any]:
     }
 
 
-def stored_json(stored: bytes | str | dict[str, Any]) -> bytes:
-    """A raw-JSON table value as bytes, whatever the store handed back.
+class Served(Protocol):
+    """What the HTTP views read (the built stream processor, `streams.app.StreamsApp`): the
+    Faust app, the tables they answer from (None: not held by this role), the catalog, the
+    similar-items provider, association neighbours and the metrics."""
 
-    The memory store keeps the bytes written; the RocksDB store serialises with the table's
-    own (JSON) serializer and hands back the parsed object.
-    """
-    if isinstance(stored, bytes):
-        return stored
-    if isinstance(stored, str):
-        return stored.encode("utf-8")
-    return json.dumps(stored).encode("utf-8")
+    @property
+    def app(self) -> Any: ...
+    @property
+    def registry(self) -> CollectorRegistry: ...
+    @property
+    def metrics(self) -> StreamsMetrics: ...
+    @property
+    def catalog(self) -> CatalogView: ...
+    @property
+    def similar(self) -> SimilarItems | None: ...
+    @property
+    def associations(self) -> Any: ...
+    @property
+    def recommendations(self) -> Any: ...
+
+    def related_of(self, item_id: str, *, kinds: Iterable[RelationKind]) -> RelatedItems | None:
+        """Current association neighbours of one item (None: no behaviour seen)."""
+        ...
 
 
-def register_views(streams: StreamsApp) -> None:
+def register_views(streams: Served) -> None:
     """Add the HTTP views to `streams.app` (a no-op for requests when the web is disabled)."""
     app = streams.app
     counter = streams.metrics.http_requests
@@ -339,7 +353,7 @@ def register_views(streams: StreamsApp) -> None:
 
 
 async def related_body(
-    streams: StreamsApp, *, item_id: str, k: int, kind: str, same_category: bool
+    streams: Served, *, item_id: str, k: int, kind: str, same_category: bool
 ) -> RelatedResponse:
     """Assemble the related items of one known item: similar (injected) and associations."""
     related: list[RelatedItem] = []

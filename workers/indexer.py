@@ -14,19 +14,14 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from kafkaio.client import Consumer, Producer
+from kafkaio.consumer import LagReporter, commit, usable
+from kafkaio.dead_letters import DeadLetters
+from kafkaio.producer import AckedProducer
 from schemas.decoding import Rejection, decode, key_text
 from schemas.messages import CatalogItem
 from workers.encoder import Encoder
 from workers.item_text import item_categories, item_text
-from workers.kafka_io import (
-    AckedProducer,
-    Consumer,
-    DeadLetters,
-    LagReporter,
-    Producer,
-    commit,
-    usable,
-)
 from workers.metrics import WorkerMetrics
 from workers.vector_store import VectorStore
 

@@ -28,20 +28,14 @@ from functools import partial
 import numpy as np
 import numpy.typing as npt
 
+from kafkaio.client import Consumer, Message, Producer
+from kafkaio.consumer import LagReporter, commit_offsets, usable
+from kafkaio.dead_letters import DeadLetters
+from kafkaio.producer import AckedProducer
 from schemas.decoding import Rejection, decode, key_text
 from schemas.messages import ProfileUpdate, Recommendation, RecommendedItem, RelatedItems
 from schemas.settings import RecommenderSettings
 from workers.encoder import Encoder
-from workers.kafka_io import (
-    AckedProducer,
-    Consumer,
-    DeadLetters,
-    LagReporter,
-    Message,
-    Producer,
-    commit_offsets,
-    usable,
-)
 from workers.metrics import WorkerMetrics
 from workers.ranking import (
     BlendWeights,

@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 from confluent_kafka import TopicPartition
+from prometheus_client import CollectorRegistry, Gauge
 
 from streams.event_consumer import (
     EventBatchConsumer,
@@ -122,7 +123,7 @@ def build(
     handle: Any,
     *,
     store: ProfileStore | None = None,
-    lags: list[int] | None = None,
+    lags: Gauge | None = None,
     restored: list[int] | None = None,
 ) -> tuple[EventBatchConsumer, ProfileStore]:
     store = store or ProfileStore(changelog_topic=CHANGELOG, changelog=Sink())
@@ -140,7 +141,7 @@ def build(
         batch_max=100,
         window_s=0.001,
         client=client,
-        on_lag=None if lags is None else lags.append,
+        lag_gauge=lags,
         on_restored=None if restored is None else restored.append,
     )
     return consumer, store
@@ -176,7 +177,8 @@ def test_assigned_partitions_are_restored_before_their_events_and_offsets_follow
         if len(seen) == 2:
             consumer.stop()
 
-    lags: list[int] = []
+    registry = CollectorRegistry()
+    lags = Gauge("lag_records", "lag", ["topic"], registry=registry)
     restored: list[int] = []
     consumer, store = build(group, reader, handle, lags=lags, restored=restored)
     asyncio.run(consumer.run())
@@ -186,7 +188,7 @@ def test_assigned_partitions_are_restored_before_their_events_and_offsets_follow
     assert restored == [3]  # one assignment, three changelog records replayed
     # Lag from the cached watermarks (10) and positions (7) of both partitions, reported once
     # within LAG_REPORT_S.
-    assert lags == [6]
+    assert registry.get_sample_value("lag_records", {"topic": TOPIC}) == 6
     # Closing commits what was stored, leaves the group and drops the partitions.
     assert group.closed and group.commits >= 1
     assert store.partitions == set()

@@ -9,9 +9,9 @@ from collections.abc import Iterator
 import pytest
 from prometheus_client import CollectorRegistry
 
+from kafkaio.producer import DeliveryError
 from tests.unit.worker_fakes import FakeConsumer, FakeEncoder, FakeProducer
 from workers.indexer import IndexerTopics, ItemIndexer
-from workers.kafka_io import DeliveryError
 from workers.metrics import WorkerMetrics
 from workers.vector_store import ClientVectorStore
 

@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 from prometheus_client import CollectorRegistry
 
+from kafkaio.producer import DeliveryError
 from schemas.messages import ProfileUpdate, RelatedItems
 from schemas.settings import RecommenderSettings
 from tests.unit.worker_fakes import FakeConsumer, FakeEncoder, FakeProducer
-from workers.kafka_io import DeliveryError
 from workers.metrics import WorkerMetrics
 from workers.ranking import BlendWeights, popularity_prior
 from workers.recommender import (

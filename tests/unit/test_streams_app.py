@@ -21,9 +21,12 @@ import streams.profile as profile_module
 from schemas import vocabulary
 from schemas.messages import DeadLetter, Evidence, ProfileUpdate, RelatedItem, RelatedItems
 from schemas.settings import KafkaSettings, StreamsSettings
-from streams.app import ASSOCIATION_INPUT, Record, StreamsApp, build_streams
+from streams.app import StreamsApp, build_streams
 from streams.association import AssociationIndex, AssociationInput
+from streams.associations_agent import AssociationAgent
 from streams.catalog import CatalogView
+from streams.naming import ASSOCIATION_INPUT
+from streams.records import Record
 from streams.web import BadRequest, openapi_document, parse_related_query, related_body
 
 
@@ -159,14 +162,21 @@ async def put_events(
     for partition in {record.partition for record in records} - streams.profiles.partitions:
         streams.profiles.open(partition)
     size = streams.settings.batch_max_events
+    profile_agent = streams.profile_agent
+    assert profile_agent is not None
     for start in range(0, len(records), size):
-        await streams.handle_events(records[start : start + size])
+        await profile_agent.handle_events(records[start : start + size])
 
 
 def association_inputs(streams: StreamsApp, sender: RecordingSender) -> list[dict[str, Any]]:
     """Every association input sent, in order (one message carries a batch's inputs)."""
     messages = [json.loads(v) for v in sender.values(streams.topic_names[ASSOCIATION_INPUT])]
     return [data for message in messages for data in message]
+
+
+def association_agent(streams: StreamsApp) -> AssociationAgent:
+    assert streams.association_agent is not None
+    return streams.association_agent
 
 
 def dead_letters(sender: RecordingSender) -> list[DeadLetter]:
@@ -370,7 +380,7 @@ async def test_associations_publish_related_items_for_co_purchases(
     async with streams.process_associations.test_context() as agent:
         for value in inputs:
             await agent.put([value], partition=0)
-    assert await streams.flush_related() == 2
+    assert await association_agent(streams).flush_related() == 2
 
     published = {
         r.item_id: r
@@ -381,7 +391,7 @@ async def test_associations_publish_related_items_for_co_purchases(
     assert (top.item_id, top.kind, top.evidence.support) == ("i2", "bought_together", 3)
     assert "bought together in 3 baskets" in top.evidence.text
     # Nothing changed since: no republish.
-    assert await streams.flush_related() == 0
+    assert await association_agent(streams).flush_related() == 0
     assert streams.registry.get_sample_value("relata_association_updates_total") == len(inputs)
     assert streams.registry.get_sample_value("relata_related_items_published_total") == 2
 
@@ -550,7 +560,7 @@ async def test_association_agent_batches_equal_one_by_one_statistics(
     for value in inputs:
         reference.observe(AssociationInput.from_dict(value))
     assert {k: streams.associations.get(k) for k in reference.items} == reference.items
-    totals, clock = streams.association_clock()
+    totals, clock = association_agent(streams).association_clock()
     assert (totals, clock) == (reference.totals, reference.last_ts)
     assert streams.registry.get_sample_value("relata_association_updates_total") == len(inputs)
 

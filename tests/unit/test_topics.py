@@ -59,7 +59,7 @@ def test_producers_partition_like_faust_and_java_clients() -> None:
 
 def test_each_client_says_which_component_it_is() -> None:
     from schemas.settings import StreamsSettings
-    from streams.app import aiokafka_config, faust_settings
+    from streams.faust_config import aiokafka_config, faust_settings
 
     kafka = KafkaSettings(bootstrap_servers="h:1")
     assert "client.id" not in kafka.librdkafka_config()  # librdkafka's "rdkafka" unless named

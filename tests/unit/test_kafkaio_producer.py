@@ -1,13 +1,21 @@
-"""AckedProducer: which consumed offsets may be committed, by delivery reports."""
+"""kafkaio.producer: which consumed offsets may be committed, by delivery reports
+(`AckedProducer`), and what the asyncio sender's `flush` promises when the broker is away
+(`ConfluentSender`)."""
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import pytest
 
-from tests.unit.worker_fakes import FakeMessage
-from workers.kafka_io import AckedProducer, DeliveryError, commit_offsets
+from kafkaio.consumer import commit_offsets
+from kafkaio.producer import AckedProducer, ConfluentSender, DeliveryError, produce
+from tests.unit.worker_fakes import FakeMessage, FakeProducer
+
+# Nothing listens on port 1. librdkafka's connection-refused log lines are silenced: its
+# threads keep retrying for the rest of the session and would print past pytest's summary.
+UNREACHABLE = {"bootstrap.servers": "127.0.0.1:1", "log_level": "0"}
 
 
 class ManualBroker:
@@ -152,3 +160,77 @@ def test_offsets_of_partitions_taken_away_by_a_rebalance_are_not_committed() -> 
     assert consumer.committed == [[("in", 1, 9)]]
     commit_offsets(consumer, {("in", 0): 6})  # type: ignore[arg-type]
     assert consumer.committed == [[("in", 1, 9)]]  # nothing left to commit: no call
+
+
+def test_a_full_queue_is_polled_until_the_record_fits() -> None:
+    class FullOnce(FakeProducer):
+        full = 2
+
+        def produce(self, topic: str, *args: Any, **kwargs: Any) -> None:
+            if self.full:
+                self.full -= 1
+                raise BufferError("queue full")
+            super().produce(topic, *args, **kwargs)
+
+    producer = FullOnce(hold=True)
+    waits: list[float] = []
+    poll = producer.poll
+    producer.poll = lambda timeout=-1: waits.append(timeout) or poll(timeout)  # type: ignore[method-assign]
+    produce(producer, "t", key=b"k", value=b"v")
+    assert producer.records == [("t", b"k", b"v")]
+    assert waits == [0.05, 0.05]
+
+
+def test_the_sender_hands_a_batch_over_at_flush_and_raises_on_a_refusal() -> None:
+    producer = FakeProducer(refuse_topics={"refused"})
+    sender = ConfluentSender(producer, flush_timeout_s=1.0)
+    sender.produce("out", key=b"k", value=b"v")
+    assert sender.queued == 1 and producer.records == []  # queued until the flush
+    asyncio.run(sender.flush())
+    assert producer.records == [("out", b"k", b"v")] and sender.queued == 0
+    sender.produce("refused", key=None, value=b"x")
+    with pytest.raises(DeliveryError, match=r"1 records refused by the broker, first: refused\["):
+        asyncio.run(sender.flush())
+    asyncio.run(sender.flush())  # a refusal is reported once
+
+
+def test_flush_raises_when_records_are_not_acknowledged() -> None:
+    # Nothing listens on port 1: the record stays queued, and flush must say so rather than
+    # let the agent acknowledge its inputs.
+    sender = ConfluentSender.from_config(
+        {**UNREACHABLE, "partitioner": "murmur2_random"},
+        flush_timeout_s=0.5,
+    )
+    sender.produce("t", key=b"k", value=b"v")
+    sender.produce("t", key=b"k", value=None, partition=0)
+    # Queued until the flush hands the batch to librdkafka (one produce request per batch).
+    assert sender.queued == 2
+    with pytest.raises(DeliveryError, match="2 records not acknowledged"):
+        asyncio.run(sender.flush())
+    assert sender.queued == 0
+
+
+def test_flush_with_nothing_sent_returns() -> None:
+    sender = ConfluentSender.from_config(UNREACHABLE, flush_timeout_s=0.5)
+    asyncio.run(sender.flush())
+
+
+def test_flush_leaves_the_event_loop_to_other_tasks_while_it_waits() -> None:
+    sender = ConfluentSender.from_config(UNREACHABLE, flush_timeout_s=0.3)
+    sender.produce("t", key=b"k", value=b"v")
+    ticks = 0
+
+    async def ticker() -> None:
+        nonlocal ticks
+        while True:
+            ticks += 1
+            await asyncio.sleep(0.01)
+
+    async def main() -> None:
+        task = asyncio.create_task(ticker())
+        with pytest.raises(DeliveryError):
+            await sender.flush()
+        task.cancel()
+
+    asyncio.run(main())
+    assert ticks >= 10  # the other agents ran during the 0.3 s wait

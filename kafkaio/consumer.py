@@ -1,0 +1,106 @@
+"""Consuming: the consume-error policy, committing only acknowledged offsets, and the
+consumer lag gauge."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable, Mapping
+from typing import Any, TypeVar
+
+from confluent_kafka import KafkaError, KafkaException, TopicPartition
+from prometheus_client import Gauge
+
+from .client import Consumer, Message, Partition
+
+logger = logging.getLogger(__name__)
+
+M = TypeVar("M", bound=Message)
+
+
+def usable(messages: Iterable[M]) -> list[M]:
+    """The records of a consume() result, without its client-side events.
+
+    Partition EOF is skipped silently; a fatal error (the client cannot go on: fenced,
+    unrecoverable idempotence state, ...) raises `KafkaException`; any other error is logged
+    and skipped (librdkafka retries those on its own).
+    """
+    out: list[M] = []
+    for msg in messages:
+        error = msg.error()
+        if error is None:
+            out.append(msg)
+        elif error.code() == KafkaError._PARTITION_EOF:
+            continue
+        elif error.fatal():
+            raise KafkaException(error)
+        else:
+            logger.warning("consume error topic=%s error=%s", msg.topic(), error)
+    return out
+
+
+def commit_offsets(consumer: Consumer, offsets: Mapping[Partition, int]) -> None:
+    """Commit these next offsets without waiting for the broker's answer (their outputs were
+    acknowledged first, so a lost commit only redoes records). Offsets of partitions a
+    rebalance took away are dropped: their new owner commits its own."""
+    assignment = getattr(consumer, "assignment", None)
+    if offsets and assignment is not None:
+        assigned = {(tp.topic, tp.partition) for tp in assignment()}
+        offsets = {key: offset for key, offset in offsets.items() if key in assigned}
+    if not offsets:
+        return
+    consumer.commit(
+        offsets=[TopicPartition(t, p, o) for (t, p), o in offsets.items()], asynchronous=True
+    )
+
+
+def commit(consumer: Consumer, *, asynchronous: bool = True) -> None:
+    """Commit the consumed (or stored) positions; their outputs were acknowledged first, so a
+    lost commit only redoes records. Nothing to commit is fine."""
+    try:
+        consumer.commit(asynchronous=asynchronous)
+    except KafkaException as exc:
+        if exc.args and isinstance(exc.args[0], KafkaError):
+            if exc.args[0].code() == KafkaError._NO_OFFSET:
+                return
+        elif "NO_OFFSET" in str(exc):
+            return
+        raise
+
+
+class LagReporter:
+    """Sets `gauge{topic}` to the records between the consumer's positions and the high
+    watermarks of its assigned partitions, at most every `interval_s`, from the client's
+    cached watermarks (lag is a trend; a broker round trip per batch would cost latency).
+
+    A topic reported once and no longer assigned reads 0 (this consumer is not behind on it).
+    """
+
+    def __init__(self, consumer: Any, gauge: Gauge, *, interval_s: float = 5.0) -> None:
+        self._consumer = consumer
+        self._gauge = gauge
+        self._interval_s = interval_s
+        self._next = 0.0
+        self._reported: set[str] = set()
+
+    def maybe_report(self) -> None:
+        """Report now if `interval_s` passed since the last report; never raises."""
+        now = time.monotonic()
+        if now < self._next or not hasattr(self._consumer, "assignment"):
+            return
+        self._next = now + self._interval_s
+        try:
+            lag = dict.fromkeys(self._reported, 0)
+            partitions = self._consumer.assignment()
+            for tp in self._consumer.position(partitions) if partitions else ():
+                _, high = self._consumer.get_watermark_offsets(tp, cached=True)
+                lag.setdefault(tp.topic, 0)
+                if high is None or high < 0 or tp.offset is None or tp.offset < 0:
+                    continue
+                lag[tp.topic] += max(0, high - tp.offset)
+        except Exception as exc:  # lag is advisory; never stop the loop for it
+            logger.debug("lag report failed error=%s", exc)
+            return
+        for topic, value in lag.items():
+            self._gauge.labels(topic=topic).set(value)
+        self._reported.update(lag)

@@ -1,0 +1,168 @@
+"""The association agent's handlers: association-input batches folded into the statistics,
+the related items of an item, and the related lists republished when they change.
+
+Glue around the pure statistics in `streams/association.py`; the state lives in the two
+one-partition tables `associations` and `association-totals`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from schemas.messages import RelatedItems, RelationKind
+
+from .association import (
+    AssociationConfig,
+    AssociationInput,
+    CountMemo,
+    ItemRecord,
+    Membership,
+    TotalsRecord,
+    apply_inputs,
+    membership,
+    membership_changed,
+    related_items,
+    top_partners,
+)
+from .metrics import StreamsMetrics
+from .ports import Sender
+
+TOTALS_KEY = "totals"
+# Inputs folded (and records written) between two yields of the event loop.
+ASSOCIATION_SLICE = 32
+RELATED_YIELD_EVERY = 16
+
+
+@dataclass(slots=True)
+class AssociationAgent:
+    """Folds association inputs into tables `associations` (item → `ItemRecord`) and
+    `association-totals`, and publishes related lists to `related_items_topic`."""
+
+    associations: Any
+    association_totals: Any
+    sender: Sender
+    metrics: StreamsMetrics
+    config: AssociationConfig
+    related_items_topic: str
+    # Membership of the last published related lists (in memory: a restart republishes once).
+    published: dict[str, Membership] = field(default_factory=dict)
+    dirty: set[str] = field(default_factory=set)
+
+    async def handle_association_batch(self, messages: Sequence[Any]) -> None:
+        """Fold a batch of association-input messages (each a list of inputs, in order) into
+        the records and the totals.
+
+        The statistics equal one-by-one application; each touched record (and the totals) is
+        written to its changelog-backed table once per batch, not once per input: a record
+        holds up to capacity x kinds partners, and serialising it was the agent's main cost.
+        The work is done in slices of ASSOCIATION_SLICE inputs (and record writes) with the
+        event loop let go between them, so a large batch never holds up the profile agent,
+        which shares the loop, for more than a few milliseconds.
+        """
+        inputs = [
+            AssociationInput.from_dict(data)
+            for message in messages
+            # A list per profile batch; a single input from a version before batching.
+            for data in (message if isinstance(message, list) else [message])
+        ]
+        if not inputs:
+            return
+        state = self.association_totals.get(TOTALS_KEY) or {"totals": None, "clock": 0.0}
+        totals = state["totals"]
+        touched: dict[str, ItemRecord] = {}
+        table = self.associations
+
+        def lookup(item_id: str) -> ItemRecord | None:
+            record = touched.get(item_id)
+            return table.get(item_id) if record is None else record
+
+        for start in range(0, len(inputs), ASSOCIATION_SLICE):
+            if start:
+                await asyncio.sleep(0)
+            part, totals = apply_inputs(
+                inputs[start : start + ASSOCIATION_SLICE],
+                lookup=lookup,
+                totals=totals,
+                config=self.config,
+            )
+            touched.update(part)
+        for n, (item_id, record) in enumerate(touched.items(), start=1):
+            table[item_id] = record
+            if n % ASSOCIATION_SLICE == 0:
+                await asyncio.sleep(0)
+        self.dirty.update(touched)
+        clock = max(float(state["clock"]), *(inp.ts for inp in inputs))
+        self.association_totals[TOTALS_KEY] = {"totals": totals, "clock": clock}
+        self.metrics.association_updates.inc(len(inputs))
+
+    def association_clock(self) -> tuple[TotalsRecord | None, float]:
+        """The global totals and the event-time clock (latest event ts) of the statistics."""
+        state = self.association_totals.get(TOTALS_KEY)
+        if state is None:
+            return None, 0.0
+        return state["totals"], float(state["clock"])
+
+    def related_of(
+        self, item_id: str, *, kinds: Iterable[RelationKind] | None = None
+    ) -> RelatedItems | None:
+        """Current association neighbours of one item (None: no behaviour seen)."""
+        record: ItemRecord | None = self.associations.get(item_id)
+        if record is None:
+            return None
+        totals, clock = self.association_clock()
+        return related_items(
+            record,
+            lookup=self.associations.get,
+            totals=totals,
+            now=clock,
+            config=self.config,
+            kinds=kinds,
+        )
+
+    async def flush_related(self) -> int:
+        """Publish the related lists of touched items that changed materially.
+
+        Membership is checked on the scored top list; the evidence objects are built only for
+        the lists that are published.
+        """
+        if not self.dirty:
+            return 0
+        items, self.dirty = self.dirty, set()
+        totals, clock = self.association_clock()
+        lookup = self.associations.get
+        # The partners' counts at `clock`, looked up once per flush (lists share partners).
+        memo: CountMemo = {}
+        published = 0
+        for n, item_id in enumerate(sorted(items), start=1):
+            if n % RELATED_YIELD_EVERY == 0:
+                # Many dirty items take tens of milliseconds: let the profile agent run between.
+                await asyncio.sleep(0)
+            record: ItemRecord | None = lookup(item_id)
+            if record is None:
+                continue
+            top = top_partners(record, lookup=lookup, now=clock, config=self.config, memo=memo)
+            after = membership(top)
+            before = self.published.get(item_id)
+            if not membership_changed(before, after, self.config.republish_change):
+                continue
+            new = related_items(
+                record,
+                lookup=lookup,
+                totals=totals,
+                now=clock,
+                config=self.config,
+                top=top,
+            )
+            self.sender.produce(
+                self.related_items_topic,
+                key=item_id.encode("utf-8"),
+                value=new.model_dump_json().encode("utf-8"),
+            )
+            self.published[item_id] = after
+            published += 1
+        await self.sender.flush()
+        self.metrics.related_items_published.inc(published)
+        return published

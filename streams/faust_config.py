@@ -1,0 +1,79 @@
+"""Faust and aiokafka client configuration from the settings: brokers, credentials, TLS,
+timeouts."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import faust
+from faust.transport.drivers.aiokafka import credentials_to_aiokafka_auth
+
+from schemas.settings import KafkaSettings, StreamsSettings
+
+from .naming import client_id
+
+
+def _broker_urls(kafka: KafkaSettings) -> list[str]:
+    return [f"kafka://{hp.strip()}" for hp in kafka.bootstrap_servers.split(",") if hp.strip()]
+
+
+def _credentials(kafka: KafkaSettings) -> Any:
+    if kafka.security_protocol.startswith("SASL"):
+        assert kafka.sasl_password is not None  # KafkaSettings validates SASL completeness
+        return faust.SASLCredentials(
+            username=kafka.sasl_username,
+            password=kafka.sasl_password.get_secret_value(),
+            mechanism=kafka.sasl_mechanism,
+            ssl_context=_ssl_context(kafka),
+        )
+    if kafka.security_protocol == "SSL":
+        return faust.SSLCredentials(_ssl_context(kafka))
+    return None
+
+
+def _ssl_context(kafka: KafkaSettings) -> Any:
+    if kafka.security_protocol not in ("SSL", "SASL_SSL"):
+        return None
+    import ssl
+
+    return ssl.create_default_context(cafile=str(kafka.ssl_cafile) if kafka.ssl_cafile else None)
+
+
+def aiokafka_config(kafka: KafkaSettings, client_id: str) -> dict[str, Any]:
+    """aiokafka client config (bootstrap servers, security, client id) from KafkaSettings."""
+    config: dict[str, Any] = {"bootstrap_servers": kafka.bootstrap_servers, "client_id": client_id}
+    credentials = _credentials(kafka)
+    if credentials is not None:
+        config.update(credentials_to_aiokafka_auth(credentials, None))
+    return config
+
+
+def faust_settings(kafka: KafkaSettings, settings: StreamsSettings) -> dict[str, Any]:
+    """Faust configuration from the settings (timeouts per shared/NOTES.md)."""
+    session = settings.session_timeout_s
+    return {
+        "broker": _broker_urls(kafka),
+        "broker_client_id": client_id(settings),
+        "broker_credentials": _credentials(kafka),
+        "store": settings.store,
+        "datadir": str(settings.data_dir),
+        "autodiscover": False,
+        "topic_partitions": kafka.partitions,
+        "topic_replication_factor": kafka.replication_factor,
+        "table_standby_replicas": 1,
+        "broker_session_timeout": session,
+        "broker_heartbeat_interval": min(settings.heartbeat_interval_s, session / 3),
+        # A member that does not rejoin within this is dropped; Faust's default (60 s) makes
+        # a restart after a crash wait a minute.
+        "broker_rebalance_timeout": max(2.0, session),
+        "broker_request_timeout": max(90.0, session * 2),
+        "broker_commit_interval": settings.commit_interval_s,
+        "consumer_auto_offset_reset": "earliest",
+        "producer_linger": 0.0,
+        "web_enabled": settings.web_port != 0,
+        "web_host": settings.web_host,
+        "web_bind": settings.web_host,
+        "web_port": settings.web_port or 6066,
+        "worker_redirect_stdouts": False,
+        "logging_config": None,
+    }

@@ -1,0 +1,158 @@
+"""The profile agent's handler: behaviour events → validated → folded per user → profile
+updates, one association-input message per batch, and dead letters.
+
+Glue around the pure fold in `streams/profile.py`; its input (librdkafka batches) and its
+table are in `streams/event_consumer.py`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import orjson
+
+from kafkaio.dead_letters import DeadLetters
+from schemas.decoding import Rejection, decode
+from schemas.messages import BehaviorEvent, UserProfile
+
+from .association import AssociationInput
+from .catalog import CatalogView
+from .event_consumer import ProfileStore
+from .metrics import StreamsMetrics
+from .ports import Sender
+from .profile import FoldConfig, fold_user_events, profile_update
+from .records import Record, reject
+from .tables import stored_json
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class ProfileAgent:
+    """Folds batches of behaviour events into the `profiles` store (see `handle_events`)."""
+
+    profiles: ProfileStore
+    catalog: CatalogView
+    sender: Sender
+    dead_letters: DeadLetters
+    metrics: StreamsMetrics
+    fold_config: FoldConfig
+    profile_updates_topic: str
+    association_input_topic: str
+
+    async def handle_events(self, records: Sequence[Record]) -> None:
+        """Validate, fold and forward a batch of behaviour events; bad input goes to
+        dead-letter.
+
+        Each user's events fold in order; a user's profile is written, and one profile update
+        (naming every folded event) sent, once per batch: coalescing, so a burst of one
+        user's events (an invoice, a session) costs one table write and one recommendation.
+        The association inputs of the batch travel as one message, in input order. Returns
+        once every output is acknowledged (the caller then acknowledges the inputs).
+        """
+        started = time.perf_counter()
+        by_user: dict[str, list[tuple[int, BehaviorEvent, Record]]] = {}
+        for index, record in enumerate(records):
+            event = await self._validated(record)
+            if event is not None:
+                by_user.setdefault(event.user_id, []).append((index, event, record))
+        inputs: list[tuple[int, dict[str, Any]]] = []
+        for user_id, events in by_user.items():
+            self._fold_user(user_id, events, inputs)
+        if inputs:
+            inputs.sort(key=lambda pair: pair[0])
+            self.sender.produce(
+                self.association_input_topic,
+                key=None,
+                value=orjson.dumps([data for _, data in inputs]),
+            )
+        await self.sender.flush()
+        self.metrics.event_batch_size.observe(len(records))
+        self.metrics.event_processing_seconds.observe(time.perf_counter() - started)
+
+    async def _validated(self, record: Record) -> BehaviorEvent | None:
+        decoded = decode(record.value, BehaviorEvent)
+        if isinstance(decoded, Rejection):
+            reject(self.dead_letters, decoded, record)
+            return None
+        event = decoded
+        if record.key != event.user_id.encode("utf-8"):
+            reason = (
+                f"record key {record.key!r} is not the event's user_id {event.user_id!r}: "
+                "behavior-events must be keyed by user_id so a user's events share a partition"
+            )
+            reject(self.dead_letters, Rejection("invalid_fields", reason), record)
+            return None
+        if not self.catalog.ready.is_set():
+            await self.catalog.ready.wait()
+        if event.item_id not in self.catalog:
+            reason = f"item_id {event.item_id!r} is not an available item of the catalog"
+            reject(self.dead_letters, Rejection("unknown_item", reason), record)
+            return None
+        self.metrics.events_consumed.labels(event.event_type).inc()
+        return event
+
+    def _fold_user(
+        self,
+        user_id: str,
+        events: Sequence[tuple[int, BehaviorEvent, Record]],
+        inputs: list[tuple[int, dict[str, Any]]],
+    ) -> None:
+        """Fold one user's events of a batch (in order); write the profile and send one
+        update. An event that fails to fold is dead-lettered; the others still count."""
+        partition = events[0][2].partition  # keyed by user_id: a user is one partition
+        try:
+            stored = self.profiles.get(partition, user_id)
+            profile = (
+                None if stored is None else UserProfile.model_validate_json(stored_json(stored))
+            )
+        except Exception as exc:  # corrupt state: keep the stream flowing, keep the records
+            self._failed(exc, events)
+            return
+        fold = fold_user_events(profile, [event for _, event, _ in events], self.fold_config)
+        for at, error in fold.failed:  # dead-letter the event whose fold raised; the rest count
+            self._failed(error, [events[at]])
+        self.metrics.events_duplicate.inc(fold.duplicates)
+        folded: list[tuple[BehaviorEvent, Record]] = []
+        for at, result in fold.changed:
+            index, event, record = events[at]
+            folded.append((event, record))
+            assoc = AssociationInput.from_fold(result, event)
+            if assoc is not None:
+                inputs.append((index, assoc.to_dict()))
+        profile = fold.profile
+        if profile is None or not folded:
+            return
+        self.profiles.put(partition, user_id, profile.model_dump_json().encode("utf-8"))
+        update = profile_update(
+            profile,
+            trigger_event_ids=[event.event_id for event, _ in folded],
+            # The oldest folded event's produce time: latency counts from the first trigger.
+            source_ts_ms=max(0, int(min(record.timestamp_s for _, record in folded) * 1000)),
+            now=datetime.now(UTC),
+            event=folded[-1][0],
+        )
+        self.sender.produce(
+            self.profile_updates_topic,
+            key=user_id.encode("utf-8"),
+            value=update.model_dump_json().encode("utf-8"),
+        )
+        self.metrics.profile_updates.inc()
+
+    def _failed(self, exc: Exception, events: Sequence[tuple[int, BehaviorEvent, Record]]) -> None:
+        for _, event, record in events:
+            logger.error(
+                "processing failed %s[%d] offset=%d user_id=%s",
+                record.topic,
+                record.partition,
+                record.offset,
+                event.user_id,
+                exc_info=exc,
+            )
+            rejection = Rejection("processing_error", f"{type(exc).__name__}: {exc}")
+            reject(self.dead_letters, rejection, record)
