@@ -397,6 +397,31 @@ async def test_associations_publish_related_items_for_co_purchases(
 
 
 @run_async
+async def test_also_bought_is_served_alone_and_in_all(
+    streams: StreamsApp, sender: RecordingSender
+) -> None:
+    # Three customers buy i1, then i2 in a later basket: i2 is also bought with i1.
+    records = []
+    n = 0
+    for user in ("u1", "u2", "u3"):
+        for item, basket in (("i1", f"{user}-a"), ("i2", f"{user}-b")):
+            n += 1
+            records.append(
+                (user.encode(), encode(event(n, user=user, item=item, session_id=basket)))
+            )
+    await put_events(streams, records)
+    async with streams.process_associations.test_context() as agent:
+        for value in association_inputs(streams, sender):
+            await agent.put([value], partition=0)
+
+    only = await related_body(streams, item_id="i2", k=5, kind="also_bought", same_category=False)
+    assert [(r.item_id, r.kind) for r in only.related] == [("i1", "also_bought")]
+    everything = await related_body(streams, item_id="i2", k=5, kind="all", same_category=False)
+    assert ("i1", "also_bought") in {(r.item_id, r.kind) for r in everything.related}
+    assert parse_related_query({"kind": "also_bought"})[1] == "also_bought"
+
+
+@run_async
 async def test_recommendations_table_keeps_latest_and_rejects_invalid(
     streams: StreamsApp, sender: RecordingSender
 ) -> None:
