@@ -289,8 +289,8 @@ class ConfluentSender:
         refused."""
         self._hand_over()
         # Polled on the event loop: `poll(0)` serves the delivery reports. librdkafka's
-        # blocking `flush` in a thread measured 10-14 ms per batch against a ~5 ms broker round
-        # trip (it re-checks every 10 ms, and every hand-over between threads waits for the GIL).
+        # blocking `flush` in a thread costs about twice the broker round trip (it re-checks
+        # every 10 ms, and every hand-over between threads waits for the GIL).
         deadline = time.monotonic() + self._flush_timeout_s
         self._producer.poll(0)
         while (remaining := self._deliveries.outstanding) and time.monotonic() < deadline:

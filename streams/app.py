@@ -85,14 +85,14 @@ STAGE = "streams"
 # bounds what it adds to latency at light load. Faust's consumer asks for as much.
 FETCH_MIN_BYTES = 65_536
 # The Faust consumer's wait for 64 KiB (association inputs: batches are 1 s anyway; the
-# recommendations table behind GET /users/...: at most this much staler than the topic). At
-# 10 ms it fetched ~70 times a second at 500 events/s for the table alone.
+# recommendations table behind GET /users/...: at most this much staler than the topic). A
+# short wait would make the table alone fetch dozens of times a second under load.
 FAUST_FETCH_MAX_WAIT_MS = 500
 # The association agent folds up to this many association-input messages (each the inputs of
 # one profile batch) at once, waiting at most `StreamsSettings.assoc_batch_window_s` for them.
 # Each batch rewrites every record it touched (and its changelog record), so longer windows are
-# cheaper per input: at 500 events/s on online-retail, 1 s -> 5 s took the agent from ~42 to
-# ~29 % of a core, and the lists it republished from ~128 to ~93 a second.
+# cheaper per input (fewer rewrites, fewer republished lists) at the cost of related lists
+# lagging the stream by up to the window.
 ASSOCIATION_BATCH_MAX = 5000
 # Related lists are recomputed for items touched since the last flush, at most this often.
 RELATED_FLUSH_INTERVAL_S = 1.0

@@ -439,8 +439,8 @@ class Recommender:
             )
         )
         # A bounded share per poll: the association agent publishes the lists that changed each
-        # second in one burst (hundreds early in a stream, ~130 us each to decode), and draining
-        # a whole burst before answering held the updates up for 100+ ms.
+        # second in one burst (hundreds early in a stream), and draining a whole burst before
+        # answering would hold the updates up for a hundred milliseconds or more.
         self.drain_related()
         result = BatchResult(records=len(messages))
         if not messages:

@@ -174,7 +174,7 @@ class EdgeVectorStore:
         self._shard: Any = None
         self._dim: int | None = None
         # Point id (`edge_point_id`) -> item id of the points this process wrote or has seen:
-        # searches then ask for no payload (reading it was 60 % of a query at 3.7k items); an id
+        # searches then ask for no payload (reading it is most of a small query's cost); an id
         # not known yet (a store opened from disk) is looked up once, in one retrieve per search.
         self._item_ids: dict[int, str] = {}
         # Writers (indexer) and readers (recommender) may share one store in one process;
@@ -268,8 +268,8 @@ class EdgeVectorStore:
         category: str | None,
     ) -> Any:
         # Exclusions are dropped from k + |exclusions| hits afterwards, not by a must_not id
-        # filter: the engine checked that filter point by point (1.1 ms more a query at 3.7k
-        # items, measured), while the extra hits cost microseconds. Same result.
+        # filter: the engine checks that filter point by point (milliseconds a query), while
+        # the extra hits cost microseconds. Same result.
         q = self._q
         return q.QueryRequest(
             limit=k + len(exclude_ids),

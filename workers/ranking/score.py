@@ -261,8 +261,8 @@ def score(
     if popularity:
         prior = popularity_prior(popularity, w) if prior_of is None else prior_of
         # The candidates it covers get the prior; then the first k unseen items fill.
-        # One lookup per candidate, added in place (the intersection of both key views and a
-        # merged dict took 1.3-1.8 times as long at ~370 candidates and a 1,000-item prior).
+        # One lookup per candidate, added in place: cheaper than intersecting both key views
+        # and merging dicts, with hundreds of candidates and a prior of a thousand items.
         pop_score = {i: p for i in scores if (p := prior.get(i)) is not None}
         for item_id, p in pop_score.items():
             scores[item_id] += p
