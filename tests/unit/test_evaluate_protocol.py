@@ -1,4 +1,4 @@
-"""relata.evaluate protocol: targets, histories, and no leakage of targets into fitted state."""
+"""relata.lab.evaluate protocol: targets, histories, and no leakage of targets into fitted state."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import json
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from relata.evaluate import positive_type, prepare, rank_users, split_users
+from relata.lab.evaluate import positive_type, prepare, rank_users, split_users
 from schemas.messages import BehaviorEvent
 from workers.ranking import BlendWeights
 

@@ -14,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import streams.profile as profile_module
-from relata.replay import iter_jsonl
+from relata.runtime.replay import iter_jsonl
 from schemas.messages import EVENT_TYPES, BehaviorEvent, EventType, UserProfile
 from schemas.settings import StreamsSettings
 from streams.profile import FoldConfig, fold_event, fold_user_events, profile_update

@@ -19,8 +19,15 @@ from typing import Any
 import click
 import numpy as np
 
-from relata.eval_metrics import summarize
-from relata.evaluate import Prepared, VectorInputs, item_vectors, pooled_inputs, prepare, rank_users
+from relata.lab.eval_metrics import summarize
+from relata.lab.evaluate import (
+    Prepared,
+    VectorInputs,
+    item_vectors,
+    pooled_inputs,
+    prepare,
+    rank_users,
+)
 from schemas.settings import EncoderSettings
 from workers.ranking import BEHAVIOUR_KINDS, BlendWeights
 

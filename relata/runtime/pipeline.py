@@ -37,8 +37,8 @@ from typing import IO, Any
 import orjson
 from confluent_kafka import KafkaException
 
-from relata.latency import LatencySeries
-from relata.replay import (
+from relata.runtime.latency import LatencySeries
+from relata.runtime.replay import (
     CatalogReport,
     ReplayProgress,
     iter_jsonl,
@@ -60,7 +60,7 @@ from streams.app import association_input_topic, events_group, faust_app_id
 
 logger = logging.getLogger(__name__)
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_DATA = REPO_ROOT / "data" / "online-retail"
 _PR_SET_PDEATHSIG = 1
 _STOP_TIMEOUT_S = 20.0
@@ -122,7 +122,7 @@ _CHILD_BOOT = (
     "ctypes.CDLL(None, use_errno=True).prctl({pdeathsig}, signal.SIGKILL, 0, 0, 0)\n"
     "if os.getppid() != {parent}: sys.exit(1)\n"
     "os.nice({nice})\n"
-    "from relata.cli import main\n"
+    "from relata.cli.main import main\n"
     "main(prog_name='relata')\n"
 )
 
@@ -487,7 +487,7 @@ class Pipeline:
             bootstrap = given.bootstrap_servers
             say(f"using Kafka at {bootstrap}")
         else:
-            from relata.kafka_broker import EmbeddedKafka
+            from relata.runtime.kafka_broker import EmbeddedKafka
 
             say("starting embedded Kafka")
             self._embedded = EmbeddedKafka()
@@ -508,7 +508,7 @@ class Pipeline:
         self._streams_group = events_group(self.kafka, profiles)
         self._associations_group = faust_app_id(self.kafka, associations)
         self._association_input = association_input_topic(self.kafka, associations)
-        from relata.topics import ensure_topics
+        from relata.runtime.topics import ensure_topics
 
         ensure_topics(self.kafka, ALL_TOPICS)
         say("publishing the catalog")

@@ -20,7 +20,7 @@ from datetime import datetime
 import numpy as np
 from numpy.typing import NDArray
 
-from relata.latency import LatencySeries
+from relata.runtime.latency import LatencySeries
 from schemas.messages import HistoryEntry
 from workers.ranking import profile_text
 

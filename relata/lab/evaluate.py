@@ -26,7 +26,7 @@ from typing import Any
 import click
 import numpy as np
 
-from relata.eval_metrics import (
+from relata.lab.eval_metrics import (
     breakdown,
     bucket_by_edges,
     popularity_terciles,
@@ -857,7 +857,7 @@ def command(
 ) -> None:
     """Offline next-item evaluation (leave-one-out, full ranking) with the live ranking code."""
     if task == "basket":
-        from relata.evaluate_basket import run_basket
+        from relata.lab.evaluate_basket import run_basket
 
         run_basket(data_dir=data_dir, k=k, json_out=json_out)
         return

@@ -21,7 +21,7 @@ from typing import IO, Any
 import click
 import orjson
 
-from relata.settings_cli import build_settings, settings_options
+from relata.cli.settings_cli import build_settings, settings_options
 from schemas.decoding import Rejection, decode, key_text
 from schemas.messages import CatalogItem
 from schemas.settings import KafkaSettings

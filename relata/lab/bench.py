@@ -30,10 +30,10 @@ from typing import Any
 
 import click
 
-from relata.latency import LatencySeries, summarize
-from relata.pipeline import DEFAULT_DATA, Pipeline, PipelineOptions, pipeline_partitions
-from relata.replay import ReplayProgress, iter_jsonl
-from relata.settings_cli import build_settings, settings_options
+from relata.cli.settings_cli import build_settings, settings_options
+from relata.runtime.latency import LatencySeries, summarize
+from relata.runtime.pipeline import DEFAULT_DATA, Pipeline, PipelineOptions, pipeline_partitions
+from relata.runtime.replay import ReplayProgress, iter_jsonl
 from schemas.settings import EncoderSettings, KafkaSettings
 
 logger = logging.getLogger(__name__)
@@ -361,7 +361,7 @@ def measure_encoder(
     """The encoder ceiling (texts/s) and, when asked, the seed baseline's rate and latency."""
     import numpy as np
 
-    from relata.seed_baseline import SeedRecommender, run_baseline
+    from relata.lab.seed_baseline import SeedRecommender, run_baseline
     from workers.encoder import TransformerEncoder, throughput_ceiling
 
     ids, texts, titles = catalog_texts(data_dir)
