@@ -41,7 +41,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "kafka": ("relata.runtime.kafka_broker", "Run the embedded single-node Apache Kafka (KRaft)."),
     "bench": ("relata.lab.bench", "Measure event-to-recommendation latency and throughput."),
     "evaluate": (
-        "relata.lab.evaluate",
+        "relata.lab.evaluate_command",
         "Offline evaluation of recommendation quality on a data set.",
     ),
     "train": ("relata.lab.train", "Fit the adaptive parts (adapter, blend weights) on histories."),

@@ -20,14 +20,9 @@ import click
 import numpy as np
 
 from relata.lab.eval_metrics import summarize
-from relata.lab.evaluate import (
-    Prepared,
-    VectorInputs,
-    item_vectors,
-    pooled_inputs,
-    prepare,
-    rank_users,
-)
+from relata.lab.evaluate import rank_users
+from relata.lab.protocol import Prepared, prepare
+from relata.lab.vectors import VectorInputs, item_vectors, pooled_inputs
 from schemas.settings import EncoderSettings
 from workers.ranking import BEHAVIOUR_KINDS, BlendWeights
 

@@ -14,7 +14,8 @@ import pytest
 from click.testing import CliRunner
 
 from relata.cli.main import main
-from relata.lab.evaluate import evaluate, prepare
+from relata.lab.evaluate import evaluate
+from relata.lab.protocol import prepare
 from relata.lab.train import fit_adapter, fit_blend, training_pairs
 from workers.adapter import load_adapter, save_adapter
 from workers.ranking import BlendWeights
