@@ -30,7 +30,7 @@ for BATCH in $BATCH_SIZES; do
 import json, sys
 from pathlib import Path
 
-from relata.lab.bench import catalog_texts
+from relata.lab.bench_encoder import catalog_texts
 from schemas.settings import EncoderSettings
 from workers.encoder import TransformerEncoder, throughput_ceiling
 
