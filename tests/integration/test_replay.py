@@ -161,7 +161,7 @@ def test_lag_monitor_reads_end_and_committed_offsets_of_every_partition(
     """The bench's lag: end offsets of all partitions in one request, minus a group's commits."""
     from confluent_kafka import Producer, TopicPartition
 
-    from relata.runtime.pipeline import LagMonitor
+    from relata.runtime.probes import LagMonitor
     from relata.runtime.replay import make_consumer
 
     ensure_topics(kafka_settings, [BEHAVIOR_EVENTS], partitions=3)

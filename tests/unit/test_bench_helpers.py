@@ -22,7 +22,8 @@ from relata.lab.bench_phases import PhaseResult, endless_events
 from relata.lab.bench_report import histogram, metric_sum
 from relata.lab.bench_sampler import Sampler
 from relata.runtime.demo import invalid_events, mixed_lines
-from relata.runtime.pipeline import PipelineOptions, canary_ts, pipeline_partitions, scrape_metrics
+from relata.runtime.pipeline import PipelineOptions, canary_ts, pipeline_partitions
+from relata.runtime.probes import scrape_metrics
 from schemas.decoding import Rejection, decode
 from schemas.messages import BehaviorEvent
 from schemas.settings import KafkaSettings
