@@ -318,7 +318,7 @@ def _method_inputs(
         return defaults.model_copy(update={"vector": 0.0}), None, None
     base = name.split("+")[0]
     if base in BASELINES:
-        weights = BlendWeights(**BASELINES[base])  # type: ignore[arg-type]
+        weights = BlendWeights(**BASELINES[base])
     elif name == DEFAULT_METHOD:
         weights = defaults
     else:  # hybrid+blend, hybrid+adapter: the fitted weights (the built-in ones without --blend)

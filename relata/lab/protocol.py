@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from relata.lab.datasets import EvaluationError, load_events, load_items, positive_type
-from schemas.messages import BehaviorEvent, EventType, HistoryEntry, RelatedItems
+from schemas.messages import BehaviorEvent, CatalogItem, EventType, HistoryEntry, RelatedItems
 from schemas.settings import StreamsSettings
 from streams.association import AssociationConfig, AssociationIndex
 from streams.profile import FoldConfig, fold_event
@@ -159,6 +159,8 @@ class Prepared:
     titles: dict[str, str]
     item_matrix: np.ndarray | None = None
     history_idx: list[list[int]] = field(default_factory=list)
+    # The catalog in item_ids order: item_vectors encodes its texts.
+    items: list[CatalogItem] = field(default_factory=list)
 
 
 def prepare(
@@ -193,8 +195,11 @@ def prepare(
     pos = {i: n for n, i in enumerate(item_ids)}
     history_idx = [[pos[e.item_id] for e in state.profiles[c.user_id]] for c in split.cases]
     titles = {it.item_id: it.title for it in items if it.title}
-    prepared = Prepared(
-        split=split, state=state, item_ids=item_ids, titles=titles, history_idx=history_idx
+    return Prepared(
+        split=split,
+        state=state,
+        item_ids=item_ids,
+        titles=titles,
+        history_idx=history_idx,
+        items=items,
     )
-    prepared._items = items  # type: ignore[attr-defined]
-    return prepared

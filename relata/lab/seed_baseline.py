@@ -77,7 +77,7 @@ class SeedRecommender:
         history[item] = HistoryEntry(
             item_id=item,
             weight=weight,
-            last_event_type=event_type,  # type: ignore[arg-type]
+            last_event_type=event_type,
             last_ts=ts,
             count=count,
         )

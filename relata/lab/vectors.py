@@ -37,7 +37,7 @@ def cached_encode(
         / f"{label}-{encoder.name.replace('/', '_')}-{_texts_key(encoder.version, texts)}.npy"
     )
     if path.is_file():
-        arr = np.load(path)
+        arr: np.ndarray = np.load(path)
         if arr.shape == (len(texts), encoder.dim):
             logger.info("embeddings from cache path=%s rows=%d", path, len(texts))
             return arr
@@ -97,7 +97,7 @@ def item_vectors(
 ) -> np.ndarray:
     from workers.item_text import item_text
 
-    texts = [item_text(it) for it in prepared._items]  # type: ignore[attr-defined]
+    texts = [item_text(it) for it in prepared.items]
     return cached_encode(
         texts, encoder=encoder, cache_dir=cache_dir, label="items", progress=progress
     )
