@@ -40,7 +40,7 @@ demo: setup
 lint: setup
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/mypy schemas streams workers kafkaio
+	$(BIN)/mypy
 
 format: setup
 	$(BIN)/ruff format .
@@ -54,5 +54,5 @@ pytest: setup
 
 test: setup
 	$(BIN)/ruff check .
-	$(BIN)/mypy schemas streams workers kafkaio
+	$(BIN)/mypy
 	@$(MAKE) --no-print-directory pytest

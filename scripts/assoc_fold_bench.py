@@ -17,7 +17,7 @@ from pathlib import Path
 from bench_util import data_and_counts, timed
 
 import streams.association as association
-from relata.replay import iter_jsonl
+from relata.runtime.replay import iter_jsonl
 from schemas.messages import BehaviorEvent, UserProfile
 from schemas.settings import StreamsSettings
 from streams.profile import FoldConfig, fold_event

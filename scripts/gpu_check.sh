@@ -30,7 +30,7 @@ for BATCH in $BATCH_SIZES; do
 import json, sys
 from pathlib import Path
 
-from relata.bench import catalog_texts
+from relata.lab.bench_encoder import catalog_texts
 from schemas.settings import EncoderSettings
 from workers.encoder import TransformerEncoder, throughput_ceiling
 
@@ -53,7 +53,7 @@ if [[ "${SKIP_BENCH:-0}" == "1" ]]; then
 fi
 
 echo "== relata bench: full pipeline, rate $RATE/s for $DURATION s, encoder on CUDA =="
-RELATA_ENCODER_BATCH_SIZE=${BENCH_BATCH:-512} "$PY" -c "from relata.cli import main; main(prog_name='relata')" bench \
+RELATA_ENCODER_BATCH_SIZE=${BENCH_BATCH:-512} "$PY" -c "from relata.cli.main import main; main(prog_name='relata')" bench \
   --data data/online-retail --rate "$RATE" --duration "$DURATION" --warmup 3 \
   --json "$OUT/bench.json"
 "$PY" - "$OUT/bench.json" <<'PYEOF'

@@ -21,7 +21,7 @@ from typing import Any
 import orjson
 from bench_util import data_and_counts, timed
 
-from relata.replay import iter_jsonl
+from relata.runtime.replay import iter_jsonl
 from schemas.decoding import decode
 from schemas.messages import BehaviorEvent, UserProfile
 from schemas.settings import StreamsSettings

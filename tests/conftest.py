@@ -14,7 +14,7 @@ from schemas.settings import KafkaSettings
 @pytest.fixture(scope="session")
 def kafka_bootstrap() -> Iterator[str]:
     """Start one embedded single-node Kafka for the whole session; yield "127.0.0.1:PORT"."""
-    from relata.kafka_broker import EmbeddedKafka
+    from relata.runtime.kafka_broker import EmbeddedKafka
 
     with EmbeddedKafka() as kafka:
         yield kafka.bootstrap_servers

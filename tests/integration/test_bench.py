@@ -20,7 +20,7 @@ def test_bench_writes_json_with_all_keys_and_a_png(kafka_bootstrap: str, tmp_pat
         [
             sys.executable,
             "-c",
-            "from relata.cli import main; main(prog_name='relata')",
+            "from relata.cli.main import main; main(prog_name='relata')",
             "bench",
             "--rate",
             "50",

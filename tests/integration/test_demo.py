@@ -22,7 +22,7 @@ def test_demo_json_reports_recommendations_and_exactly_the_injected_dead_letters
         [
             sys.executable,
             "-c",
-            "from relata.cli import main; main(prog_name='relata')",
+            "from relata.cli.main import main; main(prog_name='relata')",
             "demo",
             "--events",
             "300",

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from relata.evaluate_basket import METHODS, run_basket
+from relata.lab.evaluate_basket import METHODS, run_basket
 from schemas.settings import EncoderSettings
 
 REPO = Path(__file__).resolve().parents[2]

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from relata.cli import main
+from relata.cli.main import main
 
 DATA = Path(__file__).resolve().parents[2] / "data" / "amazon-beauty"
 

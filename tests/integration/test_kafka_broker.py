@@ -13,8 +13,8 @@ import pytest
 from confluent_kafka import Consumer, Producer
 from confluent_kafka.admin import AdminClient, ConfigResource, ResourceType
 
-from relata.kafka_broker import pid_alive, remove_stale_workdirs
-from relata.topics import ensure_topics, topic_name
+from relata.runtime.kafka_broker import pid_alive, remove_stale_workdirs
+from relata.runtime.topics import ensure_topics, topic_name
 from schemas.settings import KafkaSettings
 from schemas.topics import ALL_TOPICS, BEHAVIOR_EVENTS, ITEM_CATALOG, RECOMMENDATIONS
 
@@ -76,7 +76,7 @@ def test_ensure_topics_sets_cleanup_policy_and_is_idempotent(kafka_settings: Kaf
 
 _PARENT = """
 import sys, time
-from relata.kafka_broker import EmbeddedKafka
+from relata.runtime.kafka_broker import EmbeddedKafka
 kafka = EmbeddedKafka()
 kafka.start()
 print(kafka.pid, kafka.workdir, flush=True)
@@ -118,7 +118,7 @@ def test_broker_dies_with_its_parent(signum: signal.Signals) -> None:
 def test_start_retries_when_its_port_was_taken(monkeypatch: pytest.MonkeyPatch) -> None:
     import socket
 
-    import relata.kafka_broker as kb
+    import relata.runtime.kafka_broker as kb
 
     with socket.socket() as squatter:
         squatter.bind(("127.0.0.1", 0))

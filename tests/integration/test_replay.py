@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from relata.cli import main
-from relata.replay import (
+from relata.cli.main import main
+from relata.runtime.replay import (
     assign_all,
     iter_jsonl,
     make_consumer,
@@ -19,7 +19,7 @@ from relata.replay import (
     replay_events,
     tail_records,
 )
-from relata.topics import ensure_topics
+from relata.runtime.topics import ensure_topics
 from schemas.settings import KafkaSettings
 from schemas.topics import BEHAVIOR_EVENTS, ITEM_CATALOG
 
@@ -161,8 +161,8 @@ def test_lag_monitor_reads_end_and_committed_offsets_of_every_partition(
     """The bench's lag: end offsets of all partitions in one request, minus a group's commits."""
     from confluent_kafka import Producer, TopicPartition
 
-    from relata.pipeline import LagMonitor
-    from relata.replay import make_consumer
+    from relata.runtime.probes import LagMonitor
+    from relata.runtime.replay import make_consumer
 
     ensure_topics(kafka_settings, [BEHAVIOR_EVENTS], partitions=3)
     topic = kafka_settings.topic(BEHAVIOR_EVENTS.name)

@@ -16,8 +16,8 @@ import pytest
 from confluent_kafka import Consumer, Producer
 from openapi_spec_validator import validate
 
-from relata.kafka_broker import free_port
-from relata.run_streams import RunningStreams, VectorStoreSimilar, start_streams_in_thread
+from relata.cli.run_streams import RunningStreams, VectorStoreSimilar, start_streams_in_thread
+from relata.runtime.kafka_broker import free_port
 from schemas.messages import DeadLetter, ProfileUpdate, RelatedItems
 from schemas.settings import KafkaSettings, StreamsSettings
 
@@ -193,7 +193,7 @@ def test_events_flow_to_profile_updates_dead_letters_related_items_and_http(
 ) -> None:
     kafka = kafka_settings
     settings = streams_settings(tmp_path, unique_id)
-    from relata.topics import ensure_topics
+    from relata.runtime.topics import ensure_topics
     from schemas.topics import ALL_TOPICS
 
     ensure_topics(kafka, ALL_TOPICS)
@@ -322,7 +322,7 @@ def test_restart_recovers_association_statistics_from_changelog(
 ) -> None:
     kafka = kafka_settings
     settings = streams_settings(tmp_path, unique_id)
-    from relata.topics import ensure_topics
+    from relata.runtime.topics import ensure_topics
     from schemas.topics import ALL_TOPICS
 
     ensure_topics(kafka, ALL_TOPICS)

@@ -17,8 +17,8 @@ import pytest
 from confluent_kafka import Consumer, Producer
 from prometheus_client import CollectorRegistry
 
-from relata.run_workers import Workers, build_workers
-from relata.topics import ensure_topics, topic_name
+from relata.cli.run_workers import Workers, build_workers
+from relata.runtime.topics import ensure_topics, topic_name
 from schemas.messages import HistoryEntry, ProfileUpdate, Recommendation, RelatedItems
 from schemas.settings import (
     EncoderSettings,

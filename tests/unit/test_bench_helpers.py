@@ -18,9 +18,12 @@ from pathlib import Path
 import psutil
 import pytest
 
-from relata.bench import PhaseResult, Sampler, endless_events, histogram, metric_sum
-from relata.demo import invalid_events, mixed_lines
-from relata.pipeline import PipelineOptions, canary_ts, pipeline_partitions, scrape_metrics
+from relata.lab.bench_phases import PhaseResult, endless_events
+from relata.lab.bench_report import histogram, metric_sum
+from relata.lab.bench_sampler import Sampler
+from relata.runtime.demo import invalid_events, mixed_lines
+from relata.runtime.pipeline import PipelineOptions, canary_ts, pipeline_partitions
+from relata.runtime.probes import scrape_metrics
 from schemas.decoding import Rejection, decode
 from schemas.messages import BehaviorEvent
 from schemas.settings import KafkaSettings
@@ -101,7 +104,8 @@ def test_mixed_lines_spreads_invalid_lines_among_real_ones(tmp_path: Path) -> No
 
 
 def test_rss_report_and_series_show_start_mid_end() -> None:
-    from relata.bench import Sample, rss_over_time, rss_report
+    from relata.lab.bench_report import rss_over_time, rss_report
+    from relata.lab.bench_sampler import Sample
 
     samples = [
         Sample(t=100.0 + i, lag={}, cpu_percent={}, rss_mb={"streams": 50.0 + i}) for i in range(25)

@@ -1,4 +1,4 @@
-"""relata.eval_metrics against hand-computed cases."""
+"""relata.lab.eval_metrics against hand-computed cases."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from relata.eval_metrics import (
+from relata.lab.eval_metrics import (
     breakdown,
     bucket_by_edges,
     coverage,

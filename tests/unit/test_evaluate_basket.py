@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from relata.evaluate_basket import (
+from relata.lab.evaluate_basket import (
     BasketEvaluationError,
     assign_baskets,
     run_basket,

@@ -1,4 +1,4 @@
-"""relata.evaluate protocol: targets, histories, and no leakage of targets into fitted state."""
+"""relata.lab.protocol: targets, histories, and no leakage of targets into fitted state."""
 
 from __future__ import annotations
 
@@ -7,7 +7,9 @@ import json
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from relata.evaluate import positive_type, prepare, rank_users, split_users
+from relata.lab.datasets import positive_type
+from relata.lab.evaluate import rank_users
+from relata.lab.protocol import prepare, split_users
 from schemas.messages import BehaviorEvent
 from workers.ranking import BlendWeights
 

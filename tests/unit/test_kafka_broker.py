@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from relata.kafka_broker import EmbeddedKafkaError, _server_properties, resolve_jars
+from relata.runtime.kafka_broker import EmbeddedKafkaError, _server_properties, resolve_jars
 from schemas.settings import EmbeddedKafkaSettings
 
 FAKE_MVN = """#!/bin/sh
@@ -90,7 +90,7 @@ def test_interrupted_resolution_leaves_no_cache_and_next_run_completes(tmp_path:
     hang, calls = _fake_mvn(tmp_path, "hang")
     settings = _settings(tmp_path)
     code = (
-        "import sys; from pathlib import Path; from relata.kafka_broker import resolve_jars;"
+        "import sys; from pathlib import Path; from relata.runtime.kafka_broker import resolve_jars;"
         "from schemas.settings import EmbeddedKafkaSettings;"
         f"resolve_jars(EmbeddedKafkaSettings(cache_dir=Path({str(settings.jars_dir())!r}),"
         f" version='9.9.9'), mvn={hang!r})"
@@ -135,7 +135,7 @@ def test_default_cache_dir_is_outside_the_repo() -> None:
 
 
 def test_cluster_ids_never_read_as_options() -> None:
-    from relata.kafka_broker import _cluster_id
+    from relata.runtime.kafka_broker import _cluster_id
 
     ids = {_cluster_id() for _ in range(2000)}
     assert len(ids) == 2000

@@ -8,7 +8,7 @@ import random
 import numpy as np
 import pytest
 
-from relata.latency import LatencySeries, percentile, summarize
+from relata.runtime.latency import LatencySeries, percentile, summarize
 
 
 def test_percentile_interpolates_like_numpy() -> None:

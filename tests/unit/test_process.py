@@ -6,7 +6,7 @@ import threading
 
 import pytest
 
-from relata.process import freeze_startup_heap, stop_on_signals
+from relata.runtime.process import freeze_startup_heap, stop_on_signals
 
 
 @pytest.fixture

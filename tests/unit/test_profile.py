@@ -14,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import streams.profile as profile_module
-from relata.replay import iter_jsonl
+from relata.runtime.replay import iter_jsonl
 from schemas import vocabulary
 from schemas.messages import BehaviorEvent, EventType, UserProfile
 from schemas.settings import StreamsSettings

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from relata.settings_doc import markdown_table
+from relata.cli.settings_doc import markdown_table
 
 README = Path(__file__).resolve().parents[2] / "README.md"
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from relata.replay import TokenBucket, event_key, iter_jsonl
+from relata.runtime.replay import TokenBucket, event_key, iter_jsonl
 
 
 class FakeClock:

@@ -6,7 +6,7 @@ import threading
 
 import pytest
 
-from relata.run_workers import Workers
+from relata.cli.run_workers import Workers
 
 
 class _Closable:

@@ -11,7 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pydantic import BaseModel, ValidationError
 
-from relata.schema_export import DEFAULT_DIR, render_all
+from relata.cli.schema_export import DEFAULT_DIR, render_all
 from schemas import vocabulary
 from schemas.decoding import Rejection, dead_letter, decode
 from schemas.messages import (

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from pydantic import SecretStr, ValidationError
 
-from relata.topics import topic_name
+from relata.runtime.topics import topic_name
 from schemas.settings import KafkaSettings
 from schemas.topics import ITEM_CATALOG
 

@@ -13,9 +13,10 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from relata.cli import main
-from relata.evaluate import evaluate, prepare
-from relata.train import fit_adapter, fit_blend, training_pairs
+from relata.cli.main import main
+from relata.lab.evaluate import evaluate
+from relata.lab.protocol import prepare
+from relata.lab.train import fit_adapter, fit_blend, training_pairs
 from workers.adapter import load_adapter, save_adapter
 from workers.ranking import BlendWeights
 
@@ -187,7 +188,7 @@ def test_train_writes_artifacts_that_evaluate_reports_with_and_without(
 def test_profile_text_baseline_is_cached_under_its_token_limit(
     tmp_path: Path, fake_encoder: HashEncoder
 ) -> None:
-    from relata.evaluate import PROFILE_MAX_TOKENS
+    from relata.lab.evaluate import PROFILE_MAX_TOKENS
 
     data = _data(tmp_path / "ring")
     evaluate(data, k=5, methods=["profile-text"], progress=False, echo=lambda _: None)

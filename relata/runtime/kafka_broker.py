@@ -1,6 +1,6 @@
 """Embedded single-node Apache Kafka (KRaft broker+controller) for the demo, tests and local runs.
 
-The broker's jars are resolved once by Maven (`relata/kafka/pom.xml`) into a cache directory
+The broker's jars are resolved once by Maven (`relata/runtime/kafka/pom.xml`) into a cache directory
 outside git, atomically, so that concurrent or interrupted runs never leave a half cache.
 Each `EmbeddedKafka` formats a fresh log directory in a temp dir, runs `kafka.Kafka` on a free
 loopback port and removes everything on stop; the java process never outlives its parent.
@@ -32,8 +32,8 @@ from typing import IO
 
 import click
 
-from relata.process import stop_on_signals
-from relata.settings_cli import build_settings, settings_options
+from relata.cli.settings_cli import build_settings, settings_options
+from relata.runtime.process import stop_on_signals
 from schemas.settings import EmbeddedKafkaSettings
 
 logger = logging.getLogger(__name__)
@@ -52,7 +52,7 @@ class _PortTaken(EmbeddedKafkaError):
 
 
 def _resource_text(name: str) -> str:
-    return resources.files("relata").joinpath("kafka", name).read_text(encoding="utf-8")
+    return resources.files("relata.runtime").joinpath("kafka", name).read_text(encoding="utf-8")
 
 
 @contextlib.contextmanager

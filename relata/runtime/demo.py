@@ -21,9 +21,9 @@ from typing import Any
 
 import click
 
-from relata.pipeline import DEFAULT_DATA, Pipeline, PipelineOptions, pipeline_partitions
-from relata.replay import ReplayProgress, iter_jsonl
-from relata.settings_cli import build_settings, settings_options
+from relata.cli.settings_cli import build_settings, settings_options
+from relata.runtime.pipeline import DEFAULT_DATA, Pipeline, PipelineOptions, pipeline_partitions
+from relata.runtime.replay import ReplayProgress, iter_jsonl
 from schemas.settings import KafkaSettings
 
 DISPLAY_EVERY_S = 1.0

@@ -12,24 +12,39 @@ import click
 
 # name -> (module, one-line help). Modules export `command: click.Command`.
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
-    "demo": ("relata.demo", "Run the whole pipeline on embedded Kafka and Qdrant, on real data."),
+    "demo": (
+        "relata.runtime.demo",
+        "Run the whole pipeline on embedded Kafka and Qdrant, on real data.",
+    ),
     "streams": (
-        "relata.run_streams",
+        "relata.cli.run_streams",
         "Run the Faust stream processor (profiles, associations, HTTP).",
     ),
-    "workers": ("relata.run_workers", "Run the encoder workers (item indexer and recommender)."),
-    "load-catalog": ("relata.replay", "Publish a catalog file (items.jsonl[.gz]) to item-catalog."),
-    "replay": ("relata.replay", "Replay an events file (events.jsonl[.gz]) into behavior-events."),
-    "tail": ("relata.replay", "Print the records of a topic as they arrive."),
+    "workers": (
+        "relata.cli.run_workers",
+        "Run the encoder workers (item indexer and recommender).",
+    ),
+    "load-catalog": (
+        "relata.runtime.replay",
+        "Publish a catalog file (items.jsonl[.gz]) to item-catalog.",
+    ),
+    "replay": (
+        "relata.runtime.replay",
+        "Replay an events file (events.jsonl[.gz]) into behavior-events.",
+    ),
+    "tail": ("relata.runtime.replay", "Print the records of a topic as they arrive."),
     "settings": (
-        "relata.settings_doc",
+        "relata.cli.settings_doc",
         "List every RELATA_* setting with its default and meaning.",
     ),
-    "schemas": ("relata.schema_export", "Write one JSON Schema per topic into schemas/json/."),
-    "kafka": ("relata.kafka_broker", "Run the embedded single-node Apache Kafka (KRaft)."),
-    "bench": ("relata.bench", "Measure event-to-recommendation latency and throughput."),
-    "evaluate": ("relata.evaluate", "Offline evaluation of recommendation quality on a data set."),
-    "train": ("relata.train", "Fit the adaptive parts (adapter, blend weights) on histories."),
+    "schemas": ("relata.cli.schema_export", "Write one JSON Schema per topic into schemas/json/."),
+    "kafka": ("relata.runtime.kafka_broker", "Run the embedded single-node Apache Kafka (KRaft)."),
+    "bench": ("relata.lab.bench", "Measure event-to-recommendation latency and throughput."),
+    "evaluate": (
+        "relata.lab.evaluate_command",
+        "Offline evaluation of recommendation quality on a data set.",
+    ),
+    "train": ("relata.lab.train", "Fit the adaptive parts (adapter, blend weights) on histories."),
 }
 
 _ATTRS = {

@@ -19,8 +19,10 @@ from typing import Any
 import click
 import numpy as np
 
-from relata.eval_metrics import summarize
-from relata.evaluate import Prepared, VectorInputs, item_vectors, pooled_inputs, prepare, rank_users
+from relata.lab.eval_metrics import summarize
+from relata.lab.evaluate import rank_users
+from relata.lab.protocol import Prepared, prepare
+from relata.lab.vectors import VectorInputs, item_vectors, pooled_inputs
 from schemas import vocabulary
 from schemas.settings import EncoderSettings
 from workers.ranking import BlendWeights
@@ -103,7 +105,7 @@ def fit_adapter(
             loss = torch.nn.functional.cross_entropy(logits, torch.arange(len(n)))
             loss = loss + decay * (delta.pow(2).sum() + bias.pow(2).sum())
             opt.zero_grad()
-            loss.backward()
+            loss.backward()  # type: ignore[no-untyped-call]  # torch's Tensor.backward is unannotated
             opt.step()
             total += float(loss.detach()) * len(n)
             count += len(n)
@@ -304,7 +306,8 @@ def command(
     base_w, base_score, _ = fit_blend(
         prepared, base, k=k, start=start, rounds=1, desc="blend (frozen)", progress=progress
     )
-    best, best_score, trace = base_w, base_score, []
+    trace: list[dict[str, Any]] = []
+    best, best_score = base_w, base_score
     if adapter_meta is not None:
         best, best_score, trace = fit_blend(
             prepared, matrix, k=k, start=base_w, desc="blend (adapter)", progress=progress

@@ -34,8 +34,9 @@ from typing import Any
 import numpy as np
 from scipy import sparse
 
-from relata.eval_metrics import hit_at, ndcg_at
-from relata.evaluate import cached_encode, load_events, load_items
+from relata.lab.datasets import load_events, load_items
+from relata.lab.eval_metrics import hit_at, ndcg_at
+from relata.lab.vectors import cached_encode
 from schemas.messages import BehaviorEvent
 from schemas.settings import EncoderSettings, StreamsSettings
 from streams.association import (

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from schemas.settings import KafkaSettings
@@ -40,7 +40,7 @@ def ensure_topics(
 
 
 def create_missing_topics(
-    settings: KafkaSettings, wanted: dict[str, tuple[int, str]], *, timeout_s: float = 30.0
+    settings: KafkaSettings, wanted: Mapping[str, tuple[int, str]], *, timeout_s: float = 30.0
 ) -> list[str]:
     """Create the topics of `wanted` (full name -> partitions, cleanup policy) that are
     missing, as `ensure_topics` does; also for internal topics that have no spec."""
@@ -49,7 +49,8 @@ def create_missing_topics(
 
     if not wanted:
         return []
-    admin = AdminClient(settings.librdkafka_config("relata-admin"))
+    config: dict[str, str | int | float | bool] = {**settings.librdkafka_config("relata-admin")}
+    admin = AdminClient(config)
     try:
         existing = set(admin.list_topics(timeout=timeout_s).topics)
     except KafkaException as exc:

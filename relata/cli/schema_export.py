@@ -10,7 +10,7 @@ import click
 
 from schemas.topics import ALL_TOPICS, TopicSpec
 
-DEFAULT_DIR = Path(__file__).resolve().parent.parent / "schemas" / "json"
+DEFAULT_DIR = Path(__file__).resolve().parents[2] / "schemas" / "json"
 
 
 def topic_schema(spec: TopicSpec) -> dict[str, Any]:

@@ -20,7 +20,7 @@ from datetime import datetime
 import numpy as np
 from numpy.typing import NDArray
 
-from relata.latency import LatencySeries
+from relata.runtime.latency import LatencySeries
 from schemas.messages import HistoryEntry
 from workers.ranking import profile_text
 
@@ -77,7 +77,7 @@ class SeedRecommender:
         history[item] = HistoryEntry(
             item_id=item,
             weight=weight,
-            last_event_type=event_type,  # type: ignore[arg-type]
+            last_event_type=event_type,
             last_ts=ts,
             count=count,
         )

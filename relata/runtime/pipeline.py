@@ -7,6 +7,8 @@ as subprocesses in their own process groups, waits until they
 are ready, and tears everything down on exit, Ctrl-C or error. Subprocesses (rather than
 threads) give each stage its own interpreter and GIL on a small machine, and let the benchmark
 measure each one's CPU and RSS. A `RecommendationProbe` records event→recommendation latency.
+The processes are supervised by `relata.runtime.supervision`, observed by
+`relata.runtime.probes`.
 """
 
 from __future__ import annotations
@@ -17,54 +19,49 @@ import logging
 import os
 import shutil
 import signal
-import socket
-import subprocess
-import sys
 import tempfile
 import threading
 import time
 import urllib.error
 import urllib.request
 import uuid
-from collections import Counter, deque
-from collections.abc import Callable, Iterable, Iterator, MutableMapping
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from types import TracebackType
-from typing import IO, Any
+from typing import Any
 
-import orjson
 from confluent_kafka import KafkaException
 
-from relata.latency import LatencySeries
-from relata.replay import (
+from relata.runtime.kafka_broker import free_port
+from relata.runtime.probes import (
+    CANARY_PREFIX,
+    LagMonitor,
+    RecommendationProbe,
+    scrape_metrics,
+)
+from relata.runtime.replay import (
     CatalogReport,
     ReplayProgress,
     iter_jsonl,
-    make_consumer,
     make_producer,
     publish_catalog,
     replay_events,
 )
+from relata.runtime.supervision import REPO_ROOT, ManagedProcess, PipelineError, start_relata
 from schemas.settings import KafkaSettings, StreamsSettings
 from schemas.topics import (
     ALL_TOPICS,
     BEHAVIOR_EVENTS,
-    DEAD_LETTER,
     ITEM_CATALOG,
     PROFILE_UPDATES,
-    RECOMMENDATIONS,
 )
 from streams.naming import association_input_topic, events_group, faust_app_id
 
 logger = logging.getLogger(__name__)
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_DATA = REPO_ROOT / "data" / "online-retail"
-_PR_SET_PDEATHSIG = 1
-_STOP_TIMEOUT_S = 20.0
-CANARY_PREFIX = "relata-canary-"
 
 
 def canary_ts(events_path: Path) -> str:
@@ -98,328 +95,6 @@ def pipeline_partitions(kafka: KafkaSettings) -> int:
     """Partitions of the pipeline's topics: the configured number when one was set, else
     PIPELINE_PARTITIONS (KafkaSettings' default, 4, is for deployments that scale out)."""
     return kafka.partitions if "partitions" in kafka.model_fields_set else PIPELINE_PARTITIONS
-
-
-class PipelineError(RuntimeError):
-    """The pipeline could not be started, or one of its processes died."""
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port that is free on `host` right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-# The child asks the kernel for SIGKILL when its parent dies (even by SIGKILL), then checks
-# that the parent is still the one that started it (it may have died before the prctl). Done
-# after exec, in the child's own interpreter: a preexec_fn in a process that runs librdkafka
-# threads is not fork-safe. SIGKILL, not SIGTERM: without its parent the broker is going too,
-# and a Faust worker told to stop gracefully then waits forever for a commit to a dead broker.
-_CHILD_BOOT = (
-    "import ctypes, os, signal, sys\n"
-    "ctypes.CDLL(None, use_errno=True).prctl({pdeathsig}, signal.SIGKILL, 0, 0, 0)\n"
-    "if os.getppid() != {parent}: sys.exit(1)\n"
-    "os.nice({nice})\n"
-    "from relata.cli import main\n"
-    "main(prog_name='relata')\n"
-)
-
-
-@dataclass
-class ManagedProcess:
-    """A relata sub-command running in its own process group, its output in a log file."""
-
-    name: str
-    popen: subprocess.Popen[bytes]
-    log_path: Path
-    log_handle: IO[bytes]
-
-    @property
-    def pid(self) -> int:
-        return self.popen.pid
-
-    def alive(self) -> bool:
-        return self.popen.poll() is None
-
-    def log_tail(self, limit: int = 3000) -> str:
-        try:
-            return self.log_path.read_bytes()[-limit:].decode("utf-8", errors="replace")
-        except OSError:
-            return ""
-
-    def first_errors(self, limit: int = 40) -> str:
-        """The first traceback or ERROR/CRITICAL lines of the log (the cause, not the teardown)."""
-        try:
-            lines = self.log_path.read_text(errors="replace").splitlines()
-        except OSError:
-            return ""
-        for index, line in enumerate(lines):
-            if line.startswith("Traceback") or " ERROR " in line or " CRITICAL " in line:
-                return "\n".join(lines[index : index + limit])
-        return ""
-
-    def check(self) -> None:
-        """Raise PipelineError (with the first errors and the log tail) when it has exited."""
-        code = self.popen.poll()
-        if code is not None:
-            msg = (
-                f"{self.name} exited with status {code}; log {self.log_path}\n"
-                f"first errors:\n{self.first_errors()}\nlog tail:\n{self.log_tail(1500)}"
-            )
-            raise PipelineError(msg)
-
-    def stop(self, timeout_s: float = _STOP_TIMEOUT_S) -> None:
-        """SIGTERM the whole process group, then SIGKILL what is left after `timeout_s`."""
-        if self.popen.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.popen.pid, signal.SIGTERM)
-            try:
-                self.popen.wait(timeout_s)
-            except subprocess.TimeoutExpired:
-                logger.warning("process did not stop name=%s pid=%d; killing", self.name, self.pid)
-        # The group may hold children of the leader even after the leader exited.
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(self.popen.pid, signal.SIGKILL)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            self.popen.wait(5)
-        self.log_handle.close()
-
-
-def start_relata(
-    name: str, args: list[str], *, env: dict[str, str], log_dir: Path, nice: int = 0
-) -> ManagedProcess:
-    """Start `relata ARGS` with this interpreter, in a new session (process group); `nice`
-    lowers its CPU priority by that much (off-latency-path work on a small machine)."""
-    log_path = log_dir / f"{name}.log"
-    handle = log_path.open("wb")
-    boot = _CHILD_BOOT.format(pdeathsig=_PR_SET_PDEATHSIG, parent=os.getpid(), nice=int(nice))
-    cmd = [sys.executable, "-c", boot, *args]
-    popen = subprocess.Popen(
-        cmd,
-        stdin=subprocess.DEVNULL,
-        stdout=handle,
-        stderr=subprocess.STDOUT,
-        cwd=REPO_ROOT,
-        env=env,
-        start_new_session=True,
-    )
-    logger.info("started name=%s pid=%d log=%s", name, popen.pid, log_path)
-    return ManagedProcess(name, popen, log_path, handle)
-
-
-# ---------------------------------------------------------------------------------------------
-# Observing the pipeline from outside: latency probe, lag, metrics
-
-
-@dataclass
-class ProbeStats:
-    recommendations: int = 0
-    dead_letters: Counter[str] = field(default_factory=Counter)
-
-
-class RecommendationProbe:
-    """Consumes `recommendations`, `profile-updates` and `dead-letter`; records
-    event→recommendation latency and the stream processor's share of it.
-
-    Two measures: `reported` is the message's own `latency_ms` (the recommender's clock);
-    `measured` is this probe's consume time minus the send time of the oldest triggering
-    event that the replay recorded (independent of the pipeline's own accounting).
-    `profile_stage` is the same clock for profile updates: event → profile update consumed,
-    the stream processor's part (batch window, fold, acknowledgement, two broker hops).
-    """
-
-    def __init__(self, kafka: KafkaSettings, *, sent_at: MutableMapping[str, float]) -> None:
-        self._kafka = kafka
-        self._sent_at = sent_at
-        self.reported = LatencySeries()
-        self.measured = LatencySeries()
-        self.profile_stage = LatencySeries()
-        self.stats = ProbeStats()
-        self.latest: dict[str, dict[str, Any]] = {}
-        self.recent_users: deque[str] = deque(maxlen=50)
-        self.last_record_at = 0.0
-        self.canaries = 0
-        self._stop = threading.Event()
-        self._consumer = make_consumer(kafka)
-        self._assign_both()
-        self._thread = threading.Thread(target=self._run, name="relata-probe", daemon=True)
-
-    def _assign_both(self) -> None:
-        from confluent_kafka import OFFSET_BEGINNING, TopicPartition
-
-        partitions = []
-        for spec in (RECOMMENDATIONS, PROFILE_UPDATES, DEAD_LETTER):
-            topic = self._kafka.topic(spec.name)
-            meta = self._consumer.list_topics(topic, timeout=10)
-            partitions += [
-                TopicPartition(topic, p, OFFSET_BEGINNING) for p in meta.topics[topic].partitions
-            ]
-        self._consumer.assign(partitions)
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(10)
-        self._consumer.close()
-
-    def _run(self) -> None:
-        rec_topic = self._kafka.topic(RECOMMENDATIONS.name)
-        update_topic = self._kafka.topic(PROFILE_UPDATES.name)
-        while not self._stop.is_set():
-            # poll() returns as soon as one record is there (consume(n) waits for n or timeout).
-            msg = self._consumer.poll(0.1)
-            if msg is None or msg.error() is not None or msg.value() is None:
-                continue
-            now = time.time()
-            self.last_record_at = now
-            if msg.topic() == rec_topic:
-                self._on_recommendation(msg.value(), now)
-            elif msg.topic() == update_topic:
-                self._on_profile_update(msg.value(), now)
-            else:
-                self._on_dead_letter(msg.value())
-
-    @staticmethod
-    def _parsed(raw: bytes, what: str) -> dict[str, Any] | None:
-        try:
-            record = orjson.loads(raw)
-        except orjson.JSONDecodeError:
-            record = None
-        if not isinstance(record, dict):
-            logger.warning("unparsable %s", what)
-            return None
-        return record
-
-    def _on_recommendation(self, raw: bytes, now: float) -> None:
-        rec = self._parsed(raw, "recommendation on the output topic")
-        if rec is None:
-            return
-        user = rec.get("user_id")
-        if isinstance(user, str) and user.startswith(CANARY_PREFIX):
-            self.canaries += 1
-            return
-        self.stats.recommendations += 1
-        reported = rec.get("latency_ms")
-        if isinstance(reported, int | float):
-            self.reported.add(now, float(reported))
-        first = self._first_sent(rec)
-        if first is not None:
-            self.measured.add(now, (now - first) * 1000)
-        if isinstance(user, str):
-            self.latest[user] = rec
-            self.recent_users.append(user)
-
-    def _first_sent(self, record: dict[str, Any]) -> float | None:
-        ids = record.get("trigger_event_ids", [])
-        sent = [self._sent_at[e] for e in ids if e in self._sent_at]
-        return min(sent) if sent else None
-
-    def _on_profile_update(self, raw: bytes, now: float) -> None:
-        update = self._parsed(raw, "profile update")
-        if update is None:
-            return
-        first = self._first_sent(update)
-        if first is not None:
-            self.profile_stage.add(now, (now - first) * 1000)
-
-    def _on_dead_letter(self, raw: bytes) -> None:
-        try:
-            error_type = str(json.loads(raw).get("error_type", "unknown"))
-        except (json.JSONDecodeError, AttributeError):
-            error_type = "unknown"
-        self.stats.dead_letters[error_type] += 1
-
-
-class LagMonitor:
-    """Consumer-group lag (end offset − committed offset, summed over partitions).
-
-    Committed offsets are read by a consumer per group that never joins it (OffsetFetch only).
-    librdkafka's AdminClient group calls (list offsets / describe groups) crashed the process
-    (SIGSEGV in rdk:main, librdkafka 2.16) while a group was coordinating; this path does not.
-
-    A sample costs the broker one ListOffsets and one OffsetFetch request per topic: partitions
-    are looked up once per topic (the pipeline's topics are created with their partitions), and
-    the end offsets of all of a topic's partitions come in one request (`offsets_for_times` at
-    OFFSET_END), not one watermark query per partition. Sampled every second, the per-partition
-    queries and metadata lookups were ~30 broker requests a second, a fifth of the idle
-    broker's.
-    """
-
-    def __init__(self, kafka: KafkaSettings) -> None:
-        self._kafka = kafka
-        self._consumer = make_consumer(kafka)
-        self._group_consumers: dict[str, Any] = {}
-        self._partition_ids: dict[str, list[int]] = {}
-
-    def _partitions(self, topic: str) -> list[int]:
-        found = self._partition_ids.get(topic)
-        if found is None:
-            meta = self._consumer.list_topics(topic, timeout=10)
-            found = sorted(meta.topics[topic].partitions)
-            if found:  # an unknown topic lists none: look again next time
-                self._partition_ids[topic] = found
-        return found
-
-    def end_offsets(self, topic: str) -> dict[int, int]:
-        from confluent_kafka import OFFSET_END, TopicPartition
-
-        wanted = [TopicPartition(topic, p, OFFSET_END) for p in self._partitions(topic)]
-        if not wanted:
-            return {}
-        return {
-            tp.partition: tp.offset
-            for tp in self._consumer.offsets_for_times(wanted, timeout=10)
-            if tp.error is None and tp.offset >= 0
-        }
-
-    def committed(self, group: str, topic: str) -> dict[int, int]:
-        from confluent_kafka import TopicPartition
-
-        consumer = self._group_consumers.get(group)
-        if consumer is None:
-            consumer = make_consumer(self._kafka, group_id=group)
-            self._group_consumers[group] = consumer
-        wanted = [TopicPartition(topic, p) for p in self._partitions(topic)]
-        return {
-            tp.partition: tp.offset
-            for tp in consumer.committed(wanted, timeout=10)
-            if tp.offset >= 0
-        }
-
-    def lag(self, group: str, topic: str) -> int:
-        ends = self.end_offsets(topic)
-        done = self.committed(group, topic)
-        return sum(max(0, end - done.get(p, 0)) for p, end in ends.items())
-
-    def close(self) -> None:
-        for consumer in [self._consumer, *self._group_consumers.values()]:
-            with contextlib.suppress(Exception):
-                consumer.close()
-
-
-def scrape_metrics(url: str, *, timeout_s: float = 2.0) -> dict[str, float]:
-    """Prometheus text exposition at `url` as {"name{labels}": value}; {} when unreachable."""
-    try:
-        with urllib.request.urlopen(url, timeout=timeout_s) as response:
-            text = response.read().decode("utf-8", errors="replace")
-    except (urllib.error.URLError, OSError, TimeoutError):
-        return {}
-    out: dict[str, float] = {}
-    for line in text.splitlines():
-        if not line or line.startswith("#"):
-            continue
-        name, _, value = line.rpartition(" ")
-        with contextlib.suppress(ValueError):
-            out[name] = float(value)
-    return out
-
-
-# ---------------------------------------------------------------------------------------------
-# The pipeline
 
 
 @dataclass
@@ -487,7 +162,7 @@ class Pipeline:
             bootstrap = given.bootstrap_servers
             say(f"using Kafka at {bootstrap}")
         else:
-            from relata.kafka_broker import EmbeddedKafka
+            from relata.runtime.kafka_broker import EmbeddedKafka
 
             say("starting embedded Kafka")
             self._embedded = EmbeddedKafka()
@@ -508,7 +183,7 @@ class Pipeline:
         self._streams_group = events_group(self.kafka, profiles)
         self._associations_group = faust_app_id(self.kafka, associations)
         self._association_input = association_input_topic(self.kafka, associations)
-        from relata.topics import ensure_topics
+        from relata.runtime.topics import ensure_topics
 
         ensure_topics(self.kafka, ALL_TOPICS)
         say("publishing the catalog")

@@ -23,9 +23,9 @@ import click
 import faust
 from prometheus_client import CollectorRegistry
 
-from relata.process import freeze_startup_heap
-from relata.settings_cli import build_settings, settings_options
-from relata.topics import create_missing_topics, ensure_topics
+from relata.cli.settings_cli import build_settings, settings_options
+from relata.runtime.process import freeze_startup_heap
+from relata.runtime.topics import create_missing_topics, ensure_topics
 from schemas.messages import Evidence, RelatedItem
 from schemas.settings import EncoderSettings, KafkaSettings, StoreSettings, StreamsSettings
 from schemas.topics import ALL_TOPICS

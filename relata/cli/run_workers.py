@@ -19,9 +19,9 @@ from typing import Any, Literal
 import click
 from prometheus_client import CollectorRegistry, start_http_server
 
-from relata.process import freeze_startup_heap, stop_on_signals
-from relata.settings_cli import build_settings, settings_options
-from relata.topics import ensure_topics, topic_name
+from relata.cli.settings_cli import build_settings, settings_options
+from relata.runtime.process import freeze_startup_heap, stop_on_signals
+from relata.runtime.topics import ensure_topics, topic_name
 from schemas.settings import (
     EncoderSettings,
     IndexerSettings,

@@ -8,6 +8,7 @@ and the benchmark.
 from __future__ import annotations
 
 import gzip
+import io
 import json
 import logging
 import sys
@@ -16,12 +17,12 @@ import uuid
 from collections.abc import Callable, Iterable, Iterator, MutableMapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import click
 import orjson
 
-from relata.settings_cli import build_settings, settings_options
+from relata.cli.settings_cli import build_settings, settings_options
 from schemas.decoding import Rejection, decode, key_text
 from schemas.messages import CatalogItem
 from schemas.settings import KafkaSettings
@@ -62,7 +63,7 @@ class DeliveryError(ReplayError):
 # Reading
 
 
-def _open(path: Path) -> IO[bytes]:
+def _open(path: Path) -> io.BufferedIOBase:
     if not path.exists():
         raise click.FileError(str(path), hint="no such file")
     if path.suffix == ".gz":

@@ -1,0 +1,357 @@
+"""Offline next-item quality on a data set, with the live code paths: the methods and the loop.
+
+Protocol (leave-one-out, full ranking; `relata.lab.protocol`): per user, events in time order;
+the target is the user's last positive event (purchase; add_to_cart, then click, where a data
+set has none) whose item the user had not interacted with before; everything before it is the
+history. Histories are folded with `streams.profile.fold_event` and feed `streams.association`
+(the targets never do); every method ranks with `workers.ranking.rank` over all catalog items,
+history excluded. Vector hits are exact cosine over the item matrix with numpy (the same
+top-`candidates` list the live recommender gets from Qdrant, without HNSW approximation).
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import click
+import numpy as np
+
+from relata.lab.datasets import EvaluationError
+from relata.lab.eval_metrics import (
+    breakdown,
+    bucket_by_edges,
+    popularity_terciles,
+    summarize,
+    target_rank,
+)
+from relata.lab.protocol import Case, Prepared, State, prepare
+from relata.lab.report import results_table
+from relata.lab.vectors import (
+    VectorInputs,
+    cached_encode,
+    item_vectors,
+    pooled_inputs,
+    vector_hits,
+)
+from schemas import vocabulary
+from schemas.settings import EncoderSettings, StreamsSettings
+from workers.ranking import (
+    BlendWeights,
+    popularity_prior,
+    profile_text,
+    rank,
+)
+
+HISTORY_EDGES = (1, 3, 6, 11, 21)
+# Vector-search candidates per user, as RecommenderSettings.candidates.
+DEFAULT_CANDIDATES = 100
+# The seed's profile-text baseline: the user's last titles, encoded as one text. Its cost is
+# one transformer pass per user over the whole text (17 of 21 minutes of a Beauty run at 10
+# titles and 128 tokens); 5 titles cut at 64 tokens (most Beauty titles run 15-25 tokens, so
+# about the last 3 titles in full) halve the tokens encoded.
+PROFILE_TITLES = 5
+PROFILE_MAX_TOKENS = 64
+
+# Baseline weights: each isolates one signal of the same ranking function.
+_OFF = {
+    "vector": 0.0,
+    "bought_together": 0.0,
+    "also_bought": 0.0,
+    "also_viewed": 0.0,
+    "next_item": 0.0,
+    "popularity": 0.0,
+}
+BASELINES: dict[str, dict[str, float]] = {
+    "popularity": {**_OFF, "popularity": 1.0},
+    # Item co-occurrence kNN: cosine of co-occurrence in baskets, sessions and histories,
+    # summed over the user's recent items (same recency weighting as the hybrid's default).
+    "cooccurrence": {**_OFF, "bought_together": 1.0, "also_bought": 1.0, "also_viewed": 1.0},
+    "transitions": {**_OFF, "next_item": 1.0},
+    "profile-text": {**_OFF, "vector": 1.0},
+    "pooled": {**_OFF, "vector": 1.0},
+}
+DEFAULT_METHOD = "hybrid"
+
+
+@dataclass
+class MethodResult:
+    ranks: list[int | None]
+    lists: list[list[str]]
+
+
+def rank_users(
+    *,
+    cases: Sequence[Case],
+    state: State,
+    weights: BlendWeights,
+    k: int,
+    hits: Sequence[Sequence[tuple[str, float]]] | None,
+    desc: str = "",
+    progress: bool = True,
+    user_vectors: np.ndarray | None = None,
+    item_vectors: Mapping[str, np.ndarray] | None = None,
+) -> MethodResult:
+    """Rank every case's user with `workers.ranking.rank`; collect the target's rank."""
+    needs_related = any(weights.kind_weight(kind) > 0 for kind in vocabulary.relation_kinds())
+    ranks: list[int | None] = []
+    lists: list[list[str]] = []
+    it: Iterable[tuple[int, Case]] = enumerate(cases)
+    if progress:
+        from tqdm import tqdm
+
+        it = tqdm(it, total=len(cases), desc=desc or "rank", unit="user", mininterval=1.0)
+    prior = popularity_prior(state.popularity, weights)  # the same for every user
+    for n, case in it:
+        history = state.profiles[case.user_id]
+        recs = rank(
+            history=history,
+            related=state.related_for(history, weights.max_sources) if needs_related else {},
+            vector_hits=hits[n] if hits is not None and weights.vector > 0 else (),
+            k=k,
+            weights=weights,
+            popularity=state.popularity,
+            prior_of=prior,
+            user_vector=None if user_vectors is None else user_vectors[n],
+            candidate_vectors=item_vectors if user_vectors is not None else None,
+        )
+        ids = [r.item_id for r in recs]
+        lists.append(ids)
+        ranks.append(target_rank(ids, case.target))
+    return MethodResult(ranks=ranks, lists=lists)
+
+
+def ndcg(result: MethodResult, k: int) -> float:
+    return summarize(result.ranks, k=k).ndcg
+
+
+def evaluate(
+    data_dir: Path,
+    *,
+    k: int = 10,
+    methods: Sequence[str] | None = None,
+    adapter_path: Path | None = None,
+    blend_path: Path | None = None,
+    encoder_settings: EncoderSettings | None = None,
+    streams_settings: StreamsSettings | None = None,
+    candidates: int = DEFAULT_CANDIDATES,
+    max_users: int | None = None,
+    progress: bool = True,
+    echo: Callable[[str], None] = click.echo,
+) -> dict[str, Any]:
+    """Run the protocol for the chosen methods; returns the JSON-able report."""
+    started = time.perf_counter()
+    enc_settings = encoder_settings or EncoderSettings()
+    prepared = prepare(data_dir, settings=streams_settings, max_users=max_users, progress=progress)
+    cases = prepared.split.cases
+    state = prepared.state
+    echo(
+        f"{data_dir.name}: {len(cases)} users evaluated, skipped {sum(prepared.split.skipped.values())} "
+        f"({', '.join(f'{r}: {n}' for r, n in sorted(prepared.split.skipped.items())) or 'none'}); "
+        f"{len(prepared.item_ids)} items; {len(prepared.split.history_events)} history events"
+    )
+    defaults = BlendWeights()
+    fitted = BlendWeights.load(blend_path) if blend_path else None
+    wanted = list(methods) if methods else [*BASELINES, "behaviour", DEFAULT_METHOD]
+    if fitted is not None and not methods:
+        wanted.append(f"{DEFAULT_METHOD}+blend")
+    if adapter_path and not methods:
+        wanted += ["pooled+adapter", f"{DEFAULT_METHOD}+adapter"]
+    if "hybrid+blend" in wanted and fitted is None:
+        raise EvaluationError(
+            "method hybrid+blend needs --blend PATH (write one with `relata train`)"
+        )
+    unknown = [m for m in wanted if m not in _all_methods()]
+    if unknown:
+        raise EvaluationError(f"unknown methods {unknown}; valid: {sorted(_all_methods())}")
+
+    needs_vectors = any(
+        m in ("pooled", "profile-text") or "hybrid" in m or "adapter" in m for m in wanted
+    )
+    encoder = None
+    matrix = None
+    if needs_vectors:
+        from workers.encoder import TransformerEncoder
+
+        base_settings = enc_settings.model_copy(update={"adapter_path": None})
+        encoder = TransformerEncoder.from_settings(base_settings)
+        matrix = item_vectors(
+            prepared, encoder=encoder, cache_dir=enc_settings.cache_dir, progress=progress
+        )
+    adapted = None
+    if any("adapter" in m for m in wanted):
+        if adapter_path is None:
+            raise EvaluationError(
+                "methods with +adapter need --adapter PATH (write one with `relata train`)"
+            )
+        from workers.adapter import load_adapter
+
+        assert matrix is not None
+        adapted = load_adapter(adapter_path).apply(matrix)
+
+    results: dict[str, MethodResult] = {}
+    hits_cache: dict[str, VectorInputs] = {}
+    for name in wanted:
+        weights, hits, vin = _method_inputs(
+            name,
+            prepared=prepared,
+            defaults=defaults,
+            fitted=fitted,
+            matrix=matrix,
+            adapted=adapted,
+            encoder=encoder,
+            cache_dir=enc_settings.cache_dir,
+            candidates=candidates,
+            hits_cache=hits_cache,
+            progress=progress,
+        )
+        # Hybrids also score behaviour candidates with the language model (as the live
+        # recommender does with the vectors it holds); pure vector baselines do not need it.
+        hybrid_like = vin is not None and name.split("+")[0] not in BASELINES
+        results[name] = rank_users(
+            cases=cases,
+            state=state,
+            weights=weights,
+            k=k,
+            hits=hits,
+            desc=name,
+            progress=progress,
+            user_vectors=vin.users if hybrid_like and vin is not None else None,
+            item_vectors=vin.items if hybrid_like and vin is not None else None,
+        )
+
+    # The configuration the live system runs with these artifacts is the default.
+    default = next(
+        (
+            m
+            for m in (f"{DEFAULT_METHOD}+adapter", f"{DEFAULT_METHOD}+blend", DEFAULT_METHOD)
+            if m in results
+        ),
+        wanted[-1],
+    )
+    summary = {
+        name: summarize(
+            r.ranks, k=k, recommended=r.lists, catalog_size=len(prepared.item_ids), mrr_cutoff=k
+        )
+        for name, r in results.items()
+    }
+    hist_groups = [bucket_by_edges(len(state.profiles[c.user_id]), HISTORY_EDGES) for c in cases]
+    head, torso = popularity_terciles(list(state.item_counts.values()))
+
+    def pop_group(item: str) -> str:
+        c = state.item_counts.get(item, 0.0)
+        return "head" if c >= head else "torso" if c >= torso else "tail" if c > 0 else "unseen"
+
+    pop_groups = [pop_group(c.target) for c in cases]
+    pop_order = {"head": 0, "torso": 1, "tail": 2, "unseen": 3}
+    report: dict[str, Any] = {
+        "data": data_dir.name,
+        "k": k,
+        "users": len(cases),
+        "skipped": dict(prepared.split.skipped),
+        "items": len(prepared.item_ids),
+        "default": default,
+        "methods": {
+            name: {key: s.as_dict()[key] for key in ("hr", "ndcg", "mrr", "coverage")}
+            for name, s in summary.items()
+        },
+        "breakdowns": {
+            "history_length": {
+                name: breakdown(
+                    r.ranks, hist_groups, k=k, order=lambda b: float(b.split("-")[0].rstrip("+"))
+                )
+                for name, r in results.items()
+            },
+            "target_popularity": {
+                name: breakdown(r.ranks, pop_groups, k=k, order=lambda g: pop_order[g])
+                for name, r in results.items()
+            },
+        },
+        "protocol": {
+            "target": "last positive event on a new item per user; history = events before it",
+            "ranking": "full catalog, history excluded; MRR truncated at k",
+            "vector_search": f"exact cosine (numpy), top {candidates} candidates",
+            "model": None
+            if encoder is None
+            else {"name": encoder.name, "version": encoder.version},
+            "blend": str(blend_path) if blend_path else "defaults",
+            "adapter": str(adapter_path) if adapter_path else None,
+            "hybrid_weights": defaults.model_dump(exclude={"fitted_on"}),
+            "fitted_weights": None if fitted is None else fitted.model_dump(),
+        },
+        "seconds": round(time.perf_counter() - started, 1),
+    }
+    echo(results_table(report["methods"], k, default))
+    return report
+
+
+def _all_methods() -> set[str]:
+    return {
+        *BASELINES,
+        "behaviour",
+        DEFAULT_METHOD,
+        f"{DEFAULT_METHOD}+blend",
+        "pooled+adapter",
+        f"{DEFAULT_METHOD}+adapter",
+    }
+
+
+def _method_inputs(
+    name: str,
+    *,
+    prepared: Prepared,
+    defaults: BlendWeights,
+    fitted: BlendWeights | None,
+    matrix: np.ndarray | None,
+    adapted: np.ndarray | None,
+    encoder: Any,
+    cache_dir: Path,
+    candidates: int,
+    hits_cache: dict[str, VectorInputs],
+    progress: bool = True,
+) -> tuple[BlendWeights, list[list[tuple[str, float]]] | None, VectorInputs | None]:
+    if name == "behaviour":
+        return defaults.model_copy(update={"vector": 0.0}), None, None
+    base = name.split("+")[0]
+    if base in BASELINES:
+        weights = BlendWeights(**BASELINES[base])
+    elif name == DEFAULT_METHOD:
+        weights = defaults
+    else:  # hybrid+blend, hybrid+adapter: the fitted weights (the built-in ones without --blend)
+        weights = fitted or defaults
+    if name in ("popularity", "cooccurrence", "transitions"):
+        return weights, None, None
+    if name == "profile-text":
+        assert matrix is not None and encoder is not None
+        texts = [
+            profile_text(
+                prepared.state.profiles[c.user_id], prepared.titles, max_items=PROFILE_TITLES
+            )
+            for c in prepared.split.cases
+        ]
+        short = copy.copy(encoder)
+        short.max_length = PROFILE_MAX_TOKENS
+        users = cached_encode(
+            texts,
+            encoder=short,
+            cache_dir=cache_dir,
+            label=f"profiles-{PROFILE_MAX_TOKENS}tok",
+            progress=progress,
+        )
+        users[[not t for t in texts]] = 0.0
+        return (
+            weights,
+            vector_hits(users, matrix, prepared.item_ids, prepared.history_idx, top=candidates),
+            None,
+        )
+    use = adapted if "adapter" in name else matrix
+    assert use is not None
+    key = f"{'adapted' if 'adapter' in name else 'base'}-{weights.pool_recency}-{weights.weight_exponent}-{weights.max_sources}"
+    if key not in hits_cache:
+        hits_cache[key] = pooled_inputs(prepared, use, weights, top=candidates)
+    vin = hits_cache[key]
+    return weights, vin.hits, vin
