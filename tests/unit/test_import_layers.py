@@ -1,6 +1,6 @@
 """The packages' import rules, read from the source (every import counts, including those
 under `if TYPE_CHECKING:` and inside functions): no import cycle among the modules of a
-package, `kafkaio/` imports only `schemas/` of ours, `streams/` and `workers/` never import
+package (sub-packages included), `kafkaio/` imports only `schemas/` of ours, `streams/` and `workers/` never import
 each other, and `streams/naming.py` imports no Faust."""
 
 from __future__ import annotations
@@ -11,14 +11,22 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-PACKAGES = ("schemas", "kafkaio", "streams", "workers")
+PACKAGES = ("schemas", "kafkaio", "streams", "workers", "relata")
+
+
+def _module(path: Path) -> str:
+    parts = path.relative_to(ROOT).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
 def imports_of(package: str) -> dict[str, set[str]]:
-    """Every module of `package` -> the dotted names it imports (`from a import b` gives both
-    `a` and `a.b`)."""
+    """Every module of `package` (sub-packages included) -> the dotted names it imports
+    (`from a import b` gives both `a` and `a.b`)."""
     graph: dict[str, set[str]] = {}
-    for path in sorted((ROOT / package).glob("*.py")):
+    for path in sorted((ROOT / package).rglob("*.py")):
+        module_name = _module(path)
+        # The package a relative import starts from: the module's own for an __init__.
+        here = module_name.split(".") if path.name == "__init__.py" else module_name.split(".")[:-1]
         names: set[str] = set()
         for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
             if isinstance(node, ast.Import):
@@ -26,10 +34,11 @@ def imports_of(package: str) -> dict[str, set[str]]:
             elif isinstance(node, ast.ImportFrom):
                 module = node.module or ""
                 if node.level:
-                    module = f"{package}.{module}" if module else package
+                    base = ".".join(here[: len(here) - node.level + 1])
+                    module = f"{base}.{module}" if module else base
                 names.add(module)
                 names.update(f"{module}.{alias.name}" for alias in node.names)
-        graph[f"{package}.{path.stem}"] = names
+        graph[module_name] = names
     return graph
 
 
@@ -58,8 +67,15 @@ def cycle(graph: dict[str, set[str]]) -> list[str] | None:
 
 @pytest.mark.parametrize("package", PACKAGES)
 def test_no_two_modules_of_a_package_import_each_other(package: str) -> None:
-    found = cycle(imports_of(package))
+    graph = imports_of(package)
+    assert len(graph) > 1
+    found = cycle(graph)
     assert found is None, " -> ".join(found or [])
+
+
+def test_the_cycle_finder_finds_a_cycle_through_a_sub_package() -> None:
+    graph = {"p.a": {"p.sub.b"}, "p.sub.b": {"p.sub.c"}, "p.sub.c": {"p.a"}, "p.d": set()}
+    assert cycle(graph) == ["p.a", "p.sub.b", "p.sub.c", "p.a"]
 
 
 @pytest.mark.parametrize(
