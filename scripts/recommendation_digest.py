@@ -21,9 +21,9 @@ from typing import Any
 
 from relata.lab.datasets import load_events, load_items
 from relata.lab.vectors import cached_encode
-
 from schemas.settings import EncoderSettings, RecommenderSettings, StreamsSettings
-from streams.association import AssociationConfig, AssociationIndex
+from streams.association import AssociationConfig
+from streams.neighbours import AssociationIndex
 from streams.profile import FoldConfig, fold_event
 from workers.encoder import TransformerEncoder
 from workers.indexer import item_payload

@@ -14,20 +14,16 @@ from typing import Any
 
 from schemas.messages import RelatedItems, RelationKind
 
-from .association import (
-    AssociationConfig,
-    AssociationInput,
+from .association import AssociationConfig, AssociationInput, ItemRecord, TotalsRecord, apply_inputs
+from .metrics import StreamsMetrics
+from .neighbours import (
     CountMemo,
-    ItemRecord,
     Membership,
-    TotalsRecord,
-    apply_inputs,
     membership,
     membership_changed,
     related_items,
     top_partners,
 )
-from .metrics import StreamsMetrics
 from .ports import Sender
 
 TOTALS_KEY = "totals"

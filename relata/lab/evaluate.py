@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import copy
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,13 +38,15 @@ from relata.lab.vectors import (
     pooled_inputs,
     vector_hits,
 )
-from schemas import vocabulary
 from schemas.settings import EncoderSettings, StreamsSettings
 from workers.ranking import (
     BlendWeights,
+    Lookups,
+    VectorRows,
     popularity_prior,
     profile_text,
-    rank,
+    recommend,
+    strategy_weights,
 )
 
 HISTORY_EDGES = (1, 3, 6, 11, 21)
@@ -57,25 +59,20 @@ DEFAULT_CANDIDATES = 100
 PROFILE_TITLES = 5
 PROFILE_MAX_TOKENS = 64
 
-# Baseline weights: each isolates one signal of the same ranking function.
-_OFF = {
-    "vector": 0.0,
-    "bought_together": 0.0,
-    "also_bought": 0.0,
-    "also_viewed": 0.0,
-    "next_item": 0.0,
-    "popularity": 0.0,
-}
-BASELINES: dict[str, dict[str, float]] = {
-    "popularity": {**_OFF, "popularity": 1.0},
+# Baselines: each isolates one signal of the same ranking, by a strategy of the live
+# recommender (`workers.ranking.STRATEGIES`) applied to the built-in weights.
+BASELINES: dict[str, str] = {
+    "popularity": "popularity",
     # Item co-occurrence kNN: cosine of co-occurrence in baskets, sessions and histories,
     # summed over the user's recent items (same recency weighting as the hybrid's default).
-    "cooccurrence": {**_OFF, "bought_together": 1.0, "also_bought": 1.0, "also_viewed": 1.0},
-    "transitions": {**_OFF, "next_item": 1.0},
-    "profile-text": {**_OFF, "vector": 1.0},
-    "pooled": {**_OFF, "vector": 1.0},
+    "cooccurrence": "cooccurrence",
+    "transitions": "transitions",
+    "profile-text": "vector",
+    "pooled": "vector",
 }
 DEFAULT_METHOD = "hybrid"
+# Users ranked per call of the core (the recommender's micro-batches are of this order).
+RANK_BATCH = 256
 
 
 @dataclass
@@ -96,32 +93,53 @@ def rank_users(
     user_vectors: np.ndarray | None = None,
     item_vectors: Mapping[str, np.ndarray] | None = None,
 ) -> MethodResult:
-    """Rank every case's user with `workers.ranking.rank`; collect the target's rank."""
-    needs_related = any(weights.kind_weight(kind) > 0 for kind in vocabulary.relation_kinds())
+    """Rank every case's user with the live recommendation core (`workers.ranking.recommend`),
+    in batches, and collect the target's rank. `hits` and `user_vectors` are per case (a zero
+    row: no user vector); the look-ups answer from them, from the item vectors and from the
+    state, where the recommender asks Qdrant and the related-items topic."""
     ranks: list[int | None] = []
     lists: list[list[str]] = []
-    it: Iterable[tuple[int, Case]] = enumerate(cases)
+    popularity = (state.popularity, popularity_prior(state.popularity, weights))
+    vectors: Mapping[str, np.ndarray] = {} if item_vectors is None else item_vectors
+    bar = None
     if progress:
         from tqdm import tqdm
 
-        it = tqdm(it, total=len(cases), desc=desc or "rank", unit="user", mininterval=1.0)
-    prior = popularity_prior(state.popularity, weights)  # the same for every user
-    for n, case in it:
-        history = state.profiles[case.user_id]
-        recs = rank(
-            history=history,
-            related=state.related_for(history, weights.max_sources) if needs_related else {},
-            vector_hits=hits[n] if hits is not None and weights.vector > 0 else (),
-            k=k,
-            weights=weights,
-            popularity=state.popularity,
-            prior_of=prior,
-            user_vector=None if user_vectors is None else user_vectors[n],
-            candidate_vectors=item_vectors if user_vectors is not None else None,
+        bar = tqdm(total=len(cases), desc=desc or "rank", unit="user", mininterval=1.0)
+    for start in range(0, len(cases), RANK_BATCH):
+        batch = range(start, min(start + RANK_BATCH, len(cases)))
+        users = [
+            None if user_vectors is None or not user_vectors[n].any() else user_vectors[n]
+            for n in batch
+        ]
+        searched = [
+            list(hits[n]) if hits is not None else []
+            for n, user in zip(batch, users, strict=True)
+            if user is not None
+        ]
+        lookups = Lookups(
+            user_vectors=lambda _histories, users=users: users,  # type: ignore[misc]
+            # The batch's exact hits, for the users that have a vector (the core's order).
+            search=lambda _matrix, _excludes, searched=searched: searched,  # type: ignore[misc]
+            item_vectors=lambda _ids: vectors,
+            available=lambda ids: ids & state.available,
+            related=state.related,
+            popularity=lambda _weights: popularity,
         )
-        ids = [r.item_id for r in recs]
-        lists.append(ids)
-        ranks.append(target_rank(ids, case.target))
+        answers = recommend(
+            [state.profiles[cases[n].user_id] for n in batch],
+            lookups=lookups,
+            weights=weights,
+            k=k,
+        )
+        for n, recs in zip(batch, answers, strict=True):
+            ids = [r.item_id for r in recs]
+            lists.append(ids)
+            ranks.append(target_rank(ids, cases[n].target))
+        if bar is not None:
+            bar.update(len(batch))
+    if bar is not None:
+        bar.close()
     return MethodResult(ranks=ranks, lists=lists)
 
 
@@ -209,9 +227,6 @@ def evaluate(
             hits_cache=hits_cache,
             progress=progress,
         )
-        # Hybrids also score behaviour candidates with the language model (as the live
-        # recommender does with the vectors it holds); pure vector baselines do not need it.
-        hybrid_like = vin is not None and name.split("+")[0] not in BASELINES
         results[name] = rank_users(
             cases=cases,
             state=state,
@@ -220,8 +235,8 @@ def evaluate(
             hits=hits,
             desc=name,
             progress=progress,
-            user_vectors=vin.users if hybrid_like and vin is not None else None,
-            item_vectors=vin.items if hybrid_like and vin is not None else None,
+            user_vectors=None if vin is None else vin.users,
+            item_vectors=None if vin is None else vin.items,
         )
 
     # The configuration the live system runs with these artifacts is the default.
@@ -315,10 +330,10 @@ def _method_inputs(
     progress: bool = True,
 ) -> tuple[BlendWeights, list[list[tuple[str, float]]] | None, VectorInputs | None]:
     if name == "behaviour":
-        return defaults.model_copy(update={"vector": 0.0}), None, None
+        return strategy_weights("behaviour", defaults), None, None
     base = name.split("+")[0]
     if base in BASELINES:
-        weights = BlendWeights(**BASELINES[base])
+        weights = strategy_weights(BASELINES[base], BlendWeights())
     elif name == DEFAULT_METHOD:
         weights = defaults
     else:  # hybrid+blend, hybrid+adapter: the fitted weights (the built-in ones without --blend)
@@ -343,11 +358,9 @@ def _method_inputs(
             progress=progress,
         )
         users[[not t for t in texts]] = 0.0
-        return (
-            weights,
-            vector_hits(users, matrix, prepared.item_ids, prepared.history_idx, top=candidates),
-            None,
-        )
+        hits = vector_hits(users, matrix, prepared.item_ids, prepared.history_idx, top=candidates)
+        pos = {i: n for n, i in enumerate(prepared.item_ids)}
+        return weights, hits, VectorInputs(users=users, hits=hits, items=VectorRows(matrix, pos))
     use = adapted if "adapter" in name else matrix
     assert use is not None
     key = f"{'adapted' if 'adapter' in name else 'base'}-{weights.pool_recency}-{weights.weight_exponent}-{weights.max_sources}"

@@ -39,13 +39,8 @@ from relata.lab.eval_metrics import hit_at, ndcg_at
 from relata.lab.vectors import cached_encode
 from schemas.messages import BehaviorEvent
 from schemas.settings import EncoderSettings, StreamsSettings
-from streams.association import (
-    AssociationConfig,
-    AssociationIndex,
-    association_evidence,
-    decayed,
-    item_count,
-)
+from streams.association import AssociationConfig, decayed
+from streams.neighbours import AssociationIndex, association_evidence, item_count
 from streams.profile import FoldConfig, fold_event, purchase_types
 
 logger = logging.getLogger(__name__)

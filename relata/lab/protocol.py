@@ -18,11 +18,12 @@ from typing import Any
 import numpy as np
 
 from relata.lab.datasets import EvaluationError, load_events, load_items, positive_type
-from schemas.messages import BehaviorEvent, CatalogItem, EventType, HistoryEntry, RelatedItems
+from schemas.messages import BehaviorEvent, CatalogItem, EventType, HistoryEntry
 from schemas.settings import StreamsSettings
-from streams.association import AssociationConfig, AssociationIndex
+from streams.association import AssociationConfig
+from streams.neighbours import AssociationIndex
 from streams.profile import FoldConfig, fold_event
-from workers.ranking import RelatedTable
+from workers.ranking import RelatedTable, popularity_of
 
 logger = logging.getLogger(__name__)
 
@@ -92,28 +93,16 @@ def split_users(events: Sequence[BehaviorEvent], *, positive: EventType, holdout
 
 @dataclass
 class State:
-    """What the live system would hold after the history events: profiles and associations."""
+    """What the live system would hold after the history events: profiles, association
+    statistics, every item's related-items list (as the recommender reads the compacted topic),
+    the popularity ranking derived from those lists, and the available items."""
 
     profiles: dict[str, list[HistoryEntry]]
     index: AssociationIndex
+    related: RelatedTable
     popularity: list[tuple[str, float]]
-    item_counts: dict[str, float]
-    _related: dict[str, RelatedItems | None] = field(default_factory=dict)
-    _table: RelatedTable = field(default_factory=RelatedTable)
-
-    def related(self, item_id: str) -> RelatedItems | None:
-        if item_id not in self._related:
-            found = self._related[item_id] = self.index.related(item_id)
-            if found is not None:
-                self._table.put(found)
-        return self._related[item_id]
-
-    def related_for(self, history: Sequence[HistoryEntry], max_sources: int) -> RelatedTable:
-        """The related lists `rank` reads for this history (the table holds every list looked
-        up so far; rank reads only the history's)."""
-        for e in history[:max_sources]:
-            self.related(e.item_id)
-        return self._table
+    item_counts: dict[str, float]  # positive events per item, for the report's breakdowns
+    available: frozenset[str] = frozenset()
 
 
 def build_state(
@@ -121,10 +110,12 @@ def build_state(
     settings: StreamsSettings,
     *,
     positive: EventType,
-    popular_n: int = 300,
+    available: Iterable[str] = (),
     progress: bool = True,
 ) -> State:
-    """Fold events (time order) into profiles and association statistics with the live code."""
+    """Fold events (time order) into profiles and association statistics with the live code,
+    then publish every item's related list as the association agent would (a list with no
+    neighbour is never published)."""
     fold_config = FoldConfig.from_settings(settings)
     index = AssociationIndex(AssociationConfig.from_settings(settings))
     profiles: dict[str, Any] = {}
@@ -140,12 +131,18 @@ def build_state(
         index.observe_event(result, event)
         if event.event_type == positive:
             counts[event.item_id] += 1
-    popular = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[:popular_n]
+    table = RelatedTable()
+    for item_id in index.items:
+        found = index.related(item_id)
+        if found is not None and found.related:
+            table.put(found)
     return State(
         profiles={u: list(p.history) for u, p in profiles.items()},
         index=index,
-        popularity=[(i, float(c)) for i, c in popular],
+        related=table,
+        popularity=popularity_of(table.lists()),
         item_counts={i: float(c) for i, c in counts.items()},
+        available=frozenset(available),
     )
 
 
@@ -189,7 +186,11 @@ def prepare(
     if not split.cases:
         raise EvaluationError(f"no user of {data_dir} has a usable target ({dict(split.skipped)})")
     state = build_state(
-        split.history_events, settings or StreamsSettings(), positive=positive, progress=progress
+        split.history_events,
+        settings or StreamsSettings(),
+        positive=positive,
+        available=(it.item_id for it in items if it.available),
+        progress=progress,
     )
     item_ids = [it.item_id for it in items]
     pos = {i: n for n, i in enumerate(item_ids)}

@@ -144,11 +144,12 @@ def fit_blend(
     hits_cache: dict[tuple[float, float, int], VectorInputs] = {}
     # Kinds without any evidence in this data set (e.g. no sessions) are not searched.
     present: set[str] = set()
+    kinds = vocabulary.relation_kinds()
     for case in cases:
         for entry in state.profiles[case.user_id][:5]:
-            rel = state.related(entry.item_id)
-            if rel is not None:
-                present.update(r.kind for r in rel.related)
+            found = state.related.get(entry.item_id)
+            if found is not None:
+                present.update(kinds[code] for code in found.kinds.tolist())
 
     def score(w: BlendWeights) -> float:
         vin = None

@@ -7,7 +7,8 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from schemas.messages import BehaviorEvent, EventType, UserProfile
-from streams.association import AssociationConfig, AssociationIndex, AssociationInput
+from streams.association import AssociationConfig, AssociationInput
+from streams.neighbours import AssociationIndex
 from streams.profile import FoldConfig, fold_event
 
 T0 = datetime(2024, 1, 1, tzinfo=UTC)

@@ -19,19 +19,21 @@ from schemas.messages import BehaviorEvent, RelatedItems
 from schemas.settings import StreamsSettings
 from streams.association import (
     AssociationConfig,
-    AssociationIndex,
     AssociationInput,
-    CountMemo,
     ItemDelta,
     apply_inputs,
+    plan_updates,
+    update_item,
+    update_totals,
+)
+from streams.neighbours import (
+    AssociationIndex,
+    CountMemo,
     association_evidence,
     item_count,
     material_change,
-    plan_updates,
     record_size,
     top_partners,
-    update_item,
-    update_totals,
 )
 from streams.profile import FoldConfig, fold_event
 

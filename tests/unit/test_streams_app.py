@@ -22,10 +22,11 @@ from schemas import vocabulary
 from schemas.messages import DeadLetter, Evidence, ProfileUpdate, RelatedItem, RelatedItems
 from schemas.settings import KafkaSettings, StreamsSettings
 from streams.app import StreamsApp, build_streams
-from streams.association import AssociationIndex, AssociationInput
+from streams.association import AssociationInput
 from streams.associations_agent import AssociationAgent
 from streams.catalog import CatalogView
 from streams.naming import ASSOCIATION_INPUT
+from streams.neighbours import AssociationIndex
 from streams.records import Record
 from streams.web import BadRequest, openapi_document, parse_related_query, related_body
 
