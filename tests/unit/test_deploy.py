@@ -263,9 +263,9 @@ def test_alerts_and_dashboard_use_only_exported_metric_names() -> None:
         assert names <= exported, f"{source} uses unknown metrics: {sorted(names - exported)}"
 
 
-def test_alerts_and_dashboard_use_only_design_metric_names() -> None:
-    design = (ROOT / "docs" / "DESIGN.md").read_text()
-    section = design.split("## Metric names", 1)[1].split("\n## ", 1)[0]
+def test_alerts_and_dashboard_use_only_documented_metric_names() -> None:
+    operations = (ROOT / "docs" / "operations.md").read_text()
+    section = operations.split("## Metric names", 1)[1].split("\n## ", 1)[0]
     families = set(re.findall(r"`(relata_[a-z0-9_]+)", section))
     assert len(families) >= 20
     for source, names in _referenced_metrics().items():
@@ -273,7 +273,7 @@ def test_alerts_and_dashboard_use_only_design_metric_names() -> None:
             n for n in names
             if n not in families and re.sub(r"_(bucket|sum|count)$", "", n) not in families
         }  # fmt: skip
-        assert not unknown, f"{source} uses metrics not in docs/DESIGN.md: {sorted(unknown)}"
+        assert not unknown, f"{source} uses metrics not in docs/operations.md: {sorted(unknown)}"
 
 
 def test_alert_rules_are_complete() -> None:

@@ -1,4 +1,5 @@
-"""The README's generated parts stay in step with the code."""
+"""The docs' generated parts stay in step with the code: the settings table in
+docs/configuration.md, the two set-up commands in README.md."""
 
 from __future__ import annotations
 
@@ -7,23 +8,25 @@ from pathlib import Path
 
 from relata.cli.settings_doc import markdown_table
 
-README = Path(__file__).resolve().parents[2] / "README.md"
+ROOT = Path(__file__).resolve().parents[2]
+README = ROOT / "README.md"
+CONFIGURATION = ROOT / "docs" / "configuration.md"
 
 
-def _between(text: str, name: str) -> str:
-    match = re.search(rf"<!-- {name}:begin -->\n(.*?)<!-- {name}:end -->", text, re.S)
-    assert match, f"README lacks the {name} markers"
+def _between(path: Path, name: str) -> str:
+    match = re.search(rf"<!-- {name}:begin -->\n(.*?)<!-- {name}:end -->", path.read_text(), re.S)
+    assert match, f"{path.name} lacks the {name} markers"
     return match.group(1)
 
 
 def test_configuration_table_matches_the_settings() -> None:
-    assert _between(README.read_text(), "settings") == markdown_table(), (
-        "README configuration table is stale: paste `relata settings --markdown` between the markers"
+    assert _between(CONFIGURATION, "settings") == markdown_table(), (
+        "docs/configuration.md settings table is stale: "
+        "paste `relata settings --markdown` between the markers"
     )
 
 
 def test_readme_has_exactly_the_two_setup_commands() -> None:
-    text = README.read_text()
-    quick = _between(text, "quickstart")
+    quick = _between(README, "quickstart")
     commands = [line for line in quick.splitlines() if line.startswith("make ")]
     assert commands == ["make demo", "make test"]

@@ -1,4 +1,4 @@
-"""Worker metrics carry exactly the names of docs/DESIGN.md "Metric names"."""
+"""Worker metrics carry exactly the names of docs/operations.md "Metric names"."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from prometheus_client import CollectorRegistry
 
 from workers.metrics import WorkerMetrics
 
-DESIGN_NAMES = {
+DOCUMENTED_NAMES = {
     "relata_encode_batch_size",
     "relata_encode_seconds",
     "relata_encoded_texts_total",
@@ -35,12 +35,12 @@ def _exported(registry: CollectorRegistry) -> set[str]:
     return names
 
 
-def test_names_match_the_design() -> None:
+def test_names_match_the_documented_names() -> None:
     registry = CollectorRegistry()
     metrics = WorkerMetrics.create(registry)
     metrics.dead_letter.labels(stage="recommender", error_type="invalid_fields").inc()
     metrics.consumer_lag.labels(topic="profile-updates").set(3)
-    assert _exported(registry) == DESIGN_NAMES
+    assert _exported(registry) == DOCUMENTED_NAMES
 
 
 def test_latency_histogram_spans_1ms_to_10s() -> None:
