@@ -133,7 +133,7 @@ class StreamsSettings(_Settings):
             "Batch window of the profile agent: a batch closes this long after the previous one "
             "was handed out (adds at most this to latency, half on average). A longer window "
             "folds more of a user's events into one profile update, so under load the "
-            "recommender and the broker do less work per event (docs/results/speed-history.md)."
+            "recommender and the broker do less work per event."
         ),
     )
     fetch_wait_ms: int = Field(
@@ -273,7 +273,7 @@ class StoreSettings(_Settings):
         description=(
             "Search threads of the embedded (edge) store; 0: the engine's default, one per core. "
             "One costs half the CPU per query at the recommender's 1-2 queries a batch on 2 "
-            "cores (docs/results/speed-history.md); more can shorten one query over a large multi-segment store."
+            "cores; more can shorten one query over a large multi-segment store."
         ),
     )
 

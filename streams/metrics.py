@@ -1,6 +1,6 @@
 """Prometheus metrics of the stream processor, built from a registry the caller owns.
 
-Names follow docs/DESIGN.md "Metric names"; dashboards and alerts use only these.
+Names follow docs/operations.md "Metric names"; dashboards and alerts use only these.
 """
 
 from __future__ import annotations
