@@ -234,13 +234,11 @@ def batch_producer(config: dict[str, Any]) -> Producer:
 class ConfluentSender:
     """Output records of an asyncio program through librdkafka (confluent-kafka).
 
-    Faust's send path cost ~0.8 ms of the event loop per record (measured at 400 events/s:
-    two sends per event were two thirds of the profile agent's time); librdkafka's `produce`
-    is a C call of microseconds and batches on its own threads. `produce` only queues a record
-    here; `flush` hands the batch's records to librdkafka in one go (so they travel in one
-    produce request: handed over one by one while the agent folded, they went out in 2-4
-    requests a batch, ~60 % of the broker's produce requests at 500 events/s) and waits (the
-    event loop keeps running) until the broker acknowledged everything. The agents flush before
+    Faust's send path costs the event loop a large share of a millisecond per record, where
+    librdkafka's `produce` is a C call of microseconds that batches on its own threads.
+    `produce` only queues a record here; `flush` hands the batch's records to librdkafka in one
+    go (so they travel in one produce request, not a few per batch) and waits (the event loop
+    keeps running) until the broker acknowledged everything. The agents flush before
     their input offsets are acknowledged, so delivery stays at least once. A record the broker
     refused after librdkafka's retries raises `DeliveryError` from `flush`, which stops the
     agent rather than commit past an output that was lost.

@@ -49,7 +49,8 @@ def aiokafka_config(kafka: KafkaSettings, client_id: str) -> dict[str, Any]:
 
 
 def faust_settings(kafka: KafkaSettings, settings: StreamsSettings) -> dict[str, Any]:
-    """Faust configuration from the settings (timeouts per shared/NOTES.md)."""
+    """Faust configuration from the settings (short timeouts: a lost member is noticed in
+    seconds, and a rebalance does not wait for one)."""
     session = settings.session_timeout_s
     return {
         "broker": _broker_urls(kafka),

@@ -155,7 +155,7 @@ def _payloads_by_item(records: Iterable[Any]) -> dict[str, dict[str, Any]]:
 class EdgeVectorStore:
     """The embedded Qdrant engine (qdrant-edge-py) on `path`: one process owns one directory.
 
-    Pitfalls handled here (shared/NOTES.md): a bool filter must be `numpy.True_` (a Python
+    Pitfalls of the engine handled here: a bool filter must be `numpy.True_` (a Python
     `True` is matched as the integer 1), `HasIdCondition` wants a set, an existing directory
     must be `load()`ed, and HNSW is built only by the blocking `optimize()`; until then search
     is exact over plain segments.

@@ -58,7 +58,7 @@ def build_consumer(
     }
     if low_latency:
         # The broker answers a fetch as soon as one byte is there: the wait bounds only idle
-        # polling (5 ms cost the broker ~20 % of a core with nothing to do; librdkafka keeps
+        # polling (a few ms would keep the broker busy with nothing to do; librdkafka keeps
         # every partition in the fetch, so new data on any one ends the wait).
         config |= {"fetch.wait.max.ms": 500, "fetch.min.bytes": 1}
     return Consumer(config)

@@ -53,9 +53,9 @@ HISTORY_EDGES = (1, 3, 6, 11, 21)
 # Vector-search candidates per user, as RecommenderSettings.candidates.
 DEFAULT_CANDIDATES = 100
 # The seed's profile-text baseline: the user's last titles, encoded as one text. Its cost is
-# one transformer pass per user over the whole text (17 of 21 minutes of a Beauty run at 10
-# titles and 128 tokens); 5 titles cut at 64 tokens (most Beauty titles run 15-25 tokens, so
-# about the last 3 titles in full) halve the tokens encoded.
+# one transformer pass per user over the whole text, most of an evaluation's time; 5 titles
+# cut at 64 tokens (product titles run 15-25 tokens, so about the last 3 titles in full) halve
+# the tokens encoded.
 PROFILE_TITLES = 5
 PROFILE_MAX_TOKENS = 64
 

@@ -86,8 +86,8 @@ ASSOCIATIONS_NICE = 10
 
 # One instance of each stage runs here, so its topics get one partition each: librdkafka sends a
 # produce request per partition that has records, so with 4 partitions a batch of the profile
-# agent's outputs was up to 4 requests per topic (the broker ~43 -> ~37 % of a core at
-# 500 events/s; README, Speed). RELATA_KAFKA_PARTITIONS (or --kafka-partitions) overrides it.
+# agent's outputs would be up to 4 requests per topic, broker CPU for nothing on one machine.
+# RELATA_KAFKA_PARTITIONS (or --kafka-partitions) overrides it.
 PIPELINE_PARTITIONS = 1
 
 
