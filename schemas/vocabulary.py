@@ -43,6 +43,7 @@ class RelationKindSpec:
     signal: Signal  # co-occurrence and sequence are behaviour; content is meaning
     reason: str  # a reason's wording, with {src} for the user's own history item
     evidence: tuple[EvidenceField, ...]  # the Evidence fields it fills
+    support_text: str  # the evidence's wording, with {n} for its support
     description: str
     weight: float = 1.0  # default blend weight in the ranking
 
@@ -90,6 +91,7 @@ _register(
             "content",
             "related to {src}",
             ("cosine",),
+            "co-occurred {n} times",
             "Close in meaning: cosine of the item vectors.",
             weight=0.0,
         ),
@@ -98,6 +100,7 @@ _register(
             "co-occurrence",
             "often bought together with {src}",
             _ASSOCIATION_EVIDENCE,
+            "bought together in {n} baskets",
             "Bought (or carted) in the same basket or session.",
         ),
         RelationKindSpec(
@@ -105,6 +108,7 @@ _register(
             "co-occurrence",
             "customers who bought {src} also bought it",
             _ASSOCIATION_EVIDENCE,
+            "bought by {n} of the same customers",
             "Bought by the same customers across their histories.",
         ),
         RelationKindSpec(
@@ -112,6 +116,7 @@ _register(
             "co-occurrence",
             "viewed in the same sessions as {src}",
             _ASSOCIATION_EVIDENCE,
+            "viewed together in {n} sessions",
             "Viewed or clicked in the same session.",
         ),
         RelationKindSpec(
@@ -119,6 +124,7 @@ _register(
             "sequence",
             "often chosen next after {src}",
             _ASSOCIATION_EVIDENCE,
+            "chosen next after it {n} times",
             "Bought next after it: a directed sequence transition.",
         ),
     ),

@@ -34,15 +34,6 @@ def item_count(record: ItemRecord | None, kind: str, now: float, half_life_s: fl
     return decayed(record, record["counts"].get(kind, 0.0), now, half_life_s)
 
 
-_TEXTS: dict[str, str] = {
-    "bought_together": "bought together in {n} baskets",
-    "also_bought": "bought by {n} of the same customers",
-    "also_viewed": "viewed together in {n} sessions",
-    "next_item": "chosen next after it {n} times",
-    "similar": "co-occurred {n} times",
-}
-
-
 def evidence_fields(
     pair: float,
     count_i: float,
@@ -60,7 +51,7 @@ def evidence_fields(
     confidence = min(1.0, pair / count_i) if count_i > 0 else None
     lift = pair * total / (count_i * count_j) if count_i > 0 and count_j > 0 and total > 0 else None
     pmi = math.log2(lift) if lift is not None and lift > 0 else None
-    text = _TEXTS[kind].format(n=support)
+    text = vocabulary.relation_kind(kind).support_text.format(n=support)
     if lift is not None:
         text += f", lift {lift:.1f}"
     return {

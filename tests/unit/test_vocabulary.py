@@ -19,7 +19,12 @@ from workers.ranking import BlendWeights, RelatedTable, profile_text, rank, stra
 TS = datetime(2024, 5, 1, tzinfo=UTC)
 WISHLIST = EventTypeSpec("wishlist", 3.0, "wished for", "also_viewed", target_rank=4)
 STYLED = RelationKindSpec(
-    "styled_with", "co-occurrence", "styled with {src}", ("support",), "Worn in one outfit."
+    "styled_with",
+    "co-occurrence",
+    "styled with {src}",
+    ("support",),
+    "worn together in {n} outfits",
+    "Worn in one outfit.",
 )
 
 
