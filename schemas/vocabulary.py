@@ -56,6 +56,9 @@ _ASSOCIATION_EVIDENCE: tuple[EvidenceField, ...] = ("support", "confidence", "li
 
 _EVENT_TYPES: dict[str, EventTypeSpec] = {}
 _RELATION_KINDS: dict[str, RelationKindSpec] = {}
+# The names, kept as tuples between changes of the registry: messages check their terms
+# against them on every validation.
+_NAMES: dict[str, tuple[str, ...]] = {}
 
 # Reasons that name no relation between two products (the ranking's popularity prior).
 POPULAR = "popular"
@@ -75,6 +78,13 @@ def _register(
             msg = f"event type {spec.name!r} feeds unknown relation kind {spec.basket_kind!r}"
             raise ValueError(msg)
         _EVENT_TYPES[spec.name] = spec
+    _refresh()
+
+
+def _refresh() -> None:
+    _NAMES["event_types"] = tuple(_EVENT_TYPES)
+    _NAMES["relation_kinds"] = tuple(_RELATION_KINDS)
+    _NAMES["reason_kinds"] = (*_RELATION_KINDS, POPULAR)
 
 
 _register(
@@ -149,7 +159,7 @@ def relation_kind(name: str) -> RelationKindSpec:
 
 def event_types() -> tuple[str, ...]:
     """Every event type, in declaration order."""
-    return tuple(_EVENT_TYPES)
+    return _NAMES["event_types"]
 
 
 def event_type_specs() -> tuple[EventTypeSpec, ...]:
@@ -158,7 +168,7 @@ def event_type_specs() -> tuple[EventTypeSpec, ...]:
 
 def relation_kinds() -> tuple[str, ...]:
     """Every relation kind, in declaration order (which is also their wire code order)."""
-    return tuple(_RELATION_KINDS)
+    return _NAMES["relation_kinds"]
 
 
 def relation_kind_specs() -> tuple[RelationKindSpec, ...]:
@@ -176,7 +186,7 @@ def kinds_with(signal: Signal) -> tuple[str, ...]:
 
 def reason_kinds() -> tuple[str, ...]:
     """What a recommendation's reason may name: a relation kind, or the popularity prior."""
-    return (*_RELATION_KINDS, POPULAR)
+    return _NAMES["reason_kinds"]
 
 
 def basket_event_types(kind: str) -> frozenset[str]:
@@ -207,6 +217,7 @@ def extended(
         _EVENT_TYPES.update(saved[0])
         _RELATION_KINDS.clear()
         _RELATION_KINDS.update(saved[1])
+        _refresh()
 
 
 @dataclass(frozen=True, slots=True)
@@ -229,8 +240,7 @@ class Term:
         return {"type": "string", "enum": list(self.names())}
 
     def check(self, value: str) -> str:
-        valid = self.names()
-        if value not in valid:
+        if value not in (valid := self.names()):
             raise PydanticCustomError(
                 self.error_type,
                 "{what} '{value}' is unknown; valid: {valid}",
