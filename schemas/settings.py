@@ -45,6 +45,15 @@ class KafkaSettings(_Settings):
     sasl_username: str | None = Field(None, description="SASL user name.")
     sasl_password: SecretStr | None = Field(None, description="SASL password.")
     ssl_cafile: Path | None = Field(None, description="CA bundle for SSL.")
+    connect_timeout_s: float = Field(
+        10.0,
+        gt=0,
+        le=300,
+        description=(
+            "How long each process's start-up check waits for the brokers to answer a metadata "
+            "request before it exits with one line naming the cause."
+        ),
+    )
 
     @model_validator(mode="after")
     def _sasl_complete(self) -> KafkaSettings:

@@ -24,6 +24,7 @@ import faust
 from prometheus_client import CollectorRegistry
 
 from relata.cli.settings_cli import build_settings, settings_options
+from relata.runtime.preflight import require_kafka
 from relata.runtime.process import freeze_startup_heap
 from relata.runtime.topics import TopicError, WantedTopic, create_missing_topics, ensure_topics
 from schemas.messages import Evidence, RelatedItem
@@ -254,6 +255,7 @@ def command(with_similar: bool | None, **params: Any) -> None:
     kafka = build_settings(KafkaSettings, group="kafka", params=params)
     settings = build_settings(StreamsSettings, group="streams", params=params)
     store = build_settings(StoreSettings, group="store", params=params)
+    require_kafka(kafka)
     if with_similar is None:
         with_similar = store.kind == "server"
         if not with_similar:

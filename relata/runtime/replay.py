@@ -23,6 +23,7 @@ import click
 import orjson
 
 from relata.cli.settings_cli import build_settings, settings_options
+from relata.runtime.preflight import require_kafka
 from schemas.decoding import Rejection, decode, key_text
 from schemas.messages import CatalogItem
 from schemas.settings import KafkaSettings
@@ -452,6 +453,7 @@ def _ensure_topic(kafka: KafkaSettings, spec: TopicSpec) -> None:
 def load_catalog_command(file: Path, strict: bool, **params: Any) -> None:
     """Validate FILE (items.jsonl[.gz]) and publish each item to item-catalog, keyed by item_id."""
     kafka = _kafka_settings(params)
+    require_kafka(kafka)
     _ensure_topic(kafka, ITEM_CATALOG)
     topic = kafka.topic(ITEM_CATALOG.name)
     producer = make_producer(kafka)
@@ -502,6 +504,7 @@ def replay_command(file: Path, rate: float, limit: int | None, **params: Any) ->
     from tqdm import tqdm
 
     kafka = _kafka_settings(params)
+    require_kafka(kafka)
     _ensure_topic(kafka, BEHAVIOR_EVENTS)
     topic = kafka.topic(BEHAVIOR_EVENTS.name)
     producer = make_producer(kafka)
@@ -556,6 +559,7 @@ def tail_command(
 ) -> None:
     """Print the records of TOPIC (name without the deployment prefix) as they arrive."""
     kafka = _kafka_settings(params)
+    require_kafka(kafka)
     full_topic = kafka.topic(topic)
     consumer = make_consumer(kafka)
     try:
