@@ -45,6 +45,15 @@ class KafkaSettings(_Settings):
     sasl_username: str | None = Field(None, description="SASL user name.")
     sasl_password: SecretStr | None = Field(None, description="SASL password.")
     ssl_cafile: Path | None = Field(None, description="CA bundle for SSL.")
+    connect_timeout_s: float = Field(
+        10.0,
+        gt=0,
+        le=300,
+        description=(
+            "How long each process's start-up check waits for the brokers to answer a metadata "
+            "request before it exits with one line naming the cause."
+        ),
+    )
 
     @model_validator(mode="after")
     def _sasl_complete(self) -> KafkaSettings:
@@ -71,6 +80,11 @@ class KafkaSettings(_Settings):
             # TCP_NODELAY: with Nagle, a small request behind an unacknowledged one waits for
             # the broker's delayed ACK (tens of ms on the latency path).
             "socket.nagle.disable": "true",
+            # Topics are created by `relata.runtime.topics` from their specs, never by a client
+            # that reads or writes a missing one (a broker with auto.create.topics.enable would
+            # make it with the broker's defaults: wrong partitions, cleanup.policy=delete).
+            # librdkafka's producers default to true, so it is set for every client.
+            "allow.auto.create.topics": "false",
         }
         if self.security_protocol.startswith("SASL"):
             assert self.sasl_password is not None  # validated above
@@ -348,6 +362,13 @@ class EmbeddedKafkaSettings(_Settings):
     heap: str = Field("512m", pattern=r"^\d+[kmg]$", description="JVM heap (-Xmx) of the broker.")
     startup_timeout_s: float = Field(
         90.0, gt=0, description="Longest wait for the broker to answer after start."
+    )
+    data_dir: Path | None = Field(
+        None,
+        description=(
+            "Directory that keeps the broker's data (and its ports) across restarts, formatted "
+            "on first use; none: a temp dir removed on stop."
+        ),
     )
 
     def jars_dir(self) -> Path:

@@ -57,7 +57,7 @@ from .association import AssociationConfig
 from .associations_agent import AssociationAgent
 from .catalog import CatalogView
 from .event_consumer import EventBatchConsumer, ProfileStore
-from .faust_config import aiokafka_config, faust_settings
+from .faust_config import aiokafka_config, faust_settings, forbid_topic_auto_creation
 from .metrics import StreamsMetrics
 from .naming import (
     ASSOCIATION_INPUT,
@@ -176,6 +176,7 @@ def build_streams(
     (`<id>-profiles-changelog`, ...) carry the deployment's prefix too.
     """
     check_store(settings)
+    forbid_topic_auto_creation()
     base_id = kafka.topic(settings.app_id)
     profiles_role = settings.role in ("all", "profiles")
     associations_role = settings.role in ("all", "associations")

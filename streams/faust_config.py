@@ -1,16 +1,40 @@
 """Faust and aiokafka client configuration from the settings: brokers, credentials, TLS,
-timeouts."""
+timeouts; and aiokafka's metadata requests without topic auto-creation."""
 
 from __future__ import annotations
 
 from typing import Any
 
+import aiokafka.client as aiokafka_client
 import faust
+from aiokafka.protocol.metadata import MetadataRequest
 from faust.transport.drivers.aiokafka import credentials_to_aiokafka_auth
 
 from schemas.settings import KafkaSettings, StreamsSettings
 
 from .naming import client_id
+
+
+class _MetadataRequestNoAutoCreate(MetadataRequest):  # type: ignore[misc]  # aiokafka is untyped here
+    """A metadata request that never asks the broker to create the topics it names."""
+
+    def __init__(
+        self, topics: list[str] | None = None, allow_auto_topic_creation: bool | None = None
+    ) -> None:
+        super().__init__(topics, bool(allow_auto_topic_creation))
+
+
+def forbid_topic_auto_creation() -> None:
+    """Make aiokafka's clients (Faust's consumer and producer, the catalog view's consumer)
+    send metadata requests with `allow_auto_topic_creation=false`. Process-wide, idempotent.
+
+    aiokafka 0.14 has no option for it and asks for auto-creation in every metadata request,
+    so a broker with `auto.create.topics.enable=true` would create a missing input or output
+    topic (one partition, cleanup.policy=delete) as soon as a Faust agent or the catalog view
+    reads it. Faust's own internal topics (table changelogs, `association-input`) are created
+    explicitly with CreateTopics (`topic_allow_declare`), which this does not touch.
+    """
+    aiokafka_client.MetadataRequest = _MetadataRequestNoAutoCreate
 
 
 def _broker_urls(kafka: KafkaSettings) -> list[str]:

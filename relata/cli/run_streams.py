@@ -24,8 +24,9 @@ import faust
 from prometheus_client import CollectorRegistry
 
 from relata.cli.settings_cli import build_settings, settings_options
+from relata.runtime.preflight import require_kafka
 from relata.runtime.process import freeze_startup_heap
-from relata.runtime.topics import create_missing_topics, ensure_topics
+from relata.runtime.topics import TopicError, WantedTopic, create_missing_topics, ensure_topics
 from schemas.messages import Evidence, RelatedItem
 from schemas.settings import EncoderSettings, KafkaSettings, StoreSettings, StreamsSettings
 from schemas.topics import ALL_TOPICS
@@ -93,9 +94,11 @@ def ensure_stream_topics(kafka: KafkaSettings, settings: StreamsSettings) -> lis
     association statistics are one state) and the profiles changelog (compacted, one partition
     per events partition). Created here, before the app starts, because with the roles in
     separate processes the profile agent produces to it and may start first."""
-    internal = {association_input_topic(kafka, settings): (1, "delete")}
+    internal = {association_input_topic(kafka, settings): WantedTopic(1, "delete")}
     if settings.role in ("all", "profiles"):
-        internal[profiles_changelog_topic(kafka, settings)] = (kafka.partitions, "compact")
+        internal[profiles_changelog_topic(kafka, settings)] = WantedTopic(
+            kafka.partitions, "compact"
+        )
     return ensure_topics(kafka, ALL_TOPICS) + create_missing_topics(kafka, internal)
 
 
@@ -252,6 +255,7 @@ def command(with_similar: bool | None, **params: Any) -> None:
     kafka = build_settings(KafkaSettings, group="kafka", params=params)
     settings = build_settings(StreamsSettings, group="streams", params=params)
     store = build_settings(StoreSettings, group="store", params=params)
+    require_kafka(kafka)
     if with_similar is None:
         with_similar = store.kind == "server"
         if not with_similar:
@@ -263,7 +267,10 @@ def command(with_similar: bool | None, **params: Any) -> None:
             )
     # The encoder decides the vector width; its settings come from RELATA_ENCODER_* only.
     similar = build_similar(store, EncoderSettings()) if with_similar else None
-    created = ensure_stream_topics(kafka, settings)
+    try:
+        created = ensure_stream_topics(kafka, settings)
+    except TopicError as exc:
+        raise click.ClickException(str(exc)) from exc
     logger.info("topics ready created=%s", ",".join(created) or "none")
     streams = build_streams(
         kafka=kafka, settings=settings, registry=CollectorRegistry(), similar=similar

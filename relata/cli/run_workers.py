@@ -20,8 +20,9 @@ import click
 from prometheus_client import CollectorRegistry, start_http_server
 
 from relata.cli.settings_cli import build_settings, settings_options
+from relata.runtime.preflight import require_kafka
 from relata.runtime.process import freeze_startup_heap, stop_on_signals
-from relata.runtime.topics import ensure_topics, topic_name
+from relata.runtime.topics import TopicError, ensure_topics, topic_name
 from schemas.settings import (
     EncoderSettings,
     IndexerSettings,
@@ -239,7 +240,11 @@ def command(role: Role, **params: Any) -> None:
     indexer_settings = build_settings(IndexerSettings, group="indexer", params=params)
     recommender_settings = build_settings(RecommenderSettings, group="recommender", params=params)
 
-    created = ensure_topics(kafka, ALL_TOPICS)
+    require_kafka(kafka)
+    try:
+        created = ensure_topics(kafka, ALL_TOPICS)
+    except TopicError as exc:
+        raise click.ClickException(str(exc)) from exc
     logger.info("topics ready created=%s", ",".join(created) or "none")
     registry = CollectorRegistry()
     port = indexer_settings.metrics_port if role == "indexer" else recommender_settings.metrics_port

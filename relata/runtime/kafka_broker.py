@@ -3,7 +3,11 @@
 The broker's jars are resolved once by Maven (`relata/runtime/kafka/pom.xml`) into a cache directory
 outside git, atomically, so that concurrent or interrupted runs never leave a half cache.
 Each `EmbeddedKafka` formats a fresh log directory in a temp dir, runs `kafka.Kafka` on a free
-loopback port and removes everything on stop; the java process never outlives its parent.
+loopback port and removes everything on stop; the java process never outlives its parent. With
+a data directory (`--data-dir`, `RELATA_EMBEDDED_KAFKA_DATA_DIR`) the storage is formatted only
+when the directory is new and kept on stop: a restart has the same cluster id, ports, topics and
+records. The broker never creates a topic a client names (`auto.create.topics.enable=false`):
+topics are created from their declarations (`relata.runtime.topics`).
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ import threading
 import time
 import uuid
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from importlib import resources
 from pathlib import Path
 from types import FrameType, TracebackType
@@ -144,7 +148,14 @@ def _cluster_id() -> str:
     return "k" + raw[1:] if raw[0] in "-_" else raw
 
 
-def _server_properties(*, host: str, port: int, controller_port: int, log_dir: Path) -> str:
+def _server_properties(
+    *,
+    host: str,
+    port: int,
+    controller_port: int,
+    log_dir: Path,
+    overrides: Mapping[str, str] | None = None,
+) -> str:
     props = {
         "process.roles": "broker,controller",
         "node.id": "1",
@@ -156,7 +167,9 @@ def _server_properties(*, host: str, port: int, controller_port: int, log_dir: P
         "listener.security.protocol.map": "PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT",
         "log.dirs": str(log_dir),
         "num.partitions": "1",
-        "auto.create.topics.enable": "true",
+        # Topics are declared (partitions, cleanup policy) and created by relata; a client that
+        # names a missing topic must not get one with the broker's defaults.
+        "auto.create.topics.enable": "false",
         # Single node: every internal topic with replication 1.
         "offsets.topic.replication.factor": "1",
         "offsets.topic.num.partitions": "8",  # 50 by default; fewer make the first join faster
@@ -174,6 +187,7 @@ def _server_properties(*, host: str, port: int, controller_port: int, log_dir: P
         "num.io.threads": "4",
         "background.threads": "4",
         "log.cleaner.threads": "1",
+        **(overrides or {}),
     }
     return "".join(f"{key}={value}\n" for key, value in props.items())
 
@@ -190,6 +204,8 @@ def _pdeathsig_hook() -> Callable[[], None]:
 
 _WORKDIR_PREFIX = "relata-kafka-"
 _OWNER_FILE = "owner.pid"
+_PORTS_FILE = "ports"  # in a data dir: "PORT CONTROLLER_PORT", reused on restart
+_META = Path("data") / "meta.properties"  # written by StorageTool format
 
 
 def pid_alive(pid: int) -> bool:
@@ -250,7 +266,10 @@ def _install_exit_hooks() -> None:
 class EmbeddedKafka:
     """A single-node KRaft Kafka on a free loopback port, in a temp dir; a context manager.
 
-    `bootstrap_servers` is valid after `start()` (or entering the `with` block).
+    `bootstrap_servers` is valid after `start()` (or entering the `with` block). `data_dir`
+    (default: the settings') keeps the broker's data across restarts: formatted when new,
+    reused with its cluster id and ports otherwise, never removed. `server_properties`
+    overrides broker properties (tests).
     """
 
     def __init__(
@@ -260,11 +279,16 @@ class EmbeddedKafka:
         host: str = "127.0.0.1",
         port: int | None = None,
         java: str = "java",
+        data_dir: Path | None = None,
+        server_properties: Mapping[str, str] | None = None,
     ) -> None:
         self.settings = settings if settings is not None else EmbeddedKafkaSettings()
         self.host = host
         self._requested_port = self.settings.port if port is None else port
         self._java = java
+        chosen = data_dir if data_dir is not None else self.settings.data_dir
+        self.data_dir = None if chosen is None else chosen.expanduser().absolute()
+        self._overrides = dict(server_properties or {})
         self.port = 0
         self.workdir: Path | None = None
         self._proc: subprocess.Popen[bytes] | None = None
@@ -279,7 +303,7 @@ class EmbeddedKafka:
 
     @property
     def log_path(self) -> Path | None:
-        """The broker's log file while it runs (removed with the temp dir on stop)."""
+        """The broker's log file while it runs (removed with a temp dir on stop)."""
         return None if self.workdir is None else self.workdir / "broker.log"
 
     def __enter__(self) -> EmbeddedKafka:
@@ -313,15 +337,21 @@ class EmbeddedKafka:
         ]
 
     def start(self) -> None:
-        """Resolve the jars (once), format a fresh log dir and start the broker; wait until ready."""
-        attempts = 1 if self._requested_port else 3
+        """Resolve the jars (once), format the log dir (a temp dir, or a new data dir) and start
+        the broker; wait until ready."""
+        # A data dir keeps its ports: a port taken meanwhile is an error, not a new port.
+        attempts = 1 if self._requested_port or self.data_dir is not None else 3
         for attempt in range(1, attempts + 1):
             with self._lock:
                 if self._proc is not None:
                     return
                 jars = resolve_jars(self.settings)
                 remove_stale_workdirs()
-                self.workdir = Path(tempfile.mkdtemp(prefix=_WORKDIR_PREFIX))
+                if self.data_dir is not None:
+                    self.data_dir.mkdir(parents=True, exist_ok=True)
+                    self.workdir = self.data_dir
+                else:
+                    self.workdir = Path(tempfile.mkdtemp(prefix=_WORKDIR_PREFIX))
                 try:
                     self._launch(jars)
                 except BaseException:
@@ -335,10 +365,21 @@ class EmbeddedKafka:
                     raise
                 logger.warning("embedded kafka port taken; retrying attempt=%d", attempt + 1)
 
+    def _ports(self) -> tuple[int, int]:
+        """The broker and controller ports: a data dir's recorded ones, else free ones."""
+        assert self.workdir is not None
+        recorded = self.workdir / _PORTS_FILE
+        if self.data_dir is not None and recorded.is_file():
+            port, controller_port = (int(x) for x in recorded.read_text().split())
+            return self._requested_port or port, controller_port
+        ports = self._requested_port or free_port(self.host), free_port(self.host)
+        if self.data_dir is not None:
+            recorded.write_text(f"{ports[0]} {ports[1]}\n")
+        return ports
+
     def _launch(self, jars: Path) -> None:
         assert self.workdir is not None
-        self.port = self._requested_port or free_port(self.host)
-        controller_port = free_port(self.host)
+        self.port, controller_port = self._ports()
         props = self.workdir / "server.properties"
         props.write_text(
             _server_properties(
@@ -346,9 +387,42 @@ class EmbeddedKafka:
                 port=self.port,
                 controller_port=controller_port,
                 log_dir=self.workdir / "data",
+                overrides=self._overrides,
             )
         )
         (self.workdir / "log4j2.properties").write_text(_resource_text("log4j2.properties"))
+        if (self.workdir / _META).is_file():
+            logger.info("embedded kafka reusing storage dir=%s", self.workdir)
+        else:
+            self._format(jars, props)
+        assert self.log_path is not None
+        self._log_handle = self.log_path.open("ab")
+        in_main = threading.current_thread() is threading.main_thread()
+        _install_exit_hooks()
+        self._proc = subprocess.Popen(
+            self._java_cmd(jars, "kafka.Kafka", str(props)),
+            stdin=subprocess.DEVNULL,
+            stdout=self._log_handle,
+            stderr=subprocess.STDOUT,
+            cwd=self.workdir,
+            # Own session: a terminal's Ctrl-C reaches us, and we stop the broker in order.
+            start_new_session=True,
+            # PDEATHSIG fires when the forking *thread* exits, so only from the main thread.
+            preexec_fn=_pdeathsig_hook() if in_main else None,
+        )
+        _LIVE.add(self)
+        if self.data_dir is None:
+            (self.workdir / _OWNER_FILE).write_text(f"{os.getpid()} {self._proc.pid}\n")
+        logger.info(
+            "embedded kafka starting pid=%d bootstrap=%s:%d log=%s",
+            self._proc.pid,
+            self.host,
+            self.port,
+            self.log_path,
+        )
+
+    def _format(self, jars: Path, props: Path) -> None:
+        """Format the storage with a new cluster id (its meta.properties keeps it)."""
         fmt = subprocess.run(
             self._java_cmd(
                 jars,
@@ -366,30 +440,6 @@ class EmbeddedKafka:
         if fmt.returncode != 0:
             msg = f"kafka StorageTool format failed (exit {fmt.returncode}):\n{(fmt.stdout + fmt.stderr)[-4000:]}"
             raise EmbeddedKafkaError(msg)
-        assert self.log_path is not None
-        self._log_handle = self.log_path.open("wb")
-        in_main = threading.current_thread() is threading.main_thread()
-        _install_exit_hooks()
-        self._proc = subprocess.Popen(
-            self._java_cmd(jars, "kafka.Kafka", str(props)),
-            stdin=subprocess.DEVNULL,
-            stdout=self._log_handle,
-            stderr=subprocess.STDOUT,
-            cwd=self.workdir,
-            # Own session: a terminal's Ctrl-C reaches us, and we stop the broker in order.
-            start_new_session=True,
-            # PDEATHSIG fires when the forking *thread* exits, so only from the main thread.
-            preexec_fn=_pdeathsig_hook() if in_main else None,
-        )
-        _LIVE.add(self)
-        (self.workdir / _OWNER_FILE).write_text(f"{os.getpid()} {self._proc.pid}\n")
-        logger.info(
-            "embedded kafka starting pid=%d bootstrap=%s:%d log=%s",
-            self._proc.pid,
-            self.host,
-            self.port,
-            self.log_path,
-        )
 
     def _log_tail(self, limit: int = 4000) -> str:
         path = self.log_path
@@ -461,7 +511,8 @@ class EmbeddedKafka:
             self._log_handle.close()
             self._log_handle = None
         if self.workdir is not None:
-            shutil.rmtree(self.workdir, ignore_errors=True)
+            if self.data_dir is None:
+                shutil.rmtree(self.workdir, ignore_errors=True)
             self.workdir = None
 
     @property
@@ -478,9 +529,20 @@ class EmbeddedKafka:
 @click.option(
     "--resolve-only", is_flag=True, help="Only resolve the jars into the cache; print the dir."
 )
+@click.option(
+    "--data-dir",
+    type=click.Path(path_type=Path, file_okay=False),
+    default=None,
+    help=(
+        "Keep the broker's data (topics, records, offsets) in DIR across restarts; formatted "
+        "when new. Same as --broker-data-dir. [env: RELATA_EMBEDDED_KAFKA_DATA_DIR]"
+    ),
+)
 @settings_options(EmbeddedKafkaSettings, group="broker")
-def command(resolve_only: bool, **params: object) -> None:
+def command(resolve_only: bool, data_dir: Path | None, **params: object) -> None:
     """Run the embedded single-node Apache Kafka in the foreground; Ctrl-C stops it."""
+    if data_dir is not None:
+        params["broker__data_dir"] = data_dir
     settings = build_settings(EmbeddedKafkaSettings, group="broker", params=params)
     if resolve_only:
         click.echo(str(resolve_jars(settings)))
@@ -489,7 +551,8 @@ def command(resolve_only: bool, **params: object) -> None:
     with EmbeddedKafka(settings) as kafka:
         stop_on_signals(stop)
         click.echo(kafka.bootstrap_servers)
-        click.echo(f"broker log: {kafka.log_path}  (Ctrl-C stops)", err=True)
+        kept = f"data kept in {kafka.data_dir}" if kafka.data_dir else "data removed on stop"
+        click.echo(f"broker log: {kafka.log_path}; {kept}  (Ctrl-C stops)", err=True)
         while not stop.is_set():
             if not kafka.running:
                 raise click.ClickException(f"embedded kafka exited:\n{kafka._log_tail()}")

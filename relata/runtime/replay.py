@@ -23,10 +23,11 @@ import click
 import orjson
 
 from relata.cli.settings_cli import build_settings, settings_options
+from relata.runtime.preflight import require_kafka
 from schemas.decoding import Rejection, decode, key_text
 from schemas.messages import CatalogItem
 from schemas.settings import KafkaSettings
-from schemas.topics import BEHAVIOR_EVENTS, ITEM_CATALOG
+from schemas.topics import BEHAVIOR_EVENTS, ITEM_CATALOG, TopicSpec
 
 logger = logging.getLogger(__name__)
 
@@ -434,6 +435,17 @@ def _kafka_settings(params: dict[str, Any]) -> KafkaSettings:
     return build_settings(KafkaSettings, group="kafka", params=params)
 
 
+def _ensure_topic(kafka: KafkaSettings, spec: TopicSpec) -> None:
+    """Create the topic a tool writes from its spec (producers never create topics), or
+    stop when the existing one differs from it."""
+    from relata.runtime.topics import TopicError, ensure_topics
+
+    try:
+        ensure_topics(kafka, [spec])
+    except TopicError as exc:
+        raise click.ClickException(str(exc)) from exc
+
+
 @click.command(name="load-catalog")
 @click.argument("file", type=click.Path(path_type=Path, dir_okay=False))
 @click.option("--strict", is_flag=True, help="Exit with status 1 when any line is invalid.")
@@ -441,6 +453,8 @@ def _kafka_settings(params: dict[str, Any]) -> KafkaSettings:
 def load_catalog_command(file: Path, strict: bool, **params: Any) -> None:
     """Validate FILE (items.jsonl[.gz]) and publish each item to item-catalog, keyed by item_id."""
     kafka = _kafka_settings(params)
+    require_kafka(kafka)
+    _ensure_topic(kafka, ITEM_CATALOG)
     topic = kafka.topic(ITEM_CATALOG.name)
     producer = make_producer(kafka)
     started = time.perf_counter()
@@ -490,6 +504,8 @@ def replay_command(file: Path, rate: float, limit: int | None, **params: Any) ->
     from tqdm import tqdm
 
     kafka = _kafka_settings(params)
+    require_kafka(kafka)
+    _ensure_topic(kafka, BEHAVIOR_EVENTS)
     topic = kafka.topic(BEHAVIOR_EVENTS.name)
     producer = make_producer(kafka)
     bar = tqdm(total=limit, unit="ev", file=sys.stderr, desc=f"replay -> {topic}")
@@ -543,6 +559,7 @@ def tail_command(
 ) -> None:
     """Print the records of TOPIC (name without the deployment prefix) as they arrive."""
     kafka = _kafka_settings(params)
+    require_kafka(kafka)
     full_topic = kafka.topic(topic)
     consumer = make_consumer(kafka)
     try:

@@ -71,7 +71,7 @@ def test_ensure_topics_sets_cleanup_policy_and_is_idempotent(kafka_settings: Kaf
     metadata = admin.list_topics(timeout=30)
     assert len(metadata.topics[topic_name(kafka_settings, ITEM_CATALOG)].partitions) == 3
 
-    assert ensure_topics(kafka_settings, ALL_TOPICS) == []
+    assert ensure_topics(kafka_settings, ALL_TOPICS, partitions=3) == []
 
 
 _PARENT = """

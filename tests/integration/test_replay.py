@@ -38,6 +38,9 @@ def _kafka_args(settings: KafkaSettings) -> list[str]:
         settings.bootstrap_servers,
         "--kafka-topic-prefix",
         settings.topic_prefix,
+        # The tools check the topic they write against the deployment's partitions.
+        "--kafka-partitions",
+        str(settings.partitions),
     ]
 
 

@@ -20,6 +20,7 @@ from relata.cli.run_streams import RunningStreams, VectorStoreSimilar, start_str
 from relata.runtime.kafka_broker import free_port
 from schemas.messages import DeadLetter, ProfileUpdate, RelatedItems
 from schemas.settings import KafkaSettings, StreamsSettings
+from schemas.topics import ALL_TOPICS
 
 pytestmark = pytest.mark.integration
 
@@ -48,9 +49,16 @@ def publish(
     kafka: KafkaSettings, topic: str, records: list[tuple[bytes | None, bytes | None]]
 ) -> None:
     p = producer(kafka)
+    errors: list[object] = []
     for key, value in records:
-        p.produce(kafka.topic(topic), key=key, value=value)
+        p.produce(
+            kafka.topic(topic),
+            key=key,
+            value=value,
+            on_delivery=lambda err, _msg: errors.append(err) if err is not None else None,
+        )
     assert p.flush(30) == 0
+    assert not errors, f"records to {topic} not delivered: {errors[:3]}"
 
 
 def event(n: int, user: str, item: str, basket: str, kind: str = "purchase") -> bytes:
@@ -66,6 +74,10 @@ def event(n: int, user: str, item: str, basket: str, kind: str = "purchase") -> 
 
 
 def catalog(kafka: KafkaSettings) -> None:
+    """Create the declared topics (clients never create one), then publish the catalog."""
+    from relata.runtime.topics import ensure_topics
+
+    ensure_topics(kafka, ALL_TOPICS)
     records: list[tuple[bytes | None, bytes | None]] = [
         (
             i.encode(),

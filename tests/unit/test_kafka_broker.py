@@ -127,6 +127,20 @@ def test_server_properties_single_node_for_fast_tests(tmp_path: Path) -> None:
     assert props["offsets.topic.replication.factor"] == "1"
     assert props["transaction.state.log.replication.factor"] == "1"
     assert props["log.dirs"] == str(tmp_path)
+    # Topics exist only as declared: a client naming a missing one gets no broker default.
+    assert props["auto.create.topics.enable"] == "false"
+
+
+def test_server_properties_overrides_win(tmp_path: Path) -> None:
+    text = _server_properties(
+        host="127.0.0.1",
+        port=1,
+        controller_port=2,
+        log_dir=tmp_path,
+        overrides={"auto.create.topics.enable": "true"},
+    )
+    assert "auto.create.topics.enable=true" in text.splitlines()
+    assert "auto.create.topics.enable=false" not in text.splitlines()
 
 
 def test_default_cache_dir_is_outside_the_repo() -> None:

@@ -18,6 +18,7 @@ def test_plaintext_config_has_bootstrap_protocol_and_no_nagle() -> None:
         "bootstrap.servers": "a:1,b:2",
         "security.protocol": "PLAINTEXT",
         "socket.nagle.disable": "true",
+        "allow.auto.create.topics": "false",
     }
 
 
@@ -34,6 +35,7 @@ def test_sasl_ssl_config_maps_credentials_and_ca() -> None:
         "bootstrap.servers": "kafka:9093",
         "security.protocol": "SASL_SSL",
         "socket.nagle.disable": "true",
+        "allow.auto.create.topics": "false",
         "sasl.mechanism": "SCRAM-SHA-512",
         "sasl.username": "relata",
         "sasl.password": "s3cret",
