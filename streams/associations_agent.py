@@ -123,7 +123,10 @@ class AssociationAgent:
             )
             touched.update(part)
         for n, (item_id, record) in enumerate(touched.items(), start=1):
-            table[item_id] = record
+            try:
+                table[item_id] = record
+            except RecordRefusedError:  # its changelog record is too large: lose this update
+                logger.exception("association record not written item_id=%r", item_id[:100])
             if n % ASSOCIATION_SLICE == 0:
                 await asyncio.sleep(0)
         self.dirty.update(touched)
