@@ -10,6 +10,7 @@ from prometheus_client import Counter
 from schemas.decoding import Rejection, dead_letter
 
 from .client import Message, RecordSink
+from .producer import RecordRefusedError
 
 logger = logging.getLogger(__name__)
 
@@ -17,11 +18,18 @@ logger = logging.getLogger(__name__)
 LOGGED_REASON_CHARS = 200
 
 
+def refused(exc: RecordRefusedError, what: str) -> Rejection:
+    """The rejection of an input whose output `what` the producer refused (too large, ...):
+    redoing it would be refused again, so the input goes to dead-letter and the stage goes on."""
+    return Rejection("processing_error", f"its {what} could not be produced: {exc}")
+
+
 class DeadLetters:
     """One stage's dead-letter route: sink, topic, stage and counter bound once.
 
     The record goes through `sink` (an `AckedProducer`, a `ConfluentSender`): it is
-    acknowledged, like the stage's outputs, before the rejected input is committed.
+    acknowledged, like the stage's outputs, before the rejected input is committed. A dead
+    letter is bounded in size (`schemas.decoding.dead_letter`), so no producer refuses it.
     """
 
     def __init__(self, sink: RecordSink, *, topic: str, stage: str, counter: Counter) -> None:

@@ -9,6 +9,15 @@ delivery-report tracking, used two ways.
 
 Either way a record the broker refused (after librdkafka's retries) raises `DeliveryError`
 before the inputs it answers are committed: delivery stays at least once.
+
+A record the client refuses synchronously, before anything is queued (librdkafka's `produce`
+raising `KafkaException`, e.g. MSG_SIZE_TOO_LARGE: key and value over `message.max.bytes`),
+raises `RecordRefusedError` from `produce`, here, in one place: the stage then dead-letters
+the input that output answers (`processing_error`) and goes on, rather than crash on every
+restart at the same record. `ConfluentSender` queues records until its flush, so it checks
+the size when a record is queued, where the caller still knows the input. A dead letter is
+never refused: its size is bounded by construction (`schemas.decoding.dead_letter`). A fatal
+client error is not a record's fault and still raises `KafkaException`.
 """
 
 from __future__ import annotations
@@ -20,6 +29,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from confluent_kafka import KafkaError, KafkaException
+
 from .client import Message, Partition, Producer
 
 # How long a producer whose queue is full is polled before the record is offered again.
@@ -28,6 +39,13 @@ BUFFER_FULL_POLL_S = 0.05
 MAX_UNACKED_BATCHES = 256
 # How often `ConfluentSender.flush` checks for acknowledgements.
 FLUSH_POLL_S = 0.0005
+
+# librdkafka's default `message.max.bytes`: the largest record a producer accepts.
+DEFAULT_MAX_MESSAGE_BYTES = 1_000_000
+# What librdkafka adds to a record's key and value when it checks `message.max.bytes` (the
+# record's framing; relata sends no headers): records queued for a later hand-over are checked
+# against the limit less this.
+RECORD_OVERHEAD_BYTES = 512
 
 DeliveryReport = Callable[[Any, Any], None]
 
@@ -41,6 +59,26 @@ class DeliveryError(KafkaIOError):
     so they will be redone."""
 
 
+class RecordRefusedError(KafkaIOError):
+    """The client refused one record before queueing it (too large, ...): nothing was sent.
+    Redoing would refuse it again, so the caller dead-letters the input it answers."""
+
+    def __init__(self, message: str, *, topic: str, size: int) -> None:
+        super().__init__(message)
+        self.topic = topic
+        self.size = size
+
+
+def record_size(key: bytes | None, value: bytes | None) -> int:
+    """The bytes of a record's key and value."""
+    return (0 if key is None else len(key)) + (0 if value is None else len(value))
+
+
+def max_message_bytes(config: dict[str, Any]) -> int:
+    """A producer configuration's `message.max.bytes` (librdkafka's default when unset)."""
+    return int(config.get("message.max.bytes", DEFAULT_MAX_MESSAGE_BYTES))
+
+
 def produce(
     producer: Producer,
     topic: str,
@@ -52,7 +90,8 @@ def produce(
 ) -> None:
     """Produce one record, waiting for queue space instead of failing when librdkafka's queue
     is full (back-pressure); `partition` None: by the key; `on_delivery(error, message)` is its
-    delivery report."""
+    delivery report. A record the client refuses outright raises `RecordRefusedError` (its
+    delivery report never comes)."""
     extra: dict[str, Any] = {}
     if partition is not None:
         extra["partition"] = partition
@@ -64,6 +103,13 @@ def produce(
             return
         except BufferError:  # librdkafka's queue is full: let it drain
             producer.poll(BUFFER_FULL_POLL_S)
+        except KafkaException as exc:
+            error = exc.args[0] if exc.args else None
+            if isinstance(error, KafkaError) and error.fatal():
+                raise  # the client cannot go on: not this record's fault
+            size = record_size(key, value)
+            msg = f"{topic}: record of {size} bytes refused by the producer: {error or exc}"
+            raise RecordRefusedError(msg, topic=topic, size=size) from exc
 
 
 def not_acknowledged(remaining: int, timeout_s: float) -> DeliveryError:
@@ -110,6 +156,20 @@ class Deliveries:
         )
         self.refused, self.first_refusal = 0, None
         raise DeliveryError(msg)
+
+
+@dataclass(frozen=True, slots=True)
+class _Refused:
+    """The message of a delivery report for a record refused before it was queued."""
+
+    _topic: str
+    _partition: int | None
+
+    def topic(self) -> str:
+        return self._topic
+
+    def partition(self) -> int:
+        return -1 if self._partition is None else self._partition
 
 
 @dataclass(slots=True)
@@ -170,7 +230,8 @@ class AckedProducer:
         on_acked: Callable[[], None] | None = None,
     ) -> None:
         """Produce one record for the open batch (or a batch of its own outside one);
-        `on_acked` runs when the broker acknowledged it (from `settle`/`flush`)."""
+        `on_acked` runs when the broker acknowledged it (from `settle`/`flush`). Raises
+        `RecordRefusedError` when the client refuses it (nothing is sent)."""
         batch = self._batches[-1] if self._batches else None
         if batch is None or (not batch.open and batch.offsets):  # no batch open: one of its own
             batch = _Batch({}, open=False)
@@ -185,7 +246,11 @@ class AckedProducer:
                 if error is None:
                     on_acked()
 
-        produce(self.producer, topic, key=key, value=value, on_delivery=callback)
+        try:
+            produce(self.producer, topic, key=key, value=value, on_delivery=callback)
+        except RecordRefusedError:
+            batch.deliveries.outstanding -= 1  # no delivery report will come
+            raise
 
     def settle(self) -> None:
         """Serve delivery reports; move the offsets of acknowledged batches to committable."""
@@ -244,9 +309,18 @@ class ConfluentSender:
     agent rather than commit past an output that was lost.
     """
 
-    def __init__(self, producer: Producer, *, flush_timeout_s: float = 30.0) -> None:
+    def __init__(
+        self,
+        producer: Producer,
+        *,
+        flush_timeout_s: float = 30.0,
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+    ) -> None:
         self._producer = producer
         self._flush_timeout_s = flush_timeout_s
+        # Records are handed to librdkafka at the flush; one it would refuse for its size is
+        # refused when queued instead, while the caller knows the input it answers.
+        self.max_record_bytes = max_message_bytes - RECORD_OVERHEAD_BYTES
         self._deliveries = Deliveries()
         self._queued: list[tuple[str, bytes | None, bytes | None, int | None]] = []
 
@@ -255,13 +329,25 @@ class ConfluentSender:
         cls, config: dict[str, Any], *, flush_timeout_s: float = 30.0
     ) -> ConfluentSender:
         """A sender over a new `batch_producer(config)`."""
-        return cls(batch_producer(config), flush_timeout_s=flush_timeout_s)
+        return cls(
+            batch_producer(config),
+            flush_timeout_s=flush_timeout_s,
+            max_message_bytes=max_message_bytes(config),
+        )
 
     def produce(
         self, topic: str, *, key: bytes | None, value: bytes | None, partition: int | None = None
     ) -> None:
         """Queue one record for the next `flush` (`partition` None: librdkafka's partitioner
-        on the key)."""
+        on the key). A record too large for the producer raises `RecordRefusedError` (nothing
+        is queued)."""
+        size = record_size(key, value)
+        if size > self.max_record_bytes:
+            msg = (
+                f"{topic}: record of {size} bytes refused: over the producer's limit of "
+                f"{self.max_record_bytes} bytes (message.max.bytes less framing)"
+            )
+            raise RecordRefusedError(msg, topic=topic, size=size)
         self._queued.append((topic, key, value, partition))
 
     @property
@@ -273,14 +359,16 @@ class ConfluentSender:
         queued, self._queued = self._queued, []
         producer, deliveries = self._producer, self._deliveries
         for topic, key, value, partition in queued:
-            produce(
-                producer,
-                topic,
-                key=key,
-                value=value,
-                partition=partition,
-                on_delivery=deliveries.expect(),
-            )
+            report = deliveries.expect()
+            try:
+                produce(
+                    producer, topic, key=key, value=value, partition=partition, on_delivery=report
+                )
+            except RecordRefusedError as exc:
+                # Its input is no longer known here: counted as refused, so `flush` raises
+                # `DeliveryError` and the batch is redone (sizes were checked when queued, so
+                # this is some other refusal, such as an unknown partition).
+                report(str(exc), _Refused(topic, partition))
 
     async def flush(self) -> None:
         """Send every queued record and wait until all are acknowledged; raise if one was

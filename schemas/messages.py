@@ -6,14 +6,16 @@ JSON Schema per topic from them (see `schemas/topics.py`).
 
 from __future__ import annotations
 
+import re
 from datetime import UTC, datetime, timedelta
-from typing import Annotated, Literal
+from typing import Annotated, ClassVar, Literal
 
 from pydantic import (
     AwareDatetime,
     BaseModel,
     ConfigDict,
     Field,
+    Strict,
     StringConstraints,
     field_validator,
 )
@@ -33,14 +35,44 @@ DeadLetterError = Literal[
     "unknown_item",
     "implausible_timestamp",
     "processing_error",
+    "too_large",
+    "too_deep",
+    "conflicting_duplicate",
 ]
 
-# Identifiers: non-empty, bounded, no surrounding whitespace. 256 chars covers UUIDs, SKUs and
-# composite keys while keeping a hostile producer from bloating state with megabyte keys.
+# The largest record value decoded for any message, unless its model says less
+# (`MAX_RECORD_BYTES`): librdkafka's default `message.max.bytes`, so nothing relata produces
+# with default settings is larger. A larger value is rejected (`too_large`) before parsing.
+DEFAULT_MAX_RECORD_BYTES = 1_000_000
+
+# Characters that never belong in an identifier: C0 and C1 controls, DEL, and the invisible
+# format characters (soft hyphen, zero-width and bidirectional marks, line and paragraph
+# separators, word joiners, the byte order mark). Spelled as ranges, not Unicode classes, so
+# the JSON Schema pattern means the same in ECMA-262, Python `re` and pydantic's Rust regex.
+_INVISIBLE = (
+    r"\x00-\x1f\x7f-\x9f\u00ad\u061c\u180e\u200b-\u200f\u2028-\u202e\u2060-\u206f"
+    r"\ufeff\ufff9-\ufffb"
+)
+# Identifiers: non-empty, bounded, printable (none of the characters above), no surrounding
+# whitespace. 256 chars covers UUIDs, SKUs and composite keys while keeping a hostile producer
+# from bloating state with megabyte keys.
 Identifier = Annotated[
     str,
-    StringConstraints(min_length=1, max_length=256, strip_whitespace=False, pattern=r"^\S(.*\S)?$"),
+    StringConstraints(
+        min_length=1,
+        max_length=256,
+        strip_whitespace=False,
+        pattern=rf"^[^{_INVISIBLE}\s](?:[^{_INVISIBLE}]*[^{_INVISIBLE}\s])?$",
+    ),
 ]
+
+
+# Free text: no control characters other than tab, line feed and carriage return (a NUL or an
+# escape sequence in a title reaches logs, terminals and the tokenizer).
+_TEXT = r"^[^\x00-\x08\x0b\x0c\x0e-\x1f\x7f]*$"
+
+# The start of an ISO-8601 date-time (pydantic checks the rest, and that it has an offset).
+_ISO_DATE = re.compile(r"\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}")
 
 # Earliest plausible event time: e-commerce logs predate 1995 only in fiction.
 EARLIEST_EVENT_TS = datetime(1990, 1, 1, tzinfo=UTC)
@@ -48,22 +80,58 @@ EARLIEST_EVENT_TS = datetime(1990, 1, 1, tzinfo=UTC)
 MAX_CLOCK_SKEW = timedelta(days=1)
 
 
+def _json_type(value: object) -> str:
+    """The JSON name of a parsed value's type, for messages."""
+    names: dict[type, str] = {bool: "a boolean", int: "a number", float: "a number"}
+    names |= {list: "an array", dict: "an object", type(None): "null"}
+    return names.get(type(value), type(value).__name__)
+
+
 class _Message(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, str_strip_whitespace=False)
 
+    # Record values larger than this are rejected (`too_large`) before they are parsed.
+    MAX_RECORD_BYTES: ClassVar[int] = DEFAULT_MAX_RECORD_BYTES
+
 
 class BehaviorEvent(_Message):
-    """One shopper action; topic `behavior-events`, key `user_id`."""
+    """One shopper action; topic `behavior-events`, key `user_id`. A record value is at most
+    65,536 bytes."""
 
-    event_id: Identifier = Field(description="Unique id; used to de-duplicate re-deliveries.")
+    # A valid event is under 10 KB even with every identifier at its longest, escaped.
+    MAX_RECORD_BYTES: ClassVar[int] = 65_536
+
+    event_id: Identifier = Field(
+        description="Unique id; used to de-duplicate re-deliveries. A second event with a known "
+        "id but other content is rejected (conflicting_duplicate)."
+    )
     user_id: Identifier
     item_id: Identifier
     event_type: EventType
-    ts: AwareDatetime = Field(description="When the action happened (ISO-8601 with offset).")
+    ts: AwareDatetime = Field(
+        description="When the action happened: an ISO-8601 string with an offset (numbers, "
+        "such as epoch seconds, are rejected)."
+    )
     session_id: Identifier | None = Field(
         default=None, description="Basket or session id (online-retail: the invoice)."
     )
-    quantity: int | None = Field(default=None, ge=1, le=1_000_000)
+    quantity: Annotated[int, Strict()] | None = Field(
+        default=None, ge=1, le=1_000_000, description="A JSON integer (not a boolean or string)."
+    )
+
+    @field_validator("ts", mode="before")
+    @classmethod
+    def _iso_ts(cls, value: object) -> object:
+        # pydantic would read a number (or a numeric string) as epoch seconds; the contract is
+        # ISO-8601 with an offset, so anything that does not start as a date is refused here.
+        if type(value) is str:
+            if _ISO_DATE.match(value) is None:
+                msg = f"ts must be an ISO-8601 date-time with an offset, got {value[:40]!r}"
+                raise ValueError(msg)
+        elif not isinstance(value, datetime):
+            msg = f"ts must be an ISO-8601 date-time string with an offset, not {_json_type(value)}"
+            raise ValueError(msg)
+        return value
 
     @field_validator("ts")
     @classmethod
@@ -81,18 +149,26 @@ class BehaviorEvent(_Message):
 class CatalogItem(_Message):
     """One product; topic `item-catalog` (compacted), key `item_id`.
 
-    A tombstone (null value) or `available=false` retires the item.
+    A tombstone (null value) or `available=false` retires the item. A record value is at most
+    524,288 bytes; texts hold no control characters but tab, line feed and carriage return.
     """
 
+    # The longest valid item (every text at its maximum, escaped) is under 300 KB.
+    MAX_RECORD_BYTES: ClassVar[int] = 524_288
+
     item_id: Identifier
-    title: str | None = Field(default=None, max_length=2_000)
-    categories: list[Annotated[str, StringConstraints(max_length=500)]] = Field(
+    title: Annotated[str, StringConstraints(max_length=2_000, pattern=_TEXT)] | None = None
+    categories: list[Annotated[str, StringConstraints(max_length=500, pattern=_TEXT)]] = Field(
         default_factory=list, max_length=50
     )
-    brand: str | None = Field(default=None, max_length=500)
-    price: float | None = Field(default=None, ge=0, allow_inf_nan=False)
-    description: str | None = Field(default=None, max_length=20_000)
-    available: bool = True
+    brand: Annotated[str, StringConstraints(max_length=500, pattern=_TEXT)] | None = None
+    price: Annotated[float, Strict()] | None = Field(
+        default=None, ge=0, allow_inf_nan=False, description="A JSON number (not a string)."
+    )
+    description: Annotated[str, StringConstraints(max_length=20_000, pattern=_TEXT)] | None = None
+    available: Annotated[bool, Strict()] = Field(
+        default=True, description="A JSON boolean; false retires the item."
+    )
 
 
 class HistoryEntry(_Message):
@@ -112,6 +188,12 @@ class UserProfile(_Message):
     history: list[HistoryEntry] = Field(default_factory=list, description="Most recent first.")
     recent_event_ids: list[Identifier] = Field(
         default_factory=list, description="Bounded, newest last; de-duplicates re-deliveries."
+    )
+    recent_event_digests: list[Annotated[str, StringConstraints(max_length=64)]] = Field(
+        default_factory=list,
+        description="Content digests of the newest recent_event_ids, aligned at the end (a "
+        "profile stored before digests has fewer): a known id with another digest is a "
+        "conflicting duplicate, not a re-delivery.",
     )
     session_id: Identifier | None = Field(default=None, description="Current basket/session.")
     session_items: list[Identifier] = Field(
@@ -195,15 +277,48 @@ class Recommendation(_Message):
     )
 
 
+# A dead letter keeps at most this many bytes of the rejected value (the rest is described by
+# its size and SHA-256), this many bytes of its key and characters of its reason, so a dead
+# letter stays under DEAD_LETTER_MAX_BYTES whatever it was rejected for.
+DEAD_LETTER_RAW_PREFIX_BYTES = 65_536
+DEAD_LETTER_KEY_BYTES = 1_024
+DEAD_LETTER_REASON_CHARS = 2_000
+# A serialised dead letter is at most this long: far below any producer's message.max.bytes.
+DEAD_LETTER_MAX_BYTES = 131_072
+
+
 class DeadLetter(_Message):
-    """An input that could not be processed; topic `dead-letter`."""
+    """An input that could not be processed; topic `dead-letter`.
+
+    It keeps the first 65,536 bytes of the record value (all of it unless `raw_truncated`)
+    with the value's size and SHA-256, so a dead letter stays under 131,072 bytes whatever the
+    input was.
+    """
 
     source_topic: str
     partition: int = Field(ge=-1)
     offset: int = Field(ge=-1)
-    key: str | None = Field(default=None, description="Record key, base64 if not UTF-8.")
-    raw_value_b64: str | None = Field(description="The record value, base64-encoded, verbatim.")
-    reason: str = Field(description="What was wrong, for a person.")
+    key: str | None = Field(
+        default=None,
+        description="Record key, base64 if not UTF-8; its first 1,024 bytes (key_truncated).",
+    )
+    raw_value_b64: str | None = Field(
+        description="The record value, base64-encoded: verbatim, or its first 65,536 bytes "
+        "when raw_truncated."
+    )
+    reason: str = Field(description="What was wrong, for a person (at most 2,000 characters).")
     error_type: DeadLetterError
     stage: str = Field(description="Which process rejected it (streams, item-indexer, ...).")
     failed_at: AwareDatetime
+    raw_size: int | None = Field(
+        default=None, ge=0, description="Length of the record value in bytes (null: no value)."
+    )
+    raw_sha256: str | None = Field(
+        default=None,
+        pattern=r"^[0-9a-f]{64}$",
+        description="SHA-256 of the whole record value, hex (null: no value).",
+    )
+    raw_truncated: bool = Field(
+        default=False, description="raw_value_b64 holds only a prefix of the value."
+    )
+    key_truncated: bool = Field(default=False, description="key holds only a prefix of the key.")

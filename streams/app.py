@@ -203,12 +203,14 @@ def build_streams(
         name: app.topic(names[name], key_serializer="raw", value_serializer="raw")
         for name in (RECOMMENDATIONS.name,)
     }
+    # Raw values, decoded by the agent: Faust would throw a value it cannot decode into the
+    # agent's stream and stop it; the agent dead-letters it instead.
     topics[ASSOCIATION_INPUT] = app.topic(
         names[ASSOCIATION_INPUT],
         partitions=1,
         internal=True,
         key_serializer="raw",
-        value_serializer="json",
+        value_serializer="raw",
     )
     metrics = StreamsMetrics.create(registry)
     sender = sender or ConfluentSender.from_config(
@@ -356,6 +358,7 @@ def _add_association_agents(streams: StreamsApp, topics: dict[str, Any], *, base
         metrics=streams.metrics,
         config=streams.assoc_config,
         related_items_topic=streams.topic_names[RELATED_ITEMS.name],
+        dead_letters=streams.dead_letters,
     )
     streams.association_agent = agent
 
@@ -369,7 +372,7 @@ def _add_association_agents(streams: StreamsApp, topics: dict[str, Any], *, base
             # database from it. The association tables have one partition, so the batch's last
             # event stands for the whole batch (Faust has no public setter for this).
             stream._set_current_event(events[-1])
-            await agent.handle_association_batch([event.value for event in events])
+            await agent.handle_association_batch([Record.of(event) for event in events])
             await streams.sender.flush()  # the changelog records, before the inputs are acked
 
     async def publish_related() -> None:

@@ -163,9 +163,13 @@ class AssociationInput:
         if kind is not None and kind not in valid:
             msg = f"unknown association kind {kind!r}; valid: {list(valid)}"
             raise ValueError(msg)
+        ts = float(data["ts"])
+        if not math.isfinite(ts):
+            msg = f"association input ts must be a finite number, got {ts}"
+            raise ValueError(msg)
         return cls(
             item_id=str(data["item_id"]),
-            ts=float(data["ts"]),
+            ts=ts,
             kind=kind,
             basket_items=tuple(str(i) for i in data.get("basket_items", ())),
             prior_items=tuple(str(i) for i in data.get("prior_items", ())),

@@ -8,11 +8,17 @@ one-partition tables `associations` and `association-totals`.
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from schemas.messages import RelatedItems, RelationKind
+import orjson
+
+from kafkaio.dead_letters import DeadLetters
+from kafkaio.producer import RecordRefusedError
+from schemas.decoding import Rejection
+from schemas.messages import DEFAULT_MAX_RECORD_BYTES, RelatedItems, RelationKind
 
 from .association import AssociationConfig, AssociationInput, ItemRecord, TotalsRecord, apply_inputs
 from .metrics import StreamsMetrics
@@ -25,6 +31,9 @@ from .neighbours import (
     top_partners,
 )
 from .ports import Sender
+from .records import Record, reject
+
+logger = logging.getLogger(__name__)
 
 TOTALS_KEY = "totals"
 # Inputs folded (and records written) between two yields of the event loop.
@@ -43,13 +52,46 @@ class AssociationAgent:
     metrics: StreamsMetrics
     config: AssociationConfig
     related_items_topic: str
+    dead_letters: DeadLetters
     # Membership of the last published related lists (in memory: a restart republishes once).
     published: dict[str, Membership] = field(default_factory=dict)
     dirty: set[str] = field(default_factory=set)
 
-    async def handle_association_batch(self, messages: Sequence[Any]) -> None:
-        """Fold a batch of association-input messages (each a list of inputs, in order) into
-        the records and the totals.
+    def _inputs(self, records: Sequence[Record]) -> list[AssociationInput]:
+        """The association inputs of a batch of association-input records, in order. A record
+        that is not a JSON list of inputs, or holds an invalid one, is dead-lettered (its valid
+        inputs still count): the topic is internal, so that is a bug or a foreign producer."""
+        inputs: list[AssociationInput] = []
+        for record in records:
+            if record.value is None:
+                reject(self.dead_letters, Rejection("invalid_fields", "null value"), record)
+                continue
+            if len(record.value) > DEFAULT_MAX_RECORD_BYTES:
+                reason = f"value of {len(record.value)} bytes"
+                reject(self.dead_letters, Rejection("too_large", reason), record)
+                continue
+            try:
+                message = orjson.loads(record.value)
+            except orjson.JSONDecodeError as exc:  # orjson refuses deep nesting here too
+                deep = "depth limit" in str(exc) or "ecursion" in str(exc)
+                rejection = Rejection("too_deep" if deep else "malformed_json", str(exc))
+                reject(self.dead_letters, rejection, record)
+                continue
+            bad: list[str] = []
+            # A list per profile batch; a single input from a version before batching.
+            for data in message if isinstance(message, list) else [message]:
+                try:
+                    inputs.append(AssociationInput.from_dict(data))
+                except Exception as exc:  # any shape of bad input is data
+                    bad.append(f"{type(exc).__name__}: {exc}")
+            if bad:
+                reason = f"{len(bad)} invalid association inputs, first: {bad[0]}"
+                reject(self.dead_letters, Rejection("invalid_fields", reason), record)
+        return inputs
+
+    async def handle_association_batch(self, records: Sequence[Record]) -> None:
+        """Fold a batch of association-input records (each a JSON list of inputs, in order)
+        into the records and the totals.
 
         The statistics equal one-by-one application; each touched record (and the totals) is
         written to its changelog-backed table once per batch, not once per input: a record
@@ -58,12 +100,7 @@ class AssociationAgent:
         event loop let go between them, so a large batch never holds up the profile agent,
         which shares the loop, for more than a few milliseconds.
         """
-        inputs = [
-            AssociationInput.from_dict(data)
-            for message in messages
-            # A list per profile batch; a single input from a version before batching.
-            for data in (message if isinstance(message, list) else [message])
-        ]
+        inputs = self._inputs(records)
         if not inputs:
             return
         state = self.association_totals.get(TOTALS_KEY) or {"totals": None, "clock": 0.0}
@@ -86,7 +123,10 @@ class AssociationAgent:
             )
             touched.update(part)
         for n, (item_id, record) in enumerate(touched.items(), start=1):
-            table[item_id] = record
+            try:
+                table[item_id] = record
+            except RecordRefusedError:  # its changelog record is too large: lose this update
+                logger.exception("association record not written item_id=%r", item_id[:100])
             if n % ASSOCIATION_SLICE == 0:
                 await asyncio.sleep(0)
         self.dirty.update(touched)
@@ -152,11 +192,15 @@ class AssociationAgent:
                 config=self.config,
                 top=top,
             )
-            self.sender.produce(
-                self.related_items_topic,
-                key=item_id.encode("utf-8"),
-                value=new.model_dump_json().encode("utf-8"),
-            )
+            try:
+                self.sender.produce(
+                    self.related_items_topic,
+                    key=item_id.encode("utf-8"),
+                    value=new.model_dump_json().encode("utf-8"),
+                )
+            except RecordRefusedError:  # too large to publish: keep the last list, go on
+                logger.exception("related list not published item_id=%r", item_id[:100])
+                continue
             self.published[item_id] = after
             published += 1
         await self.sender.flush()

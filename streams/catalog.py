@@ -3,8 +3,8 @@
 Every streams worker reads *all* partitions of `item-catalog` (like a Faust GlobalTable, but
 with an explicit "caught up" signal): the profile agent waits for `ready` before its first
 event, so a restart does not dead-letter events of items the view has not read back yet.
-A tombstone or `available=false` retires an item; invalid catalog records are skipped here
-(the item indexer dead-letters them).
+A tombstone or `available=false` retires an item; invalid catalog records (too large, nested
+too deeply, malformed, ...) are skipped here (the item indexer dead-letters them).
 """
 
 from __future__ import annotations
@@ -83,7 +83,15 @@ class CatalogView:
                 batches = await consumer.getmany(timeout_ms=poll_ms, max_records=10_000)
                 for records in batches.values():
                     for record in records:
-                        self.apply(record.key, record.value)
+                        try:
+                            self.apply(record.key, record.value)
+                        except Exception:  # one bad record must not stop the view (or loop)
+                            logger.exception(
+                                "catalog record skipped %s[%d] offset=%d",
+                                record.topic,
+                                record.partition,
+                                record.offset,
+                            )
                     self.records_read += len(records)
                 if self.ready.is_set():
                     continue

@@ -29,6 +29,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Protocol
 
+import orjson
 from prometheus_client import Gauge
 
 from kafkaio.consumer import LagReporter, commit, usable
@@ -135,9 +136,17 @@ class ProfileStore:
         """Apply changelog records (key, value; None deletes) to an opened partition."""
         data = self._partition(partition)
         for raw_key, value in records:
-            if raw_key is None:
+            try:
+                name = None if raw_key is None else orjson.loads(raw_key)
+            except orjson.JSONDecodeError:  # not a key this store wrote: skip it, do not crash
+                name = None
+            if not isinstance(name, str):
+                logger.warning(
+                    "changelog record skipped: key %r is not a JSON string",
+                    raw_key[:100] if raw_key else raw_key,
+                )
                 continue
-            key = self._key(json.loads(raw_key))
+            key = self._key(name)
             if value is None:
                 data.pop(key, None)
             else:

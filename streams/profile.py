@@ -10,8 +10,12 @@ Semantics (documented once, here):
   history (rather than being dropped): the recommender excludes history items, so a returned
   product is never recommended back, and the negative weight tells the user-vector pooling to
   skip it. It leaves only by normal least-recent eviction.
-- De-duplication: the last `dedup_size` event ids are remembered; a re-delivered event is a
-  no-op (`changed=False`, the same profile object back).
+- De-duplication: the last `dedup_size` event ids are remembered, each with a short digest of
+  its event's content (`event_digest`); a re-delivered event (known id, same content) is a
+  no-op (`changed=False`, the same profile object back). A known id with other content is a
+  *conflicting duplicate*: also a no-op, but reported (`conflict`), so the caller dead-letters
+  it instead of dropping it silently. Ids remembered by a profile stored before digests
+  existed have none; a repeat of one of those counts as a re-delivery.
 - Out-of-order events (earlier than an entry's `last_ts`): their weight is decayed *down* to
   the entry's `last_ts` and added; weights never grow by negative decay and `last_ts` / the
   entry's position do not move back in time.
@@ -25,10 +29,11 @@ Semantics (documented once, here):
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 
 from schemas import vocabulary
 from schemas.messages import (
@@ -118,6 +123,8 @@ class EventFold:
     """
 
     changed: bool
+    # A known event id with other content: why it is refused (None: not a conflict).
+    conflict: str | None = None
     basket_items: tuple[str, ...] = ()
     prior_items: tuple[str, ...] = ()
     basket_kind: RelationKind | None = None
@@ -149,6 +156,28 @@ def _ts(value: datetime) -> float:
     return value.timestamp()
 
 
+# Hex characters of an event's content digest: 48 bits, so two different events of one user
+# that share an id pass for one only with odds of 2^-48, at 12 bytes per remembered id.
+DIGEST_CHARS = 12
+
+
+def event_digest(event: BehaviorEvent) -> str:
+    """A short digest of what an event says (everything but its id), to tell a re-delivery
+    (same content) from a conflicting event that reuses the id. Timestamps are compared as
+    instants, so a re-serialised event (another offset, `Z`) matches."""
+    content = "\x1f".join(
+        (
+            event.user_id,
+            event.item_id,
+            event.event_type,
+            event.ts.astimezone(UTC).isoformat(),
+            event.session_id or "",
+            "" if event.quantity is None else str(event.quantity),
+        )
+    )
+    return hashlib.blake2b(content.encode("utf-8"), digest_size=DIGEST_CHARS // 2).hexdigest()
+
+
 @dataclass(slots=True)
 class _Folding:
     """A profile while events fold into it: plain lists changed in place, so a user's batch
@@ -159,20 +188,52 @@ class _Folding:
     user_id: str
     history: list[HistoryEntry]
     recent_event_ids: list[str]
+    # Digests of the newest ids, aligned at the end: digest i belongs to id
+    # `len(recent_event_ids) - len(recent_event_digests) + i` (older profiles have fewer).
+    recent_event_digests: list[str]
     session_id: str | None
     session_items: list[str]
     last_ts: datetime | None
 
     @classmethod
     def of(cls, profile: UserProfile) -> _Folding:
+        ids = list(profile.recent_event_ids)
+        digests = list(profile.recent_event_digests)
+        del digests[: max(0, len(digests) - len(ids))]  # never more digests than ids
         return cls(
             user_id=profile.user_id,
             history=list(profile.history),
-            recent_event_ids=list(profile.recent_event_ids),
+            recent_event_ids=ids,
+            recent_event_digests=digests,
             session_id=profile.session_id,
             session_items=list(profile.session_items),
             last_ts=profile.last_ts,
         )
+
+    def seen(self, event: BehaviorEvent, digest: str) -> EventFold | None:
+        """`_DUPLICATE` for a re-delivery, a conflict for a known id with other content, None
+        for an event not seen (among the remembered ids)."""
+        ids = self.recent_event_ids
+        try:
+            at = ids.index(event.event_id)
+        except ValueError:
+            return None
+        known = at - (len(ids) - len(self.recent_event_digests))
+        if known < 0 or self.recent_event_digests[known] == digest:
+            return _DUPLICATE
+        reason = (
+            f"event_id {event.event_id!r} was already folded for user {event.user_id!r} with "
+            "other content (item, type, time, session or quantity): a conflicting duplicate, "
+            "not a re-delivery"
+        )
+        return EventFold(changed=False, conflict=reason)
+
+    def remember(self, event_id: str, digest: str, size: int) -> None:
+        """Remember a folded event's id and digest, the newest `size` of them."""
+        self.recent_event_ids.append(event_id)
+        self.recent_event_digests.append(digest)
+        del self.recent_event_ids[:-size]
+        del self.recent_event_digests[:-size]
 
     def profile(self) -> UserProfile:
         """The folded profile; it takes these lists, so fold nothing more into this state."""
@@ -182,6 +243,7 @@ class _Folding:
             user_id=self.user_id,
             history=self.history,
             recent_event_ids=self.recent_event_ids,
+            recent_event_digests=self.recent_event_digests,
             session_id=self.session_id,
             session_items=self.session_items,
             last_ts=self.last_ts,
@@ -253,8 +315,10 @@ def _fold_into(state: _Folding, event: BehaviorEvent, config: FoldConfig) -> Eve
     """Fold one event into `state`; its context, read from the state before it. The event's
     history entry and context are computed before the state changes, so an event whose fold
     raises there leaves no trace."""
-    if event.event_id in state.recent_event_ids:
-        return _DUPLICATE
+    digest = event_digest(event)
+    seen = state.seen(event, digest)
+    if seen is not None:
+        return seen
     kind = config.basket_kinds[event.event_type]
     entry, replaces = _history_entry(state.history, event, config)
     if kind is None:  # a return: weight only, no basket, no sequence step
@@ -264,8 +328,7 @@ def _fold_into(state: _Folding, event: BehaviorEvent, config: FoldConfig) -> Eve
         state.session_id = event.session_id
         state.session_items = session_items
     _place(state.history, entry, replaces, config.history_size)
-    state.recent_event_ids.append(event.event_id)
-    del state.recent_event_ids[: -config.dedup_size]
+    state.remember(event.event_id, digest, config.dedup_size)
     if state.last_ts is None or event.ts > state.last_ts:
         state.last_ts = event.ts
     return context
@@ -337,11 +400,14 @@ def _basket_context(
 
 def fold_event(profile: UserProfile | None, event: BehaviorEvent, config: FoldConfig) -> FoldResult:
     """Fold one event into a profile (None: a new user); returns the new profile and the
-    basket/sequence context that the association statistics consume."""
-    if profile is not None and event.event_id in profile.recent_event_ids:
-        return FoldResult(profile=profile, changed=False)
+    basket/sequence context that the association statistics consume. A duplicate (or a
+    conflicting one, `conflict` set) returns the same profile."""
     state = _Folding.of(profile or UserProfile(user_id=event.user_id))
     context = _fold_into(state, event, config)
+    if not context.changed:
+        return FoldResult(
+            profile=profile or state.profile(), changed=False, conflict=context.conflict
+        )
     return FoldResult(
         profile=state.profile(),
         changed=True,
@@ -358,11 +424,13 @@ def fold_event(profile: UserProfile | None, event: BehaviorEvent, config: FoldCo
 class UserFold:
     """One user's events of a batch folded in order: the resulting profile, the context of
     each event that changed it (with its position in the events given), the duplicates
-    skipped and the events whose fold raised (a bug: set aside so the others still count)."""
+    skipped, the conflicting duplicates (a known id with other content: position and reason)
+    and the events whose fold raised (a bug: set aside so the others still count)."""
 
     profile: UserProfile | None
     changed: list[tuple[int, EventFold]] = field(default_factory=list)
     duplicates: int = 0
+    conflicts: list[tuple[int, str]] = field(default_factory=list)
     failed: list[tuple[int, Exception]] = field(default_factory=list)
 
 
@@ -380,6 +448,9 @@ def fold_user_events(
             context = _fold_into(state, event, config)
         except Exception as exc:  # a bug in the fold: the caller dead-letters this event
             fold.failed.append((at, exc))
+            continue
+        if context.conflict is not None:
+            fold.conflicts.append((at, context.conflict))
             continue
         if not context.changed:
             fold.duplicates += 1

@@ -16,7 +16,8 @@ from typing import Any
 
 import orjson
 
-from kafkaio.dead_letters import DeadLetters
+from kafkaio.dead_letters import DeadLetters, refused
+from kafkaio.producer import RecordRefusedError
 from schemas.decoding import Rejection, decode
 from schemas.messages import BehaviorEvent, UserProfile
 
@@ -30,6 +31,10 @@ from .records import Record, reject
 from .tables import stored_json
 
 logger = logging.getLogger(__name__)
+
+# Association inputs of a batch travel in messages of at most this many bytes (usually one
+# message; a batch of many large baskets of long item ids is split, never refused for size).
+ASSOCIATION_MESSAGE_BYTES = 262_144
 
 
 @dataclass(slots=True)
@@ -52,25 +57,37 @@ class ProfileAgent:
         Each user's events fold in order; a user's profile is written, and one profile update
         (naming every folded event) sent, once per batch: coalescing, so a burst of one
         user's events (an invoice, a session) costs one table write and one recommendation.
-        The association inputs of the batch travel as one message, in input order. Returns
-        once every output is acknowledged (the caller then acknowledges the inputs).
+        The association inputs of the batch travel as one message (split only when large), in
+        input order. A record whose handling raises is dead-lettered (`processing_error`) and
+        the batch goes on. Returns once every output is acknowledged (the caller then
+        acknowledges the inputs).
         """
         started = time.perf_counter()
         by_user: dict[str, list[tuple[int, BehaviorEvent, Record]]] = {}
         for index, record in enumerate(records):
-            event = await self._validated(record)
+            try:
+                event = await self._validated(record)
+            except Exception as exc:  # a bug on this record: the stream goes on without it
+                self._failed(exc, [(index, None, record)])
+                continue
             if event is not None:
                 by_user.setdefault(event.user_id, []).append((index, event, record))
         inputs: list[tuple[int, dict[str, Any]]] = []
         for user_id, events in by_user.items():
-            self._fold_user(user_id, events, inputs)
+            user_inputs: list[tuple[int, dict[str, Any]]] = []
+            try:
+                self._fold_user(user_id, events, user_inputs)
+            except Exception as exc:  # nothing of this user's batch was written or sent
+                self._failed(exc, events)
+                continue
+            inputs.extend(user_inputs)
         if inputs:
             inputs.sort(key=lambda pair: pair[0])
-            self.sender.produce(
-                self.association_input_topic,
-                key=None,
-                value=orjson.dumps([data for _, data in inputs]),
-            )
+            for chunk in _chunks([orjson.dumps(data) for _, data in inputs]):
+                try:
+                    self.sender.produce(self.association_input_topic, key=None, value=chunk)
+                except RecordRefusedError:  # statistics are approximate: lose it, not the stream
+                    logger.exception("association inputs dropped bytes=%d", len(chunk))
         await self.sender.flush()
         self.metrics.event_batch_size.observe(len(records))
         self.metrics.event_processing_seconds.observe(time.perf_counter() - started)
@@ -104,19 +121,17 @@ class ProfileAgent:
         inputs: list[tuple[int, dict[str, Any]]],
     ) -> None:
         """Fold one user's events of a batch (in order); write the profile and send one
-        update. An event that fails to fold is dead-lettered; the others still count."""
+        update. An event that fails to fold is dead-lettered, and so is a conflicting
+        duplicate (a known event id with other content); the others still count. Raises only
+        before anything of the user was written or sent."""
         partition = events[0][2].partition  # keyed by user_id: a user is one partition
-        try:
-            stored = self.profiles.get(partition, user_id)
-            profile = (
-                None if stored is None else UserProfile.model_validate_json(stored_json(stored))
-            )
-        except Exception as exc:  # corrupt state: keep the stream flowing, keep the records
-            self._failed(exc, events)
-            return
+        stored = self.profiles.get(partition, user_id)
+        profile = None if stored is None else UserProfile.model_validate_json(stored_json(stored))
         fold = fold_user_events(profile, [event for _, event, _ in events], self.fold_config)
         for at, error in fold.failed:  # dead-letter the event whose fold raised; the rest count
             self._failed(error, [events[at]])
+        for at, reason in fold.conflicts:
+            reject(self.dead_letters, Rejection("conflicting_duplicate", reason), events[at][2])
         self.metrics.events_duplicate.inc(fold.duplicates)
         folded: list[tuple[BehaviorEvent, Record]] = []
         for at, result in fold.changed:
@@ -128,7 +143,6 @@ class ProfileAgent:
         profile = fold.profile
         if profile is None or not folded:
             return
-        self.profiles.put(partition, user_id, profile.model_dump_json().encode("utf-8"))
         update = profile_update(
             profile,
             trigger_event_ids=[event.event_id for event, _ in folded],
@@ -137,22 +151,55 @@ class ProfileAgent:
             now=datetime.now(UTC),
             event=folded[-1][0],
         )
-        self.sender.produce(
-            self.profile_updates_topic,
-            key=user_id.encode("utf-8"),
-            value=update.model_dump_json().encode("utf-8"),
-        )
+        try:
+            # The changelog record first: if the producer refuses it (too large), the profile
+            # is not written and no update is sent; the events are dead-lettered.
+            self.profiles.put(partition, user_id, profile.model_dump_json().encode("utf-8"))
+        except RecordRefusedError as exc:
+            inputs.clear()
+            for _, record in folded:
+                reject(self.dead_letters, refused(exc, "profile"), record)
+            return
+        try:
+            self.sender.produce(
+                self.profile_updates_topic,
+                key=user_id.encode("utf-8"),
+                value=update.model_dump_json().encode("utf-8"),
+            )
+        except RecordRefusedError as exc:  # folded and stored, but not handed on
+            for _, record in folded:
+                reject(self.dead_letters, refused(exc, "profile update"), record)
+            return
         self.metrics.profile_updates.inc()
 
-    def _failed(self, exc: Exception, events: Sequence[tuple[int, BehaviorEvent, Record]]) -> None:
+    def _failed(
+        self, exc: Exception, events: Sequence[tuple[int, BehaviorEvent | None, Record]]
+    ) -> None:
         for _, event, record in events:
             logger.error(
                 "processing failed %s[%d] offset=%d user_id=%s",
                 record.topic,
                 record.partition,
                 record.offset,
-                event.user_id,
+                None if event is None else event.user_id,
                 exc_info=exc,
             )
             rejection = Rejection("processing_error", f"{type(exc).__name__}: {exc}")
             reject(self.dead_letters, rejection, record)
+
+
+def _chunks(parts: Sequence[bytes], limit: int = ASSOCIATION_MESSAGE_BYTES) -> list[bytes]:
+    """JSON arrays of the JSON values `parts`, in order, each at most `limit` bytes unless one
+    value alone is larger (it then travels alone)."""
+    chunks: list[bytes] = []
+    current: list[bytes] = []
+    size = 2  # the brackets
+    for part in parts:
+        if current and size + len(part) + 1 > limit:
+            chunks.append(b"[" + b",".join(current) + b"]")
+            current, size = [], 2
+        current.append(part)
+        size += len(part) + 1
+    if current:
+        chunks.append(b"[" + b",".join(current) + b"]")
+    return chunks

@@ -7,7 +7,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from kafkaio.dead_letters import DeadLetters
+from kafkaio.dead_letters import DeadLetters, refused
+from kafkaio.producer import RecordRefusedError
 from schemas.decoding import Rejection, decode
 from schemas.messages import Recommendation
 
@@ -39,8 +40,11 @@ class RecommendationsAgent:
             latest[decoded.user_id] = record
         for user_id, record in latest.items():
             bind(record.event)
-            if record.value is None:
-                self.recommendations.pop(user_id, None)
-            else:
-                self.recommendations[user_id] = record.value
+            try:
+                if record.value is None:
+                    self.recommendations.pop(user_id, None)
+                else:
+                    self.recommendations[user_id] = record.value
+            except RecordRefusedError as exc:  # its changelog record is too large
+                reject(self.dead_letters, refused(exc, "table changelog record"), record)
         await self.sender.flush()

@@ -14,7 +14,10 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from kafkaio.client import Consumer, Producer
+import numpy as np
+import numpy.typing as npt
+
+from kafkaio.client import Consumer, Message, Producer
 from kafkaio.consumer import LagReporter, commit, usable
 from kafkaio.dead_letters import DeadLetters
 from kafkaio.producer import AckedProducer
@@ -93,13 +96,13 @@ class ItemIndexer:
             self._lag.maybe_report()
             return result
         # Last record per item wins, as compaction would have it.
-        latest: dict[str, CatalogItem | None] = {}
+        latest: dict[str, tuple[CatalogItem | None, Message]] = {}
         for msg in usable(messages):
             raw = msg.value()
             if raw is None:
                 item_id = key_text(msg.key())
                 if item_id:
-                    latest[item_id] = None
+                    latest[item_id] = (None, msg)
                 continue
             decoded = decode(raw, CatalogItem)
             key = key_text(msg.key())
@@ -112,21 +115,21 @@ class ItemIndexer:
                 self._dead_letters.send(msg, decoded)
                 result.dead_letters += 1
                 continue
-            latest[decoded.item_id] = decoded
+            latest[decoded.item_id] = (decoded, msg)
 
         # Items with data are (re-)encoded even when retired, so their vector stays current.
-        items = [item for item in latest.values() if item is not None]
-        tombstoned = [item_id for item_id, item in latest.items() if item is None]
+        items = [(item, msg) for item, msg in latest.values() if item is not None]
+        tombstoned = [item_id for item_id, (item, _) in latest.items() if item is None]
         if items:
-            texts = [item_text(item) for item in items]
-            start = time.perf_counter()
-            vectors = self.encoder.encode(texts)
-            self.metrics.observe_encode(len(texts), time.perf_counter() - start)
-            self.store.upsert(
-                [item.item_id for item in items], vectors, [item_payload(i) for i in items]
-            )
-            result.indexed = sum(1 for i in items if i.available)
-            result.retired = len(items) - result.indexed
+            encoded, vectors = self._encode(items, result)
+            if encoded:
+                self.store.upsert(
+                    [item.item_id for item in encoded],
+                    vectors,
+                    [item_payload(item) for item in encoded],
+                )
+            result.indexed = sum(1 for item in encoded if item.available)
+            result.retired = len(encoded) - result.indexed
         if tombstoned:
             # A tombstone for an item never indexed has nothing to retire.
             known = list(self.store.get_payloads(tombstoned))
@@ -146,6 +149,36 @@ class ItemIndexer:
             result.dead_letters,
         )
         return result
+
+    def _encode(
+        self, items: list[tuple[CatalogItem, Message]], result: BatchResult
+    ) -> tuple[list[CatalogItem], npt.NDArray[np.float32]]:
+        """Encode the items' texts in one call. Should that raise, each item is encoded on its
+        own and the one that raises is dead-lettered (`processing_error`), so one record the
+        encoder cannot take never stops the loop (the catalog is compacted and read again
+        from its start: it would stop it on every restart)."""
+        start = time.perf_counter()
+        try:
+            vectors = self.encoder.encode([item_text(item) for item, _ in items])
+        except Exception:
+            logger.exception("encoding a batch failed items=%d; encoding one by one", len(items))
+        else:
+            self.metrics.observe_encode(len(items), time.perf_counter() - start)
+            return [item for item, _ in items], vectors
+        encoded: list[CatalogItem] = []
+        rows: list[npt.NDArray[np.float32]] = []
+        for item, msg in items:
+            try:
+                rows.append(self.encoder.encode([item_text(item)])[0])
+            except Exception as exc:
+                logger.exception("encoding failed item_id=%s", item.item_id)
+                rejection = Rejection("processing_error", f"{type(exc).__name__}: {exc}")
+                self._dead_letters.send(msg, rejection)
+                result.dead_letters += 1
+                continue
+            encoded.append(item)
+        self.metrics.observe_encode(len(encoded), time.perf_counter() - start)
+        return encoded, np.asarray(rows, dtype=np.float32)
 
     def run(self, stop_event: threading.Event) -> None:
         """Loop until `stop_event` is set; the caller closes consumer, producer and store."""

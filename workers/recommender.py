@@ -30,8 +30,8 @@ import numpy.typing as npt
 
 from kafkaio.client import Consumer, Message, Producer
 from kafkaio.consumer import LagReporter, commit_offsets, usable
-from kafkaio.dead_letters import DeadLetters
-from kafkaio.producer import AckedProducer
+from kafkaio.dead_letters import DeadLetters, refused
+from kafkaio.producer import AckedProducer, RecordRefusedError
 from schemas.decoding import Rejection, decode, key_text
 from schemas.messages import ProfileUpdate, Recommendation, RecommendedItem, RelatedItems
 from schemas.settings import RecommenderSettings
@@ -357,8 +357,13 @@ class Recommender:
 
     # -- profile updates -----------------------------------------------------------------------
 
-    def _decode_updates(self, messages: list[Message], result: BatchResult) -> list[ProfileUpdate]:
+    def _decode_updates(
+        self, messages: list[Message], result: BatchResult
+    ) -> tuple[list[ProfileUpdate], dict[str, list[Message]]]:
+        """The batch's valid updates, and each user's input messages (what a failure of that
+        user's answer dead-letters)."""
         updates: list[ProfileUpdate] = []
+        sources: dict[str, list[Message]] = {}
         for msg in usable(messages):
             decoded = decode(msg.value(), ProfileUpdate)
             if isinstance(decoded, Rejection):
@@ -366,7 +371,38 @@ class Recommender:
                 result.dead_letters += 1
                 continue
             updates.append(decoded)
-        return updates
+            sources.setdefault(decoded.user_id, []).append(msg)
+        return updates, sources
+
+    def _reject_user(
+        self, messages: Sequence[Message], rejection: Rejection, result: BatchResult
+    ) -> None:
+        for msg in messages:
+            self._dead_letters.send(msg, rejection)
+            result.dead_letters += 1
+
+    def _recommend_each(
+        self, users: list[PendingUser], sources: Mapping[str, list[Message]], result: BatchResult
+    ) -> tuple[list[PendingUser], list[list[RecommendedItem]]]:
+        """`recommend` for the whole batch; should that raise (a bug some user's history
+        triggers), for each user on their own, dead-lettering the updates of a user whose
+        ranking raises (`processing_error`) so the others are still answered."""
+        try:
+            return users, self.recommend(users)
+        except Exception:
+            logger.exception("ranking a batch failed users=%d; ranking one by one", len(users))
+        kept: list[PendingUser] = []
+        answers: list[list[RecommendedItem]] = []
+        for user in users:
+            try:
+                answers.append(self.recommend([user])[0])
+            except Exception as exc:
+                logger.exception("ranking failed user_id=%s", user.update.user_id)
+                rejection = Rejection("processing_error", f"{type(exc).__name__}: {exc}")
+                self._reject_user(sources.get(user.update.user_id, []), rejection, result)
+                continue
+            kept.append(user)
+        return kept, answers
 
     def _user_vectors(self, histories: Sequence[History]) -> list[FloatArray | None]:
         max_items = self.weights.max_sources
@@ -449,13 +485,13 @@ class Recommender:
             return result
         self.producer.begin(messages)
         self.metrics.recommender_batch_size.observe(len(messages))
-        updates = self._decode_updates(messages, result)
+        updates, sources = self._decode_updates(messages, result)
         pending, result.coalesced = coalesce(updates)
         self.metrics.profile_updates_coalesced.inc(result.coalesced)
         users = list(pending.values())
         result.users = len(users)
         if users:
-            items = self.recommend(users)
+            users, items = self._recommend_each(users, sources, result)
             generated_at = datetime.now(UTC)
             now_ms = self.clock() * 1000.0
             for user, user_items in zip(users, items, strict=True):
@@ -469,12 +505,17 @@ class Recommender:
                     trigger_event_ids=user.trigger_event_ids,
                     latency_ms=max(0.0, now_ms - user.source_ts_ms),
                 )
-                self.producer.produce(
-                    self.topics.recommendations,
-                    key=rec.user_id.encode(),
-                    value=rec.model_dump_json().encode(),
-                    on_acked=partial(self._acked, user.source_ts_ms),
-                )
+                try:
+                    self.producer.produce(
+                        self.topics.recommendations,
+                        key=rec.user_id.encode(),
+                        value=rec.model_dump_json().encode(),
+                        on_acked=partial(self._acked, user.source_ts_ms),
+                    )
+                except RecordRefusedError as exc:  # too large, say: the updates go to dead-letter
+                    rejection = refused(exc, "recommendation")
+                    self._reject_user(sources.get(rec.user_id, []), rejection, result)
+                    continue
                 result.recommendations.append(rec)
         self.producer.end()
         result.published = len(result.recommendations)

@@ -4,7 +4,6 @@ lag and the processes' Prometheus metrics."""
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import threading
 import time
@@ -98,10 +97,10 @@ class RecommendationProbe:
                 self._on_dead_letter(msg.value())
 
     @staticmethod
-    def _parsed(raw: bytes, what: str) -> dict[str, Any] | None:
+    def _parsed(raw: bytes | None, what: str) -> dict[str, Any] | None:
         try:
-            record = orjson.loads(raw)
-        except orjson.JSONDecodeError:
+            record = None if raw is None else orjson.loads(raw)
+        except orjson.JSONDecodeError:  # orjson also refuses deep nesting this way
             record = None
         if not isinstance(record, dict):
             logger.warning("unparsable %s", what)
@@ -141,10 +140,8 @@ class RecommendationProbe:
             self.profile_stage.add(now, (now - first) * 1000)
 
     def _on_dead_letter(self, raw: bytes) -> None:
-        try:
-            error_type = str(json.loads(raw).get("error_type", "unknown"))
-        except (json.JSONDecodeError, AttributeError):
-            error_type = "unknown"
+        record = self._parsed(raw, "dead letter")
+        error_type = "unknown" if record is None else str(record.get("error_type", "unknown"))
         self.stats.dead_letters[error_type] += 1
 
 

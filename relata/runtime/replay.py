@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import gzip
 import io
-import json
 import logging
 import sys
 import time
@@ -48,8 +47,10 @@ PRODUCER_DEFAULTS: dict[str, Any] = {
     "compression.type": "none",
 }
 
-# How many invalid catalog lines are described one by one before only counting the rest.
+# How many invalid catalog lines are described one by one before only counting the rest, and
+# how much of each reason is shown.
 MAX_REPORTED_INVALID = 20
+MAX_REASON_CHARS = 300
 
 
 class ReplayError(Exception):
@@ -58,6 +59,10 @@ class ReplayError(Exception):
 
 class DeliveryError(ReplayError):
     """The broker did not accept some records."""
+
+
+class RecordRefusedError(ReplayError):
+    """The producer refused one record outright (too large for `message.max.bytes`, ...)."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -170,7 +175,10 @@ def _produce(
     on_delivery: Callable[[Any, Any], None],
     timestamp_ms: int | None = None,
 ) -> None:
-    """Produce one record, waiting for queue space instead of failing when the queue is full."""
+    """Produce one record, waiting for queue space instead of failing when the queue is full;
+    a record the producer refuses outright raises `RecordRefusedError`."""
+    from confluent_kafka import KafkaException
+
     kwargs: dict[str, Any] = {"key": key, "value": value, "on_delivery": on_delivery}
     if timestamp_ms is not None:
         kwargs["timestamp"] = timestamp_ms
@@ -180,6 +188,9 @@ def _produce(
             return
         except BufferError:
             producer.poll(0.05)
+        except KafkaException as exc:
+            size = len(value or b"") + len(key or b"")
+            raise RecordRefusedError(f"record of {size} bytes refused: {exc}") from exc
 
 
 def _flush(producer: Any, deliveries: _Deliveries, *, timeout_s: float, what: str) -> None:
@@ -202,6 +213,14 @@ class CatalogReport:
     # (line number, reason) of the first MAX_REPORTED_INVALID invalid lines.
     invalid_lines: list[tuple[int, str]] = field(default_factory=list)
 
+    def reject(self, number: int, reason: str) -> None:
+        """Count line `number` as invalid for `reason` (described if among the first)."""
+        self.invalid += 1
+        reason = reason if len(reason) <= MAX_REASON_CHARS else f"{reason[:MAX_REASON_CHARS]}…"
+        if len(self.invalid_lines) < MAX_REPORTED_INVALID:
+            self.invalid_lines.append((number, reason))
+        logger.warning("invalid catalog line line=%d reason=%s", number, reason)
+
 
 def publish_catalog(
     lines: Iterable[tuple[int, bytes]],
@@ -212,30 +231,27 @@ def publish_catalog(
 ) -> CatalogReport:
     """Validate each line as a CatalogItem and publish it to `topic`, keyed by item_id.
 
-    Invalid lines are not published; they are counted and described in the report.
+    Invalid lines (too large, nested too deeply, malformed, invalid fields) and lines the
+    producer refuses are not published; they are counted and described in the report.
     """
     report = CatalogReport()
     deliveries = _Deliveries()
     for number, raw in lines:
         result = decode(raw, CatalogItem)
         if isinstance(result, Rejection):
-            report.invalid += 1
-            if len(report.invalid_lines) < MAX_REPORTED_INVALID:
-                report.invalid_lines.append((number, f"{result.error_type}: {result.reason}"))
-            logger.warning(
-                "invalid catalog line line=%d error_type=%s reason=%s",
-                number,
-                result.error_type,
-                result.reason,
-            )
+            report.reject(number, f"{result.error_type}: {result.reason}")
             continue
-        _produce(
-            producer,
-            topic,
-            key=result.item_id.encode(),
-            value=result.model_dump_json().encode(),
-            on_delivery=deliveries.callback,
-        )
+        try:
+            _produce(
+                producer,
+                topic,
+                key=result.item_id.encode(),
+                value=result.model_dump_json().encode(),
+                on_delivery=deliveries.callback,
+            )
+        except RecordRefusedError as exc:
+            report.reject(number, f"refused: {exc}")
+            continue
         producer.poll(0)
         report.published += 1
     _flush(producer, deliveries, timeout_s=flush_timeout_s, what="catalog")
@@ -249,6 +265,8 @@ class ReplayProgress:
     sent: int
     unparsable: int
     elapsed_s: float
+    # Lines the producer refused outright (too large for message.max.bytes): not sent.
+    refused: int = 0
 
     @property
     def rate(self) -> float:
@@ -288,15 +306,16 @@ def replay_events(
     """Send raw event lines to `topic`, keyed by user_id, at `rate` events/s (0 = unpaced).
 
     Lines go out verbatim, so malformed input reaches the stream processor's dead-letter path
-    (an unparsable line is sent without a key). Each record's Kafka timestamp is its send time;
+    (an unparsable line is sent without a key); a line the producer refuses outright (larger
+    than its message.max.bytes) is skipped with a warning and counted as `refused`. Each record's Kafka timestamp is its send time;
     when `sent_at` is given it receives event_id -> send time (epoch seconds) for latency probes.
     """
     bucket = TokenBucket(rate)
     deliveries = _Deliveries()
     start = time.perf_counter()
     next_report = start + progress_every_s
-    sent = unparsable = 0
-    for _number, raw in lines:
+    sent = unparsable = refused = 0
+    for number, raw in lines:
         if limit is not None and sent >= limit:
             break
         if should_stop is not None and should_stop():
@@ -306,14 +325,19 @@ def replay_events(
         if key is None:
             unparsable += 1
         now = time.time()
-        _produce(
-            producer,
-            topic,
-            key=key,
-            value=raw,
-            on_delivery=deliveries.callback,
-            timestamp_ms=int(now * 1000),
-        )
+        try:
+            _produce(
+                producer,
+                topic,
+                key=key,
+                value=raw,
+                on_delivery=deliveries.callback,
+                timestamp_ms=int(now * 1000),
+            )
+        except RecordRefusedError as exc:
+            refused += 1
+            logger.warning("event line not sent line=%d reason=%s", number, exc)
+            continue
         if sent_at is not None and event_id is not None:
             sent_at[event_id] = now
         sent += 1
@@ -322,9 +346,9 @@ def replay_events(
             tick = time.perf_counter()
             if tick >= next_report:
                 next_report = tick + progress_every_s
-                on_progress(ReplayProgress(sent, unparsable, tick - start))
+                on_progress(ReplayProgress(sent, unparsable, tick - start, refused))
     _flush(producer, deliveries, timeout_s=flush_timeout_s, what="event")
-    final = ReplayProgress(sent, unparsable, time.perf_counter() - start)
+    final = ReplayProgress(sent, unparsable, time.perf_counter() - start, refused)
     if on_progress is not None:
         on_progress(final)
     return final
@@ -348,8 +372,10 @@ class TailRecord:
         value: Any = None
         if self.value is not None:
             try:
-                value = json.loads(self.value)
-            except (UnicodeDecodeError, json.JSONDecodeError):
+                # orjson, not json: it refuses deep nesting where json.loads would recurse
+                # until RecursionError (a hostile record must not stop `relata tail`).
+                value = orjson.loads(self.value)
+            except orjson.JSONDecodeError:
                 value = self.value.decode("utf-8", errors="replace")
         return {
             "topic": self.topic,
@@ -532,7 +558,8 @@ def replay_command(file: Path, rate: float, limit: int | None, **params: Any) ->
         bar.close()
     click.echo(
         f"sent {final.sent} events to {topic} in {final.elapsed_s:.1f} s "
-        f"({final.rate:.0f} events/s; {final.unparsable} unparsable lines sent unkeyed)",
+        f"({final.rate:.0f} events/s; {final.unparsable} unparsable lines sent unkeyed; "
+        f"{final.refused} lines refused by the producer, not sent)",
         err=True,
     )
 
@@ -565,7 +592,7 @@ def tail_command(
     try:
         assign_all(consumer, full_topic, from_beginning=from_beginning)
         for record in tail_records(consumer, limit=limit, idle_timeout_s=idle_timeout):
-            line = json.dumps(record.as_json()) if as_json else record.as_text()
+            line = orjson.dumps(record.as_json()).decode() if as_json else record.as_text()
             click.echo(line)
     except ReplayError as exc:
         raise click.ClickException(str(exc)) from exc

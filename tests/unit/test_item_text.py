@@ -50,11 +50,15 @@ def test_item_without_text_fields_falls_back_to_its_id() -> None:
     )
 
 
+# What a catalog text may hold: no control characters but tab and line breaks.
+texts = st.characters(blacklist_categories=("Cs", "Cc")) | st.sampled_from("\t\n\r")
+
+
 @given(
-    title=st.none() | st.text(max_size=200),
-    brand=st.none() | st.text(max_size=50),
-    categories=st.lists(st.text(max_size=30), max_size=8),
-    description=st.none() | st.text(max_size=3000),
+    title=st.none() | st.text(texts, max_size=200),
+    brand=st.none() | st.text(texts, max_size=50),
+    categories=st.lists(st.text(texts, max_size=30), max_size=8),
+    description=st.none() | st.text(texts, max_size=3000),
 )
 def test_never_empty_and_bounded(
     title: str | None, brand: str | None, categories: list[str], description: str | None

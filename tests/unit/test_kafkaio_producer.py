@@ -8,9 +8,16 @@ import asyncio
 from typing import Any
 
 import pytest
+from confluent_kafka import KafkaError, KafkaException
 
 from kafkaio.consumer import commit_offsets
-from kafkaio.producer import AckedProducer, ConfluentSender, DeliveryError, produce
+from kafkaio.producer import (
+    AckedProducer,
+    ConfluentSender,
+    DeliveryError,
+    RecordRefusedError,
+    produce,
+)
 from tests.unit.worker_fakes import FakeMessage, FakeProducer
 
 # Nothing listens on port 1. librdkafka's connection-refused log lines are silenced: its
@@ -234,3 +241,60 @@ def test_flush_leaves_the_event_loop_to_other_tasks_while_it_waits() -> None:
 
     asyncio.run(main())
     assert ticks >= 10  # the other agents ran during the 0.3 s wait
+
+
+# -- records the client refuses outright (poison outputs) -------------------------------------
+
+
+def test_poison_a_record_too_large_for_librdkafka_raises_record_refused_not_kafka_exception() -> (
+    None
+):
+    from confluent_kafka import Producer
+
+    # librdkafka checks message.max.bytes in produce() itself: no broker is needed.
+    producer = Producer(UNREACHABLE)
+    with pytest.raises(RecordRefusedError, match="1200000 bytes refused") as caught:
+        produce(producer, "t", key=None, value=b"x" * 1_200_000)
+    assert caught.value.topic == "t" and caught.value.size == 1_200_000
+
+
+def test_poison_a_fatal_client_error_still_raises_kafka_exception() -> None:
+    class Fatal(FakeProducer):
+        def produce(self, topic: str, *args: Any, **kwargs: Any) -> None:
+            error = KafkaError(KafkaError._FATAL, "fenced", fatal=True)
+            raise KafkaException(error)
+
+    with pytest.raises(KafkaException):
+        produce(Fatal(), "t", key=None, value=b"v")
+
+
+def test_poison_a_refused_record_does_not_hold_its_batch_back() -> None:
+    producer = FakeProducer(max_bytes=10)
+    acked = AckedProducer(producer)
+    acked.begin(_messages((0, 0)))
+    with pytest.raises(RecordRefusedError):
+        acked.produce("out", key=None, value=b"x" * 11)
+    acked.produce("out", key=None, value=b"ok")
+    acked.end()
+    producer.deliver()
+    acked.settle()
+    assert acked.take_committable() == {("in", 0): 1}
+
+
+def test_poison_the_sender_refuses_an_oversized_record_when_queued() -> None:
+    producer = FakeProducer()
+    sender = ConfluentSender(producer, flush_timeout_s=1.0, max_message_bytes=1_000)
+    with pytest.raises(RecordRefusedError, match="over the producer's limit"):
+        sender.produce("out", key=b"k", value=b"x" * 1_000)
+    sender.produce("out", key=b"k", value=b"v")
+    assert sender.queued == 1
+    asyncio.run(sender.flush())
+    assert producer.records == [("out", b"k", b"v")]
+
+
+def test_poison_a_refusal_at_hand_over_is_reported_by_flush() -> None:
+    producer = FakeProducer(max_bytes=5)
+    sender = ConfluentSender(producer, flush_timeout_s=1.0)
+    sender.produce("out", key=None, value=b"x" * 6)  # passes the sender's own, larger limit
+    with pytest.raises(DeliveryError, match="1 records refused"):
+        asyncio.run(sender.flush())

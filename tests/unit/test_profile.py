@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import json
 from dataclasses import replace
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
@@ -427,3 +428,53 @@ def test_batched_fold_equals_the_event_by_event_fold_on_real_baskets() -> None:
 def context_of(fold: profile_module.EventFold) -> dict[str, Any]:
     """An event's fold context: a `FoldResult`'s fields but its profile."""
     return {f.name: getattr(fold, f.name) for f in dataclasses.fields(profile_module.EventFold)}
+
+
+# -- conflicting duplicates (a known event id with other content) -----------------------------
+
+
+def test_hostile_conflicting_duplicate_is_reported_and_the_exact_one_is_silent() -> None:
+    cfg = config()
+    first = ev("e1", "i1", at_s=0)
+    profile = fold_event(None, first, cfg).profile
+    again = fold_event(profile, first, cfg)
+    assert not again.changed and again.conflict is None and again.profile is profile
+    # The same instant written with another offset is the same event: a re-delivery.
+    shifted = first.model_copy(update={"ts": first.ts.astimezone(timezone(timedelta(hours=2)))})
+    assert fold_event(profile, shifted, cfg).conflict is None
+    for other in (
+        ev("e1", "i2", at_s=0),
+        ev("e1", "i1", at_s=1),
+        ev("e1", "i1", at_s=0, kind="view"),
+        ev("e1", "i1", at_s=0, session="s9"),
+        first.model_copy(update={"quantity": 3}),
+    ):
+        result = fold_event(profile, other, cfg)
+        assert not result.changed and result.profile is profile
+        assert result.conflict is not None and "e1" in result.conflict
+
+
+def test_hostile_conflicts_in_one_batch_are_set_apart_from_duplicates() -> None:
+    events = [ev("e1", "i1", at_s=0), ev("e1", "i1", at_s=0), ev("e1", "i2", at_s=5)]
+    fold = fold_user_events(None, events, config())
+    assert [at for at, _ in fold.changed] == [0]
+    assert fold.duplicates == 1
+    assert [at for at, _ in fold.conflicts] == [2]
+    assert fold.profile is not None
+    assert len(fold.profile.recent_event_digests) == len(fold.profile.recent_event_ids) == 1
+
+
+def test_profiles_stored_before_digests_still_load_and_deduplicate() -> None:
+    cfg = config(dedup_size=4)
+    stored = {"user_id": "u1", "history": [], "recent_event_ids": ["old1", "old2"]}
+    profile = UserProfile.model_validate_json(json.dumps(stored))
+    assert profile.recent_event_digests == []
+    # An old id has no digest: a repeat is taken for a re-delivery, whatever its content.
+    assert fold_event(profile, ev("old2", "i9"), cfg).conflict is None
+    folded = fold_user_events(profile, [ev("n1", "i1"), ev("n2", "i2"), ev("n3", "i3")], cfg)
+    assert folded.profile is not None
+    assert folded.profile.recent_event_ids == ["old2", "n1", "n2", "n3"]
+    assert len(folded.profile.recent_event_digests) == 3  # aligned at the end
+    assert fold_event(folded.profile, ev("n1", "i1"), cfg).conflict is None
+    assert fold_event(folded.profile, ev("n1", "i2"), cfg).conflict is not None
+    assert fold_event(folded.profile, ev("old2", "i2"), cfg).conflict is None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+import typing
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -18,6 +19,7 @@ from schemas.messages import (
     BehaviorEvent,
     CatalogItem,
     DeadLetter,
+    DeadLetterError,
     Evidence,
     HistoryEntry,
     ProfileUpdate,
@@ -36,6 +38,10 @@ aware = st.datetimes(
     min_value=datetime(1995, 1, 1), max_value=datetime(2030, 1, 1), timezones=st.just(UTC)
 )
 text = st.text(max_size=80)
+# Catalog texts: anything printable, tabs and line breaks (other controls are refused).
+catalog_text = st.text(
+    st.characters(blacklist_categories=("Cs", "Cc")) | st.sampled_from("\t\n\r"), max_size=80
+)
 
 events = st.builds(
     BehaviorEvent,
@@ -52,11 +58,11 @@ events = st.builds(
 items = st.builds(
     CatalogItem,
     item_id=ids,
-    title=st.none() | text,
-    categories=st.lists(st.text(max_size=30), max_size=5),
-    brand=st.none() | text,
+    title=st.none() | catalog_text,
+    categories=st.lists(catalog_text, max_size=5),
+    brand=st.none() | catalog_text,
     price=st.none() | st.floats(0, 1e6, allow_nan=False, allow_infinity=False),
-    description=st.none() | text,
+    description=st.none() | catalog_text,
     available=st.booleans(),
 )
 
@@ -135,6 +141,7 @@ user_profiles = st.builds(
     user_id=ids,
     history=st.lists(history_entries, max_size=5),
     recent_event_ids=st.lists(ids, max_size=5),
+    recent_event_digests=st.lists(st.from_regex(r"\A[0-9a-f]{12}\Z"), max_size=5),
     session_id=st.none() | ids,
     session_items=st.lists(ids, max_size=5),
     last_ts=st.none() | aware,
@@ -147,18 +154,13 @@ dead_letters = st.builds(
     key=st.none() | text,
     raw_value_b64=st.none() | st.binary(max_size=50).map(lambda b: base64.b64encode(b).decode()),
     reason=text,
-    error_type=st.sampled_from(
-        [
-            "malformed_json",
-            "invalid_fields",
-            "unknown_event_type",
-            "unknown_item",
-            "implausible_timestamp",
-            "processing_error",
-        ]
-    ),
+    error_type=st.sampled_from(typing.get_args(DeadLetterError)),
     stage=text,
     failed_at=aware,
+    raw_size=st.none() | st.integers(0, 2**30),
+    raw_sha256=st.none() | st.binary(min_size=32, max_size=32).map(bytes.hex),
+    raw_truncated=st.booleans(),
+    key_truncated=st.booleans(),
 )
 
 
@@ -226,7 +228,7 @@ GOOD = {
     [
         (b"{not json", "malformed_json", "JSON"),
         (b"\xff\xfe", "malformed_json", "UTF-8"),
-        (b"[1, 2]", "malformed_json", "list"),
+        (b"[1, 2]", "malformed_json", "array"),
         (json.dumps({**GOOD, "event_type": "like"}).encode(), "unknown_event_type", "event_type"),
         (
             json.dumps({**GOOD, "ts": "2211-01-01T00:00:00Z"}).encode(),

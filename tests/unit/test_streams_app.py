@@ -380,7 +380,7 @@ async def test_associations_publish_related_items_for_co_purchases(
 
     async with streams.process_associations.test_context() as agent:
         for value in inputs:
-            await agent.put([value], partition=0)
+            await agent.put(json.dumps([value]).encode(), partition=0)
     assert await association_agent(streams).flush_related() == 2
 
     published = {
@@ -413,7 +413,7 @@ async def test_also_bought_is_served_alone_and_in_all(
     await put_events(streams, records)
     async with streams.process_associations.test_context() as agent:
         for value in association_inputs(streams, sender):
-            await agent.put([value], partition=0)
+            await agent.put(json.dumps([value]).encode(), partition=0)
 
     only = await related_body(streams, item_id="i2", k=5, kind="also_bought", same_category=False)
     assert [(r.item_id, r.kind) for r in only.related] == [("i1", "also_bought")]
@@ -581,7 +581,7 @@ async def test_association_agent_batches_equal_one_by_one_statistics(
 
     async with streams.process_associations.test_context() as agent:
         for value in inputs:
-            await agent.put([value], partition=0, wait=False)
+            await agent.put(json.dumps([value]).encode(), partition=0, wait=False)
     reference = AssociationIndex(streams.assoc_config)
     for value in inputs:
         reference.observe(AssociationInput.from_dict(value))

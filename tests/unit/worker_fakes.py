@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+from confluent_kafka import KafkaError, KafkaException
 
 
 @dataclass
@@ -80,6 +81,8 @@ class FakeProducer:
     flushed: int = 0
     hold: bool = False
     refuse_topics: set[str] = field(default_factory=set)
+    # Like librdkafka's message.max.bytes: a larger record raises MSG_SIZE_TOO_LARGE at once.
+    max_bytes: int | None = None
     _reports: list[tuple[Any, str]] = field(default_factory=list)
 
     def produce(
@@ -89,6 +92,8 @@ class FakeProducer:
         value: bytes | None = None,
         on_delivery: Any = None,
     ) -> None:
+        if self.max_bytes is not None and len(key or b"") + len(value or b"") > self.max_bytes:
+            raise KafkaException(KafkaError(KafkaError.MSG_SIZE_TOO_LARGE))
         self.records.append((topic, key, value))
         if on_delivery is not None:
             self._reports.append((on_delivery, topic))
