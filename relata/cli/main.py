@@ -32,7 +32,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
         "relata.runtime.replay",
         "Replay an events file (events.jsonl[.gz]) into behavior-events.",
     ),
-    "tail": ("relata.runtime.replay", "Print the records of a topic as they arrive."),
+    "tail": ("relata.runtime.tail", "Print the records of a topic as they arrive."),
     "settings": (
         "relata.cli.settings_doc",
         "List every RELATA_* setting with its default and meaning.",

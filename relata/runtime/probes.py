@@ -17,7 +17,7 @@ from typing import Any
 import orjson
 
 from relata.runtime.latency import LatencySeries
-from relata.runtime.replay import make_consumer
+from relata.runtime.tail import make_consumer
 from schemas.settings import KafkaSettings
 from schemas.topics import DEAD_LETTER, PROFILE_UPDATES, RECOMMENDATIONS
 

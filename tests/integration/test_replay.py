@@ -11,14 +11,8 @@ import pytest
 from click.testing import CliRunner
 
 from relata.cli.main import main
-from relata.runtime.replay import (
-    assign_all,
-    iter_jsonl,
-    make_consumer,
-    make_producer,
-    replay_events,
-    tail_records,
-)
+from relata.runtime.replay import iter_jsonl, make_producer, replay_events
+from relata.runtime.tail import assign_all, make_consumer, tail_records
 from relata.runtime.topics import ensure_topics
 from schemas.settings import KafkaSettings
 from schemas.topics import BEHAVIOR_EVENTS, ITEM_CATALOG
@@ -165,7 +159,7 @@ def test_lag_monitor_reads_end_and_committed_offsets_of_every_partition(
     from confluent_kafka import Producer, TopicPartition
 
     from relata.runtime.probes import LagMonitor
-    from relata.runtime.replay import make_consumer
+    from relata.runtime.tail import make_consumer
 
     ensure_topics(kafka_settings, [BEHAVIOR_EVENTS], partitions=3)
     topic = kafka_settings.topic(BEHAVIOR_EVENTS.name)

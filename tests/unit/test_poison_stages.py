@@ -17,7 +17,8 @@ from prometheus_client import CollectorRegistry
 
 import streams.profiles_agent as profiles_agent_module
 from kafkaio.producer import RecordRefusedError
-from relata.runtime.replay import TailRecord, publish_catalog, replay_events
+from relata.runtime.replay import publish_catalog, replay_events
+from relata.runtime.tail import TailRecord
 from schemas.messages import DEAD_LETTER_MAX_BYTES, DeadLetter
 from schemas.settings import RecommenderSettings
 from streams.catalog import CatalogView

@@ -28,7 +28,7 @@ def test_every_librdkafka_client_config_forbids_auto_creation() -> None:
 
 def test_the_consumers_relata_builds_inherit_it(monkeypatch: pytest.MonkeyPatch) -> None:
     from relata.cli.run_workers import build_consumer
-    from relata.runtime.replay import make_consumer
+    from relata.runtime.tail import make_consumer
 
     seen: list[dict[str, object]] = []
 
