@@ -41,7 +41,10 @@ _DEFINITE = frozenset(
 )
 _HINTS = {
     "authentication failed": "check RELATA_KAFKA_SASL_* (and the client certificate)",
-    "TLS handshake failed": "check RELATA_KAFKA_SECURITY_PROTOCOL and RELATA_KAFKA_SSL_*",
+    "TLS handshake failed": (
+        "check RELATA_KAFKA_SECURITY_PROTOCOL and RELATA_KAFKA_SSL_* (the CA, and the client "
+        "certificate where the brokers require one)"
+    ),
     "not authorized": (
         "check the ACLs of this client's principal (docs/operations.md lists each component's)"
     ),
@@ -58,6 +61,22 @@ class ClientError:
 
     code: int
     text: str
+
+
+_SSL_CODE = -181
+_TRANSPORT_CODE = -195
+# A broker that refuses the client's certificate (or its lack of one) does so after the TLS 1.3
+# handshake has completed on the client's side: librdkafka reports the broker's alert as a
+# transport error ("Receive failed: ...: ssl/tls alert certificate required"), not as _SSL.
+_TLS_ALERT = "ssl/tls alert"
+
+
+def classified(error: ClientError) -> ClientError:
+    """`error`, with a transport error that carries a TLS alert taken for the TLS failure it
+    is (retrying will not fix it)."""
+    if error.code == _TRANSPORT_CODE and _TLS_ALERT in error.text.lower():
+        return ClientError(_SSL_CODE, error.text)
+    return error
 
 
 def describe_failure(
@@ -98,7 +117,7 @@ def check_kafka(
         # The errors come through error_cb; librdkafka's own log would repeat every
         # reconnect attempt on stderr.
         "log_level": 0,
-        "error_cb": lambda error: errors.append(ClientError(error.code(), error.str())),
+        "error_cb": lambda error: errors.append(classified(ClientError(error.code(), error.str()))),
     }
     admin = (client_factory or AdminClient)(config)
     started = time.monotonic()
@@ -110,7 +129,7 @@ def check_kafka(
         except KafkaException as exc:
             failure = exc.args[0] if exc.args else None
             if failure is not None and hasattr(failure, "code"):
-                failures.append(ClientError(failure.code(), failure.str()))
+                failures.append(classified(ClientError(failure.code(), failure.str())))
         else:
             if metadata.brokers:
                 if needs:
