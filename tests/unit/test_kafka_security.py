@@ -257,3 +257,22 @@ def test_secured_broker_properties_and_material(tmp_path: Path) -> None:
     assert again.passwords == material.passwords
     assert again.ca_file.read_bytes() == material.ca_file.read_bytes()
     assert KafkaSecurity(()).mtls
+
+
+def test_settings_acls_names_the_environments_prefix_and_groups(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from click.testing import CliRunner
+
+    from relata.cli.settings_doc import command
+
+    monkeypatch.setenv("RELATA_KAFKA_TOPIC_PREFIX", "shop.")
+    monkeypatch.setenv("RELATA_INDEXER_GROUP_ID", "shop-indexer")
+    result = CliRunner().invoke(command, ["--acls"])
+    assert result.exit_code == 0, result.output
+    assert (
+        "| `User:relata-indexer` | relata workers --role indexer | topic `shop.item-catalog` |"
+        in (result.output)
+    )
+    assert "group `shop-indexer` | LITERAL | DESCRIBE, READ |" in result.output
+    assert "topic `shop.relata-streams` | PREFIXED |" in result.output
