@@ -44,7 +44,26 @@ class KafkaSettings(_Settings):
     )
     sasl_username: str | None = Field(None, description="SASL user name.")
     sasl_password: SecretStr | None = Field(None, description="SASL password.")
-    ssl_cafile: Path | None = Field(None, description="CA bundle for SSL.")
+    ssl_cafile: Path | None = Field(
+        None,
+        description=(
+            "CA bundle (PEM) that signs the brokers' certificates, with SSL or SASL_SSL; "
+            "none: the system's."
+        ),
+    )
+    ssl_certfile: Path | None = Field(
+        None,
+        description=(
+            "This client's certificate (PEM, with its chain) for brokers that require client "
+            "certificates (mTLS); needs RELATA_KAFKA_SSL_KEYFILE."
+        ),
+    )
+    ssl_keyfile: Path | None = Field(
+        None, description="The private key (PEM) of RELATA_KAFKA_SSL_CERTFILE."
+    )
+    ssl_key_password: SecretStr | None = Field(
+        None, description="Password of RELATA_KAFKA_SSL_KEYFILE when the key is encrypted."
+    )
     connect_timeout_s: float = Field(
         10.0,
         gt=0,
@@ -67,11 +86,44 @@ class KafkaSettings(_Settings):
             raise ValueError(msg)
         return self
 
+    @model_validator(mode="after")
+    def _tls_complete(self) -> KafkaSettings:
+        files = {
+            "RELATA_KAFKA_SSL_CAFILE": self.ssl_cafile,
+            "RELATA_KAFKA_SSL_CERTFILE": self.ssl_certfile,
+            "RELATA_KAFKA_SSL_KEYFILE": self.ssl_keyfile,
+        }
+        given = [name for name, path in files.items() if path is not None]
+        if self.ssl_key_password is not None:
+            given.append("RELATA_KAFKA_SSL_KEY_PASSWORD")
+        problems: list[str] = []
+        if given and self.security_protocol not in ("SSL", "SASL_SSL"):
+            problems.append(
+                f"{', '.join(given)}: TLS settings, but RELATA_KAFKA_SECURITY_PROTOCOL is "
+                f"{self.security_protocol} (use SSL or SASL_SSL)"
+            )
+        if (self.ssl_certfile is None) != (self.ssl_keyfile is None):
+            problems.append(
+                "a client certificate needs both RELATA_KAFKA_SSL_CERTFILE and "
+                "RELATA_KAFKA_SSL_KEYFILE"
+            )
+        if self.ssl_key_password is not None and self.ssl_keyfile is None:
+            problems.append("RELATA_KAFKA_SSL_KEY_PASSWORD is set without RELATA_KAFKA_SSL_KEYFILE")
+        problems += [
+            f"{name}={path} is not a readable file"
+            for name, path in files.items()
+            if path is not None and not path.is_file()
+        ]
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
     def topic(self, name: str) -> str:
         return f"{self.topic_prefix}{name}"
 
     def librdkafka_config(self, client_id: str | None = None) -> dict[str, str]:
-        """librdkafka (confluent-kafka) client config: bootstrap servers and security, and
+        """librdkafka (confluent-kafka) client config: bootstrap servers, security (SASL
+        credentials, the CA, a client certificate for mTLS), and
         `client.id` when given (which relata component a connection is, in the broker's logs,
         request metrics and quotas; librdkafka's default is "rdkafka" for every client)."""
         config = {
@@ -93,6 +145,11 @@ class KafkaSettings(_Settings):
             config["sasl.password"] = self.sasl_password.get_secret_value()
         if self.ssl_cafile is not None:
             config["ssl.ca.location"] = str(self.ssl_cafile)
+        if self.ssl_certfile is not None and self.ssl_keyfile is not None:
+            config["ssl.certificate.location"] = str(self.ssl_certfile)
+            config["ssl.key.location"] = str(self.ssl_keyfile)
+        if self.ssl_key_password is not None:
+            config["ssl.key.password"] = self.ssl_key_password.get_secret_value()
         if client_id is not None:
             config["client.id"] = client_id
         return config

@@ -48,19 +48,29 @@ def _credentials(kafka: KafkaSettings) -> Any:
             username=kafka.sasl_username,
             password=kafka.sasl_password.get_secret_value(),
             mechanism=kafka.sasl_mechanism,
-            ssl_context=_ssl_context(kafka),
+            ssl_context=ssl_context(kafka),
         )
     if kafka.security_protocol == "SSL":
-        return faust.SSLCredentials(_ssl_context(kafka))
+        return faust.SSLCredentials(ssl_context(kafka))
     return None
 
 
-def _ssl_context(kafka: KafkaSettings) -> Any:
+def ssl_context(kafka: KafkaSettings) -> Any:
+    """The TLS context of aiokafka's clients: the brokers' CA (or the system's), host names
+    verified, and this client's certificate and key when set (mTLS); None without TLS."""
     if kafka.security_protocol not in ("SSL", "SASL_SSL"):
         return None
     import ssl
 
-    return ssl.create_default_context(cafile=str(kafka.ssl_cafile) if kafka.ssl_cafile else None)
+    context = ssl.create_default_context(cafile=str(kafka.ssl_cafile) if kafka.ssl_cafile else None)
+    if kafka.ssl_certfile is not None and kafka.ssl_keyfile is not None:
+        password = kafka.ssl_key_password
+        context.load_cert_chain(
+            str(kafka.ssl_certfile),
+            str(kafka.ssl_keyfile),
+            password=None if password is None else password.get_secret_value(),
+        )
+    return context
 
 
 def aiokafka_config(kafka: KafkaSettings, client_id: str) -> dict[str, Any]:

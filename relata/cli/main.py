@@ -38,7 +38,10 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
         "List every RELATA_* setting with its default and meaning.",
     ),
     "schemas": ("relata.cli.schema_export", "Write one JSON Schema per topic into schemas/json/."),
-    "kafka": ("relata.runtime.kafka_broker", "Run the embedded single-node Apache Kafka (KRaft)."),
+    "kafka": (
+        "relata.runtime.kafka_command",
+        "Run the embedded single-node Apache Kafka (KRaft), plain or secured.",
+    ),
     "bench": ("relata.lab.bench", "Measure event-to-recommendation latency and throughput."),
     "evaluate": (
         "relata.lab.evaluate_command",

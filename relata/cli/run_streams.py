@@ -27,6 +27,7 @@ from relata.cli.settings_cli import build_settings, settings_options
 from relata.runtime.preflight import require_kafka
 from relata.runtime.process import freeze_startup_heap
 from relata.runtime.topics import TopicError, WantedTopic, create_missing_topics, ensure_topics
+from schemas.access import component_access
 from schemas.messages import Evidence, RelatedItem
 from schemas.settings import EncoderSettings, KafkaSettings, StoreSettings, StreamsSettings
 from schemas.topics import ALL_TOPICS
@@ -255,7 +256,7 @@ def command(with_similar: bool | None, **params: Any) -> None:
     kafka = build_settings(KafkaSettings, group="kafka", params=params)
     settings = build_settings(StreamsSettings, group="streams", params=params)
     store = build_settings(StoreSettings, group="store", params=params)
-    require_kafka(kafka)
+    require_kafka(kafka, needs=component_access(kafka, streams=settings)["streams"].topics())
     if with_similar is None:
         with_similar = store.kind == "server"
         if not with_similar:

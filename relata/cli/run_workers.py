@@ -23,6 +23,7 @@ from relata.cli.settings_cli import build_settings, settings_options
 from relata.runtime.preflight import require_kafka
 from relata.runtime.process import freeze_startup_heap, stop_on_signals
 from relata.runtime.topics import TopicError, ensure_topics, topic_name
+from schemas.access import Component, component_access, topics_of
 from schemas.settings import (
     EncoderSettings,
     IndexerSettings,
@@ -31,7 +32,6 @@ from schemas.settings import (
     StoreSettings,
 )
 from schemas.topics import (
-    ALL_TOPICS,
     DEAD_LETTER,
     ITEM_CATALOG,
     PROFILE_UPDATES,
@@ -42,6 +42,12 @@ from schemas.topics import (
 logger = logging.getLogger(__name__)
 
 Role = Literal["indexer", "recommender", "all"]
+# The principal (schemas.access) each role runs as: `all` needs both loops' ACLs.
+COMPONENT_OF_ROLE: dict[Role, Component] = {
+    "indexer": "indexer",
+    "recommender": "recommender",
+    "all": "workers",
+}
 
 
 def build_consumer(
@@ -240,9 +246,12 @@ def command(role: Role, **params: Any) -> None:
     indexer_settings = build_settings(IndexerSettings, group="indexer", params=params)
     recommender_settings = build_settings(RecommenderSettings, group="recommender", params=params)
 
-    require_kafka(kafka)
+    access = component_access(kafka, indexer=indexer_settings, recommender=recommender_settings)[
+        COMPONENT_OF_ROLE[role]
+    ]
+    require_kafka(kafka, needs=access.topics())
     try:
-        created = ensure_topics(kafka, ALL_TOPICS)
+        created = ensure_topics(kafka, topics_of(access, kafka))
     except TopicError as exc:
         raise click.ClickException(str(exc)) from exc
     logger.info("topics ready created=%s", ",".join(created) or "none")

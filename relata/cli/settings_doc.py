@@ -8,6 +8,7 @@ from typing import Any
 import click
 from pydantic_settings import BaseSettings
 
+from schemas.access import COMPONENT_COMMANDS, component_access
 from schemas.settings import (
     EmbeddedKafkaSettings,
     EncoderSettings,
@@ -56,12 +57,59 @@ def markdown_table() -> str:
     return "\n".join(lines) + "\n"
 
 
+def acl_table(
+    kafka: KafkaSettings | None = None,
+    *,
+    streams: StreamsSettings | None = None,
+    indexer: IndexerSettings | None = None,
+    recommender: RecommenderSettings | None = None,
+) -> str:
+    """The ACLs of every component's principal (`schemas.access`), one row per resource;
+    with no arguments, under the default names (no topic prefix), as docs/operations.md
+    carries it (a test keeps them in step)."""
+    kafka = kafka or KafkaSettings.model_construct(topic_prefix="")
+    accesses = component_access(kafka, streams=streams, indexer=indexer, recommender=recommender)
+    lines = [
+        "| principal | runs | resource | pattern | operations |",
+        "|---|---|---|---|---|",
+    ]
+    for access in accesses.values():
+        runs = COMPONENT_COMMANDS[access.component]
+        for grant in access.grants:
+            pattern = "PREFIXED" if grant.prefixed else "LITERAL"
+            operations = ", ".join(sorted(grant.operations))
+            lines.append(
+                f"| `User:{access.principal}` | {runs} | {grant.resource} `{grant.name}` "
+                f"| {pattern} | {operations} |"
+            )
+            runs = ""  # said once per principal
+    return "\n".join(lines) + "\n"
+
+
 @click.command(name="settings")
 @click.option("--markdown", is_flag=True, help="Print the README's configuration table.")
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
-def command(markdown: bool, as_json: bool) -> None:
+@click.option(
+    "--acls",
+    is_flag=True,
+    help=(
+        "Print the ACLs each component's principal needs, named after this environment's "
+        "RELATA_KAFKA_TOPIC_PREFIX, RELATA_STREAMS_APP_ID and RELATA_*_GROUP_ID (Markdown)."
+    ),
+)
+def command(markdown: bool, as_json: bool, acls: bool) -> None:
     """List every RELATA_* setting with its default and meaning."""
-    if as_json:
+    if acls:
+        click.echo(
+            acl_table(
+                KafkaSettings(),
+                streams=StreamsSettings(),
+                indexer=IndexerSettings(),
+                recommender=RecommenderSettings(),
+            ),
+            nl=False,
+        )
+    elif as_json:
         click.echo(json.dumps(rows(), indent=2))
     elif markdown:
         click.echo(markdown_table(), nl=False)

@@ -34,10 +34,14 @@ from pathlib import Path
 from types import FrameType, TracebackType
 from typing import IO
 
-import click
-
-from relata.cli.settings_cli import build_settings, settings_options
-from relata.runtime.process import stop_on_signals
+from relata.runtime.kafka_security import (
+    ADMIN,
+    KafkaSecurity,
+    SecurityMaterial,
+    client_env,
+    grant_acls,
+    server_properties,
+)
 from schemas.settings import EmbeddedKafkaSettings
 
 logger = logging.getLogger(__name__)
@@ -204,7 +208,7 @@ def _pdeathsig_hook() -> Callable[[], None]:
 
 _WORKDIR_PREFIX = "relata-kafka-"
 _OWNER_FILE = "owner.pid"
-_PORTS_FILE = "ports"  # in a data dir: "PORT CONTROLLER_PORT", reused on restart
+_PORTS_FILE = "ports"  # in a data dir: "PORT CONTROLLER_PORT [MTLS_PORT]", reused on restart
 _META = Path("data") / "meta.properties"  # written by StorageTool format
 
 
@@ -269,7 +273,9 @@ class EmbeddedKafka:
     `bootstrap_servers` is valid after `start()` (or entering the `with` block). `data_dir`
     (default: the settings') keeps the broker's data across restarts: formatted when new,
     reused with its cluster id and ports otherwise, never removed. `server_properties`
-    overrides broker properties (tests).
+    overrides broker properties (tests). `security` makes it a secured broker
+    (`relata.runtime.kafka_security`): SASL_SSL with a SCRAM user and ACLs per component,
+    and an mTLS listener; `client_env` gives each component's settings.
     """
 
     def __init__(
@@ -281,6 +287,7 @@ class EmbeddedKafka:
         java: str = "java",
         data_dir: Path | None = None,
         server_properties: Mapping[str, str] | None = None,
+        security: KafkaSecurity | None = None,
     ) -> None:
         self.settings = settings if settings is not None else EmbeddedKafkaSettings()
         self.host = host
@@ -289,7 +296,10 @@ class EmbeddedKafka:
         chosen = data_dir if data_dir is not None else self.settings.data_dir
         self.data_dir = None if chosen is None else chosen.expanduser().absolute()
         self._overrides = dict(server_properties or {})
+        self.security = security
+        self.material: SecurityMaterial | None = None
         self.port = 0
+        self.mtls_port: int | None = None
         self.workdir: Path | None = None
         self._proc: subprocess.Popen[bytes] | None = None
         self._log_handle: IO[bytes] | None = None
@@ -300,6 +310,36 @@ class EmbeddedKafka:
         if self._proc is None:
             raise EmbeddedKafkaError("EmbeddedKafka is not running; call start() first")
         return f"{self.host}:{self.port}"
+
+    @property
+    def mtls_bootstrap_servers(self) -> str:
+        """The secured broker's listener that requires client certificates."""
+        if self._proc is None or self.mtls_port is None:
+            raise EmbeddedKafkaError("no mTLS listener: start a secured EmbeddedKafka first")
+        return f"{self.host}:{self.mtls_port}"
+
+    def admin_config(self) -> dict[str, str]:
+        """librdkafka config of the admin (a super user on a secured broker)."""
+        config = {"bootstrap.servers": f"{self.host}:{self.port}"}
+        if self.material is None:
+            return config
+        env = client_env(self.material, bootstrap_servers=config["bootstrap.servers"], user=ADMIN)
+        return config | {
+            "security.protocol": env["RELATA_KAFKA_SECURITY_PROTOCOL"],
+            "sasl.mechanism": env["RELATA_KAFKA_SASL_MECHANISM"],
+            "sasl.username": ADMIN,
+            "sasl.password": env["RELATA_KAFKA_SASL_PASSWORD"],
+            "ssl.ca.location": env["RELATA_KAFKA_SSL_CAFILE"],
+        }
+
+    def client_env(self, user: str, *, mtls: bool = False) -> dict[str, str]:
+        """The `RELATA_KAFKA_*` settings of a secured broker's user (a component's principal,
+        or the admin): SASL_SSL with its SCRAM credentials and the CA file, or (`mtls`) SSL
+        with its client certificate on the mTLS listener."""
+        if self.material is None:
+            raise EmbeddedKafkaError("client_env needs a running EmbeddedKafka(security=...)")
+        bootstrap = self.mtls_bootstrap_servers if mtls else self.bootstrap_servers
+        return client_env(self.material, bootstrap_servers=bootstrap, user=user, mtls=mtls)
 
     @property
     def log_path(self) -> Path | None:
@@ -365,21 +405,41 @@ class EmbeddedKafka:
                     raise
                 logger.warning("embedded kafka port taken; retrying attempt=%d", attempt + 1)
 
-    def _ports(self) -> tuple[int, int]:
-        """The broker and controller ports: a data dir's recorded ones, else free ones."""
+    def _ports(self) -> tuple[int, int, int | None]:
+        """The broker, controller and mTLS ports (None: no mTLS listener): a data dir's
+        recorded ones, else free ones."""
         assert self.workdir is not None
+        mtls = self.security is not None and self.security.mtls
         recorded = self.workdir / _PORTS_FILE
         if self.data_dir is not None and recorded.is_file():
-            port, controller_port = (int(x) for x in recorded.read_text().split())
-            return self._requested_port or port, controller_port
-        ports = self._requested_port or free_port(self.host), free_port(self.host)
+            port, controller_port, *rest = (int(x) for x in recorded.read_text().split())
+            mtls_port = (rest[0] if rest else free_port(self.host)) if mtls else None
+            return self._requested_port or port, controller_port, mtls_port
+        port = self._requested_port or free_port(self.host)
+        controller_port = free_port(self.host)
+        mtls_port = free_port(self.host) if mtls else None
         if self.data_dir is not None:
-            recorded.write_text(f"{ports[0]} {ports[1]}\n")
-        return ports
+            extra = "" if mtls_port is None else f" {mtls_port}"
+            recorded.write_text(f"{port} {controller_port}{extra}\n")
+        return port, controller_port, mtls_port
 
     def _launch(self, jars: Path) -> None:
         assert self.workdir is not None
-        self.port, controller_port = self._ports()
+        self.port, controller_port, self.mtls_port = self._ports()
+        overrides = self._overrides
+        if self.security is not None:
+            users = tuple(access.principal for access in self.security.accesses)
+            self.material = SecurityMaterial.create_or_load(
+                self.workdir, users=users, hosts=(self.host, "localhost")
+            )
+            secured = server_properties(
+                self.material,
+                host=self.host,
+                port=self.port,
+                controller_port=controller_port,
+                mtls_port=self.mtls_port,
+            )
+            overrides = secured | overrides
         props = self.workdir / "server.properties"
         props.write_text(
             _server_properties(
@@ -387,7 +447,7 @@ class EmbeddedKafka:
                 port=self.port,
                 controller_port=controller_port,
                 log_dir=self.workdir / "data",
-                overrides=self._overrides,
+                overrides=overrides,
             )
         )
         (self.workdir / "log4j2.properties").write_text(_resource_text("log4j2.properties"))
@@ -432,6 +492,7 @@ class EmbeddedKafka:
                 f"--cluster-id={_cluster_id()}",
                 "-c",
                 str(props),
+                *([] if self.material is None else self.material.scram_arguments()),
             ),
             capture_output=True,
             text=True,
@@ -451,7 +512,7 @@ class EmbeddedKafka:
         from confluent_kafka.admin import AdminClient
 
         deadline = time.monotonic() + self.settings.startup_timeout_s
-        admin = AdminClient({"bootstrap.servers": f"{self.host}:{self.port}", "log_level": 0})
+        admin = AdminClient({**self.admin_config(), "log_level": 0})
         started = time.monotonic()
         while True:
             proc = self._proc
@@ -479,6 +540,9 @@ class EmbeddedKafka:
                 )
                 raise EmbeddedKafkaError(msg)
             time.sleep(0.2)
+        if self.security is not None:
+            granted = grant_acls(self.admin_config(), self.security.accesses)
+            logger.info("embedded kafka ACLs granted bindings=%d", granted)
         logger.info(
             "embedded kafka ready bootstrap=%s seconds=%.1f",
             self.bootstrap_servers,
@@ -523,38 +587,3 @@ class EmbeddedKafka:
     def pid(self) -> int | None:
         """The java process id while the broker runs."""
         return None if self._proc is None else self._proc.pid
-
-
-@click.command("kafka")
-@click.option(
-    "--resolve-only", is_flag=True, help="Only resolve the jars into the cache; print the dir."
-)
-@click.option(
-    "--data-dir",
-    type=click.Path(path_type=Path, file_okay=False),
-    default=None,
-    help=(
-        "Keep the broker's data (topics, records, offsets) in DIR across restarts; formatted "
-        "when new. Same as --broker-data-dir. [env: RELATA_EMBEDDED_KAFKA_DATA_DIR]"
-    ),
-)
-@settings_options(EmbeddedKafkaSettings, group="broker")
-def command(resolve_only: bool, data_dir: Path | None, **params: object) -> None:
-    """Run the embedded single-node Apache Kafka in the foreground; Ctrl-C stops it."""
-    if data_dir is not None:
-        params["broker__data_dir"] = data_dir
-    settings = build_settings(EmbeddedKafkaSettings, group="broker", params=params)
-    if resolve_only:
-        click.echo(str(resolve_jars(settings)))
-        return
-    stop = threading.Event()
-    with EmbeddedKafka(settings) as kafka:
-        stop_on_signals(stop)
-        click.echo(kafka.bootstrap_servers)
-        kept = f"data kept in {kafka.data_dir}" if kafka.data_dir else "data removed on stop"
-        click.echo(f"broker log: {kafka.log_path}; {kept}  (Ctrl-C stops)", err=True)
-        while not stop.is_set():
-            if not kafka.running:
-                raise click.ClickException(f"embedded kafka exited:\n{kafka._log_tail()}")
-            stop.wait(1.0)
-        click.echo("stopping embedded kafka", err=True)

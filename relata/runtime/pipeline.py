@@ -33,6 +33,7 @@ from types import TracebackType
 from typing import Any
 
 from confluent_kafka import KafkaException
+from pydantic import SecretStr
 
 from relata.runtime.kafka_broker import free_port
 from relata.runtime.probes import (
@@ -50,7 +51,8 @@ from relata.runtime.replay import (
     replay_events,
 )
 from relata.runtime.supervision import REPO_ROOT, ManagedProcess, PipelineError, start_relata
-from schemas.settings import KafkaSettings, StreamsSettings
+from schemas.access import Access, Component, component_access
+from schemas.settings import IndexerSettings, KafkaSettings, RecommenderSettings, StreamsSettings
 from schemas.topics import (
     ALL_TOPICS,
     BEHAVIOR_EVENTS,
@@ -97,6 +99,28 @@ def pipeline_partitions(kafka: KafkaSettings) -> int:
     return kafka.partitions if "partitions" in kafka.model_fields_set else PIPELINE_PARTITIONS
 
 
+def security_env(kafka: KafkaSettings) -> dict[str, str]:
+    """The `RELATA_KAFKA_*` security settings of `kafka` (protocol, SASL, TLS files), for the
+    pipeline's processes: they talk to the broker as the driver does, unless told otherwise."""
+    values = {
+        "SECURITY_PROTOCOL": kafka.security_protocol,
+        "SASL_MECHANISM": kafka.sasl_mechanism,
+        "SASL_USERNAME": kafka.sasl_username,
+        "SASL_PASSWORD": kafka.sasl_password,
+        "SSL_CAFILE": kafka.ssl_cafile,
+        "SSL_CERTFILE": kafka.ssl_certfile,
+        "SSL_KEYFILE": kafka.ssl_keyfile,
+        "SSL_KEY_PASSWORD": kafka.ssl_key_password,
+    }
+    return {
+        f"RELATA_KAFKA_{name}": (
+            value.get_secret_value() if isinstance(value, SecretStr) else str(value)
+        )
+        for name, value in values.items()
+        if value is not None
+    }
+
+
 @dataclass
 class PipelineOptions:
     """How to run the pipeline. `kafka=None`: an embedded broker."""
@@ -106,6 +130,9 @@ class PipelineOptions:
     partitions: int = PIPELINE_PARTITIONS
     ready_timeout_s: float = 600.0
     extra_env: dict[str, str] = field(default_factory=dict)
+    # Per process ("workers", "streams", "associations"), on top of extra_env: e.g. each
+    # component's own credentials on a broker with ACLs per component.
+    process_env: dict[str, dict[str, str]] = field(default_factory=dict)
     keep_workdir: bool = False
 
 
@@ -168,13 +195,8 @@ class Pipeline:
             self._embedded = EmbeddedKafka()
             self._embedded.start()
             bootstrap = self._embedded.bootstrap_servers
-        base = given or KafkaSettings()
-        self.kafka = base.model_copy(
-            update={
-                "bootstrap_servers": bootstrap,
-                "topic_prefix": f"{base.topic_prefix}relata-{self.run_id}.",
-                "partitions": self.options.partitions,
-            }
+        self.kafka = self._run_settings(given or KafkaSettings()).model_copy(
+            update={"bootstrap_servers": bootstrap, "partitions": self.options.partitions}
         )
         # The stream-processor roles' consumer groups (their Faust app ids) and the
         # association agent's input topic, as streams/app.py names them.
@@ -197,12 +219,19 @@ class Pipeline:
         log_dir = self.workdir / "logs"
         log_dir.mkdir()
         say("starting workers (indexer + recommender) and the stream processor")
+        own = self.options.process_env
         self.processes["workers"] = start_relata(
-            "workers", ["workers", "--role", "all"], env=env, log_dir=log_dir
+            "workers",
+            ["workers", "--role", "all"],
+            env=env | own.get("workers", {}),
+            log_dir=log_dir,
         )
         # The two stream-processor roles in their own processes, as deployed (deploy/k8s).
         self.processes["streams"] = start_relata(
-            "streams", ["streams", "--no-similar"], env=env, log_dir=log_dir
+            "streams",
+            ["streams", "--no-similar"],
+            env=env | own.get("streams", {}),
+            log_dir=log_dir,
         )
         self.processes["associations"] = start_relata(
             "associations",
@@ -212,7 +241,8 @@ class Pipeline:
                 "RELATA_STREAMS_ROLE": "associations",
                 "RELATA_STREAMS_WEB_PORT": str(self.associations_port),
                 "RELATA_STREAMS_DATA_DIR": str(self.workdir / "associations"),
-            },
+            }
+            | own.get("associations", {}),
             log_dir=log_dir,
             nice=ASSOCIATIONS_NICE,
         )
@@ -220,6 +250,20 @@ class Pipeline:
         self.probe = RecommendationProbe(self.kafka, sent_at=self.sent_at)
         self.probe.start()
         self._wait_ready(say)
+
+    def _run_settings(self, base: KafkaSettings) -> KafkaSettings:
+        """`base` with this run's own topic prefix."""
+        return base.model_copy(update={"topic_prefix": f"{base.topic_prefix}relata-{self.run_id}."})
+
+    def component_access(self) -> dict[Component, Access]:
+        """What each of this run's processes needs on a broker with ACLs: its topics (under the
+        run's prefix), its groups and the stream processor's app id. Known before `start`."""
+        return component_access(
+            self._run_settings(self.options.kafka or KafkaSettings()),
+            streams=StreamsSettings(app_id=self.streams_app_id),
+            indexer=IndexerSettings(group_id=self.indexer_group),
+            recommender=RecommenderSettings(group_id=self.recommender_group),
+        )
 
     def _child_env(self) -> dict[str, str]:
         assert self.kafka is not None
@@ -233,7 +277,7 @@ class Pipeline:
                 "RELATA_KAFKA_BOOTSTRAP_SERVERS": kafka.bootstrap_servers,
                 "RELATA_KAFKA_TOPIC_PREFIX": kafka.topic_prefix,
                 "RELATA_KAFKA_PARTITIONS": str(kafka.partitions),
-                "RELATA_KAFKA_SECURITY_PROTOCOL": kafka.security_protocol,
+                **security_env(kafka),
                 "RELATA_STREAMS_APP_ID": self.streams_app_id,
                 "RELATA_STREAMS_ROLE": "profiles",
                 "RELATA_STREAMS_DATA_DIR": str(self.workdir / "streams"),

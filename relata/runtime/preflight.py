@@ -2,18 +2,21 @@
 do they accept the credentials?
 
 One metadata request with a short deadline (`RELATA_KAFKA_CONNECT_TIMEOUT_S`), librdkafka's
-logs off, its errors collected through `error_cb` and mapped to one cause. A process whose
-brokers cannot be used then stops with one line naming the bootstrap servers and the cause,
-instead of a traceback after many lines of client retries.
+logs off, its errors collected through `error_cb` and mapped to one cause. Then, on a broker
+with an authorizer, the operations the client is granted on each of its topics are compared
+with those it needs (`schemas.access`). A process whose brokers cannot be used then stops with
+one line naming the bootstrap servers and the cause, instead of a traceback after many lines
+of client retries (or a consumer that silently reads nothing).
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from schemas.access import Operation
 from schemas.settings import KafkaSettings
 
 # librdkafka error codes (confluent_kafka.KafkaError) and what an operator has to fix, the
@@ -38,8 +41,13 @@ _DEFINITE = frozenset(
 )
 _HINTS = {
     "authentication failed": "check RELATA_KAFKA_SASL_* (and the client certificate)",
-    "TLS handshake failed": "check RELATA_KAFKA_SECURITY_PROTOCOL and RELATA_KAFKA_SSL_*",
-    "not authorized": "check the ACLs of this client's principal",
+    "TLS handshake failed": (
+        "check RELATA_KAFKA_SECURITY_PROTOCOL and RELATA_KAFKA_SSL_* (the CA, and the client "
+        "certificate where the brokers require one)"
+    ),
+    "not authorized": (
+        "check the ACLs of this client's principal (docs/operations.md lists each component's)"
+    ),
 }
 
 
@@ -53,6 +61,22 @@ class ClientError:
 
     code: int
     text: str
+
+
+_SSL_CODE = -181
+_TRANSPORT_CODE = -195
+# A broker that refuses the client's certificate (or its lack of one) does so after the TLS 1.3
+# handshake has completed on the client's side: librdkafka reports the broker's alert as a
+# transport error ("Receive failed: ...: ssl/tls alert certificate required"), not as _SSL.
+_TLS_ALERT = "ssl/tls alert"
+
+
+def classified(error: ClientError) -> ClientError:
+    """`error`, with a transport error that carries a TLS alert taken for the TLS failure it
+    is (retrying will not fix it)."""
+    if error.code == _TRANSPORT_CODE and _TLS_ALERT in error.text.lower():
+        return ClientError(_SSL_CODE, error.text)
+    return error
 
 
 def describe_failure(
@@ -72,9 +96,17 @@ def describe_failure(
     return f"Kafka at {bootstrap_servers}: {cause} ({detail}); {hint}"
 
 
-def check_kafka(settings: KafkaSettings, *, client_factory: Any = None) -> int:
+def check_kafka(
+    settings: KafkaSettings,
+    *,
+    needs: Mapping[str, frozenset[Operation]] | None = None,
+    client_factory: Any = None,
+) -> int:
     """Ask the brokers for metadata within `settings.connect_timeout_s`; return how many
-    brokers answered, or raise `KafkaUnavailableError` with one line naming the cause."""
+    brokers answered, or raise `KafkaUnavailableError` with one line naming the cause.
+
+    `needs` (full topic name -> operations): the client must be granted them; a missing one
+    is a `not authorized` line naming each topic and operation."""
     from confluent_kafka import KafkaException
     from confluent_kafka.admin import AdminClient
 
@@ -85,7 +117,7 @@ def check_kafka(settings: KafkaSettings, *, client_factory: Any = None) -> int:
         # The errors come through error_cb; librdkafka's own log would repeat every
         # reconnect attempt on stderr.
         "log_level": 0,
-        "error_cb": lambda error: errors.append(ClientError(error.code(), error.str())),
+        "error_cb": lambda error: errors.append(classified(ClientError(error.code(), error.str()))),
     }
     admin = (client_factory or AdminClient)(config)
     started = time.monotonic()
@@ -97,9 +129,11 @@ def check_kafka(settings: KafkaSettings, *, client_factory: Any = None) -> int:
         except KafkaException as exc:
             failure = exc.args[0] if exc.args else None
             if failure is not None and hasattr(failure, "code"):
-                failures.append(ClientError(failure.code(), failure.str()))
+                failures.append(classified(ClientError(failure.code(), failure.str())))
         else:
             if metadata.brokers:
+                if needs:
+                    _check_authorized(admin, settings, needs)
                 return len(metadata.brokers)
         admin.poll(0)  # serve error_cb
         if any(error.code in _DEFINITE for error in errors) or time.monotonic() >= deadline:
@@ -110,11 +144,62 @@ def check_kafka(settings: KafkaSettings, *, client_factory: Any = None) -> int:
     raise KafkaUnavailableError(message)
 
 
-def require_kafka(settings: KafkaSettings) -> None:
+def missing_operations(
+    needs: Mapping[str, frozenset[Operation]], granted: Mapping[str, frozenset[str] | None]
+) -> list[str]:
+    """`OPERATION on topic NAME` for each operation of `needs` not in `granted` (topic ->
+    granted operations; None: unknown, e.g. a broker without an authorizer, or a topic that
+    does not exist yet). CREATE is left out: it matters only for a missing topic, which the
+    contract check creates or reports."""
+    missing = []
+    for topic, operations in needs.items():
+        have = granted.get(topic)
+        if have is None:
+            continue
+        missing += [f"{op} on topic {topic}" for op in sorted(operations - {"CREATE"} - have)]
+    return missing
+
+
+def _check_authorized(
+    admin: Any, settings: KafkaSettings, needs: Mapping[str, frozenset[Operation]]
+) -> None:
+    from confluent_kafka import KafkaError, KafkaException, TopicCollection
+
+    granted: dict[str, frozenset[str] | None] = {}
+    futures = admin.describe_topics(
+        TopicCollection(sorted(needs)),
+        request_timeout=settings.connect_timeout_s,
+        include_authorized_operations=True,
+    )
+    for topic, future in futures.items():
+        try:
+            description = future.result()
+        except KafkaException as exc:
+            code = exc.args[0].code() if exc.args and hasattr(exc.args[0], "code") else None
+            # Without DESCRIBE the broker answers "not authorized" for a topic, existing or not.
+            granted[topic] = frozenset() if code == KafkaError.TOPIC_AUTHORIZATION_FAILED else None
+            continue
+        # A broker without an authorizer reports no operations: nothing to compare.
+        operations = description.authorized_operations
+        granted[topic] = frozenset(op.name for op in operations) if operations else None
+    missing = missing_operations(needs, granted)
+    if missing:
+        who = f"user {settings.sasl_username}" if settings.sasl_username else "this client"
+        detail = f"{who} is not granted {', '.join(missing)}"
+        message = (
+            f"Kafka at {settings.bootstrap_servers}: not authorized ({detail}); "
+            + _HINTS["not authorized"]
+        )
+        raise KafkaUnavailableError(message)
+
+
+def require_kafka(
+    settings: KafkaSettings, *, needs: Mapping[str, frozenset[Operation]] | None = None
+) -> None:
     """`check_kafka` for an entry point: on failure, exit non-zero with the one line."""
     import click
 
     try:
-        check_kafka(settings)
+        check_kafka(settings, needs=needs)
     except KafkaUnavailableError as exc:
         raise click.ClickException(str(exc)) from exc

@@ -22,6 +22,7 @@ import orjson
 
 from relata.cli.settings_cli import build_settings, settings_options
 from relata.runtime.preflight import require_kafka
+from schemas.access import WRITES
 from schemas.decoding import Rejection, decode
 from schemas.messages import CatalogItem
 from schemas.settings import KafkaSettings
@@ -379,7 +380,7 @@ def _ensure_topic(kafka: KafkaSettings, spec: TopicSpec) -> None:
 def load_catalog_command(file: Path, strict: bool, **params: Any) -> None:
     """Validate FILE (items.jsonl[.gz]) and publish each item to item-catalog, keyed by item_id."""
     kafka = _kafka_settings(params)
-    require_kafka(kafka)
+    require_kafka(kafka, needs={kafka.topic(ITEM_CATALOG.name): WRITES})
     _ensure_topic(kafka, ITEM_CATALOG)
     topic = kafka.topic(ITEM_CATALOG.name)
     producer = make_producer(kafka)
@@ -430,7 +431,7 @@ def replay_command(file: Path, rate: float, limit: int | None, **params: Any) ->
     from tqdm import tqdm
 
     kafka = _kafka_settings(params)
-    require_kafka(kafka)
+    require_kafka(kafka, needs={kafka.topic(BEHAVIOR_EVENTS.name): WRITES})
     _ensure_topic(kafka, BEHAVIOR_EVENTS)
     topic = kafka.topic(BEHAVIOR_EVENTS.name)
     producer = make_producer(kafka)

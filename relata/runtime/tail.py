@@ -138,8 +138,8 @@ def tail_command(
 ) -> None:
     """Print the records of TOPIC (name without the deployment prefix) as they arrive."""
     kafka = build_settings(KafkaSettings, group="kafka", params=params)
-    require_kafka(kafka)
     full_topic = kafka.topic(topic)
+    require_kafka(kafka, needs={full_topic: frozenset({"READ", "DESCRIBE"})})
     consumer = make_consumer(kafka)
     try:
         assign_all(consumer, full_topic, from_beginning=from_beginning)

@@ -12,6 +12,7 @@ from relata.runtime.preflight import (
     ClientError,
     KafkaUnavailableError,
     check_kafka,
+    classified,
     describe_failure,
 )
 from schemas.settings import KafkaSettings
@@ -25,6 +26,12 @@ SASL = ClientError(
 )
 SSL = ClientError(-181, "h:1/bootstrap: SSL handshake failed: certificate verify failed")
 RESOLVE = ClientError(-193, "Failed to resolve 'nowhere:9092': Name or service not known")
+# What a broker that requires a client certificate answers to a client without one (TLS 1.3).
+NO_CLIENT_CERT = ClientError(
+    -195,
+    "ssl://h:1/bootstrap: Receive failed: error:0A000412:SSL routines::ssl/tls alert bad "
+    "certificate: SSL alert number 42 (after 5ms in state APIVERSION_QUERY)",
+)
 
 
 @pytest.mark.parametrize(
@@ -34,6 +41,11 @@ RESOLVE = ClientError(-193, "Failed to resolve 'nowhere:9092': Name or service n
         ([RESOLVE, ALL_DOWN], "host name not resolved", "RELATA_KAFKA_BOOTSTRAP_SERVERS"),
         ([REFUSED, SASL, ALL_DOWN], "authentication failed (SASL", "RELATA_KAFKA_SASL_*"),
         ([ALL_DOWN, SSL], "TLS handshake failed (h:1/bootstrap: SSL", "RELATA_KAFKA_SSL_*"),
+        (
+            [ALL_DOWN, classified(NO_CLIENT_CERT)],
+            "TLS handshake failed (ssl://h:1/bootstrap: Receive failed",
+            "client certificate",
+        ),
         ([ClientError(58, "bad creds")], "authentication failed (bad creds)", "SASL"),
         ([ClientError(31, "cluster")], "not authorized (cluster)", "ACLs"),
         ([ClientError(-1, "odd\nthing")], "error (odd thing)", "BOOTSTRAP"),

@@ -22,14 +22,16 @@ def test_plaintext_config_has_bootstrap_protocol_and_no_nagle() -> None:
     }
 
 
-def test_sasl_ssl_config_maps_credentials_and_ca() -> None:
+def test_sasl_ssl_config_maps_credentials_and_ca(tmp_path: Path) -> None:
+    ca = tmp_path / "ca.pem"
+    ca.write_text("-----BEGIN CERTIFICATE-----\n")
     settings = KafkaSettings(
         bootstrap_servers="kafka:9093",
         security_protocol="SASL_SSL",
         sasl_mechanism="SCRAM-SHA-512",
         sasl_username="relata",
         sasl_password=SecretStr("s3cret"),
-        ssl_cafile=Path("/etc/ssl/ca.pem"),
+        ssl_cafile=ca,
     )
     assert settings.librdkafka_config() == {
         "bootstrap.servers": "kafka:9093",
@@ -39,7 +41,7 @@ def test_sasl_ssl_config_maps_credentials_and_ca() -> None:
         "sasl.mechanism": "SCRAM-SHA-512",
         "sasl.username": "relata",
         "sasl.password": "s3cret",
-        "ssl.ca.location": "/etc/ssl/ca.pem",
+        "ssl.ca.location": str(ca),
     }
 
 
