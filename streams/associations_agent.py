@@ -14,7 +14,14 @@ from typing import Any
 
 from schemas.messages import RelatedItems, RelationKind
 
-from .association import AssociationConfig, AssociationInput, ItemRecord, TotalsRecord, apply_inputs
+from .association import (
+    AssociationConfig,
+    AssociationFold,
+    AssociationInput,
+    InputPosition,
+    ItemRecord,
+    TotalsRecord,
+)
 from .metrics import StreamsMetrics
 from .neighbours import (
     CountMemo,
@@ -47,51 +54,54 @@ class AssociationAgent:
     published: dict[str, Membership] = field(default_factory=dict)
     dirty: set[str] = field(default_factory=set)
 
-    async def handle_association_batch(self, messages: Sequence[Any]) -> None:
+    async def handle_association_batch(
+        self, messages: Sequence[Any], positions: Sequence[InputPosition] | None = None
+    ) -> None:
         """Fold a batch of association-input messages (each a list of inputs, in order) into
-        the records and the totals.
+        the records and the totals; `positions[i]` is where `messages[i]` was read.
 
         The statistics equal one-by-one application; each touched record (and the totals) is
         written to its changelog-backed table once per batch, not once per input: a record
         holds up to capacity x kinds partners, and serialising it was the agent's main cost.
-        The work is done in slices of ASSOCIATION_SLICE inputs (and record writes) with the
-        event loop let go between them, so a large batch never holds up the profile agent,
-        which shares the loop, for more than a few milliseconds.
+        With positions the fold is exact over re-delivery: each record stores the offset of
+        the last message folded into it and skips the inputs it already holds
+        (`AssociationFold`); their items' related lists are still republished, since a crash
+        may have come before they were. The work is done in slices of ASSOCIATION_SLICE
+        inputs (and record writes) with the event loop let go between them, so a large batch
+        never holds up the profile agent, which shares the loop, for more than a few
+        milliseconds.
         """
-        inputs = [
-            AssociationInput.from_dict(data)
-            for message in messages
+        if positions is not None and len(positions) != len(messages):
+            msg = f"{len(positions)} positions for {len(messages)} messages: one per message"
+            raise ValueError(msg)
+        inputs: list[AssociationInput] = []
+        at: list[InputPosition] = []
+        for n, message in enumerate(messages):
             # A list per profile batch; a single input from a version before batching.
-            for data in (message if isinstance(message, list) else [message])
-        ]
+            for data in message if isinstance(message, list) else [message]:
+                inputs.append(AssociationInput.from_dict(data))
+                if positions is not None:
+                    at.append(positions[n])
         if not inputs:
             return
         state = self.association_totals.get(TOTALS_KEY) or {"totals": None, "clock": 0.0}
-        totals = state["totals"]
-        touched: dict[str, ItemRecord] = {}
-        table = self.associations
-
-        def lookup(item_id: str) -> ItemRecord | None:
-            record = touched.get(item_id)
-            return table.get(item_id) if record is None else record
-
+        fold = AssociationFold(
+            lookup=self.associations.get, totals=state["totals"], config=self.config
+        )
         for start in range(0, len(inputs), ASSOCIATION_SLICE):
             if start:
                 await asyncio.sleep(0)
-            part, totals = apply_inputs(
-                inputs[start : start + ASSOCIATION_SLICE],
-                lookup=lookup,
-                totals=totals,
-                config=self.config,
-            )
-            touched.update(part)
-        for n, (item_id, record) in enumerate(touched.items(), start=1):
+            end = start + ASSOCIATION_SLICE
+            fold.apply(inputs[start:end], at[start:end] if positions is not None else None)
+        table = self.associations
+        for n, (item_id, record) in enumerate(fold.touched.items(), start=1):
             table[item_id] = record
             if n % ASSOCIATION_SLICE == 0:
                 await asyncio.sleep(0)
-        self.dirty.update(touched)
+        self.dirty.update(fold.touched)
+        self.dirty.update(fold.skipped)
         clock = max(float(state["clock"]), *(inp.ts for inp in inputs))
-        self.association_totals[TOTALS_KEY] = {"totals": totals, "clock": clock}
+        self.association_totals[TOTALS_KEY] = {"totals": fold.totals, "clock": clock}
         self.metrics.association_updates.inc(len(inputs))
 
     def association_clock(self) -> tuple[TotalsRecord | None, float]:
