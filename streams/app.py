@@ -378,8 +378,8 @@ def _add_association_agents(streams: StreamsApp, topics: dict[str, Any], *, base
                 [event.value for event in events],
                 [InputPosition(event.message.partition, event.message.offset) for event in events],
             )
-            await agent.flush_related()
-            await streams.sender.flush()  # the changelog records and lists, before the acks
+            await streams.sender.flush()  # the changelog records (and their bytes freed)
+            await agent.flush_related()  # then the lists: both before the inputs are acked
 
     async def count_association_items() -> None:
         streams.metrics.association_items.set(local_size(streams.associations))
