@@ -15,18 +15,20 @@ agents' handlers are glue around the pure logic in `streams/profile.py` and
 - `process_associations` (internal `association-input`, ONE partition): all pair counts of
   an item need the counts of its partners (lift, cosine), so the statistics live in one
   partition of table `associations` on one worker. It folds inputs in windows of
-  `StreamsSettings.assoc_batch_window_s` (`stream.take_events`) and writes each touched record
-  once per window. Failover is by a standby replica
-  (`table_standby_replicas=1`) that replays the changelog. Sharding by item would need a
-  second hop for partner counts.
-  Delivery is at least once: the profile agent de-duplicates re-delivered events by
-  event_id, but after a crash (not a clean stop) association inputs committed late can be
-  counted twice; related lists are republished only on a material change of membership.
+  `StreamsSettings.assoc_batch_window_s` (`stream.take_batches`), writes each touched record
+  once per window and republishes the window's related lists that changed. Failover is by a
+  standby replica (`table_standby_replicas=1`) that replays the changelog. Sharding by item
+  would need a second hop for partner counts.
+  The state is exact over crashes: the profile agent de-duplicates re-delivered events by
+  event_id, and every association record stores the offset of the last association-input
+  message folded into it, so re-delivered inputs are skipped per record
+  (`streams.association.AssociationFold`); related lists are republished only on a material
+  change of membership.
 - `process_recommendations` (recommendations): the latest list per user in a table for HTTP.
 - A task follows `item-catalog` into a `CatalogView` (known, available items).
 
 `StreamsSettings.role` picks the agents: `profiles` (the profile agent, process_recommendations),
-`associations` (process_associations, the related-items timer; Faust app id
+`associations` (process_associations and the related lists; Faust app id
 `<app_id>-associations`, its own consumer group) or `all`. The association tables' changelog
 topics and the association-input topic are named after the base app id in every role.
 """
@@ -94,8 +96,6 @@ FAUST_FETCH_MAX_WAIT_MS = 500
 # cheaper per input (fewer rewrites, fewer republished lists) at the cost of related lists
 # lagging the stream by up to the window.
 ASSOCIATION_BATCH_MAX = 5000
-# Related lists are recomputed for items touched since the last flush, at most this often.
-RELATED_FLUSH_INTERVAL_S = 1.0
 
 
 class StreamsError(RuntimeError):
@@ -328,7 +328,8 @@ def _add_profile_agents(streams: StreamsApp, topics: dict[str, Any]) -> None:
 
 
 def _add_association_agents(streams: StreamsApp, topics: dict[str, Any], *, base_id: str) -> None:
-    """Role `associations`: the association tables, their agent and the related-items timer.
+    """Role `associations`: the association tables and their agent, which republishes the
+    related lists of each window.
 
     The changelog topics are named after the base app id in every role, so `all` and
     `associations` read and write the same state.
@@ -364,7 +365,12 @@ def _add_association_agents(streams: StreamsApp, topics: dict[str, Any], *, base
 
     @app.agent(topics[ASSOCIATION_INPUT], name="process-associations")
     async def process_associations(stream: Any) -> None:
-        batches = stream.take_events(
+        # A batch's inputs are acknowledged (and then committed) only when the next batch is
+        # asked for: after its changelog records and the related lists it changed are
+        # acknowledged by the broker. A crash before that re-delivers the inputs; the fold
+        # skips them for the records that already hold them (their offsets are stored in the
+        # records) and republishes those records' lists.
+        batches = stream.take_batches(
             ASSOCIATION_BATCH_MAX, within=streams.settings.assoc_batch_window_s
         )
         async for events in batches:
@@ -373,15 +379,12 @@ def _add_association_agents(streams: StreamsApp, topics: dict[str, Any], *, base
             # event stands for the whole batch (Faust has no public setter for this).
             stream._set_current_event(events[-1])
             await agent.handle_association_batch([Record.of(event) for event in events])
-            await streams.sender.flush()  # the changelog records, before the inputs are acked
-
-    async def publish_related() -> None:
-        await agent.flush_related()
+            await streams.sender.flush()  # the changelog records (and their bytes freed)
+            await agent.flush_related()  # then the lists: both before the inputs are acked
 
     async def count_association_items() -> None:
         streams.metrics.association_items.set(local_size(streams.associations))
 
-    app.timer(interval=RELATED_FLUSH_INTERVAL_S)(publish_related)
     app.timer(interval=10.0)(count_association_items)
     streams.process_associations = process_associations
 

@@ -16,6 +16,13 @@ an update touches only the entries it changes; reading at time `now` multiplies 
 2^(-(now - landmark)/h). The landmark moves forward (and the record is rescaled) only when the
 scale would grow past 2^30.
 
+Exactly once over re-delivery: every record (and the totals) carries `applied`, per
+association-input partition the offset of the last input message folded into it, and a
+positioned fold (`AssociationFold.apply` with positions) skips, per record, the inputs of
+messages at or below it. Each record's changelog entry holds its own watermark, so a crash
+after some of a window's records were written and before its input offsets were committed
+re-applies the re-delivered inputs to exactly the records that lack them.
+
 Bounded memory (the approximation): at most `capacity` partners per item and kind, kept with
 a batched Space-Saving / lossy-counting rule. When a new partner arrives at a full list, the
 weakest quarter of the list (ties included) is dropped at once (one sort per capacity/4
@@ -32,9 +39,9 @@ item co-occurring with millions of items therefore holds at most `capacity` part
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, TypedDict
+from typing import Any, NotRequired, TypedDict
 
 from schemas import vocabulary
 from schemas.messages import (
@@ -70,6 +77,9 @@ class ItemRecord(TypedDict):
     errors: dict[str, dict[str, float]]
     # kind -> scaled count of the strongest partner ever dropped (admission error of newcomers)
     floors: dict[str, float]
+    # association-input partition (as a string) -> offset of the last message folded into this
+    # record (absent: none, as in records of an earlier relata and of offline folds)
+    applied: NotRequired[dict[str, int]]
 
 
 class TotalsRecord(TypedDict):
@@ -77,6 +87,8 @@ class TotalsRecord(TypedDict):
 
     landmark: float
     counts: dict[str, float]
+    # as ItemRecord.applied
+    applied: NotRequired[dict[str, int]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -177,6 +189,14 @@ class AssociationInput:
             new_basket=bool(data.get("new_basket", False)),
             bought_items=tuple(str(i) for i in data.get("bought_items", ())),
         )
+
+
+@dataclass(frozen=True, slots=True)
+class InputPosition:
+    """The association-input message an input came from (several inputs share one)."""
+
+    partition: int
+    offset: int
 
 
 @dataclass(slots=True)
@@ -385,38 +405,117 @@ def update_totals(
     return record
 
 
+# The records an input updates, each with its scale at the input's time (one scale per record
+# and input, as when its updates are applied together: `update_item`); None: the record
+# already holds the input's message (re-delivered), its updates are skipped.
+_Scaled = dict[str, tuple[ItemRecord, float] | None]
+
+
+class AssociationFold:
+    """One fold of inputs into the item records and the totals, over one or more `apply`
+    calls (the live agent applies a window in slices); `touched` holds each changed record
+    once, for the caller to store.
+
+    With positions, an input updates a record only when the record did not already hold its
+    message: the comparison is with the record's `applied` offset as loaded, before this
+    fold, so the inputs of one message that touch a record several times (or across two
+    `apply` calls) all count. Loaded records always hold whole messages (a caller stores
+    records only between messages), so the result equals a clean fold of each input once.
+    """
+
+    __slots__ = (
+        "_before",
+        "_loaded",
+        "_lookup",
+        "_totals_before",
+        "config",
+        "skipped",
+        "totals",
+        "touched",
+    )
+
+    def __init__(
+        self, *, lookup: Lookup, totals: TotalsRecord | None, config: AssociationConfig
+    ) -> None:
+        self.config = config
+        self.totals = totals
+        self.touched: dict[str, ItemRecord] = {}
+        # Items whose record already held a re-delivered input (not changed by it).
+        self.skipped: set[str] = set()
+        self._lookup = lookup
+        # Records read so far (changed or not), and their `applied` offsets as loaded.
+        self._loaded: dict[str, ItemRecord] = {}
+        self._before: dict[str, dict[str, int]] = {}
+        self._totals_before: dict[str, int] = dict(totals.get("applied", {})) if totals else {}
+
+    def _record(self, item_id: str, ts: float) -> ItemRecord:
+        record = self._loaded.get(item_id)
+        if record is None:
+            record = self._loaded[item_id] = _stored(self._lookup(item_id), item_id, ts)
+            self._before[item_id] = dict(record.get("applied", {}))
+        return record
+
+    def apply(
+        self,
+        inputs: Sequence[AssociationInput],
+        positions: Sequence[InputPosition] | None = None,
+    ) -> None:
+        """Apply inputs in order (each item's deltas at their own event time); `positions[i]`
+        is the message of `inputs[i]` (None: no re-delivery check, no watermark). Records from
+        `lookup` are mutated."""
+        if positions is not None and len(positions) != len(inputs):
+            msg = f"{len(positions)} positions for {len(inputs)} inputs: one per input"
+            raise ValueError(msg)
+        touched, skipped, before = self.touched, self.skipped, self._before
+        half_life_s, capacity = self.config.half_life_s, self.config.capacity
+        for at, inp in enumerate(inputs):
+            ts = inp.ts
+            position = None if positions is None else positions[at]
+            partition = "" if position is None else str(position.partition)
+            scaled: _Scaled = {}
+            for item_id, kind, partner, amount in input_updates(inp):
+                found = scaled.get(item_id)
+                if found is None:
+                    if item_id in scaled:  # the record already holds this input
+                        continue
+                    record = self._record(item_id, ts)
+                    if position is not None:
+                        if before[item_id].get(partition, -1) >= position.offset:
+                            skipped.add(item_id)
+                            scaled[item_id] = None
+                            continue
+                        record.setdefault("applied", {})[partition] = position.offset
+                    found = scaled[item_id] = (record, _scale_at(record, ts, half_life_s))
+                    touched[item_id] = record
+                record, scale = found
+                if partner is None:
+                    counts = record["counts"]
+                    counts[kind] = counts.get(kind, 0.0) + amount * scale
+                else:
+                    _add_pair(record, kind, partner, amount * scale, capacity)
+            if position is None:
+                self.totals = update_totals(self.totals, inp, self.config)
+            elif self._totals_before.get(partition, -1) < position.offset:
+                totals = self.totals = update_totals(self.totals, inp, self.config)
+                totals.setdefault("applied", {})[partition] = position.offset
+
+
 def apply_inputs(
     inputs: Iterable[AssociationInput],
     *,
     lookup: Lookup,
     totals: TotalsRecord | None,
     config: AssociationConfig,
+    positions: Sequence[InputPosition] | None = None,
 ) -> tuple[dict[str, ItemRecord], TotalsRecord | None]:
     """Apply a batch of inputs in order; returns each touched record once, and the totals.
 
     The result is exactly that of applying the inputs one by one (each item's deltas are
     applied in input order at their own event time); only the state reads and writes are
     batched: the caller stores each returned record once. Records from `lookup` are mutated.
+    With `positions` (one per input: its association-input message), inputs a record already
+    holds are skipped for it (`AssociationFold`).
     """
-    touched: dict[str, ItemRecord] = {}
-    half_life_s, capacity = config.half_life_s, config.capacity
-    for inp in inputs:
-        ts = inp.ts
-        # The records this input updates, with their scale at ts: one scale per record and
-        # input, as when its updates are applied together (`update_item`).
-        scaled: dict[str, tuple[ItemRecord, float]] = {}
-        for item_id, kind, partner, amount in input_updates(inp):
-            found = scaled.get(item_id)
-            if found is None:
-                record = touched.get(item_id)
-                if record is None:
-                    record = touched[item_id] = _stored(lookup(item_id), item_id, ts)
-                found = scaled[item_id] = (record, _scale_at(record, ts, half_life_s))
-            record, scale = found
-            if partner is None:
-                counts = record["counts"]
-                counts[kind] = counts.get(kind, 0.0) + amount * scale
-            else:
-                _add_pair(record, kind, partner, amount * scale, capacity)
-        totals = update_totals(totals, inp, config)
-    return touched, totals
+    fold = AssociationFold(lookup=lookup, totals=totals, config=config)
+    fold.apply(tuple(inputs), positions)
+    return fold.touched, fold.totals

@@ -20,7 +20,14 @@ from kafkaio.producer import RecordRefusedError
 from schemas.decoding import Rejection
 from schemas.messages import DEFAULT_MAX_RECORD_BYTES, RelatedItems, RelationKind
 
-from .association import AssociationConfig, AssociationInput, ItemRecord, TotalsRecord, apply_inputs
+from .association import (
+    AssociationConfig,
+    AssociationFold,
+    AssociationInput,
+    InputPosition,
+    ItemRecord,
+    TotalsRecord,
+)
 from .metrics import StreamsMetrics
 from .neighbours import (
     CountMemo,
@@ -57,11 +64,15 @@ class AssociationAgent:
     published: dict[str, Membership] = field(default_factory=dict)
     dirty: set[str] = field(default_factory=set)
 
-    def _inputs(self, records: Sequence[Record]) -> list[AssociationInput]:
-        """The association inputs of a batch of association-input records, in order. A record
-        that is not a JSON list of inputs, or holds an invalid one, is dead-lettered (its valid
-        inputs still count): the topic is internal, so that is a bug or a foreign producer."""
+    def _inputs(
+        self, records: Sequence[Record]
+    ) -> tuple[list[AssociationInput], list[InputPosition]]:
+        """The association inputs of a batch of association-input records, in order, and where
+        each was read. A record that is not a JSON list of inputs, or holds an invalid one, is
+        dead-lettered (its valid inputs still count): the topic is internal, so that is a bug
+        or a foreign producer."""
         inputs: list[AssociationInput] = []
+        at: list[InputPosition] = []
         for record in records:
             if record.value is None:
                 reject(self.dead_letters, Rejection("invalid_fields", "null value"), record)
@@ -84,10 +95,11 @@ class AssociationAgent:
                     inputs.append(AssociationInput.from_dict(data))
                 except Exception as exc:  # any shape of bad input is data
                     bad.append(f"{type(exc).__name__}: {exc}")
+            at += [InputPosition(record.partition, record.offset)] * (len(inputs) - len(at))
             if bad:
                 reason = f"{len(bad)} invalid association inputs, first: {bad[0]}"
                 reject(self.dead_letters, Rejection("invalid_fields", reason), record)
-        return inputs
+        return inputs, at
 
     async def handle_association_batch(self, records: Sequence[Record]) -> None:
         """Fold a batch of association-input records (each a JSON list of inputs, in order)
@@ -96,42 +108,38 @@ class AssociationAgent:
         The statistics equal one-by-one application; each touched record (and the totals) is
         written to its changelog-backed table once per batch, not once per input: a record
         holds up to capacity x kinds partners, and serialising it was the agent's main cost.
-        The work is done in slices of ASSOCIATION_SLICE inputs (and record writes) with the
-        event loop let go between them, so a large batch never holds up the profile agent,
-        which shares the loop, for more than a few milliseconds.
+        The fold is exact over re-delivery: each record stores the offset of
+        the last message folded into it and skips the inputs it already holds
+        (`AssociationFold`); their items' related lists are still republished, since a crash
+        may have come before they were. The work is done in slices of ASSOCIATION_SLICE
+        inputs (and record writes) with the event loop let go between them, so a large batch
+        never holds up the profile agent, which shares the loop, for more than a few
+        milliseconds.
         """
-        inputs = self._inputs(records)
+        inputs, at = self._inputs(records)
         if not inputs:
             return
         state = self.association_totals.get(TOTALS_KEY) or {"totals": None, "clock": 0.0}
-        totals = state["totals"]
-        touched: dict[str, ItemRecord] = {}
-        table = self.associations
-
-        def lookup(item_id: str) -> ItemRecord | None:
-            record = touched.get(item_id)
-            return table.get(item_id) if record is None else record
-
+        fold = AssociationFold(
+            lookup=self.associations.get, totals=state["totals"], config=self.config
+        )
         for start in range(0, len(inputs), ASSOCIATION_SLICE):
             if start:
                 await asyncio.sleep(0)
-            part, totals = apply_inputs(
-                inputs[start : start + ASSOCIATION_SLICE],
-                lookup=lookup,
-                totals=totals,
-                config=self.config,
-            )
-            touched.update(part)
-        for n, (item_id, record) in enumerate(touched.items(), start=1):
+            end = start + ASSOCIATION_SLICE
+            fold.apply(inputs[start:end], at[start:end])
+        table = self.associations
+        for n, (item_id, record) in enumerate(fold.touched.items(), start=1):
             try:
                 table[item_id] = record
             except RecordRefusedError:  # its changelog record is too large: lose this update
                 logger.exception("association record not written item_id=%r", item_id[:100])
             if n % ASSOCIATION_SLICE == 0:
                 await asyncio.sleep(0)
-        self.dirty.update(touched)
+        self.dirty.update(fold.touched)
+        self.dirty.update(fold.skipped)
         clock = max(float(state["clock"]), *(inp.ts for inp in inputs))
-        self.association_totals[TOTALS_KEY] = {"totals": totals, "clock": clock}
+        self.association_totals[TOTALS_KEY] = {"totals": fold.totals, "clock": clock}
         self.metrics.association_updates.inc(len(inputs))
 
     def association_clock(self) -> tuple[TotalsRecord | None, float]:

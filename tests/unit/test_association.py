@@ -19,7 +19,9 @@ from schemas.messages import BehaviorEvent, RelatedItems
 from schemas.settings import StreamsSettings
 from streams.association import (
     AssociationConfig,
+    AssociationFold,
     AssociationInput,
+    InputPosition,
     ItemDelta,
     apply_inputs,
     plan_updates,
@@ -446,3 +448,147 @@ def test_a_count_memo_shared_across_lists_changes_no_score(stream: list[list[str
     assert (
         any(memo.values()) == scored
     )  # filled by the lists that scored partners, used by later ones
+
+
+# --- exact over re-delivery: kill -9 between a window's changelog writes and its offset commit
+
+
+def _messages(inputs: list[AssociationInput], sizes: list[int]) -> list[list[AssociationInput]]:
+    """The inputs cut into association-input messages of the given sizes (cycled)."""
+    out: list[list[AssociationInput]] = []
+    at = 0
+    while at < len(inputs):
+        size = sizes[len(out) % len(sizes)]
+        out.append(inputs[at : at + size])
+        at += size
+    return out
+
+
+class ChangelogStore:
+    """The agent's tables as their changelog holds them: JSON per record, written per key."""
+
+    def __init__(self) -> None:
+        self.records: dict[str, str] = {}
+        self.totals: str | None = None
+
+    def lookup(self, item_id: str) -> Any:
+        raw = self.records.get(item_id)
+        return None if raw is None else json.loads(raw)
+
+    def fold(
+        self,
+        messages: list[list[AssociationInput]],
+        first_offset: int,
+        cfg: AssociationConfig,
+        *,
+        slice_size: int = 7,
+    ) -> AssociationFold:
+        """One window: the messages (offsets from `first_offset`) folded in slices, as the
+        agent does; nothing is written."""
+        inputs = [inp for message in messages for inp in message]
+        positions = [
+            InputPosition(0, first_offset + n)
+            for n, message in enumerate(messages)
+            for _ in message
+        ]
+        totals = None if self.totals is None else json.loads(self.totals)
+        fold = AssociationFold(lookup=self.lookup, totals=totals, config=cfg)
+        for start in range(0, len(inputs), slice_size):
+            end = start + slice_size
+            fold.apply(inputs[start:end], positions[start:end])
+        return fold
+
+    def write(self, fold: AssociationFold, keep: Any = lambda _: True, totals: bool = True) -> None:
+        for item_id, record in fold.touched.items():
+            if keep(item_id):
+                self.records[item_id] = json.dumps(record)
+        if totals and fold.totals is not None:
+            self.totals = json.dumps(fold.totals)
+
+    def run(
+        self,
+        messages: list[list[AssociationInput]],
+        cfg: AssociationConfig,
+        *,
+        first_offset: int = 0,
+        window: int = 3,
+    ) -> None:
+        for start in range(0, len(messages), window):
+            self.write(self.fold(messages[start : start + window], first_offset + start, cfg))
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    baskets(10, max_basket=6, max_baskets=25),
+    st.lists(st.integers(1, 5), min_size=1, max_size=4),
+    st.integers(1, 4),
+)
+def test_kill_redelivered_inputs_are_folded_once(
+    stream: list[list[str]], sizes: list[int], window: int
+) -> None:
+    cfg = AssociationConfig(half_life_s=600.0, top_n=1, capacity=4)
+    messages = _messages(_inputs(stream, cfg=fold_config()), sizes)
+    clean = ChangelogStore()
+    clean.run(messages, cfg, window=window)
+    again = ChangelogStore()
+    again.records, again.totals = dict(clean.records), clean.totals
+    fold = again.fold(messages, 0, cfg)
+    assert fold.touched == {}
+    assert fold.skipped == set(clean.records)
+    again.write(fold)
+    assert (again.records, again.totals) == (clean.records, clean.totals)
+
+
+@settings(max_examples=80, deadline=None)
+@given(
+    baskets(10, max_basket=6, max_baskets=25),
+    st.lists(st.integers(1, 5), min_size=1, max_size=4),
+    st.integers(1, 4),
+    st.data(),
+)
+def test_kill_mid_changelog_flush_then_redelivery_equals_a_clean_fold(
+    stream: list[list[str]], sizes: list[int], window: int, data: st.DataObject
+) -> None:
+    """The process dies after some of a window's records reached the changelog (any subset,
+    the totals or not) and before the offsets of the window, and maybe of earlier ones, were
+    committed; the restarted fold re-reads from the committed offset, in other windows."""
+    cfg = AssociationConfig(half_life_s=600.0, top_n=1, capacity=4)
+    messages = _messages(_inputs(stream, cfg=fold_config()), sizes)
+    clean = ChangelogStore()
+    clean.run(messages, cfg, window=window)
+
+    crashed = ChangelogStore()
+    killed_at = data.draw(st.integers(0, len(messages) - 1), label="first message of the window")
+    killed_end = data.draw(st.integers(killed_at + 1, len(messages)), label="window end")
+    committed = data.draw(st.integers(0, killed_at), label="committed offset")
+    crashed.run(messages[:killed_at], cfg, window=window)
+    fold = crashed.fold(messages[killed_at:killed_end], killed_at, cfg)
+    written = data.draw(
+        st.sets(st.sampled_from(sorted(fold.touched))) if fold.touched else st.just(set())
+    )
+    crashed.write(fold, keep=written.__contains__, totals=data.draw(st.booleans(), label="totals"))
+
+    restart_window = data.draw(st.integers(1, 5), label="window after the restart")
+    crashed.run(messages[committed:], cfg, first_offset=committed, window=restart_window)
+    assert crashed.records == clean.records
+    assert crashed.totals == clean.totals
+
+
+def test_kill_recovery_reads_records_written_before_they_carried_offsets() -> None:
+    cfg = AssociationConfig(half_life_s=NO_DECAY)
+    messages = _messages(_inputs([["A", "B"], ["A", "B"]], cfg=fold_config()), [2])
+    store = ChangelogStore()
+    store.run(messages[:1], cfg)
+    # As an earlier relata wrote them: no offsets.
+    for item_id, raw in store.records.items():
+        record = json.loads(raw)
+        del record["applied"]
+        store.records[item_id] = json.dumps(record)
+    store.run(messages[1:], cfg, first_offset=1)
+    a = json.loads(store.records["A"])
+    assert a["applied"] == {"0": 1}
+    assert a["partners"]["bought_together"] == pytest.approx({"B": 2.0})
+    # Offline folds (no positions) carry no offsets at all.
+    index = AssociationIndex(cfg)
+    index.observe_batch(inp for message in messages for inp in message)
+    assert all("applied" not in record for record in index.items.values())

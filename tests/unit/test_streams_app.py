@@ -9,6 +9,7 @@ import base64
 import functools
 import json
 from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -381,7 +382,8 @@ async def test_associations_publish_related_items_for_co_purchases(
     async with streams.process_associations.test_context() as agent:
         for value in inputs:
             await agent.put(json.dumps([value]).encode(), partition=0)
-    assert await association_agent(streams).flush_related() == 2
+    # The agent republishes a window's changed lists before its inputs are acknowledged.
+    assert streams.registry.get_sample_value("relata_related_items_published_total") == 2
 
     published = {
         r.item_id: r
@@ -567,26 +569,39 @@ def test_rocksdb_store_without_binding_fails_fast(tmp_path: Path) -> None:
 
 @run_async
 async def test_association_agent_batches_equal_one_by_one_statistics(
-    streams: StreamsApp, sender: RecordingSender
+    tmp_path: Path, sender: RecordingSender
 ) -> None:
+    streams = make_streams(tmp_path, sender, assoc_batch_window_s=0.01)
     records = []
     n = 0
     for b, items in enumerate([("i1", "i2", "i3"), ("i2", "i3"), ("i1", "i3", "cold"), ("i2",)]):
         user = f"u{b % 2}"
         for item in items:
             n += 1
-            records.append((user.encode(), encode(event(n, user=user, item=item, session_id=b))))
+            records.append(
+                (user.encode(), encode(event(n, user=user, item=item, session_id=f"b{b}")))
+            )
     await put_events(streams, records)
     inputs = association_inputs(streams, sender)
+    assert len(inputs) >= 8
 
     async with streams.process_associations.test_context() as agent:
         for value in inputs:
             await agent.put(json.dumps([value]).encode(), partition=0, wait=False)
+        async with asyncio.timeout(10):
+            while streams.registry.get_sample_value("relata_association_updates_total") < len(
+                inputs
+            ):
+                await asyncio.sleep(0.01)
     reference = AssociationIndex(streams.assoc_config)
     for value in inputs:
         reference.observe(AssociationInput.from_dict(value))
-    assert {k: streams.associations.get(k) for k in reference.items} == reference.items
+    live = {k: dict(streams.associations.get(k)) for k in reference.items}
+    # The live records also carry the offset of the last input message folded into them.
+    assert all(record.pop("applied") for record in live.values())
+    assert live == reference.items
     totals, clock = association_agent(streams).association_clock()
+    assert totals is not None and totals.pop("applied") == {"0": len(inputs) - 1}
     assert (totals, clock) == (reference.totals, reference.last_ts)
     assert streams.registry.get_sample_value("relata_association_updates_total") == len(inputs)
 
@@ -630,3 +645,55 @@ def test_roles_split_agents_tables_and_routes_and_share_the_association_state(
     assert users in profiles.app.web.views and related not in profiles.app.web.views
     assert related in associations.app.web.views and users not in associations.app.web.views
     assert {related, users, "/healthz", "/metrics"} <= set(everything.app.web.views)
+
+
+@run_async
+async def test_kill_restarted_association_agent_skips_redelivered_inputs_republishes_lists(
+    tmp_path: Path, sender: RecordingSender
+) -> None:
+    streams = make_streams(tmp_path, sender, assoc_batch_window_s=0.01)
+    records = []
+    n = 0
+    for b, items in enumerate([("i1", "i2"), ("i1", "i2", "i3"), ("i2", "i3"), ("i1", "i2")]):
+        user = f"u{b}"
+        for item in items:
+            n += 1
+            records.append(
+                (user.encode(), encode(event(n, user=user, item=item, session_id=f"b{b}")))
+            )
+    await put_events(streams, records)
+    messages = [json.loads(v) for v in sender.values(streams.topic_names[ASSOCIATION_INPUT])]
+    async with streams.process_associations.test_context() as agent:
+        for message in messages:  # offsets 0, 1, ...
+            await agent.put(json.dumps(message).encode(), partition=0)
+        folded = len(association_inputs(streams, sender))
+        async with asyncio.timeout(10):
+            while streams.registry.get_sample_value("relata_association_updates_total") < folded:
+                await asyncio.sleep(0.01)
+    state = json.dumps(
+        [dict(streams.associations.items()), association_agent(streams).association_clock()],
+        sort_keys=True,
+    )
+    assert json.loads(state)[0]["i1"]["applied"] == {"0": len(messages) - 1}
+
+    # The process was killed after the changelog records, before the offsets were committed:
+    # a new process (its state recovered from the changelog) gets the last messages again.
+    restarted = replace(association_agent(streams), published={}, dirty=set())
+    published_before = len(sender.values("related-items"))
+    redelivered = range(len(messages) // 2, len(messages))
+    await restarted.handle_association_batch(
+        [
+            Record(None, json.dumps(messages[k]).encode(), "association-input", 0, k, 0.0)
+            for k in redelivered
+        ]
+    )
+    assert (
+        json.dumps(
+            [dict(streams.associations.items()), restarted.association_clock()], sort_keys=True
+        )
+        == state
+    )
+    # Their items' lists are republished: the crash may have come before they were.
+    assert await restarted.flush_related() == 2
+    lists = [RelatedItems.model_validate_json(v) for v in sender.values("related-items")]
+    assert {r.item_id for r in lists[published_before:]} == {"i1", "i2"}
