@@ -33,8 +33,9 @@ from confluent_kafka import TopicPartition
 
 from relata.runtime.kafka_broker import free_port
 from relata.runtime.probes import LagMonitor
-from relata.runtime.replay import make_consumer, make_producer, publish_catalog, replay_events
+from relata.runtime.replay import make_producer, publish_catalog, replay_events
 from relata.runtime.supervision import REPO_ROOT, ManagedProcess, start_relata
+from relata.runtime.tail import make_consumer
 from relata.runtime.topics import ensure_topics
 from schemas.decoding import Rejection, decode
 from schemas.messages import BehaviorEvent, DeadLetter, ProfileUpdate, RelatedItems, UserProfile
