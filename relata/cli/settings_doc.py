@@ -14,6 +14,7 @@ from schemas.settings import (
     IndexerSettings,
     KafkaSettings,
     RecommenderSettings,
+    ReliabilitySettings,
     StoreSettings,
     StreamsSettings,
 )
@@ -21,6 +22,7 @@ from schemas.settings import (
 SETTINGS_CLASSES: tuple[type[BaseSettings], ...] = (
     KafkaSettings,
     StreamsSettings,
+    ReliabilitySettings,
     EncoderSettings,
     StoreSettings,
     IndexerSettings,
