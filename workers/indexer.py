@@ -18,7 +18,7 @@ import numpy as np
 import numpy.typing as npt
 
 from kafkaio.client import Consumer, Message, Producer
-from kafkaio.consumer import LagReporter, commit, usable
+from kafkaio.consumer import CommitRetry, LagReporter, commit, commit_offsets, usable
 from kafkaio.dead_letters import DeadLetters
 from kafkaio.health import LoopWatch
 from kafkaio.producer import DEFAULT_ACK_TIMEOUT_S, AckedProducer
@@ -76,12 +76,15 @@ class ItemIndexer:
         max_wait_ms: float = 50.0,
         watch: LoopWatch | None = None,
         ack_timeout_s: float = DEFAULT_ACK_TIMEOUT_S,
+        commit_retry: CommitRetry | None = None,
     ) -> None:
         self.consumer = consumer
         # Dead letters: a refused one raises from `flush` (delivery reports), never lost; a
         # broker that does not answer is waited for (until the loop is stopped).
         self.producer = AckedProducer(producer, ack_timeout_s=ack_timeout_s)
         self.watch = watch or LoopWatch("indexer")
+        # Commits that failed (the consumer's on_commit reports them) are sent again when idle.
+        self.commit_retry = commit_retry or CommitRetry()
         self.encoder = encoder
         self.store = store
         self.metrics = metrics
@@ -98,6 +101,9 @@ class ItemIndexer:
         messages = self.consumer.consume(num_messages=self.max_batch, timeout=self.max_wait_s)
         result = BatchResult(records=len(messages))
         if not messages:
+            retry = self.commit_retry.take()
+            if retry:
+                commit_offsets(self.consumer, retry)
             self._lag.maybe_report()
             return result
         # Last record per item wins, as compaction would have it.

@@ -29,7 +29,7 @@ import numpy as np
 import numpy.typing as npt
 
 from kafkaio.client import Consumer, Message, Producer
-from kafkaio.consumer import LagReporter, commit_offsets, usable
+from kafkaio.consumer import CommitRetry, LagReporter, commit_offsets, usable
 from kafkaio.dead_letters import DeadLetters, refused
 from kafkaio.health import LoopWatch
 from kafkaio.producer import DEFAULT_ACK_TIMEOUT_S, AckedProducer, RecordRefusedError
@@ -277,6 +277,7 @@ class Recommender:
         watch: LoopWatch | None = None,
         ack_timeout_s: float = DEFAULT_ACK_TIMEOUT_S,
         stop_flush_s: float = 10.0,
+        commit_retry: CommitRetry | None = None,
     ) -> None:
         self.consumer = consumer
         self.related_consumer = related_consumer
@@ -285,6 +286,8 @@ class Recommender:
         # The loop's progress, for the probes; how long a stop waits for acknowledgements.
         self.watch = watch or LoopWatch("recommender")
         self.stop_flush_s = stop_flush_s
+        # Commits that failed (the consumer's on_commit reports them) are sent again.
+        self.commit_retry = commit_retry or CommitRetry()
         self.encoder = encoder
         self.store = store
         self.metrics = metrics
@@ -543,7 +546,9 @@ class Recommender:
         now = time.monotonic()
         if force or now >= self._next_commit:
             self.producer.settle()
-            offsets = self.producer.take_committable()
+            offsets = self.commit_retry.take()
+            for key, offset in self.producer.take_committable().items():
+                offsets[key] = max(offsets.get(key, -1), offset)
             if offsets:
                 commit_offsets(self.consumer, offsets)
                 self._next_commit = now + self.settings.commit_interval_ms / 1000.0

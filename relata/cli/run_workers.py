@@ -21,6 +21,7 @@ from typing import Any, Literal
 import click
 from prometheus_client import CollectorRegistry
 
+from kafkaio.consumer import CommitRetry
 from kafkaio.health import BrokerWatch, Health, LoopWatch
 from kafkaio.producer import NEVER_TIME_OUT
 from relata.cli.settings_cli import build_settings, settings_options
@@ -51,18 +52,26 @@ Role = Literal["indexer", "recommender", "all"]
 
 
 def build_consumer(
-    kafka: KafkaSettings, *, group_id: str, client_id: str, low_latency: bool = False
+    kafka: KafkaSettings,
+    *,
+    group_id: str,
+    client_id: str,
+    low_latency: bool = False,
+    commit_retry: CommitRetry | None = None,
 ) -> Any:
-    """A confluent-kafka consumer with manual commits (offsets committed after the work)."""
+    """A confluent-kafka consumer with manual commits (offsets committed after the work);
+    `commit_retry` hears of commits that failed, to send them again."""
     from confluent_kafka import Consumer
 
-    config = kafka.librdkafka_config(client_id) | {
+    config: dict[str, Any] = kafka.librdkafka_config(client_id) | {
         "group.id": group_id,
         "enable.auto.commit": False,
         "auto.offset.reset": "earliest",
         "session.timeout.ms": 10_000,
         "heartbeat.interval.ms": 1_000,
     }
+    if commit_retry is not None:
+        config["on_commit"] = commit_retry.on_commit
     if low_latency:
         # The broker answers a fetch as soon as one byte is there: the wait bounds only idle
         # polling (a few ms would keep the broker busy with nothing to do; librdkafka keeps
@@ -203,8 +212,12 @@ def build_workers(
     # close, so that the whole stop fits the grace period.
     stop_share_s = reliability.shutdown_grace_s / 4
     if role in ("indexer", "all"):
+        retry = CommitRetry()
         consumer = build_consumer(
-            kafka, group_id=indexer_settings.group_id, client_id="relata-indexer"
+            kafka,
+            group_id=indexer_settings.group_id,
+            client_id="relata-indexer",
+            commit_retry=retry,
         )
         watch = workers.watches["indexer"] = health.loop("indexer")
         subscribe_watched(consumer, topic_name(kafka, ITEM_CATALOG), watch)
@@ -220,16 +233,19 @@ def build_workers(
             max_wait_ms=indexer_settings.max_wait_ms,
             watch=watch,
             ack_timeout_s=reliability.ack_timeout_s,
+            commit_retry=retry,
         )
         health.wait("indexer outputs", lambda: indexer.producer.waiting_since)
         workers.loops.append(("indexer", indexer.run))
         workers.closers += [consumer.close, partial(producer.flush, stop_share_s)]
     if role in ("recommender", "all"):
+        retry = CommitRetry()
         consumer = build_consumer(
             kafka,
             group_id=recommender_settings.group_id,
             client_id="relata-recommender",
             low_latency=True,
+            commit_retry=retry,
         )
         watch = workers.watches["recommender"] = health.loop("recommender")
         subscribe_watched(consumer, topic_name(kafka, PROFILE_UPDATES), watch)
@@ -258,6 +274,7 @@ def build_workers(
             watch=watch,
             ack_timeout_s=reliability.ack_timeout_s,
             stop_flush_s=stop_share_s,
+            commit_retry=retry,
         )
         health.wait("recommender outputs", lambda: recommender.producer.waiting_since)
         workers.loops.append(("recommender", recommender.run))
