@@ -9,7 +9,7 @@ the broker is paused. After each outage every process must be up, the stream dra
 changelog's profiles equal an offline fold of the same events), every user answered after
 their last event, and readiness must have said not ready while the broker was away.
 
-`pytest tests/faults -k outage` runs them (about two minutes on 2 cores).
+`pytest tests/faults -k outage` runs them (1.5 to 2.5 minutes on 2 shared cores).
 """
 
 from __future__ import annotations
