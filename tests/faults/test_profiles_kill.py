@@ -1,0 +1,194 @@
+"""Fault test: kill -9 of the profiles role mid-replay, then a restart.
+
+The stream processor's two roles run as `relata streams` subprocesses on the embedded broker;
+a slice of the online-retail events is replayed, the profiles role is killed (SIGKILL) at a
+seeded random moment and started again. It commits its event offsets rarely here, so the
+kill re-delivers events that it had already folded, which its de-duplication by event id must
+skip. Once everything is drained:
+
+- the profiles table (its changelog, latest record per user) equals a clean run of the same
+  events through `streams.profile.fold_event`: the same users, history item ids in order,
+  weights (relative 1e-9) and counts: every valid event folded exactly once;
+- every line that a clean run rejects (undecodable, unknown item) has a dead letter;
+- the association statistics equal a clean association fold, and both roles are up.
+
+A known narrow gap is tolerated, and only it (docs/ARCHITECTURE.md, Delivery semantics,
+"Limits"): the profile changelog record and the association-input message of a batch are
+separate produce requests, so a kill in the instant between their acknowledgements loses that
+batch's association inputs (changelog first: the re-delivered events are then duplicates) or
+sends them twice (inputs first: the events are folded again). The test then requires the inputs
+sent to differ from the clean run's by exactly one contiguous run, missing or repeated right
+after itself, and the association statistics to equal a clean fold of the inputs actually
+sent; otherwise (the usual case) they must equal the clean run's exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from pathlib import Path
+
+import pytest
+
+from relata.runtime.probes import LagMonitor
+from relata.runtime.replay import make_producer, publish_catalog
+from relata.runtime.topics import ensure_topics
+from schemas.settings import KafkaSettings, StreamsSettings
+from schemas.topics import ALL_TOPICS, BEHAVIOR_EVENTS, ITEM_CATALOG
+from streams.association import AssociationInput
+from streams.profile import FoldConfig
+from tests.faults.helpers import (
+    BackgroundReplay,
+    Roles,
+    assert_associations_equal,
+    catalog_lines,
+    clean_associations,
+    clean_run,
+    dead_letters,
+    event_lines,
+    folded_event_ids,
+    latest,
+    one_batch_apart,
+    profile_differences,
+    read_topic,
+    replay_warm_up,
+    report,
+    sent_inputs,
+    wait_drained,
+)
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+EVENTS = 3000
+RATE = 250.0  # events/s: a 12 s replay
+WARM_UP = 250  # events replayed before the kill clock starts
+SEED = 20_102
+# The profiles role commits its event offsets rarely, so that the kill lands between folded
+# batches' changelog records and their offsets' commit: folded events come again.
+COMMIT_INTERVAL_S = 4.0
+
+
+def processed_to(kafka: KafkaSettings, offsets: dict[str, int]) -> int:
+    """The last event offset that the profiles role handled (folded or dead-lettered)."""
+    folded = [offsets[event_id] for event_id in folded_event_ids(kafka) if event_id in offsets]
+    dead = [
+        d.offset for d in dead_letters(kafka) if d.source_topic == kafka.topic(BEHAVIOR_EVENTS.name)
+    ]
+    return max([-1, *folded, *dead])
+
+
+def test_kill_profiles_role_mid_replay_restart_folds_every_event_once(
+    kafka: KafkaSettings, unique_id: str, tmp_path: Path
+) -> None:
+    rng = random.Random(SEED)
+    ensure_topics(kafka, ALL_TOPICS)
+    publish_catalog(
+        catalog_lines(), producer=make_producer(kafka), topic=kafka.topic(ITEM_CATALOG.name)
+    )
+    lines = event_lines(EVENTS)
+    # One partition, replayed in order: a line's offset is its index.
+    offsets: dict[str, int] = {}
+    for offset, (_, raw) in enumerate(lines):
+        offsets.setdefault(_event_id(raw), offset)
+
+    roles = Roles(
+        kafka,
+        tmp_path,
+        f"faults-{unique_id}",
+        {"profiles": {"RELATA_STREAMS_COMMIT_INTERVAL_S": str(COMMIT_INTERVAL_S)}},
+    )
+    lag = LagMonitor(kafka)
+    replay: BackgroundReplay | None = None
+    try:
+        roles.start("profiles")
+        roles.start("associations")
+        roles.wait_ready("profiles", lag)
+        roles.wait_ready("associations", lag)
+
+        def folded_some() -> bool:
+            roles.check()
+            return bool(read_topic(kafka, roles.profiles_changelog))
+
+        producer = replay_warm_up(kafka, lines[:WARM_UP], RATE, folded_some)
+        replay = BackgroundReplay(kafka, lines[WARM_UP:], RATE, producer)
+        kill_after = rng.uniform(0.2, 0.8) * (EVENTS - WARM_UP) / RATE
+        time.sleep(kill_after)
+        roles.kill("profiles")
+        events_topic = kafka.topic(BEHAVIOR_EVENTS.name)
+        committed = lag.committed(roles.events_group, events_topic).get(0, 0)
+        handled_to = processed_to(kafka, offsets)
+        time.sleep(rng.uniform(0.0, 2.0))
+        restarted = time.monotonic()
+        roles.start("profiles")
+        replay.join(EVENTS / RATE + 120)
+        wait_drained(roles, lag)
+        roles.wait_ready("profiles", lag)
+        recovery = time.monotonic() - restarted
+
+        settings = StreamsSettings(app_id=roles.app_id)
+        clean = clean_run(kafka, lines, FoldConfig.from_settings(settings))
+        expected = [inp.to_dict() for inp in clean.inputs]
+        sent = sent_inputs(roles)
+        gap, gap_size = one_batch_apart(sent, expected)
+        redelivered = handled_to + 1 - committed
+        report(
+            "profiles role kill -9",
+            events=EVENTS,
+            kill_at_s=kill_after,
+            kill_at_offset=handled_to,
+            re_delivered_events=redelivered,
+            recovery_s=recovery,
+            association_inputs=f"{gap}:{gap_size}",
+        )
+        assert handled_to >= committed, (
+            f"the kill came before any event was handled past the committed offset "
+            f"(handled to {handled_to}, committed {committed}): no re-delivery was exercised"
+        )
+
+        # Every valid event folded exactly once into the profiles.
+        live = latest(read_topic(kafka, roles.profiles_changelog))
+        differ = profile_differences(live, clean.profiles)
+        assert not differ, (
+            f"profiles differ from a clean fold: {dict(differ)}; "
+            f"events re-delivered after the kill: {redelivered}"
+        )
+        # No dead letter missing (a re-delivered invalid line may have two).
+        dead = {d.offset for d in dead_letters(kafka) if d.source_topic == events_topic}
+        missing = sorted(set(clean.rejected) - dead)
+        assert not missing, f"invalid lines without a dead letter (offsets): {missing[:10]}"
+
+        # The association statistics: a clean fold of the clean run's inputs, or, in the
+        # documented gap only, of the inputs that were actually sent.
+        folded = sent if gap_size else expected
+        associations = clean_associations(
+            settings, [AssociationInput.from_dict(data) for data in folded]
+        )
+        assert_associations_equal(
+            roles, associations, f"association inputs against a clean run: {gap} {gap_size}"
+        )
+        roles.assert_up("profiles", "associations")
+    finally:
+        if replay is not None:
+            replay.thread.join(5)
+        roles.stop()
+        lag.close()
+
+
+def _event_id(raw: bytes) -> str:
+    """The event id of a replayed line, or a placeholder for a line without one."""
+    try:
+        return str(json.loads(raw)["event_id"])
+    except (ValueError, KeyError, TypeError):
+        return f"<no id: {raw[:40]!r}>"
+
+
+def test_kill_gap_tolerance_accepts_only_one_contiguous_run() -> None:
+    """The profiles kill test's tolerance: one run lost or repeated, nothing else."""
+    clean = list(range(10))
+    assert one_batch_apart(clean, clean) == ("exact", 0)
+    assert one_batch_apart([0, 1, 2, 6, 7, 8, 9], clean) == ("lost", 3)
+    assert one_batch_apart([0, 1, 2, 3, 4, 2, 3, 4, 5, 6, 7, 8, 9], clean) == ("doubled", 3)
+    for wrong in ([0, 1, 3, 4, 6, 7, 8, 9], [0, 1, 2, 3, 9, 8], [1, 0, 2, 3, 4, 5, 6, 7, 8, 9]):
+        with pytest.raises(AssertionError):
+            one_batch_apart(wrong, clean)
