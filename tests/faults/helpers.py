@@ -455,3 +455,55 @@ def one_batch_apart(sent: list[Any], expected: list[Any]) -> tuple[str, int]:
     if resumed == prefix:
         return "exact", 0
     return ("lost", resumed - prefix) if resumed > prefix else ("doubled", prefix - resumed)
+
+
+def replay_and_kill(
+    roles: Roles,
+    lag: LagMonitor,
+    lines: list[tuple[int, bytes]],
+    *,
+    role: str,
+    folded_topic: str,
+    rng: Any,
+    warm_up: int,
+    rate: float,
+) -> tuple[BackgroundReplay, float]:
+    """Start both stream roles; replay the first `warm_up` lines until `folded_topic` holds a
+    record (the roles are then assigned and recovered), the rest in the background; kill -9
+    `role` at a seeded moment of it. Returns the running replay and the kill's moment (s)."""
+    kafka = roles.kafka
+    roles.start("profiles")
+    roles.start("associations")
+    roles.wait_ready("profiles", lag)
+    roles.wait_ready("associations", lag)
+
+    def folded_some() -> bool:
+        roles.check()
+        return bool(read_topic(kafka, folded_topic))
+
+    producer = replay_warm_up(kafka, lines[:warm_up], rate, folded_some)
+    replay = BackgroundReplay(kafka, lines[warm_up:], rate, producer)
+    kill_after = float(rng.uniform(0.2, 0.8)) * (len(lines) - warm_up) / rate
+    time.sleep(kill_after)
+    roles.kill(role)
+    return replay, kill_after
+
+
+def restart_and_drain(
+    roles: Roles,
+    lag: LagMonitor,
+    replay: BackgroundReplay,
+    *,
+    role: str,
+    rng: Any,
+    join_timeout_s: float,
+) -> float:
+    """Start `role` again a seeded moment later, let the replay finish and the pipeline drain;
+    returns the seconds from the restart until drained and ready."""
+    time.sleep(float(rng.uniform(0.0, 2.0)))
+    restarted = time.monotonic()
+    roles.start(role)
+    replay.join(join_timeout_s)
+    wait_drained(roles, lag)
+    roles.wait_ready(role, lag)
+    return time.monotonic() - restarted

@@ -14,7 +14,6 @@ it had already folded: the test checks that it did.
 from __future__ import annotations
 
 import random
-import time
 from collections import Counter
 from pathlib import Path
 
@@ -42,10 +41,10 @@ from tests.faults.helpers import (
     get_json,
     latest,
     read_topic,
-    replay_warm_up,
+    replay_and_kill,
     report,
+    restart_and_drain,
     sent_inputs,
-    wait_drained,
 )
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -84,34 +83,25 @@ def test_kill_association_role_mid_replay_restart_equals_clean_fold(
     lag = LagMonitor(kafka)
     replay: BackgroundReplay | None = None
     try:
-        roles.start("profiles")
-        roles.start("associations")
-        roles.wait_ready("profiles", lag)
-        roles.wait_ready("associations", lag)
-
-        # The first events until the association role has folded some (it is then assigned and
-        # recovered), the rest in the background; kill -9 the role at a seeded moment of it.
-        def folded_some() -> bool:
-            roles.check()
-            return bool(read_topic(kafka, roles.totals_changelog))
-
-        producer = replay_warm_up(kafka, lines[:WARM_UP], RATE, folded_some)
-        replay = BackgroundReplay(kafka, lines[WARM_UP:], RATE, producer)
-        kill_after = rng.uniform(0.2, 0.8) * (EVENTS - WARM_UP) / RATE
-        time.sleep(kill_after)
-        roles.kill("associations")
+        # kill -9 the association role at a seeded moment of the replay, once it has folded some.
+        replay, kill_after = replay_and_kill(
+            roles,
+            lag,
+            lines,
+            role="associations",
+            folded_topic=roles.totals_changelog,
+            rng=rng,
+            warm_up=WARM_UP,
+            rate=RATE,
+        )
         # Folded before the kill (the totals record holds the last message folded into it)
         # against committed: the inputs in between come again after the restart.
         totals = latest(read_topic(kafka, roles.totals_changelog)).get(TOTALS_KEY)
         folded_to = -1 if totals is None else totals["totals"]["applied"]["0"]
         committed = lag.committed(roles.associations_group, roles.association_input).get(0, 0)
-        time.sleep(rng.uniform(0.0, 2.0))
-        restarted = time.monotonic()
-        roles.start("associations")
-        replay.join(EVENTS / RATE + 120)
-        wait_drained(roles, lag)
-        roles.wait_ready("associations", lag)
-        recovery = time.monotonic() - restarted
+        recovery = restart_and_drain(
+            roles, lag, replay, role="associations", rng=rng, join_timeout_s=EVENTS / RATE + 120
+        )
         redelivered = folded_to + 1 - committed
         report(
             "association role kill -9",

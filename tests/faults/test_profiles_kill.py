@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import json
 import random
-import time
 from pathlib import Path
 
 import pytest
@@ -52,10 +51,10 @@ from tests.faults.helpers import (
     one_batch_apart,
     profile_differences,
     read_topic,
-    replay_warm_up,
+    replay_and_kill,
     report,
+    restart_and_drain,
     sent_inputs,
-    wait_drained,
 )
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -101,30 +100,22 @@ def test_kill_profiles_role_mid_replay_restart_folds_every_event_once(
     lag = LagMonitor(kafka)
     replay: BackgroundReplay | None = None
     try:
-        roles.start("profiles")
-        roles.start("associations")
-        roles.wait_ready("profiles", lag)
-        roles.wait_ready("associations", lag)
-
-        def folded_some() -> bool:
-            roles.check()
-            return bool(read_topic(kafka, roles.profiles_changelog))
-
-        producer = replay_warm_up(kafka, lines[:WARM_UP], RATE, folded_some)
-        replay = BackgroundReplay(kafka, lines[WARM_UP:], RATE, producer)
-        kill_after = rng.uniform(0.2, 0.8) * (EVENTS - WARM_UP) / RATE
-        time.sleep(kill_after)
-        roles.kill("profiles")
+        replay, kill_after = replay_and_kill(
+            roles,
+            lag,
+            lines,
+            role="profiles",
+            folded_topic=roles.profiles_changelog,
+            rng=rng,
+            warm_up=WARM_UP,
+            rate=RATE,
+        )
         events_topic = kafka.topic(BEHAVIOR_EVENTS.name)
         committed = lag.committed(roles.events_group, events_topic).get(0, 0)
         handled_to = processed_to(kafka, offsets)
-        time.sleep(rng.uniform(0.0, 2.0))
-        restarted = time.monotonic()
-        roles.start("profiles")
-        replay.join(EVENTS / RATE + 120)
-        wait_drained(roles, lag)
-        roles.wait_ready("profiles", lag)
-        recovery = time.monotonic() - restarted
+        recovery = restart_and_drain(
+            roles, lag, replay, role="profiles", rng=rng, join_timeout_s=EVENTS / RATE + 120
+        )
 
         settings = StreamsSettings(app_id=roles.app_id)
         clean = clean_run(kafka, lines, FoldConfig.from_settings(settings))
