@@ -15,7 +15,6 @@ from schemas.settings import (
     IndexerSettings,
     KafkaSettings,
     RecommenderSettings,
-    ReliabilitySettings,
     StoreSettings,
     StreamsSettings,
 )
@@ -23,7 +22,6 @@ from schemas.settings import (
 SETTINGS_CLASSES: tuple[type[BaseSettings], ...] = (
     KafkaSettings,
     StreamsSettings,
-    ReliabilitySettings,
     EncoderSettings,
     StoreSettings,
     IndexerSettings,
