@@ -142,6 +142,22 @@ def free_port(host: str = "127.0.0.1") -> int:
         return port
 
 
+def free_port_besides(taken: set[int], host: str = "127.0.0.1") -> int:
+    """A free port not in `taken`: the kernel may hand the same ephemeral port out again once
+    its probe socket is closed, and Kafka refuses two listeners on one port."""
+    while True:
+        port = free_port(host)
+        if port not in taken:
+            taken.add(port)
+            return port
+
+
+def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
+    """`count` distinct free ports on `host`."""
+    taken: set[int] = set()
+    return [free_port_besides(taken, host) for _ in range(count)]
+
+
 def _cluster_id() -> str:
     """A random KRaft cluster id (22 url-safe base64 chars, like `kafka-storage random-uuid`).
 
@@ -413,11 +429,19 @@ class EmbeddedKafka:
         recorded = self.workdir / _PORTS_FILE
         if self.data_dir is not None and recorded.is_file():
             port, controller_port, *rest = (int(x) for x in recorded.read_text().split())
-            mtls_port = (rest[0] if rest else free_port(self.host)) if mtls else None
-            return self._requested_port or port, controller_port, mtls_port
-        port = self._requested_port or free_port(self.host)
-        controller_port = free_port(self.host)
-        mtls_port = free_port(self.host) if mtls else None
+            port = self._requested_port or port
+            mtls_port = None
+            if mtls:
+                mtls_port = (
+                    rest[0] if rest else free_port_besides({port, controller_port}, self.host)
+                )
+            return port, controller_port, mtls_port
+        taken: set[int] = set()
+        if self._requested_port:
+            taken.add(self._requested_port)
+        port = self._requested_port or free_port_besides(taken, self.host)
+        controller_port = free_port_besides(taken, self.host)
+        mtls_port = free_port_besides(taken, self.host) if mtls else None
         if self.data_dir is not None:
             extra = "" if mtls_port is None else f" {mtls_port}"
             recorded.write_text(f"{port} {controller_port}{extra}\n")

@@ -35,7 +35,7 @@ from typing import Any
 from confluent_kafka import KafkaException
 from pydantic import SecretStr
 
-from relata.runtime.kafka_broker import free_port
+from relata.runtime.kafka_broker import free_ports
 from relata.runtime.probes import (
     CANARY_PREFIX,
     LagMonitor,
@@ -153,10 +153,12 @@ class Pipeline:
         self._canary_sent_at: float | None = None
         self._event_producer: Any = None
         self._streams_group = self._associations_group = self._association_input = ""
-        self.streams_port = free_port()
-        self.associations_port = free_port()
-        self.indexer_metrics_port = free_port()
-        self.recommender_metrics_port = free_port()
+        (
+            self.streams_port,
+            self.associations_port,
+            self.indexer_metrics_port,
+            self.recommender_metrics_port,
+        ) = free_ports(4)
         self.streams_app_id = f"relata-streams-{self.run_id}"
         self.indexer_group = f"relata-indexer-{self.run_id}"
         self.recommender_group = f"relata-recommender-{self.run_id}"

@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 from confluent_kafka import TopicPartition
 
-from relata.runtime.kafka_broker import free_port
+from relata.runtime.kafka_broker import free_ports
 from relata.runtime.probes import LagMonitor
 from relata.runtime.replay import make_producer, replay_events
 from relata.runtime.supervision import REPO_ROOT, ManagedProcess, start_relata
@@ -91,12 +91,8 @@ class Roles:
         self.totals_changelog = f"{base}-association-totals-changelog"
         self.indexer_group = f"{app_id}-indexer"
         self.recommender_group = f"{app_id}-recommender"
-        self.ports = {
-            "profiles": free_port(),
-            "associations": free_port(),
-            "indexer": free_port(),
-            "recommender": free_port(),
-        }
+        roles = ("profiles", "associations", "indexer", "recommender")
+        self.ports = dict(zip(roles, free_ports(len(roles)), strict=True))
         self.processes: dict[str, ManagedProcess] = {}
         self.starts = Counter[str]()
 

@@ -154,3 +154,19 @@ def test_cluster_ids_never_read_as_options() -> None:
     ids = {_cluster_id() for _ in range(2000)}
     assert len(ids) == 2000
     assert all(len(i) == 22 and i[0] not in "-_" for i in ids)
+
+
+def test_listener_ports_are_distinct_when_the_kernel_repeats_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A closed probe socket's port may come back from the next probe; Kafka refuses two
+    # listeners on one port, so the chosen ports must differ however often the kernel repeats.
+    import relata.runtime.kafka_broker as kb
+
+    handed_out = iter([41000, 41000, 41000, 41001, 41001, 41002])
+    monkeypatch.setattr(kb, "free_port", lambda host="127.0.0.1": next(handed_out))
+    kafka = kb.EmbeddedKafka()
+    kafka.workdir = tmp_path
+    port, controller_port, mtls_port = kafka._ports()
+    assert (port, controller_port, mtls_port) == (41000, 41001, None)
+    assert kb.free_port_besides({41000, 41001}) == 41002
