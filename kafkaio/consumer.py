@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, TypeVar
 
 from confluent_kafka import KafkaError, KafkaException, TopicPartition
@@ -66,6 +66,35 @@ def commit(consumer: Consumer, *, asynchronous: bool = True) -> None:
         elif "NO_OFFSET" in str(exc):
             return
         raise
+
+
+class CommitRetry:
+    """Offsets whose asynchronous commit failed (the broker was away, the group was
+    rebalancing), kept to be committed again. Without it a loop that goes idle after an outage
+    leaves its last offsets uncommitted: a restart would redo that work, and its lag would show
+    work that is done. `on_commit` is librdkafka's callback (the consumer's `on_commit`
+    setting, served by `consume`); `take` hands the offsets to commit again."""
+
+    def __init__(self) -> None:
+        self._failed: dict[Partition, int] = {}
+
+    def on_commit(self, error: Any, partitions: Sequence[Any]) -> None:
+        for tp in partitions:
+            if tp.offset is None or tp.offset < 0:
+                continue
+            key = (tp.topic, tp.partition)
+            if error is None and getattr(tp, "error", None) is None:
+                if self._failed.get(key, -1) <= tp.offset:
+                    self._failed.pop(key, None)  # committed, or passed by a later commit
+            else:
+                self._failed[key] = max(self._failed.get(key, -1), tp.offset)
+        if error is not None:
+            logger.info("offset commit failed, to be retried error=%s", error)
+
+    def take(self) -> dict[Partition, int]:
+        """The offsets to commit again (forgotten here: a new failure reports them again)."""
+        out, self._failed = self._failed, {}
+        return out
 
 
 class LagReporter:

@@ -10,6 +10,11 @@ delivery-report tracking, used two ways.
 Either way a record the broker refused (after librdkafka's retries) raises `DeliveryError`
 before the inputs it answers are committed: delivery stays at least once.
 
+A broker that does not answer is waited out, however long it is away: producers never give up
+on a record (`message.timeout.ms=0`, `NEVER_TIME_OUT`), and a wait for acknowledgements goes
+on, polling with backoff and logging once every `ack_timeout_s`, until they come (or the
+caller stops). An unacknowledged output is never dropped and never committed past.
+
 A record the client refuses synchronously, before anything is queued (librdkafka's `produce`
 raising `KafkaException`, e.g. MSG_SIZE_TOO_LARGE: key and value over `message.max.bytes`),
 raises `RecordRefusedError` from `produce`, here, in one place: the stage then dead-letters
@@ -23,6 +28,8 @@ client error is not a record's fault and still raises `KafkaException`.
 from __future__ import annotations
 
 import asyncio
+import logging
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -33,12 +40,22 @@ from confluent_kafka import KafkaError, KafkaException
 
 from .client import Message, Partition, Producer
 
+logger = logging.getLogger(__name__)
+
 # How long a producer whose queue is full is polled before the record is offered again.
 BUFFER_FULL_POLL_S = 0.05
 # A loop that outruns the broker by this many batches waits for the oldest's acknowledgement.
 MAX_UNACKED_BATCHES = 256
-# How often `ConfluentSender.flush` checks for acknowledgements.
+# How often `ConfluentSender.flush` checks for acknowledgements at first...
 FLUSH_POLL_S = 0.0005
+# ...and, backing off while the broker does not answer, at least this often.
+FLUSH_POLL_MAX_S = 0.1
+# A wait for acknowledgements this long is an outage: it is logged (once per this interval)
+# and the process reports itself not ready; it keeps waiting.
+DEFAULT_ACK_TIMEOUT_S = 30.0
+# librdkafka producer settings that wait out a broker outage of any length: a record is never
+# failed locally for its age (librdkafka's default gives up after 5 minutes).
+NEVER_TIME_OUT: dict[str, Any] = {"message.timeout.ms": 0}
 
 # librdkafka's default `message.max.bytes`: the largest record a producer accepts.
 DEFAULT_MAX_MESSAGE_BYTES = 1_000_000
@@ -112,18 +129,38 @@ def produce(
             raise RecordRefusedError(msg, topic=topic, size=size) from exc
 
 
-def not_acknowledged(remaining: int, timeout_s: float) -> DeliveryError:
-    """The error of records still unacknowledged when a flush gave up."""
-    return DeliveryError(
-        f"{remaining} records not acknowledged within {timeout_s:.0f} s; is the broker reachable?"
-    )
+class AckWait:
+    """When a wait for acknowledgements began, and its once-per-interval log lines."""
 
+    def __init__(self, what: str, *, ack_timeout_s: float) -> None:
+        self.what = what
+        self.ack_timeout_s = ack_timeout_s
+        self.since: float | None = None  # time.monotonic() of the start; None: not waiting
+        self._next_log = 0.0
 
-def flush(producer: Producer, *, timeout_s: float = 30.0) -> None:
-    """Wait until every produced record is acknowledged; raise when some are not."""
-    remaining = producer.flush(timeout_s)
-    if remaining:
-        raise not_acknowledged(remaining, timeout_s)
+    def begin(self) -> None:
+        if self.since is None:
+            self.since = time.monotonic()
+            self._next_log = self.since + self.ack_timeout_s
+
+    def waiting(self, remaining: int) -> None:
+        """Log (once per `ack_timeout_s`) that `remaining` records are still unacknowledged."""
+        now = time.monotonic()
+        if self.since is not None and now >= self._next_log:
+            self._next_log = now + self.ack_timeout_s
+            logger.warning(
+                "waiting for the broker what=%s unacknowledged=%d seconds=%.0f",
+                self.what,
+                remaining,
+                now - self.since,
+            )
+
+    def end(self) -> None:
+        if self.since is not None:
+            waited = time.monotonic() - self.since
+            if waited >= self.ack_timeout_s:
+                logger.warning("broker acknowledged again what=%s seconds=%.1f", self.what, waited)
+        self.since = None
 
 
 @dataclass(slots=True)
@@ -179,6 +216,7 @@ class _Batch:
     offsets: dict[Partition, int]  # next offset to commit, per (topic, partition)
     open: bool
     deliveries: Deliveries = field(default_factory=Deliveries)
+    closed_at: float = 0.0  # time.monotonic() when closed
 
 
 class AckedProducer:
@@ -192,20 +230,37 @@ class AckedProducer:
     and still commit at least once. A record the broker refused (after librdkafka's retries)
     raises `DeliveryError` from `settle`: neither its batch nor any later one is committed, so
     they are redone after the restart. Records produced outside a batch (a dead letter of an
-    uncommitted input) are checked the same way. `flush` waits for everything.
+    uncommitted input) are checked the same way. `flush` waits for everything (or until
+    stopped). A broker that does not answer is waited out: nothing is dropped or committed past.
+    `stop`: set when the process stops, so no wait outlasts it.
     """
 
-    def __init__(self, producer: Producer, *, max_unacked: int = MAX_UNACKED_BATCHES) -> None:
+    def __init__(
+        self,
+        producer: Producer,
+        *,
+        max_unacked: int = MAX_UNACKED_BATCHES,
+        ack_timeout_s: float = DEFAULT_ACK_TIMEOUT_S,
+        stop: threading.Event | None = None,
+    ) -> None:
         self.producer = producer
         self.max_unacked = max_unacked
+        self.ack_timeout_s = ack_timeout_s
+        self.stop = stop or threading.Event()
         self._batches: deque[_Batch] = deque()
         self._committable: dict[Partition, int] = {}
+        self._wait = AckWait("outputs", ack_timeout_s=ack_timeout_s)
 
     def begin(self, messages: Sequence[Message]) -> None:
         """Open the batch of `messages` (closing the one before, if still open)."""
         while len(self._batches) >= self.max_unacked:  # back-pressure: the broker is behind
+            if self.stop.is_set():
+                break  # the loop ends after this batch; nothing past it is committed
+            self._wait.begin()
             self.producer.poll(BUFFER_FULL_POLL_S)
             self.settle()
+            self._wait.waiting(self.outstanding)
+        self._wait.end()
         self.end()
         offsets: dict[Partition, int] = {}
         for msg in messages:
@@ -218,8 +273,9 @@ class AckedProducer:
 
     def end(self) -> None:
         """Close the open batch: it settles once its records are acknowledged."""
-        if self._batches:
+        if self._batches and self._batches[-1].open:
             self._batches[-1].open = False
+            self._batches[-1].closed_at = time.monotonic()
 
     def produce(
         self,
@@ -234,7 +290,7 @@ class AckedProducer:
         `RecordRefusedError` when the client refuses it (nothing is sent)."""
         batch = self._batches[-1] if self._batches else None
         if batch is None or (not batch.open and batch.offsets):  # no batch open: one of its own
-            batch = _Batch({}, open=False)
+            batch = _Batch({}, open=False, closed_at=time.monotonic())
             self._batches.append(batch)
         report = batch.deliveries.expect()
         if on_acked is None:
@@ -269,12 +325,39 @@ class AckedProducer:
     def poll(self, timeout: float = -1) -> int:
         return self.producer.poll(timeout)
 
-    def flush(self, timeout: float = 30.0) -> int:
-        """Wait until every record is acknowledged; raise when some are not, or were refused."""
+    def flush(self, timeout: float | None = None) -> int:
+        """Wait until every record is acknowledged, `timeout` seconds at most (None: as long
+        as it takes, logging once per `ack_timeout_s`), or until `stop` is set; returns how
+        many are still unacknowledged (their batches' offsets stay uncommitted). Raises
+        `DeliveryError` when a record was refused."""
         self.end()
-        flush(self.producer, timeout_s=timeout)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        remaining = self.producer.flush(0)
+        if remaining:
+            self._wait.begin()
+        while remaining and not self.stop.is_set():
+            left = 1.0 if deadline is None else min(1.0, deadline - time.monotonic())
+            if left <= 0:
+                break
+            remaining = self.producer.flush(left)
+            self._wait.waiting(remaining)
+        if not remaining:
+            self._wait.end()
         self.settle()
-        return 0
+        return remaining
+
+    @property
+    def outstanding(self) -> int:
+        """Records produced and not acknowledged yet."""
+        return sum(batch.deliveries.outstanding for batch in self._batches)
+
+    @property
+    def waiting_since(self) -> float | None:
+        """time.monotonic() since when the oldest closed batch waits for acknowledgement."""
+        batches = self._batches
+        if not batches or batches[0].open or batches[0].deliveries.outstanding <= 0:
+            return None
+        return batches[0].closed_at
 
     @property
     def unacked_batches(self) -> int:
@@ -292,7 +375,9 @@ def batch_producer(config: dict[str, Any]) -> Producer:
     together; the agents flush per batch anyway."""
     from confluent_kafka import Producer as ConfluentProducer
 
-    producer: Producer = ConfluentProducer({**config, "enable.idempotence": True, "linger.ms": 1})
+    producer: Producer = ConfluentProducer(
+        {**config, "enable.idempotence": True, "linger.ms": 1, **NEVER_TIME_OUT}
+    )
     return producer
 
 
@@ -306,18 +391,20 @@ class ConfluentSender:
     keeps running) until the broker acknowledged everything. The agents flush before
     their input offsets are acknowledged, so delivery stays at least once. A record the broker
     refused after librdkafka's retries raises `DeliveryError` from `flush`, which stops the
-    agent rather than commit past an output that was lost.
+    agent rather than commit past an output that was lost. A broker that does not answer is
+    waited out (logged once per `ack_timeout_s`; `waiting_since` tells the probes); cancelling
+    the flush (a stop) leaves the inputs unacknowledged.
     """
 
     def __init__(
         self,
         producer: Producer,
         *,
-        flush_timeout_s: float = 30.0,
+        ack_timeout_s: float = DEFAULT_ACK_TIMEOUT_S,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
     ) -> None:
         self._producer = producer
-        self._flush_timeout_s = flush_timeout_s
+        self._wait = AckWait("outputs", ack_timeout_s=ack_timeout_s)
         # Records are handed to librdkafka at the flush; one it would refuse for its size is
         # refused when queued instead, while the caller knows the input it answers.
         self.max_record_bytes = max_message_bytes - RECORD_OVERHEAD_BYTES
@@ -326,14 +413,24 @@ class ConfluentSender:
 
     @classmethod
     def from_config(
-        cls, config: dict[str, Any], *, flush_timeout_s: float = 30.0
+        cls, config: dict[str, Any], *, ack_timeout_s: float = DEFAULT_ACK_TIMEOUT_S
     ) -> ConfluentSender:
         """A sender over a new `batch_producer(config)`."""
         return cls(
             batch_producer(config),
-            flush_timeout_s=flush_timeout_s,
+            ack_timeout_s=ack_timeout_s,
             max_message_bytes=max_message_bytes(config),
         )
+
+    @property
+    def waiting_since(self) -> float | None:
+        """time.monotonic() since when a flush waits for acknowledgements; None: not waiting."""
+        return self._wait.since
+
+    def check_broker(self, topic: str, timeout_s: float) -> None:
+        """One metadata request for `topic` through this producer's connections; raises
+        `KafkaException` when the brokers do not answer within `timeout_s`."""
+        self._producer.list_topics(topic, timeout=timeout_s)  # type: ignore[attr-defined]
 
     def produce(
         self, topic: str, *, key: bytes | None, value: bytes | None, partition: int | None = None
@@ -371,17 +468,26 @@ class ConfluentSender:
                 report(str(exc), _Refused(topic, partition))
 
     async def flush(self) -> None:
-        """Send every queued record and wait until all are acknowledged; raise if one was
-        refused."""
+        """Send every queued record and wait until all are acknowledged, however long the
+        broker is away; raise if one was refused."""
         self._hand_over()
         # Polled on the event loop: `poll(0)` serves the delivery reports. librdkafka's
         # blocking `flush` in a thread costs about twice the broker round trip (it re-checks
         # every 10 ms, and every hand-over between threads waits for the GIL).
-        deadline = time.monotonic() + self._flush_timeout_s
         self._producer.poll(0)
-        while (remaining := self._deliveries.outstanding) and time.monotonic() < deadline:
-            await asyncio.sleep(FLUSH_POLL_S)
-            self._producer.poll(0)
-        if remaining:
-            raise not_acknowledged(remaining, self._flush_timeout_s)
+        if not self._deliveries.outstanding:
+            self._deliveries.raise_refused("the inputs they answer are not acknowledged")
+            return
+        started = time.monotonic()
+        self._wait.begin()
+        pause = FLUSH_POLL_S
+        try:
+            while remaining := self._deliveries.outstanding:
+                await asyncio.sleep(pause)
+                self._producer.poll(0)
+                if time.monotonic() - started > 1.0:  # the broker is slow or away: back off
+                    pause = min(FLUSH_POLL_MAX_S, pause * 2)
+                    self._wait.waiting(remaining)
+        finally:
+            self._wait.end()
         self._deliveries.raise_refused("the inputs they answer are not acknowledged")

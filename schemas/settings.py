@@ -299,6 +299,52 @@ class StreamsSettings(_Settings):
     commit_interval_s: float = Field(0.5, gt=0, description="Offset commit interval.")
 
 
+class ReliabilitySettings(_Settings):
+    """How every long-running process (`relata streams`, `relata workers`) rides out a broker
+    outage, answers its probes and stops."""
+
+    model_config = SettingsConfigDict(env_prefix="RELATA_")
+
+    shutdown_grace_s: float = Field(
+        20.0,
+        gt=0,
+        le=600,
+        description=(
+            "After SIGTERM/SIGINT a process stops within this long, even while the broker is "
+            "away (what is unacknowledged then is not committed and is redone): keep it below "
+            "the pod's terminationGracePeriodSeconds."
+        ),
+    )
+    ack_timeout_s: float = Field(
+        30.0,
+        gt=0,
+        le=3600,
+        description=(
+            "Outputs unacknowledged this long mean the broker is away: the process logs it "
+            "once per this interval, reports not ready, and keeps waiting (nothing is dropped "
+            "or committed past)."
+        ),
+    )
+    stall_timeout_s: float = Field(
+        180.0,
+        gt=0,
+        le=86_400,
+        description=(
+            "Liveness: a loop that has not come round, partitions lost, or outputs "
+            "unacknowledged for this long while the broker answers mean the process is stuck "
+            "(/livez fails, so Kubernetes restarts it)."
+        ),
+    )
+    broker_check_interval_s: float = Field(
+        2.0,
+        gt=0,
+        le=300,
+        description=(
+            "How often readiness asks the brokers for metadata (each check waits as long)."
+        ),
+    )
+
+
 class EncoderSettings(_Settings):
     """The transformer that encodes item text (and, for the `text` user vector, profiles)."""
 

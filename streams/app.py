@@ -35,17 +35,19 @@ topics and the association-input topic are named after the base app id in every 
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from prometheus_client import CollectorRegistry
 
 from kafkaio.dead_letters import DeadLetters
+from kafkaio.health import BrokerWatch, Health
 from kafkaio.producer import ConfluentSender
 from schemas.messages import RelatedItems, RelationKind
-from schemas.settings import KafkaSettings, StreamsSettings
+from schemas.settings import KafkaSettings, ReliabilitySettings, StreamsSettings
 from schemas.topics import (
     BEHAVIOR_EVENTS,
     DEAD_LETTER,
@@ -96,6 +98,8 @@ FAUST_FETCH_MAX_WAIT_MS = 500
 # cheaper per input (fewer rewrites, fewer republished lists) at the cost of related lists
 # lagging the stream by up to the window.
 ASSOCIATION_BATCH_MAX = 5000
+# How often the Faust consumer's state (rebalancing or not) is noted for the probes.
+FAUST_WATCH_INTERVAL_S = 1.0
 
 
 class StreamsError(RuntimeError):
@@ -139,6 +143,7 @@ class StreamsApp:
     sender: Sender
     dead_letters: DeadLetters
     similar: SimilarItems | None
+    health: Health = field(default_factory=Health)
     profiles: ProfileStore | None = None
     associations: Any = None
     association_totals: Any = None
@@ -169,12 +174,15 @@ def build_streams(
     sender: Sender | None = None,
     catalog: CatalogView | None = None,
     follow_catalog: bool = True,
+    reliability: ReliabilitySettings | None = None,
 ) -> StreamsApp:
     """Build a new Faust app with its tables, agents and HTTP views (nothing starts yet).
 
     The app id is `kafka.topic_prefix + settings.app_id`, so the changelog topics Faust creates
-    (`<id>-profiles-changelog`, ...) carry the deployment's prefix too.
+    (`<id>-profiles-changelog`, ...) carry the deployment's prefix too. `reliability`: how
+    outages are waited out and what the probes answer (`kafkaio.health`).
     """
+    reliability = reliability or ReliabilitySettings()
     check_store(settings)
     forbid_topic_auto_creation()
     base_id = kafka.topic(settings.app_id)
@@ -214,7 +222,8 @@ def build_streams(
     )
     metrics = StreamsMetrics.create(registry)
     sender = sender or ConfluentSender.from_config(
-        kafka.librdkafka_producer_config(client_id(settings))
+        kafka.librdkafka_producer_config(client_id(settings)),
+        ack_timeout_s=reliability.ack_timeout_s,
     )
     streams = StreamsApp(
         app=app,
@@ -231,7 +240,11 @@ def build_streams(
             sender, topic=names[DEAD_LETTER.name], stage=STAGE, counter=metrics.dead_letter
         ),
         similar=similar,
+        health=Health(
+            ack_timeout_s=reliability.ack_timeout_s, stall_timeout_s=reliability.stall_timeout_s
+        ),
     )
+    _watch_health(streams, reliability)
     if profiles_role:
         _add_profile_agents(streams, topics)
     if associations_role:
@@ -248,6 +261,42 @@ def build_streams(
 
     register_views(streams)
     return streams
+
+
+def _watch_health(streams: StreamsApp, reliability: ReliabilitySettings) -> None:
+    """Register what the probes look at: the catalog view, the sender's acknowledgement wait,
+    the brokers (a metadata request every `broker_check_interval_s` through the sender's
+    producer) and the Faust consumer (rebalancing, or settled)."""
+    app: App = streams.app
+    health = streams.health
+    health.condition("catalog", streams.catalog.ready.is_set)
+    if hasattr(streams.sender, "waiting_since"):
+        health.wait("outputs", lambda: getattr(streams.sender, "waiting_since", None))
+    check = getattr(streams.sender, "check_broker", None)
+    if check is not None:
+        topic = streams.topic_names[BEHAVIOR_EVENTS.name]
+        broker = BrokerWatch(
+            lambda timeout: check(topic, timeout), interval_s=reliability.broker_check_interval_s
+        )
+        health.broker = broker
+
+        async def watch_broker() -> None:
+            loop = asyncio.get_running_loop()
+            while True:
+                await loop.run_in_executor(None, broker.check_once)
+                await asyncio.sleep(broker.interval_s)
+
+        app.task(watch_broker)
+    faust_watch = health.loop("faust consumer")
+
+    async def watch_faust() -> None:
+        faust_watch.beat()  # the event loop runs
+        if app.rebalancing:  # partitions revoked or lost, not yet assigned and recovered
+            faust_watch.lost()
+        else:
+            faust_watch.assigned()
+
+    app.timer(interval=FAUST_WATCH_INTERVAL_S)(watch_faust)
 
 
 def _add_profile_agents(streams: StreamsApp, topics: dict[str, Any]) -> None:
@@ -303,6 +352,7 @@ def _add_profile_agents(streams: StreamsApp, topics: dict[str, Any]) -> None:
         window_s=settings.batch_wait_ms / 1000,
         lag_gauge=streams.metrics.consumer_lag,
         on_restored=streams.metrics.profiles_restored.inc,
+        watch=streams.health.loop("profile agent"),
     )
     streams.event_consumer = consumer
     app.task(consumer.run)

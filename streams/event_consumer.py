@@ -15,6 +15,12 @@ returned with every output acknowledged by the broker, and committed from there 
 its changelog partition when it is assigned (the consumer's rebalance callback, so no event of
 it is handled first) and dropped when it is revoked or lost. Not done (Faust's tables had it):
 standby replicas; a failover waits for the changelog replay of its partitions instead.
+
+A broker outage is waited out: the handler's flush waits for the acknowledgements however long
+it takes; partitions lost meanwhile (the session timed out) are dropped and, once the consumer
+is polled again, rejoined and replayed; offsets of partitions no longer held are not stored; a
+changelog replay that the broker interrupts is retried with backoff. A `LoopWatch` tells the
+probes how the loop fares.
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ import orjson
 from prometheus_client import Gauge
 
 from kafkaio.consumer import LagReporter, commit, usable
+from kafkaio.health import LoopWatch
 
 logger = logging.getLogger(__name__)
 
@@ -42,6 +49,15 @@ RESTORE_BATCH = 10_000
 IDLE_WAIT_S = 0.5
 # How often the consumer lag gauge is refreshed.
 LAG_REPORT_S = 5.0
+# A changelog replay the broker interrupts is retried after this long, doubling up to the max.
+RESTORE_RETRY_S = 0.5
+RESTORE_RETRY_MAX_S = 5.0
+# A changelog partition whose replay reads nothing for this long is asked for its end again.
+RESTORE_STALL_S = 10.0
+
+
+class _Stopping(Exception):
+    """The consumer was asked to stop in the middle of a changelog replay."""
 
 
 class Changelog(Protocol):
@@ -194,6 +210,7 @@ class EventBatchConsumer:
         client: Callable[[dict[str, Any]], Any] | None = None,
         lag_gauge: Gauge | None = None,
         on_restored: Callable[[int], None] | None = None,
+        watch: LoopWatch | None = None,
     ) -> None:
         self.consumer_config = consumer_config
         self._restore_config = restore_config
@@ -209,6 +226,7 @@ class EventBatchConsumer:
         self._lag_gauge = lag_gauge
         self._lag: LagReporter | None = None
         self._on_restored = on_restored
+        self.watch = watch or LoopWatch("events")
         self._thread = ThreadPoolExecutor(1, thread_name_prefix="relata-events")
         self._consumer: Any = None
         self._stopping = False
@@ -239,13 +257,23 @@ class EventBatchConsumer:
                 )
                 messages = await pending
                 pending = None
+                self.watch.beat()
                 deadline = loop.time() + self._window_s
                 records = [self._to_record(m) for m in messages]
                 if not records:
                     continue
                 await self._handle(records)
                 await self._call(self._store_offsets, messages)
+                self.watch.beat()
+        except asyncio.CancelledError:
+            raise
+        except _Stopping:
+            pass
+        except Exception as exc:
+            self.watch.failed(exc)
+            raise
         finally:
+            self._stopping = True  # a changelog replay in progress gives up
             if pending is not None:  # cancelled mid-consume: let that call end first
                 await asyncio.wait([pending])
             await self._call(self._close)
@@ -272,14 +300,27 @@ class EventBatchConsumer:
         return usable(messages)
 
     def _store_offsets(self, messages: Sequence[Any]) -> None:
-        from confluent_kafka import TopicPartition
+        from confluent_kafka import KafkaException, TopicPartition
 
         last: dict[int, int] = {}
         for message in messages:
             last[message.partition()] = max(last.get(message.partition(), -1), message.offset())
-        self._consumer.store_offsets(
-            offsets=[TopicPartition(self._topic, p, offset + 1) for p, offset in last.items()]
-        )
+        # A partition lost while the batch waited for the broker is another member's now (or
+        # ours again, replayed from the changelog): its events are redone, not stored past.
+        held = {tp.partition for tp in self._consumer.assignment()}
+        offsets = [TopicPartition(self._topic, p, o + 1) for p, o in last.items() if p in held]
+        if len(offsets) < len(last):
+            logger.info(
+                "offsets not stored for partitions no longer held topic=%s partitions=%s",
+                self._topic,
+                ",".join(str(p) for p in sorted(set(last) - held)),
+            )
+        if not offsets:
+            return
+        try:
+            self._consumer.store_offsets(offsets=offsets)
+        except KafkaException as exc:  # lost in between: redelivered, folded idempotently
+            logger.warning("offsets not stored topic=%s error=%s", self._topic, exc)
 
     def _commit(self) -> None:
         from confluent_kafka import KafkaException
@@ -295,6 +336,8 @@ class EventBatchConsumer:
         # it and raise it from `_next_batch` once `consume` returned.
         try:
             fn(partitions)
+        except _Stopping as exc:
+            self._failure = self._failure or exc
         except Exception as exc:
             logger.exception("rebalance callback failed topic=%s", self._topic)
             self._failure = self._failure or exc
@@ -309,10 +352,12 @@ class EventBatchConsumer:
         self._callback(self._lost, partitions)
 
     def _assigned(self, partitions: Sequence[Any]) -> None:
+        self.watch.assigned()
+        self.watch.beat()
         started = time.monotonic()
         reader = self._client(self._restore_config)
         try:
-            restored = sum(self._restore(reader, p.partition) for p in partitions)
+            restored = sum(self._restore_retrying(reader, p.partition) for p in partitions)
         finally:
             reader.close()
         if self._on_restored is not None:
@@ -325,23 +370,55 @@ class EventBatchConsumer:
             time.monotonic() - started,
         )
 
+    def _restore_retrying(self, reader: Any, partition: int) -> int:
+        """`_restore`, again from the start (with backoff) while the broker interrupts it."""
+        from confluent_kafka import KafkaException
+
+        pause = RESTORE_RETRY_S
+        while True:
+            try:
+                return self._restore(reader, partition)
+            except KafkaException as exc:
+                error = exc.args[0] if exc.args else None
+                if error is not None and hasattr(error, "fatal") and error.fatal():
+                    raise
+                logger.warning(
+                    "changelog replay interrupted, retrying partition=%d in=%.1fs error=%s",
+                    partition,
+                    pause,
+                    exc,
+                )
+            if self._stopping:
+                raise _Stopping
+            self.watch.beat()
+            time.sleep(pause)
+            pause = min(RESTORE_RETRY_MAX_S, pause * 2)
+
     def _restore(self, reader: Any, partition: int) -> int:
         """Rebuild one partition's profiles from its changelog partition (to its end)."""
-        from confluent_kafka import OFFSET_BEGINNING, TopicPartition
+        from confluent_kafka import OFFSET_BEGINNING, KafkaException, TopicPartition
 
         self._store.open(partition)
         topic = self._store.changelog_topic
-        low, high = reader.get_watermark_offsets(TopicPartition(topic, partition), timeout=30)
+        low, high = reader.get_watermark_offsets(TopicPartition(topic, partition), timeout=10)
         if high <= low:
             return 0
         reader.assign([TopicPartition(topic, partition, OFFSET_BEGINNING)])
         count, position = 0, low
+        quiet_since = time.monotonic()
         while position < high:
+            if self._stopping:
+                raise _Stopping
             batch = reader.consume(RESTORE_BATCH, timeout=1.0)
+            self.watch.beat()
             if not batch:  # the end may be offsets without records (compaction, markers)
                 (current,) = reader.position([TopicPartition(topic, partition)])
                 position = max(position, current.offset)
+                if time.monotonic() - quiet_since > RESTORE_STALL_S:
+                    msg = f"no changelog records for {RESTORE_STALL_S:.0f} s"
+                    raise KafkaException(msg)  # retried from the start: the broker is away
                 continue
+            quiet_since = time.monotonic()
             records = []
             for message in batch:
                 if message.error() is not None:
@@ -359,6 +436,8 @@ class EventBatchConsumer:
         self._drop(partitions, logging.INFO, "revoked")
 
     def _lost(self, partitions: Sequence[Any]) -> None:
+        if partitions:
+            self.watch.lost()  # until the consumer rejoins and gets an assignment again
         self._drop(
             partitions, logging.WARNING, "lost (not committed: re-delivered to their new owner)"
         )

@@ -26,6 +26,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic.json_schema import models_json_schema
 
+from kafkaio.health import Health as ProcessHealth
 from schemas import vocabulary
 from schemas.messages import Recommendation, RelatedItem, RelatedItems, RelationKind
 from schemas.vocabulary import Term
@@ -82,11 +83,20 @@ class ErrorBody(BaseModel):
 
 
 class Health(BaseModel):
-    """Body of GET /healthz (503 while the catalog is still loading)."""
+    """Body of GET /readyz (also /healthz) and GET /livez."""
 
-    status: Literal["ok", "starting"]
+    status: Literal["ok", "starting", "unavailable", "stuck"] = Field(
+        description=(
+            "/readyz: ok, starting (catalog loading) or unavailable (brokers away, outputs "
+            "unacknowledged, partitions lost); /livez: ok or stuck."
+        )
+    )
+    ready: bool
+    live: bool
+    broker_reachable: bool
     catalog_ready: bool
     catalog_items: int
+    problems: list[str] = Field(description="What keeps the process from being ready or live.")
 
 
 class BadRequest(Exception):
@@ -204,13 +214,39 @@ def openapi_document() -> dict[str, Any]:
                     },
                 }
             },
+            "/readyz": {
+                "get": {
+                    "operationId": "ready",
+                    "summary": (
+                        "Readiness: the catalog view is loaded, the brokers answer, outputs are "
+                        "acknowledged and no partitions are lost."
+                    ),
+                    "responses": {
+                        "200": {"description": "Ready.", **ref("Health")},
+                        "503": {"description": "Starting, or cannot progress.", **ref("Health")},
+                    },
+                }
+            },
             "/healthz": {
                 "get": {
                     "operationId": "health",
-                    "summary": "Readiness: the catalog view is loaded.",
+                    "summary": "The same as /readyz.",
                     "responses": {
                         "200": {"description": "Ready.", **ref("Health")},
-                        "503": {"description": "Starting.", **ref("Health")},
+                        "503": {"description": "Starting, or cannot progress.", **ref("Health")},
+                    },
+                }
+            },
+            "/livez": {
+                "get": {
+                    "operationId": "live",
+                    "summary": (
+                        "Liveness: no loop died and, while the brokers answer, none is stuck "
+                        "(a broker outage alone never fails it)."
+                    ),
+                    "responses": {
+                        "200": {"description": "Live.", **ref("Health")},
+                        "503": {"description": "Stuck: restart it.", **ref("Health")},
                     },
                 }
             },
@@ -256,6 +292,8 @@ class Served(Protocol):
     def associations(self) -> Any: ...
     @property
     def recommendations(self) -> Any: ...
+    @property
+    def health(self) -> ProcessHealth: ...
 
     def related_of(self, item_id: str, *, kinds: Iterable[RelationKind]) -> RelatedItems | None:
         """Current association neighbours of one item (None: no behaviour seen)."""
@@ -325,16 +363,39 @@ def register_views(streams: Served) -> None:
                     self.bytes(stored_json(stored), content_type="application/json", status=200),
                 )
 
-    @app.page("/healthz")
-    class HealthView(View):
-        async def get(self, request: Request) -> Response:
-            ready = streams.catalog.ready.is_set()
-            body = Health(
-                status="ok" if ready else "starting",
-                catalog_ready=ready,
-                catalog_items=len(streams.catalog),
-            )
-            return counted("healthz", self.json(body.model_dump(), status=200 if ready else 503))
+    def health_body(probe: Literal["ready", "live"]) -> tuple[Health, bool]:
+        report = streams.health.report()
+        catalog_ready = streams.catalog.ready.is_set()
+        status: Literal["ok", "starting", "unavailable", "stuck"]
+        if probe == "live":
+            ok = report.live
+            status = "ok" if ok else "stuck"
+        else:
+            ok = report.ready
+            status = "ok" if ok else ("unavailable" if catalog_ready else "starting")
+        body = Health(
+            status=status,
+            ready=report.ready,
+            live=report.live,
+            broker_reachable=report.broker_reachable,
+            catalog_ready=catalog_ready,
+            catalog_items=len(streams.catalog),
+            problems=list(report.problems),
+        )
+        return body, ok
+
+    def probe_view(path: str, probe: Literal["ready", "live"]) -> None:
+        endpoint = path.strip("/")
+
+        @app.page(path)
+        class ProbeView(View):
+            async def get(self, request: Request) -> Response:
+                body, ok = health_body(probe)
+                return counted(endpoint, self.json(body.model_dump(), status=200 if ok else 503))
+
+    probe_view("/readyz", "ready")
+    probe_view("/healthz", "ready")  # the readiness probe's older name
+    probe_view("/livez", "live")
 
     @app.page("/metrics")
     class MetricsView(View):

@@ -18,9 +18,10 @@ import numpy as np
 import numpy.typing as npt
 
 from kafkaio.client import Consumer, Message, Producer
-from kafkaio.consumer import LagReporter, commit, usable
+from kafkaio.consumer import CommitRetry, LagReporter, commit, commit_offsets, usable
 from kafkaio.dead_letters import DeadLetters
-from kafkaio.producer import AckedProducer
+from kafkaio.health import LoopWatch
+from kafkaio.producer import DEFAULT_ACK_TIMEOUT_S, AckedProducer
 from schemas.decoding import Rejection, decode, key_text
 from schemas.messages import CatalogItem
 from workers.encoder import Encoder
@@ -73,10 +74,17 @@ class ItemIndexer:
         topics: IndexerTopics,
         max_batch: int = 512,
         max_wait_ms: float = 50.0,
+        watch: LoopWatch | None = None,
+        ack_timeout_s: float = DEFAULT_ACK_TIMEOUT_S,
+        commit_retry: CommitRetry | None = None,
     ) -> None:
         self.consumer = consumer
-        # Dead letters: a refused one raises from `flush` (delivery reports), never lost.
-        self.producer = AckedProducer(producer)
+        # Dead letters: a refused one raises from `flush` (delivery reports), never lost; a
+        # broker that does not answer is waited for (until the loop is stopped).
+        self.producer = AckedProducer(producer, ack_timeout_s=ack_timeout_s)
+        self.watch = watch or LoopWatch("indexer")
+        # Commits that failed (the consumer's on_commit reports them) are sent again when idle.
+        self.commit_retry = commit_retry or CommitRetry()
         self.encoder = encoder
         self.store = store
         self.metrics = metrics
@@ -93,6 +101,9 @@ class ItemIndexer:
         messages = self.consumer.consume(num_messages=self.max_batch, timeout=self.max_wait_s)
         result = BatchResult(records=len(messages))
         if not messages:
+            retry = self.commit_retry.take()
+            if retry:
+                commit_offsets(self.consumer, retry)
             self._lag.maybe_report()
             return result
         # Last record per item wins, as compaction would have it.
@@ -137,8 +148,8 @@ class ItemIndexer:
             result.retired += len(known)
         self.metrics.items_indexed.inc(result.indexed)
         self.metrics.items_retired.inc(result.retired)
-        if result.dead_letters:
-            self.producer.flush()
+        if result.dead_letters and self.producer.flush():
+            return result  # stopped before the dead letters were acknowledged: redo the batch
         commit(self.consumer)
         self._lag.maybe_report()
         logger.debug(
@@ -182,9 +193,11 @@ class ItemIndexer:
 
     def run(self, stop_event: threading.Event) -> None:
         """Loop until `stop_event` is set; the caller closes consumer, producer and store."""
+        self.producer.stop = stop_event
         logger.info("item indexer started topic=%s", self.topics.catalog)
         total = 0
         while not stop_event.is_set():
             result = self.poll_once()
             total += result.records
+            self.watch.beat()
         logger.info("item indexer stopped records=%d", total)

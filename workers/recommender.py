@@ -29,9 +29,10 @@ import numpy as np
 import numpy.typing as npt
 
 from kafkaio.client import Consumer, Message, Producer
-from kafkaio.consumer import LagReporter, commit_offsets, usable
+from kafkaio.consumer import CommitRetry, LagReporter, commit_offsets, usable
 from kafkaio.dead_letters import DeadLetters, refused
-from kafkaio.producer import AckedProducer, RecordRefusedError
+from kafkaio.health import LoopWatch
+from kafkaio.producer import DEFAULT_ACK_TIMEOUT_S, AckedProducer, RecordRefusedError
 from schemas.decoding import Rejection, decode, key_text
 from schemas.messages import ProfileUpdate, Recommendation, RecommendedItem, RelatedItems
 from schemas.settings import RecommenderSettings
@@ -273,11 +274,20 @@ class Recommender:
         weights: BlendWeights | None = None,
         cache_size: int = 200_000,
         clock: Callable[[], float] = time.time,
+        watch: LoopWatch | None = None,
+        ack_timeout_s: float = DEFAULT_ACK_TIMEOUT_S,
+        stop_flush_s: float = 10.0,
+        commit_retry: CommitRetry | None = None,
     ) -> None:
         self.consumer = consumer
         self.related_consumer = related_consumer
         # Outputs are acknowledged in the background; offsets follow the acknowledgements.
-        self.producer = AckedProducer(producer)
+        self.producer = AckedProducer(producer, ack_timeout_s=ack_timeout_s)
+        # The loop's progress, for the probes; how long a stop waits for acknowledgements.
+        self.watch = watch or LoopWatch("recommender")
+        self.stop_flush_s = stop_flush_s
+        # Commits that failed (the consumer's on_commit reports them) are sent again.
+        self.commit_retry = commit_retry or CommitRetry()
         self.encoder = encoder
         self.store = store
         self.metrics = metrics
@@ -536,13 +546,20 @@ class Recommender:
         now = time.monotonic()
         if force or now >= self._next_commit:
             self.producer.settle()
-            offsets = self.producer.take_committable()
+            offsets = self.commit_retry.take()
+            for key, offset in self.producer.take_committable().items():
+                offsets[key] = max(offsets.get(key, -1), offset)
             if offsets:
                 commit_offsets(self.consumer, offsets)
                 self._next_commit = now + self.settings.commit_interval_ms / 1000.0
 
     def run(self, stop_event: threading.Event) -> None:
-        """Loop until `stop_event` is set; the caller closes consumers, producer and store."""
+        """Loop until `stop_event` is set; the caller closes consumers, producer and store.
+
+        A broker outage is waited out: consuming returns nothing, answers wait for their
+        acknowledgements (their offsets stay uncommitted), and librdkafka reconnects and
+        rejoins the group by itself once the broker is back."""
+        self.producer.stop = stop_event
         self.catch_up_related()
         logger.info(
             "recommender started topic=%s strategy=%s", self.topics.profile_updates, self.strategy
@@ -550,6 +567,9 @@ class Recommender:
         total = 0
         while not stop_event.is_set():
             total += self.poll_once().records
-        self.producer.flush()  # every answer acknowledged, then its offsets committed
+            self.watch.beat()
+        # Answers acknowledged within the stop's share of the grace period have their offsets
+        # committed; the rest are redone after the restart.
+        remaining = self.producer.flush(self.stop_flush_s)
         self._maybe_commit(force=True)
-        logger.info("recommender stopped records=%d", total)
+        logger.info("recommender stopped records=%d unacknowledged=%d", total, remaining)

@@ -25,11 +25,17 @@ from prometheus_client import CollectorRegistry
 
 from relata.cli.settings_cli import build_settings, settings_options
 from relata.runtime.preflight import require_kafka
-from relata.runtime.process import freeze_startup_heap
+from relata.runtime.process import exit_after_grace, freeze_startup_heap
 from relata.runtime.topics import TopicError, WantedTopic, create_missing_topics, ensure_topics
 from schemas.access import component_access
 from schemas.messages import Evidence, RelatedItem
-from schemas.settings import EncoderSettings, KafkaSettings, StoreSettings, StreamsSettings
+from schemas.settings import (
+    EncoderSettings,
+    KafkaSettings,
+    ReliabilitySettings,
+    StoreSettings,
+    StreamsSettings,
+)
 from schemas.topics import ALL_TOPICS
 from streams.app import (
     SimilarItems,
@@ -104,11 +110,27 @@ def ensure_stream_topics(kafka: KafkaSettings, settings: StreamsSettings) -> lis
 
 
 class StreamsWorker(faust.Worker):
-    """The `relata streams` process's Faust worker: freezes the startup heap once running."""
+    """The `relata streams` process's Faust worker: freezes the startup heap once running, and
+    ends within `grace_s` of SIGTERM/SIGINT even when its graceful stop waits for a broker
+    that does not answer (offsets are committed only for acknowledged work, so cutting the
+    stop short only redoes some)."""
+
+    def __init__(self, *args: Any, grace_s: float, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._grace_s = grace_s
 
     async def on_startup_finished(self) -> None:
         await super().on_startup_finished()
         freeze_startup_heap(logger)
+
+    def _on_sigterm(self) -> None:
+        logger.info("stopping signal=SIGTERM grace_s=%.0f", self._grace_s)
+        exit_after_grace(self._grace_s, log=logger)
+        super()._on_sigterm()
+
+    def _on_sigint(self) -> None:
+        exit_after_grace(self._grace_s, log=logger)
+        super()._on_sigint()
 
 
 class ThreadWorker(faust.Worker):
@@ -178,6 +200,7 @@ def start_streams_in_thread(
     similar: SimilarItems | None = None,
     create_topics: bool = True,
     ready_timeout_s: float = 120.0,
+    reliability: ReliabilitySettings | None = None,
 ) -> RunningStreams:
     """Run the stream processor in a daemon thread; return once it is ready (assigned,
     tables recovered, HTTP up) and the catalog view is loaded."""
@@ -197,6 +220,7 @@ def start_streams_in_thread(
                 settings=settings,
                 registry=registry or CollectorRegistry(),
                 similar=similar,
+                reliability=reliability,
             )
             worker = ThreadWorker(
                 streams.app, loop=loop, ready=ready, override_logging=False, quiet=True
@@ -247,6 +271,7 @@ def start_streams_in_thread(
         "off for edge/local (their directory is opened by one process only: the workers')."
     ),
 )
+@settings_options(ReliabilitySettings, group="reliability")
 @settings_options(StoreSettings, group="store")
 @settings_options(StreamsSettings, group="streams")
 @settings_options(KafkaSettings, group="kafka")
@@ -256,6 +281,7 @@ def command(with_similar: bool | None, **params: Any) -> None:
     kafka = build_settings(KafkaSettings, group="kafka", params=params)
     settings = build_settings(StreamsSettings, group="streams", params=params)
     store = build_settings(StoreSettings, group="store", params=params)
+    reliability = build_settings(ReliabilitySettings, group="reliability", params=params)
     require_kafka(kafka, needs=component_access(kafka, streams=settings)["streams"].topics())
     if with_similar is None:
         with_similar = store.kind == "server"
@@ -274,7 +300,11 @@ def command(with_similar: bool | None, **params: Any) -> None:
         raise click.ClickException(str(exc)) from exc
     logger.info("topics ready created=%s", ",".join(created) or "none")
     streams = build_streams(
-        kafka=kafka, settings=settings, registry=CollectorRegistry(), similar=similar
+        kafka=kafka,
+        settings=settings,
+        registry=CollectorRegistry(),
+        similar=similar,
+        reliability=reliability,
     )
     click.echo(
         f"relata streams: role={settings.role} app_id={streams.app.conf.id} "
@@ -285,4 +315,6 @@ def command(with_similar: bool | None, **params: Any) -> None:
             else "web disabled"
         )
     )
-    StreamsWorker(streams.app, override_logging=False).execute_from_commandline()
+    StreamsWorker(
+        streams.app, override_logging=False, grace_s=reliability.shutdown_grace_s
+    ).execute_from_commandline()

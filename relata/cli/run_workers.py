@@ -1,7 +1,9 @@
 """`relata workers`: the composition root of the item indexer and the recommender.
 
 Reads settings, creates topics, builds the Kafka clients, the encoder and the vector store,
-serves Prometheus `/metrics`, and runs the loops until SIGTERM/SIGINT. With `--role all` both
+serves Prometheus `/metrics` and the probes `/readyz` and `/livez` on one port, and runs the
+loops until SIGTERM/SIGINT (ending within `RELATA_SHUTDOWN_GRACE_S` even while the broker is
+away). A broker outage is waited out: no loop gives up on it. With `--role all` both
 loops share ONE encoder and ONE store in one process (two threads): an embedded qdrant-edge
 directory can be open in one process only, so that is how the demo runs.
 """
@@ -17,9 +19,13 @@ from functools import partial
 from typing import Any, Literal
 
 import click
-from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client import CollectorRegistry
 
+from kafkaio.consumer import CommitRetry
+from kafkaio.health import BrokerWatch, Health, LoopWatch
+from kafkaio.producer import NEVER_TIME_OUT
 from relata.cli.settings_cli import build_settings, settings_options
+from relata.runtime.health_server import serve_probes
 from relata.runtime.preflight import require_kafka
 from relata.runtime.process import freeze_startup_heap, stop_on_signals
 from relata.runtime.topics import TopicError, ensure_topics, topic_name
@@ -29,6 +35,7 @@ from schemas.settings import (
     IndexerSettings,
     KafkaSettings,
     RecommenderSettings,
+    ReliabilitySettings,
     StoreSettings,
 )
 from schemas.topics import (
@@ -51,18 +58,26 @@ COMPONENT_OF_ROLE: dict[Role, Component] = {
 
 
 def build_consumer(
-    kafka: KafkaSettings, *, group_id: str, client_id: str, low_latency: bool = False
+    kafka: KafkaSettings,
+    *,
+    group_id: str,
+    client_id: str,
+    low_latency: bool = False,
+    commit_retry: CommitRetry | None = None,
 ) -> Any:
-    """A confluent-kafka consumer with manual commits (offsets committed after the work)."""
+    """A confluent-kafka consumer with manual commits (offsets committed after the work);
+    `commit_retry` hears of commits that failed, to send them again."""
     from confluent_kafka import Consumer
 
-    config = kafka.librdkafka_config(client_id) | {
+    config: dict[str, Any] = kafka.librdkafka_config(client_id) | {
         "group.id": group_id,
         "enable.auto.commit": False,
         "auto.offset.reset": "earliest",
         "session.timeout.ms": 10_000,
         "heartbeat.interval.ms": 1_000,
     }
+    if commit_retry is not None:
+        config["on_commit"] = commit_retry.on_commit
     if low_latency:
         # The broker answers a fetch as soon as one byte is there: the wait bounds only idle
         # polling (a few ms would keep the broker busy with nothing to do; librdkafka keeps
@@ -72,13 +87,29 @@ def build_consumer(
 
 
 def build_producer(kafka: KafkaSettings, *, client_id: str) -> Any:
-    """An idempotent producer with a 1 ms linger (latency first; batches still form)."""
+    """An idempotent producer with a 1 ms linger (latency first; batches still form) that
+    never gives up on a record while the broker is away."""
     from confluent_kafka import Producer
 
     return Producer(
         kafka.librdkafka_producer_config(client_id)
-        | {"linger.ms": 1, "enable.idempotence": True, "acks": "all"}
+        | {"linger.ms": 1, "enable.idempotence": True, "acks": "all", **NEVER_TIME_OUT}
     )
+
+
+def subscribe_watched(consumer: Any, topic: str, watch: LoopWatch) -> None:
+    """Subscribe to `topic`, telling `watch` when the partitions are lost (a session timed
+    out) and when an assignment comes again (librdkafka rejoins by itself while polled)."""
+
+    def assigned(_consumer: Any, _partitions: Any) -> None:
+        watch.assigned()
+
+    def lost(_consumer: Any, partitions: Any) -> None:
+        logger.warning("partitions lost topic=%s count=%d", topic, len(partitions))
+        if partitions:
+            watch.lost()
+
+    consumer.subscribe([topic], on_assign=assigned, on_lost=lost)
 
 
 def build_related_consumer(kafka: KafkaSettings, *, group_prefix: str) -> Any:
@@ -108,16 +139,24 @@ class Workers:
     encoder: Any
     store: Any
     closers: list[Callable[[], Any]] = field(default_factory=list)
+    health: Health = field(default_factory=Health)
+    watches: dict[str, LoopWatch] = field(default_factory=dict)
 
     def run(self, stop_event: threading.Event) -> None:
-        """Run each loop in its own thread until `stop_event`; a crashed loop stops them all."""
+        """Run each loop in its own thread until `stop_event`; a crashed loop stops them all.
+        The brokers are checked for the probes meanwhile."""
         errors: list[BaseException] = []
+        if self.health.broker is not None:
+            self.health.broker.start(stop_event)
 
         def guard(name: str, loop: Callable[[threading.Event], None]) -> None:
             try:
                 loop(stop_event)
             except BaseException as exc:
                 logger.exception("worker loop crashed loop=%s", name)
+                watch = self.watches.get(name)
+                if watch is not None:
+                    watch.failed(exc)
                 errors.append(exc)
                 stop_event.set()
 
@@ -155,8 +194,10 @@ def build_workers(
     registry: CollectorRegistry,
     encoder: Any = None,
     store: Any = None,
+    reliability: ReliabilitySettings | None = None,
 ) -> Workers:
-    """Build the loops of `role`; one encoder and one store serve both loops of `all`."""
+    """Build the loops of `role`; one encoder and one store serve both loops of `all`, one
+    `Health` (their watches, the brokers) both probes."""
     from workers.encoder import TransformerEncoder
     from workers.indexer import IndexerTopics, ItemIndexer
     from workers.metrics import WorkerMetrics
@@ -164,16 +205,28 @@ def build_workers(
     from workers.recommender import Recommender, RecommenderTopics
     from workers.vector_store import build_store
 
+    reliability = reliability or ReliabilitySettings()
     encoder = encoder or TransformerEncoder.from_settings(encoder_settings)
     store = store or build_store(store_settings, encoder.dim)
     metrics = WorkerMetrics.create(registry)
-    workers = Workers(loops=[], encoder=encoder, store=store)
+    health = Health(
+        ack_timeout_s=reliability.ack_timeout_s, stall_timeout_s=reliability.stall_timeout_s
+    )
+    workers = Workers(loops=[], encoder=encoder, store=store, health=health)
     dead_letter = topic_name(kafka, DEAD_LETTER)
+    # A stop waits this long for the last acknowledgements, and so long for each client's
+    # close, so that the whole stop fits the grace period.
+    stop_share_s = reliability.shutdown_grace_s / 4
     if role in ("indexer", "all"):
+        retry = CommitRetry()
         consumer = build_consumer(
-            kafka, group_id=indexer_settings.group_id, client_id="relata-indexer"
+            kafka,
+            group_id=indexer_settings.group_id,
+            client_id="relata-indexer",
+            commit_retry=retry,
         )
-        consumer.subscribe([topic_name(kafka, ITEM_CATALOG)])
+        watch = workers.watches["indexer"] = health.loop("indexer")
+        subscribe_watched(consumer, topic_name(kafka, ITEM_CATALOG), watch)
         producer = build_producer(kafka, client_id="relata-indexer")
         indexer = ItemIndexer(
             consumer=consumer,
@@ -184,17 +237,24 @@ def build_workers(
             topics=IndexerTopics(catalog=topic_name(kafka, ITEM_CATALOG), dead_letter=dead_letter),
             max_batch=indexer_settings.max_batch,
             max_wait_ms=indexer_settings.max_wait_ms,
+            watch=watch,
+            ack_timeout_s=reliability.ack_timeout_s,
+            commit_retry=retry,
         )
+        health.wait("indexer outputs", lambda: indexer.producer.waiting_since)
         workers.loops.append(("indexer", indexer.run))
-        workers.closers += [consumer.close, partial(producer.flush, 10)]
+        workers.closers += [consumer.close, partial(producer.flush, stop_share_s)]
     if role in ("recommender", "all"):
+        retry = CommitRetry()
         consumer = build_consumer(
             kafka,
             group_id=recommender_settings.group_id,
             client_id="relata-recommender",
             low_latency=True,
+            commit_retry=retry,
         )
-        consumer.subscribe([topic_name(kafka, PROFILE_UPDATES)])
+        watch = workers.watches["recommender"] = health.loop("recommender")
+        subscribe_watched(consumer, topic_name(kafka, PROFILE_UPDATES), watch)
         related = build_related_consumer(kafka, group_prefix=recommender_settings.group_id)
         producer = build_producer(kafka, client_id="relata-recommender")
         weights = (
@@ -217,9 +277,18 @@ def build_workers(
             ),
             settings=recommender_settings,
             weights=weights,
+            watch=watch,
+            ack_timeout_s=reliability.ack_timeout_s,
+            stop_flush_s=stop_share_s,
+            commit_retry=retry,
         )
+        health.wait("recommender outputs", lambda: recommender.producer.waiting_since)
         workers.loops.append(("recommender", recommender.run))
-        workers.closers += [consumer.close, related.close, partial(producer.flush, 10)]
+        workers.closers += [consumer.close, related.close, partial(producer.flush, stop_share_s)]
+    health.broker = BrokerWatch(
+        partial(producer.list_topics, topic_name(kafka, DEAD_LETTER)),
+        interval_s=reliability.broker_check_interval_s,
+    )
     return workers
 
 
@@ -233,6 +302,7 @@ def build_workers(
     show_envvar=True,
     help="Which loops to run; `all` shares one encoder and one store (needed for edge).",
 )
+@settings_options(ReliabilitySettings, group="reliability")
 @settings_options(RecommenderSettings, group="recommender")
 @settings_options(IndexerSettings, group="indexer")
 @settings_options(StoreSettings, group="store")
@@ -245,6 +315,7 @@ def command(role: Role, **params: Any) -> None:
     store_settings = build_settings(StoreSettings, group="store", params=params)
     indexer_settings = build_settings(IndexerSettings, group="indexer", params=params)
     recommender_settings = build_settings(RecommenderSettings, group="recommender", params=params)
+    reliability = build_settings(ReliabilitySettings, group="reliability", params=params)
 
     access = component_access(kafka, indexer=indexer_settings, recommender=recommender_settings)[
         COMPONENT_OF_ROLE[role]
@@ -257,11 +328,9 @@ def command(role: Role, **params: Any) -> None:
     logger.info("topics ready created=%s", ",".join(created) or "none")
     registry = CollectorRegistry()
     port = indexer_settings.metrics_port if role == "indexer" else recommender_settings.metrics_port
-    if port:
-        start_http_server(port, registry=registry)
 
     stop_event = threading.Event()
-    stop_on_signals(stop_event, log=logger)
+    stop_on_signals(stop_event, log=logger, grace_s=reliability.shutdown_grace_s)
 
     workers = build_workers(
         role,
@@ -271,15 +340,20 @@ def command(role: Role, **params: Any) -> None:
         indexer_settings=indexer_settings,
         recommender_settings=recommender_settings,
         registry=registry,
+        reliability=reliability,
     )
+    # Once the model is loaded and the consumers built (the startup probe waits for it).
+    server = serve_probes(port, registry=registry, health=workers.health) if port else None
     click.echo(
         f"relata workers: role={role} broker={kafka.bootstrap_servers} "
         f"store={store_settings.kind} model={workers.encoder.name}@{workers.encoder.version} "
-        + (f"metrics=http://0.0.0.0:{port}/metrics" if port else "metrics disabled")
+        + (f"metrics and probes=http://0.0.0.0:{port}" if port else "metrics disabled")
     )
     freeze_startup_heap(logger)
     try:
         workers.run(stop_event)
     finally:
         workers.close()
+        if server is not None:
+            server.shutdown()
     click.echo("relata workers: stopped")

@@ -15,6 +15,7 @@ from schemas.settings import (
     IndexerSettings,
     KafkaSettings,
     RecommenderSettings,
+    ReliabilitySettings,
     StoreSettings,
     StreamsSettings,
 )
@@ -22,6 +23,7 @@ from schemas.settings import (
 SETTINGS_CLASSES: tuple[type[BaseSettings], ...] = (
     KafkaSettings,
     StreamsSettings,
+    ReliabilitySettings,
     EncoderSettings,
     StoreSettings,
     IndexerSettings,

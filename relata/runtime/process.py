@@ -4,13 +4,51 @@ from __future__ import annotations
 
 import gc
 import logging
+import os
 import signal
+import sys
 import threading
 from types import FrameType
 
+logger = logging.getLogger(__name__)
 
-def stop_on_signals(stop: threading.Event, *, log: logging.Logger | None = None) -> None:
-    """Make SIGTERM and SIGINT set `stop` (a graceful stop) instead of killing the process.
+# The exit status of a process whose graceful stop outlasted its grace period.
+EXIT_GRACE_EXPIRED = 3
+
+_armed = threading.Lock()
+_watchdog: list[threading.Thread] = []
+
+
+def exit_after_grace(grace_s: float, *, log: logging.Logger | None = None) -> None:
+    """Make sure the process ends within `grace_s` from now: a daemon thread ends it with
+    status EXIT_GRACE_EXPIRED if the graceful stop has not finished by then (a broker that does
+    not answer holds commits, group leaves and flushes). Nothing is committed by that exit:
+    offsets are committed only for acknowledged work, so what was unacknowledged is redone.
+    Idempotent: the first call arms the one watchdog."""
+    with _armed:
+        if _watchdog:
+            return
+
+        def expire() -> None:
+            threading.Event().wait(grace_s)
+            (log or logger).error(
+                "shutdown grace of %.0f s expired; exiting without waiting further", grace_s
+            )
+            for handler in logging.getLogger().handlers:
+                handler.flush()
+            sys.stderr.flush()
+            os._exit(EXIT_GRACE_EXPIRED)
+
+        thread = threading.Thread(target=expire, name="relata-shutdown-grace", daemon=True)
+        _watchdog.append(thread)
+        thread.start()
+
+
+def stop_on_signals(
+    stop: threading.Event, *, log: logging.Logger | None = None, grace_s: float | None = None
+) -> None:
+    """Make SIGTERM and SIGINT set `stop` (a graceful stop) instead of killing the process;
+    with `grace_s`, the process ends within that long of the signal (`exit_after_grace`).
 
     Call from the main thread. With `log`, each signal is logged as `stopping signal=NAME`.
     """
@@ -18,6 +56,8 @@ def stop_on_signals(stop: threading.Event, *, log: logging.Logger | None = None)
     def _request_stop(signum: int, _frame: FrameType | None) -> None:
         if log is not None:
             log.info("stopping signal=%s", signal.Signals(signum).name)
+        if grace_s is not None:
+            exit_after_grace(grace_s, log=log)
         stop.set()
 
     signal.signal(signal.SIGTERM, _request_stop)

@@ -287,7 +287,11 @@ def test_events_flow_to_profile_updates_dead_letters_related_items_and_http(
             assert document.status_code == 200
             validate(document.json())
             health = http.get("/healthz").json()
-            assert health == {"status": "ok", "catalog_ready": True, "catalog_items": len(ITEMS)}
+            assert health["status"] == "ok" and health["ready"] and health["live"]
+            assert health["catalog_ready"] and health["catalog_items"] == len(ITEMS)
+            assert health["broker_reachable"] and health["problems"] == []
+            assert http.get("/readyz").json() == health
+            assert http.get("/livez").status_code == 200
 
             assert http.get("/users/u0/recommendations").status_code == 404
             recommendation = {

@@ -127,6 +127,26 @@ def test_workloads_select_their_pods_and_probe_declared_ports() -> None:
             assert annotations["prometheus.io/port"] in port_numbers
 
 
+def test_probes_are_readiness_and_liveness_and_the_grace_period_fits_the_pod() -> None:
+    """Readiness is /readyz (not ready while the broker is away), liveness /livez (stuck
+    only; an outage never restarts a pod), and every process stops within
+    RELATA_SHUTDOWN_GRACE_S, below its pod's terminationGracePeriodSeconds."""
+    from schemas.settings import ReliabilitySettings
+
+    (config,) = [o for o in _k8s_objects() if o["kind"] == "ConfigMap"]
+    grace = float(config["data"].get("RELATA_SHUTDOWN_GRACE_S", "nan"))
+    assert grace == grace, "the configmap sets RELATA_SHUTDOWN_GRACE_S"  # not NaN
+    assert ReliabilitySettings().shutdown_grace_s < 30  # below Kubernetes' default period
+    for workload in _workloads():
+        pod = workload["spec"]["template"]["spec"]
+        assert grace < pod.get("terminationGracePeriodSeconds", 30), workload["metadata"]["name"]
+        for container in pod["containers"]:
+            assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
+            assert container["livenessProbe"]["httpGet"]["path"] == "/livez"
+            # Start-up is /metrics: it answers once the process runs, ready or not.
+            assert container["startupProbe"]["httpGet"]["path"] == "/metrics"
+
+
 def test_worker_roles_are_indexer_and_recommender() -> None:
     roles = {
         w["metadata"]["name"]: w["spec"]["template"]["spec"]["containers"][0]["args"]

@@ -242,3 +242,105 @@ def test_store_writes_its_changelog_and_refuses_partitions_it_does_not_own(
     assert store.get(2, "u1") == b"v1"
     store.close_all()
     assert store.partitions == set()
+
+
+# -- broker outages: partitions lost while a batch waits, a replay the broker interrupts -----
+
+
+@dataclass
+class LosingConsumer(GroupConsumer):
+    """A group consumer whose assignment follows the callbacks it runs (a lost partition is
+    gone from `assignment()`, as in librdkafka)."""
+
+    held: set[int] = field(default_factory=set)
+    reassign: list[int] = field(default_factory=list)
+
+    def consume(self, num_messages: int, timeout: float) -> list[Any]:
+        if self.assign:
+            self.held |= set(self.assign)
+        if self.reassign and not self.batches:
+            partitions, self.reassign = self.reassign, []
+            self.held |= set(partitions)
+            self.callbacks["on_assign"](self, [TopicPartition(TOPIC, p) for p in partitions])
+        return super().consume(num_messages, timeout)
+
+    def lose(self, partition: int) -> None:
+        self.held.discard(partition)
+        self.callbacks["on_lost"](self, [TopicPartition(TOPIC, partition)])
+
+    def assignment(self) -> list[TopicPartition]:
+        return [TopicPartition(TOPIC, p) for p in sorted(self.held)]
+
+
+def test_a_partition_lost_while_its_batch_waits_is_not_stored_and_is_regained() -> None:
+    group = LosingConsumer(
+        assign=[0, 1],
+        batches=[[message(TOPIC, 0, 5, b"u1", b"e1"), message(TOPIC, 1, 7, b"u3", b"e2")]],
+        reassign=[1],
+    )
+    reader = ChangelogReader({0: [(changelog_key("u1"), b"p1")], 1: [(changelog_key("u3"), b"p3")]})
+    watch_states: list[bool] = []
+
+    async def handle(records: list[Any]) -> None:
+        # The broker went away while the outputs waited; the session timed out meanwhile.
+        group.lose(1)
+        watch_states.append(consumer.watch.lost_since is not None)
+
+    consumer, store = build(group, reader, handle)
+
+    async def run() -> None:
+        task = asyncio.create_task(consumer.run())
+        while not (
+            group.stored and consumer.watch.lost_since is None and store.partitions == {0, 1}
+        ):
+            await asyncio.sleep(0.01)
+        consumer.stop()
+        await task
+
+    asyncio.run(asyncio.wait_for(run(), 10))
+    assert watch_states == [True]  # the probes saw the partitions lost
+    # Only the partition still held got its offset stored: partition 1's event is redone by
+    # whoever owns it now (here: this consumer again, after replaying its changelog).
+    assert group.stored == [(0, 6)]
+    assert consumer.watch.lost_since is None and consumer.watch.failure is None
+
+
+def test_a_changelog_replay_the_broker_interrupts_is_retried(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from confluent_kafka import KafkaError, KafkaException
+
+    import streams.event_consumer as event_consumer
+
+    monkeypatch.setattr(event_consumer, "RESTORE_RETRY_S", 0.01)
+    failures = [KafkaException(KafkaError(KafkaError._TRANSPORT))] * 2
+
+    class FlakyReader(ChangelogReader):
+        def get_watermark_offsets(self, tp: TopicPartition, timeout: float) -> tuple[int, int]:
+            if failures:
+                raise failures.pop()
+            return super().get_watermark_offsets(tp, timeout)
+
+    group = GroupConsumer(assign=[0], batches=[[message(TOPIC, 0, 0, b"u1", b"e1")]])
+    profiles: list[bytes | None] = []
+
+    async def handle(records: list[Any]) -> None:
+        profiles.append(store.get(0, "u1"))
+        consumer.stop()
+
+    consumer, store = build(group, FlakyReader({0: [(changelog_key("u1"), b"p1")]}), handle)
+    asyncio.run(consumer.run())
+    assert failures == [] and profiles == [b"p1"]
+    assert consumer.watch.failure is None
+
+
+def test_a_handler_that_fails_marks_the_loop_failed_for_the_probes() -> None:
+    group = GroupConsumer(assign=[0], batches=[[message(TOPIC, 0, 0, b"u1", b"e1")]])
+
+    async def handle(records: list[Any]) -> None:
+        raise RuntimeError("broker refused the outputs")
+
+    consumer, _ = build(group, ChangelogReader({}), handle)
+    with pytest.raises(RuntimeError):
+        asyncio.run(consumer.run())
+    assert consumer.watch.failure is not None and "refused" in consumer.watch.failure

@@ -214,3 +214,18 @@ def test_a_dead_letter_carries_input_reason_and_position_and_is_counted(
     assert caplog.records[0].getMessage() == (
         f"dead letter {TOPIC}[2] offset=7 stage=test error_type=malformed_json reason=x"
     )
+
+
+def test_a_commit_that_failed_is_kept_for_another_try_until_a_later_one_succeeds() -> None:
+    from confluent_kafka import KafkaError, TopicPartition
+
+    from kafkaio.consumer import CommitRetry
+
+    retry = CommitRetry()
+    failed = KafkaError(KafkaError.REBALANCE_IN_PROGRESS)
+    retry.on_commit(failed, [TopicPartition("t", 0, 5), TopicPartition("t", 1, 9)])
+    retry.on_commit(None, [TopicPartition("t", 1, 12)])  # a later commit of partition 1 passed
+    assert retry.take() == {("t", 0): 5}
+    assert retry.take() == {}  # handed out once; a new failure reports them again
+    retry.on_commit(failed, [TopicPartition("t", 0, 7), TopicPartition("t", 0, -1001)])
+    assert retry.take() == {("t", 0): 7}

@@ -1,10 +1,11 @@
 """kafkaio.producer: which consumed offsets may be committed, by delivery reports
 (`AckedProducer`), and what the asyncio sender's `flush` promises when the broker is away
-(`ConfluentSender`)."""
+(`ConfluentSender`): it waits, however long, and never gives up with an error."""
 
 from __future__ import annotations
 
 import asyncio
+import logging
 from typing import Any
 
 import pytest
@@ -12,6 +13,7 @@ from confluent_kafka import KafkaError, KafkaException
 
 from kafkaio.consumer import commit_offsets
 from kafkaio.producer import (
+    NEVER_TIME_OUT,
     AckedProducer,
     ConfluentSender,
     DeliveryError,
@@ -190,7 +192,7 @@ def test_a_full_queue_is_polled_until_the_record_fits() -> None:
 
 def test_the_sender_hands_a_batch_over_at_flush_and_raises_on_a_refusal() -> None:
     producer = FakeProducer(refuse_topics={"refused"})
-    sender = ConfluentSender(producer, flush_timeout_s=1.0)
+    sender = ConfluentSender(producer, ack_timeout_s=1.0)
     sender.produce("out", key=b"k", value=b"v")
     assert sender.queued == 1 and producer.records == []  # queued until the flush
     asyncio.run(sender.flush())
@@ -201,29 +203,53 @@ def test_the_sender_hands_a_batch_over_at_flush_and_raises_on_a_refusal() -> Non
     asyncio.run(sender.flush())  # a refusal is reported once
 
 
-def test_flush_raises_when_records_are_not_acknowledged() -> None:
-    # Nothing listens on port 1: the record stays queued, and flush must say so rather than
-    # let the agent acknowledge its inputs.
+def test_flush_waits_out_a_broker_that_does_not_answer_and_logs_it(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Nothing listens on port 1: the records stay unacknowledged, and flush keeps waiting
+    # (never a DeliveryError for a timeout: the inputs are neither acknowledged nor dropped),
+    # logging the wait once per ack_timeout_s, until it is cancelled (a stop).
     sender = ConfluentSender.from_config(
-        {**UNREACHABLE, "partitioner": "murmur2_random"},
-        flush_timeout_s=0.5,
+        {**UNREACHABLE, "partitioner": "murmur2_random"}, ack_timeout_s=0.3
     )
     sender.produce("t", key=b"k", value=b"v")
     sender.produce("t", key=b"k", value=None, partition=0)
     # Queued until the flush hands the batch to librdkafka (one produce request per batch).
     assert sender.queued == 2
-    with pytest.raises(DeliveryError, match="2 records not acknowledged"):
-        asyncio.run(sender.flush())
+    seen: list[float | None] = []
+
+    async def main() -> None:
+        flush = asyncio.create_task(sender.flush())
+        await asyncio.sleep(1.6)
+        seen.append(sender.waiting_since)
+        assert not flush.done()
+        flush.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await flush
+
+    with caplog.at_level(logging.WARNING, logger="kafkaio.producer"):
+        asyncio.run(main())
     assert sender.queued == 0
+    assert seen[0] is not None  # the probes see the wait
+    assert sender.waiting_since is None  # cancelled: no longer waiting
+    lines = [r.getMessage() for r in caplog.records if "waiting for the broker" in r.getMessage()]
+    assert 2 <= len(lines) <= 6, lines  # once per interval, not once per poll
+    assert "unacknowledged=2" in lines[0]
+
+
+def test_the_producers_never_time_a_record_out() -> None:
+    sender = ConfluentSender.from_config(UNREACHABLE)
+    assert sender.waiting_since is None
+    assert NEVER_TIME_OUT == {"message.timeout.ms": 0}
 
 
 def test_flush_with_nothing_sent_returns() -> None:
-    sender = ConfluentSender.from_config(UNREACHABLE, flush_timeout_s=0.5)
+    sender = ConfluentSender.from_config(UNREACHABLE, ack_timeout_s=0.5)
     asyncio.run(sender.flush())
 
 
 def test_flush_leaves_the_event_loop_to_other_tasks_while_it_waits() -> None:
-    sender = ConfluentSender.from_config(UNREACHABLE, flush_timeout_s=0.3)
+    sender = ConfluentSender.from_config(UNREACHABLE, ack_timeout_s=0.3)
     sender.produce("t", key=b"k", value=b"v")
     ticks = 0
 
@@ -235,12 +261,31 @@ def test_flush_leaves_the_event_loop_to_other_tasks_while_it_waits() -> None:
 
     async def main() -> None:
         task = asyncio.create_task(ticker())
-        with pytest.raises(DeliveryError):
-            await sender.flush()
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(sender.flush(), 0.5)
         task.cancel()
 
     asyncio.run(main())
-    assert ticks >= 10  # the other agents ran during the 0.3 s wait
+    assert ticks >= 10  # the other agents ran during the 0.5 s wait
+
+
+def test_acked_flush_waits_until_acknowledged_or_stopped_and_commits_only_acknowledged() -> None:
+    broker = ManualBroker()
+    broker.flush = lambda timeout=-1: len(broker.reports)  # type: ignore[method-assign]
+    acked = AckedProducer(broker, ack_timeout_s=0.1)
+    acked.begin(_messages((0, 0)))
+    acked.produce("out", key=None, value=b"a")
+    acked.end()
+    assert acked.flush(timeout=0.2) == 1  # the broker does not answer: nothing committable
+    assert acked.waiting_since is not None
+    assert acked.take_committable() == {}
+    acked.stop.set()
+    assert acked.flush() == 1  # stopped: returns at once, still uncommitted
+    broker.ack(b"a")
+    acked.stop.clear()
+    assert acked.flush() == 0
+    assert acked.waiting_since is None
+    assert acked.take_committable() == {("in", 0): 1}
 
 
 # -- records the client refuses outright (poison outputs) -------------------------------------
@@ -283,7 +328,7 @@ def test_poison_a_refused_record_does_not_hold_its_batch_back() -> None:
 
 def test_poison_the_sender_refuses_an_oversized_record_when_queued() -> None:
     producer = FakeProducer()
-    sender = ConfluentSender(producer, flush_timeout_s=1.0, max_message_bytes=1_000)
+    sender = ConfluentSender(producer, ack_timeout_s=1.0, max_message_bytes=1_000)
     with pytest.raises(RecordRefusedError, match="over the producer's limit"):
         sender.produce("out", key=b"k", value=b"x" * 1_000)
     sender.produce("out", key=b"k", value=b"v")
@@ -294,7 +339,7 @@ def test_poison_the_sender_refuses_an_oversized_record_when_queued() -> None:
 
 def test_poison_a_refusal_at_hand_over_is_reported_by_flush() -> None:
     producer = FakeProducer(max_bytes=5)
-    sender = ConfluentSender(producer, flush_timeout_s=1.0)
+    sender = ConfluentSender(producer, ack_timeout_s=1.0)
     sender.produce("out", key=None, value=b"x" * 6)  # passes the sender's own, larger limit
     with pytest.raises(DeliveryError, match="1 records refused"):
         asyncio.run(sender.flush())

@@ -58,9 +58,31 @@ def test_a_crashed_loop_stops_the_others_and_is_raised() -> None:
         encoder=_Closable(log, "encoder"),
         store=_Closable(log, "store"),
     )
+    workers.watches["crash"] = workers.health.loop("crash")
     with pytest.raises(RuntimeError, match="boom"):
         workers.run(threading.Event())
     assert stopped.is_set()
+    # The probes say so until the process is gone: not live, not ready.
+    report = workers.health.report()
+    assert not report.live and not report.ready
+    assert any("crash: stopped (ValueError: boom)" in p for p in report.problems)
+
+
+def test_subscribing_watches_lost_partitions_until_the_next_assignment() -> None:
+    from kafkaio.health import LoopWatch
+    from relata.cli.run_workers import subscribe_watched
+
+    class Consumer:
+        def subscribe(self, topics: list[str], **callbacks: object) -> None:
+            self.topics, self.callbacks = topics, callbacks
+
+    consumer, watch = Consumer(), LoopWatch("recommender")
+    subscribe_watched(consumer, "profile-updates", watch)
+    assert consumer.topics == ["profile-updates"]
+    consumer.callbacks["on_lost"](consumer, [object()])  # type: ignore[operator]
+    assert watch.lost_since is not None
+    consumer.callbacks["on_assign"](consumer, [])  # type: ignore[operator]
+    assert watch.lost_since is None
 
 
 def test_close_carries_on_after_an_error() -> None:

@@ -644,7 +644,12 @@ def test_roles_split_agents_tables_and_routes_and_share_the_association_state(
     related, users = "/items/{item_id}/related", "/users/{user_id}/recommendations"
     assert users in profiles.app.web.views and related not in profiles.app.web.views
     assert related in associations.app.web.views and users not in associations.app.web.views
-    assert {related, users, "/healthz", "/metrics"} <= set(everything.app.web.views)
+    probes = {"/healthz", "/readyz", "/livez"}
+    assert {related, users, "/metrics"} | probes <= set(everything.app.web.views)
+    # The probes watch the brokers, the outputs' acknowledgements and every consuming loop.
+    watched = {watch.name for watch in everything.health.loops}
+    assert watched == {"profile agent", "faust consumer"}
+    assert {w.name for w in associations.health.loops} == {"faust consumer"}
 
 
 @run_async
