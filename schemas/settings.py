@@ -14,6 +14,9 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from schemas import vocabulary
 
+# librdkafka clients go back to the bootstrap servers after this long without a usable broker.
+REBOOTSTRAP_AFTER_MS = 5000
+
 
 class _Settings(BaseSettings):
     model_config = SettingsConfigDict(extra="forbid", frozen=True, validate_default=True)
@@ -71,6 +74,14 @@ class KafkaSettings(_Settings):
         description=(
             "How long each process's start-up check waits for the brokers to answer a metadata "
             "request before it exits with one line naming the cause."
+        ),
+    )
+    client_debug: str | None = Field(
+        None,
+        pattern=r"^[a-z]+(,[a-z]+)*$",
+        description=(
+            "librdkafka debug contexts for every librdkafka client (e.g. `cgrp,consumer`), "
+            "logged to stderr: for diagnosing group membership and connection problems."
         ),
     )
 
@@ -137,6 +148,11 @@ class KafkaSettings(_Settings):
             # make it with the broker's defaults: wrong partitions, cleanup.policy=delete).
             # librdkafka's producers default to true, so it is set for every client.
             "allow.auto.create.topics": "false",
+            # A broker that comes back fenced (its controller lease lapsed while it was away)
+            # answers metadata without itself; librdkafka then drops every known broker and,
+            # by default, goes back to the bootstrap servers only after 5 minutes. Within
+            # seconds instead, so a process resumes as soon as the cluster does.
+            "metadata.recovery.rebootstrap.trigger.ms": str(REBOOTSTRAP_AFTER_MS),
         }
         if self.security_protocol.startswith("SASL"):
             assert self.sasl_password is not None  # validated above
@@ -152,6 +168,8 @@ class KafkaSettings(_Settings):
             config["ssl.key.password"] = self.ssl_key_password.get_secret_value()
         if client_id is not None:
             config["client.id"] = client_id
+        if self.client_debug:
+            config["debug"] = self.client_debug
         return config
 
     def librdkafka_producer_config(self, client_id: str | None = None) -> dict[str, str]:

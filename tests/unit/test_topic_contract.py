@@ -164,3 +164,26 @@ def test_ensure_topics_checks_existing_topics_and_creates_only_missing_ones(
     kafka = KafkaSettings(bootstrap_servers="h:1", topic_prefix="p.", partitions=2)
     with pytest.raises(TopicMismatchError, match=r"topic p\.item-catalog has 1 partition"):
         ensure_topics(kafka, [ITEM_CATALOG, BEHAVIOR_EVENTS])
+
+
+def test_every_librdkafka_client_goes_back_to_the_bootstrap_servers_within_seconds() -> None:
+    # A broker that returns fenced answers metadata without itself; the client then knows no
+    # broker and, by librdkafka's default, would wait 5 minutes before re-bootstrapping.
+    from confluent_kafka import Consumer, Producer
+
+    kafka = KafkaSettings(bootstrap_servers="127.0.0.1:1")
+    consumer_config = kafka.librdkafka_config("relata-test") | {"group.id": "g"}
+    producer_config = kafka.librdkafka_producer_config("relata-test")
+    for config in (consumer_config, producer_config):
+        assert int(config["metadata.recovery.rebootstrap.trigger.ms"]) <= 10_000
+    # The installed librdkafka knows the property (an unknown one raises here).
+    Consumer(consumer_config).close()
+    Producer(producer_config).flush(0)
+
+
+def test_client_debug_reaches_every_librdkafka_client_and_is_validated() -> None:
+    assert "debug" not in KafkaSettings().librdkafka_config()
+    debug = KafkaSettings(client_debug="cgrp,consumer").librdkafka_config("relata-test")
+    assert debug["debug"] == "cgrp,consumer"
+    with pytest.raises(ValueError, match="client_debug"):
+        KafkaSettings(client_debug="cgrp; rm -rf")
