@@ -38,6 +38,10 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
         "List every RELATA_* setting with its default and meaning.",
     ),
     "schemas": ("relata.cli.schema_export", "Write one JSON Schema per topic into schemas/json/."),
+    "deploy-manifests": (
+        "relata.cli.deploy_manifests",
+        "Write the generated parts of deploy/: Strimzi topics and users, the dashboard.",
+    ),
     "kafka": (
         "relata.runtime.kafka_command",
         "Run the embedded single-node Apache Kafka (KRaft), plain or secured.",

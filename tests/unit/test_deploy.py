@@ -1,7 +1,10 @@
-"""deploy/: manifests parse, kustomize references resolve, settings and metric names exist."""
+"""deploy/: manifests parse, render and validate against the Kubernetes and CRD schemas, each
+pod is scraped once, generated files are current, settings and metric names exist, and the
+alert rules pass promtool's checks and unit tests."""
 
 from __future__ import annotations
 
+import functools
 import importlib
 import inspect
 import json
@@ -12,6 +15,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import jsonschema
+import kubernetes_validate
 import pytest
 import yaml
 from prometheus_client import CollectorRegistry
@@ -66,13 +71,19 @@ def _kustomizations() -> list[Path]:
     return sorted(K8S.rglob("kustomization.yaml"))
 
 
+def _component_dirs() -> set[Path]:
+    return {p.parent for p in _kustomizations() if _docs(p)[0]["kind"] == "Component"}
+
+
 @pytest.mark.parametrize("path", _kustomizations(), ids=lambda p: str(p.relative_to(K8S)))
 def test_kustomization_references_existing_files(path: Path) -> None:
     spec = _docs(path)[0]
-    assert spec["kind"] == "Kustomization"
-    refs = list(spec.get("resources", [])) + [
-        p["path"] for p in spec.get("patches", []) if "path" in p
-    ]
+    assert spec["kind"] in ("Kustomization", "Component")
+    refs = (
+        list(spec.get("resources", []))
+        + list(spec.get("components", []))
+        + [p["path"] for p in spec.get("patches", []) if "path" in p]
+    )
     assert refs
     for ref in refs:
         target = (path.parent / ref).resolve()
@@ -330,17 +341,411 @@ def test_dockerfile_is_non_root_and_copies_existing_paths() -> None:
                 assert (ROOT / src).exists(), src
 
 
-@pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl (kustomize) not installed")
-@pytest.mark.parametrize("overlay", ["", "overlays/gpu-indexer"])
-def test_kustomize_renders(overlay: str) -> None:
+# --- rendered overlays -------------------------------------------------------------------------
+
+# Every directory `kubectl apply -k` is meant for: the default (Strimzi + KEDA) and its overlays.
+OVERLAYS = ["", "overlays/plain", "overlays/gpu-indexer"]
+needs_kubectl = pytest.mark.skipif(
+    shutil.which("kubectl") is None, reason="kubectl (kustomize) not installed"
+)
+CRD_SCHEMAS = ROOT / "tests" / "data" / "crd-schemas"
+# Kubernetes version whose schemas (shipped by kubernetes-validate) the manifests must satisfy.
+K8S_VERSION = kubernetes_validate.latest_version()
+
+
+@functools.cache
+def _render(overlay: str) -> tuple[dict[str, Any], ...]:
     out = subprocess.run(
         ["kubectl", "kustomize", str(K8S / overlay)], capture_output=True, text=True, check=False
     )
     assert out.returncode == 0, out.stderr
-    rendered = [doc for doc in yaml.safe_load_all(out.stdout) if doc]
+    return tuple(doc for doc in yaml.safe_load_all(out.stdout) if doc)
+
+
+def _of_kind(objects: tuple[dict[str, Any], ...], kind: str) -> list[dict[str, Any]]:
+    return [o for o in objects if o["kind"] == kind]
+
+
+def test_overlays_list_every_deployable_kustomization() -> None:
+    deployable = {
+        str(p.parent.relative_to(K8S)).replace(".", "")
+        for p in _kustomizations()
+        if p.parent not in _component_dirs() and p.parent != K8S / "base"
+    }
+    assert deployable == set(OVERLAYS)
+
+
+@needs_kubectl
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_kustomize_renders(overlay: str) -> None:
+    rendered = _render(overlay)
     namespaced = [d for d in rendered if d["kind"] != "Namespace"]
     assert all(d["metadata"]["namespace"] == "relata" for d in namespaced)
     indexer = next(d for d in rendered if d["metadata"]["name"] == "relata-indexer"
                    and d["kind"] == "Deployment")  # fmt: skip
     limits = indexer["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"]
     assert ("nvidia.com/gpu" in limits) == (overlay == "overlays/gpu-indexer")
+    operators = overlay != "overlays/plain"
+    assert bool(_of_kind(rendered, "ScaledObject")) == operators
+    assert bool(_of_kind(rendered, "KafkaTopic")) == operators
+    # KEDA owns the recommender's HPA where it runs; the plain overlay keeps the CPU HPA.
+    assert bool(_of_kind(rendered, "HorizontalPodAutoscaler")) == (not operators)
+
+
+def _strict(schema: Any) -> Any:
+    """The schema with unknown fields refused wherever it lists the fields, as the API server
+    does with strict field validation (and `kubectl apply --validate=strict`)."""
+    if isinstance(schema, list):
+        return [_strict(s) for s in schema]
+    if not isinstance(schema, dict):
+        return schema
+    strict = {key: _strict(value) for key, value in schema.items()}
+    if (
+        "properties" in schema
+        and "additionalProperties" not in schema
+        and not schema.get("x-kubernetes-preserve-unknown-fields")
+    ):
+        strict["additionalProperties"] = False
+    return strict
+
+
+def _crd_schema(obj: dict[str, Any]) -> dict[str, Any] | None:
+    group, _, version = obj["apiVersion"].rpartition("/")
+    path = CRD_SCHEMAS / f"{group}_{version}_{obj['kind']}.yaml"
+    return _strict(yaml.safe_load(path.read_text())) if path.exists() else None
+
+
+def _validate(obj: dict[str, Any]) -> None:
+    schema = _crd_schema(obj)
+    if schema is not None:
+        jsonschema.Draft7Validator(schema).validate(obj)
+        return
+    group = obj["apiVersion"].rpartition("/")[0]
+    # Core groups have no dot (apps, policy, autoscaling) or end in .k8s.io; others are CRDs.
+    assert "." not in group or group.endswith(".k8s.io"), (
+        f"{obj['apiVersion']} {obj['kind']}: no CRD schema under tests/data/crd-schemas"
+    )
+    kubernetes_validate.validate(obj, K8S_VERSION, strict=True)
+
+
+@needs_kubectl
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_rendered_objects_validate_against_their_schemas(overlay: str) -> None:
+    """Core objects against Kubernetes' own schemas, KEDA, Strimzi and Prometheus Operator
+    objects against their CRDs' schemas; unknown fields are errors in both."""
+    rendered = _render(overlay)
+    custom = {o["kind"] for o in rendered if _crd_schema(o) is not None}
+    assert "ServiceMonitor" in custom
+    if overlay != "overlays/plain":
+        assert {"ScaledObject", "TriggerAuthentication", "KafkaTopic", "KafkaUser"} <= custom
+    for obj in rendered:
+        _validate(obj)
+
+
+@needs_kubectl
+def test_schema_validation_refuses_misspelt_and_invalid_fields() -> None:
+    scaled = next(o for o in _render("") if o["kind"] == "ScaledObject")
+    wrong_field = {**scaled, "spec": {**scaled["spec"], "maxReplicas": 3}}
+    with pytest.raises(jsonschema.ValidationError, match="maxReplicas"):
+        _validate(wrong_field)
+    topic = next(o for o in _render("") if o["kind"] == "KafkaTopic")
+    with pytest.raises(jsonschema.ValidationError):
+        _validate({**topic, "spec": {**topic["spec"], "partitions": 0}})
+    deployment = next(o for o in _render("") if o["kind"] == "Deployment")
+    with pytest.raises(kubernetes_validate.ValidationError):
+        _validate({**deployment, "spec": {**deployment["spec"], "replica": 2}})
+
+
+# --- scraping ----------------------------------------------------------------------------------
+
+
+def _selects(selector: dict[str, Any], labels: dict[str, str]) -> bool:
+    """A Kubernetes label selector (matchLabels and matchExpressions) against labels."""
+    if not selector.get("matchLabels", {}).items() <= labels.items():
+        return False
+    for expr in selector.get("matchExpressions", []):
+        key, op, values = expr["key"], expr["operator"], expr.get("values", [])
+        ok = {
+            "In": key in labels and labels[key] in values,
+            "NotIn": key not in labels or labels[key] not in values,
+            "Exists": key in labels,
+            "DoesNotExist": key not in labels,
+        }[op]
+        if not ok:
+            return False
+    return True
+
+
+def _scrapes(objects: tuple[dict[str, Any], ...]) -> dict[str, list[str]]:
+    """Workload -> the jobs (Service names) that scrape its pods, as the Prometheus Operator
+    builds targets: ServiceMonitor -> selected Services -> endpoints on a named Service port
+    -> the pods behind the Service."""
+    services = _of_kind(objects, "Service")
+    workloads = [o for o in objects if o["kind"] in ("Deployment", "StatefulSet")]
+    jobs: dict[str, list[str]] = {w["metadata"]["name"]: [] for w in workloads}
+    for monitor in _of_kind(objects, "ServiceMonitor"):
+        spec = monitor["spec"]
+        namespaces = spec.get("namespaceSelector", {}).get(
+            "matchNames", [monitor["metadata"]["namespace"]]
+        )
+        for service in services:
+            if service["metadata"]["namespace"] not in namespaces:
+                continue
+            if not _selects(spec["selector"], service["metadata"].get("labels", {})):
+                continue
+            port_names = {p.get("name") for p in service["spec"]["ports"]}
+            for endpoint in spec["endpoints"]:
+                if endpoint["port"] not in port_names:
+                    continue
+                for workload in workloads:
+                    labels = workload["spec"]["template"]["metadata"]["labels"]
+                    if _selects({"matchLabels": service["spec"]["selector"]}, labels):
+                        jobs[workload["metadata"]["name"]].append(service["metadata"]["name"])
+    return jobs
+
+
+@needs_kubectl
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_each_pod_is_scraped_exactly_once_under_its_component_job(overlay: str) -> None:
+    assert _scrapes(_render(overlay)) == {
+        name: [name]
+        for name in (
+            "relata-streams",
+            "relata-associations",
+            "relata-indexer",
+            "relata-recommender",
+        )
+    }
+
+
+@needs_kubectl
+def test_scrape_check_sees_a_selector_that_also_matches_the_headless_services() -> None:
+    """The selector relata had before matched the StatefulSets' headless Services too."""
+    objects = list(_render(""))
+    monitor = _of_kind(tuple(objects), "ServiceMonitor")[0]
+    loose = {
+        **monitor,
+        "spec": {
+            **monitor["spec"],
+            "selector": {"matchLabels": {"app.kubernetes.io/name": "relata"}},
+        },
+    }
+    objects[objects.index(monitor)] = loose
+    jobs = _scrapes(tuple(objects))
+    assert sorted(jobs["relata-streams"]) == ["relata-streams", "relata-streams-headless"]
+
+
+# --- Strimzi and KEDA --------------------------------------------------------------------------
+
+
+def _configmap() -> dict[str, str]:
+    (config,) = [o for o in _k8s_objects() if o["kind"] == "ConfigMap"]
+    data: dict[str, str] = config["data"]
+    return data
+
+
+def test_generated_files_are_current() -> None:
+    from relata.cli.deploy_manifests import render_all
+
+    for path, text in render_all(DEPLOY).items():
+        assert (DEPLOY / path).read_text() == text, (
+            f"deploy/{path} is stale: run `relata deploy-manifests`"
+        )
+
+
+@needs_kubectl
+def test_topics_are_the_declared_ones_sized_by_the_configmap() -> None:
+    from schemas.topics import ALL_TOPICS
+
+    config = _configmap()
+    prefix = config.get("RELATA_KAFKA_TOPIC_PREFIX", "")
+    topics = {t["spec"]["topicName"]: t["spec"] for t in _of_kind(_render(""), "KafkaTopic")}
+    assert set(topics) == {prefix + spec.name for spec in ALL_TOPICS}
+    for spec in ALL_TOPICS:
+        topic = topics[prefix + spec.name]
+        assert topic["partitions"] == int(config["RELATA_KAFKA_PARTITIONS"])
+        assert topic["replicas"] == int(config["RELATA_KAFKA_REPLICATION_FACTOR"])
+        assert topic["config"]["cleanup.policy"] == spec.cleanup_policy
+
+
+# Which component's principal each workload logs in as.
+WORKLOAD_COMPONENT = {
+    "relata-streams": "streams",
+    "relata-associations": "streams",
+    "relata-indexer": "indexer",
+    "relata-recommender": "recommender",
+}
+
+
+@needs_kubectl
+def test_each_workload_logs_in_as_its_components_kafka_user_with_its_acls() -> None:
+    from relata.cli.deploy_manifests import settings_from_configmap
+    from schemas.access import component_access
+
+    kafka, streams, indexer, recommender = settings_from_configmap(_configmap())
+    access = component_access(kafka, streams=streams, indexer=indexer, recommender=recommender)
+    rendered = _render("")
+    users = {u["metadata"]["name"]: u for u in _of_kind(rendered, "KafkaUser")}
+    assert _configmap()["RELATA_KAFKA_SASL_MECHANISM"] == "SCRAM-SHA-512"
+    for workload in (o for o in rendered if o["kind"] in ("Deployment", "StatefulSet")):
+        grants = access[WORKLOAD_COMPONENT[workload["metadata"]["name"]]]  # type: ignore[index]
+        env = {e["name"]: e for e in workload["spec"]["template"]["spec"]["containers"][0]["env"]}
+        assert env["RELATA_KAFKA_SASL_USERNAME"]["value"] == grants.principal
+        secret = env["RELATA_KAFKA_SASL_PASSWORD"]["valueFrom"]["secretKeyRef"]
+        user = users[secret["name"]]
+        assert (secret["key"], user["spec"]["authentication"]["type"]) == (
+            "password",
+            "scram-sha-512",
+        )
+        acls = {
+            (a["resource"]["type"], a["resource"]["name"], a["resource"]["patternType"]):
+                {op.upper() for op in a["operations"]}
+            for a in user["spec"]["authorization"]["acls"]
+        }  # fmt: skip
+        assert acls == {
+            (g.resource, g.name, "prefix" if g.prefixed else "literal"):
+                {op.replace("_", "") for op in g.operations}
+            for g in grants.grants
+        }  # fmt: skip
+
+
+@needs_kubectl
+def test_scaled_objects_follow_their_consumer_groups_bounded_by_partitions() -> None:
+    from relata.cli.deploy_manifests import settings_from_configmap
+    from schemas.topics import BEHAVIOR_EVENTS, PROFILE_UPDATES
+    from streams.naming import events_group
+
+    config = _configmap()
+    kafka, streams, _, recommender = settings_from_configmap(config)
+    rendered = _render("")
+    scaled = {s["spec"]["scaleTargetRef"]["name"]: s for s in _of_kind(rendered, "ScaledObject")}
+    expected = {
+        "relata-streams": (
+            "StatefulSet",
+            events_group(kafka, streams.model_copy(update={"role": "profiles"})),
+            BEHAVIOR_EVENTS,
+        ),
+        "relata-recommender": ("Deployment", recommender.group_id, PROFILE_UPDATES),
+    }
+    assert set(scaled) == set(expected)
+    auths = {a["metadata"]["name"] for a in _of_kind(rendered, "TriggerAuthentication")}
+    for name, (kind, group, topic) in expected.items():
+        spec = scaled[name]["spec"]
+        assert spec["scaleTargetRef"]["kind"] == kind
+        assert any(o["kind"] == kind and o["metadata"]["name"] == name for o in rendered)
+        assert 1 <= spec["minReplicaCount"] <= spec["maxReplicaCount"] <= kafka.partitions
+        (lag,) = [t for t in spec["triggers"] if t["type"] == "kafka"]
+        assert lag["metadata"]["consumerGroup"] == group
+        assert lag["metadata"]["topic"] == kafka.topic(topic.name)
+        assert lag["metadata"]["bootstrapServers"] == config["RELATA_KAFKA_BOOTSTRAP_SERVERS"]
+        assert lag["authenticationRef"]["name"] in auths
+        assert int(lag["metadata"]["lagThreshold"]) > 0
+
+
+# --- alerts, runbook, dashboard ----------------------------------------------------------------
+
+PROMETHEUS = DEPLOY / "prometheus"
+needs_promtool = pytest.mark.skipif(
+    shutil.which("promtool") is None,
+    reason="promtool not installed (Debian package `prometheus`; .ci/run installs it)",
+)
+
+
+def _alert_rules() -> list[dict[str, Any]]:
+    alerts = yaml.safe_load((PROMETHEUS / "alerts.yml").read_text())
+    return [rule for group in alerts["groups"] for rule in group["rules"]]
+
+
+def _promtool(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        ["promtool", *args], capture_output=True, text=True, check=False, cwd=PROMETHEUS
+    )
+
+
+@needs_promtool
+def test_promtool_checks_the_rules() -> None:
+    out = _promtool("check", "rules", "alerts.yml")
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert f"SUCCESS: {len(_alert_rules())} rules found" in out.stdout
+
+
+@needs_promtool
+def test_promtool_unit_tests_of_the_alerts_pass() -> None:
+    out = _promtool("test", "rules", "alerts_test.yml")
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
+@needs_promtool
+def test_promtool_unit_tests_fail_when_an_alert_is_broken(tmp_path: Path) -> None:
+    """The unit tests catch a rule that no longer fires: raise every threshold out of reach."""
+    broken = (PROMETHEUS / "alerts.yml").read_text().replace("> 0.05", "> 50")
+    (tmp_path / "alerts.yml").write_text(broken)
+    shutil.copy(PROMETHEUS / "alerts_test.yml", tmp_path)
+    out = subprocess.run(
+        ["promtool", "test", "rules", "alerts_test.yml"],
+        capture_output=True, text=True, check=False, cwd=tmp_path,
+    )  # fmt: skip
+    assert out.returncode != 0
+    assert "RelataDeadLetterRateHigh" in out.stdout + out.stderr
+
+
+def test_every_alert_pages_on_one_series_and_stays_silent_on_another() -> None:
+    tests = yaml.safe_load((PROMETHEUS / "alerts_test.yml").read_text())["tests"]
+    fires: set[str] = set()
+    silent: set[str] = set()
+    for test in tests:
+        for case in test["alert_rule_test"]:
+            (fires if case["exp_alerts"] else silent).add(case["alertname"])
+            # A silent case proves something only if the series exist at all.
+            assert test["input_series"], test["name"]
+    names = {rule["alert"] for rule in _alert_rules()}
+    assert fires == names, f"no paging test: {sorted(names - fires)}"
+    assert silent == names, f"no silent test: {sorted(names - silent)}"
+
+
+def _runbook_anchors() -> set[str]:
+    text = (DEPLOY / "RUNBOOK.md").read_text()
+    return {heading.strip().lower() for heading in re.findall(r"^## (.+)$", text, flags=re.M)}
+
+
+def test_every_alert_has_a_runbook_section_and_url() -> None:
+    anchors = _runbook_anchors()
+    for rule in _alert_rules():
+        url = rule["annotations"]["runbook_url"]
+        page, _, anchor = url.partition("#")
+        assert page.endswith("deploy/RUNBOOK.md"), url
+        assert anchor == rule["alert"].lower() and anchor in anchors, (rule["alert"], url)
+    assert anchors == {rule["alert"].lower() for rule in _alert_rules()}, (
+        "runbook sections without alerts"
+    )
+
+
+def test_freshness_slo_matches_the_histogram_and_the_alerts() -> None:
+    from relata.deploy.slo import FRESHNESS_OBJECTIVE_SECONDS, FRESHNESS_TARGET
+    from workers.metrics import EVENT_TO_RECOMMENDATION_BUCKETS
+
+    # The share of fast recommendations is read from the bucket at the objective.
+    assert FRESHNESS_OBJECTIVE_SECONDS in EVENT_TO_RECOMMENDATION_BUCKETS
+    exprs = {rule["alert"]: rule["expr"] for rule in _alert_rules()}
+    assert f"> {FRESHNESS_OBJECTIVE_SECONDS:g}" in exprs["RelataRecommendationLatencyHigh"]
+    burn = exprs["RelataFreshnessBudgetBurn"]
+    assert f'le="{FRESHNESS_OBJECTIVE_SECONDS:g}"' in burn
+    assert f"* {1 - FRESHNESS_TARGET:g}" in burn
+
+
+def test_dashboard_shows_the_freshness_slo() -> None:
+    from relata.deploy.slo import FRESHNESS_OBJECTIVE_SECONDS
+
+    dashboard = json.loads((DEPLOY / "grafana" / "relata.json").read_text())
+    panels = {p["title"]: p for p in dashboard["panels"]}
+    p99 = [p for t, p in panels.items() if t.startswith("p99 event → recommendation")]
+    assert p99
+    for panel in p99:
+        steps = panel["fieldConfig"]["defaults"]["thresholds"]["steps"]
+        assert FRESHNESS_OBJECTIVE_SECONDS in [s["value"] for s in steps]
+        assert "histogram_quantile(0.99" in panel["targets"][0]["expr"]
+    budget = next(p for t, p in panels.items() if t.startswith("Error budget left"))
+    assert 'le="0.25"' in budget["targets"][0]["expr"]
+    for panel in dashboard["panels"]:
+        refs = [t["refId"] for t in panel.get("targets", [])]
+        assert all(refs) and len(refs) == len(set(refs)), panel["title"]
