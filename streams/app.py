@@ -144,6 +144,8 @@ class StreamsApp:
     dead_letters: DeadLetters
     similar: SimilarItems | None
     health: Health = field(default_factory=Health)
+    # The profiles' changelog: acknowledged after the outputs of a batch (the sender's).
+    changelog_sender: Sender | None = None
     profiles: ProfileStore | None = None
     associations: Any = None
     association_totals: Any = None
@@ -221,10 +223,17 @@ def build_streams(
         value_serializer="raw",
     )
     metrics = StreamsMetrics.create(registry)
-    sender = sender or ConfluentSender.from_config(
-        kafka.librdkafka_producer_config(client_id(settings)),
-        ack_timeout_s=reliability.ack_timeout_s,
-    )
+    changelog_sender = sender  # injected (tests): one sender, flushed twice
+    if sender is None:
+        sender = ConfluentSender.from_config(
+            kafka.librdkafka_producer_config(client_id(settings)),
+            ack_timeout_s=reliability.ack_timeout_s,
+        )
+        if profiles_role:
+            changelog_sender = ConfluentSender.from_config(
+                kafka.librdkafka_producer_config(f"{client_id(settings)}-changelog"),
+                ack_timeout_s=reliability.ack_timeout_s,
+            )
     streams = StreamsApp(
         app=app,
         kafka=kafka,
@@ -236,6 +245,7 @@ def build_streams(
         assoc_config=AssociationConfig.from_settings(settings),
         topic_names=names,
         sender=sender,
+        changelog_sender=changelog_sender,
         dead_letters=DeadLetters(
             sender, topic=names[DEAD_LETTER.name], stage=STAGE, counter=metrics.dead_letter
         ),
@@ -272,6 +282,9 @@ def _watch_health(streams: StreamsApp, reliability: ReliabilitySettings) -> None
     health.condition("catalog", streams.catalog.ready.is_set)
     if hasattr(streams.sender, "waiting_since"):
         health.wait("outputs", lambda: getattr(streams.sender, "waiting_since", None))
+    changelog = streams.changelog_sender
+    if changelog is not None and changelog is not streams.sender:
+        health.wait("profiles changelog", lambda: getattr(changelog, "waiting_since", None))
     check = getattr(streams.sender, "check_broker", None)
     if check is not None:
         topic = streams.topic_names[BEHAVIOR_EVENTS.name]
@@ -308,7 +321,7 @@ def _add_profile_agents(streams: StreamsApp, topics: dict[str, Any]) -> None:
     directory = settings.data_dir / app_id if settings.store == "rocksdb://" else None
     streams.profiles = ProfileStore(
         changelog_topic=profiles_changelog_topic(kafka, settings),
-        changelog=sender,
+        changelog=streams.changelog_sender or sender,
         directory=directory,
     )
     streams.profile_agent = ProfileAgent(

@@ -139,10 +139,17 @@ class AssociationInput:
     new_basket: bool = False
     # Earlier bought items of the user (most recent first): the partners of `also_bought`.
     bought_items: tuple[str, ...] = ()
+    # The behaviour event it comes from: (behavior-events partition, offset). The fold keys
+    # its re-delivery check by it, so an input sent again after a crash of the profiles role
+    # (under a new association-input offset) is still recognised.
+    source: tuple[int, int] | None = None
 
     @classmethod
-    def from_fold(cls, result: EventFold, event: BehaviorEvent) -> AssociationInput | None:
-        """None when the event adds nothing (duplicate, return, repeat within a basket)."""
+    def from_fold(
+        cls, result: EventFold, event: BehaviorEvent, *, source: tuple[int, int] | None = None
+    ) -> AssociationInput | None:
+        """None when the event adds nothing (duplicate, return, repeat within a basket);
+        `source`: where the event was read."""
         if not result.changed or (result.basket_kind is None and not result.sequence_step):
             return None
         return cls(
@@ -154,10 +161,12 @@ class AssociationInput:
             sequence_step=result.sequence_step,
             new_basket=result.new_basket,
             bought_items=result.bought_items,
+            source=source,
         )
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        source = {} if self.source is None else {"source": list(self.source)}
+        return source | {
             "item_id": self.item_id,
             "ts": self.ts,
             "kind": self.kind,
@@ -188,15 +197,42 @@ class AssociationInput:
             sequence_step=bool(data.get("sequence_step", False)),
             new_basket=bool(data.get("new_basket", False)),
             bought_items=tuple(str(i) for i in data.get("bought_items", ())),
+            source=_source(data.get("source")),
         )
+
+
+def _source(value: Any) -> tuple[int, int] | None:
+    if value is None:
+        return None
+    if (
+        not isinstance(value, list)
+        or len(value) != 2
+        or not all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in value)
+    ):
+        msg = f"association input source must be [partition, offset], got {value!r}"
+        raise ValueError(msg)
+    return (value[0], value[1])
 
 
 @dataclass(frozen=True, slots=True)
 class InputPosition:
-    """The association-input message an input came from (several inputs share one)."""
+    """Where an input was read, as a record's `applied` watermark keys it: `stream` names
+    the ordered stream (a behavior-events partition `e<p>` for inputs that name their source
+    event; else the association-input partition, for inputs of older producers), `offset` the
+    position in it."""
 
-    partition: int
+    stream: str
     offset: int
+    # True: the position is the input's own (its source event), never shared with another
+    # input; False: the message's, shared by every input of that message.
+    own: bool = False
+
+    @classmethod
+    def of(cls, inp: AssociationInput, *, partition: int, offset: int) -> InputPosition:
+        """The position of `inp`, read from association-input `partition` at `offset`."""
+        if inp.source is not None:
+            return cls(f"e{inp.source[0]}", inp.source[1], own=True)
+        return cls(str(partition), offset)
 
 
 @dataclass(slots=True)
@@ -416,11 +452,16 @@ class AssociationFold:
     calls (the live agent applies a window in slices); `touched` holds each changed record
     once, for the caller to store.
 
-    With positions, an input updates a record only when the record did not already hold its
-    message: the comparison is with the record's `applied` offset as loaded, before this
-    fold, so the inputs of one message that touch a record several times (or across two
-    `apply` calls) all count. Loaded records always hold whole messages (a caller stores
-    records only between messages), so the result equals a clean fold of each input once.
+    With positions, an input updates a record only when the record does not already hold
+    it. An input that names its source event has a position of its own (the event's
+    behavior-events partition and offset): it is skipped wherever the record's `applied`
+    watermark for that partition has reached it, so one re-sent by the profiles role after a
+    crash, in another message, counts once. An input of an older producer has its message's
+    position, shared with the message's other inputs: the comparison is then with the
+    record's watermark as loaded, before this fold, so the inputs of one message that touch a
+    record several times (or across two `apply` calls) all count. Loaded records always hold
+    whole messages (a caller stores records only between messages), so the result equals a
+    clean fold of each input once.
     """
 
     __slots__ = (
@@ -471,7 +512,7 @@ class AssociationFold:
         for at, inp in enumerate(inputs):
             ts = inp.ts
             position = None if positions is None else positions[at]
-            partition = "" if position is None else str(position.partition)
+            partition = "" if position is None else position.stream
             scaled: _Scaled = {}
             for item_id, kind, partner, amount in input_updates(inp):
                 found = scaled.get(item_id)
@@ -480,7 +521,10 @@ class AssociationFold:
                         continue
                     record = self._record(item_id, ts)
                     if position is not None:
-                        if before[item_id].get(partition, -1) >= position.offset:
+                        # An input's own position is held once folded, in this fold too; a
+                        # message's position only as loaded (its other inputs still count).
+                        held = record.get("applied", {}) if position.own else before[item_id]
+                        if held.get(partition, -1) >= position.offset:
                             skipped.add(item_id)
                             scaled[item_id] = None
                             continue
@@ -495,9 +539,16 @@ class AssociationFold:
                     _add_pair(record, kind, partner, amount * scale, capacity)
             if position is None:
                 self.totals = update_totals(self.totals, inp, self.config)
-            elif self._totals_before.get(partition, -1) < position.offset:
+            elif self._totals_held(position).get(partition, -1) < position.offset:
                 totals = self.totals = update_totals(self.totals, inp, self.config)
                 totals.setdefault("applied", {})[partition] = position.offset
+
+
+    def _totals_held(self, position: InputPosition) -> Mapping[str, int]:
+        """The totals' watermarks an input is compared with (see `apply`)."""
+        if not position.own:
+            return self._totals_before
+        return self.totals.get("applied", {}) if self.totals is not None else {}
 
 
 def apply_inputs(

@@ -95,7 +95,10 @@ class AssociationAgent:
                     inputs.append(AssociationInput.from_dict(data))
                 except Exception as exc:  # any shape of bad input is data
                     bad.append(f"{type(exc).__name__}: {exc}")
-            at += [InputPosition(record.partition, record.offset)] * (len(inputs) - len(at))
+            at += [
+                InputPosition.of(inp, partition=record.partition, offset=record.offset)
+                for inp in inputs[len(at) :]
+            ]
             if bad:
                 reason = f"{len(bad)} invalid association inputs, first: {bad[0]}"
                 reject(self.dead_letters, Rejection("invalid_fields", reason), record)

@@ -69,6 +69,10 @@ class Changelog(Protocol):
         """Queue one record for the next flush."""
         ...
 
+    async def flush(self) -> None:
+        """Return once every queued record is acknowledged."""
+        ...
+
 
 class PartitionNotAssignedError(KeyError):
     """A profile of a partition this worker does not own was read or written."""
@@ -84,8 +88,8 @@ class ProfileStore:
     """The latest profile (JSON bytes) per user, by partition of behavior-events.
 
     `put` writes the local copy and queues its changelog record to the same partition number
-    of the changelog topic (the sender's flush, before the input offsets are stored, makes it
-    durable). `directory` None keeps partitions in dicts; otherwise each is a RocksDB database
+    of the changelog topic (`flush`, after the outputs and before the input offsets are
+    stored, makes it durable). `directory` None keeps partitions in dicts; otherwise each is a RocksDB database
     (rocksdict) under it, rebuilt from the changelog when assigned.
     """
 
@@ -121,6 +125,10 @@ class ProfileStore:
         self._changelog.produce(
             self.changelog_topic, key=changelog_key(key), value=value, partition=partition
         )
+
+    async def flush(self) -> None:
+        """Send the queued changelog records; return once they are acknowledged."""
+        await self._changelog.flush()
 
     def keys(self) -> Iterator[str]:
         """Every key held (all partitions)."""

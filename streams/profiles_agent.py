@@ -58,8 +58,9 @@ class ProfileAgent:
         (naming every folded event) sent, once per batch: coalescing, so a burst of one
         user's events (an invoice, a session) costs one table write and one recommendation.
         The association inputs of the batch travel as one message (split only when large), in
-        input order. A record whose handling raises is dead-lettered (`processing_error`) and
-        the batch goes on. Returns once every output is acknowledged (the caller then
+        input order, each naming its source event. A record whose handling raises is
+        dead-lettered (`processing_error`) and the batch goes on. Returns once every output,
+        and after them the profiles' changelog records, is acknowledged (the caller then
         acknowledges the inputs).
         """
         started = time.perf_counter()
@@ -88,7 +89,11 @@ class ProfileAgent:
                     self.sender.produce(self.association_input_topic, key=None, value=chunk)
                 except RecordRefusedError:  # statistics are approximate: lose it, not the stream
                     logger.exception("association inputs dropped bytes=%d", len(chunk))
+        # Outputs first, then the changelog records that remember the events as folded: a
+        # crash in between refolds the events from the older profiles and sends the same
+        # outputs again (the association fold knows them by source event), never loses them.
         await self.sender.flush()
+        await self.profiles.flush()
         self.metrics.event_batch_size.observe(len(records))
         self.metrics.event_processing_seconds.observe(time.perf_counter() - started)
 
@@ -137,7 +142,9 @@ class ProfileAgent:
         for at, result in fold.changed:
             index, event, record = events[at]
             folded.append((event, record))
-            assoc = AssociationInput.from_fold(result, event)
+            assoc = AssociationInput.from_fold(
+                result, event, source=(record.partition, record.offset)
+            )
             if assoc is not None:
                 inputs.append((index, assoc.to_dict()))
         profile = fold.profile

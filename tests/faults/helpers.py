@@ -269,6 +269,8 @@ class CleanRun:
 
 
 def clean_run(kafka: KafkaSettings, lines: list[tuple[int, bytes]], config: FoldConfig) -> CleanRun:
+    """The profile fold of `lines` one event at a time, as replayed to one partition (a line's
+    offset is its index): profiles, association inputs and the offsets a clean run rejects."""
     catalog = CatalogView()
     for _, key, value in read_topic(kafka, kafka.topic(ITEM_CATALOG.name)):
         catalog.apply(key, value)
@@ -280,7 +282,7 @@ def clean_run(kafka: KafkaSettings, lines: list[tuple[int, bytes]], config: Fold
             continue
         result = fold_event(run.profiles.get(event.user_id), event, config)
         run.profiles[event.user_id] = result.profile
-        inp = AssociationInput.from_fold(result, event)
+        inp = AssociationInput.from_fold(result, event, source=(0, offset))
         if inp is not None:
             run.inputs.append(inp)
     return run
@@ -435,22 +437,29 @@ def dead_letters(kafka: KafkaSettings) -> list[DeadLetter]:
     ]
 
 
-def one_batch_apart(sent: list[Any], expected: list[Any]) -> tuple[str, int]:
-    """How `sent` differs from `expected`: ("exact", 0), ("lost", n) when one contiguous run of
-    n is missing, ("doubled", n) when one contiguous run of n came again right after itself
-    (the profiles role re-folding a batch whose changelog record was lost). Fails otherwise."""
-    prefix = 0
-    while prefix < min(len(sent), len(expected)) and sent[prefix] == expected[prefix]:
-        prefix += 1
-    tail = sent[prefix:]
-    resumed = len(expected) - len(tail)  # where in `expected` the rest of `sent` resumes
-    assert resumed >= 0 and expected[resumed:] == tail, (
-        f"association inputs differ from a clean run by more than one contiguous run: first "
-        f"difference at {prefix} of {len(expected)} ({len(sent)} sent)"
+def resent(sent: list[dict[str, Any]], expected: list[dict[str, Any]]) -> int:
+    """How many association inputs of `sent` are re-sent copies (the profiles role re-folding
+    events whose changelog records a kill lost). Fails unless every copy equals the input of
+    its source event sent first, and `sent` without the copies is exactly `expected`."""
+    first: dict[tuple[int, int], dict[str, Any]] = {}
+    unique: list[dict[str, Any]] = []
+    copies = 0
+    for data in sent:
+        source = tuple(data["source"])
+        assert len(source) == 2
+        if source in first:
+            assert data == first[source], f"re-sent input of event {source} differs: {data}"
+            copies += 1
+            continue
+        first[source] = data  # type: ignore[index]
+        unique.append(data)
+    at = next((i for i, (a, b) in enumerate(zip(unique, expected, strict=False)) if a != b), None)
+    assert unique == expected, (
+        f"association inputs differ from a clean run's: first difference at "
+        f"{at if at is not None else min(len(unique), len(expected))} of {len(expected)} "
+        f"({len(unique)} sent once, {copies} copies)"
     )
-    if resumed == prefix:
-        return "exact", 0
-    return ("lost", resumed - prefix) if resumed > prefix else ("doubled", prefix - resumed)
+    return copies
 
 
 def replay_and_kill(

@@ -13,6 +13,7 @@ it had already folded: the test checks that it did.
 
 from __future__ import annotations
 
+import json
 import random
 from collections import Counter
 from pathlib import Path
@@ -94,10 +95,19 @@ def test_kill_association_role_mid_replay_restart_equals_clean_fold(
             warm_up=WARM_UP,
             rate=RATE,
         )
-        # Folded before the kill (the totals record holds the last message folded into it)
-        # against committed: the inputs in between come again after the restart.
+        # Folded before the kill (the totals record holds the last event folded into it: the
+        # association-input message that carried it) against committed: the messages in
+        # between come again after the restart.
         totals = latest(read_topic(kafka, roles.totals_changelog)).get(TOTALS_KEY)
-        folded_to = -1 if totals is None else totals["totals"]["applied"]["0"]
+        last_event = None if totals is None else totals["totals"]["applied"]["e0"]
+        folded_to = max(
+            [-1]
+            + [
+                offset
+                for offset, _, value in read_topic(kafka, roles.association_input)
+                if any(data["source"] == [0, last_event] for data in json.loads(value or b"[]"))
+            ]
+        )
         committed = lag.committed(roles.associations_group, roles.association_input).get(0, 0)
         recovery = restart_and_drain(
             roles, lag, replay, role="associations", rng=rng, join_timeout_s=EVENTS / RATE + 120

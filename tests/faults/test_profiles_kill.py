@@ -12,14 +12,11 @@ skip. Once everything is drained:
 - every line that a clean run rejects (undecodable, unknown item) has a dead letter;
 - the association statistics equal a clean association fold, and both roles are up.
 
-A known narrow gap is tolerated, and only it (docs/ARCHITECTURE.md, Delivery semantics,
-"Limits"): the profile changelog record and the association-input message of a batch are
-separate produce requests, so a kill in the instant between their acknowledgements loses that
-batch's association inputs (changelog first: the re-delivered events are then duplicates) or
-sends them twice (inputs first: the events are folded again). The test then requires the inputs
-sent to differ from the clean run's by exactly one contiguous run, missing or repeated right
-after itself, and the association statistics to equal a clean fold of the inputs actually
-sent; otherwise (the usual case) they must equal the clean run's exactly.
+The kill may come after a batch's outputs were acknowledged and before its changelog
+records were: the restarted role folds those events again and sends the same association
+inputs again. Inputs name their source event, so the association role folds each once; the
+test requires every copy to equal the first input of its event and the statistics to equal
+the clean run's exactly.
 """
 
 from __future__ import annotations
@@ -35,7 +32,6 @@ from relata.runtime.replay import make_producer, publish_catalog
 from relata.runtime.topics import ensure_topics
 from schemas.settings import KafkaSettings, StreamsSettings
 from schemas.topics import ALL_TOPICS, BEHAVIOR_EVENTS, ITEM_CATALOG
-from streams.association import AssociationInput
 from streams.profile import FoldConfig
 from tests.faults.helpers import (
     BackgroundReplay,
@@ -48,11 +44,11 @@ from tests.faults.helpers import (
     event_lines,
     folded_event_ids,
     latest,
-    one_batch_apart,
     profile_differences,
     read_topic,
     replay_and_kill,
     report,
+    resent,
     restart_and_drain,
     sent_inputs,
 )
@@ -120,8 +116,7 @@ def test_kill_profiles_role_mid_replay_restart_folds_every_event_once(
         settings = StreamsSettings(app_id=roles.app_id)
         clean = clean_run(kafka, lines, FoldConfig.from_settings(settings))
         expected = [inp.to_dict() for inp in clean.inputs]
-        sent = sent_inputs(roles)
-        gap, gap_size = one_batch_apart(sent, expected)
+        copies = resent(sent_inputs(roles), expected)
         redelivered = handled_to + 1 - committed
         report(
             "profiles role kill -9",
@@ -130,7 +125,7 @@ def test_kill_profiles_role_mid_replay_restart_folds_every_event_once(
             kill_at_offset=handled_to,
             re_delivered_events=redelivered,
             recovery_s=recovery,
-            association_inputs=f"{gap}:{gap_size}",
+            re_sent_association_inputs=copies,
         )
         assert handled_to >= committed, (
             f"the kill came before any event was handled past the committed offset "
@@ -149,14 +144,10 @@ def test_kill_profiles_role_mid_replay_restart_folds_every_event_once(
         missing = sorted(set(clean.rejected) - dead)
         assert not missing, f"invalid lines without a dead letter (offsets): {missing[:10]}"
 
-        # The association statistics: a clean fold of the clean run's inputs, or, in the
-        # documented gap only, of the inputs that were actually sent.
-        folded = sent if gap_size else expected
-        associations = clean_associations(
-            settings, [AssociationInput.from_dict(data) for data in folded]
-        )
+        # The association statistics: exactly a clean fold of the clean run's inputs.
+        associations = clean_associations(settings, clean.inputs)
         assert_associations_equal(
-            roles, associations, f"association inputs against a clean run: {gap} {gap_size}"
+            roles, associations, f"association inputs sent again after the kill: {copies}"
         )
         roles.assert_up("profiles", "associations")
     finally:
@@ -174,12 +165,22 @@ def _event_id(raw: bytes) -> str:
         return f"<no id: {raw[:40]!r}>"
 
 
-def test_kill_gap_tolerance_accepts_only_one_contiguous_run() -> None:
-    """The profiles kill test's tolerance: one run lost or repeated, nothing else."""
-    clean = list(range(10))
-    assert one_batch_apart(clean, clean) == ("exact", 0)
-    assert one_batch_apart([0, 1, 2, 6, 7, 8, 9], clean) == ("lost", 3)
-    assert one_batch_apart([0, 1, 2, 3, 4, 2, 3, 4, 5, 6, 7, 8, 9], clean) == ("doubled", 3)
-    for wrong in ([0, 1, 3, 4, 6, 7, 8, 9], [0, 1, 2, 3, 9, 8], [1, 0, 2, 3, 4, 5, 6, 7, 8, 9]):
+def test_kill_resent_inputs_must_copy_their_first_and_nothing_else_may_differ() -> None:
+    """The profiles kill test's check of the inputs sent: copies of earlier inputs of the same
+    source event are counted; a lost, changed or extra input fails."""
+
+    def inp(offset: int, item: str = "i") -> dict[str, object]:
+        return {"item_id": item, "source": [0, offset]}
+
+    clean = [inp(n) for n in range(6)]
+    assert resent(clean, clean) == 0
+    assert resent(clean[:4] + clean[2:4] + clean[4:], clean) == 2
+    assert resent([*clean[:4], clean[1], *clean[4:]], clean) == 1
+    for wrong in (
+        clean[:3] + clean[4:],  # lost
+        [*clean[:4], inp(2, "other"), *clean[4:]],  # a copy that differs
+        [*clean, inp(9)],  # one the clean run never sent
+        [clean[1], clean[0], *clean[2:]],  # out of order
+    ):
         with pytest.raises(AssertionError):
-            one_batch_apart(wrong, clean)
+            resent(wrong, clean)

@@ -487,9 +487,9 @@ class ChangelogStore:
         agent does; nothing is written."""
         inputs = [inp for message in messages for inp in message]
         positions = [
-            InputPosition(0, first_offset + n)
+            InputPosition.of(inp, partition=0, offset=first_offset + n)
             for n, message in enumerate(messages)
-            for _ in message
+            for inp in message
         ]
         totals = None if self.totals is None else json.loads(self.totals)
         fold = AssociationFold(lookup=self.lookup, totals=totals, config=cfg)
@@ -592,3 +592,53 @@ def test_kill_recovery_reads_records_written_before_they_carried_offsets() -> No
     index = AssociationIndex(cfg)
     index.observe_batch(inp for message in messages for inp in message)
     assert all("applied" not in record for record in index.items.values())
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    baskets(10, max_basket=6, max_baskets=25),
+    st.lists(st.integers(1, 5), min_size=1, max_size=4),
+    st.data(),
+)
+def test_kill_of_the_profiles_role_resends_inputs_that_are_folded_once(
+    stream: list[list[str]], sizes: list[int], data: st.DataObject
+) -> None:
+    """The profiles role acknowledged a batch's association inputs, then died before its
+    changelog (or its offsets) were: it folds the events again and sends the same inputs
+    again, in new association-input messages at new offsets. Inputs name their source event,
+    so the re-sent ones are recognised and the statistics equal a clean run's."""
+    cfg = AssociationConfig(half_life_s=600.0, top_n=1, capacity=4)
+    plain = _inputs(stream, cfg=fold_config())
+    # Two behavior-events partitions, each read in offset order.
+    next_offset = [0, 0]
+    sourced = []
+    for n, inp in enumerate(plain):
+        partition = n % 3 % 2
+        sourced.append(replace(inp, source=(partition, next_offset[partition])))
+        next_offset[partition] += 1
+    messages = _messages(sourced, sizes)
+    clean = ChangelogStore()
+    clean.run(messages, cfg)
+
+    crashed = ChangelogStore()
+    resend_from = data.draw(st.integers(0, len(messages) - 1), label="first re-sent message")
+    resend_to = data.draw(st.integers(resend_from + 1, len(messages)), label="re-sent up to")
+    # Sent, acknowledged and folded; then the same inputs again, cut into other messages.
+    again = _messages(
+        [inp for message in messages[resend_from:resend_to] for inp in message],
+        data.draw(st.lists(st.integers(1, 5), min_size=1, max_size=3), label="resent sizes"),
+    )
+    sent = messages[:resend_to] + again + messages[resend_to:]
+    crashed.run(sent, cfg, window=data.draw(st.integers(1, 4), label="window"))
+    assert crashed.records == clean.records
+    assert crashed.totals == clean.totals
+
+
+def test_association_inputs_carry_their_source_through_json() -> None:
+    (inp, *_) = _inputs([["A", "B"]], cfg=fold_config())
+    sourced = replace(inp, source=(3, 41))
+    assert AssociationInput.from_dict(json.loads(json.dumps(sourced.to_dict()))) == sourced
+    assert "source" not in inp.to_dict()
+    for bad in ([1], [1, -2], ["1", 2], [True, 2], 7):
+        with pytest.raises(ValueError, match="source"):
+            AssociationInput.from_dict(sourced.to_dict() | {"source": bad})
