@@ -543,7 +543,6 @@ class AssociationFold:
                 totals = self.totals = update_totals(self.totals, inp, self.config)
                 totals.setdefault("applied", {})[partition] = position.offset
 
-
     def _totals_held(self, position: InputPosition) -> Mapping[str, int]:
         """The totals' watermarks an input is compared with (see `apply`)."""
         if not position.own:
