@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, TypeVar
 
 from confluent_kafka import KafkaError, KafkaException, TopicPartition
@@ -133,3 +133,94 @@ class LagReporter:
         for topic, value in lag.items():
             self._gauge.labels(topic=topic).set(value)
         self._reported.update(lag)
+
+
+Callback = Callable[[Any, Any], None]
+
+
+class RenewingConsumer:
+    """A group consumer rebuilt when its partitions stay lost while the brokers answer.
+
+    A consumer whose session timed out (a broker pause) rejoins by itself once polled; rarely,
+    after a broker that came back fenced, librdkafka's group state never gets a coordinator
+    again and the client waits with no partitions for good. After `renew_after_s` without
+    partitions, if a metadata request is answered, the client is closed and a new one (same
+    config, same subscription and callbacks) joins instead. Everything else is the current
+    client's: other calls are passed through.
+    """
+
+    def __init__(
+        self,
+        build: Callable[[], Any],
+        *,
+        renew_after_s: float,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._build = build
+        self._inner: Any = build()
+        self.renew_after_s = renew_after_s
+        self._clock = clock
+        self._subscription: tuple[list[str], dict[str, Callback]] | None = None
+        self._lost_since: float | None = None
+        self.renewals = 0
+
+    def subscribe(self, topics: Sequence[str], **callbacks: Callback) -> None:
+        """`Consumer.subscribe`, remembered for a renewal."""
+        self._subscription = (list(topics), dict(callbacks))
+        self._subscribe()
+
+    def _subscribe(self) -> None:
+        assert self._subscription is not None
+        topics, callbacks = self._subscription
+        on_assign, on_lost = callbacks.get("on_assign"), callbacks.get("on_lost")
+
+        def assigned(consumer: Any, partitions: Any) -> None:
+            self._lost_since = None
+            if on_assign is not None:
+                on_assign(consumer, partitions)
+
+        def lost(consumer: Any, partitions: Any) -> None:
+            if partitions and self._lost_since is None:
+                self._lost_since = self._clock()
+            if on_lost is not None:
+                on_lost(consumer, partitions)
+
+        self._inner.subscribe(topics, **(callbacks | {"on_assign": assigned, "on_lost": lost}))
+
+    def consume(self, num_messages: int = 1, timeout: float = -1) -> list[Any]:
+        """`Consumer.consume`, after renewing the client when it is stuck without partitions."""
+        self._maybe_renew()
+        messages: list[Any] = self._inner.consume(num_messages=num_messages, timeout=timeout)
+        return messages
+
+    def _maybe_renew(self) -> None:
+        since = self._lost_since
+        if since is None or self._subscription is None:
+            return
+        waited = self._clock() - since
+        if waited < self.renew_after_s:
+            return
+        topics, _ = self._subscription
+        try:
+            self._inner.list_topics(topics[0], timeout=1.0)
+        except KafkaException:  # the brokers are away: a new client would wait the same
+            return
+        logger.warning(
+            "partitions lost for %.0f s while the brokers answer; renewing the consumer topics=%s",
+            waited,
+            ",".join(topics),
+        )
+        old, self._inner = self._inner, None
+        try:
+            old.close()
+        except (KafkaException, RuntimeError) as exc:
+            logger.warning("closing the stuck consumer failed error=%s", exc)
+        self._inner = self._build()
+        self._lost_since = self._clock()  # the new client gets as long to join
+        self._subscribe()
+        self.renewals += 1
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("_"):  # not built yet (or a private name): never the client's
+            raise AttributeError(name)
+        return getattr(self._inner, name)

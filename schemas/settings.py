@@ -353,6 +353,15 @@ class ReliabilitySettings(_Settings):
             "(/livez fails, so Kubernetes restarts it)."
         ),
     )
+    rejoin_timeout_s: float = Field(
+        30.0,
+        gt=0,
+        le=3_600,
+        description=(
+            "A workers' consumer that has had no partitions for this long since losing them, "
+            "while the brokers answer, is replaced by a new client that joins the group again."
+        ),
+    )
     broker_check_interval_s: float = Field(
         2.0,
         gt=0,

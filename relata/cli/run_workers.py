@@ -21,7 +21,7 @@ from typing import Any, Literal
 import click
 from prometheus_client import CollectorRegistry
 
-from kafkaio.consumer import CommitRetry
+from kafkaio.consumer import CommitRetry, RenewingConsumer
 from kafkaio.health import BrokerWatch, Health, LoopWatch
 from kafkaio.producer import NEVER_TIME_OUT
 from relata.cli.settings_cli import build_settings, settings_options
@@ -64,9 +64,11 @@ def build_consumer(
     client_id: str,
     low_latency: bool = False,
     commit_retry: CommitRetry | None = None,
+    renew_after_s: float | None = None,
 ) -> Any:
     """A confluent-kafka consumer with manual commits (offsets committed after the work);
-    `commit_retry` hears of commits that failed, to send them again."""
+    `commit_retry` hears of commits that failed, to send them again; `renew_after_s`: rebuilt
+    when its partitions stay lost that long while the brokers answer (`RenewingConsumer`)."""
     from confluent_kafka import Consumer
 
     config: dict[str, Any] = kafka.librdkafka_config(client_id) | {
@@ -83,6 +85,8 @@ def build_consumer(
         # polling (a few ms would keep the broker busy with nothing to do; librdkafka keeps
         # every partition in the fetch, so new data on any one ends the wait).
         config |= {"fetch.wait.max.ms": 500, "fetch.min.bytes": 1}
+    if renew_after_s is not None:
+        return RenewingConsumer(partial(Consumer, config), renew_after_s=renew_after_s)
     return Consumer(config)
 
 
@@ -224,6 +228,7 @@ def build_workers(
             group_id=indexer_settings.group_id,
             client_id="relata-indexer",
             commit_retry=retry,
+            renew_after_s=reliability.rejoin_timeout_s,
         )
         watch = workers.watches["indexer"] = health.loop("indexer")
         subscribe_watched(consumer, topic_name(kafka, ITEM_CATALOG), watch)
@@ -252,6 +257,7 @@ def build_workers(
             client_id="relata-recommender",
             low_latency=True,
             commit_retry=retry,
+            renew_after_s=reliability.rejoin_timeout_s,
         )
         watch = workers.watches["recommender"] = health.loop("recommender")
         subscribe_watched(consumer, topic_name(kafka, PROFILE_UPDATES), watch)

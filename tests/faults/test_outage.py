@@ -56,6 +56,9 @@ ENV = {
     "RELATA_ACK_TIMEOUT_S": "3",
     "RELATA_BROKER_CHECK_INTERVAL_S": "1",
     "RELATA_STALL_TIMEOUT_S": "60",
+    # A workers' consumer still without partitions this long after losing them, while the
+    # broker answers, is replaced (> a normal rejoin, well inside the 30 s drain limit).
+    "RELATA_REJOIN_TIMEOUT_S": "8",
     "RELATA_SHUTDOWN_GRACE_S": str(GRACE_S),
     "RELATA_ENCODER_DEVICE": "cpu",
 }

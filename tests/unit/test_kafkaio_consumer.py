@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
 from confluent_kafka import KafkaError, KafkaException, TopicPartition
@@ -229,3 +229,83 @@ def test_a_commit_that_failed_is_kept_for_another_try_until_a_later_one_succeeds
     assert retry.take() == {}  # handed out once; a new failure reports them again
     retry.on_commit(failed, [TopicPartition("t", 0, 7), TopicPartition("t", 0, -1001)])
     assert retry.take() == {("t", 0): 7}
+
+
+class GroupClient:
+    """A stand-in for one librdkafka group consumer: records its subscription, serves the
+    rebalance callbacks a test fires, answers metadata unless the brokers are away."""
+
+    built: ClassVar[list[GroupClient]] = []
+
+    def __init__(self, brokers_away: list[bool]) -> None:
+        self.brokers_away = brokers_away
+        self.callbacks: dict[str, Any] = {}
+        self.topics: list[str] = []
+        self.closed = False
+        self.consumed = 0
+        GroupClient.built.append(self)
+
+    def subscribe(self, topics: list[str], **callbacks: Any) -> None:
+        self.topics, self.callbacks = topics, callbacks
+
+    def consume(self, num_messages: int = 1, timeout: float = -1) -> list[Any]:
+        self.consumed += 1
+        return []
+
+    def list_topics(self, topic: str, timeout: float) -> None:
+        if self.brokers_away[0]:
+            raise KafkaException(KafkaError(KafkaError._TRANSPORT))
+
+    def assignment(self) -> list[str]:
+        return ["passed through"]
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def test_a_consumer_stuck_without_partitions_is_renewed_once_the_brokers_answer() -> None:
+    now = [0.0]
+    away = [False]
+    GroupClient.built = []
+    heard: list[str] = []
+    consumer = kafkaio.consumer.RenewingConsumer(
+        lambda: GroupClient(away), renew_after_s=30, clock=lambda: now[0]
+    )
+    consumer.subscribe(
+        ["t"],
+        on_assign=lambda c, p: heard.append("assigned"),
+        on_lost=lambda c, p: heard.append("lost"),
+    )
+    first = GroupClient.built[0]
+    assert consumer.assignment() == ["passed through"]  # other calls reach the client
+    first.callbacks["on_assign"](first, ["t-0"])
+    now[0] = 100.0
+    consumer.consume(10, timeout=0.1)  # assigned: nothing to renew however long
+    assert len(GroupClient.built) == 1
+
+    first.callbacks["on_lost"](first, ["t-0"])
+    now[0] = 125.0
+    consumer.consume(10, timeout=0.1)
+    assert len(GroupClient.built) == 1  # lost 25 s: librdkafka may still rejoin
+    away[0] = True
+    now[0] = 200.0
+    consumer.consume(10, timeout=0.1)
+    assert len(GroupClient.built) == 1  # the brokers are away: a new client would not help
+    away[0] = False
+    consumer.consume(10, timeout=0.1)
+    assert len(GroupClient.built) == 2 and first.closed and consumer.renewals == 1
+    second = GroupClient.built[1]
+    assert second.topics == ["t"] and second.consumed == 1  # subscribed, then consumed
+    # The caller's callbacks still hear the new client; a new assignment ends the wait.
+    second.callbacks["on_assign"](second, ["t-0"])
+    now[0] = 1000.0
+    consumer.consume(10, timeout=0.1)
+    assert len(GroupClient.built) == 2
+    assert heard == ["assigned", "lost", "assigned"]
+    # An empty loss (nothing was assigned) is not a stuck client.
+    second.callbacks["on_lost"](second, [])
+    now[0] = 2000.0
+    consumer.consume(10, timeout=0.1)
+    assert len(GroupClient.built) == 2
+    consumer.close()
+    assert second.closed
