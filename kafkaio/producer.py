@@ -42,6 +42,8 @@ from .client import Message, Partition, Producer
 
 logger = logging.getLogger(__name__)
 
+# Record headers: (name, value) pairs.
+Headers = Sequence[tuple[str, bytes]]
 # How long a producer whose queue is full is polled before the record is offered again.
 BUFFER_FULL_POLL_S = 0.05
 # A loop that outruns the broker by this many batches waits for the oldest's acknowledgement.
@@ -104,6 +106,7 @@ def produce(
     value: bytes | None,
     partition: int | None = None,
     on_delivery: DeliveryReport | None = None,
+    headers: Headers | None = None,
 ) -> None:
     """Produce one record, waiting for queue space instead of failing when librdkafka's queue
     is full (back-pressure); `partition` None: by the key; `on_delivery(error, message)` is its
@@ -112,6 +115,8 @@ def produce(
     extra: dict[str, Any] = {}
     if partition is not None:
         extra["partition"] = partition
+    if headers:
+        extra["headers"] = list(headers)
     if on_delivery is not None:
         extra["on_delivery"] = on_delivery
     while True:
@@ -409,7 +414,8 @@ class ConfluentSender:
         # refused when queued instead, while the caller knows the input it answers.
         self.max_record_bytes = max_message_bytes - RECORD_OVERHEAD_BYTES
         self._deliveries = Deliveries()
-        self._queued: list[tuple[str, bytes | None, bytes | None, int | None]] = []
+        self._queued: list[tuple[str, bytes | None, bytes | None, int | None, Headers | None]]
+        self._queued = []
 
     @classmethod
     def from_config(
@@ -433,7 +439,13 @@ class ConfluentSender:
         self._producer.list_topics(topic, timeout=timeout_s)  # type: ignore[attr-defined]
 
     def produce(
-        self, topic: str, *, key: bytes | None, value: bytes | None, partition: int | None = None
+        self,
+        topic: str,
+        *,
+        key: bytes | None,
+        value: bytes | None,
+        partition: int | None = None,
+        headers: Headers | None = None,
     ) -> None:
         """Queue one record for the next `flush` (`partition` None: librdkafka's partitioner
         on the key). A record too large for the producer raises `RecordRefusedError` (nothing
@@ -445,7 +457,7 @@ class ConfluentSender:
                 f"{self.max_record_bytes} bytes (message.max.bytes less framing)"
             )
             raise RecordRefusedError(msg, topic=topic, size=size)
-        self._queued.append((topic, key, value, partition))
+        self._queued.append((topic, key, value, partition, headers))
 
     @property
     def queued(self) -> int:
@@ -455,11 +467,17 @@ class ConfluentSender:
     def _hand_over(self) -> None:
         queued, self._queued = self._queued, []
         producer, deliveries = self._producer, self._deliveries
-        for topic, key, value, partition in queued:
+        for topic, key, value, partition, headers in queued:
             report = deliveries.expect()
             try:
                 produce(
-                    producer, topic, key=key, value=value, partition=partition, on_delivery=report
+                    producer,
+                    topic,
+                    key=key,
+                    value=value,
+                    partition=partition,
+                    on_delivery=report,
+                    headers=headers,
                 )
             except RecordRefusedError as exc:
                 # Its input is no longer known here: counted as refused, so `flush` raises

@@ -17,6 +17,8 @@ from schemas.topics import (
     ALL_TOPICS,
     BEHAVIOR_EVENTS,
     DEAD_LETTER,
+    ERASURE_AUDIT,
+    ERASURE_REQUESTS,
     ITEM_CATALOG,
     PROFILE_UPDATES,
     RECOMMENDATIONS,
@@ -134,8 +136,12 @@ def component_access(
     owned: frozenset[Operation] = _READ_WRITE | frozenset({"CREATE"})
     grants: dict[Component, tuple[Grant, ...]] = {
         "streams": (
-            _topic(kafka, BEHAVIOR_EVENTS, _READ),
+            # WRITE too: erasure requests are forwarded into the user's event stream, so the
+            # owner of the user's partition erases them in order with their events.
+            _topic(kafka, BEHAVIOR_EVENTS, _READ_WRITE),
             _topic(kafka, ITEM_CATALOG, _READ),
+            _topic(kafka, ERASURE_REQUESTS, _READ),
+            _topic(kafka, ERASURE_AUDIT, _WRITE),
             _topic(kafka, PROFILE_UPDATES, _WRITE),
             _topic(kafka, RELATED_ITEMS, _WRITE),
             _topic(kafka, RECOMMENDATIONS, _READ),
@@ -161,6 +167,7 @@ def component_access(
             *(_topic(kafka, spec, _READ | frozenset({"CREATE"})) for spec in ALL_TOPICS),
             _topic(kafka, BEHAVIOR_EVENTS, _WRITE),
             _topic(kafka, ITEM_CATALOG, _WRITE),
+            _topic(kafka, ERASURE_REQUESTS, _WRITE),
             Grant("group", "relata-tail-", frozenset({"READ", "DESCRIBE"}), prefixed=True),
         ),
     }

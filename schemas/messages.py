@@ -322,3 +322,22 @@ class DeadLetter(_Message):
         default=False, description="raw_value_b64 holds only a prefix of the value."
     )
     key_truncated: bool = Field(default=False, description="key holds only a prefix of the key.")
+
+
+class ErasureRequest(_Message):
+    """A request to erase one user from everything relata keeps; topic `erasure-requests`,
+    key `user_id`. Sending it again is harmless (an erasure is idempotent)."""
+
+    user_id: Identifier
+    request_id: Identifier = Field(description="The requester's id for it, echoed in the audit.")
+    requested_at: AwareDatetime
+
+
+class ErasureAudit(_Message):
+    """That an erasure was carried out, without personal data; topic `erasure-audit`, key
+    `request_id`."""
+
+    request_id: Identifier
+    erased_at: AwareDatetime
+    stage: str = Field(description="Which process erased (streams: profile and its outputs).")
+    profile_found: bool = Field(description="A profile was held for the user and was removed.")

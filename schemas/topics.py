@@ -11,6 +11,8 @@ from schemas.messages import (
     BehaviorEvent,
     CatalogItem,
     DeadLetter,
+    ErasureAudit,
+    ErasureRequest,
     ProfileUpdate,
     Recommendation,
     RelatedItems,
@@ -69,6 +71,20 @@ DEAD_LETTER = TopicSpec(
     "delete",
     "Every input that could not be processed, verbatim, with the reason.",
 )
+ERASURE_REQUESTS = TopicSpec(
+    "erasure-requests",
+    "user_id",
+    ErasureRequest,
+    "delete",
+    "Requests to erase a user from every state and output topic relata keeps (`relata erase`).",
+)
+ERASURE_AUDIT = TopicSpec(
+    "erasure-audit",
+    "request_id",
+    ErasureAudit,
+    "delete",
+    "One record per erasure carried out, without personal data.",
+)
 
 ALL_TOPICS: tuple[TopicSpec, ...] = (
     BEHAVIOR_EVENTS,
@@ -77,4 +93,6 @@ ALL_TOPICS: tuple[TopicSpec, ...] = (
     RELATED_ITEMS,
     RECOMMENDATIONS,
     DEAD_LETTER,
+    ERASURE_REQUESTS,
+    ERASURE_AUDIT,
 )

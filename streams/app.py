@@ -51,6 +51,8 @@ from schemas.settings import KafkaSettings, ReliabilitySettings, StreamsSettings
 from schemas.topics import (
     BEHAVIOR_EVENTS,
     DEAD_LETTER,
+    ERASURE_AUDIT,
+    ERASURE_REQUESTS,
     ITEM_CATALOG,
     PROFILE_UPDATES,
     RECOMMENDATIONS,
@@ -60,6 +62,7 @@ from schemas.topics import (
 from .association import AssociationConfig
 from .associations_agent import AssociationAgent
 from .catalog import CatalogView
+from .erasure import ErasureForwarder
 from .event_consumer import EventBatchConsumer, ProfileStore
 from .faust_config import aiokafka_config, faust_settings, forbid_topic_auto_creation
 from .metrics import StreamsMetrics
@@ -156,6 +159,8 @@ class StreamsApp:
     recommendations_agent: RecommendationsAgent | None = None
     process_associations: Any = None
     process_recommendations: Any = None
+    erasure_forwarder: ErasureForwarder | None = None
+    forward_erasures: Any = None
 
     def related_of(
         self, item_id: str, *, kinds: Iterable[RelationKind] | None = None
@@ -206,12 +211,14 @@ def build_streams(
         for spec in (BEHAVIOR_EVENTS, ITEM_CATALOG, PROFILE_UPDATES, RELATED_ITEMS, RECOMMENDATIONS)
     }
     names[DEAD_LETTER.name] = kafka.topic(DEAD_LETTER.name)
+    for spec in (ERASURE_REQUESTS, ERASURE_AUDIT):
+        names[spec.name] = kafka.topic(spec.name)
     names[ASSOCIATION_INPUT] = association_input_topic(kafka, settings)
 
     # The agents' sources (outputs go through the sender, by name).
     topics = {
         name: app.topic(names[name], key_serializer="raw", value_serializer="raw")
-        for name in (RECOMMENDATIONS.name,)
+        for name in (RECOMMENDATIONS.name, ERASURE_REQUESTS.name)
     }
     # Raw values, decoded by the agent: Faust would throw a value it cannot decode into the
     # agent's stream and stop it; the agent dead-letters it instead.
@@ -333,6 +340,7 @@ def _add_profile_agents(streams: StreamsApp, topics: dict[str, Any]) -> None:
         fold_config=streams.fold_config,
         profile_updates_topic=streams.topic_names[PROFILE_UPDATES.name],
         association_input_topic=streams.topic_names[ASSOCIATION_INPUT],
+        erasure_audit_topic=streams.topic_names[ERASURE_AUDIT.name],
     )
     client = kafka.librdkafka_config("relata-profiles")
     group = events_group(kafka, settings)
@@ -388,6 +396,21 @@ def _add_profile_agents(streams: StreamsApp, topics: dict[str, Any]) -> None:
             await recommendations.handle_recommendations(records, bind=stream._set_current_event)
 
     streams.process_recommendations = process_recommendations
+
+    forwarder = ErasureForwarder(
+        sender=sender,
+        dead_letters=streams.dead_letters,
+        behavior_events_topic=streams.topic_names[BEHAVIOR_EVENTS.name],
+    )
+    streams.erasure_forwarder = forwarder
+
+    @app.agent(topics[ERASURE_REQUESTS.name], name="forward-erasures")
+    async def forward_erasures(stream: Any) -> None:
+        # Acknowledged once forwarded (the next batch is asked for after the handler returned).
+        async for events in stream.take_batches(100, within=0.1):
+            await forwarder.handle_requests([Record.of(event) for event in events])
+
+    streams.forward_erasures = forward_erasures
 
 
 def _add_association_agents(streams: StreamsApp, topics: dict[str, Any], *, base_id: str) -> None:

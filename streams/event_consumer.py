@@ -126,6 +126,15 @@ class ProfileStore:
             self.changelog_topic, key=changelog_key(key), value=value, partition=partition
         )
 
+    def delete(self, partition: int, key: str) -> None:
+        """Remove `key` (if held) and queue its changelog tombstone."""
+        data, stored = self._partition(partition), self._key(key)
+        if data.get(stored) is not None:
+            del data[stored]  # rocksdict has no pop
+        self._changelog.produce(
+            self.changelog_topic, key=changelog_key(key), value=None, partition=partition
+        )
+
     async def flush(self) -> None:
         """Send the queued changelog records; return once they are acknowledged."""
         await self._changelog.flush()

@@ -38,6 +38,7 @@ class StreamsMetrics:
 
     events_consumed: Counter
     events_duplicate: Counter
+    erasures: Counter
     dead_letter: Counter
     profile_updates: Counter
     event_processing_seconds: Histogram
@@ -62,6 +63,11 @@ class StreamsMetrics:
             events_duplicate=Counter(
                 "relata_events_duplicate_total",
                 "Re-delivered events skipped by event_id de-duplication.",
+                registry=registry,
+            ),
+            erasures=Counter(
+                "relata_erasures_total",
+                "Users erased on request (their profile, recommendations and outputs).",
                 registry=registry,
             ),
             dead_letter=Counter(

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Protocol
 
+from kafkaio.producer import Headers
 from schemas.messages import RelatedItem
 
 
@@ -25,7 +26,13 @@ class Sender(Protocol):
     a list in unit tests)."""
 
     def produce(
-        self, topic: str, *, key: bytes | None, value: bytes | None, partition: int | None = None
+        self,
+        topic: str,
+        *,
+        key: bytes | None,
+        value: bytes | None,
+        partition: int | None = None,
+        headers: Headers | None = None,
     ) -> None:
         """Queue one record (`partition` None: by the key)."""
         ...

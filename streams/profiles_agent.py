@@ -19,10 +19,11 @@ import orjson
 from kafkaio.dead_letters import DeadLetters, refused
 from kafkaio.producer import RecordRefusedError
 from schemas.decoding import Rejection, decode
-from schemas.messages import BehaviorEvent, UserProfile
+from schemas.messages import BehaviorEvent, ErasureAudit, ErasureRequest, UserProfile
 
 from .association import AssociationInput
 from .catalog import CatalogView
+from .erasure import is_erasure
 from .event_consumer import ProfileStore
 from .metrics import StreamsMetrics
 from .ports import Sender
@@ -49,6 +50,7 @@ class ProfileAgent:
     fold_config: FoldConfig
     profile_updates_topic: str
     association_input_topic: str
+    erasure_audit_topic: str
 
     async def handle_events(self, records: Sequence[Record]) -> None:
         """Validate, fold and forward a batch of behaviour events; bad input goes to
@@ -57,6 +59,7 @@ class ProfileAgent:
         Each user's events fold in order; a user's profile is written, and one profile update
         (naming every folded event) sent, once per batch: coalescing, so a burst of one
         user's events (an invoice, a session) costs one table write and one recommendation.
+        A forwarded erasure request erases its user after their earlier events of the batch.
         The association inputs of the batch travel as one message (split only when large), in
         input order, each naming its source event. A record whose handling raises is
         dead-lettered (`processing_error`) and the batch goes on. Returns once every output,
@@ -64,6 +67,25 @@ class ProfileAgent:
         acknowledges the inputs).
         """
         started = time.perf_counter()
+        segment = 0
+        for at, record in enumerate(records):
+            if is_erasure(record):  # the user's events before it are folded first
+                await self._fold(records[segment:at])
+                self._erase(record)
+                segment = at + 1
+        await self._fold(records[segment:])
+        # Outputs first, then the changelog records that remember the events as folded: a
+        # crash in between refolds the events from the older profiles and sends the same
+        # outputs again (the association fold knows them by source event), never loses them.
+        await self.sender.flush()
+        await self.profiles.flush()
+        self.metrics.event_batch_size.observe(len(records))
+        self.metrics.event_processing_seconds.observe(time.perf_counter() - started)
+
+    async def _fold(self, records: Sequence[Record]) -> None:
+        """Fold a run of events (no erasure among them) and queue their outputs."""
+        if not records:
+            return
         by_user: dict[str, list[tuple[int, BehaviorEvent, Record]]] = {}
         for index, record in enumerate(records):
             try:
@@ -89,13 +111,35 @@ class ProfileAgent:
                     self.sender.produce(self.association_input_topic, key=None, value=chunk)
                 except RecordRefusedError:  # statistics are approximate: lose it, not the stream
                     logger.exception("association inputs dropped bytes=%d", len(chunk))
-        # Outputs first, then the changelog records that remember the events as folded: a
-        # crash in between refolds the events from the older profiles and sends the same
-        # outputs again (the association fold knows them by source event), never loses them.
-        await self.sender.flush()
-        await self.profiles.flush()
-        self.metrics.event_batch_size.observe(len(records))
-        self.metrics.event_processing_seconds.observe(time.perf_counter() - started)
+
+    def _erase(self, record: Record) -> None:
+        """Erase the user of a forwarded erasure request: their profile (a changelog
+        tombstone: the de-duplication ids go with it), and, through a profile-updates
+        tombstone, their recommendations (the recommender publishes a tombstone); one audit
+        record without personal data. Idempotent; a later event starts a new profile."""
+        request = decode(record.value, ErasureRequest)
+        if isinstance(request, Rejection) or record.key != request.user_id.encode("utf-8"):
+            reason = request.reason if isinstance(request, Rejection) else "key is not user_id"
+            reject(self.dead_letters, Rejection("invalid_fields", reason), record)
+            return
+        user_id = request.user_id
+        found = self.profiles.get(record.partition, user_id) is not None
+        self.profiles.delete(record.partition, user_id)
+        self.sender.produce(self.profile_updates_topic, key=record.key, value=None)
+        audit = ErasureAudit(
+            request_id=request.request_id,
+            erased_at=datetime.now(UTC),
+            stage="streams",
+            profile_found=found,
+        )
+        self.sender.produce(
+            self.erasure_audit_topic,
+            key=request.request_id.encode("utf-8"),
+            value=audit.model_dump_json().encode("utf-8"),
+        )
+        self.metrics.erasures.inc()
+        # The request id only: the log is no place for the user id being erased.
+        logger.info("user erased request_id=%s profile_found=%s", request.request_id, found)
 
     async def _validated(self, record: Record) -> BehaviorEvent | None:
         decoded = decode(record.value, BehaviorEvent)

@@ -20,6 +20,8 @@ class Record:
     partition: int
     offset: int
     timestamp_s: float
+    # Record headers, (name, value) pairs.
+    headers: tuple[tuple[str, bytes], ...] = ()
     # The Faust event it came from, if any: made the current event before a table write (see
     # Bind).
     event: Any = field(default=None, compare=False, repr=False)
@@ -28,7 +30,9 @@ class Record:
     def of(cls, event: Any) -> Record:
         """The record of a Faust event."""
         message = event.message
+        headers = message.headers or ()
         return cls(
+            headers=tuple(headers.items() if isinstance(headers, dict) else headers),
             key=message.key,
             value=message.value,
             topic=message.topic,
@@ -49,6 +53,7 @@ class Record:
             partition=message.partition(),
             offset=message.offset(),
             timestamp_s=timestamp_ms / 1000,
+            headers=tuple(message.headers() or ()),
         )
 
 

@@ -369,12 +369,21 @@ class Recommender:
 
     def _decode_updates(
         self, messages: list[Message], result: BatchResult
-    ) -> tuple[list[ProfileUpdate], dict[str, list[Message]]]:
-        """The batch's valid updates, and each user's input messages (what a failure of that
-        user's answer dead-letters)."""
+    ) -> tuple[list[ProfileUpdate], dict[str, list[Message]], set[str]]:
+        """The batch's valid updates, each user's input messages (what a failure of that
+        user's answer dead-letters), and the users erased (a tombstone: the user's earlier
+        updates of the batch are dropped; later ones start anew)."""
         updates: list[ProfileUpdate] = []
         sources: dict[str, list[Message]] = {}
+        erased: set[str] = set()
         for msg in usable(messages):
+            key = msg.key()
+            if msg.value() is None and key:
+                user_id = key.decode("utf-8", errors="replace")
+                updates = [u for u in updates if u.user_id != user_id]
+                sources.pop(user_id, None)
+                erased.add(user_id)
+                continue
             decoded = decode(msg.value(), ProfileUpdate)
             if isinstance(decoded, Rejection):
                 self._dead_letters.send(msg, decoded)
@@ -382,7 +391,8 @@ class Recommender:
                 continue
             updates.append(decoded)
             sources.setdefault(decoded.user_id, []).append(msg)
-        return updates, sources
+            erased.discard(decoded.user_id)  # answered anew: its list replaces the old one
+        return updates, sources, erased
 
     def _reject_user(
         self, messages: Sequence[Message], rejection: Rejection, result: BatchResult
@@ -495,7 +505,9 @@ class Recommender:
             return result
         self.producer.begin(messages)
         self.metrics.recommender_batch_size.observe(len(messages))
-        updates, sources = self._decode_updates(messages, result)
+        updates, sources, erased = self._decode_updates(messages, result)
+        for user_id in sorted(erased):  # the user's list goes too (a compacted topic forgets)
+            self.producer.produce(self.topics.recommendations, key=user_id.encode(), value=None)
         pending, result.coalesced = coalesce(updates)
         self.metrics.profile_updates_coalesced.inc(result.coalesced)
         users = list(pending.values())

@@ -33,6 +33,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
         "Replay an events file (events.jsonl[.gz]) into behavior-events.",
     ),
     "tail": ("relata.runtime.tail", "Print the records of a topic as they arrive."),
+    "erase": ("relata.runtime.replay", "Erase a user from everything relata keeps."),
     "settings": (
         "relata.cli.settings_doc",
         "List every RELATA_* setting with its default and meaning.",
@@ -58,6 +59,7 @@ _ATTRS = {
     "load-catalog": "load_catalog_command",
     "replay": "replay_command",
     "tail": "tail_command",
+    "erase": "erase_command",
 }
 
 

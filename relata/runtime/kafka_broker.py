@@ -207,6 +207,9 @@ def _server_properties(
         "num.io.threads": "4",
         "background.threads": "4",
         "log.cleaner.threads": "1",
+        # The cleaner looks for compactable logs every second (15 s by default), so a topic
+        # configured to compact at once (the erasure test) does within seconds.
+        "log.cleaner.backoff.ms": "1000",
         **(overrides or {}),
     }
     return "".join(f"{key}={value}\n" for key, value in props.items())

@@ -12,8 +12,10 @@ import io
 import logging
 import sys
 import time
+import uuid
 from collections.abc import Callable, Iterable, Iterator, MutableMapping
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -24,9 +26,9 @@ from relata.cli.settings_cli import build_settings, settings_options
 from relata.runtime.preflight import require_kafka
 from schemas.access import WRITES
 from schemas.decoding import Rejection, decode
-from schemas.messages import CatalogItem
+from schemas.messages import CatalogItem, ErasureRequest
 from schemas.settings import KafkaSettings
-from schemas.topics import BEHAVIOR_EVENTS, ITEM_CATALOG, TopicSpec
+from schemas.topics import BEHAVIOR_EVENTS, ERASURE_REQUESTS, ITEM_CATALOG, TopicSpec
 
 logger = logging.getLogger(__name__)
 
@@ -463,3 +465,46 @@ def replay_command(file: Path, rate: float, limit: int | None, **params: Any) ->
         f"{final.refused} lines refused by the producer, not sent)",
         err=True,
     )
+
+
+def erasure_request(user_id: str, request_id: str | None = None) -> ErasureRequest:
+    """A validated erasure request for `user_id` (a random request id unless given)."""
+    return ErasureRequest(
+        user_id=user_id,
+        request_id=request_id or f"erase-{uuid.uuid4().hex}",
+        requested_at=datetime.now(UTC),
+    )
+
+
+def send_erasure(kafka: KafkaSettings, request: ErasureRequest) -> None:
+    """Send `request` to erasure-requests, keyed by user; raises `DeliveryError` unless the
+    broker acknowledged it."""
+    producer = make_producer(kafka)
+    failures = _Deliveries()
+    producer.produce(
+        kafka.topic(ERASURE_REQUESTS.name),
+        key=request.user_id.encode("utf-8"),
+        value=request.model_dump_json().encode("utf-8"),
+        on_delivery=failures.callback,
+    )
+    _flush(producer, failures, timeout_s=30, what="erasure request")
+
+
+@click.command(name="erase")
+@click.argument("user_id")
+@click.option("--request-id", default=None, help="Your id for the request (echoed in the audit).")
+@settings_options(KafkaSettings, group="kafka")
+def erase_command(user_id: str, request_id: str | None, **params: Any) -> None:
+    """Erase USER_ID from every state and output topic relata keeps (see the README)."""
+    kafka = _kafka_settings(params)
+    try:
+        request = erasure_request(user_id, request_id)
+    except ValueError as exc:
+        raise click.ClickException(f"not a valid request: {exc}") from exc
+    require_kafka(kafka, needs={kafka.topic(ERASURE_REQUESTS.name): WRITES})
+    _ensure_topic(kafka, ERASURE_REQUESTS)
+    try:
+        send_erasure(kafka, request)
+    except DeliveryError as exc:
+        raise click.ClickException(str(exc)) from exc
+    click.echo(f"erasure requested request_id={request.request_id}", err=True)

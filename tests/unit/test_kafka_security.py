@@ -202,8 +202,11 @@ def test_acl_bindings_name_the_principal_and_pattern() -> None:
         (ResourceType.TOPIC, "p.relata-streams"),
         (ResourceType.GROUP, "p.relata-streams"),
     }
-    ops = {b.operation for b in bindings if b.name == "p.behavior-events"}
+    ops = {b.operation for b in bindings if b.name == "p.erasure-requests"}
     assert ops == {AclOperation.READ, AclOperation.DESCRIBE, AclOperation.DESCRIBE_CONFIGS}
+    # It forwards erasure requests into the user's event stream.
+    ops = {b.operation for b in bindings if b.name == "p.behavior-events"}
+    assert AclOperation.WRITE in ops and AclOperation.READ in ops
 
 
 def test_missing_operations_name_each_topic_and_skip_the_unknown() -> None:

@@ -400,3 +400,24 @@ def test_popularity_is_rebuilt_at_most_once_per_refresh_interval() -> None:
     assert index.popularity() == [("a", 5.0)] and len(index) == 1
     ranked, prior = index.popularity_with_prior(weights)  # the prior of the rebuilt list
     assert ranked == [("a", 5.0)] and prior.keys() == {"a"}
+
+
+def test_a_profile_tombstone_removes_the_users_list_and_their_earlier_update(
+    store: ClientVectorStore,
+) -> None:
+    # An erased user: the stream processor sends a profile-updates tombstone after any update
+    # still in flight; the recommender answers with a recommendations tombstone instead.
+    h = Harness(store)
+    h.consumer.add_json(_update("gone", "lip1"), key="gone")
+    h.consumer.add(None, key=b"gone")
+    h.consumer.add_json(_update("kept", "lip1"), key="kept")
+    h.consumer.add(None, key=b"back")
+    h.consumer.add_json(_update("back", "lip1"), key="back")  # new events after the erasure
+    result = h.recommender.poll_once()
+    assert sorted(r.user_id for r in result.recommendations) == ["back", "kept"]
+    assert next(
+        (key, value) for topic, key, value in h.producer.records if topic == "recommendations"
+    ) == (b"gone", None)
+    assert (b"back", None) not in [(k, v) for t, k, v in h.producer.records]
+    assert result.dead_letters == 0
+    assert h.consumer.commits == [5]

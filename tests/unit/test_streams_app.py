@@ -46,14 +46,26 @@ class RecordingSender:
     def __init__(self) -> None:
         self.sent: list[tuple[str, bytes | None, bytes]] = []
         self.partitions: list[tuple[str, int | None]] = []
+        self.tombstones: list[tuple[str, bytes | None]] = []
+        self.headers: list[tuple[str, list[tuple[str, bytes]]]] = []
 
         self.flushes = 0
 
     def produce(
-        self, topic: str, *, key: bytes | None, value: bytes | None, partition: int | None = None
+        self,
+        topic: str,
+        *,
+        key: bytes | None,
+        value: bytes | None,
+        partition: int | None = None,
+        headers: Sequence[tuple[str, bytes]] | None = None,
     ) -> None:
         if value is not None:
             self.sent.append((topic, key, value))
+        else:
+            self.tombstones.append((topic, key))
+        if headers:
+            self.headers.append((topic, list(headers)))
         self.partitions.append((topic, partition))
 
     async def flush(self) -> None:
@@ -540,6 +552,7 @@ def test_all_streams_metric_names_registered(streams: StreamsApp) -> None:
     assert names == {
         "relata_events_consumed",
         "relata_events_duplicate",
+        "relata_erasures",
         "relata_dead_letter",
         "relata_profile_updates",
         "relata_event_processing_seconds",

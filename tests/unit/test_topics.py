@@ -19,6 +19,7 @@ def test_plaintext_config_has_bootstrap_protocol_and_no_nagle() -> None:
         "security.protocol": "PLAINTEXT",
         "socket.nagle.disable": "true",
         "allow.auto.create.topics": "false",
+        "metadata.recovery.rebootstrap.trigger.ms": "5000",
     }
 
 
@@ -38,6 +39,7 @@ def test_sasl_ssl_config_maps_credentials_and_ca(tmp_path: Path) -> None:
         "security.protocol": "SASL_SSL",
         "socket.nagle.disable": "true",
         "allow.auto.create.topics": "false",
+        "metadata.recovery.rebootstrap.trigger.ms": "5000",
         "sasl.mechanism": "SCRAM-SHA-512",
         "sasl.username": "relata",
         "sasl.password": "s3cret",
