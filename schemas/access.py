@@ -127,7 +127,8 @@ def component_access(
     The stream processor owns every name that starts with its prefixed app id: its consumer
     groups (`<id>`, `<id>-events`, `<id>-associations`) and internal topics (table
     changelogs, `association-input`, Faust's leader topic), which it creates. The recommender's
-    group is a prefix too: its related-items reader is assigned under `<group>-related-...`.
+    group is a prefix too: its related-items reader is assigned under `<group>-related-...`; so
+    is the indexer's, one group per model version (`<group>-<version>`).
     """
     streams = streams or StreamsSettings()
     indexer = indexer or IndexerSettings()
@@ -152,7 +153,7 @@ def component_access(
         "indexer": (
             _topic(kafka, ITEM_CATALOG, _READ),
             _topic(kafka, DEAD_LETTER, _WRITE),
-            Grant("group", indexer.group_id, frozenset({"READ", "DESCRIBE"})),
+            Grant("group", indexer.group_id, frozenset({"READ", "DESCRIBE"}), prefixed=True),
         ),
         "recommender": (
             _topic(kafka, PROFILE_UPDATES, _READ),

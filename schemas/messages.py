@@ -270,6 +270,12 @@ class Recommendation(_Message):
     generated_at: AwareDatetime
     model_name: str
     model_version: str
+    vectors_version: str | None = Field(
+        default=None,
+        description="Version of the item vectors searched (the vector store's version, a "
+        "model_version); the recommender refuses a store of another model than its encoder. "
+        "Absent from producers that predate versioned stores.",
+    )
     strategy: str = Field(description="Ranking strategy that produced the list.")
     trigger_event_ids: list[Identifier] = Field(min_length=1)
     latency_ms: float = Field(

@@ -467,7 +467,10 @@ class IndexerSettings(_Settings):
 
     model_config = SettingsConfigDict(env_prefix="RELATA_INDEXER_")
 
-    group_id: str = Field("relata-indexer", description="Consumer group of the item catalog.")
+    group_id: str = Field(
+        "relata-indexer",
+        description="Consumer group of the item catalog, suffixed `-<model version>` (one per version).",
+    )
     max_batch: int = Field(512, ge=1, le=100_000, description="Catalog records per encode batch.")
     max_wait_ms: float = Field(50.0, ge=0, le=60_000, description="Longest wait to fill a batch.")
     metrics_port: int = Field(9109, ge=0, le=65535, description="Prometheus port; 0 disables.")

@@ -27,11 +27,18 @@ from schemas.messages import CatalogItem
 from workers.encoder import Encoder
 from workers.item_text import item_categories, item_text
 from workers.metrics import WorkerMetrics
-from workers.vector_store import VectorStore
+from workers.vector_store import ModelIdentity, VectorStore, require_model
 
 logger = logging.getLogger(__name__)
 
 STAGE = "item-indexer"
+
+
+def version_group(group_id: str, model_version: str) -> str:
+    """The indexer's consumer group for one model version: each version's vectors have their
+    own position in item-catalog, so `relata reindex` hands the workers of the new model the
+    offsets it stopped at, while the old model's indexer goes on from its own."""
+    return f"{group_id}-{model_version}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,6 +92,8 @@ class ItemIndexer:
         self.watch = watch or LoopWatch("indexer")
         # Commits that failed (the consumer's on_commit reports them) are sent again when idle.
         self.commit_retry = commit_retry or CommitRetry()
+        # Vectors of this encoder written into another model's version would mix the two.
+        require_model(store, ModelIdentity.of(encoder))
         self.encoder = encoder
         self.store = store
         self.metrics = metrics

@@ -51,7 +51,7 @@ from workers.ranking import (
     strategy_weights,
 )
 from workers.ranking.core import History
-from workers.vector_store import VectorStore
+from workers.vector_store import ModelIdentity, VectorStore, require_model
 
 logger = logging.getLogger(__name__)
 
@@ -288,6 +288,9 @@ class Recommender:
         self.stop_flush_s = stop_flush_s
         # Commits that failed (the consumer's on_commit reports them) are sent again.
         self.commit_retry = commit_retry or CommitRetry()
+        # Refused before the first search: this encoder's text vectors (and the indexer that
+        # shares the store) must come from the model that made the store's item vectors.
+        require_model(store, ModelIdentity.of(encoder))
         self.encoder = encoder
         self.store = store
         self.metrics = metrics
@@ -523,6 +526,7 @@ class Recommender:
                     generated_at=generated_at,
                     model_name=self.encoder.name,
                     model_version=self.encoder.version,
+                    vectors_version=self.store.model.version if self.store.model else None,
                     strategy=self.strategy,
                     trigger_event_ids=user.trigger_event_ids,
                     latency_ms=max(0.0, now_ms - user.source_ts_ms),

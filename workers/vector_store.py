@@ -2,7 +2,9 @@
 
 Both sit behind one `VectorStore` Protocol. String item ids map to Qdrant point ids
 deterministically (uuid5; the embedded store uses its upper 63 bits as an integer id), with the
-item id kept in the payload. Scores are cosine.
+item id kept in the payload. Scores are cosine. A store opened for a model (`ModelIdentity`)
+stamps every point with that model's name and version and refuses to open a collection whose
+points another model wrote; `workers.store_versions` keeps one collection per model version.
 """
 
 from __future__ import annotations
@@ -12,13 +14,12 @@ import logging
 import threading
 import uuid
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
 import numpy.typing as npt
-
-from schemas.settings import StoreSettings
 
 logger = logging.getLogger(__name__)
 
@@ -30,10 +31,57 @@ ITEM_NAMESPACE = uuid.uuid5(uuid.NAMESPACE_URL, "https://relata/item")
 ITEM_ID = "item_id"
 AVAILABLE = "available"
 CATEGORIES = "categories"
+MODEL_NAME = "model_name"
+MODEL_VERSION = "model_version"
 
 
 class VectorStoreError(RuntimeError):
     """The vector store cannot be opened or does not fit the encoder."""
+
+
+class ModelMismatchError(VectorStoreError):
+    """The store holds vectors of another model than the encoder: using both would mix them."""
+
+
+@dataclass(frozen=True, slots=True)
+class ModelIdentity:
+    """The model that made a vector: its name and version (`workers.encoder.model_version`, a
+    hash of config, weights and adapter, so it changes whenever the vectors would)."""
+
+    name: str
+    version: str
+
+    def __str__(self) -> str:
+        return f"{self.name} version {self.version}"
+
+    @classmethod
+    def of(cls, encoder: _Named) -> ModelIdentity:
+        """The identity of what `encoder` makes."""
+        return cls(encoder.name, encoder.version)
+
+
+class _Named(Protocol):
+    name: str
+    version: str
+
+
+def model_mismatch(store: str, held: ModelIdentity, loaded: ModelIdentity) -> ModelMismatchError:
+    """The error for a worker whose encoder does not match the vectors of `store`."""
+    msg = (
+        f"the vector store {store} holds item vectors of {held}, but this worker loaded {loaded}: "
+        "searching one with the other would mix two models' vectors. Build and switch to the "
+        "loaded model's version with `relata reindex` (same encoder settings), or run the "
+        "workers with the model the store holds (`relata rollback` switches back to the "
+        "previous version)"
+    )
+    return ModelMismatchError(msg)
+
+
+def require_model(store: VectorStore, loaded: ModelIdentity) -> None:
+    """Refuse `store` when it is bound to another model than `loaded` (see `model_mismatch`)."""
+    held = store.model
+    if held is not None and held.version != loaded.version:
+        raise model_mismatch(store.name, held, loaded)
 
 
 @functools.lru_cache(maxsize=1 << 18)
@@ -61,7 +109,13 @@ def edge_point_id(item_id: str) -> int:
 
 
 class VectorStore(Protocol):
-    """Cosine search over item vectors, with availability and category filters."""
+    """Cosine search over item vectors, with availability and category filters.
+
+    `model` is the model whose vectors it holds (None: an unversioned store, tests only);
+    `name` names the collection or directory in messages."""
+
+    model: ModelIdentity | None
+    name: str
 
     def ensure_collection(self, dim: int) -> None: ...
 
@@ -114,11 +168,28 @@ def _check_upsert(
         raise ValueError(f"upsert vectors must have shape (n, {dim}); got {vectors.shape}")
 
 
-def _point_payload(item_id: str, payload: Mapping[str, Any]) -> dict[str, Any]:
+def _point_payload(
+    item_id: str, payload: Mapping[str, Any], model: ModelIdentity | None
+) -> dict[str, Any]:
     out = dict(payload)
     out[ITEM_ID] = item_id
     out[AVAILABLE] = bool(out.get(AVAILABLE, True))
+    if model is not None:
+        out[MODEL_NAME] = model.name
+        out[MODEL_VERSION] = model.version
     return out
+
+
+def _check_written_by(name: str, records: Sequence[Any], model: ModelIdentity | None) -> None:
+    """Refuse a collection whose sampled point another model wrote (each collection holds one
+    model's vectors, so one point tells)."""
+    if model is None or not records:
+        return
+    payload = records[0].payload or {}
+    version = payload.get(MODEL_VERSION)
+    if version is not None and version != model.version:
+        held = ModelIdentity(str(payload.get(MODEL_NAME, "unknown model")), str(version))
+        raise model_mismatch(name, held, model)
 
 
 def _excludes(exclude_ids: Sequence[Collection[str]] | None, n: int) -> Sequence[Collection[str]]:
@@ -161,11 +232,20 @@ class EdgeVectorStore:
     is exact over plain segments.
     """
 
-    def __init__(self, path: Path, *, hnsw_ef: int = 128, search_threads: int = 1) -> None:
+    def __init__(
+        self,
+        path: Path,
+        *,
+        hnsw_ef: int = 128,
+        search_threads: int = 1,
+        model: ModelIdentity | None = None,
+    ) -> None:
         import qdrant_edge
 
         self._q = qdrant_edge
         self.path = Path(path)
+        self.name = str(self.path)
+        self.model = model
         self.hnsw_ef = hnsw_ef
         # The engine's search pool. Its default (a thread per core) costs twice the CPU of one
         # thread for a batch of 1-2 queries on 2 cores (handing each query to the pool); 0
@@ -211,16 +291,29 @@ class EdgeVectorStore:
             )
             raise VectorStoreError(msg) from exc
         self._dim = dim
-        self._check_point_ids()
-        logger.info("edge store open path=%s dim=%d points=%d", self.path, dim, self.count())
-
-    def _check_point_ids(self) -> None:
-        """Refuse a store written with UUID point ids (relata before integer edge ids): its
-        points would never match this code's ids, and every item would be stored twice."""
-        records, _ = self.shard.scroll(
-            self._q.ScrollRequest(limit=1, with_payload=False, with_vector=False)
+        self._check_points()
+        logger.info(
+            "edge store open path=%s dim=%d points=%d model=%s",
+            self.path,
+            dim,
+            self.count(),
+            self.model or "unversioned",
         )
+
+    def _check_points(self) -> None:
+        """Refuse a store written with UUID point ids (relata before integer edge ids): its
+        points would never match this code's ids, and every item would be stored twice. And
+        one written by another model."""
+        try:
+            records, _ = self.shard.scroll(
+                self._q.ScrollRequest(limit=1, with_payload=True, with_vector=False)
+            )
+            _check_written_by(self.name, records, self.model)
+        except VectorStoreError:
+            self.close()
+            raise
         if records and not isinstance(records[0].id, int):
+            self.close()
             msg = (
                 f"the qdrant-edge store at {self.path} has UUID point ids (written by an earlier "
                 "relata); delete the directory or set a new RELATA_STORE_PATH: the indexer "
@@ -242,7 +335,9 @@ class EdgeVectorStore:
             return
         q = self._q
         points = [
-            q.Point(edge_point_id(item_id), vec.tolist(), _point_payload(item_id, payload))
+            q.Point(
+                edge_point_id(item_id), vec.tolist(), _point_payload(item_id, payload, self.model)
+            )
             for item_id, vec, payload in zip(ids, vectors, payloads, strict=True)
         ]
         with self._write_lock:
@@ -403,16 +498,24 @@ class ClientVectorStore:
         api_key: str | None = None,
         path: str | None = None,
         hnsw_ef: int = 128,
+        model: ModelIdentity | None = None,
+        client: Any = None,
+        owns_client: bool = True,
     ) -> None:
         from qdrant_client import QdrantClient, models
 
         self._m = models
         self.collection = collection
+        self.name = f"collection {collection!r}"
+        self.model = model
         self.hnsw_ef = hnsw_ef
+        self._owns_client = owns_client or client is None
         self._dim: int | None = None
         # Local mode is exact and ignores payload indexes and HNSW params (it warns about them).
         self._local = not url
-        if url:
+        if client is not None:  # shared with `store_versions.ClientVersions` (same url/path)
+            self.client = client
+        elif url:
             self.client = QdrantClient(url=url, api_key=api_key)
         elif path == ":memory:" or path is None:
             self.client = QdrantClient(location=":memory:")
@@ -431,10 +534,22 @@ class ClientVectorStore:
                     f"makes {dim}: use another RELATA_STORE_COLLECTION"
                 )
                 raise VectorStoreError(msg)
+            records, _ = self.client.scroll(
+                self.collection, limit=1, with_payload=[MODEL_NAME, MODEL_VERSION]
+            )
+            _check_written_by(self.name, records, self.model)
         else:
+            # The model in the collection's metadata names an empty version too (`relata
+            # model-versions`); the points' payloads are what the checks read.
+            meta = (
+                {MODEL_NAME: self.model.name, MODEL_VERSION: self.model.version}
+                if self.model
+                else None
+            )
             self.client.create_collection(
                 self.collection,
                 vectors_config=m.VectorParams(size=dim, distance=m.Distance.COSINE),
+                metadata=meta,
             )
             if not self._local:
                 self.client.create_payload_index(
@@ -453,7 +568,9 @@ class ClientVectorStore:
             return
         points = [
             self._m.PointStruct(
-                id=point_id(item_id), vector=vec.tolist(), payload=_point_payload(item_id, payload)
+                id=point_id(item_id),
+                vector=vec.tolist(),
+                payload=_point_payload(item_id, payload, self.model),
             )
             for item_id, vec, payload in zip(ids, vectors, payloads, strict=True)
         ]
@@ -564,28 +681,5 @@ class ClientVectorStore:
         """Nothing to do: a server indexes in the background; local mode is exact."""
 
     def close(self) -> None:
-        self.client.close()
-
-
-def build_store(settings: StoreSettings, dim: int) -> VectorStore:
-    """The store `settings` asks for, opened for vectors of `dim`."""
-    store: VectorStore
-    if settings.kind == "edge":
-        store = EdgeVectorStore(
-            settings.path / settings.collection,
-            hnsw_ef=settings.hnsw_ef,
-            search_threads=settings.search_threads,
-        )
-    elif settings.kind == "local":
-        store = ClientVectorStore(
-            collection=settings.collection, path=str(settings.path), hnsw_ef=settings.hnsw_ef
-        )
-    else:
-        store = ClientVectorStore(
-            collection=settings.collection,
-            url=settings.url,
-            api_key=settings.api_key.get_secret_value() if settings.api_key else None,
-            hnsw_ef=settings.hnsw_ef,
-        )
-    store.ensure_collection(dim)
-    return store
+        if self._owns_client:
+            self.client.close()

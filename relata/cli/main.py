@@ -53,6 +53,15 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
         "Offline evaluation of recommendation quality on a data set.",
     ),
     "train": ("relata.lab.train", "Fit the adaptive parts (adapter, blend weights) on histories."),
+    "reindex": (
+        "relata.cli.reindex",
+        "Build the item vectors of a new model beside the serving ones, then switch to them.",
+    ),
+    "rollback": ("relata.cli.reindex", "Switch the item vectors back to the previous model."),
+    "model-versions": (
+        "relata.cli.reindex",
+        "List the item vectors' model versions (current, previous).",
+    ),
 }
 
 _ATTRS = {
@@ -60,6 +69,8 @@ _ATTRS = {
     "replay": "replay_command",
     "tail": "tail_command",
     "erase": "erase_command",
+    "rollback": "rollback_command",
+    "model-versions": "versions_command",
 }
 
 

@@ -13,8 +13,9 @@ import json
 import logging
 import signal
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -51,12 +52,22 @@ logger = logging.getLogger(__name__)
 class VectorStoreSimilar:
     """`SimilarItems` over a workers `VectorStore`: the item's own vector as the query."""
 
-    def __init__(self, store: Any) -> None:
+    def __init__(self, store: Any = None, *, opener: Callable[[], Any] | None = None) -> None:
         self._store = store
+        # Opens the store once its first version exists (the workers build it): the stream
+        # processor may well start first.
+        self._opener = opener
 
     def similar(
         self, item_id: str, *, k: int, categories: Sequence[str] | None
     ) -> list[RelatedItem] | None:
+        if self._store is None and self._opener is not None:
+            from workers.store_versions import NoVersionError
+
+            try:
+                self._store = self._opener()
+            except NoVersionError:
+                return None
         vectors = self._store.get_vectors([item_id])
         vector = vectors.get(item_id)
         if vector is None:
@@ -79,9 +90,16 @@ class VectorStoreSimilar:
 
 def build_similar(store_settings: StoreSettings, encoder: EncoderSettings) -> VectorStoreSimilar:
     """Open the vector store the item indexer writes and wrap it as `SimilarItems`."""
-    from workers.vector_store import build_store
+    from workers.store_versions import NoVersionError, build_store
 
-    return VectorStoreSimilar(build_store(store_settings, dim=encoder_dim(encoder)))
+    # It encodes nothing: it serves the item vectors of whichever version is current (pinned
+    # until restarted, so an item's vector and the search over it come from one version).
+    opener = partial(build_store, store_settings, encoder_dim(encoder), model=None)
+    try:
+        return VectorStoreSimilar(opener())
+    except NoVersionError:
+        logger.info("similar items wait for the first vector store version")
+        return VectorStoreSimilar(opener=opener)
 
 
 def encoder_dim(encoder: EncoderSettings) -> int:

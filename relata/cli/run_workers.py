@@ -203,15 +203,16 @@ def build_workers(
     """Build the loops of `role`; one encoder and one store serve both loops of `all`, one
     `Health` (their watches, the brokers) both probes."""
     from workers.encoder import TransformerEncoder
-    from workers.indexer import IndexerTopics, ItemIndexer
+    from workers.indexer import IndexerTopics, ItemIndexer, version_group
     from workers.metrics import WorkerMetrics
     from workers.ranking import BlendWeights
     from workers.recommender import Recommender, RecommenderTopics
-    from workers.vector_store import build_store
+    from workers.store_versions import build_store
+    from workers.vector_store import ModelIdentity
 
     reliability = reliability or ReliabilitySettings()
     encoder = encoder or TransformerEncoder.from_settings(encoder_settings)
-    store = store or build_store(store_settings, encoder.dim)
+    store = store or build_store(store_settings, encoder.dim, model=ModelIdentity.of(encoder))
     metrics = WorkerMetrics.create(registry)
     health = Health(
         ack_timeout_s=reliability.ack_timeout_s, stall_timeout_s=reliability.stall_timeout_s
@@ -225,7 +226,7 @@ def build_workers(
         retry = CommitRetry()
         consumer = build_consumer(
             kafka,
-            group_id=indexer_settings.group_id,
+            group_id=version_group(indexer_settings.group_id, encoder.version),
             client_id="relata-indexer",
             commit_retry=retry,
             renew_after_s=reliability.rejoin_timeout_s,

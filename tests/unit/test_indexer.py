@@ -11,9 +11,9 @@ from prometheus_client import CollectorRegistry
 
 from kafkaio.producer import DeliveryError
 from tests.unit.worker_fakes import FakeConsumer, FakeEncoder, FakeProducer
-from workers.indexer import IndexerTopics, ItemIndexer
+from workers.indexer import IndexerTopics, ItemIndexer, version_group
 from workers.metrics import WorkerMetrics
-from workers.vector_store import ClientVectorStore
+from workers.vector_store import ClientVectorStore, ModelIdentity, ModelMismatchError
 
 TOPICS = IndexerTopics(catalog="item-catalog", dead_letter="dead-letter")
 
@@ -162,3 +162,29 @@ def test_reprocessing_a_batch_is_idempotent(store: ClientVectorStore) -> None:
     consumer.consumed = 0  # a crash before commit re-delivers the batch
     indexer.poll_once()
     assert store.count() == 1
+
+
+def test_indexer_writes_only_into_its_models_version() -> None:
+    consumer, producer = FakeConsumer("item-catalog"), FakeProducer()
+    mine = ClientVectorStore(
+        collection="items", path=":memory:", model=ModelIdentity.of(FakeEncoder())
+    )
+    mine.ensure_collection(FakeEncoder.dim)
+    consumer.add_json(_item("a", "red lipstick"), key="a")
+    indexer, _, encoder = _indexer(consumer, producer, mine)
+    indexer.poll_once()
+    assert mine.get_payloads(["a"])["a"]["model_version"] == encoder.version
+    mine.close()
+
+    other = ClientVectorStore(
+        collection="items", path=":memory:", model=ModelIdentity("fake", "another")
+    )
+    other.ensure_collection(FakeEncoder.dim)
+    with pytest.raises(ModelMismatchError, match=r"another.*v1"):
+        _indexer(consumer, producer, other)
+    other.close()
+
+
+def test_each_model_version_has_its_own_catalog_position() -> None:
+    assert version_group("relata-indexer", "abc") == "relata-indexer-abc"
+    assert version_group("relata-indexer", "abc") != version_group("relata-indexer", "def")

@@ -146,8 +146,9 @@ def test_each_component_reads_and_writes_exactly_its_topics() -> None:
         "p.item-catalog": {"READ", "DESCRIBE", "DESCRIBE_CONFIGS"},
         "p.dead-letter": {"WRITE", "DESCRIBE", "DESCRIBE_CONFIGS"},
     }
-    assert access["indexer"].operations("group", "ix") == {"READ", "DESCRIBE"}
-    assert not access["indexer"].operations("group", "ix-other")
+    # One indexer group per model version: `ix-<version>`.
+    assert access["indexer"].operations("group", "ix-0a1b2c3d4e5f") == {"READ", "DESCRIBE"}
+    assert not access["indexer"].operations("group", "other-ix")
     recommender = access["recommender"]
     assert recommender.operations("topic", "p.profile-updates") >= {"READ"}
     assert "WRITE" in recommender.operations("topic", "p.recommendations")
@@ -277,5 +278,5 @@ def test_settings_acls_names_the_environments_prefix_and_groups(
         "| `User:relata-indexer` | relata workers --role indexer | topic `shop.item-catalog` |"
         in (result.output)
     )
-    assert "group `shop-indexer` | LITERAL | DESCRIBE, READ |" in result.output
+    assert "group `shop-indexer` | PREFIXED | DESCRIBE, READ |" in result.output
     assert "topic `shop.relata-streams` | PREFIXED |" in result.output

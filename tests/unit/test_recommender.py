@@ -24,7 +24,7 @@ from workers.recommender import (
     RelatedIndex,
     coalesce,
 )
-from workers.vector_store import ClientVectorStore
+from workers.vector_store import ClientVectorStore, ModelIdentity, ModelMismatchError
 
 TOPICS = RecommenderTopics(
     profile_updates="profile-updates",
@@ -421,3 +421,38 @@ def test_a_profile_tombstone_removes_the_users_list_and_their_earlier_update(
     assert (b"back", None) not in [(k, v) for t, k, v in h.producer.records]
     assert result.dead_letters == 0
     assert h.consumer.commits == [5]
+
+
+def _versioned_store(model: ModelIdentity) -> ClientVectorStore:
+    s = ClientVectorStore(collection="items", path=":memory:", model=model)
+    s.ensure_collection(FakeEncoder.dim)
+    ids = list(CATALOG)
+    s.upsert(
+        ids, FakeEncoder().encode([CATALOG[i] for i in ids]), [{"title": CATALOG[i]} for i in ids]
+    )
+    return s
+
+
+def test_recommendations_name_the_vectors_version_they_searched(store: ClientVectorStore) -> None:
+    versioned = _versioned_store(ModelIdentity.of(FakeEncoder()))
+    h = Harness(versioned)
+    h.consumer.add_json(_update("u", "lip1"), key="u")
+    h.recommender.poll_once()
+    rec = h.recs()["u"]
+    assert rec["items"]
+    assert (rec["model_version"], rec["vectors_version"]) == ("v1", "v1")
+    versioned.close()
+    # An unversioned store (before versioned stores) names none: the field stays optional.
+    plain = Harness(store)
+    plain.consumer.add_json(_update("u", "lip1"), key="u")
+    plain.recommender.poll_once()
+    assert plain.recs()["u"]["vectors_version"] is None
+
+
+def test_recommender_refuses_a_store_of_another_model() -> None:
+    other = _versioned_store(ModelIdentity("fake+adapter", "v2"))
+    with pytest.raises(ModelMismatchError) as refused:
+        Harness(other)
+    assert "fake+adapter version v2" in str(refused.value)
+    assert "fake version v1" in str(refused.value)
+    other.close()

@@ -1,4 +1,5 @@
-"""One contract, two implementations: qdrant-client local mode and embedded qdrant-edge."""
+"""One contract, two implementations: qdrant-client local mode and embedded qdrant-edge; and
+their model versions (`workers.store_versions`), each a collection behind a switched pointer."""
 
 from __future__ import annotations
 
@@ -8,9 +9,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from workers.store_versions import (
+    ClientVersions,
+    EdgeVersions,
+    NoVersionError,
+    StoreVersions,
+    open_current,
+)
 from workers.vector_store import (
     ClientVectorStore,
     EdgeVectorStore,
+    ModelIdentity,
+    ModelMismatchError,
     VectorStore,
     VectorStoreError,
     edge_point_id,
@@ -256,11 +266,178 @@ def test_edge_search_threads_change_no_result(tmp_path: Path, threads: int) -> N
 
 def test_build_store_passes_the_search_threads(tmp_path: Path) -> None:
     from schemas.settings import StoreSettings
-    from workers.vector_store import build_store
+    from workers.store_versions import build_store
 
-    store = build_store(StoreSettings(kind="edge", path=tmp_path, search_threads=2), DIM)
+    settings = StoreSettings(kind="edge", path=tmp_path, search_threads=2)
+    store = build_store(settings, DIM, model=MODEL_A)
     assert isinstance(store, EdgeVectorStore)
     assert store.search_threads == 2
     store.close()
     with pytest.raises(ValueError, match="search_threads"):
         StoreSettings(search_threads=-1)
+
+
+# -- model versions ------------------------------------------------------------------------------
+
+MODEL_A = ModelIdentity("all-MiniLM-L6-v2", "aaaaaaaaaaaa")
+MODEL_B = ModelIdentity("all-MiniLM-L6-v2+adapter", "bbbbbbbbbbbb")
+# Model B places the items in the opposite order around the query: a, b, c, e under A and
+# e, c, b, a under B (d is unavailable), so a search tells which version answered.
+VECTORS_B = VECTORS[::-1].copy()
+ORDER_A = ["a", "b", "c", "e"]
+ORDER_B = ["e", "c", "b", "a"]
+
+VersionsFactory = Callable[[Path], StoreVersions]
+
+
+def _edge_versions(path: Path) -> StoreVersions:
+    return EdgeVersions(path / "edge", "items")
+
+
+def _client_versions(path: Path) -> StoreVersions:
+    from qdrant_client import QdrantClient
+
+    return ClientVersions(QdrantClient(path=str(path / "client")), "items")
+
+
+@pytest.fixture(params=[_client_versions, _edge_versions], ids=["client-local", "edge"])
+def versions_factory(request: pytest.FixtureRequest) -> VersionsFactory:
+    f: VersionsFactory = request.param
+    return f
+
+
+@pytest.fixture
+def versions(versions_factory: VersionsFactory, tmp_path: Path) -> Iterator[StoreVersions]:
+    v = versions_factory(tmp_path)
+    yield v
+    v.close()
+
+
+def _build(versions: StoreVersions, model: ModelIdentity, vectors: np.ndarray) -> VectorStore:
+    store = versions.open(DIM, model)
+    store.upsert(ITEMS, vectors, PAYLOADS)
+    return store
+
+
+def test_every_vector_carries_its_model_identity(versions: StoreVersions) -> None:
+    store = _build(versions, MODEL_A, VECTORS)
+    payloads = store.get_payloads(ITEMS)
+    assert {(p["model_name"], p["model_version"]) for p in payloads.values()} == {
+        (MODEL_A.name, MODEL_A.version)
+    }
+    assert store.model == MODEL_A
+    store.close()
+
+
+def test_a_version_refuses_vectors_of_another_model(versions: StoreVersions) -> None:
+    _build(versions, MODEL_A, VECTORS).close()
+    # B opening A's collection (as a worker whose adapter changed, with the same dim, did
+    # before versions): refused, naming both versions.
+    if isinstance(versions, EdgeVersions):
+        other: VectorStore = EdgeVectorStore(versions.root / "items--aaaaaaaaaaaa", model=MODEL_B)
+    else:
+        assert isinstance(versions, ClientVersions)
+        other = ClientVectorStore(
+            collection="items--aaaaaaaaaaaa", client=versions.client, owns_client=False
+        )
+        other.model = MODEL_B
+    with pytest.raises(ModelMismatchError, match=r"aaaaaaaaaaaa.*bbbbbbbbbbbb"):
+        other.ensure_collection(DIM)
+
+
+def test_first_start_makes_the_loaded_model_current(versions: StoreVersions) -> None:
+    assert versions.current() is None
+    with pytest.raises(NoVersionError, match="no version yet"):
+        open_current(versions, DIM, None)
+    store = open_current(versions, DIM, MODEL_A)
+    assert versions.current() == MODEL_A
+    assert versions.previous() is None
+    store.upsert(ITEMS, VECTORS, PAYLOADS)
+    assert _ids(store.search(QUERY, k=10)) == ORDER_A
+    store.close()
+
+
+def test_a_new_version_is_built_beside_the_serving_one_then_switched(
+    versions: StoreVersions,
+) -> None:
+    serving = open_current(versions, DIM, MODEL_A)
+    serving.upsert(ITEMS, VECTORS, PAYLOADS)
+    building = _build(versions, MODEL_B, VECTORS_B)
+    # Building B changes neither what serves nor the pointer.
+    assert _ids(serving.search(QUERY, k=10)) == ORDER_A
+    assert versions.current() == MODEL_A
+    assert _ids(building.search(QUERY, k=10)) == ORDER_B
+    building.close()
+
+    assert versions.switch(MODEL_B) == MODEL_A
+    assert (versions.current(), versions.previous()) == (MODEL_B, MODEL_A)
+    # A process that opened A before the switch keeps searching A: it never mixes in B.
+    assert _ids(serving.search(QUERY, k=10)) == ORDER_A
+    np.testing.assert_allclose(serving.get_vectors(["a"])["a"], VECTORS[0], atol=1e-6)
+    serving.close()
+
+    # A process still loading model A is refused, with both versions and the fix named.
+    with pytest.raises(ModelMismatchError) as refused:
+        open_current(versions, DIM, MODEL_A)
+    message = str(refused.value)
+    assert MODEL_A.version in message and MODEL_B.version in message
+    assert "relata reindex" in message and "relata rollback" in message
+    restarted = open_current(versions, DIM, MODEL_B)
+    assert _ids(restarted.search(QUERY, k=10)) == ORDER_B
+    restarted.close()
+    assert versions.versions() == [MODEL_A, MODEL_B]
+
+
+def test_rollback_is_one_call_and_can_be_undone(versions: StoreVersions) -> None:
+    _build(versions, MODEL_A, VECTORS).close()
+    versions.switch(MODEL_A)
+    with pytest.raises(VectorStoreError, match="no previous version"):
+        versions.rollback()
+    _build(versions, MODEL_B, VECTORS_B).close()
+    versions.switch(MODEL_B)
+
+    assert versions.rollback() == MODEL_A
+    assert (versions.current(), versions.previous()) == (MODEL_A, MODEL_B)
+    store = open_current(versions, DIM, MODEL_A)
+    assert _ids(store.search(QUERY, k=10)) == ORDER_A
+    store.close()
+    assert versions.rollback() == MODEL_B
+    assert (versions.current(), versions.previous()) == (MODEL_B, MODEL_A)
+
+
+def test_switching_to_a_version_never_built_is_refused(versions: StoreVersions) -> None:
+    _build(versions, MODEL_A, VECTORS).close()
+    versions.switch(MODEL_A)
+    with pytest.raises(VectorStoreError, match="relata reindex"):
+        versions.switch(MODEL_B)
+    assert versions.current() == MODEL_A
+
+
+def test_the_pointer_outlives_the_process(
+    versions_factory: VersionsFactory, tmp_path: Path
+) -> None:
+    first = versions_factory(tmp_path)
+    _build(first, MODEL_A, VECTORS).close()
+    _build(first, MODEL_B, VECTORS_B).close()
+    first.switch(MODEL_A)
+    first.switch(MODEL_B)
+    first.close()
+    second = versions_factory(tmp_path)
+    try:
+        assert (second.current(), second.previous()) == (MODEL_B, MODEL_A)
+    finally:
+        second.close()
+
+
+def test_client_refuses_a_plain_collection_under_the_pointers_name(tmp_path: Path) -> None:
+    from qdrant_client import QdrantClient
+
+    client = QdrantClient(path=str(tmp_path))
+    legacy = ClientVectorStore(collection="items", client=client, owns_client=False)
+    legacy.ensure_collection(DIM)
+    versions = ClientVersions(client, "items")
+    try:
+        with pytest.raises(VectorStoreError, match="plain collection"):
+            open_current(versions, DIM, MODEL_A)
+    finally:
+        versions.close()
