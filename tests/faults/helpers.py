@@ -42,6 +42,7 @@ from streams.naming import (
 )
 from streams.neighbours import AssociationIndex
 from streams.profile import FoldConfig, fold_event
+from workers.model_identity import encoder_settings_of, encoder_version, version_group
 
 DATA = REPO_ROOT / "data" / "online-retail"
 READY_S = 180.0
@@ -157,11 +158,10 @@ class Roles:
         if name != "workers":
             return healthy(self.ports[name])
         catalog = self.kafka.topic(ITEM_CATALOG.name)
+        # The indexer commits under its group per model version (of the encoder it loads).
+        group = version_group(self.indexer_group, encoder_version(encoder_settings_of(os.environ)))
         with contextlib.suppress(Exception):  # coordinator not ready yet: ask again
-            return bool(
-                lag.committed(self.indexer_group, catalog)
-                and lag.lag(self.indexer_group, catalog) == 0
-            )
+            return bool(lag.committed(group, catalog) and lag.lag(group, catalog) == 0)
         return False
 
     def wait_ready(self, name: str, lag: LagMonitor) -> float:

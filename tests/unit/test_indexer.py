@@ -11,8 +11,9 @@ from prometheus_client import CollectorRegistry
 
 from kafkaio.producer import DeliveryError
 from tests.unit.worker_fakes import FakeConsumer, FakeEncoder, FakeProducer
-from workers.indexer import IndexerTopics, ItemIndexer, version_group
+from workers.indexer import IndexerTopics, ItemIndexer
 from workers.metrics import WorkerMetrics
+from workers.model_identity import version_group
 from workers.vector_store import ClientVectorStore, ModelIdentity, ModelMismatchError
 
 TOPICS = IndexerTopics(catalog="item-catalog", dead_letter="dead-letter")
