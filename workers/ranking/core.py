@@ -3,7 +3,9 @@
 Everything it needs from the outside (user vectors, vector search, item vectors,
 availability, popularity) comes in as functions (`Lookups`), so the live recommender (Qdrant,
 the related-items topic) and `relata evaluate` (exact search over the item matrix, the folded
-histories) run the same ranking, the same over-fetch and the same availability filter.
+histories) run the same ranking, the same over-fetch, the same availability filter, the same
+diversity re-ranking (MMR, `diversity.py`) and the same answer to a user with no usable
+history (trending items).
 """
 
 from __future__ import annotations
@@ -16,7 +18,8 @@ import numpy.typing as npt
 
 from schemas.messages import HistoryEntry, RecommendedItem
 
-from .explain import explain
+from .diversity import mmr
+from .explain import explain, trending
 from .related import RelatedTable
 from .score import score, user_evidence
 from .weights import BlendWeights
@@ -28,6 +31,9 @@ Popularity = tuple[list[tuple[str, float]], Mapping[str, float]]
 # Items scored per user before the availability check: k of them are kept (behaviour
 # candidates are not filtered by availability before scoring; vector hits are).
 CANDIDATE_MARGIN = 2
+# With diversity on, MMR chooses the k from this many scored items per k: room to swap a
+# near-duplicate for the next-best different item without reaching far down the ranking.
+DIVERSITY_MARGIN = 3
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,13 +63,19 @@ def recommend(
     lookups: Lookups,
     weights: BlendWeights,
     k: int,
+    mmr_lambda: float = 1.0,
 ) -> list[list[RecommendedItem]]:
-    """The k best available items for each history (most recent first), with reasons."""
+    """The k best available items for each history (most recent first), with reasons.
+
+    `mmr_lambda` below 1 re-ranks the available scored items by maximal marginal relevance
+    over the item vectors (`diversity.mmr`; 1: score order). A history that yields nothing
+    (none usable: empty, or no evidence and no popularity to fill with) is answered with
+    trending items: the most popular available ones, labelled `trending`."""
     if not histories:
         return []
     vectors = lookups.user_vectors(histories)
     hits = _search(histories, vectors, lookups, weights)
-    depth = k * CANDIDATE_MARGIN
+    depth = k * (CANDIDATE_MARGIN if mmr_lambda >= 1.0 else DIVERSITY_MARGIN)
     # One look-up for every vector scoring may read: the hits it names a history item for,
     # and the behaviour candidates it scores against the user vector.
     wanted = [item_id for user_hits in hits for item_id, _ in user_hits[:depth]]
@@ -102,11 +114,37 @@ def recommend(
         for item_id, _ in ranked.items
         if item_id not in vec
     }
+    # Users nothing was scored for get trending items: the popular ones, checked in the same
+    # look-up (a retired item can still head the popularity list).
+    cold = [not ranked.items for ranked in scored]
+    trend_pool = [i for i, _ in popularity[:depth]] if any(cold) else []
+    unchecked.update(trend_pool)
     available = lookups.available(unchecked) if unchecked else set()
-    return [
-        explain(ranked, [i for i, _ in ranked.items if i in vec or i in available][:k])
+    kept = [
+        [(i, s) for i, s in ranked.items if i in vec or i in available]
         for ranked, vec in zip(scored, vector_ids, strict=True)
     ]
+    if mmr_lambda < 1.0:
+        # The pools' vectors in one look-up; the mapping it returns is the one to read from
+        # now (a cache may have moved rows to fetch them), for MMR and for the reasons.
+        item_vectors = lookups.item_vectors([i for pool in kept for i, _ in pool])
+        chosen = [mmr(pool, item_vectors, k=k, lam=mmr_lambda) for pool in kept]
+        scored = [
+            ranked._replace(history_vectors=item_vectors, candidate_vectors=item_vectors)
+            for ranked in scored
+        ]
+    else:
+        chosen = [[i for i, _ in pool[:k]] for pool in kept]
+    counts = dict(popularity)
+    answers: list[list[RecommendedItem]] = []
+    for history, ranked, ids, is_cold in zip(histories, scored, chosen, cold, strict=True):
+        if is_cold:
+            seen = {e.item_id for e in history}
+            pool = [i for i in trend_pool if i in available and i not in seen]
+            answers.append(trending(popularity, pool[:k]))
+        else:
+            answers.append(explain(ranked, ids, item_counts=counts))
+    return answers
 
 
 def _search(
