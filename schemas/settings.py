@@ -450,6 +450,15 @@ class RecommenderSettings(_Settings):
     blend_path: Path | None = Field(
         None, description="Blend weights artifact (`relata train`); none: built-in defaults."
     )
+    mmr_lambda: float = Field(
+        1.0,
+        ge=0.0,
+        le=1.0,
+        description=(
+            "Diversity: maximal marginal relevance over the item vectors after scoring; 1 keeps "
+            "the score order, lower trades relevance for variety (docs/benchmarks.md)."
+        ),
+    )
     metrics_port: int = Field(9108, ge=0, le=65535, description="Prometheus port; 0 disables.")
 
 

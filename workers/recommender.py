@@ -468,6 +468,7 @@ class Recommender:
             lookups=self._lookups,
             weights=self.weights,
             k=self.settings.k,
+            mmr_lambda=self.settings.mmr_lambda,
         )
 
     def poll_once(self) -> BatchResult:
