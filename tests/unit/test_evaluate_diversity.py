@@ -53,7 +53,7 @@ def test_lambda_reaches_the_core_in_the_evaluation(tmp_path: Path) -> None:
     rows = VectorRows(
         np.array([vecs[i] for i in ids], dtype=np.float32), {i: n for n, i in enumerate(ids)}
     )
-    q = [n for n, c in enumerate(prepared.split.cases) if c.user_id == "q"][0]
+    q = next(n for n, c in enumerate(prepared.split.cases) if c.user_id == "q")
     out = {}
     for lam in (1.0, 0.3):
         result = rank_users(
