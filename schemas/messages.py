@@ -253,12 +253,12 @@ class Reason(_Message):
 
     source_item_id: Identifier | None = Field(
         description="The user's own history item behind it; null only for `trending` (a user "
-        "with no usable history has none)."
+        "with no usable history has none) and `pinned` (placed by a business rule)."
     )
     kind: ReasonKind = Field(
         description="A relation kind (the evidence of an association or of vector similarity), "
-        "`popular` (the popularity prior) or `trending` (time-decayed popularity, for a user "
-        "with no usable history)."
+        "`popular` (the popularity prior), `trending` (time-decayed popularity, for a user "
+        "with no usable history) or `pinned` (placed by a business rule)."
     )
     strength: float = Field(description="This reason's contribution to the item's score.")
     text: str = Field(

@@ -459,6 +459,16 @@ class RecommenderSettings(_Settings):
             "the score order, lower trades relevance for variety (docs/benchmarks.md)."
         ),
     )
+    rules_path: Path | None = Field(
+        None,
+        description=(
+            "Business rules file (JSON, `schemas.rules.BusinessRules`), reloaded when it "
+            "changes; an invalid edit is logged and the last valid rules stay. None: no rules."
+        ),
+    )
+    placement: str = Field(
+        "home", min_length=1, description="Placement whose pinned items this recommender places."
+    )
     metrics_port: int = Field(9108, ge=0, le=65535, description="Prometheus port; 0 disables.")
 
 

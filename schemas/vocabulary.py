@@ -64,7 +64,8 @@ _NAMES: dict[str, tuple[str, ...]] = {}
 # what a user with no usable history is answered with (time-decayed popularity).
 POPULAR = "popular"
 TRENDING = "trending"
-_NON_RELATION_REASONS = (POPULAR, TRENDING)
+PINNED = "pinned"  # placed by a business rule
+_NON_RELATION_REASONS = (POPULAR, TRENDING, PINNED)
 
 
 def _register(

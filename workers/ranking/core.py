@@ -10,19 +10,25 @@ history (trending items).
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterable, Mapping, Sequence, Set
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
 from schemas.messages import HistoryEntry, RecommendedItem
+from schemas.rules import BusinessRules
 
 from .diversity import mmr
-from .explain import explain, trending
+from .explain import explain, pinned, trending
 from .related import RelatedTable
+from .rules import apply_rules, pins_of, place_pins
 from .score import score, user_evidence
 from .weights import BlendWeights
+
+logger = logging.getLogger(__name__)
 
 FloatArray = npt.NDArray[np.float32]
 History = Sequence[HistoryEntry]
@@ -55,6 +61,9 @@ class Lookups:
     popularity: Callable[[BlendWeights], Popularity]
     # Item titles for the reasons' wording (None: reasons name item ids).
     titles: Mapping[str, str] | None = None
+    # Catalog attributes (categories, brand, price) of these items, for business rules
+    # (None: rules can match item ids only).
+    attributes: Callable[[Set[str]], Mapping[str, Mapping[str, Any]]] | None = None
 
 
 def recommend(
@@ -64,13 +73,17 @@ def recommend(
     weights: BlendWeights,
     k: int,
     mmr_lambda: float = 1.0,
+    rules: BusinessRules | None = None,
+    placement: str = "home",
 ) -> list[list[RecommendedItem]]:
     """The k best available items for each history (most recent first), with reasons.
 
     `mmr_lambda` below 1 re-ranks the available scored items by maximal marginal relevance
     over the item vectors (`diversity.mmr`; 1: score order). A history that yields nothing
     (none usable: empty, or no evidence and no popularity to fill with) is answered with
-    trending items: the most popular available ones, labelled `trending`."""
+    trending items: the most popular available ones, labelled `trending`. `rules` (business
+    rules) filter, boost, cap and pin (the pins of `placement`) the available candidates
+    before the k are chosen (`rules.py`)."""
     if not histories:
         return []
     vectors = lookups.user_vectors(histories)
@@ -119,11 +132,15 @@ def recommend(
     cold = [not ranked.items for ranked in scored]
     trend_pool = [i for i, _ in popularity[:depth]] if any(cold) else []
     unchecked.update(trend_pool)
+    pins = pins_of(rules, placement)
+    unchecked.update(i for i, _ in pins)
     available = lookups.available(unchecked) if unchecked else set()
     kept = [
         [(i, s) for i, s in ranked.items if i in vec or i in available]
         for ranked, vec in zip(scored, vector_ids, strict=True)
     ]
+    if rules is not None:
+        kept, trend_pool = _apply_rules(kept, trend_pool, lookups, rules)
     if mmr_lambda < 1.0:
         # The pools' vectors in one look-up; the mapping it returns is the one to read from
         # now (a cache may have moved rows to fetch them), for MMR and for the reasons.
@@ -138,13 +155,40 @@ def recommend(
     counts = dict(popularity)
     answers: list[list[RecommendedItem]] = []
     for history, ranked, ids, is_cold in zip(histories, scored, chosen, cold, strict=True):
+        seen = {e.item_id for e in history}
         if is_cold:
-            seen = {e.item_id for e in history}
-            pool = [i for i in trend_pool if i in available and i not in seen]
-            answers.append(trending(popularity, pool[:k]))
-        else:
-            answers.append(explain(ranked, ids, item_counts=counts))
+            ids = [i for i in trend_pool if i in available and i not in seen][:k]
+        own_pins = [(i, at) for i, at in pins if i in available and i not in seen]
+        placed = place_pins(ids, own_pins, k=k) if own_pins else ids
+        pinned_ids = {i for i, _ in own_pins}
+        # A pinned item is worded as pinned; the others as the ranking found them.
+        worded = [i for i in placed if i not in pinned_ids]
+        answered = (
+            trending(popularity, worded) if is_cold else explain(ranked, worded, item_counts=counts)
+        )
+        by_id = {item.item_id: item for item in answered}
+        answers.append([by_id[i] if i in by_id else pinned(i) for i in placed])
     return answers
+
+
+def _apply_rules(
+    kept: list[list[tuple[str, float]]],
+    trend_pool: list[str],
+    lookups: Lookups,
+    rules: BusinessRules,
+) -> tuple[list[list[tuple[str, float]]], list[str]]:
+    """Each user's candidates and the trending pool with the business rules applied."""
+    wanted = {i for pool in kept for i, _ in pool} | set(trend_pool)
+    attributes = lookups.attributes(wanted) if lookups.attributes is not None and wanted else {}
+    ruled = [apply_rules(pool, attributes, rules) for pool in kept]
+    fell_back = sum(r.fell_back for r in ruled)
+    if fell_back:
+        # Documented fallback: a filter that removes every candidate is not applied.
+        logger.info(
+            "business rules removed every candidate users=%d: filters not applied", fell_back
+        )
+    trend = apply_rules([(i, -n) for n, i in enumerate(trend_pool)], attributes, rules)
+    return [r.items for r in ruled], [i for i, _ in trend.items]
 
 
 def _search(
