@@ -451,7 +451,7 @@ class RecommenderSettings(_Settings):
         None, description="Blend weights artifact (`relata train`); none: built-in defaults."
     )
     mmr_lambda: float = Field(
-        1.0,
+        0.9,
         ge=0.0,
         le=1.0,
         description=(
