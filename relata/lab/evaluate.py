@@ -92,11 +92,13 @@ def rank_users(
     progress: bool = True,
     user_vectors: np.ndarray | None = None,
     item_vectors: Mapping[str, np.ndarray] | None = None,
+    mmr_lambda: float = 1.0,
 ) -> MethodResult:
     """Rank every case's user with the live recommendation core (`workers.ranking.recommend`),
     in batches, and collect the target's rank. `hits` and `user_vectors` are per case (a zero
     row: no user vector); the look-ups answer from them, from the item vectors and from the
-    state, where the recommender asks Qdrant and the related-items topic."""
+    state, where the recommender asks Qdrant and the related-items topic. `mmr_lambda`: the
+    core's diversity re-ranking (1: none)."""
     ranks: list[int | None] = []
     lists: list[list[str]] = []
     popularity = (state.popularity, popularity_prior(state.popularity, weights))
@@ -131,6 +133,7 @@ def rank_users(
             lookups=lookups,
             weights=weights,
             k=k,
+            mmr_lambda=mmr_lambda,
         )
         for n, recs in zip(batch, answers, strict=True):
             ids = [r.item_id for r in recs]

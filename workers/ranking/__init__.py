@@ -13,10 +13,14 @@ Score of a candidate item (each term on a [0, 1]-ish scale, so weights are compa
   ((cos - weakest hit) / (best hit - weakest hit), bounded below by `vector_floor`). Behaviour
   candidates that are not vector hits get their cosine from `candidate_vectors` when given;
 - popularity: log-scaled count, a weak prior and the fallback for sparse users.
+
+After scoring, `recommend` may re-rank each list for diversity (MMR over the item vectors,
+`diversity.py`), and answers a user with no usable history with trending items.
 """
 
 from .core import Lookups, recommend
-from .explain import explain, rank
+from .diversity import intra_list_diversity, mmr
+from .explain import explain, rank, trending
 from .related import RelatedList, RelatedTable, VectorRows, kind_codes, popularity_of
 from .score import Scored, UserEvidence, popularity_prior, score, user_evidence
 from .user_vector import pooled_user_vector, profile_text, source_weights
@@ -40,7 +44,9 @@ __all__ = [
     "UserEvidence",
     "VectorRows",
     "explain",
+    "intra_list_diversity",
     "kind_codes",
+    "mmr",
     "pooled_user_vector",
     "popularity_of",
     "popularity_prior",
@@ -50,5 +56,6 @@ __all__ = [
     "score",
     "source_weights",
     "strategy_weights",
+    "trending",
     "user_evidence",
 ]

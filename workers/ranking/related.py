@@ -32,6 +32,23 @@ class RelatedList(NamedTuple):
     kinds: npt.NDArray[np.int8]  # relation kind codes (`kind_codes`)
     scores: npt.NDArray[np.float64]
     texts: tuple[str, ...]  # evidence texts
+    # Evidence numbers, one row per neighbour, columns `EVIDENCE_COLUMNS`, NaN where the
+    # evidence has none: numbers in one array, not an object per neighbour (see above).
+    stats: npt.NDArray[np.float64]
+
+
+# The columns of `RelatedList.stats`: the numeric evidence fields a reason carries.
+EVIDENCE_COLUMNS: tuple[str, ...] = ("support", "confidence", "lift", "pmi", "cosine")
+
+
+def evidence_row(lst: RelatedList, at: int) -> dict[str, float | int]:
+    """The evidence numbers of one neighbour that it has (support as an integer)."""
+    row = lst.stats[at]
+    out: dict[str, float | int] = {}
+    for name, value in zip(EVIDENCE_COLUMNS, row.tolist(), strict=True):
+        if value == value:  # not NaN
+            out[name] = int(value) if name == "support" else value
+    return out
 
 
 class RelatedTable:
@@ -98,6 +115,13 @@ class RelatedTable:
             np.fromiter((codes[r.kind] for r in related), dtype=np.int8, count=len(ids)),
             np.fromiter((r.score for r in related), dtype=np.float64, count=len(ids)),
             tuple(r.evidence.text for r in related),
+            np.array(
+                [
+                    [_number(getattr(r.evidence, name)) for name in EVIDENCE_COLUMNS]
+                    for r in related
+                ],
+                dtype=np.float64,
+            ).reshape(len(ids), len(EVIDENCE_COLUMNS)),
         )
 
     def remove(self, item_id: str) -> None:
@@ -159,6 +183,10 @@ def gather(
     if not found:
         return [], None
     return [i for i, _ in found], np.stack([np.asarray(v, dtype=np.float32) for _, v in found])
+
+
+def _number(value: float | None) -> float:
+    return np.nan if value is None else float(value)
 
 
 def table_of(related: RelatedTable | Mapping[str, RelatedItems]) -> RelatedTable:
