@@ -22,15 +22,29 @@ def _kind_weights(w: BlendWeights) -> npt.NDArray[np.float64]:
     return np.array([w.kind_weight(kind) for kind in vocabulary.relation_kinds()], dtype=np.float64)
 
 
+def _sequence_kinds() -> npt.NDArray[np.bool_]:
+    """True for each relation kind code whose signal is a sequence (item -> next item)."""
+    return np.array(
+        [
+            vocabulary.relation_kind(kind).signal == "sequence"
+            for kind in vocabulary.relation_kinds()
+        ],
+        dtype=np.bool_,
+    )
+
+
 def _neighbour_rows(
     lists: Sequence[RelatedList], max_related: int
-) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int8], npt.NDArray[np.float64]]:
+) -> tuple[
+    npt.NDArray[np.int64], npt.NDArray[np.int8], npt.NDArray[np.float64], npt.NDArray[np.float64]
+]:
     """Every list's first max_related neighbours as one set of rows, in list order: their
-    interned ids, kind codes and scores."""
+    interned ids, kind codes, scores and confidences."""
     return (
         np.concatenate([lst.idx[:max_related] for lst in lists]),
         np.concatenate([lst.kinds[:max_related] for lst in lists]),
         np.concatenate([lst.scores[:max_related] for lst in lists]),
+        np.concatenate([lst.confidences[:max_related] for lst in lists]),
     )
 
 
@@ -49,34 +63,52 @@ class _Association(NamedTuple):
 
 def _association(
     sources: Sequence[tuple[HistoryEntry, float]],
+    sequence_weights: Sequence[float],
     table: RelatedTable,
     w: BlendWeights,
     banned: Set[str],
 ) -> _Association | None:
-    """Association evidence (item kNN): association scores are cosines already, comparable
-    across sources; sources are normalised to sum 1 so history length does not scale them."""
+    """Association evidence of the user's sources, two signals with their own recency:
+
+    - co-occurrence kinds (item kNN): the neighbour's association score, a cosine comparable
+      across sources, weighted by the source's `recency` share;
+    - sequence kinds (transitions): P(neighbour | source), the evidence's confidence, weighted
+      by the source's `sequence_recency` share: what the user does next depends mostly on the
+      last items, more steeply than what they like.
+
+    Each signal's source weights are normalised to sum 1, so history length does not scale
+    them against the vector term and the prior."""
     total_source = sum(sw for _, sw in sources) or 1.0
+    total_sequence = sum(sequence_weights) or 1.0
     lists: dict[int, RelatedList] = {}
-    taken: list[tuple[int, int, float]] = []  # (source position, neighbours read, share)
-    for pos, (entry, sw) in enumerate(sources):
+    # (source position, neighbours read, co-occurrence share, sequence share)
+    taken: list[tuple[int, int, float, float]] = []
+    for pos, ((entry, sw), qw) in enumerate(zip(sources, sequence_weights, strict=True)):
         lst = table.get(entry.item_id)
         if lst is not None and lst.ids:
             lists[pos] = lst
-            taken.append((pos, min(len(lst.ids), w.max_related), sw / total_source))
+            n = min(len(lst.ids), w.max_related)
+            taken.append((pos, n, sw / total_source, qw / total_sequence))
     if not taken:
         return None
     # Every source's first max_related neighbours as one set of rows, masked at once.
-    counts = [n for _, n, _ in taken]
-    idx, kinds, scores = _neighbour_rows([lists[pos] for pos, _, _ in taken], w.max_related)
+    counts = [t[1] for t in taken]
+    idx, kinds, scores, confidences = _neighbour_rows([lists[t[0]] for t in taken], w.max_related)
     kind_w = _kind_weights(w)[kinds]
-    source = np.repeat(np.array([pos for pos, _, _ in taken], dtype=np.intp), counts)
-    share = np.repeat(np.array([sh for _, _, sh in taken], dtype=np.float64), counts)
+    sequence = _sequence_kinds()[kinds]
+    values = np.where(sequence, confidences, scores)
+    source = np.repeat(np.array([t[0] for t in taken], dtype=np.intp), counts)
+    share = np.where(
+        sequence,
+        np.repeat(np.array([t[3] for t in taken], dtype=np.float64), counts),
+        np.repeat(np.array([t[2] for t in taken], dtype=np.float64), counts),
+    )
     starts = np.repeat(np.cumsum([0, *counts[:-1]]), counts)
-    keep = np.flatnonzero((kind_w > 0.0) & (scores > 0.0) & ~table.flags(banned)[idx])
+    keep = np.flatnonzero((kind_w > 0.0) & (values > 0.0) & ~table.flags(banned)[idx])
     if not len(keep):
         return None
-    # (kind weight x share) x score: the scalar formula's order of multiplication
-    strengths = kind_w[keep] * share[keep] * scores[keep]
+    # (kind weight x share) x value: the scalar formula's order of multiplication
+    strengths = kind_w[keep] * share[keep] * values[keep]
     uniq, inverse = table.unique(idx[keep])
     # bincount adds in row order: the same sums, bit for bit, as adding source by source
     return _Association(
@@ -120,7 +152,20 @@ def user_evidence(
     sources = source_weights(
         history, recency=w.recency, weight_exponent=w.weight_exponent, max_sources=w.max_sources
     )
-    assoc = _association(sources, table_of(related), w, banned) if sources else None
+    # The same sources with the sequence signal's recency (same entries, same order).
+    sequence_of = {
+        e.item_id: sw
+        for e, sw in source_weights(
+            history,
+            recency=w.sequence_recency,
+            weight_exponent=w.weight_exponent,
+            max_sources=w.max_sources,
+        )
+    }
+    sequence_weights = [sequence_of.get(e.item_id, 0.0) for e, _ in sources]
+    assoc = (
+        _association(sources, sequence_weights, table_of(related), w, banned) if sources else None
+    )
     return UserEvidence(sources, assoc, banned)
 
 
