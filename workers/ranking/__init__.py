@@ -18,7 +18,15 @@ Score of a candidate item (each term on a [0, 1]-ish scale, so weights are compa
 from .core import Lookups, recommend
 from .explain import explain, rank
 from .related import RelatedList, RelatedTable, VectorRows, kind_codes, popularity_of
-from .score import Scored, UserEvidence, popularity_prior, score, user_evidence
+from .score import (
+    EvidenceRows,
+    Scored,
+    UserEvidence,
+    evidence_rows,
+    popularity_prior,
+    score,
+    user_evidence,
+)
 from .user_vector import pooled_user_vector, profile_text, source_weights
 from .weights import (
     STRATEGIES,
@@ -32,6 +40,7 @@ __all__ = [
     "STRATEGIES",
     "BlendError",
     "BlendWeights",
+    "EvidenceRows",
     "Lookups",
     "RelatedList",
     "RelatedTable",
@@ -39,6 +48,7 @@ __all__ = [
     "StrategyError",
     "UserEvidence",
     "VectorRows",
+    "evidence_rows",
     "explain",
     "kind_codes",
     "pooled_user_vector",

@@ -61,6 +61,50 @@ class _Association(NamedTuple):
     lists: dict[int, RelatedList]  # source position -> its list
 
 
+class EvidenceRows(NamedTuple):
+    """A user's association evidence before any weight, one row per (source, neighbour) that
+    can count: its interned candidate, kind code, source position, position in the source's
+    list, and value (P(neighbour | source) for sequence kinds, the association cosine for the
+    others). `score` sums exactly these rows with the kind weights and recency shares;
+    `relata train` applies many weights to them at once."""
+
+    idx: npt.NDArray[np.int64]
+    kinds: npt.NDArray[np.int8]
+    source: npt.NDArray[np.intp]
+    at: npt.NDArray[np.intp]
+    values: npt.NDArray[np.float64]
+    lists: dict[int, RelatedList]  # source position -> its list
+
+
+def _rows(
+    sources: Sequence[tuple[HistoryEntry, float]],
+    table: RelatedTable,
+    w: BlendWeights,
+    banned: Set[str],
+) -> EvidenceRows | None:
+    lists: dict[int, RelatedList] = {}
+    counts: list[int] = []
+    for pos, (entry, _) in enumerate(sources):
+        lst = table.get(entry.item_id)
+        if lst is not None and lst.ids:
+            lists[pos] = lst
+            counts.append(min(len(lst.ids), w.max_related))
+    if not lists:
+        return None
+    # Every source's first max_related neighbours as one set of rows, masked at once.
+    idx, kinds, scores, confidences = _neighbour_rows(list(lists.values()), w.max_related)
+    values = np.where(_sequence_kinds()[kinds], confidences, scores)
+    source = np.repeat(np.fromiter(lists, dtype=np.intp, count=len(lists)), counts)
+    starts = np.repeat(np.cumsum([0, *counts[:-1]]), counts)
+    kind_w = _kind_weights(w)[kinds]
+    keep = np.flatnonzero((kind_w > 0.0) & (values > 0.0) & ~table.flags(banned)[idx])
+    if not len(keep):
+        return None
+    return EvidenceRows(
+        idx[keep], kinds[keep], source[keep], keep - starts[keep], values[keep], lists
+    )
+
+
 def _association(
     sources: Sequence[tuple[HistoryEntry, float]],
     sequence_weights: Sequence[float],
@@ -78,38 +122,17 @@ def _association(
 
     Each signal's source weights are normalised to sum 1, so history length does not scale
     them against the vector term and the prior."""
-    total_source = sum(sw for _, sw in sources) or 1.0
-    total_sequence = sum(sequence_weights) or 1.0
-    lists: dict[int, RelatedList] = {}
-    # (source position, neighbours read, co-occurrence share, sequence share)
-    taken: list[tuple[int, int, float, float]] = []
-    for pos, ((entry, sw), qw) in enumerate(zip(sources, sequence_weights, strict=True)):
-        lst = table.get(entry.item_id)
-        if lst is not None and lst.ids:
-            lists[pos] = lst
-            n = min(len(lst.ids), w.max_related)
-            taken.append((pos, n, sw / total_source, qw / total_sequence))
-    if not taken:
+    rows = _rows(sources, table, w, banned)
+    if rows is None:
         return None
-    # Every source's first max_related neighbours as one set of rows, masked at once.
-    counts = [t[1] for t in taken]
-    idx, kinds, scores, confidences = _neighbour_rows([lists[t[0]] for t in taken], w.max_related)
-    kind_w = _kind_weights(w)[kinds]
-    sequence = _sequence_kinds()[kinds]
-    values = np.where(sequence, confidences, scores)
-    source = np.repeat(np.array([t[0] for t in taken], dtype=np.intp), counts)
-    share = np.where(
-        sequence,
-        np.repeat(np.array([t[3] for t in taken], dtype=np.float64), counts),
-        np.repeat(np.array([t[2] for t in taken], dtype=np.float64), counts),
-    )
-    starts = np.repeat(np.cumsum([0, *counts[:-1]]), counts)
-    keep = np.flatnonzero((kind_w > 0.0) & (values > 0.0) & ~table.flags(banned)[idx])
-    if not len(keep):
-        return None
+    co_share = np.array([sw for _, sw in sources], dtype=np.float64)
+    co_share /= co_share.sum() or 1.0
+    seq_share = np.array(sequence_weights, dtype=np.float64)
+    seq_share /= seq_share.sum() or 1.0
+    share = np.where(_sequence_kinds()[rows.kinds], seq_share[rows.source], co_share[rows.source])
     # (kind weight x share) x value: the scalar formula's order of multiplication
-    strengths = kind_w[keep] * share[keep] * values[keep]
-    uniq, inverse = table.unique(idx[keep])
+    strengths = _kind_weights(w)[rows.kinds] * share * rows.values
+    uniq, inverse = table.unique(rows.idx)
     # bincount adds in row order: the same sums, bit for bit, as adding source by source
     return _Association(
         ids=table.names(uniq.tolist()),
@@ -118,10 +141,28 @@ def _association(
         ),
         row_candidate=inverse,
         row_strength=strengths,
-        row_source=source[keep],
-        row_at=keep - starts[keep],
-        lists=lists,
+        row_source=rows.source,
+        row_at=rows.at,
+        lists=rows.lists,
     )
+
+
+def evidence_rows(
+    history: Sequence[HistoryEntry],
+    related: RelatedTable,
+    weights: BlendWeights,
+) -> tuple[list[tuple[HistoryEntry, float]], EvidenceRows | None]:
+    """The sources of a history with their base weights (the folded-weight factor, before
+    recency) and its unweighted association evidence rows (every kind `weights` does not
+    switch off). What `score` ranks from, for a search over weights."""
+    banned = {e.item_id for e in history}
+    sources = source_weights(
+        history,
+        recency=1.0,
+        weight_exponent=weights.weight_exponent,
+        max_sources=weights.max_sources,
+    )
+    return sources, (_rows(sources, related, weights, banned) if sources else None)
 
 
 class UserEvidence(NamedTuple):
