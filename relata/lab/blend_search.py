@@ -19,7 +19,7 @@ new set of vector features. The search's best setting is checked with the core i
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -114,6 +114,8 @@ class BlendSearch:
         self.prior_of = {i: math.log1p(max(c, 0.0)) / denom for i, c in state.popularity}
         self._features: dict[tuple[int, float], Features] = {}
         self._vectors: dict[tuple[int, float], VectorInputs] = {}
+        self._terms: dict[tuple[object, ...], F64] = {}
+        self._all_available = set(prepared.item_ids) <= state.available
 
     def vectors(self, matrix: np.ndarray, weights: BlendWeights) -> VectorInputs:
         key = (id(matrix), weights.pool_recency)
@@ -178,7 +180,11 @@ class BlendSearch:
                 where[item_id] = len(ids)
                 ids.append(item_id)
                 fill += 1
-            keep = np.fromiter((i in available for i in ids), dtype=np.bool_, count=len(ids))
+            keep = (
+                np.ones(len(ids), dtype=np.bool_)
+                if self._all_available
+                else np.fromiter((i in available for i in ids), dtype=np.bool_, count=len(ids))
+            )
             scaled = np.zeros(len(ids), dtype=np.float64)
             has_vector = np.zeros(len(ids), dtype=np.bool_)
             if hits and vin is not None:
@@ -254,18 +260,39 @@ class BlendSearch:
         )
         return np.asarray(share * f.a_value, dtype=np.float64)
 
+    def _cached(self, key: tuple[object, ...], make: Callable[[], F64]) -> F64:
+        # A coordinate search mostly moves linear weights: the recency shares and the shaped
+        # cosines of a setting are reused by every setting that shares them.
+        found = self._terms.get(key)
+        if found is None:
+            if len(self._terms) >= 16:
+                self._terms.clear()
+            found = self._terms[key] = make()
+        return found
+
+    def _vector_term(self, f: Features, floor: float, sharpness: float) -> F64:
+        scaled = np.maximum(floor, f.scaled)
+        positive = scaled > 0
+        scaled[positive] = scaled[positive] ** sharpness
+        return np.asarray(np.where(f.has_vector, scaled, 0.0), dtype=np.float64)
+
     def ndcg(self, f: Features, weights: BlendWeights) -> float:
         """Mean NDCG@k of `weights` over the users of `f`, all at once."""
         kind_w = np.array(
             [weights.kind_weight(kind) for kind in vocabulary.relation_kinds()], dtype=np.float64
         )
-        contrib = self._shares(f, weights.recency, weights.sequence_recency) * kind_w[f.a_kind]
+        shares = self._cached(
+            (id(f), "shares", weights.recency, weights.sequence_recency),
+            lambda: self._shares(f, weights.recency, weights.sequence_recency),
+        )
+        contrib = shares * kind_w[f.a_kind]
         total: F64 = np.bincount(f.a_row, contrib, minlength=len(f.row_user)).astype(np.float64)
         if weights.vector > 0:
-            scaled = np.maximum(weights.vector_floor, f.scaled)
-            positive = scaled > 0
-            scaled[positive] = scaled[positive] ** weights.vector_sharpness
-            total += np.where(f.has_vector, weights.vector * scaled, 0.0)
+            term = self._cached(
+                (id(f), "vector", weights.vector_floor, weights.vector_sharpness),
+                lambda: self._vector_term(f, weights.vector_floor, weights.vector_sharpness),
+            )
+            total += weights.vector * term
         total += (weights.popularity + 1e-6) * f.prior
         found = f.target_row >= 0
         target_score = np.where(found, total[np.maximum(f.target_row, 0)], np.inf)
