@@ -113,15 +113,18 @@ class BlendSearch:
         denom = math.log1p(top) if top > 0 else 1.0
         self.prior_of = {i: math.log1p(max(c, 0.0)) / denom for i, c in state.popularity}
         self._features: dict[tuple[int, float], Features] = {}
-        self._vectors: dict[tuple[int, float], VectorInputs] = {}
         self._terms: dict[tuple[object, ...], F64] = {}
         self._all_available = set(prepared.item_ids) <= state.available
 
     def vectors(self, matrix: np.ndarray, weights: BlendWeights) -> VectorInputs:
-        key = (id(matrix), weights.pool_recency)
-        if key not in self._vectors:
-            self._vectors[key] = pooled_inputs(self.prepared, matrix, weights, top=self.candidates)
-        return self._vectors[key]
+        """The pooled user vectors `weights` give and their exact hits (not kept: features
+        are built from them once, and their lists of hits are the bulk of the memory)."""
+        return pooled_inputs(self.prepared, matrix, weights, top=self.candidates)
+
+    def forget(self) -> None:
+        """Drop the features built so far (a search over other item vectors follows)."""
+        self._features.clear()
+        self._terms.clear()
 
     def features(self, matrix: np.ndarray | None, weights: BlendWeights) -> Features:
         """The stacked candidates and features for the user vectors `weights` pool (none

@@ -319,6 +319,7 @@ def command(
     trace: list[dict[str, Any]] = []
     best, best_score = base_w, base_score
     if adapter_meta is not None:
+        search.forget()
         best, best_score, trace = fit_blend(
             prepared,
             matrix,
