@@ -31,6 +31,10 @@ class RelatedList(NamedTuple):
     idx: npt.NDArray[np.int64]  # the same, interned by the table (RelatedTable.index)
     kinds: npt.NDArray[np.int8]  # relation kind codes (`kind_codes`)
     scores: npt.NDArray[np.float64]
+    # P(neighbour | item) where the evidence has it (its confidence), else the score: what a
+    # sequence kind contributes (a transition probability ranks likely next items, where the
+    # cosine favours rare pairs).
+    confidences: npt.NDArray[np.float64]
     texts: tuple[str, ...]  # evidence texts
     # Evidence numbers, one row per neighbour, columns `EVIDENCE_COLUMNS`, NaN where the
     # evidence has none: numbers in one array, not an object per neighbour (see above).
@@ -114,6 +118,14 @@ class RelatedTable:
             np.fromiter((self.index(i) for i in ids), dtype=np.int64, count=len(ids)),
             np.fromiter((codes[r.kind] for r in related), dtype=np.int8, count=len(ids)),
             np.fromiter((r.score for r in related), dtype=np.float64, count=len(ids)),
+            np.fromiter(
+                (
+                    r.score if r.evidence.confidence is None else r.evidence.confidence
+                    for r in related
+                ),
+                dtype=np.float64,
+                count=len(ids),
+            ),
             tuple(r.evidence.text for r in related),
             np.array(
                 [
