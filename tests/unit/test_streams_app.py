@@ -431,11 +431,12 @@ async def test_related_lists_never_show_retired_items(
         r.item_id: [n.item_id for n in r.related]
         for r in (RelatedItems.model_validate_json(v) for v in sender.values("related-items"))
     }
-    assert published["i1"] == ["i2"] and published["i2"] == ["i1"]
+    # (i2 may appear once per relation kind: bought together, and next in the basket.)
+    assert set(published["i1"]) == {"i2"} and set(published["i2"]) == {"i1"}
     # The statistics still hold i3 (it may come back), the HTTP list does not show it.
     assert "i3" in [r.item_id for r in streams.related_of("i1", kinds=("bought_together",)).related]  # type: ignore[union-attr]
     body = await related_body(streams, item_id="i1", k=5, kind="all", same_category=False)
-    assert [r.item_id for r in body.related] == ["i2"]
+    assert {r.item_id for r in body.related} == {"i2"}
 
 
 @run_async
