@@ -248,12 +248,42 @@ class RelatedItems(_Message):
 
 
 class Reason(_Message):
-    """One piece of support for a recommended item."""
+    """One piece of support for a recommended item: its evidence as fields, and one short
+    text for people (subscribers may word their own from the fields)."""
 
-    source_item_id: Identifier = Field(description="The user's own history item behind it.")
-    kind: ReasonKind
+    source_item_id: Identifier | None = Field(
+        description="The user's own history item behind it; null only for `trending` (a user "
+        "with no usable history has none) and `pinned` (placed by a business rule)."
+    )
+    kind: ReasonKind = Field(
+        description="A relation kind (the evidence of an association or of vector similarity), "
+        "`popular` (the popularity prior), `trending` (time-decayed popularity, for a user "
+        "with no usable history) or `pinned` (placed by a business rule)."
+    )
     strength: float = Field(description="This reason's contribution to the item's score.")
-    text: str
+    text: str = Field(
+        description='Short, readable, names the source item once, e.g. "often bought together '
+        "with 'Rose Lip Balm' (lift 4.2)\"."
+    )
+    support: int | None = Field(
+        default=None, ge=0, description="Association: baskets or histories holding both."
+    )
+    confidence: float | None = Field(
+        default=None, ge=0, description="Association: P(this item | the source item)."
+    )
+    lift: float | None = Field(default=None, ge=0, description="Association: lift of the pair.")
+    pmi: float | None = Field(default=None, description="Association: log2 of the lift.")
+    cosine: float | None = Field(
+        default=None,
+        ge=-1.0001,
+        le=1.0001,
+        description="Similarity: cosine of the item's vector with the source item's.",
+    )
+    item_count: float | None = Field(
+        default=None,
+        ge=0,
+        description="popular, trending: the item's decayed number of baskets or histories.",
+    )
 
 
 class RecommendedItem(_Message):

@@ -459,6 +459,25 @@ class RecommenderSettings(_Settings):
     blend_path: Path | None = Field(
         None, description="Blend weights artifact (`relata train`); none: built-in defaults."
     )
+    mmr_lambda: float = Field(
+        0.9,
+        ge=0.0,
+        le=1.0,
+        description=(
+            "Diversity: maximal marginal relevance over the item vectors after scoring; 1 keeps "
+            "the score order, lower trades relevance for variety (docs/benchmarks.md)."
+        ),
+    )
+    rules_path: Path | None = Field(
+        None,
+        description=(
+            "Business rules file (JSON, `schemas.rules.BusinessRules`), reloaded when it "
+            "changes; an invalid edit is logged and the last valid rules stay. None: no rules."
+        ),
+    )
+    placement: str = Field(
+        "home", min_length=1, description="Placement whose pinned items this recommender places."
+    )
     metrics_port: int = Field(9108, ge=0, le=65535, description="Prometheus port; 0 disables.")
 
 

@@ -60,15 +60,19 @@ _RELATION_KINDS: dict[str, RelationKindSpec] = {}
 # against them on every validation.
 _NAMES: dict[str, tuple[str, ...]] = {}
 
-# Reasons that name no relation between two products (the ranking's popularity prior).
+# Reasons that name no relation between two products: the ranking's popularity prior, and
+# what a user with no usable history is answered with (time-decayed popularity).
 POPULAR = "popular"
+TRENDING = "trending"
+PINNED = "pinned"  # placed by a business rule
+_NON_RELATION_REASONS = (POPULAR, TRENDING, PINNED)
 
 
 def _register(
     event_types: Sequence[EventTypeSpec], relation_kinds: Sequence[RelationKindSpec]
 ) -> None:
     for kind in relation_kinds:
-        if kind.name in _RELATION_KINDS or kind.name == POPULAR:
+        if kind.name in _RELATION_KINDS or kind.name in _NON_RELATION_REASONS:
             raise ValueError(f"relation kind {kind.name!r} is declared already")
         _RELATION_KINDS[kind.name] = kind
     for spec in event_types:
@@ -84,7 +88,7 @@ def _register(
 def _refresh() -> None:
     _NAMES["event_types"] = tuple(_EVENT_TYPES)
     _NAMES["relation_kinds"] = tuple(_RELATION_KINDS)
-    _NAMES["reason_kinds"] = (*_RELATION_KINDS, POPULAR)
+    _NAMES["reason_kinds"] = (*_RELATION_KINDS, *_NON_RELATION_REASONS)
 
 
 _register(
@@ -185,7 +189,8 @@ def kinds_with(signal: Signal) -> tuple[str, ...]:
 
 
 def reason_kinds() -> tuple[str, ...]:
-    """What a recommendation's reason may name: a relation kind, or the popularity prior."""
+    """What a recommendation's reason may name: a relation kind, the popularity prior, or
+    trending (the answer to a user with no usable history)."""
     return _NAMES["reason_kinds"]
 
 

@@ -446,6 +446,7 @@ def _add_association_agents(streams: StreamsApp, topics: dict[str, Any], *, base
         config=streams.assoc_config,
         related_items_topic=streams.topic_names[RELATED_ITEMS.name],
         dead_letters=streams.dead_letters,
+        shown=streams.catalog.shown,
     )
     streams.association_agent = agent
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -62,6 +62,9 @@ class AssociationAgent:
     dead_letters: DeadLetters
     # Membership of the last published related lists (in memory: a restart republishes once).
     published: dict[str, Membership] = field(default_factory=dict)
+    # Whether a published list may show an item (the catalog view: available items); None
+    # shows every neighbour.
+    shown: Callable[[str], bool] | None = None
     dirty: set[str] = field(default_factory=set)
 
     def _inputs(
@@ -203,6 +206,10 @@ class AssociationAgent:
                 config=self.config,
                 top=top,
             )
+            if self.shown is not None:
+                new = new.model_copy(
+                    update={"related": [r for r in new.related if self.shown(r.item_id)]}
+                )
             try:
                 self.sender.produce(
                     self.related_items_topic,

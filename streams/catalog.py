@@ -36,6 +36,11 @@ class CatalogView:
     def __len__(self) -> int:
         return len(self._items)
 
+    def shown(self, item_id: str) -> bool:
+        """Whether a related list may show the item: it is available, or the view is still
+        loading (a partly read catalog cannot tell a retired item from one not read yet)."""
+        return item_id in self._items or not self.ready.is_set()
+
     def categories(self, item_id: str) -> tuple[str, ...] | None:
         """The item's categories, or None when it is unknown or retired."""
         return self._items.get(item_id)

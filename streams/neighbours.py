@@ -134,15 +134,37 @@ def top_partners(
     memo: CountMemo | None = None,
 ) -> list[Scored]:
     """The top-N scored neighbours of one item over the given kinds, best first (no
-    evidence objects: cheap enough to check every touched item for a material change)."""
-    scored: list[Scored] = []
+    evidence objects: cheap enough to check every touched item for a material change).
+
+    Every kind present is first given an equal share of the N places, so that a kind with
+    many strong pairs (a wholesaler's baskets) does not crowd the others out of the list; a
+    sequence kind fills its share with the item's most frequent successors (the transition
+    probabilities the ranking reads), the others with their best scores. Places a kind leaves
+    unused go to the best remaining neighbours by score."""
+    by_kind: list[list[Scored]] = []
     for kind in vocabulary.behaviour_kinds() if kinds is None else kinds:
-        for partner, (score, lower, count_j) in partner_scores(
-            record, kind=kind, lookup=lookup, now=now, config=config, memo=memo
-        ).items():
-            scored.append((score, partner, kind, lower, count_j))
-    scored.sort(key=lambda s: (-s[0], s[1], s[2]))
-    return scored[: config.top_n]
+        found = [
+            (score, partner, kind, lower, count_j)
+            for partner, (score, lower, count_j) in partner_scores(
+                record, kind=kind, lookup=lookup, now=now, config=config, memo=memo
+            ).items()
+        ]
+        if not found:
+            continue
+        if vocabulary.relation_kind(kind).signal == "sequence":
+            found.sort(key=lambda s: (-s[3], -s[0], s[1]))
+        else:
+            found.sort(key=lambda s: (-s[0], s[1]))
+        by_kind.append(found)
+    if not by_kind:
+        return []
+    share = config.top_n // len(by_kind)
+    chosen = [s for found in by_kind for s in found[:share]]
+    rest = [s for found in by_kind for s in found[share:]]
+    rest.sort(key=lambda s: (-s[0], s[1], s[2]))
+    chosen += rest[: config.top_n - len(chosen)]
+    chosen.sort(key=lambda s: (-s[0], s[1], s[2]))
+    return chosen
 
 
 def related_items(
@@ -231,6 +253,10 @@ class AssociationIndex:
         self.items: dict[str, ItemRecord] = {}
         self.totals: TotalsRecord | None = None
         self.last_ts = 0.0
+        # Item id -> event time of the last input that touched its record: the clock the
+        # association agent published its list at (the compacted topic keeps that list until
+        # the item is touched again).
+        self.touched_at: dict[str, float] = {}
 
     def observe(self, inp: AssociationInput) -> set[str]:
         """Apply one input; returns the ids of the item records it touched."""
@@ -244,6 +270,8 @@ class AssociationIndex:
         )
         self.items.update(touched)
         self.last_ts = max(self.last_ts, *(inp.ts for inp in inputs), 0.0)
+        for item_id in touched:
+            self.touched_at[item_id] = self.last_ts
         return set(touched)
 
     def observe_event(self, result: EventFold, event: BehaviorEvent) -> set[str]:
@@ -269,6 +297,12 @@ class AssociationIndex:
             config=self.config,
             kinds=kinds,
         )
+
+    def published(self, item_id: str) -> RelatedItems | None:
+        """The item's list as the association agent last published it: at the clock of the
+        last input that touched it, not decayed further (a list on the compacted topic is not
+        republished while its item sees no new behaviour)."""
+        return self.related(item_id, now=self.touched_at.get(item_id, self.last_ts))
 
     def scores(
         self, item_id: str, *, kind: RelationKind, now: float | None = None

@@ -30,6 +30,7 @@ Semantics (documented once, here):
 from __future__ import annotations
 
 import hashlib
+import itertools
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -114,9 +115,10 @@ class EventFold:
     `basket_kind`: the association kind this event adds to, or None (a return, a duplicate, or
     an item already counted in this basket for that kind). `basket_items`: the other items of
     the same basket for that kind (oldest first), at most `basket_pairs` (the most recent).
-    `prior_items`: earlier distinct history items outside the current basket, most recent
+    `prior_items`: earlier distinct history items (the current basket's earlier items
+    included: the order a basket is filled in is a sequence too), most recent
     first, up to `history_window` — the sources of `next_item` transitions; empty unless
-    `sequence_step`. `bought_items`: the same window of earlier history items restricted to
+    `sequence_step`. `bought_items`: the window of earlier history items outside the basket,
     positive purchase/add-to-cart entries, only when this event is one too: the partners of
     `also_bought`. `sequence_step`: the item newly joins the current basket/session (one
     sequence position).
@@ -369,13 +371,20 @@ def _basket_context(
     bought: tuple[str, ...] = ()
     if not in_session:
         members = set(session_items)
+        # Transition sources: the items acted on just before, the basket's earlier items
+        # included (the order in which a basket is filled is a sequence too).
+        prior = tuple(
+            itertools.islice(
+                (h.item_id for h in state.history if h.item_id != event.item_id),
+                config.history_window,
+            )
+        )
         window: list[HistoryEntry] = []
         for h in state.history:
             if h.item_id != event.item_id and h.item_id not in members:
                 window.append(h)
                 if len(window) == config.history_window:
                     break
-        prior = tuple(h.item_id for h in window)
         if kind == "bought_together":
             bought = tuple(
                 h.item_id

@@ -69,7 +69,8 @@ class RelatedResponse(BaseModel):
     related: list[RelatedItem] = Field(
         description=(
             "Best first within each kind; kind=all gives up to k similar items followed by "
-            "up to k association items (scores of different sources are not comparable)."
+            "up to k association items (scores of different sources are not comparable). "
+            "Only available catalog items."
         )
     )
     updated_at: datetime | None = Field(description="Event time of the association statistics.")
@@ -421,10 +422,11 @@ async def related_body(
     if kind in (SIMILAR, ALL) and streams.similar is not None:
         provider = streams.similar
         categories = streams.catalog.categories(item_id) if same_category else None
-        call = functools.partial(provider.similar, item_id, k=k, categories=categories)
+        # Twice k: room for the items the catalog has retired since the store last heard.
+        call = functools.partial(provider.similar, item_id, k=2 * k, categories=categories)
         # The provider may block (a Qdrant server round trip): keep it off the event loop.
         found = await asyncio.get_running_loop().run_in_executor(None, call)
-        related.extend((found or [])[:k])
+        related.extend([r for r in found or [] if r.item_id in streams.catalog][:k])
     item_count = 0.0
     updated_at = None
     if kind != SIMILAR:
@@ -433,7 +435,8 @@ async def related_body(
         if assoc is not None:
             item_count = assoc.item_count
             updated_at = assoc.updated_at
-            candidates = assoc.related
+            # Statistics remember retired items; a related list never shows one.
+            candidates = [r for r in assoc.related if r.item_id in streams.catalog]
             if same_category:
                 own = set(streams.catalog.categories(item_id) or ())
                 candidates = [

@@ -24,9 +24,12 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence, Set
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import partial
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
+from pydantic import ValidationError
 
 from kafkaio.client import Consumer, Message, Producer
 from kafkaio.consumer import CommitRetry, LagReporter, commit_offsets, usable
@@ -35,6 +38,7 @@ from kafkaio.health import LoopWatch
 from kafkaio.producer import DEFAULT_ACK_TIMEOUT_S, AckedProducer, RecordRefusedError
 from schemas.decoding import Rejection, decode, key_text
 from schemas.messages import ProfileUpdate, Recommendation, RecommendedItem, RelatedItems
+from schemas.rules import BusinessRules
 from schemas.settings import RecommenderSettings
 from workers.encoder import Encoder
 from workers.metrics import WorkerMetrics
@@ -247,6 +251,42 @@ class RelatedIndex:
         return self._popularity
 
 
+class RulesFile:
+    """The business rules file, reloaded when its modification time or size changes (checked
+    at most every CHECK_EVERY_S). An edit that does not validate is logged and the last valid
+    rules stay in force: a typo must not drop every rule at once."""
+
+    CHECK_EVERY_S = 1.0
+
+    def __init__(self, path: Path | None) -> None:
+        self.path = path
+        self._rules: BusinessRules | None = None
+        self._stamp: tuple[int, int] | None = None
+        self._checked = -float("inf")
+
+    def current(self) -> BusinessRules | None:
+        if self.path is None:
+            return None
+        now = time.monotonic()
+        if now - self._checked >= self.CHECK_EVERY_S:
+            self._checked = now
+            self._reload()
+        return self._rules
+
+    def _reload(self) -> None:
+        assert self.path is not None
+        try:
+            stat = self.path.stat()
+            stamp = (stat.st_mtime_ns, stat.st_size)
+            if stamp == self._stamp:
+                return
+            self._stamp = stamp
+            self._rules = BusinessRules.load(self.path)
+            logger.info("business rules loaded path=%s", self.path)
+        except (OSError, ValidationError) as exc:
+            logger.error("business rules not reloaded path=%s error=%s", self.path, exc)
+
+
 @dataclass(slots=True)
 class BatchResult:
     records: int = 0
@@ -311,7 +351,9 @@ class Recommender:
             related=self.related.table,
             popularity=self.related.popularity_with_prior,
             titles=_Titles(self.cache),
+            attributes=self._attributes,
         )
+        self.rules = RulesFile(settings.rules_path)
         self._dead_letters = DeadLetters(
             self.producer, topic=topics.dead_letter, stage=STAGE, counter=metrics.dead_letter
         )
@@ -474,6 +516,12 @@ class Recommender:
         self.metrics.qdrant_query_seconds.observe(time.perf_counter() - start)
         return {i for i, p in payloads.items() if p.get("available") is True}
 
+    def _attributes(self, ids: Set[str]) -> dict[str, dict[str, Any]]:
+        start = time.perf_counter()
+        payloads = self.store.get_payloads(ids)
+        self.metrics.qdrant_query_seconds.observe(time.perf_counter() - start)
+        return payloads
+
     def recommend(self, users: list[PendingUser]) -> list[list[RecommendedItem]]:
         """Ranked, explained, available items for each user (pure of Kafka)."""
         return recommend(
@@ -481,6 +529,9 @@ class Recommender:
             lookups=self._lookups,
             weights=self.weights,
             k=self.settings.k,
+            mmr_lambda=self.settings.mmr_lambda,
+            rules=self.rules.current(),
+            placement=self.settings.placement,
         )
 
     def poll_once(self) -> BatchResult:

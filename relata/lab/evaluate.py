@@ -21,6 +21,7 @@ from typing import Any
 import click
 import numpy as np
 
+from relata.lab import baselines
 from relata.lab.datasets import EvaluationError
 from relata.lab.eval_metrics import (
     breakdown,
@@ -70,6 +71,9 @@ BASELINES: dict[str, str] = {
     "profile-text": "vector",
     "pooled": "vector",
 }
+# Plain collaborative filtering, fitted on the histories the textbook way (not the live code):
+# the yardstick the live ranking has to beat (`relata.lab.baselines`).
+PLAIN_METHODS = tuple(baselines.PLAIN_METHODS)
 DEFAULT_METHOD = "hybrid"
 # Users ranked per call of the core (the recommender's micro-batches are of this order).
 RANK_BATCH = 256
@@ -92,11 +96,13 @@ def rank_users(
     progress: bool = True,
     user_vectors: np.ndarray | None = None,
     item_vectors: Mapping[str, np.ndarray] | None = None,
+    mmr_lambda: float = 1.0,
 ) -> MethodResult:
     """Rank every case's user with the live recommendation core (`workers.ranking.recommend`),
     in batches, and collect the target's rank. `hits` and `user_vectors` are per case (a zero
     row: no user vector); the look-ups answer from them, from the item vectors and from the
-    state, where the recommender asks Qdrant and the related-items topic."""
+    state, where the recommender asks Qdrant and the related-items topic. `mmr_lambda`: the
+    core's diversity re-ranking (1: none)."""
     ranks: list[int | None] = []
     lists: list[list[str]] = []
     popularity = (state.popularity, popularity_prior(state.popularity, weights))
@@ -131,6 +137,7 @@ def rank_users(
             lookups=lookups,
             weights=weights,
             k=k,
+            mmr_lambda=mmr_lambda,
         )
         for n, recs in zip(batch, answers, strict=True):
             ids = [r.item_id for r in recs]
@@ -174,7 +181,7 @@ def evaluate(
     )
     defaults = BlendWeights()
     fitted = BlendWeights.load(blend_path) if blend_path else None
-    wanted = list(methods) if methods else [*BASELINES, "behaviour", DEFAULT_METHOD]
+    wanted = list(methods) if methods else [*BASELINES, *PLAIN_METHODS, "behaviour", DEFAULT_METHOD]
     if fitted is not None and not methods:
         wanted.append(f"{DEFAULT_METHOD}+blend")
     if adapter_path and not methods:
@@ -213,7 +220,15 @@ def evaluate(
 
     results: dict[str, MethodResult] = {}
     hits_cache: dict[str, VectorInputs] = {}
+    plain: baselines.PlainModel | None = None
     for name in wanted:
+        if name in baselines.PLAIN_METHODS:
+            if plain is None:
+                plain = baselines.fit(
+                    baselines.sequences(prepared.split.history_events), prepared.item_ids
+                )
+            results[name] = plain_result(prepared, plain, baselines.PLAIN_METHODS[name], k=k)
+            continue
         weights, hits, vin = _method_inputs(
             name,
             prepared=prepared,
@@ -304,9 +319,34 @@ def evaluate(
     return report
 
 
+def plain_result(
+    prepared: Prepared, model: baselines.PlainModel, method: baselines.PlainMethod, *, k: int
+) -> MethodResult:
+    """A plain baseline's top k for every case, from the case user's history events."""
+    seqs = baselines.sequences(prepared.split.history_events)
+    touched: dict[str, set[str]] = {}
+    for e in prepared.split.history_events:
+        touched.setdefault(e.user_id, set()).add(e.item_id)
+    cases = prepared.split.cases
+    lists = baselines.recommend(
+        model,
+        method,
+        [baselines.recent_first(seqs.get(c.user_id, [])) for c in cases],
+        k=k,
+        # Returned items are history too: the protocol never ranks them.
+        excluded=[touched.get(c.user_id, set()) for c in cases],
+        available=prepared.state.available,
+    )
+    return MethodResult(
+        ranks=[target_rank(ids, c.target) for ids, c in zip(lists, cases, strict=True)],
+        lists=lists,
+    )
+
+
 def _all_methods() -> set[str]:
     return {
         *BASELINES,
+        *PLAIN_METHODS,
         "behaviour",
         DEFAULT_METHOD,
         f"{DEFAULT_METHOD}+blend",

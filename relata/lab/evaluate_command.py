@@ -94,6 +94,15 @@ from relata.lab.report import write_chart
     show_envvar=True,
     help="Evaluate a seeded random sample of users (quick runs).",
 )
+@click.option(
+    "--diversity-grid",
+    "diversity_grid_text",
+    default=None,
+    envvar="RELATA_EVAL_DIVERSITY_GRID",
+    show_envvar=True,
+    help="Comma-separated MMR lambdas (e.g. 1,0.9,0.7,0.5): NDCG@k and intra-list diversity of "
+    "the hybrid ranking for each, instead of the methods.",
+)
 @click.option("--no-progress", is_flag=True, default=False, help="Hide progress bars.")
 def command(
     data_dir: Path,
@@ -105,9 +114,29 @@ def command(
     blend_path: Path | None,
     candidates: int,
     max_users: int | None,
+    diversity_grid_text: str | None,
     no_progress: bool,
 ) -> None:
     """Offline next-item evaluation (leave-one-out, full ranking) with the live ranking code."""
+    if diversity_grid_text is not None:
+        from relata.lab.evaluate_diversity import diversity_grid, parse_grid, write_grid_chart
+
+        grid = diversity_grid(
+            data_dir,
+            lambdas=parse_grid(diversity_grid_text),
+            k=k,
+            blend_path=blend_path,
+            candidates=candidates,
+            max_users=max_users,
+            progress=not no_progress,
+        )
+        click.echo(f"{grid['seconds']} s")
+        if json_out is not None:
+            json_out.parent.mkdir(parents=True, exist_ok=True)
+            json_out.write_text(json.dumps(grid, indent=2) + "\n")
+            write_grid_chart(json_out.with_suffix(".png"), [grid])
+            click.echo(f"wrote {json_out} and {json_out.with_suffix('.png')}")
+        return
     if task == "basket":
         from relata.lab.evaluate_basket import run_basket
 

@@ -114,8 +114,8 @@ def build_state(
     progress: bool = True,
 ) -> State:
     """Fold events (time order) into profiles and association statistics with the live code,
-    then publish every item's related list as the association agent would (a list with no
-    neighbour is never published)."""
+    then hold every item's related list as the compacted topic would: the list the association
+    agent published at the item's last touch (a list with no neighbour is never published)."""
     fold_config = FoldConfig.from_settings(settings)
     index = AssociationIndex(AssociationConfig.from_settings(settings))
     profiles: dict[str, Any] = {}
@@ -133,7 +133,7 @@ def build_state(
             counts[event.item_id] += 1
     table = RelatedTable()
     for item_id in index.items:
-        found = index.related(item_id)
+        found = index.published(item_id)
         if found is not None and found.related:
             table.put(found)
     return State(

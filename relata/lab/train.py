@@ -5,8 +5,9 @@ dropped first; the user's previous new positive item becomes an internal validat
 (a) A residual linear adapter over the frozen transformer's item embeddings, trained with an
     in-batch InfoNCE loss: the pooled (recency-weighted) vector of a user's preceding items
     should point at the next item. Only histories before the validation targets are used.
-(b) Blend weights: coordinate search on the validation targets, ranking with the live
-    `workers.ranking.rank` over the adapted vectors.
+(b) Blend weights: coordinate search on the validation targets over every validation user,
+    vectorised (`relata.lab.blend_search`: the core's candidate features once, weights applied
+    with numpy), the result checked with the live ranking core.
 """
 
 from __future__ import annotations
@@ -19,10 +20,11 @@ from typing import Any
 import click
 import numpy as np
 
+from relata.lab.blend_search import BlendSearch, coordinate_search
 from relata.lab.eval_metrics import summarize
 from relata.lab.evaluate import rank_users
 from relata.lab.protocol import Prepared, prepare
-from relata.lab.vectors import VectorInputs, item_vectors, pooled_inputs
+from relata.lab.vectors import item_vectors, pooled_inputs
 from schemas import vocabulary
 from schemas.settings import EncoderSettings
 from workers.ranking import BlendWeights
@@ -123,6 +125,7 @@ GRID: dict[str, tuple[float, ...]] = {
     "also_viewed": (0.5, 1.0, 2.0),
     "popularity": (0.0, 0.01, 0.03, 0.1),
     "recency": (0.5, 0.7, 0.85),
+    "sequence_recency": (0.3, 0.5, 0.7),
     "vector_sharpness": (1.0, 2.0),
     "vector_recency": (0.3, 0.5, 0.7, 0.85),
 }
@@ -134,14 +137,18 @@ def fit_blend(
     *,
     k: int,
     start: BlendWeights,
-    rounds: int = 2,
+    rounds: int = 3,
     candidates: int = 100,
     desc: str = "blend",
     progress: bool = True,
+    search: BlendSearch | None = None,
 ) -> tuple[BlendWeights, float, list[dict[str, Any]]]:
-    """Coordinate search over GRID maximising validation NDCG@k; returns best, its NDCG, trace."""
+    """Coordinate search over GRID maximising validation NDCG@k, vectorised (`BlendSearch`,
+    which scores exactly as the ranking core does); returns the best weights, their NDCG and
+    the trace (its first row: the start)."""
     cases, state = prepared.split.cases, prepared.state
-    hits_cache: dict[tuple[float, float, int], VectorInputs] = {}
+    if search is None:
+        search = BlendSearch(prepared, k=k, candidates=candidates, weights=start)
     # Kinds without any evidence in this data set (e.g. no sessions) are not searched.
     present: set[str] = set()
     kinds = vocabulary.relation_kinds()
@@ -150,61 +157,47 @@ def fit_blend(
             found = state.related.get(entry.item_id)
             if found is not None:
                 present.update(kinds[code] for code in found.kinds.tolist())
-
-    def score(w: BlendWeights) -> float:
-        vin = None
-        if matrix is not None and w.vector > 0:
-            key = (w.pool_recency, w.weight_exponent, w.max_sources)
-            if key not in hits_cache:
-                hits_cache[key] = pooled_inputs(prepared, matrix, w, top=candidates)
-            vin = hits_cache[key]
-        result = rank_users(
-            cases=cases,
-            state=state,
-            weights=w,
-            k=k,
-            hits=None if vin is None else vin.hits,
-            progress=False,
-            user_vectors=None if vin is None else vin.users,
-            item_vectors=None if vin is None else vin.items,
-        )
-        return summarize(result.ranks, k=k).ndcg
-
-    from tqdm import tqdm
-
-    best = start
-    best_score = score(best)
-    trace: list[dict[str, Any]] = [{"weights": "start", "ndcg": best_score}]
-    logger.info("blend start ndcg=%.5f", best_score)
+    # The user vector's recency is searched on its own, so that searching `recency` (the
+    # co-occurrence evidence's) does not move the vector hits.
+    start = start.model_copy(update={"vector_recency": start.pool_recency})
     searched = {
         name: values
         for name, values in GRID.items()
         if not (name in vocabulary.behaviour_kinds() and name not in present)
         and not (name in ("vector", "vector_sharpness", "vector_recency") and matrix is None)
     }
-    for r in range(rounds):
-        improved = False
-        total = sum(len(v) for v in searched.values())
-        with tqdm(
-            total=total, desc=f"{desc} round {r + 1}", unit="eval", disable=not progress
-        ) as bar:
-            for name, values in searched.items():
-                for value in values:
-                    bar.update(1)
-                    if getattr(best, name) == value:
-                        continue
-                    if name == "vector_sharpness" and best.vector == 0:
-                        continue
-                    cand = best.model_copy(update={name: value})
-                    s = score(cand)
-                    trace.append({"round": r, name: value, "ndcg": s})
-                    if s > best_score + 1e-6:
-                        best, best_score, improved = cand, s, True
-                        logger.info("blend better %s=%s ndcg=%.5f", name, value, s)
-                        bar.set_postfix(ndcg=f"{best_score:.4f}")
-        if not improved:
-            break
-    return best, best_score, trace
+    mark = time.perf_counter()
+    start_score = search.ndcg(search.features(matrix, start), start)
+    best, best_score, trace = coordinate_search(
+        search, matrix, start=start, grid=searched, rounds=rounds
+    )
+    seconds = time.perf_counter() - mark
+    logger.info("%s evaluations=%d ndcg=%.5f seconds=%.1f", desc, len(trace), best_score, seconds)
+    click.echo(
+        f"{desc}: {len(trace)} settings in {seconds:.0f} s; validation NDCG@{k} "
+        f"{start_score:.4f} (start) -> {best_score:.4f}"
+    )
+    return best, best_score, [{"weights": "start", "ndcg": start_score}, *trace]
+
+
+def core_ndcg(
+    prepared: Prepared, matrix: np.ndarray | None, weights: BlendWeights, *, k: int
+) -> float:
+    """Validation NDCG@k of `weights` ranked by the live core itself (the search's check)."""
+    vin = None
+    if matrix is not None and weights.vector > 0:
+        vin = pooled_inputs(prepared, matrix, weights, top=100)
+    result = rank_users(
+        cases=prepared.split.cases,
+        state=prepared.state,
+        weights=weights,
+        k=k,
+        hits=None if vin is None else vin.hits,
+        progress=False,
+        user_vectors=None if vin is None else vin.users,
+        item_vectors=None if vin is None else vin.items,
+    )
+    return summarize(result.ranks, k=k).ndcg
 
 
 @click.command(name="train")
@@ -249,16 +242,20 @@ def fit_blend(
 )
 @click.option(
     "--max-val-users",
-    default=4000,
-    show_default=True,
+    default=None,
     type=click.IntRange(100),
     envvar="RELATA_TRAIN_MAX_VAL_USERS",
     show_envvar=True,
-    help="Validation users sampled for the blend search.",
+    help="Validation users sampled for the blend search (default: every one).",
 )
 @click.option("--no-progress", is_flag=True, default=False, help="Hide progress bars.")
 def command(
-    data_dir: Path, out_dir: Path, k: int, epochs: int, max_val_users: int, no_progress: bool
+    data_dir: Path,
+    out_dir: Path,
+    k: int,
+    epochs: int,
+    max_val_users: int | None,
+    no_progress: bool,
 ) -> None:
     """Fit the adapter and the blend weights on histories (internal validation split)."""
     from workers.adapter import LinearAdapter, save_adapter
@@ -304,17 +301,42 @@ def command(
         matrix = LinearAdapter(weight=weight, bias=bias).apply(base)
         timings["adapter"] = time.perf_counter() - mark
     mark = time.perf_counter()
+    # The association features are the same for both searches: built once.
+    search = BlendSearch(prepared, k=k, candidates=100, weights=start)
+    timings["features"] = time.perf_counter() - mark
+    mark = time.perf_counter()
+    # One round on the frozen vectors: it only has to tell whether the adapter wins.
     base_w, base_score, _ = fit_blend(
-        prepared, base, k=k, start=start, rounds=1, desc="blend (frozen)", progress=progress
+        prepared,
+        base,
+        k=k,
+        start=start,
+        rounds=1,
+        desc="blend (frozen)",
+        progress=progress,
+        search=search,
     )
     trace: list[dict[str, Any]] = []
     best, best_score = base_w, base_score
     if adapter_meta is not None:
+        search.forget()
         best, best_score, trace = fit_blend(
-            prepared, matrix, k=k, start=base_w, desc="blend (adapter)", progress=progress
+            prepared,
+            matrix,
+            k=k,
+            start=base_w,
+            desc="blend (adapter)",
+            progress=progress,
+            search=search,
         )
     timings["blend"] = time.perf_counter() - mark
     use_adapter = adapter_meta is not None and best_score > base_score
+    mark = time.perf_counter()
+    chosen_score = core_ndcg(
+        prepared, matrix if use_adapter else base, best if use_adapter else base_w, k=k
+    )
+    timings["check"] = time.perf_counter() - mark
+    click.echo(f"validation NDCG@{k} of the chosen weights, ranked by the core: {chosen_score:.4f}")
     if use_adapter:
         save_adapter(adapter_path, weight, bias, adapter_meta or {})
     elif adapter_path.exists():
@@ -332,6 +354,7 @@ def command(
                 "ndcg_adapter": round(best_score, 5) if adapter_meta else None,
                 "adapter": use_adapter,
                 "evaluations": len(trace),
+                "ndcg_core": round(chosen_score, 5),
             }
         }
     )

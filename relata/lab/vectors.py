@@ -88,7 +88,18 @@ def vector_hits(
                 out.append([])
                 continue
             idx = part[r][np.argsort(-sims[r, part[r]], kind="stable")]
-            out.append([(item_ids[j], float(sims[r, j])) for j in idx if np.isfinite(sims[r, j])])
+            values = sims[r, idx]
+            finite = np.isfinite(values)
+            # Whole rows to Python at once: per-element numpy indexing was most of the time.
+            out.append(
+                list(
+                    zip(
+                        map(item_ids.__getitem__, idx[finite].tolist()),
+                        values[finite].astype(np.float64).tolist(),
+                        strict=True,
+                    )
+                )
+            )
     return out
 
 

@@ -149,8 +149,8 @@ class Display:
                 click.echo(f"    {title} [{entry['score']:.2f}] because {reasons}", err=True)
 
     def _reason(self, reason: dict[str, Any]) -> str:
-        source = self.titles.get(reason.get("source_item_id", ""), reason.get("source_item_id"))
-        return f"{reason.get('text', reason.get('kind'))} (from your {source})"
+        # The text names its source item already; repeating it here read twice.
+        return str(reason.get("text") or reason.get("kind"))
 
 
 def json_safe(summary: dict[str, float]) -> dict[str, float | None]:

@@ -642,3 +642,55 @@ def test_association_inputs_carry_their_source_through_json() -> None:
     for bad in ([1], [1, -2], ["1", 2], [True, 2], 7):
         with pytest.raises(ValueError, match="source"):
             AssociationInput.from_dict(sourced.to_dict() | {"source": bad})
+
+
+def test_a_basket_filled_in_order_teaches_transitions_between_its_items() -> None:
+    index = AssociationIndex(AssociationConfig(half_life_s=NO_DECAY, min_support=0.1))
+    feed(index, [["A", "B", "C"]])
+    nxt = {i: index.items[i]["partners"].get("next_item", {}) for i in "ABC"}
+    assert nxt["A"] == pytest.approx({"B": 1.0, "C": 0.5})
+    assert nxt["B"] == pytest.approx({"C": 1.0})
+    assert nxt["C"] == {}
+
+
+def test_a_kind_with_many_strong_pairs_does_not_crowd_the_others_out() -> None:
+    # A is bought together with 9 items in 3 baskets each (cosine ~0.58); one customer then
+    # buys A, X, A, Y, A, X one a day: transitions A -> X twice, A -> Y once, weaker pairs.
+    # By score alone a list of 6 would be all baskets; each kind present gets its share.
+    config = AssociationConfig(half_life_s=NO_DECAY, min_support=1, top_n=6, capacity=40)
+    index = AssociationIndex(config)
+    baskets = [["A", *(f"b{n}" for n in range(9))] for _ in range(3)]
+    feed(index, [*baskets, ["X"], ["Y"]], user_per_basket=True)
+    feed(index, [["A"], ["X"], ["A"], ["Y"], ["A"], ["X"]], user_per_basket=False)
+    top = top_partners(index.items["A"], lookup=index.items.get, now=index.last_ts, config=config)
+    assert len(top) == 6
+    kinds = Counter(kind for _, _, kind, _, _ in top)
+    assert set(kinds) == {"bought_together", "next_item", "also_bought"}
+    assert all(n >= 6 // len(kinds) for n in kinds.values())
+    # A sequence kind keeps the item's most frequent successor first: X (twice), not Y.
+    successors = [p for _, p, kind, _, _ in top if kind == "next_item"]
+    assert "X" in successors
+    assert [s for _, s, _, _, _ in top] == [s for _, s, _, _, _ in sorted(top, key=lambda t: -t[0])]
+
+
+def test_published_lists_are_read_at_their_items_last_touch() -> None:
+    # A and B were bought together once, a year before the data ends: decayed to the end, the
+    # pair falls below min_support 1, but the association agent published A's list when A was
+    # last touched, and the compacted topic still holds it.
+    half_life = 90 * 86400.0
+    index = AssociationIndex(AssociationConfig(half_life_s=half_life, min_support=1))
+    feed(index, [["A", "B"]])
+    late = BehaviorEvent(
+        event_id="late",
+        user_id="other",
+        item_id="Z",
+        event_type="purchase",
+        ts=T0 + timedelta(days=365),
+    )
+    index.observe_event(fold_event(None, late, fold_config()), late)
+    assert index.touched_at["A"] < index.last_ts
+    ended = index.related("A")
+    assert ended is None or not ended.related
+    published = index.published("A")
+    assert published is not None
+    assert {r.item_id for r in published.related} == {"B"}

@@ -101,3 +101,24 @@ def test_targets_never_enter_association_state_or_scores(tmp_path: Path) -> None
         progress=False,
     )
     assert result.ranks == [None] * len(prepared.split.cases)
+
+
+def test_plain_baselines_never_learn_from_targets(tmp_path: Path) -> None:
+    from relata.lab import baselines
+    from relata.lab.evaluate import plain_result
+
+    events: list[BehaviorEvent] = []
+    for n in range(5):
+        events += [ev(f"u{n}", "x", 0), ev(f"u{n}", "y", 1), ev(f"u{n}", "t", 2)]
+    _write(tmp_path / "d", events, {"x", "y", "t"})
+    prepared = prepare(tmp_path / "d", progress=False)
+    model = baselines.fit(baselines.sequences(prepared.split.history_events), prepared.item_ids)
+    t = prepared.item_ids.index("t")
+    # No pair with the targets, no transition into them, no popularity from them.
+    assert not model.cosine[:, t].nnz and not model.transitions[:, t].nnz
+    assert model.popularity[t] == 0
+    for method in baselines.PLAIN_METHODS.values():
+        scored = baselines.scores(model, method, [["y", "x"]])[0]
+        assert scored[t] == 0.0
+        # t is the only item left to rank: it is found, with nothing learned about it.
+        assert plain_result(prepared, model, method, k=1).ranks == [1] * 5

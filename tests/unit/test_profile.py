@@ -177,9 +177,11 @@ def test_basket_by_session_id_and_prior_items() -> None:
     assert r1.basket_kind == "bought_together" and r1.new_basket and r1.basket_items == ()
     r2 = fold_event(r1.profile, ev("2", "b", at_s=1, session="s1"), cfg)
     assert r2.basket_items == ("a",) and not r2.new_basket
-    assert r2.prior_items == ()  # same-basket items are not sequence sources
+    # The order a basket is filled in is a sequence: its earlier items are transition sources.
+    assert r2.prior_items == ("a",) and r2.sequence_step
     r3 = fold_event(r2.profile, ev("3", "c", at_s=2, session="s1"), cfg)
     assert r3.basket_items == ("a", "b")
+    assert r3.prior_items == ("b", "a")
     r4 = fold_event(r3.profile, ev("4", "d", at_s=9000, session="s2"), cfg)
     assert r4.new_basket and r4.basket_items == ()
     assert r4.prior_items == ("c", "b")  # most recent first, up to the window of 2

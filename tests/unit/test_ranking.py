@@ -382,3 +382,72 @@ def test_popularity_prior_adds_to_the_candidates_it_covers() -> None:
     assert scored.pop_score == {"b": prior["b"], "c": prior["c"], "p": prior["p"]}
     top = explain(scored)[0]
     assert top.item_id == "c" and {r.kind for r in top.reasons} == {"bought_together", "popular"}
+
+
+def transitions(source: str, *pairs: tuple[str, float, float]) -> RelatedItems:
+    """A list of next_item neighbours: (item, cosine score, confidence P(item | source))."""
+    return RelatedItems(
+        item_id=source,
+        item_count=10,
+        related=[
+            RelatedItem(
+                item_id=i,
+                kind="next_item",
+                score=s,
+                evidence=Evidence(support=3, confidence=p, text="chosen next after it 3 times"),
+            )
+            for i, s, p in pairs
+        ],
+        updated_at=T0,
+    )
+
+
+BEHAVIOUR_ONLY = BlendWeights(vector=0.0, popularity=0.0)
+
+
+def test_transitions_rank_by_probability_of_being_next_not_by_cosine() -> None:
+    # c: a rare pair (cosine 0.9) that follows a 10% of the time; d follows it 60% of the time.
+    rel = {"a": transitions("a", ("c", 0.9, 0.1), ("d", 0.2, 0.6))}
+    out = rank(history=[entry("a")], related=rel, vector_hits=[], k=5, weights=BEHAVIOUR_ONLY)
+    assert [r.item_id for r in out] == ["d", "c"]
+    w = BEHAVIOUR_ONLY.next_item
+    assert [r.score for r in out] == pytest.approx([w * 0.6, w * 0.1])
+
+
+def test_the_last_items_decide_what_comes_next() -> None:
+    # a -> c and b -> d are equally likely transitions: whichever was bought last wins.
+    rel = {"a": transitions("a", ("c", 0.5, 0.5)), "b": transitions("b", ("d", 0.5, 0.5))}
+    a_last = rank(
+        history=[entry("a"), entry("b", age=1)],
+        related=rel,
+        vector_hits=[],
+        k=5,
+        weights=BEHAVIOUR_ONLY,
+    )
+    b_last = rank(
+        history=[entry("b"), entry("a", age=1)],
+        related=rel,
+        vector_hits=[],
+        k=5,
+        weights=BEHAVIOUR_ONLY,
+    )
+    assert [r.item_id for r in a_last] == ["c", "d"]
+    assert [r.item_id for r in b_last] == ["d", "c"]
+
+
+def test_transitions_and_cooccurrence_decay_with_their_own_recency() -> None:
+    # Sources a (last) and b. Co-occurrence without decay: shares 1/2, 1/2; transitions with
+    # sequence_recency 0.25: shares 4/5 and 1/5.
+    rel = {
+        "a": related("a", ("c", "also_bought", 0.4)),
+        "b": transitions("b", ("d", 0.3, 0.5)),
+    }
+    w = BEHAVIOUR_ONLY.model_copy(
+        update={"recency": 1.0, "sequence_recency": 0.25, "next_item": 2.0}
+    )
+    out = rank(history=[entry("a"), entry("b", age=1)], related=rel, vector_hits=[], k=5, weights=w)
+    got = {r.item_id: r.score for r in out}
+    assert got["c"] == pytest.approx(1 / 2 * 0.4)
+    assert got["d"] == pytest.approx(2.0 * 1 / 5 * 0.5)
+    reasons = {r.item_id: r.reasons[0] for r in out}
+    assert (reasons["d"].source_item_id, reasons["d"].kind) == ("b", "next_item")

@@ -193,7 +193,9 @@ def test_related_items_evidence_names_the_history_item(store: ClientVectorStore)
     reason = nail["reasons"][0]
     assert reason["kind"] == "bought_together"
     assert reason["source_item_id"] == "sh1"
-    assert "bought together in 4 baskets" in reason["text"]
+    # The evidence travels as fields; the text names the source once, by its title.
+    assert reason["support"] == 4 and reason["lift"] == 3.0 and reason["cosine"] is None
+    assert reason["text"] == "often bought together with 'dry shampoo volume' (lift 3.0)"
     assert [d["source_topic"] for d in h.producer.values("dead-letter")] == ["related-items"]
 
 
@@ -456,3 +458,33 @@ def test_recommender_refuses_a_store_of_another_model() -> None:
     assert "fake+adapter version v2" in str(refused.value)
     assert "fake version v1" in str(refused.value)
     other.close()
+
+
+def test_a_user_without_history_gets_available_trending_items(store: ClientVectorStore) -> None:
+    store.set_available(["sh2"], False)
+    h = Harness(store)
+    h.related.add_json(_related("lip1", "nail", count=50.0), key="lip1")
+    h.related.add_json(_related("sh2", "nail", count=30.0), key="sh2")  # retired since
+    h.related.add_json(_related("nail", "lip1", count=10.0), key="nail")
+    update = {**_update("new", "x"), "history": [], "last_item_id": "x"}
+    h.consumer.add_json(update, key="new")
+    h.recommender.poll_once()
+    rec = h.recs()["new"]
+    assert [i["item_id"] for i in rec["items"]] == ["lip1", "nail"]
+    for item in rec["items"]:
+        (reason,) = item["reasons"]
+        assert reason["kind"] == "trending" and reason["source_item_id"] is None
+    assert rec["items"][0]["reasons"][0]["item_count"] == 50.0
+
+
+def test_the_mmr_setting_diversifies_the_published_list(store: ClientVectorStore) -> None:
+    lists = {}
+    for lam in (1.0, 0.0):
+        h = Harness(store, k=3, mmr_lambda=lam)
+        h.consumer.add_json(_update("u", "lip1"), key="u")
+        h.recommender.poll_once()
+        lists[lam] = [i["item_id"] for i in h.recs()["u"]["items"]]
+    # Score order: the three other lipsticks; lambda 0: only the best of them, then others.
+    assert set(lists[1.0]) == {"lip2", "lip3", "lip4"}
+    assert lists[0.0][0] == lists[1.0][0]
+    assert len({i for i in lists[0.0] if i.startswith("lip")}) < 3

@@ -102,10 +102,16 @@ related = st.builds(
 )
 reasons = st.builds(
     Reason,
-    source_item_id=ids,
+    source_item_id=st.none() | ids,
     kind=st.sampled_from(vocabulary.reason_kinds()),
     strength=finite,
     text=text,
+    support=st.none() | st.integers(min_value=0, max_value=10**9),
+    confidence=st.none() | st.floats(min_value=0, max_value=1),
+    lift=st.none() | st.floats(min_value=0, max_value=1e6),
+    pmi=st.none() | finite,
+    cosine=st.none() | st.floats(min_value=-1, max_value=1),
+    item_count=st.none() | st.floats(min_value=0, max_value=1e9),
 )
 recommendations = st.builds(
     Recommendation,

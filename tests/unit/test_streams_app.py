@@ -412,6 +412,34 @@ async def test_associations_publish_related_items_for_co_purchases(
 
 
 @run_async
+async def test_related_lists_never_show_retired_items(
+    streams: StreamsApp, sender: RecordingSender
+) -> None:
+    records = []
+    for n, (user, item) in enumerate(
+        [(u, i) for u in ("u1", "u2", "u3") for i in ("i1", "i2", "i3")], start=1
+    ):
+        records.append((user.encode(), encode(event(n, user=user, item=item, session_id=user))))
+    await put_events(streams, records)
+    inputs = association_inputs(streams, sender)
+    # i3 is retired before the lists are published.
+    streams.catalog.set_items({"i1": ("Hair",), "i2": ("Hair",)})
+    async with streams.process_associations.test_context() as agent:
+        for value in inputs:
+            await agent.put(json.dumps([value]).encode(), partition=0)
+    published = {
+        r.item_id: [n.item_id for n in r.related]
+        for r in (RelatedItems.model_validate_json(v) for v in sender.values("related-items"))
+    }
+    # (i2 may appear once per relation kind: bought together, and next in the basket.)
+    assert set(published["i1"]) == {"i2"} and set(published["i2"]) == {"i1"}
+    # The statistics still hold i3 (it may come back), the HTTP list does not show it.
+    assert "i3" in [r.item_id for r in streams.related_of("i1", kinds=("bought_together",)).related]  # type: ignore[union-attr]
+    body = await related_body(streams, item_id="i1", k=5, kind="all", same_category=False)
+    assert {r.item_id for r in body.related} == {"i2"}
+
+
+@run_async
 async def test_also_bought_is_served_alone_and_in_all(
     streams: StreamsApp, sender: RecordingSender
 ) -> None:
@@ -512,11 +540,14 @@ async def test_cold_start_item_gets_similar_items(tmp_path: Path) -> None:
         catalog=CatalogView(),
         follow_catalog=False,
     )
-    app.catalog.set_items({"cold": ("Beauty", "Hair")})
+    # sim-1 was retired: the store may still hold it, the related list never shows it.
+    app.catalog.set_items(
+        {**{i: ("Hair",) for i in ("sim-0", "sim-2", "sim-3")}, "cold": ("Beauty", "Hair")}
+    )
     body = await related_body(app, item_id="cold", k=3, kind="all", same_category=True)
-    assert [r.item_id for r in body.related] == ["sim-0", "sim-1", "sim-2"]
+    assert [r.item_id for r in body.related] == ["sim-0", "sim-2", "sim-3"]
     assert body.item_count == 0.0 and body.similar_available
-    assert similar.calls == [("cold", 3, ("Beauty", "Hair"))]
+    assert similar.calls == [("cold", 6, ("Beauty", "Hair"))]
     only_assoc = await related_body(
         app, item_id="cold", k=3, kind="bought_together", same_category=False
     )

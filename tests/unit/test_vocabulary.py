@@ -94,7 +94,9 @@ def test_a_new_relation_kind_is_served_ranked_explained_and_evaluated() -> None:
         (item,) = rank(history=history, related=table, vector_hits=(), k=1)
         assert item.item_id == "c1"
         assert item.reasons[0].kind == "styled_with"
-        assert item.reasons[0].text == "styled with h1 (in 4 outfits)"
+        # Its wording comes from the vocabulary; its support is a field, not in the text.
+        assert item.reasons[0].text == "styled with h1"
+        assert item.reasons[0].support == 4
 
         # The evaluation's methods are strategies: a co-occurrence kind joins the kNN baseline.
         assert strategy_weights("cooccurrence", BlendWeights()).kind_weight("styled_with") == 1.0

@@ -5,20 +5,34 @@ Pure logic (numpy only): the live recommender and `relata evaluate` rank with th
 batch of users from look-ups they are handed.
 
 Score of a candidate item (each term on a [0, 1]-ish scale, so weights are comparable):
-- association (item kNN): sum over the user's recent positive history items (sources, weights
-  decaying with recency, normalised to sum 1) of the related-items score of the candidate, per
-  behaviour relation kind (`schemas.vocabulary`); the association scores are cosines
-  (pair / sqrt(n_i n_j)) from `streams.association`, used as they are;
+- association, two behaviour signals over the user's recent positive history items (sources),
+  each with its own recency decay per step back and its source weights normalised to sum 1:
+  item kNN (co-occurrence kinds: the related-items score, a cosine pair / sqrt(n_i n_j) from
+  `streams.association`, decayed by `recency`) and transitions (sequence kinds: P(candidate |
+  source), the evidence's confidence, decayed by `sequence_recency`), per relation kind
+  weight (`schemas.vocabulary`);
 - vector: cosine of the user vector with the candidate, scaled against this user's vector hits
   ((cos - weakest hit) / (best hit - weakest hit), bounded below by `vector_floor`). Behaviour
   candidates that are not vector hits get their cosine from `candidate_vectors` when given;
 - popularity: log-scaled count, a weak prior and the fallback for sparse users.
+
+After scoring, `recommend` may re-rank each list for diversity (MMR over the item vectors,
+`diversity.py`), and answers a user with no usable history with trending items.
 """
 
 from .core import Lookups, recommend
-from .explain import explain, rank
+from .diversity import intra_list_diversity, mmr
+from .explain import explain, rank, trending
 from .related import RelatedList, RelatedTable, VectorRows, kind_codes, popularity_of
-from .score import Scored, UserEvidence, popularity_prior, score, user_evidence
+from .score import (
+    EvidenceRows,
+    Scored,
+    UserEvidence,
+    evidence_rows,
+    popularity_prior,
+    score,
+    user_evidence,
+)
 from .user_vector import pooled_user_vector, profile_text, source_weights
 from .weights import (
     STRATEGIES,
@@ -32,6 +46,7 @@ __all__ = [
     "STRATEGIES",
     "BlendError",
     "BlendWeights",
+    "EvidenceRows",
     "Lookups",
     "RelatedList",
     "RelatedTable",
@@ -39,8 +54,11 @@ __all__ = [
     "StrategyError",
     "UserEvidence",
     "VectorRows",
+    "evidence_rows",
     "explain",
+    "intra_list_diversity",
     "kind_codes",
+    "mmr",
     "pooled_user_vector",
     "popularity_of",
     "popularity_prior",
@@ -50,5 +68,6 @@ __all__ = [
     "score",
     "source_weights",
     "strategy_weights",
+    "trending",
     "user_evidence",
 ]

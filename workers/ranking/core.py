@@ -3,23 +3,32 @@
 Everything it needs from the outside (user vectors, vector search, item vectors,
 availability, popularity) comes in as functions (`Lookups`), so the live recommender (Qdrant,
 the related-items topic) and `relata evaluate` (exact search over the item matrix, the folded
-histories) run the same ranking, the same over-fetch and the same availability filter.
+histories) run the same ranking, the same over-fetch, the same availability filter, the same
+diversity re-ranking (MMR, `diversity.py`) and the same answer to a user with no usable
+history (trending items).
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterable, Mapping, Sequence, Set
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
 from schemas.messages import HistoryEntry, RecommendedItem
+from schemas.rules import BusinessRules
 
-from .explain import explain
+from .diversity import mmr
+from .explain import explain, pinned, trending
 from .related import RelatedTable
+from .rules import apply_rules, pins_of, place_pins
 from .score import score, user_evidence
 from .weights import BlendWeights
+
+logger = logging.getLogger(__name__)
 
 FloatArray = npt.NDArray[np.float32]
 History = Sequence[HistoryEntry]
@@ -28,6 +37,9 @@ Popularity = tuple[list[tuple[str, float]], Mapping[str, float]]
 # Items scored per user before the availability check: k of them are kept (behaviour
 # candidates are not filtered by availability before scoring; vector hits are).
 CANDIDATE_MARGIN = 2
+# With diversity on, MMR chooses the k from this many scored items per k: room to swap a
+# near-duplicate for the next-best different item without reaching far down the ranking.
+DIVERSITY_MARGIN = 3
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,6 +61,9 @@ class Lookups:
     popularity: Callable[[BlendWeights], Popularity]
     # Item titles for the reasons' wording (None: reasons name item ids).
     titles: Mapping[str, str] | None = None
+    # Catalog attributes (categories, brand, price) of these items, for business rules
+    # (None: rules can match item ids only).
+    attributes: Callable[[Set[str]], Mapping[str, Mapping[str, Any]]] | None = None
 
 
 def recommend(
@@ -57,13 +72,23 @@ def recommend(
     lookups: Lookups,
     weights: BlendWeights,
     k: int,
+    mmr_lambda: float = 1.0,
+    rules: BusinessRules | None = None,
+    placement: str = "home",
 ) -> list[list[RecommendedItem]]:
-    """The k best available items for each history (most recent first), with reasons."""
+    """The k best available items for each history (most recent first), with reasons.
+
+    `mmr_lambda` below 1 re-ranks the available scored items by maximal marginal relevance
+    over the item vectors (`diversity.mmr`; 1: score order). A history that yields nothing
+    (none usable: empty, or no evidence and no popularity to fill with) is answered with
+    trending items: the most popular available ones, labelled `trending`. `rules` (business
+    rules) filter, boost, cap and pin (the pins of `placement`) the available candidates
+    before the k are chosen (`rules.py`)."""
     if not histories:
         return []
     vectors = lookups.user_vectors(histories)
     hits = _search(histories, vectors, lookups, weights)
-    depth = k * CANDIDATE_MARGIN
+    depth = k * (CANDIDATE_MARGIN if mmr_lambda >= 1.0 else DIVERSITY_MARGIN)
     # One look-up for every vector scoring may read: the hits it names a history item for,
     # and the behaviour candidates it scores against the user vector.
     wanted = [item_id for user_hits in hits for item_id, _ in user_hits[:depth]]
@@ -102,11 +127,68 @@ def recommend(
         for item_id, _ in ranked.items
         if item_id not in vec
     }
+    # Users nothing was scored for get trending items: the popular ones, checked in the same
+    # look-up (a retired item can still head the popularity list).
+    cold = [not ranked.items for ranked in scored]
+    trend_pool = [i for i, _ in popularity[:depth]] if any(cold) else []
+    unchecked.update(trend_pool)
+    pins = pins_of(rules, placement)
+    unchecked.update(i for i, _ in pins)
     available = lookups.available(unchecked) if unchecked else set()
-    return [
-        explain(ranked, [i for i, _ in ranked.items if i in vec or i in available][:k])
+    kept = [
+        [(i, s) for i, s in ranked.items if i in vec or i in available]
         for ranked, vec in zip(scored, vector_ids, strict=True)
     ]
+    if rules is not None:
+        kept, trend_pool = _apply_rules(kept, trend_pool, lookups, rules)
+    if mmr_lambda < 1.0:
+        # The pools' vectors in one look-up; the mapping it returns is the one to read from
+        # now (a cache may have moved rows to fetch them), for MMR and for the reasons.
+        item_vectors = lookups.item_vectors([i for pool in kept for i, _ in pool])
+        chosen = [mmr(pool, item_vectors, k=k, lam=mmr_lambda) for pool in kept]
+        scored = [
+            ranked._replace(history_vectors=item_vectors, candidate_vectors=item_vectors)
+            for ranked in scored
+        ]
+    else:
+        chosen = [[i for i, _ in pool[:k]] for pool in kept]
+    counts = dict(popularity)
+    answers: list[list[RecommendedItem]] = []
+    for history, ranked, ids, is_cold in zip(histories, scored, chosen, cold, strict=True):
+        seen = {e.item_id for e in history}
+        if is_cold:
+            ids = [i for i in trend_pool if i in available and i not in seen][:k]
+        own_pins = [(i, at) for i, at in pins if i in available and i not in seen]
+        placed = place_pins(ids, own_pins, k=k) if own_pins else ids
+        pinned_ids = {i for i, _ in own_pins}
+        # A pinned item is worded as pinned; the others as the ranking found them.
+        worded = [i for i in placed if i not in pinned_ids]
+        answered = (
+            trending(popularity, worded) if is_cold else explain(ranked, worded, item_counts=counts)
+        )
+        by_id = {item.item_id: item for item in answered}
+        answers.append([by_id[i] if i in by_id else pinned(i) for i in placed])
+    return answers
+
+
+def _apply_rules(
+    kept: list[list[tuple[str, float]]],
+    trend_pool: list[str],
+    lookups: Lookups,
+    rules: BusinessRules,
+) -> tuple[list[list[tuple[str, float]]], list[str]]:
+    """Each user's candidates and the trending pool with the business rules applied."""
+    wanted = {i for pool in kept for i, _ in pool} | set(trend_pool)
+    attributes = lookups.attributes(wanted) if lookups.attributes is not None and wanted else {}
+    ruled = [apply_rules(pool, attributes, rules) for pool in kept]
+    fell_back = sum(r.fell_back for r in ruled)
+    if fell_back:
+        # Documented fallback: a filter that removes every candidate is not applied.
+        logger.info(
+            "business rules removed every candidate users=%d: filters not applied", fell_back
+        )
+    trend = apply_rules([(i, -n) for n, i in enumerate(trend_pool)], attributes, rules)
+    return [r.items for r in ruled], [i for i, _ in trend.items]
 
 
 def _search(

@@ -31,7 +31,28 @@ class RelatedList(NamedTuple):
     idx: npt.NDArray[np.int64]  # the same, interned by the table (RelatedTable.index)
     kinds: npt.NDArray[np.int8]  # relation kind codes (`kind_codes`)
     scores: npt.NDArray[np.float64]
+    # P(neighbour | item) where the evidence has it (its confidence), else the score: what a
+    # sequence kind contributes (a transition probability ranks likely next items, where the
+    # cosine favours rare pairs).
+    confidences: npt.NDArray[np.float64]
     texts: tuple[str, ...]  # evidence texts
+    # Evidence numbers, one row per neighbour, columns `EVIDENCE_COLUMNS`, NaN where the
+    # evidence has none: numbers in one array, not an object per neighbour (see above).
+    stats: npt.NDArray[np.float64]
+
+
+# The columns of `RelatedList.stats`: the numeric evidence fields a reason carries.
+EVIDENCE_COLUMNS: tuple[str, ...] = ("support", "confidence", "lift", "pmi", "cosine")
+
+
+def evidence_row(lst: RelatedList, at: int) -> dict[str, float | int]:
+    """The evidence numbers of one neighbour that it has (support as an integer)."""
+    row = lst.stats[at]
+    out: dict[str, float | int] = {}
+    for name, value in zip(EVIDENCE_COLUMNS, row.tolist(), strict=True):
+        if value == value:  # not NaN
+            out[name] = int(value) if name == "support" else value
+    return out
 
 
 class RelatedTable:
@@ -97,7 +118,22 @@ class RelatedTable:
             np.fromiter((self.index(i) for i in ids), dtype=np.int64, count=len(ids)),
             np.fromiter((codes[r.kind] for r in related), dtype=np.int8, count=len(ids)),
             np.fromiter((r.score for r in related), dtype=np.float64, count=len(ids)),
+            np.fromiter(
+                (
+                    r.score if r.evidence.confidence is None else r.evidence.confidence
+                    for r in related
+                ),
+                dtype=np.float64,
+                count=len(ids),
+            ),
             tuple(r.evidence.text for r in related),
+            np.array(
+                [
+                    [_number(getattr(r.evidence, name)) for name in EVIDENCE_COLUMNS]
+                    for r in related
+                ],
+                dtype=np.float64,
+            ).reshape(len(ids), len(EVIDENCE_COLUMNS)),
         )
 
     def remove(self, item_id: str) -> None:
@@ -159,6 +195,10 @@ def gather(
     if not found:
         return [], None
     return [i for i, _ in found], np.stack([np.asarray(v, dtype=np.float32) for _, v in found])
+
+
+def _number(value: float | None) -> float:
+    return np.nan if value is None else float(value)
 
 
 def table_of(related: RelatedTable | Mapping[str, RelatedItems]) -> RelatedTable:

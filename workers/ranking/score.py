@@ -22,15 +22,29 @@ def _kind_weights(w: BlendWeights) -> npt.NDArray[np.float64]:
     return np.array([w.kind_weight(kind) for kind in vocabulary.relation_kinds()], dtype=np.float64)
 
 
+def _sequence_kinds() -> npt.NDArray[np.bool_]:
+    """True for each relation kind code whose signal is a sequence (item -> next item)."""
+    return np.array(
+        [
+            vocabulary.relation_kind(kind).signal == "sequence"
+            for kind in vocabulary.relation_kinds()
+        ],
+        dtype=np.bool_,
+    )
+
+
 def _neighbour_rows(
     lists: Sequence[RelatedList], max_related: int
-) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int8], npt.NDArray[np.float64]]:
+) -> tuple[
+    npt.NDArray[np.int64], npt.NDArray[np.int8], npt.NDArray[np.float64], npt.NDArray[np.float64]
+]:
     """Every list's first max_related neighbours as one set of rows, in list order: their
-    interned ids, kind codes and scores."""
+    interned ids, kind codes, scores and confidences."""
     return (
         np.concatenate([lst.idx[:max_related] for lst in lists]),
         np.concatenate([lst.kinds[:max_related] for lst in lists]),
         np.concatenate([lst.scores[:max_related] for lst in lists]),
+        np.concatenate([lst.confidences[:max_related] for lst in lists]),
     )
 
 
@@ -47,37 +61,78 @@ class _Association(NamedTuple):
     lists: dict[int, RelatedList]  # source position -> its list
 
 
-def _association(
+class EvidenceRows(NamedTuple):
+    """A user's association evidence before any weight, one row per (source, neighbour) that
+    can count: its interned candidate, kind code, source position, position in the source's
+    list, and value (P(neighbour | source) for sequence kinds, the association cosine for the
+    others). `score` sums exactly these rows with the kind weights and recency shares;
+    `relata train` applies many weights to them at once."""
+
+    idx: npt.NDArray[np.int64]
+    kinds: npt.NDArray[np.int8]
+    source: npt.NDArray[np.intp]
+    at: npt.NDArray[np.intp]
+    values: npt.NDArray[np.float64]
+    lists: dict[int, RelatedList]  # source position -> its list
+
+
+def _rows(
     sources: Sequence[tuple[HistoryEntry, float]],
     table: RelatedTable,
     w: BlendWeights,
     banned: Set[str],
-) -> _Association | None:
-    """Association evidence (item kNN): association scores are cosines already, comparable
-    across sources; sources are normalised to sum 1 so history length does not scale them."""
-    total_source = sum(sw for _, sw in sources) or 1.0
+) -> EvidenceRows | None:
     lists: dict[int, RelatedList] = {}
-    taken: list[tuple[int, int, float]] = []  # (source position, neighbours read, share)
-    for pos, (entry, sw) in enumerate(sources):
+    counts: list[int] = []
+    for pos, (entry, _) in enumerate(sources):
         lst = table.get(entry.item_id)
         if lst is not None and lst.ids:
             lists[pos] = lst
-            taken.append((pos, min(len(lst.ids), w.max_related), sw / total_source))
-    if not taken:
+            counts.append(min(len(lst.ids), w.max_related))
+    if not lists:
         return None
     # Every source's first max_related neighbours as one set of rows, masked at once.
-    counts = [n for _, n, _ in taken]
-    idx, kinds, scores = _neighbour_rows([lists[pos] for pos, _, _ in taken], w.max_related)
-    kind_w = _kind_weights(w)[kinds]
-    source = np.repeat(np.array([pos for pos, _, _ in taken], dtype=np.intp), counts)
-    share = np.repeat(np.array([sh for _, _, sh in taken], dtype=np.float64), counts)
+    idx, kinds, scores, confidences = _neighbour_rows(list(lists.values()), w.max_related)
+    values = np.where(_sequence_kinds()[kinds], confidences, scores)
+    source = np.repeat(np.fromiter(lists, dtype=np.intp, count=len(lists)), counts)
     starts = np.repeat(np.cumsum([0, *counts[:-1]]), counts)
-    keep = np.flatnonzero((kind_w > 0.0) & (scores > 0.0) & ~table.flags(banned)[idx])
+    kind_w = _kind_weights(w)[kinds]
+    keep = np.flatnonzero((kind_w > 0.0) & (values > 0.0) & ~table.flags(banned)[idx])
     if not len(keep):
         return None
-    # (kind weight x share) x score: the scalar formula's order of multiplication
-    strengths = kind_w[keep] * share[keep] * scores[keep]
-    uniq, inverse = table.unique(idx[keep])
+    return EvidenceRows(
+        idx[keep], kinds[keep], source[keep], keep - starts[keep], values[keep], lists
+    )
+
+
+def _association(
+    sources: Sequence[tuple[HistoryEntry, float]],
+    sequence_weights: Sequence[float],
+    table: RelatedTable,
+    w: BlendWeights,
+    banned: Set[str],
+) -> _Association | None:
+    """Association evidence of the user's sources, two signals with their own recency:
+
+    - co-occurrence kinds (item kNN): the neighbour's association score, a cosine comparable
+      across sources, weighted by the source's `recency` share;
+    - sequence kinds (transitions): P(neighbour | source), the evidence's confidence, weighted
+      by the source's `sequence_recency` share: what the user does next depends mostly on the
+      last items, more steeply than what they like.
+
+    Each signal's source weights are normalised to sum 1, so history length does not scale
+    them against the vector term and the prior."""
+    rows = _rows(sources, table, w, banned)
+    if rows is None:
+        return None
+    co_share = np.array([sw for _, sw in sources], dtype=np.float64)
+    co_share /= co_share.sum() or 1.0
+    seq_share = np.array(sequence_weights, dtype=np.float64)
+    seq_share /= seq_share.sum() or 1.0
+    share = np.where(_sequence_kinds()[rows.kinds], seq_share[rows.source], co_share[rows.source])
+    # (kind weight x share) x value: the scalar formula's order of multiplication
+    strengths = _kind_weights(w)[rows.kinds] * share * rows.values
+    uniq, inverse = table.unique(rows.idx)
     # bincount adds in row order: the same sums, bit for bit, as adding source by source
     return _Association(
         ids=table.names(uniq.tolist()),
@@ -86,10 +141,28 @@ def _association(
         ),
         row_candidate=inverse,
         row_strength=strengths,
-        row_source=source[keep],
-        row_at=keep - starts[keep],
-        lists=lists,
+        row_source=rows.source,
+        row_at=rows.at,
+        lists=rows.lists,
     )
+
+
+def evidence_rows(
+    history: Sequence[HistoryEntry],
+    related: RelatedTable,
+    weights: BlendWeights,
+) -> tuple[list[tuple[HistoryEntry, float]], EvidenceRows | None]:
+    """The sources of a history with their base weights (the folded-weight factor, before
+    recency) and its unweighted association evidence rows (every kind `weights` does not
+    switch off). What `score` ranks from, for a search over weights."""
+    banned = {e.item_id for e in history}
+    sources = source_weights(
+        history,
+        recency=1.0,
+        weight_exponent=weights.weight_exponent,
+        max_sources=weights.max_sources,
+    )
+    return sources, (_rows(sources, related, weights, banned) if sources else None)
 
 
 class UserEvidence(NamedTuple):
@@ -120,7 +193,20 @@ def user_evidence(
     sources = source_weights(
         history, recency=w.recency, weight_exponent=w.weight_exponent, max_sources=w.max_sources
     )
-    assoc = _association(sources, table_of(related), w, banned) if sources else None
+    # The same sources with the sequence signal's recency (same entries, same order).
+    sequence_of = {
+        e.item_id: sw
+        for e, sw in source_weights(
+            history,
+            recency=w.sequence_recency,
+            weight_exponent=w.weight_exponent,
+            max_sources=w.max_sources,
+        )
+    }
+    sequence_weights = [sequence_of.get(e.item_id, 0.0) for e, _ in sources]
+    assoc = (
+        _association(sources, sequence_weights, table_of(related), w, banned) if sources else None
+    )
     return UserEvidence(sources, assoc, banned)
 
 
