@@ -56,6 +56,9 @@ def test_evaluate_cli_writes_report_and_chart(
     assert 0 < report["users"] <= 150
     expected = {
         "popularity",
+        "knn",
+        "knn+recency",
+        "knn+transitions",
         "cooccurrence",
         "transitions",
         "profile-text",

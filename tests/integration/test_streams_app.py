@@ -281,7 +281,16 @@ def test_events_flow_to_profile_updates_dead_letters_related_items_and_http(
             )
             everything = http.get("/items/i1/related", params={"kind": "all", "k": 3}).json()
             kinds = {r["kind"] for r in everything["related"]}
-            assert kinds == {"similar", "bought_together"}
+            # Meaning and behaviour together (a basket's fill order also teaches next_item).
+            assert (
+                {"similar", "bought_together"}
+                <= kinds
+                <= {
+                    "similar",
+                    "bought_together",
+                    "next_item",
+                }
+            )
 
             document = http.get("/openapi.json")
             assert document.status_code == 200
