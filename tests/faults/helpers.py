@@ -91,6 +91,11 @@ class Roles:
         self.associations_changelog = f"{base}-associations-changelog"
         self.totals_changelog = f"{base}-association-totals-changelog"
         self.indexer_group = f"{app_id}-indexer"
+        # The indexer commits under its group per model version (of the encoder it loads);
+        # computed once: the version hashes the model's weights.
+        self.indexer_version_group = version_group(
+            self.indexer_group, encoder_version(encoder_settings_of(os.environ))
+        )
         self.recommender_group = f"{app_id}-recommender"
         roles = ("profiles", "associations", "indexer", "recommender")
         self.ports = dict(zip(roles, free_ports(len(roles)), strict=True))
@@ -158,8 +163,7 @@ class Roles:
         if name != "workers":
             return healthy(self.ports[name])
         catalog = self.kafka.topic(ITEM_CATALOG.name)
-        # The indexer commits under its group per model version (of the encoder it loads).
-        group = version_group(self.indexer_group, encoder_version(encoder_settings_of(os.environ)))
+        group = self.indexer_version_group
         with contextlib.suppress(Exception):  # coordinator not ready yet: ask again
             return bool(lag.committed(group, catalog) and lag.lag(group, catalog) == 0)
         return False
