@@ -25,12 +25,12 @@ from schemas.settings import EncoderSettings, RecommenderSettings, StreamsSettin
 from streams.association import AssociationConfig
 from streams.neighbours import AssociationIndex
 from streams.profile import FoldConfig, fold_event
+from workers.edge_store import EdgeVectorStore
 from workers.encoder import TransformerEncoder
 from workers.indexer import item_payload
 from workers.item_text import item_text
 from workers.metrics import WorkerMetrics
 from workers.recommender import PendingUser, Recommender, RecommenderTopics
-from workers.vector_store import EdgeVectorStore
 
 BATCH = 64
 

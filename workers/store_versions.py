@@ -28,10 +28,10 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from schemas.settings import StoreSettings
+from workers.client_store import ClientVectorStore
+from workers.edge_store import EdgeVectorStore
 from workers.vector_store import (
     MODEL_NAME,
-    ClientVectorStore,
-    EdgeVectorStore,
     ModelIdentity,
     VectorStore,
     VectorStoreError,

@@ -1,7 +1,6 @@
 """Embedded single-node Apache Kafka (KRaft broker+controller) for the demo, tests and local runs.
 
-The broker's jars are resolved once by Maven (`relata/runtime/kafka/pom.xml`) into a cache directory
-outside git, atomically, so that concurrent or interrupted runs never leave a half cache.
+The broker's jars come from `relata.runtime.kafka_jars` (Maven, cached outside git).
 Each `EmbeddedKafka` formats a fresh log directory in a temp dir, runs `kafka.Kafka` on a free
 loopback port and removes everything on stop; the java process never outlives its parent. With
 a data directory (`--data-dir`, `RELATA_EMBEDDED_KAFKA_DATA_DIR`) the storage is formatted only
@@ -14,9 +13,7 @@ from __future__ import annotations
 
 import atexit
 import base64
-import contextlib
 import ctypes
-import fcntl
 import logging
 import os
 import shutil
@@ -28,12 +25,12 @@ import threading
 import time
 import uuid
 import weakref
-from collections.abc import Callable, Iterator, Mapping
-from importlib import resources
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from types import FrameType, TracebackType
 from typing import IO
 
+from relata.runtime.kafka_jars import EmbeddedKafkaError, resolve_jars, resource_text
 from relata.runtime.kafka_security import (
     ADMIN,
     KafkaSecurity,
@@ -46,92 +43,12 @@ from schemas.settings import EmbeddedKafkaSettings
 
 logger = logging.getLogger(__name__)
 
-_MARKER = "RELATA_RESOLVED"
 _STOP_TIMEOUT_S = 20.0
 _PR_SET_PDEATHSIG = 1
 
 
-class EmbeddedKafkaError(RuntimeError):
-    """The embedded broker could not be resolved, started or reached."""
-
-
 class _PortTaken(EmbeddedKafkaError):
     """Another process bound the chosen port between choosing and binding it."""
-
-
-def _resource_text(name: str) -> str:
-    return resources.files("relata.runtime").joinpath("kafka", name).read_text(encoding="utf-8")
-
-
-@contextlib.contextmanager
-def _file_lock(path: Path) -> Iterator[None]:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
-def _cache_complete(jars: Path) -> bool:
-    return (jars / _MARKER).is_file()
-
-
-def resolve_jars(settings: EmbeddedKafkaSettings, *, mvn: str = "mvn") -> Path:
-    """Return the directory of the broker's jars, resolving them with Maven on first use.
-
-    Maven writes into a temp dir next to the cache, which is renamed into place only when
-    complete; a file lock serialises concurrent resolvers so the work happens once.
-    """
-    jars = settings.jars_dir()
-    if _cache_complete(jars):
-        return jars
-    with _file_lock(jars.parent / f".{jars.name}.lock"):
-        if _cache_complete(jars):
-            return jars
-        if shutil.which(mvn) is None:
-            msg = f"Maven ({mvn!r}) is not on PATH; it is needed once to resolve Kafka into {jars}"
-            raise EmbeddedKafkaError(msg)
-        # Under the lock nobody else resolves: any partial dir is a leftover of a killed run.
-        for leftover in jars.parent.glob(f".{jars.name}.partial-*"):
-            shutil.rmtree(leftover, ignore_errors=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{jars.name}.partial-", dir=jars.parent))
-        try:
-            pom = staging / "pom.xml"
-            pom.write_text(_resource_text("pom.xml"), encoding="utf-8")
-            out = staging / "jars"
-            cmd = [
-                mvn,
-                "-q",
-                "-B",
-                "-f",
-                str(pom),
-                "dependency:copy-dependencies",
-                f"-Dkafka.version={settings.version}",
-                f"-DoutputDirectory={out}",
-            ]
-            logger.info("resolving kafka jars version=%s into=%s", settings.version, jars)
-            started = time.monotonic()
-            proc = subprocess.run(cmd, cwd=staging, capture_output=True, text=True, check=False)
-            if proc.returncode != 0 or not any(out.glob("kafka_2.13-*.jar")):
-                tail = (proc.stdout + proc.stderr)[-4000:]
-                msg = f"mvn failed to resolve Kafka {settings.version} (exit {proc.returncode}):\n{tail}"
-                raise EmbeddedKafkaError(msg)
-            names = sorted(p.name for p in out.glob("*.jar"))
-            (out / _MARKER).write_text(f"kafka {settings.version}\n" + "\n".join(names) + "\n")
-            if jars.exists():  # an incomplete leftover of something other than us
-                shutil.rmtree(jars)
-            os.rename(out, jars)
-            logger.info(
-                "resolved kafka jars count=%d seconds=%.1f dir=%s",
-                len(names),
-                time.monotonic() - started,
-                jars,
-            )
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
-    return jars
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -477,7 +394,7 @@ class EmbeddedKafka:
                 overrides=overrides,
             )
         )
-        (self.workdir / "log4j2.properties").write_text(_resource_text("log4j2.properties"))
+        (self.workdir / "log4j2.properties").write_text(resource_text("log4j2.properties"))
         if (self.workdir / _META).is_file():
             logger.info("embedded kafka reusing storage dir=%s", self.workdir)
         else:

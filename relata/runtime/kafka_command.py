@@ -12,7 +12,8 @@ from typing import Literal
 import click
 
 from relata.cli.settings_cli import build_settings, settings_options
-from relata.runtime.kafka_broker import EmbeddedKafka, resolve_jars
+from relata.runtime.kafka_broker import EmbeddedKafka
+from relata.runtime.kafka_jars import resolve_jars
 from relata.runtime.kafka_security import ADMIN, KafkaSecurity
 from relata.runtime.process import stop_on_signals
 from schemas.access import COMPONENT_COMMANDS, component_access

@@ -27,7 +27,7 @@ from schemas.settings import KafkaSettings, StreamsSettings
 from schemas.topics import ALL_TOPICS, ERASURE_AUDIT, RECOMMENDATIONS
 from streams.naming import profiles_changelog_topic
 from tests.integration.test_poison_pipeline import ITEMS, event, publish, workers_running
-from workers.vector_store import EdgeVectorStore
+from workers.edge_store import EdgeVectorStore
 
 pytestmark = pytest.mark.integration
 

@@ -32,8 +32,8 @@ from schemas.settings import (
     StreamsSettings,
 )
 from schemas.topics import ALL_TOPICS
+from workers.edge_store import EdgeVectorStore
 from workers.encoder import TransformerEncoder
-from workers.vector_store import EdgeVectorStore
 
 pytestmark = pytest.mark.integration
 

@@ -182,7 +182,7 @@ def start(
 
 def edge_similar(path: Path) -> VectorStoreSimilar:
     """A real embedded Qdrant (qdrant-edge) holding vectors for ITEMS: i4 is close to i1."""
-    from workers.vector_store import EdgeVectorStore
+    from workers.edge_store import EdgeVectorStore
 
     store = EdgeVectorStore(path)
     store.ensure_collection(4)

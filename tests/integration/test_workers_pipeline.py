@@ -35,8 +35,8 @@ from schemas.topics import (
     RECOMMENDATIONS,
     RELATED_ITEMS,
 )
+from workers.edge_store import EdgeVectorStore
 from workers.encoder import TransformerEncoder
-from workers.vector_store import EdgeVectorStore
 
 pytestmark = pytest.mark.integration
 

@@ -11,10 +11,11 @@ from prometheus_client import CollectorRegistry
 
 from kafkaio.producer import DeliveryError
 from tests.unit.worker_fakes import FakeConsumer, FakeEncoder, FakeProducer
+from workers.client_store import ClientVectorStore
 from workers.indexer import IndexerTopics, ItemIndexer
 from workers.metrics import WorkerMetrics
 from workers.model_identity import version_group
-from workers.vector_store import ClientVectorStore, ModelIdentity, ModelMismatchError
+from workers.vector_store import ModelIdentity, ModelMismatchError
 
 TOPICS = IndexerTopics(catalog="item-catalog", dead_letter="dead-letter")
 

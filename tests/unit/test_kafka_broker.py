@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from relata.runtime.kafka_broker import EmbeddedKafkaError, _server_properties, resolve_jars
+from relata.runtime.kafka_broker import _server_properties
+from relata.runtime.kafka_jars import EmbeddedKafkaError, resolve_jars
 from schemas.settings import EmbeddedKafkaSettings
 
 FAKE_MVN = """#!/bin/sh
@@ -90,7 +91,7 @@ def test_interrupted_resolution_leaves_no_cache_and_next_run_completes(tmp_path:
     hang, calls = _fake_mvn(tmp_path, "hang")
     settings = _settings(tmp_path)
     code = (
-        "import sys; from pathlib import Path; from relata.runtime.kafka_broker import resolve_jars;"
+        "import sys; from pathlib import Path; from relata.runtime.kafka_jars import resolve_jars;"
         "from schemas.settings import EmbeddedKafkaSettings;"
         f"resolve_jars(EmbeddedKafkaSettings(cache_dir=Path({str(settings.jars_dir())!r}),"
         f" version='9.9.9'), mvn={hang!r})"

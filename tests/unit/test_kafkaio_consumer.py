@@ -21,9 +21,9 @@ from schemas.decoding import Rejection
 from schemas.messages import DeadLetter
 from streams.event_consumer import EventBatchConsumer, ProfileStore
 from tests.unit.worker_fakes import FakeConsumer, FakeEncoder, FakeMessage, FakeProducer
+from workers.client_store import ClientVectorStore
 from workers.indexer import IndexerTopics, ItemIndexer
 from workers.metrics import WorkerMetrics
-from workers.vector_store import ClientVectorStore
 
 TOPIC = "in"
 ITEM = json.dumps({"item_id": "a", "title": "red lipstick", "categories": ["Beauty"]}).encode()

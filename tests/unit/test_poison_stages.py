@@ -34,10 +34,10 @@ from tests.unit.test_streams_app import (
     run_async,
 )
 from tests.unit.worker_fakes import FakeConsumer, FakeEncoder, FakeProducer
+from workers.client_store import ClientVectorStore
 from workers.indexer import IndexerTopics, ItemIndexer
 from workers.metrics import WorkerMetrics
 from workers.recommender import Recommender, RecommenderTopics
-from workers.vector_store import ClientVectorStore
 
 DEEP = 5000
 

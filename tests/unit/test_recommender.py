@@ -14,17 +14,17 @@ from kafkaio.producer import DeliveryError
 from schemas.messages import ProfileUpdate, RelatedItems
 from schemas.settings import RecommenderSettings
 from tests.unit.worker_fakes import FakeConsumer, FakeEncoder, FakeProducer
+from workers.client_store import ClientVectorStore
+from workers.lookups import ItemCache, RelatedIndex
 from workers.metrics import WorkerMetrics
 from workers.ranking import BlendWeights, popularity_prior
 from workers.recommender import (
     RELATED_PER_POLL,
-    ItemCache,
     Recommender,
     RecommenderTopics,
-    RelatedIndex,
     coalesce,
 )
-from workers.vector_store import ClientVectorStore, ModelIdentity, ModelMismatchError
+from workers.vector_store import ModelIdentity, ModelMismatchError
 
 TOPICS = RecommenderTopics(
     profile_updates="profile-updates",

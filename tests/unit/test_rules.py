@@ -11,9 +11,9 @@ import pytest
 from pydantic import ValidationError
 
 from schemas.rules import BusinessRules, ItemMatch
+from workers.lookups import RulesFile
 from workers.ranking import BlendWeights, Lookups, recommend
 from workers.ranking.rules import apply_rules, place_pins
-from workers.recommender import RulesFile
 
 from .ranking_fakes import entry, lookups
 

@@ -9,6 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from workers.client_store import ClientVectorStore
+from workers.edge_store import EdgeVectorStore
 from workers.store_versions import (
     ClientVersions,
     EdgeVersions,
@@ -17,8 +19,6 @@ from workers.store_versions import (
     open_current,
 )
 from workers.vector_store import (
-    ClientVectorStore,
-    EdgeVectorStore,
     ModelIdentity,
     ModelMismatchError,
     VectorStore,
