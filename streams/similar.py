@@ -8,7 +8,8 @@ an item is served with its own list merged with every item whose list holds it (
 cosine from whichever of the two lists is newer). A new item thus appears in the lists of the
 items it is close to as soon as its own list arrives. What the merge cannot know: an item
 indexed later that is among an older item's nearest but does not count that item among its own.
-Retired items are left out when served (the catalog view), as their lists' tombstones arrive.
+Retired items are never served (the catalog view says which are available), and their lists
+go with their tombstones.
 Invalid records are skipped and logged (every worker reads them).
 """
 
@@ -85,8 +86,8 @@ class SimilarView:
     def similar(
         self, item_id: str, *, k: int, categories: Sequence[str] | None
     ) -> list[RelatedItem] | None:
-        """Up to k neighbours, best first; with `categories` (the item's own) only those that
-        share one with it. None when no list names the item."""
+        """Up to k available neighbours, best first; with `categories` (the item's own) only
+        those that share one with it. None when no list names the item."""
         own = self._lists.get(item_id)
         holders = self._listed_by.get(item_id, set())
         if own is None and not holders:
@@ -96,7 +97,13 @@ class SimilarView:
             theirs = self._lists[other]
             if other not in cosines or own is None or theirs.updated_at > own.updated_at:
                 cosines[other] = theirs.cosines[item_id]
-        ranked = sorted(cosines.items(), key=lambda pair: (-pair[1], pair[0]))
+        # Only available items (a retired one stays in older lists until they are remade),
+        # filtered before the k are taken so that retired neighbours never shorten the answer.
+        catalog = self.catalog
+        ranked = sorted(
+            ((other, cosine) for other, cosine in cosines.items() if other in catalog),
+            key=lambda pair: (-pair[1], pair[0]),
+        )
         if categories:
             own_categories = set(categories)
             ranked = [

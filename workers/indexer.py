@@ -149,6 +149,8 @@ class ItemIndexer:
         # Items with data are (re-)encoded even when retired, so their vector stays current.
         items = [(item, msg) for item, msg in latest.values() if item is not None]
         tombstoned = [item_id for item_id, (item, _) in latest.items() if item is None]
+        encoded: list[CatalogItem] = []
+        vectors = np.zeros((0, self.encoder.dim), dtype=np.float32)
         if items:
             encoded, vectors = self._encode(items, result)
             if encoded:
@@ -159,18 +161,19 @@ class ItemIndexer:
                 )
             result.indexed = sum(1 for item in encoded if item.available)
             result.retired = len(encoded) - result.indexed
-            if self.similar_k:
-                retired_ids = [item.item_id for item in encoded if not item.available]
-                rows = [n for n, item in enumerate(encoded) if item.available]
-                ids = [encoded[n].item_id for n in rows]
-                result.similar_lists += self._publish_similar(ids, vectors[rows], retired_ids)
+        known: list[str] = []
         if tombstoned:
             # A tombstone for an item never indexed has nothing to retire.
             known = list(self.store.get_payloads(tombstoned))
             self.store.set_available(known, False)
             result.retired += len(known)
-            if self.similar_k:
-                result.similar_lists += self._publish_similar([], None, known)
+        if self.similar_k:
+            # After every write of the batch, so that no list names an item it retires.
+            rows = [n for n, item in enumerate(encoded) if item.available]
+            retired = [item.item_id for item in encoded if not item.available] + known
+            result.similar_lists = self._publish_similar(
+                [encoded[n].item_id for n in rows], vectors[rows], retired
+            )
         self.metrics.items_indexed.inc(result.indexed)
         self.metrics.items_retired.inc(result.retired)
         outputs = result.dead_letters or result.similar_lists
@@ -190,7 +193,7 @@ class ItemIndexer:
     def _publish_similar(
         self,
         ids: Sequence[str],
-        vectors: npt.NDArray[np.float32] | None,
+        vectors: npt.NDArray[np.float32],
         retired: Sequence[str],
     ) -> int:
         """Publish the similar lists of `ids` (their vectors as rows, in order; one batched
@@ -198,7 +201,7 @@ class ItemIndexer:
         assert self.topics.similar is not None
         topic = self.topics.similar
         sent = 0
-        if ids and vectors is not None:
+        if ids:
             for item_id, neighbours in zip(
                 ids, similar_neighbours(self.store, ids, vectors, k=self.similar_k), strict=True
             ):
