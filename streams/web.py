@@ -95,7 +95,7 @@ class TrendingRecommendation(BaseModel):
 
     user_id: str
     trending: Literal[True] = Field(
-        True, description="Always true: not this user's own list, which has no reason to exist."
+        True, description="Always true: the trending list, not a list of this user's own."
     )
     items: list[RecommendedItem] = Field(
         description="The most popular available items lately, each with a `trending` reason."
