@@ -23,6 +23,8 @@ from schemas.topics import (
     PROFILE_UPDATES,
     RECOMMENDATIONS,
     RELATED_ITEMS,
+    SIMILAR_ITEMS,
+    TRENDING_ITEMS,
     TopicSpec,
 )
 
@@ -146,12 +148,17 @@ def component_access(
             _topic(kafka, PROFILE_UPDATES, _WRITE),
             _topic(kafka, RELATED_ITEMS, _WRITE),
             _topic(kafka, RECOMMENDATIONS, _READ),
+            # Every worker follows these whole (GET /items/.../related?kind=similar, the
+            # trending answer of GET /users/...), assigned and never committed.
+            _topic(kafka, SIMILAR_ITEMS, _READ),
+            _topic(kafka, TRENDING_ITEMS, _READ),
             _topic(kafka, DEAD_LETTER, _WRITE),
             Grant("topic", app_prefix, owned, prefixed=True),
             Grant("group", app_prefix, frozenset({"READ", "DESCRIBE"}), prefixed=True),
         ),
         "indexer": (
             _topic(kafka, ITEM_CATALOG, _READ),
+            _topic(kafka, SIMILAR_ITEMS, _WRITE),
             _topic(kafka, DEAD_LETTER, _WRITE),
             Grant("group", indexer.group_id, frozenset({"READ", "DESCRIBE"}), prefixed=True),
         ),
@@ -159,6 +166,7 @@ def component_access(
             _topic(kafka, PROFILE_UPDATES, _READ),
             _topic(kafka, RELATED_ITEMS, _READ),
             _topic(kafka, RECOMMENDATIONS, _WRITE),
+            _topic(kafka, TRENDING_ITEMS, _WRITE),
             _topic(kafka, DEAD_LETTER, _WRITE),
             Grant("group", recommender.group_id, frozenset({"READ", "DESCRIBE"}), prefixed=True),
         ),

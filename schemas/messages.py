@@ -22,6 +22,9 @@ from pydantic import (
 
 from schemas.vocabulary import Term, event_types, reason_kinds, relation_kinds
 
+# The content relation kind: made from the item vectors, not from behaviour.
+SIMILAR = "similar"
+
 # Event types and relation kinds are declared once, in `schemas.vocabulary`; these types
 # accept exactly the declared terms (checked when a message is validated).
 EventType = Annotated[str, Term(event_types, "unknown_event_type", "event type")]
@@ -235,6 +238,18 @@ class RelatedItem(_Message):
     score: float
     evidence: Evidence
 
+    @classmethod
+    def similar(cls, item_id: str, cosine: float) -> RelatedItem:
+        """A `similar` neighbour: close in meaning, scored by the cosine of the two item vectors
+        (one wording wherever `similar` lists are made or served)."""
+        cosine = max(-1.0, min(1.0, float(cosine)))
+        return cls(
+            item_id=item_id,
+            kind=SIMILAR,
+            score=cosine,
+            evidence=Evidence(cosine=cosine, text=f"similar description (cosine {cosine:.2f})"),
+        )
+
 
 class RelatedItems(_Message):
     """Neighbours of one product; topic `related-items` (compacted), key `item_id`."""
@@ -245,6 +260,31 @@ class RelatedItems(_Message):
     )
     related: list[RelatedItem]
     updated_at: AwareDatetime
+
+
+class SimilarList(_Message):
+    """The nearest neighbours of one item by its vector, made by the item indexer when it
+    indexes the item; topic `similar-items` (compacted), key `item_id`. A tombstone: the item
+    was retired."""
+
+    item_id: Identifier
+    related: list[RelatedItem] = Field(
+        description="Kind `similar`, best first, each with its cosine; only items available "
+        "when the list was made."
+    )
+    model_name: str = Field(description="The model whose item vectors were searched.")
+    vectors_version: str | None = Field(
+        description="Version of the item vectors searched (the vector store's version)."
+    )
+    updated_at: AwareDatetime
+
+    @field_validator("related")
+    @classmethod
+    def _only_similar(cls, related: list[RelatedItem]) -> list[RelatedItem]:
+        wrong = sorted({r.kind for r in related if r.kind != SIMILAR})
+        if wrong:
+            raise ValueError(f"a similar list holds only kind {SIMILAR!r}, got {wrong}")
+        return related
 
 
 class Reason(_Message):
@@ -311,6 +351,22 @@ class Recommendation(_Message):
     latency_ms: float = Field(
         ge=0, description="Oldest triggering event's Kafka timestamp → publish."
     )
+
+
+class TrendingList(_Message):
+    """The answer to a user with no usable history: the most popular available items lately,
+    labelled `trending`, as the recommender ranks them for one placement (business rules
+    applied); topic `trending-items` (compacted), key `placement`. The stream processor
+    answers `GET /users/{user_id}/recommendations` with it for a user with no list of their own.
+    """
+
+    placement: Identifier
+    items: list[RecommendedItem]
+    generated_at: AwareDatetime
+    model_name: str
+    model_version: str
+    vectors_version: str | None = None
+    strategy: str = Field(description="Ranking strategy of the recommender that made it.")
 
 
 # A dead letter keeps at most this many bytes of the rejected value (the rest is described by

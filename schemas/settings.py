@@ -312,6 +312,15 @@ class StreamsSettings(_Settings):
             "is written once per window, so related-items lag the stream by up to this much."
         ),
     )
+    trending_placement: str = Field(
+        "home",
+        min_length=1,
+        description=(
+            "Whose trending list (`trending-items`, key placement) answers "
+            "GET /users/{id}/recommendations for a user with no list of their own: the "
+            "recommender's RELATA_RECOMMENDER_PLACEMENT."
+        ),
+    )
     session_timeout_s: float = Field(10.0, gt=0, description="Kafka consumer session timeout.")
     heartbeat_interval_s: float = Field(1.0, gt=0, description="Kafka heartbeat interval.")
     commit_interval_s: float = Field(0.5, gt=0, description="Offset commit interval.")
@@ -478,6 +487,16 @@ class RecommenderSettings(_Settings):
     placement: str = Field(
         "home", min_length=1, description="Placement whose pinned items this recommender places."
     )
+    trending_interval_s: float = Field(
+        30.0,
+        ge=0,
+        le=3600,
+        description=(
+            "The trending list (the answer to a user with no usable history) is ranked this "
+            "often and published to `trending-items` when its items changed, by the instance "
+            "that holds partition 0 of profile-updates; 0: never."
+        ),
+    )
     metrics_port: int = Field(9108, ge=0, le=65535, description="Prometheus port; 0 disables.")
 
 
@@ -492,6 +511,15 @@ class IndexerSettings(_Settings):
     )
     max_batch: int = Field(512, ge=1, le=100_000, description="Catalog records per encode batch.")
     max_wait_ms: float = Field(50.0, ge=0, le=60_000, description="Longest wait to fill a batch.")
+    similar_k: int = Field(
+        20,
+        ge=0,
+        le=100,
+        description=(
+            "Nearest neighbours published to `similar-items` for each item indexed (what "
+            "GET /items/{id}/related?kind=similar serves without a Qdrant server); 0: none."
+        ),
+    )
     metrics_port: int = Field(9109, ge=0, le=65535, description="Prometheus port; 0 disables.")
 
 

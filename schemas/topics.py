@@ -16,6 +16,8 @@ from schemas.messages import (
     ProfileUpdate,
     Recommendation,
     RelatedItems,
+    SimilarList,
+    TrendingList,
 )
 
 
@@ -64,6 +66,21 @@ RECOMMENDATIONS = TopicSpec(
     "compact",
     "The latest explained recommendations per user.",
 )
+SIMILAR_ITEMS = TopicSpec(
+    "similar-items",
+    "item_id",
+    SimilarList,
+    "compact",
+    "Nearest neighbours by item vector per product, made by the item indexer; a tombstone "
+    "retires one.",
+)
+TRENDING_ITEMS = TopicSpec(
+    "trending-items",
+    "placement",
+    TrendingList,
+    "compact",
+    "The trending list per placement: the answer to a user with no list of their own.",
+)
 DEAD_LETTER = TopicSpec(
     "dead-letter",
     "source key",
@@ -92,6 +109,8 @@ ALL_TOPICS: tuple[TopicSpec, ...] = (
     PROFILE_UPDATES,
     RELATED_ITEMS,
     RECOMMENDATIONS,
+    SIMILAR_ITEMS,
+    TRENDING_ITEMS,
     DEAD_LETTER,
     ERASURE_REQUESTS,
     ERASURE_AUDIT,

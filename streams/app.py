@@ -25,7 +25,11 @@ agents' handlers are glue around the pure logic in `streams/profile.py` and
   (`streams.association.AssociationFold`); related lists are republished only on a material
   change of membership.
 - `process_recommendations` (recommendations): the latest list per user in a table for HTTP.
-- A task follows `item-catalog` into a `CatalogView` (known, available items).
+- Tasks follow whole topics into in-memory views, in every worker: `item-catalog` into a
+  `CatalogView` (known, available items); in role profiles `trending-items` into a
+  `TrendingView` (the answer to a user with no list of their own); in role associations,
+  unless a similar-items provider is injected (a Qdrant server), `similar-items` into a
+  `SimilarView` (the `similar` lists the item indexer publishes).
 
 `StreamsSettings.role` picks the agents: `profiles` (the profile agent, process_recommendations),
 `associations` (process_associations and the related lists; Faust app id
@@ -57,6 +61,8 @@ from schemas.topics import (
     PROFILE_UPDATES,
     RECOMMENDATIONS,
     RELATED_ITEMS,
+    SIMILAR_ITEMS,
+    TRENDING_ITEMS,
 )
 
 from .association import AssociationConfig
@@ -79,8 +85,10 @@ from .profile import FoldConfig
 from .profiles_agent import ProfileAgent
 from .recommendations_agent import RecommendationsAgent
 from .records import Record
+from .similar import SimilarView
 from .tables import JSON_VALUES, RAW_VALUES, changelog_table, local_size
 from .transport import App
+from .trending import TrendingView
 from .web import register_views
 
 logger = logging.getLogger(__name__)
@@ -153,6 +161,8 @@ class StreamsApp:
     associations: Any = None
     association_totals: Any = None
     recommendations: Any = None
+    # Role profiles: the trending list, for users with no list of their own.
+    trending: TrendingView | None = None
     event_consumer: EventBatchConsumer | None = None
     profile_agent: ProfileAgent | None = None
     association_agent: AssociationAgent | None = None
@@ -180,14 +190,16 @@ def build_streams(
     similar: SimilarItems | None = None,
     sender: Sender | None = None,
     catalog: CatalogView | None = None,
-    follow_catalog: bool = True,
+    follow_topics: bool = True,
     reliability: ReliabilitySettings | None = None,
 ) -> StreamsApp:
     """Build a new Faust app with its tables, agents and HTTP views (nothing starts yet).
 
     The app id is `kafka.topic_prefix + settings.app_id`, so the changelog topics Faust creates
     (`<id>-profiles-changelog`, ...) carry the deployment's prefix too. `reliability`: how
-    outages are waited out and what the probes answer (`kafkaio.health`).
+    outages are waited out and what the probes answer (`kafkaio.health`). `follow_topics`:
+    run the tasks that follow the views' topics (unit tests fill the views themselves).
+    `similar`: the provider of `similar` items; None: the `similar-items` topic's view.
     """
     reliability = reliability or ReliabilitySettings()
     check_store(settings)
@@ -211,7 +223,7 @@ def build_streams(
         for spec in (BEHAVIOR_EVENTS, ITEM_CATALOG, PROFILE_UPDATES, RELATED_ITEMS, RECOMMENDATIONS)
     }
     names[DEAD_LETTER.name] = kafka.topic(DEAD_LETTER.name)
-    for spec in (ERASURE_REQUESTS, ERASURE_AUDIT):
+    for spec in (ERASURE_REQUESTS, ERASURE_AUDIT, SIMILAR_ITEMS, TRENDING_ITEMS):
         names[spec.name] = kafka.topic(spec.name)
     names[ASSOCIATION_INPUT] = association_input_topic(kafka, settings)
 
@@ -264,20 +276,43 @@ def build_streams(
     _watch_health(streams, reliability)
     if profiles_role:
         _add_profile_agents(streams, topics)
+        streams.trending = TrendingView(settings.trending_placement)
     if associations_role:
         _add_association_agents(streams, topics, base_id=base_id)
-
-    async def follow_catalog_task() -> None:
-        await streams.catalog.follow(
-            names[ITEM_CATALOG.name],
-            consumer_config=aiokafka_config(kafka, f"{client_id(settings)}-catalog"),
-        )
-
-    if follow_catalog:
-        app.task(follow_catalog_task)
+        if streams.similar is None:
+            streams.similar = SimilarView(streams.catalog)
+    if follow_topics:
+        _follow_views(streams)
 
     register_views(streams)
     return streams
+
+
+def _follow_views(streams: StreamsApp) -> None:
+    """A task per in-memory view this process serves from, each following its whole topic."""
+    kafka, settings, names = streams.kafka, streams.settings, streams.topic_names
+
+    def config(view: str) -> dict[str, Any]:
+        return aiokafka_config(kafka, f"{client_id(settings)}-{view}")
+
+    async def follow_catalog() -> None:
+        await streams.catalog.follow(names[ITEM_CATALOG.name], consumer_config=config("catalog"))
+
+    streams.app.task(follow_catalog)
+    trending = streams.trending
+    if trending is not None:
+
+        async def follow_trending() -> None:
+            await trending.follow(names[TRENDING_ITEMS.name], consumer_config=config("trending"))
+
+        streams.app.task(follow_trending)
+    similar = streams.similar
+    if isinstance(similar, SimilarView):
+
+        async def follow_similar() -> None:
+            await similar.follow(names[SIMILAR_ITEMS.name], consumer_config=config("similar"))
+
+        streams.app.task(follow_similar)
 
 
 def _watch_health(streams: StreamsApp, reliability: ReliabilitySettings) -> None:

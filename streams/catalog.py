@@ -14,10 +14,10 @@ import logging
 from collections.abc import Mapping
 from typing import Any
 
-from aiokafka import AIOKafkaConsumer, TopicPartition
-
 from schemas.decoding import Rejection, decode
 from schemas.messages import CatalogItem
+
+from .follow import follow_topic
 
 logger = logging.getLogger(__name__)
 
@@ -68,55 +68,18 @@ class CatalogView:
     async def follow(
         self, topic: str, *, consumer_config: Mapping[str, Any], poll_ms: int = 200
     ) -> None:
-        """Read `topic` from the beginning, set `ready` once caught up, then follow it forever.
-
-        No consumer group: every worker reads every partition (group_id=None assigns all).
-        """
-        consumer = AIOKafkaConsumer(
+        """Read `topic` from the beginning, set `ready` once caught up, then follow it forever
+        (`streams.follow.follow_topic`: every worker reads every partition)."""
+        await follow_topic(
             topic,
-            group_id=None,
-            enable_auto_commit=False,
-            auto_offset_reset="earliest",
-            fetch_max_wait_ms=poll_ms,
-            **consumer_config,
+            apply=self._apply_counted,
+            ready=self.ready,
+            consumer_config=consumer_config,
+            what="catalog view",
+            size=self.__len__,
+            poll_ms=poll_ms,
         )
-        await consumer.start()
-        try:
-            end: dict[TopicPartition, int] | None = None
-            waited_s = 0.0
-            while True:
-                batches = await consumer.getmany(timeout_ms=poll_ms, max_records=10_000)
-                for records in batches.values():
-                    for record in records:
-                        try:
-                            self.apply(record.key, record.value)
-                        except Exception:  # one bad record must not stop the view (or loop)
-                            logger.exception(
-                                "catalog record skipped %s[%d] offset=%d",
-                                record.topic,
-                                record.partition,
-                                record.offset,
-                            )
-                    self.records_read += len(records)
-                if self.ready.is_set():
-                    continue
-                assigned = consumer.assignment()
-                if not assigned:
-                    waited_s += poll_ms / 1000
-                    if waited_s >= 10:
-                        logger.warning("catalog topic has no partitions yet topic=%s", topic)
-                        waited_s = 0.0
-                    continue
-                if end is None:
-                    end = await consumer.end_offsets(list(assigned))
-                    logger.info(
-                        "catalog view loading topic=%s records<=%d", topic, sum(end.values())
-                    )
-                positions = [await consumer.position(tp) for tp in assigned]
-                if all(pos >= end.get(tp, 0) for tp, pos in zip(assigned, positions, strict=True)):
-                    self.ready.set()
-                    logger.info(
-                        "catalog view ready items=%d records=%d", len(self), self.records_read
-                    )
-        finally:
-            await consumer.stop()
+
+    def _apply_counted(self, key: bytes | None, value: bytes | None) -> None:
+        self.records_read += 1
+        self.apply(key, value)

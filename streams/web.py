@@ -5,7 +5,9 @@ Reads are partition-local in Faust. Routing in a multi-worker deployment:
   partition of table `recommendations` (`app.router.route_req`, what `@app.table_route`
   does), so any worker can be asked. Ownership is computed with Faust's (murmur2) key
   partitioner, so producers of `recommendations` must partition with murmur2 as well
-  (Java clients and aiokafka do; librdkafka needs `partitioner=murmur2_random`).
+  (Java clients and aiokafka do; librdkafka needs `partitioner=murmur2_random`). A user with
+  no list there (never seen, or erased) is answered with the trending list, which every
+  worker holds (`streams/trending.py`).
 - `/items/{item_id}/related`: the association statistics live in the one partition of table
   `associations`; requests are forwarded to its owner. The catalog (404s) and the injected
   similar-items provider are answered locally, before forwarding.
@@ -28,13 +30,21 @@ from pydantic.json_schema import models_json_schema
 
 from kafkaio.health import Health as ProcessHealth
 from schemas import vocabulary
-from schemas.messages import Recommendation, RelatedItem, RelatedItems, RelationKind
+from schemas.messages import (
+    Recommendation,
+    RecommendedItem,
+    RelatedItem,
+    RelatedItems,
+    RelationKind,
+)
 from schemas.vocabulary import Term
 
 from .catalog import CatalogView
 from .metrics import StreamsMetrics
 from .ports import SimilarItems
+from .similar import SimilarView
 from .tables import stored_json
+from .trending import TrendingView
 
 logger = logging.getLogger(__name__)
 
@@ -64,7 +74,8 @@ class RelatedResponse(BaseModel):
         ge=0, description="Decayed baskets/sessions holding the item (0: no behaviour yet)."
     )
     similar_available: bool = Field(
-        description="False when this deployment has no vector store for `similar`."
+        description="False when this process has no source of `similar` items (relata's "
+        "associations role always has one: the `similar-items` topic or a Qdrant server)."
     )
     related: list[RelatedItem] = Field(
         description=(
@@ -74,6 +85,27 @@ class RelatedResponse(BaseModel):
         )
     )
     updated_at: datetime | None = Field(description="Event time of the association statistics.")
+
+
+class TrendingRecommendation(BaseModel):
+    """Body of GET /users/{user_id}/recommendations for a user with no list of their own
+    (never seen, or erased): the trending list, the same for every such user."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    user_id: str
+    trending: Literal[True] = Field(
+        True, description="Always true: the trending list, not a list of this user's own."
+    )
+    items: list[RecommendedItem] = Field(
+        description="The most popular available items lately, each with a `trending` reason."
+    )
+    generated_at: datetime = Field(description="When the recommender ranked the trending list.")
+    placement: str
+    model_name: str
+    model_version: str
+    vectors_version: str | None
+    strategy: str
 
 
 class ErrorBody(BaseModel):
@@ -131,7 +163,10 @@ def parse_related_query(query: Any) -> tuple[int, str, bool]:
 def openapi_document() -> dict[str, Any]:
     """OpenAPI 3.1 description of the HTTP API, schemas generated from the pydantic models."""
     _, top = models_json_schema(
-        [(m, "serialization") for m in (RelatedResponse, Recommendation, ErrorBody, Health)],
+        [
+            (m, "serialization")
+            for m in (RelatedResponse, Recommendation, TrendingRecommendation, ErrorBody, Health)
+        ],
         ref_template="#/components/schemas/{model}",
     )
 
@@ -200,7 +235,10 @@ def openapi_document() -> dict[str, Any]:
             "/users/{user_id}/recommendations": {
                 "get": {
                     "operationId": "getRecommendations",
-                    "summary": "The latest recommendations published for a user.",
+                    "summary": (
+                        "The latest recommendations published for a user; for a user with "
+                        "none (never seen, or erased), the trending list."
+                    ),
                     "parameters": [
                         {
                             "name": "user_id",
@@ -210,8 +248,20 @@ def openapi_document() -> dict[str, Any]:
                         }
                     ],
                     "responses": {
-                        "200": {"description": "The latest list.", **ref("Recommendation")},
-                        "404": error("No recommendations published for this user yet."),
+                        "200": {
+                            "description": "The user's latest list, or the trending list.",
+                            "content": {
+                                "application/json": {
+                                    "schema": {
+                                        "oneOf": [
+                                            {"$ref": "#/components/schemas/Recommendation"},
+                                            {"$ref": "#/components/schemas/TrendingRecommendation"},
+                                        ]
+                                    }
+                                }
+                            },
+                        },
+                        "404": error("No list for this user and no trending list published yet."),
                     },
                 }
             },
@@ -294,6 +344,8 @@ class Served(Protocol):
     @property
     def recommendations(self) -> Any: ...
     @property
+    def trending(self) -> TrendingView | None: ...
+    @property
     def health(self) -> ProcessHealth: ...
 
     def related_of(self, item_id: str, *, kinds: Iterable[RelationKind]) -> RelatedItems | None:
@@ -357,8 +409,7 @@ def register_views(streams: Served) -> None:
                     return forwarded
                 stored = streams.recommendations.get(user_id)
                 if stored is None:
-                    message = f"no recommendations published for user {user_id!r} yet"
-                    return counted(endpoint, self.error(404, message, detail={"user_id": user_id}))
+                    return counted(endpoint, no_list_answer(self, streams.trending, user_id))
                 return counted(
                     endpoint,
                     self.bytes(stored_json(stored), content_type="application/json", status=200),
@@ -414,6 +465,27 @@ def register_views(streams: Served) -> None:
             return counted("openapi", self.json(document))
 
 
+def no_list_answer(view: View, trending: TrendingView | None, user_id: str) -> Response:
+    """The answer to a user with no list of their own (never seen, or erased): the trending
+    list, or 404 while none has been published."""
+    current = trending.current() if trending is not None else None
+    if current is None:
+        message = f"no recommendations published for user {user_id!r} and no trending list yet"
+        return view.error(404, message, detail={"user_id": user_id})
+    body = TrendingRecommendation(
+        user_id=user_id,
+        items=current.items,
+        generated_at=current.generated_at,
+        placement=current.placement,
+        model_name=current.model_name,
+        model_version=current.model_version,
+        vectors_version=current.vectors_version,
+        strategy=current.strategy,
+    )
+    response: Response = view.json(body.model_dump(mode="json"))
+    return response
+
+
 async def related_body(
     streams: Served, *, item_id: str, k: int, kind: str, same_category: bool
 ) -> RelatedResponse:
@@ -424,8 +496,10 @@ async def related_body(
         categories = streams.catalog.categories(item_id) if same_category else None
         # Twice k: room for the items the catalog has retired since the store last heard.
         call = functools.partial(provider.similar, item_id, k=2 * k, categories=categories)
-        # The provider may block (a Qdrant server round trip): keep it off the event loop.
-        found = await asyncio.get_running_loop().run_in_executor(None, call)
+        if isinstance(provider, SimilarView):  # in memory, and changed by this event loop
+            found = call()
+        else:  # it may block (a Qdrant server round trip): keep it off the event loop
+            found = await asyncio.get_running_loop().run_in_executor(None, call)
         related.extend([r for r in found or [] if r.item_id in streams.catalog][:k])
     item_count = 0.0
     updated_at = None

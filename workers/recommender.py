@@ -9,6 +9,12 @@ drop candidates that are unavailable, word the reasons of the k kept (`explain`;
 these are `rank`) and publish; the batch's offsets are committed once the broker acknowledged
 its answers (delivery reports, `AckedProducer`), while the next batch is worked on.
 
+The trending list, the answer to a user with no usable history (the same `recommend` call with
+an empty history), is ranked every `trending_interval_s` and published to `trending-items`
+(key: the placement) when its items changed, by the one instance that holds partition 0 of
+`profile-updates` (`leads`): one producer of the key at a time. The stream processor answers
+users with no list of their own with it.
+
 An item the store does not hold (not indexed yet) counts as unavailable. Item vectors and
 titles are cached (LRU); a catalog edit of an item's text reaches the cache only on eviction
 or restart, which is harmless for pooling but worth knowing.
@@ -34,7 +40,14 @@ from kafkaio.dead_letters import DeadLetters, refused
 from kafkaio.health import LoopWatch
 from kafkaio.producer import DEFAULT_ACK_TIMEOUT_S, AckedProducer, RecordRefusedError
 from schemas.decoding import Rejection, decode, key_text
-from schemas.messages import ProfileUpdate, Recommendation, RecommendedItem, RelatedItems
+from schemas.messages import (
+    HistoryEntry,
+    ProfileUpdate,
+    Recommendation,
+    RecommendedItem,
+    RelatedItems,
+    TrendingList,
+)
 from schemas.settings import RecommenderSettings
 from workers.encoder import Encoder
 from workers.lookups import CachedTitles, ItemCache, RelatedIndex, RulesFile
@@ -58,6 +71,9 @@ FloatArray = npt.NDArray[np.float32]
 STAGE = "recommender"
 # related-items records applied per poll, before its answers (see `poll_once`).
 RELATED_PER_POLL = 25
+# While another instance publishes the trending list, whether this one leads now is checked
+# this often (a rebalance may hand it partition 0).
+LEAD_CHECK_S = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,6 +82,8 @@ class RecommenderTopics:
     related_items: str
     recommendations: str
     dead_letter: str
+    # Where the trending list goes (None: not published).
+    trending: str | None = None
 
 
 @dataclass(slots=True)
@@ -130,6 +148,7 @@ class Recommender:
         ack_timeout_s: float = DEFAULT_ACK_TIMEOUT_S,
         stop_flush_s: float = 10.0,
         commit_retry: CommitRetry | None = None,
+        leads: Callable[[], bool] | None = None,
     ) -> None:
         self.consumer = consumer
         self.related_consumer = related_consumer
@@ -169,6 +188,11 @@ class Recommender:
         self._dead_letters = DeadLetters(
             self.producer, topic=topics.dead_letter, stage=STAGE, counter=metrics.dead_letter
         )
+        # Whether this instance publishes the trending list (the composition root: it holds
+        # partition 0 of profile-updates); alone, it does.
+        self._leads = leads or (lambda: True)
+        self._next_trending = 0.0  # time.monotonic() from when it is due
+        self._trending_ids: list[str] | None = None  # the items of the last one published
 
     # -- related-items -------------------------------------------------------------------------
 
@@ -336,8 +360,11 @@ class Recommender:
 
     def recommend(self, users: list[PendingUser]) -> list[list[RecommendedItem]]:
         """Ranked, explained, available items for each user (pure of Kafka)."""
+        return self._rank([user.update.history for user in users])
+
+    def _rank(self, histories: Sequence[Sequence[HistoryEntry]]) -> list[list[RecommendedItem]]:
         return recommend(
-            [user.update.history for user in users],
+            histories,
             lookups=self._lookups,
             weights=self.weights,
             k=self.settings.k,
@@ -355,6 +382,7 @@ class Recommender:
         (`AckedProducer`), so delivery stays at least once.
         """
         self.producer.settle()
+        self._maybe_publish_trending()
         messages = list(
             self.consumer.consume(
                 num_messages=self.settings.max_batch, timeout=self.settings.max_wait_ms / 1000.0
@@ -412,6 +440,50 @@ class Recommender:
         self._maybe_commit()
         self._lag.maybe_report()
         return result
+
+    def trending(self) -> list[RecommendedItem]:
+        """The answer to a user with no usable history, now: `recommend` for an empty one."""
+        return self._rank([[]])[0]
+
+    def _maybe_publish_trending(self) -> None:
+        """Rank the trending list when due and publish it if this instance leads and its items
+        changed since the last one it published (a compacted topic: the latest wins)."""
+        interval = self.settings.trending_interval_s
+        now = time.monotonic()
+        if self.topics.trending is None or interval <= 0 or now < self._next_trending:
+            return
+        if not self._leads():
+            self._next_trending = now + min(interval, LEAD_CHECK_S)
+            self._trending_ids = None  # should it lead again: publish anew
+            return
+        self._next_trending = now + interval
+        try:
+            items = self.trending()
+        except Exception:  # a bug in ranking must not stop the answers to the users
+            logger.exception("ranking the trending list failed")
+            return
+        ids = [item.item_id for item in items]
+        if not items or ids == self._trending_ids:
+            return
+        placement = self.settings.placement
+        value = TrendingList(
+            placement=placement,
+            items=items,
+            generated_at=datetime.now(UTC),
+            model_name=self.encoder.name,
+            model_version=self.encoder.version,
+            vectors_version=self.store.model.version if self.store.model else None,
+            strategy=self.strategy,
+        )
+        try:
+            self.producer.produce(
+                self.topics.trending, key=placement.encode(), value=value.model_dump_json().encode()
+            )
+        except RecordRefusedError:  # k items are far below any size limit: a bug, not fatal
+            logger.exception("trending list refused placement=%s", placement)
+            return
+        self._trending_ids = ids
+        logger.info("trending list published placement=%s items=%d", placement, len(items))
 
     def _acked(self, source_ts_ms: int) -> None:
         # Observed once acknowledged by the broker, the latency a subscriber can actually see

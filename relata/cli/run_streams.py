@@ -1,7 +1,7 @@
 """`relata streams`: composition root of the Faust stream processor.
 
-Reads settings, creates the topics, builds the similar-items provider from the workers'
-vector store, and runs a Faust worker: in the main thread for the CLI, or in a background
+Reads settings, creates the topics, builds the similar-items provider from a Qdrant server
+(otherwise the associations role serves `similar` from the `similar-items` topic), and runs a Faust worker: in the main thread for the CLI, or in a background
 thread (`start_streams_in_thread`) for the demo, the bench and tests.
 """
 
@@ -29,7 +29,7 @@ from relata.runtime.preflight import require_kafka
 from relata.runtime.process import exit_after_grace, freeze_startup_heap
 from relata.runtime.topics import TopicError, WantedTopic, create_missing_topics, ensure_topics
 from schemas.access import component_access
-from schemas.messages import Evidence, RelatedItem
+from schemas.messages import RelatedItem
 from schemas.settings import (
     EncoderSettings,
     KafkaSettings,
@@ -74,18 +74,7 @@ class VectorStoreSimilar:
             return None
         category = categories[-1] if categories else None  # the most specific category
         hits = self._store.search(vector, k=k, exclude_ids={item_id}, category=category)
-        return [
-            RelatedItem(
-                item_id=hit_id,
-                kind="similar",
-                score=float(score),
-                evidence=Evidence(
-                    cosine=max(-1.0, min(1.0, float(score))),
-                    text=f"similar description (cosine {score:.2f})",
-                ),
-            )
-            for hit_id, score in hits
-        ]
+        return [RelatedItem.similar(hit_id, score) for hit_id, score in hits]
 
 
 def build_similar(store_settings: StoreSettings, encoder: EncoderSettings) -> VectorStoreSimilar:
@@ -285,8 +274,9 @@ def start_streams_in_thread(
     envvar="RELATA_STREAMS_SIMILAR",
     show_envvar=True,
     help=(
-        "Serve kind=similar from the vector store. Default: on for store kind server only, "
-        "off for edge/local (their directory is opened by one process only: the workers')."
+        "Serve kind=similar live from the vector store. Default: on for store kind server "
+        "only; otherwise (and for edge/local, whose directory only the workers' process opens) "
+        "from the `similar-items` topic the item indexer publishes."
     ),
 )
 @settings_options(ReliabilitySettings, group="reliability")
@@ -303,13 +293,8 @@ def command(with_similar: bool | None, **params: Any) -> None:
     require_kafka(kafka, needs=component_access(kafka, streams=settings)["streams"].topics())
     if with_similar is None:
         with_similar = store.kind == "server"
-        if not with_similar:
-            logger.warning(
-                "similar items disabled: RELATA_STORE_KIND=%s opens its directory in one process "
-                "(the workers'); use a Qdrant server (kind=server) or run "
-                "`relata demo` (one process) to serve kind=similar",
-                store.kind,
-            )
+    if not with_similar:
+        logger.info("similar items served from the similar-items topic store_kind=%s", store.kind)
     # The encoder decides the vector width; its settings come from RELATA_ENCODER_* only.
     similar = build_similar(store, EncoderSettings()) if with_similar else None
     try:

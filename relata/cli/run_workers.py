@@ -44,6 +44,8 @@ from schemas.topics import (
     PROFILE_UPDATES,
     RECOMMENDATIONS,
     RELATED_ITEMS,
+    SIMILAR_ITEMS,
+    TRENDING_ITEMS,
 )
 
 logger = logging.getLogger(__name__)
@@ -133,6 +135,11 @@ def build_related_consumer(kafka: KafkaSettings, *, group_prefix: str) -> Any:
     partitions = sorted(metadata.topics[topic].partitions)
     consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in partitions])
     return consumer
+
+
+def holds_partition(consumer: Any, partition: int) -> bool:
+    """Whether the group consumer is assigned `partition` (of the one topic it reads) now."""
+    return any(tp.partition == partition for tp in consumer.assignment())
 
 
 @dataclass
@@ -241,12 +248,17 @@ def build_workers(
             encoder=encoder,
             store=store,
             metrics=metrics,
-            topics=IndexerTopics(catalog=topic_name(kafka, ITEM_CATALOG), dead_letter=dead_letter),
+            topics=IndexerTopics(
+                catalog=topic_name(kafka, ITEM_CATALOG),
+                dead_letter=dead_letter,
+                similar=topic_name(kafka, SIMILAR_ITEMS),
+            ),
             max_batch=indexer_settings.max_batch,
             max_wait_ms=indexer_settings.max_wait_ms,
             watch=watch,
             ack_timeout_s=reliability.ack_timeout_s,
             commit_retry=retry,
+            similar_k=indexer_settings.similar_k,
         )
         health.wait("indexer outputs", lambda: indexer.producer.waiting_since)
         workers.loops.append(("indexer", indexer.run))
@@ -282,6 +294,7 @@ def build_workers(
                 related_items=topic_name(kafka, RELATED_ITEMS),
                 recommendations=topic_name(kafka, RECOMMENDATIONS),
                 dead_letter=dead_letter,
+                trending=topic_name(kafka, TRENDING_ITEMS),
             ),
             settings=recommender_settings,
             weights=weights,
@@ -289,6 +302,8 @@ def build_workers(
             ack_timeout_s=reliability.ack_timeout_s,
             stop_flush_s=stop_share_s,
             commit_retry=retry,
+            # One instance publishes the trending list: the one partition 0 is assigned to.
+            leads=partial(holds_partition, consumer, 0),
         )
         health.wait("recommender outputs", lambda: recommender.producer.waiting_since)
         workers.loops.append(("recommender", recommender.run))

@@ -368,10 +368,12 @@ def test_restart_recovers_association_statistics_from_changelog(
         )
         before = related_i1(first)
         assert first.url is not None
+        # No vector store given: `similar` comes from the similar-items topic (empty here).
         no_store = httpx.get(
             f"{first.url}/items/i1/related", params={"kind": "similar"}, timeout=30
         )
-        assert no_store.status_code == 503 and "vector store" in no_store.json()["error"]
+        assert no_store.status_code == 200
+        assert no_store.json()["similar_available"] is True and no_store.json()["related"] == []
     assert support(before, "i2") == 3
 
     # A new app (new process state, new data dir): the memory store is rebuilt from the

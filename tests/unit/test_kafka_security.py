@@ -144,6 +144,7 @@ def test_each_component_reads_and_writes_exactly_its_topics() -> None:
     access = component_access(kafka, indexer=IndexerSettings(group_id="ix"))
     assert access["indexer"].topics() == {
         "p.item-catalog": {"READ", "DESCRIBE", "DESCRIBE_CONFIGS"},
+        "p.similar-items": {"WRITE", "DESCRIBE", "DESCRIBE_CONFIGS"},
         "p.dead-letter": {"WRITE", "DESCRIBE", "DESCRIBE_CONFIGS"},
     }
     # One indexer group per model version: `ix-<version>`.
@@ -152,7 +153,18 @@ def test_each_component_reads_and_writes_exactly_its_topics() -> None:
     recommender = access["recommender"]
     assert recommender.operations("topic", "p.profile-updates") >= {"READ"}
     assert "WRITE" in recommender.operations("topic", "p.recommendations")
+    assert "WRITE" in recommender.operations("topic", "p.trending-items")
     assert not recommender.operations("topic", "p.behavior-events")
+    # One producer per compacted topic: the indexer writes similar lists, the recommender the
+    # trending list, and the stream processor only reads both.
+    assert not recommender.operations("topic", "p.similar-items")
+    assert not access["indexer"].operations("topic", "p.trending-items")
+    for name in ("p.similar-items", "p.trending-items"):
+        assert access["streams"].operations("topic", name) == {
+            "READ",
+            "DESCRIBE",
+            "DESCRIBE_CONFIGS",
+        }
     # The union of both loops for `relata workers --role all`.
     workers = access["workers"]
     assert workers.topics()["p.dead-letter"] == {"WRITE", "DESCRIBE", "DESCRIBE_CONFIGS"}
@@ -163,6 +175,8 @@ def test_each_component_reads_and_writes_exactly_its_topics() -> None:
         "profile-updates",
         "related-items",
         "recommendations",
+        "similar-items",
+        "trending-items",
     }
     assert len(topics_of(access["streams"], kafka)) == len(ALL_TOPICS)
     assert [a.principal for a in access.values()] == [f"relata-{c}" for c in COMPONENTS]

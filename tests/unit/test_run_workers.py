@@ -99,3 +99,20 @@ def test_close_carries_on_after_an_error() -> None:
     )
     workers.close()
     assert log == ["store", "encoder"]
+
+
+def test_the_recommender_holding_partition_zero_leads() -> None:
+    from confluent_kafka import TopicPartition
+
+    from relata.cli.run_workers import holds_partition
+
+    class Assigned:
+        def __init__(self, *partitions: int) -> None:
+            self.partitions = [TopicPartition("profile-updates", p) for p in partitions]
+
+        def assignment(self) -> list[TopicPartition]:
+            return self.partitions
+
+    assert holds_partition(Assigned(0, 2), 0)
+    assert not holds_partition(Assigned(1, 2), 0)
+    assert not holds_partition(Assigned(), 0)  # not assigned yet, or between rebalances

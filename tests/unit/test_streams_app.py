@@ -108,7 +108,7 @@ def make_streams(tmp_path: Path, sender: RecordingSender, **settings: Any) -> St
         settings=StreamsSettings(web_port=0, data_dir=tmp_path, assoc_min_support=2, **options),
         registry=CollectorRegistry(),
         sender=sender,
-        follow_catalog=False,
+        follow_topics=False,
     )
     app.catalog.set_items({"i1": ("Hair",), "i2": ("Hair",), "i3": ("Nails",), "cold": ("Hair",)})
     return app
@@ -538,7 +538,7 @@ async def test_cold_start_item_gets_similar_items(tmp_path: Path) -> None:
         similar=similar,
         sender=RecordingSender(),
         catalog=CatalogView(),
-        follow_catalog=False,
+        follow_topics=False,
     )
     # sim-1 was retired: the store may still hold it, the related list never shows it.
     app.catalog.set_items(

@@ -79,7 +79,7 @@ def test_building_the_stream_processor_forbids_aiokafka_auto_creation(
         settings=StreamsSettings(web_port=0),
         registry=CollectorRegistry(),
         sender=NoSender(),  # type: ignore[arg-type]  # never used: nothing starts
-        follow_catalog=False,
+        follow_topics=False,
     )
     request = aiokafka.client.MetadataRequest(["recommendations"])
     assert request.build(MetadataRequest_v5).allow_auto_topic_creation is False
