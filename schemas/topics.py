@@ -64,6 +64,15 @@ RECOMMENDATIONS = TopicSpec(
     "compact",
     "The latest explained recommendations per user.",
 )
+# A second configuration's lists, judged on live traffic beside the live ones (docs/operations.md
+# "Shadow strategy"); no subscriber should serve them.
+RECOMMENDATIONS_SHADOW = TopicSpec(
+    "recommendations-shadow",
+    "user_id",
+    Recommendation,
+    "compact",
+    "The shadow recommender's lists, published beside the live ones and never served.",
+)
 DEAD_LETTER = TopicSpec(
     "dead-letter",
     "source key",
@@ -95,4 +104,5 @@ ALL_TOPICS: tuple[TopicSpec, ...] = (
     DEAD_LETTER,
     ERASURE_REQUESTS,
     ERASURE_AUDIT,
+    RECOMMENDATIONS_SHADOW,
 )

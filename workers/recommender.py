@@ -130,6 +130,7 @@ class Recommender:
         ack_timeout_s: float = DEFAULT_ACK_TIMEOUT_S,
         stop_flush_s: float = 10.0,
         commit_retry: CommitRetry | None = None,
+        stage: str = STAGE,
     ) -> None:
         self.consumer = consumer
         self.related_consumer = related_consumer
@@ -166,8 +167,9 @@ class Recommender:
             attributes=self._attributes,
         )
         self.rules = RulesFile(settings.rules_path)
+        # `stage` tells a shadow recommender's dead letters from the live one's.
         self._dead_letters = DeadLetters(
-            self.producer, topic=topics.dead_letter, stage=STAGE, counter=metrics.dead_letter
+            self.producer, topic=topics.dead_letter, stage=stage, counter=metrics.dead_letter
         )
 
     # -- related-items -------------------------------------------------------------------------
