@@ -20,7 +20,7 @@ def test_overrides_come_from_the_environment_as_json(monkeypatch: pytest.MonkeyP
     assert shadow.enabled
     assert shadow.overrides == {"mmr_lambda": 0.5, "strategy": "vector"}
     # A command-line option arrives as text.
-    assert ShadowSettings(overrides='{"k": 5}').overrides == {"k": 5}  # type: ignore[arg-type]
+    assert ShadowSettings(overrides='{"k": 5}').overrides == {"k": 5}
 
 
 def test_the_shadow_is_the_live_settings_with_its_overrides_in_its_own_group() -> None:
