@@ -223,16 +223,9 @@ def build_workers(
 ) -> Workers:
     """Build the loops of `role`; one encoder and one store serve both loops of `all` (and a
     shadow recommender), one `Health` (their watches, the brokers) the probes."""
-    from workers.encoder import TransformerEncoder
-    from workers.indexer import IndexerTopics, ItemIndexer
-    from workers.metrics import WorkerMetrics
-    from workers.model_identity import version_group
-    from workers.store_versions import build_store
-    from workers.vector_store import ModelIdentity
-
     reliability = reliability or ReliabilitySettings()
     shadow = shadow or ShadowSettings()
-    if role == "quality":
+    if role == "quality":  # before the imports below: no torch in live quality's process
         return build_quality(
             kafka=kafka,
             settings=quality or QualitySettings(),
@@ -240,6 +233,13 @@ def build_workers(
             registry=registry,
             reliability=reliability,
         )
+    from workers.encoder import TransformerEncoder
+    from workers.indexer import IndexerTopics, ItemIndexer
+    from workers.metrics import WorkerMetrics
+    from workers.model_identity import version_group
+    from workers.store_versions import build_store
+    from workers.vector_store import ModelIdentity
+
     encoder = encoder or TransformerEncoder.from_settings(encoder_settings)
     store = store or build_store(store_settings, encoder.dim, model=ModelIdentity.of(encoder))
     metrics = WorkerMetrics.create(registry)
