@@ -32,7 +32,7 @@ from schemas.settings import KafkaSettings
 DISPLAY_EVERY_S = 1.0
 SHOW_RECOMMENDATIONS_EVERY_S = 5.0
 # The shadow the demo judges beside the live recommender: similarity alone, without the
-# behaviour evidence, so the live hit rate shows what that evidence is worth.
+# behaviour evidence the live one blends in (learnt from the replay itself, so it starts cold).
 DEFAULT_SHADOW = '{"strategy": "vector"}'
 
 
