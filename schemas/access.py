@@ -12,6 +12,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Literal
 
+from schemas.quality_settings import QualitySettings
 from schemas.settings import IndexerSettings, KafkaSettings, RecommenderSettings, StreamsSettings
 from schemas.topics import (
     ALL_TOPICS,
@@ -22,6 +23,7 @@ from schemas.topics import (
     ITEM_CATALOG,
     PROFILE_UPDATES,
     RECOMMENDATIONS,
+    RECOMMENDATIONS_SHADOW,
     RELATED_ITEMS,
     SIMILAR_ITEMS,
     TRENDING_ITEMS,
@@ -29,15 +31,23 @@ from schemas.topics import (
 )
 
 Operation = Literal["READ", "WRITE", "CREATE", "DESCRIBE", "DESCRIBE_CONFIGS"]
-Component = Literal["streams", "indexer", "recommender", "workers", "tools"]
+Component = Literal["streams", "indexer", "recommender", "workers", "quality", "tools"]
 
-COMPONENTS: tuple[Component, ...] = ("streams", "indexer", "recommender", "workers", "tools")
+COMPONENTS: tuple[Component, ...] = (
+    "streams",
+    "indexer",
+    "recommender",
+    "workers",
+    "quality",
+    "tools",
+)
 # What each component is, in the words of the ACL table and `relata kafka --security`.
 COMPONENT_COMMANDS: dict[Component, str] = {
     "streams": "relata streams (roles profiles, associations, all)",
     "indexer": "relata workers --role indexer",
     "recommender": "relata workers --role recommender",
     "workers": "relata workers --role all (indexer and recommender in one process)",
+    "quality": "relata workers --role quality (live quality of the published lists)",
     "tools": "relata load-catalog, replay, tail; topic creation",
 }
 
@@ -122,6 +132,7 @@ def component_access(
     streams: StreamsSettings | None = None,
     indexer: IndexerSettings | None = None,
     recommender: RecommenderSettings | None = None,
+    quality: QualitySettings | None = None,
     principal_prefix: str = "relata-",
 ) -> dict[Component, Access]:
     """Every component's access under these settings (topic prefix, app id, group ids).
@@ -130,11 +141,14 @@ def component_access(
     groups (`<id>`, `<id>-events`, `<id>-associations`) and internal topics (table
     changelogs, `association-input`, Faust's leader topic), which it creates. The recommender's
     group is a prefix too: its related-items reader is assigned under `<group>-related-...`; so
-    is the indexer's, one group per model version (`<group>-<version>`).
+    is the indexer's, one group per model version (`<group>-<version>`), and the shadow
+    recommender's group is `<group>-shadow`. Live quality reads the events and both list
+    topics under a group of its own.
     """
     streams = streams or StreamsSettings()
     indexer = indexer or IndexerSettings()
     recommender = recommender or RecommenderSettings()
+    quality = quality or QualitySettings()
     app_prefix = kafka.topic(streams.app_id)
     owned: frozenset[Operation] = _READ_WRITE | frozenset({"CREATE"})
     grants: dict[Component, tuple[Grant, ...]] = {
@@ -167,8 +181,15 @@ def component_access(
             _topic(kafka, RELATED_ITEMS, _READ),
             _topic(kafka, RECOMMENDATIONS, _WRITE),
             _topic(kafka, TRENDING_ITEMS, _WRITE),
+            _topic(kafka, RECOMMENDATIONS_SHADOW, _WRITE),
             _topic(kafka, DEAD_LETTER, _WRITE),
             Grant("group", recommender.group_id, frozenset({"READ", "DESCRIBE"}), prefixed=True),
+        ),
+        "quality": (
+            _topic(kafka, BEHAVIOR_EVENTS, _READ),
+            _topic(kafka, RECOMMENDATIONS, _READ),
+            _topic(kafka, RECOMMENDATIONS_SHADOW, _READ),
+            Grant("group", quality.group_id, frozenset({"READ", "DESCRIBE"}), prefixed=True),
         ),
         # `relata tail` reads any topic, assigned, under a group `relata-tail-<random>` it
         # never commits; the tools create the declared topics (the components need not).

@@ -81,6 +81,15 @@ TRENDING_ITEMS = TopicSpec(
     "compact",
     "The trending list per placement: the answer to a user with no list of their own.",
 )
+# A second configuration's lists, judged on live traffic beside the live ones (docs/operations.md
+# "Shadow strategy"); no subscriber should serve them.
+RECOMMENDATIONS_SHADOW = TopicSpec(
+    "recommendations-shadow",
+    "user_id",
+    Recommendation,
+    "compact",
+    "The shadow recommender's lists, published beside the live ones and never served.",
+)
 DEAD_LETTER = TopicSpec(
     "dead-letter",
     "source key",
@@ -114,4 +123,5 @@ ALL_TOPICS: tuple[TopicSpec, ...] = (
     DEAD_LETTER,
     ERASURE_REQUESTS,
     ERASURE_AUDIT,
+    RECOMMENDATIONS_SHADOW,
 )

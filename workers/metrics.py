@@ -156,3 +156,84 @@ class WorkerMetrics:
                 registry=registry,
             ),
         )
+
+
+# Rank of a hit in its list (1 first): hits at rank <= k over judged actions is hit rate@k.
+HIT_RANK_BUCKETS = (1, 2, 3, 5, 10, 20, 50, 100, 200)
+
+
+@dataclass(frozen=True, slots=True)
+class QualityMetrics:
+    """Every metric of live quality (`relata workers --role quality`), by variant (`live`,
+    `shadow`): actions judged against the list their user had, hits, and summed NDCG, so that
+    PromQL divides them over any range."""
+
+    judged: Counter
+    hits: Counter
+    ndcg: Counter
+    hit_rank: Histogram
+    unjudged: Counter
+    duplicates: Counter
+    lists: Counter
+    users: Gauge
+    consumer_lag: Gauge
+
+    @classmethod
+    def create(cls, registry: CollectorRegistry) -> QualityMetrics:
+        """Register all live-quality metrics in `registry` (one call per registry)."""
+        by_type = ["variant", "event_type"]
+        return cls(
+            judged=Counter(
+                "relata_quality_events_judged_total",
+                "Actions (click, add to cart, purchase) judged against the list their user had.",
+                by_type,
+                registry=registry,
+            ),
+            hits=Counter(
+                "relata_quality_hits_total",
+                "Judged actions whose item was in the list.",
+                by_type,
+                registry=registry,
+            ),
+            ndcg=Counter(
+                "relata_quality_ndcg_total",
+                "Sum of the judged actions' NDCG (1/log2(rank+1) for a hit, 0 for a miss).",
+                by_type,
+                registry=registry,
+            ),
+            hit_rank=Histogram(
+                "relata_quality_hit_rank",
+                "Rank of the item in the list (1 first), for hits.",
+                ["variant"],
+                buckets=HIT_RANK_BUCKETS,
+                registry=registry,
+            ),
+            unjudged=Counter(
+                "relata_quality_events_unjudged_total",
+                "Actions not judged: no list of their user (no_list) or one past the window (expired).",
+                ["variant", "reason"],
+                registry=registry,
+            ),
+            duplicates=Counter(
+                "relata_quality_duplicates_total",
+                "Re-delivered events skipped by event_id (judged once).",
+                registry=registry,
+            ),
+            lists=Counter(
+                "relata_quality_lists_total",
+                "Published lists read, by variant.",
+                ["variant"],
+                registry=registry,
+            ),
+            users=Gauge(
+                "relata_quality_users",
+                "Users whose latest lists are kept (bounded by RELATA_QUALITY_MAX_USERS).",
+                registry=registry,
+            ),
+            consumer_lag=Gauge(
+                "relata_consumer_lag_records",
+                "Records between the consumer's position and the high watermark, by topic.",
+                ["topic"],
+                registry=registry,
+            ),
+        )

@@ -149,6 +149,7 @@ class Recommender:
         stop_flush_s: float = 10.0,
         commit_retry: CommitRetry | None = None,
         leads: Callable[[], bool] | None = None,
+        stage: str = STAGE,
     ) -> None:
         self.consumer = consumer
         self.related_consumer = related_consumer
@@ -185,8 +186,9 @@ class Recommender:
             attributes=self._attributes,
         )
         self.rules = RulesFile(settings.rules_path)
+        # `stage` tells a shadow recommender's dead letters from the live one's.
         self._dead_letters = DeadLetters(
-            self.producer, topic=topics.dead_letter, stage=STAGE, counter=metrics.dead_letter
+            self.producer, topic=topics.dead_letter, stage=stage, counter=metrics.dead_letter
         )
         # Whether this instance publishes the trending list (the composition root: it holds
         # partition 0 of profile-updates); alone, it does.

@@ -12,6 +12,7 @@ import click
 import yaml
 
 from relata.deploy.strimzi import kafka_topics, kafka_users
+from schemas.quality_settings import QualitySettings
 from schemas.settings import IndexerSettings, KafkaSettings, RecommenderSettings, StreamsSettings
 
 DEFAULT_DIR = Path(__file__).resolve().parents[2] / "deploy"
@@ -68,6 +69,12 @@ def settings_from_configmap(
     return kafka, streams, indexer, recommender
 
 
+def quality_from_configmap(data: dict[str, str]) -> QualitySettings:
+    """Live quality's group (its KafkaUser's grant) from the ConfigMap, as above."""
+    default = QualitySettings.model_fields["group_id"].default
+    return QualitySettings(group_id=data.get("RELATA_QUALITY_GROUP_ID", default))
+
+
 def render_all(deploy_dir: Path, *, cluster: str = DEFAULT_CLUSTER) -> dict[Path, str]:
     """Path under deploy/ -> text, for every generated file."""
     from relata.deploy.dashboard import dashboard_json
@@ -75,7 +82,12 @@ def render_all(deploy_dir: Path, *, cluster: str = DEFAULT_CLUSTER) -> dict[Path
     (configmap,) = [doc for doc in yaml.safe_load_all((deploy_dir / CONFIGMAP).read_text()) if doc]
     kafka, streams, indexer, recommender = settings_from_configmap(configmap["data"])
     users = kafka_users(
-        kafka, streams=streams, indexer=indexer, recommender=recommender, cluster=cluster
+        kafka,
+        streams=streams,
+        indexer=indexer,
+        recommender=recommender,
+        quality=quality_from_configmap(configmap["data"]),
+        cluster=cluster,
     )
     return {
         TOPICS: _yaml_docs(kafka_topics(kafka, cluster=cluster), "schemas/topics.py"),

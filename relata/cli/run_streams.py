@@ -28,7 +28,7 @@ from relata.cli.settings_cli import build_settings, settings_options
 from relata.runtime.preflight import require_kafka
 from relata.runtime.process import exit_after_grace, freeze_startup_heap
 from relata.runtime.topics import TopicError, WantedTopic, create_missing_topics, ensure_topics
-from schemas.access import component_access
+from schemas.access import component_access, topics_of
 from schemas.messages import RelatedItem
 from schemas.settings import (
     EncoderSettings,
@@ -37,7 +37,6 @@ from schemas.settings import (
     StoreSettings,
     StreamsSettings,
 )
-from schemas.topics import ALL_TOPICS
 from streams.app import (
     SimilarItems,
     StreamsApp,
@@ -113,7 +112,9 @@ def ensure_stream_topics(kafka: KafkaSettings, settings: StreamsSettings) -> lis
         internal[profiles_changelog_topic(kafka, settings)] = WantedTopic(
             kafka.partitions, "compact"
         )
-    return ensure_topics(kafka, ALL_TOPICS) + create_missing_topics(kafka, internal)
+    # Only the declared topics it uses: it is not granted the others (the shadow's lists).
+    public = topics_of(component_access(kafka, streams=settings)["streams"], kafka)
+    return ensure_topics(kafka, public) + create_missing_topics(kafka, internal)
 
 
 class StreamsWorker(faust.Worker):

@@ -6,6 +6,12 @@ loops until SIGTERM/SIGINT (ending within `RELATA_SHUTDOWN_GRACE_S` even while t
 away). A broker outage is waited out: no loop gives up on it. With `--role all` both
 loops share ONE encoder and ONE store in one process (two threads): an embedded qdrant-edge
 directory can be open in one process only, so that is how the demo runs.
+
+With `RELATA_SHADOW_ENABLED` the recommender's process (roles `recommender`, `all`) runs a
+shadow recommender beside the live one: the same encoder and store, its own consumer group,
+producer and related-items reader, the live settings with `RELATA_SHADOW_OVERRIDES`, publishing
+to `recommendations-shadow` (role `shadow`: that loop alone, e.g. beside a Qdrant server).
+`--role quality` is live quality (`workers.quality_monitor`): no model, no store.
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ from relata.runtime.preflight import require_kafka
 from relata.runtime.process import freeze_startup_heap, stop_on_signals
 from relata.runtime.topics import TopicError, ensure_topics, topic_name
 from schemas.access import Component, component_access, topics_of
+from schemas.quality_settings import QualitySettings, ShadowSettings
 from schemas.settings import (
     EncoderSettings,
     IndexerSettings,
@@ -39,24 +46,32 @@ from schemas.settings import (
     StoreSettings,
 )
 from schemas.topics import (
+    BEHAVIOR_EVENTS,
     DEAD_LETTER,
     ITEM_CATALOG,
     PROFILE_UPDATES,
     RECOMMENDATIONS,
+    RECOMMENDATIONS_SHADOW,
     RELATED_ITEMS,
     SIMILAR_ITEMS,
     TRENDING_ITEMS,
+    TopicSpec,
 )
 
 logger = logging.getLogger(__name__)
 
-Role = Literal["indexer", "recommender", "all"]
-# The principal (schemas.access) each role runs as: `all` needs both loops' ACLs.
+Role = Literal["indexer", "recommender", "shadow", "quality", "all"]
+# The principal (schemas.access) each role runs as: `all` needs both loops' ACLs; a shadow
+# recommender is granted what the live one is.
 COMPONENT_OF_ROLE: dict[Role, Component] = {
     "indexer": "indexer",
     "recommender": "recommender",
+    "shadow": "recommender",
+    "quality": "quality",
     "all": "workers",
 }
+# The dead-letter stage of a shadow recommender's rejections (the live one's is `recommender`).
+SHADOW_STAGE = "recommender-shadow"
 
 
 def build_consumer(
@@ -67,10 +82,12 @@ def build_consumer(
     low_latency: bool = False,
     commit_retry: CommitRetry | None = None,
     renew_after_s: float | None = None,
+    extra: dict[str, Any] | None = None,
 ) -> Any:
     """A confluent-kafka consumer with manual commits (offsets committed after the work);
     `commit_retry` hears of commits that failed, to send them again; `renew_after_s`: rebuilt
-    when its partitions stay lost that long while the brokers answer (`RenewingConsumer`)."""
+    when its partitions stay lost that long while the brokers answer (`RenewingConsumer`);
+    `extra`: more librdkafka settings."""
     from confluent_kafka import Consumer
 
     config: dict[str, Any] = kafka.librdkafka_config(client_id) | {
@@ -87,6 +104,7 @@ def build_consumer(
         # polling (a few ms would keep the broker busy with nothing to do; librdkafka keeps
         # every partition in the fetch, so new data on any one ends the wait).
         config |= {"fetch.wait.max.ms": 500, "fetch.min.bytes": 1}
+    config |= extra or {}
     if renew_after_s is not None:
         return RenewingConsumer(partial(Consumer, config), renew_after_s=renew_after_s)
     return Consumer(config)
@@ -185,7 +203,8 @@ class Workers:
 
     def close(self) -> None:
         """Close Kafka clients, then the store and the encoder; each error is logged."""
-        for close in [*self.closers, self.store.close, getattr(self.encoder, "close", None)]:
+        closes = [getattr(self.store, "close", None), getattr(self.encoder, "close", None)]
+        for close in [*self.closers, *closes]:
             if close is None:
                 continue
             try:
@@ -206,19 +225,28 @@ def build_workers(
     encoder: Any = None,
     store: Any = None,
     reliability: ReliabilitySettings | None = None,
+    shadow: ShadowSettings | None = None,
+    quality: QualitySettings | None = None,
 ) -> Workers:
-    """Build the loops of `role`; one encoder and one store serve both loops of `all`, one
-    `Health` (their watches, the brokers) both probes."""
+    """Build the loops of `role`; one encoder and one store serve both loops of `all` (and a
+    shadow recommender), one `Health` (their watches, the brokers) the probes."""
+    reliability = reliability or ReliabilitySettings()
+    shadow = shadow or ShadowSettings()
+    if role == "quality":  # before the imports below: no torch in live quality's process
+        return build_quality(
+            kafka=kafka,
+            settings=quality or QualitySettings(),
+            with_shadow=shadow.enabled,
+            registry=registry,
+            reliability=reliability,
+        )
     from workers.encoder import TransformerEncoder
     from workers.indexer import IndexerTopics, ItemIndexer
     from workers.metrics import WorkerMetrics
     from workers.model_identity import version_group
-    from workers.ranking import BlendWeights
-    from workers.recommender import Recommender, RecommenderTopics
     from workers.store_versions import build_store
     from workers.vector_store import ModelIdentity
 
-    reliability = reliability or ReliabilitySettings()
     encoder = encoder or TransformerEncoder.from_settings(encoder_settings)
     store = store or build_store(store_settings, encoder.dim, model=ModelIdentity.of(encoder))
     metrics = WorkerMetrics.create(registry)
@@ -264,52 +292,143 @@ def build_workers(
         workers.loops.append(("indexer", indexer.run))
         workers.closers += [consumer.close, partial(producer.flush, stop_share_s)]
     if role in ("recommender", "all"):
-        retry = CommitRetry()
-        consumer = build_consumer(
-            kafka,
-            group_id=recommender_settings.group_id,
-            client_id="relata-recommender",
-            low_latency=True,
-            commit_retry=retry,
-            renew_after_s=reliability.rejoin_timeout_s,
-        )
-        watch = workers.watches["recommender"] = health.loop("recommender")
-        subscribe_watched(consumer, topic_name(kafka, PROFILE_UPDATES), watch)
-        related = build_related_consumer(kafka, group_prefix=recommender_settings.group_id)
-        producer = build_producer(kafka, client_id="relata-recommender")
-        weights = (
-            BlendWeights.load(recommender_settings.blend_path)
-            if recommender_settings.blend_path
-            else None
-        )
-        recommender = Recommender(
-            consumer=consumer,
-            related_consumer=related,
-            producer=producer,
-            encoder=encoder,
-            store=store,
-            metrics=metrics,
-            topics=RecommenderTopics(
-                profile_updates=topic_name(kafka, PROFILE_UPDATES),
-                related_items=topic_name(kafka, RELATED_ITEMS),
-                recommendations=topic_name(kafka, RECOMMENDATIONS),
-                dead_letter=dead_letter,
-                trending=topic_name(kafka, TRENDING_ITEMS),
-            ),
+        producer = _add_recommender(
+            workers,
+            "recommender",
+            kafka=kafka,
             settings=recommender_settings,
-            weights=weights,
-            watch=watch,
-            ack_timeout_s=reliability.ack_timeout_s,
-            stop_flush_s=stop_share_s,
-            commit_retry=retry,
-            # One instance publishes the trending list: the one partition 0 is assigned to.
-            leads=partial(holds_partition, consumer, 0),
+            topic=RECOMMENDATIONS,
+            metrics=metrics,
+            reliability=reliability,
         )
-        health.wait("recommender outputs", lambda: recommender.producer.waiting_since)
-        workers.loops.append(("recommender", recommender.run))
-        workers.closers += [consumer.close, related.close, partial(producer.flush, stop_share_s)]
+    if role == "shadow" or (shadow.enabled and role in ("recommender", "all")):
+        # Its own metrics, never served: its batches, latency and published lists must not
+        # count as the live recommender's (live quality labels its lists instead).
+        producer = _add_recommender(
+            workers,
+            "shadow",
+            kafka=kafka,
+            settings=shadow.recommender(recommender_settings),
+            topic=RECOMMENDATIONS_SHADOW,
+            metrics=WorkerMetrics.create(CollectorRegistry()),
+            reliability=reliability,
+            stage=SHADOW_STAGE,
+        )
     health.broker = BrokerWatch(
         partial(producer.list_topics, topic_name(kafka, DEAD_LETTER)),
+        interval_s=reliability.broker_check_interval_s,
+    )
+    return workers
+
+
+def _add_recommender(
+    workers: Workers,
+    name: str,
+    *,
+    kafka: KafkaSettings,
+    settings: RecommenderSettings,
+    topic: TopicSpec,
+    metrics: Any,
+    reliability: ReliabilitySettings,
+    stage: str | None = None,
+) -> Any:
+    """Add a recommender loop publishing to `topic` (the live one, or a shadow) on the
+    workers' encoder and store; returns its producer."""
+    from workers.ranking import BlendWeights
+    from workers.recommender import STAGE, Recommender, RecommenderTopics
+
+    stop_share_s = reliability.shutdown_grace_s / 4
+    client_id = "relata-recommender" if name == "recommender" else f"relata-recommender-{name}"
+    retry = CommitRetry()
+    consumer = build_consumer(
+        kafka,
+        group_id=settings.group_id,
+        client_id=client_id,
+        low_latency=True,
+        commit_retry=retry,
+        renew_after_s=reliability.rejoin_timeout_s,
+    )
+    watch = workers.watches[name] = workers.health.loop(name)
+    subscribe_watched(consumer, topic_name(kafka, PROFILE_UPDATES), watch)
+    related = build_related_consumer(kafka, group_prefix=settings.group_id)
+    producer = build_producer(kafka, client_id=client_id)
+    weights = BlendWeights.load(settings.blend_path) if settings.blend_path else None
+    recommender = Recommender(
+        consumer=consumer,
+        related_consumer=related,
+        producer=producer,
+        encoder=workers.encoder,
+        store=workers.store,
+        metrics=metrics,
+        topics=RecommenderTopics(
+            profile_updates=topic_name(kafka, PROFILE_UPDATES),
+            related_items=topic_name(kafka, RELATED_ITEMS),
+            recommendations=topic_name(kafka, topic),
+            dead_letter=topic_name(kafka, DEAD_LETTER),
+            # Only the live recommender publishes the trending list (one producer per key).
+            trending=topic_name(kafka, TRENDING_ITEMS) if topic is RECOMMENDATIONS else None,
+        ),
+        settings=settings,
+        weights=weights,
+        watch=watch,
+        ack_timeout_s=reliability.ack_timeout_s,
+        stop_flush_s=stop_share_s,
+        commit_retry=retry,
+        stage=stage or STAGE,
+        # One instance publishes the trending list: the one partition 0 is assigned to.
+        leads=partial(holds_partition, consumer, 0),
+    )
+    workers.health.wait(f"{name} outputs", lambda: recommender.producer.waiting_since)
+    workers.loops.append((name, recommender.run))
+    workers.closers += [consumer.close, related.close, partial(producer.flush, stop_share_s)]
+    return producer
+
+
+def build_quality(
+    *,
+    kafka: KafkaSettings,
+    settings: QualitySettings,
+    with_shadow: bool,
+    registry: CollectorRegistry,
+    reliability: ReliabilitySettings,
+) -> Workers:
+    """Live quality's loop (`workers.quality_monitor`): one consumer of the events and the
+    lists, range-assigned so that it holds the same partitions of each."""
+    from workers.metrics import QualityMetrics
+    from workers.quality_monitor import LIVE, SHADOW, QualityMonitor, QualityTopics
+
+    health = Health(
+        ack_timeout_s=reliability.ack_timeout_s, stall_timeout_s=reliability.stall_timeout_s
+    )
+    workers = Workers(loops=[], encoder=None, store=None, health=health)
+    lists = {LIVE: topic_name(kafka, RECOMMENDATIONS)}
+    if with_shadow:
+        lists[SHADOW] = topic_name(kafka, RECOMMENDATIONS_SHADOW)
+    retry = CommitRetry()
+    consumer = build_consumer(
+        kafka,
+        group_id=settings.group_id,
+        client_id="relata-quality",
+        commit_retry=retry,
+        renew_after_s=reliability.rejoin_timeout_s,
+        # Range: the same partition numbers of every topic to one member (co-partitioning);
+        # a new group's events start where its lists do (`QualityMonitor._assigned`).
+        extra={"partition.assignment.strategy": "range", "auto.offset.reset": "latest"},
+    )
+    watch = workers.watches["quality"] = health.loop("quality")
+    monitor = QualityMonitor(
+        consumer=consumer,
+        metrics=QualityMetrics.create(registry),
+        topics=QualityTopics(events=topic_name(kafka, BEHAVIOR_EVENTS), lists=lists),
+        settings=settings,
+        watch=watch,
+        commit_retry=retry,
+    )
+    monitor.subscribe()
+    workers.loops.append(("quality", monitor.run))
+    workers.closers.append(consumer.close)
+    health.broker = BrokerWatch(
+        partial(consumer.list_topics, lists[LIVE]),
         interval_s=reliability.broker_check_interval_s,
     )
     return workers
@@ -318,13 +437,18 @@ def build_workers(
 @click.command(name="workers")
 @click.option(
     "--role",
-    type=click.Choice(["indexer", "recommender", "all"]),
+    type=click.Choice(["indexer", "recommender", "shadow", "quality", "all"]),
     default="all",
     show_default=True,
     envvar="RELATA_WORKERS_ROLE",
     show_envvar=True,
-    help="Which loops to run; `all` shares one encoder and one store (needed for edge).",
+    help=(
+        "Which loops to run; `all` shares one encoder and one store (needed for edge); "
+        "`shadow` only the shadow recommender; `quality` live quality (no model)."
+    ),
 )
+@settings_options(QualitySettings, group="quality")
+@settings_options(ShadowSettings, group="shadow")
 @settings_options(ReliabilitySettings, group="reliability")
 @settings_options(RecommenderSettings, group="recommender")
 @settings_options(IndexerSettings, group="indexer")
@@ -332,17 +456,20 @@ def build_workers(
 @settings_options(EncoderSettings, group="encoder")
 @settings_options(KafkaSettings, group="kafka")
 def command(role: Role, **params: Any) -> None:
-    """Run the item indexer and/or the recommender until SIGTERM/SIGINT."""
+    """Run the item indexer, the recommender (and its shadow) or live quality until
+    SIGTERM/SIGINT."""
     kafka = build_settings(KafkaSettings, group="kafka", params=params)
     encoder_settings = build_settings(EncoderSettings, group="encoder", params=params)
     store_settings = build_settings(StoreSettings, group="store", params=params)
     indexer_settings = build_settings(IndexerSettings, group="indexer", params=params)
     recommender_settings = build_settings(RecommenderSettings, group="recommender", params=params)
     reliability = build_settings(ReliabilitySettings, group="reliability", params=params)
+    shadow = build_settings(ShadowSettings, group="shadow", params=params)
+    quality = build_settings(QualitySettings, group="quality", params=params)
 
-    access = component_access(kafka, indexer=indexer_settings, recommender=recommender_settings)[
-        COMPONENT_OF_ROLE[role]
-    ]
+    access = component_access(
+        kafka, indexer=indexer_settings, recommender=recommender_settings, quality=quality
+    )[COMPONENT_OF_ROLE[role]]
     require_kafka(kafka, needs=access.topics())
     try:
         created = ensure_topics(kafka, topics_of(access, kafka))
@@ -350,7 +477,9 @@ def command(role: Role, **params: Any) -> None:
         raise click.ClickException(str(exc)) from exc
     logger.info("topics ready created=%s", ",".join(created) or "none")
     registry = CollectorRegistry()
-    port = indexer_settings.metrics_port if role == "indexer" else recommender_settings.metrics_port
+    port = {"indexer": indexer_settings.metrics_port, "quality": quality.metrics_port}.get(
+        role, recommender_settings.metrics_port
+    )
 
     stop_event = threading.Event()
     stop_on_signals(stop_event, log=logger, grace_s=reliability.shutdown_grace_s)
@@ -364,12 +493,15 @@ def command(role: Role, **params: Any) -> None:
         recommender_settings=recommender_settings,
         registry=registry,
         reliability=reliability,
+        shadow=shadow,
+        quality=quality,
     )
     # Once the model is loaded and the consumers built (the startup probe waits for it).
     server = serve_probes(port, registry=registry, health=workers.health) if port else None
+    model = f"{workers.encoder.name}@{workers.encoder.version}" if workers.encoder else "none"
     click.echo(
         f"relata workers: role={role} broker={kafka.bootstrap_servers} "
-        f"store={store_settings.kind} model={workers.encoder.name}@{workers.encoder.version} "
+        f"store={store_settings.kind} model={model} "
         + (f"metrics and probes=http://0.0.0.0:{port}" if port else "metrics disabled")
     )
     freeze_startup_heap(logger)

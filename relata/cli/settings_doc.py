@@ -9,6 +9,7 @@ import click
 from pydantic_settings import BaseSettings
 
 from schemas.access import COMPONENT_COMMANDS, component_access
+from schemas.quality_settings import QualitySettings, ShadowSettings
 from schemas.settings import (
     EmbeddedKafkaSettings,
     EncoderSettings,
@@ -28,6 +29,8 @@ SETTINGS_CLASSES: tuple[type[BaseSettings], ...] = (
     StoreSettings,
     IndexerSettings,
     RecommenderSettings,
+    ShadowSettings,
+    QualitySettings,
     EmbeddedKafkaSettings,
 )
 
@@ -65,12 +68,15 @@ def acl_table(
     streams: StreamsSettings | None = None,
     indexer: IndexerSettings | None = None,
     recommender: RecommenderSettings | None = None,
+    quality: QualitySettings | None = None,
 ) -> str:
     """The ACLs of every component's principal (`schemas.access`), one row per resource;
     with no arguments, under the default names (no topic prefix), as docs/operations.md
     carries it (a test keeps them in step)."""
     kafka = kafka or KafkaSettings.model_construct(topic_prefix="")
-    accesses = component_access(kafka, streams=streams, indexer=indexer, recommender=recommender)
+    accesses = component_access(
+        kafka, streams=streams, indexer=indexer, recommender=recommender, quality=quality
+    )
     lines = [
         "| principal | runs | resource | pattern | operations |",
         "|---|---|---|---|---|",
@@ -108,6 +114,7 @@ def command(markdown: bool, as_json: bool, acls: bool) -> None:
                 streams=StreamsSettings(),
                 indexer=IndexerSettings(),
                 recommender=RecommenderSettings(),
+                quality=QualitySettings(),
             ),
             nl=False,
         )

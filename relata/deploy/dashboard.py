@@ -2,7 +2,8 @@
 
 Every query uses only the metrics `streams/metrics.py` and `workers/metrics.py` export
 (tests/unit/test_deploy.py checks it). The top row is the freshness SLO: the p99 of
-event → recommendation against its objective, and what is left of the error budget.
+event → recommendation against its objective, and what is left of the error budget. The live
+quality row compares the live and the shadow recommender on the same traffic.
 """
 
 from __future__ import annotations
@@ -113,9 +114,50 @@ def _slo_panels() -> list[Any]:
     ]
 
 
+# Live quality is a ratio of sparse counts (a shopper acts on a list minutes after it): a range
+# this long smooths it; PromQL gives the same ratio over any other.
+QUALITY_RANGE = "15m"
+
+
+def _ratio(numerator: str, denominator: str, by: str = "variant") -> str:
+    return (
+        f"sum by ({by}) (rate({numerator}[{QUALITY_RANGE}])) "
+        f"/ sum by ({by}) (rate({denominator}[{QUALITY_RANGE}]))"
+    )
+
+
+def _quality_panels() -> list[Any]:
+    judged = "relata_quality_events_judged_total"
+    return [
+        _series(
+            f"Hit rate by variant ({QUALITY_RANGE})",
+            "percentunit",
+            _query(_ratio("relata_quality_hits_total", judged), "{{variant}}"),
+        ).description(
+            "Share of clicks, add-to-carts and purchases whose item was in the list the user "
+            "had then (published at most RELATA_QUALITY_WINDOW_S before). Compare the shadow "
+            "with live before switching it on."
+        ),
+        _series(
+            f"Mean NDCG by variant ({QUALITY_RANGE})",
+            "short",
+            _query(_ratio("relata_quality_ndcg_total", judged), "{{variant}}"),
+        ).description("1/log2(rank+1) per hit, 0 per miss, averaged over judged actions."),
+        _series(
+            "Judged and unjudged actions/s",
+            "ops",
+            _query(_sum_rate(judged, "variant, event_type"), "{{variant}} {{event_type}}"),
+            _query(
+                _sum_rate("relata_quality_events_unjudged_total", "variant, reason"),
+                "{{variant}} not judged: {{reason}}",
+            ),
+        ),
+    ]
+
+
 def build() -> Dashboard:
-    """The relata dashboard: the freshness SLO, then input and streams, the recommender, the
-    encoder and indexer."""
+    """The relata dashboard: the freshness SLO, then input and streams, the recommender, live
+    quality, the encoder and indexer."""
     e2r = "relata_event_to_recommendation_seconds"
     rows: list[tuple[str, list[Any]]] = [
         ("Freshness SLO", _slo_panels()),
@@ -221,6 +263,7 @@ def build() -> Dashboard:
                 ),
             ],
         ),
+        ("Live quality (live and shadow)", _quality_panels()),
         (
             "Encoder and indexer",
             [

@@ -12,6 +12,7 @@ import re
 from typing import Any
 
 from schemas.access import Access, Component, Grant, component_access
+from schemas.quality_settings import QualitySettings
 from schemas.settings import IndexerSettings, KafkaSettings, RecommenderSettings, StreamsSettings
 from schemas.topics import ALL_TOPICS
 
@@ -21,7 +22,7 @@ TOPIC_API_VERSION = "kafka.strimzi.io/v1beta2"
 USER_API_VERSION = "kafka.strimzi.io/v1"
 # The components that run in the cluster, each with its own KafkaUser. `workers` (indexer and
 # recommender in one process) and `tools` (the CLI run by hand) are not deployed.
-DEPLOYED: tuple[Component, ...] = ("streams", "indexer", "recommender")
+DEPLOYED: tuple[Component, ...] = ("streams", "indexer", "recommender", "quality")
 # Strimzi spells Kafka's operations in CamelCase.
 _OPERATIONS = {
     "READ": "Read",
@@ -102,8 +103,11 @@ def kafka_users(
     streams: StreamsSettings,
     indexer: IndexerSettings,
     recommender: RecommenderSettings,
+    quality: QualitySettings,
     cluster: str,
 ) -> list[dict[str, Any]]:
     """One KafkaUser per deployed component."""
-    access = component_access(kafka, streams=streams, indexer=indexer, recommender=recommender)
+    access = component_access(
+        kafka, streams=streams, indexer=indexer, recommender=recommender, quality=quality
+    )
     return [kafka_user(access[component], cluster=cluster) for component in DEPLOYED]

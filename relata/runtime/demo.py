@@ -1,9 +1,10 @@
 """`relata demo`: the whole pipeline on embedded Kafka and Qdrant, on a shipped data set.
 
 Loads the catalog, replays N real events (plus a few deliberately invalid ones that must end
-in `dead-letter`), shows throughput, latency and the latest explained recommendations while
-it runs, and stops once the pipeline has drained. With `--json` the last stdout line is one
-JSON object with the totals; everything else goes to stderr.
+in `dead-letter`), shows throughput, latency, the live hit rate of the live recommender and of
+a shadow one (another configuration, `--shadow`, on the same traffic) and the latest explained
+recommendations while it runs, and stops once the pipeline has drained. With `--json` the last
+stdout line is one JSON object with the totals; everything else goes to stderr.
 """
 
 from __future__ import annotations
@@ -20,14 +21,19 @@ from pathlib import Path
 from typing import Any
 
 import click
+from pydantic import ValidationError
 
 from relata.cli.settings_cli import build_settings, settings_options
 from relata.runtime.pipeline import DEFAULT_DATA, Pipeline, PipelineOptions, pipeline_partitions
 from relata.runtime.replay import ReplayProgress, iter_jsonl
+from schemas.quality_settings import ShadowSettings
 from schemas.settings import KafkaSettings
 
 DISPLAY_EVERY_S = 1.0
 SHOW_RECOMMENDATIONS_EVERY_S = 5.0
+# The shadow the demo judges beside the live recommender: similarity alone, without the
+# behaviour evidence the live one blends in (learnt from the replay itself, so it starts cold).
+DEFAULT_SHADOW = '{"strategy": "vector"}'
 
 
 def invalid_events(count: int) -> list[tuple[str, bytes]]:
@@ -119,7 +125,8 @@ class Display:
         click.echo(
             f"[{now - self.started:6.1f}s] events {self.sent:>7} ({events_rate:6.0f}/s)  "
             f"recommendations {recs:>7} ({recs_rate:6.0f}/s)  dead letters {dead:>4}  lag {lag:>5}  "
-            f"latency p50 {latency['p50']:7.1f} ms  p99 {latency['p99']:7.1f} ms (last 10 s)",
+            f"latency p50 {latency['p50']:7.1f} ms  p99 {latency['p99']:7.1f} ms (last 10 s)"
+            + hit_rates(self.pipeline.live_quality()),
             err=True,
         )
         if force or now - self._last_recs_shown >= SHOW_RECOMMENDATIONS_EVERY_S:
@@ -153,13 +160,24 @@ class Display:
         return str(reason.get("text") or reason.get("kind"))
 
 
+def hit_rates(quality: dict[str, dict[str, float | None]]) -> str:
+    """`  hit rate live 23.1% (412) shadow 14.2% (412)`: each variant's hit rate so far and
+    the actions it was judged on; "" without live quality."""
+    parts = []
+    for variant, figures in quality.items():
+        rate, judged = figures["hit_rate"], figures["judged"] or 0
+        parts.append(f"{variant} {'-' if rate is None else f'{rate:.1%}'} ({judged:.0f})")
+    return f"  hit rate {' '.join(parts)}" if parts else ""
+
+
 def json_safe(summary: dict[str, float]) -> dict[str, float | None]:
     """NaN (no samples) as null, so that the output stays strict JSON."""
     return {k: None if math.isnan(v) else v for k, v in summary.items()}
 
 
 def summary(pipeline: Pipeline, sent: int) -> dict[str, Any]:
-    """The totals: events sent, recommendations, dead letters, latency percentiles."""
+    """The totals: events sent, recommendations, dead letters, latency percentiles, and per
+    variant (live, shadow) the actions judged, hits, hit rate and mean NDCG."""
     probe = pipeline.probe
     assert probe is not None
     measured = probe.measured.summary()
@@ -170,6 +188,8 @@ def summary(pipeline: Pipeline, sent: int) -> dict[str, Any]:
         "dead_letter_by_type": dict(sorted(probe.stats.dead_letters.items())),
         "latency_ms": json_safe(measured),
         "reported_latency_ms": json_safe(probe.reported.summary()),
+        "live_quality": pipeline.live_quality(),
+        "shadow_overrides": pipeline.options.shadow_overrides,
     }
 
 
@@ -211,6 +231,17 @@ def summary(pipeline: Pipeline, sent: int) -> dict[str, Any]:
     show_envvar=True,
     help="Invalid events mixed into the replay, to show the dead-letter path.",
 )
+@click.option(
+    "--shadow",
+    default=DEFAULT_SHADOW,
+    show_default=True,
+    envvar="RELATA_DEMO_SHADOW",
+    show_envvar=True,
+    help=(
+        "The shadow recommender's settings (RELATA_SHADOW_OVERRIDES, JSON), judged beside the "
+        "live one; an empty string runs none."
+    ),
+)
 @click.option("--json", "as_json", is_flag=True, help="End with one JSON line of totals on stdout.")
 @settings_options(KafkaSettings, group="kafka")
 def command(
@@ -218,6 +249,7 @@ def command(
     events: int,
     rate: float,
     inject_invalid: int,
+    shadow: str,
     as_json: bool,
     **params: Any,
 ) -> None:
@@ -227,7 +259,17 @@ def command(
     is given; topics and groups get a run-unique prefix.
     """
     kafka = build_settings(KafkaSettings, group="kafka", params=params)
-    options = PipelineOptions(data_dir=data_dir, kafka=kafka, partitions=pipeline_partitions(kafka))
+    try:
+        overrides = ShadowSettings(overrides=shadow).overrides if shadow.strip() else None
+    except ValidationError as exc:
+        raise click.BadParameter(str(exc), param_hint="--shadow") from exc
+    options = PipelineOptions(
+        data_dir=data_dir,
+        kafka=kafka,
+        partitions=pipeline_partitions(kafka),
+        shadow_overrides=overrides,
+        quality=True,
+    )
     titles = load_titles(data_dir)
     sent = 0
     interrupted = failed = False
@@ -272,7 +314,9 @@ def command(
     click.echo(
         f"relata demo: {totals['events']} events -> {totals['recommendations']} recommendations, "
         f"{totals['dead_letter']} dead letters {totals['dead_letter_by_type']}; "
-        f"latency p50 {latency['p50']} ms, p99 {latency['p99']} ms",
+        f"latency p50 {latency['p50']} ms, p99 {latency['p99']} ms;"
+        + (hit_rates(totals["live_quality"]) or " no live quality")
+        + (f" (shadow: {json.dumps(overrides)})" if overrides is not None else ""),
         err=True,
     )
     if as_json:

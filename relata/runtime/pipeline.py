@@ -3,7 +3,8 @@
 `Pipeline` starts (or connects to) Kafka, creates the topics under a run-unique prefix,
 publishes the catalog, starts the stream processor (`relata streams`, its roles `profiles`
 and `associations` as two processes) and the encoder workers (`relata workers --role all`)
-as subprocesses in their own process groups, waits until they
+as subprocesses in their own process groups (optionally a shadow recommender in the workers
+and live quality, `relata workers --role quality`, as the demo runs them), waits until they
 are ready, and tears everything down on exit, Ctrl-C or error. Subprocesses (rather than
 threads) give each stage its own interpreter and GIL on a small machine, and let the benchmark
 measure each one's CPU and RSS. A `RecommendationProbe` records event→recommendation latency.
@@ -40,6 +41,7 @@ from relata.runtime.probes import (
     CANARY_PREFIX,
     LagMonitor,
     RecommendationProbe,
+    live_quality,
     scrape_metrics,
 )
 from relata.runtime.replay import (
@@ -52,6 +54,7 @@ from relata.runtime.replay import (
 )
 from relata.runtime.supervision import REPO_ROOT, ManagedProcess, PipelineError, start_relata
 from schemas.access import Access, Component, component_access
+from schemas.quality_settings import QualitySettings
 from schemas.settings import IndexerSettings, KafkaSettings, RecommenderSettings, StreamsSettings
 from schemas.topics import (
     ALL_TOPICS,
@@ -135,6 +138,10 @@ class PipelineOptions:
     # component's own credentials on a broker with ACLs per component.
     process_env: dict[str, dict[str, str]] = field(default_factory=dict)
     keep_workdir: bool = False
+    # A shadow recommender beside the live one (RELATA_SHADOW_OVERRIDES; None: none), and live
+    # quality judging both: the demo's, not the benchmark's (they cost CPU).
+    shadow_overrides: dict[str, Any] | None = None
+    quality: bool = False
 
 
 class Pipeline:
@@ -159,11 +166,13 @@ class Pipeline:
             self.associations_port,
             self.indexer_metrics_port,
             self.recommender_metrics_port,
-        ) = free_ports(4)
+            self.quality_metrics_port,
+        ) = free_ports(5)
         self.streams_app_id = f"relata-streams-{self.run_id}"
         self.indexer_group = f"relata-indexer-{self.run_id}"
         self._indexer_version_group: str | None = None
         self.recommender_group = f"relata-recommender-{self.run_id}"
+        self.quality_group = f"relata-quality-{self.run_id}"
 
     # -- lifecycle
 
@@ -250,6 +259,13 @@ class Pipeline:
             log_dir=log_dir,
             nice=ASSOCIATIONS_NICE,
         )
+        if self.options.quality:
+            self.processes["quality"] = start_relata(
+                "quality",
+                ["workers", "--role", "quality"],
+                env=env | own.get("quality", {}),
+                log_dir=log_dir,
+            )
         self.lag = LagMonitor(self.kafka)
         self.probe = RecommendationProbe(self.kafka, sent_at=self.sent_at)
         self.probe.start()
@@ -267,6 +283,7 @@ class Pipeline:
             streams=StreamsSettings(app_id=self.streams_app_id),
             indexer=IndexerSettings(group_id=self.indexer_group),
             recommender=RecommenderSettings(group_id=self.recommender_group),
+            quality=QualitySettings(group_id=self.quality_group),
         )
 
     def _child_env(self) -> dict[str, str]:
@@ -291,8 +308,13 @@ class Pipeline:
                 "RELATA_INDEXER_METRICS_PORT": str(self.indexer_metrics_port),
                 "RELATA_RECOMMENDER_GROUP_ID": self.recommender_group,
                 "RELATA_RECOMMENDER_METRICS_PORT": str(self.recommender_metrics_port),
+                "RELATA_QUALITY_GROUP_ID": self.quality_group,
+                "RELATA_QUALITY_METRICS_PORT": str(self.quality_metrics_port),
             }
         )
+        if self.options.shadow_overrides is not None:
+            env["RELATA_SHADOW_ENABLED"] = "true"
+            env["RELATA_SHADOW_OVERRIDES"] = json.dumps(self.options.shadow_overrides)
         env.update(self.options.extra_env)
         return env
 
@@ -317,6 +339,7 @@ class Pipeline:
         # canary: one synthetic event whose recommendation proves every stage is assigned
         # and live, so the measured events do not include consumer-group joins.
         pending = {"indexer": True, "streams": True, "associations": True, "canary": True}
+        pending["quality"] = self.options.quality
         last_note = 0.0
         while any(pending.values()):
             self.check_processes()
@@ -350,6 +373,8 @@ class Pipeline:
             pending["streams"] = not self._healthy(self.streams_port)
         if pending["associations"]:
             pending["associations"] = not self._healthy(self.associations_port)
+        if pending["quality"]:
+            pending["quality"] = not self._healthy(self.quality_metrics_port)
         started = not any(wait for name, wait in pending.items() if name != "canary")
         if started and pending["canary"]:
             pending["canary"] = not self._canary_answered()
@@ -460,16 +485,29 @@ class Pipeline:
         )
 
     def lags(self) -> dict[str, int]:
-        """Lag of the stream processor on events and on association inputs, and of the
-        recommender on profile updates."""
+        """Lag of the stream processor on events and on association inputs, of the
+        recommender (and its shadow) on profile updates and of live quality on events."""
         assert self.kafka is not None and self.lag is not None
-        return {
-            "streams": self.lag.lag(self._streams_group, self.kafka.topic(BEHAVIOR_EVENTS.name)),
+        events, updates = (
+            self.kafka.topic(BEHAVIOR_EVENTS.name),
+            self.kafka.topic(PROFILE_UPDATES.name),
+        )
+        lags = {
+            "streams": self.lag.lag(self._streams_group, events),
             "associations": self.lag.lag(self._associations_group, self._association_input),
-            "recommender": self.lag.lag(
-                self.recommender_group, self.kafka.topic(PROFILE_UPDATES.name)
-            ),
+            "recommender": self.lag.lag(self.recommender_group, updates),
         }
+        if self.options.shadow_overrides is not None:
+            lags["shadow"] = self.lag.lag(f"{self.recommender_group}-shadow", updates)
+        if self.options.quality:
+            lags["quality"] = self.lag.lag(self.quality_group, events)
+        return lags
+
+    def live_quality(self) -> dict[str, dict[str, float | None]]:
+        """Live quality's figures per variant so far ({} without it)."""
+        if not self.options.quality:
+            return {}
+        return live_quality(scrape_metrics(f"http://127.0.0.1:{self.quality_metrics_port}/metrics"))
 
     def wait_drained(self, *, quiet_s: float = 3.0, timeout_s: float = 120.0) -> bool:
         """Wait until both consumer groups have no lag and no output arrived for `quiet_s`."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import re
 import threading
 import time
 import urllib.error
@@ -226,4 +227,33 @@ def scrape_metrics(url: str, *, timeout_s: float = 2.0) -> dict[str, float]:
         name, _, value = line.rpartition(" ")
         with contextlib.suppress(ValueError):
             out[name] = float(value)
+    return out
+
+
+def live_quality(metrics: dict[str, float]) -> dict[str, dict[str, float | None]]:
+    """Per variant, from live quality's scraped metrics (`scrape_metrics`): actions judged,
+    hits, hit rate and mean NDCG over the whole run (None before any action is judged)."""
+    sums: dict[str, dict[str, float]] = {}
+    names = {
+        "relata_quality_events_judged_total": "judged",
+        "relata_quality_hits_total": "hits",
+        "relata_quality_ndcg_total": "ndcg_sum",
+    }
+    for series, value in metrics.items():
+        name, _, labels = series.partition("{")
+        field_name = names.get(name)
+        found = re.search(r'variant="([^"]*)"', labels)
+        if field_name is None or found is None:
+            continue
+        totals = sums.setdefault(found.group(1), dict.fromkeys(names.values(), 0.0))
+        totals[field_name] += value
+    out: dict[str, dict[str, float | None]] = {}
+    for variant, totals in sorted(sums.items()):
+        judged = totals["judged"]
+        out[variant] = {
+            "judged": judged,
+            "hits": totals["hits"],
+            "hit_rate": totals["hits"] / judged if judged else None,
+            "ndcg": totals["ndcg_sum"] / judged if judged else None,
+        }
     return out

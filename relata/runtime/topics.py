@@ -8,7 +8,9 @@ existing topic that does not match its declaration stops the process with the fi
 Partitions: a topic must have at least the configured count. Topics a table is
 co-partitioned with (`behavior-events` and the profiles changelog, `recommendations` and its
 Faust table, the one-partition association input) must have exactly it: their partition
-numbers are the table's. The others may have more (extra partitions only add consumers).
+numbers are the table's. So must `recommendations-shadow`: live quality joins partition n of
+`behavior-events` with partition n of both list topics. The others may have more (extra
+partitions only add consumers).
 """
 
 from __future__ import annotations
@@ -20,12 +22,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from schemas.settings import KafkaSettings
-from schemas.topics import BEHAVIOR_EVENTS, RECOMMENDATIONS, TopicSpec
+from schemas.topics import BEHAVIOR_EVENTS, RECOMMENDATIONS, RECOMMENDATIONS_SHADOW, TopicSpec
 
 logger = logging.getLogger(__name__)
 
 # Partitions of these topics are the partitions of a table: their counts must match exactly.
-COPARTITIONED = frozenset({BEHAVIOR_EVENTS.name, RECOMMENDATIONS.name})
+COPARTITIONED = frozenset({BEHAVIOR_EVENTS.name, RECOMMENDATIONS.name, RECOMMENDATIONS_SHADOW.name})
 
 
 class TopicError(RuntimeError):

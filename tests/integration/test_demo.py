@@ -57,3 +57,12 @@ def test_demo_json_reports_recommendations_and_exactly_the_injected_dead_letters
     assert 0 < latency["p50"] <= latency["p99"]
     # Progress and the recommendations shown go to stderr, with their reasons.
     assert "because" in proc.stderr
+    # Live quality judged the same purchases against the live and the shadow lists.
+    assert totals["shadow_overrides"] == {"strategy": "vector"}
+    quality = totals["live_quality"]
+    assert set(quality) == {"live", "shadow"}
+    for figures in quality.values():
+        assert figures["judged"] > 0
+        assert 0 <= figures["hits"] <= figures["judged"]
+        assert 0 <= figures["ndcg"] <= figures["hit_rate"] <= 1
+    assert "hit rate live" in proc.stderr

@@ -22,6 +22,7 @@ import yaml
 from prometheus_client import CollectorRegistry
 from pydantic_settings import BaseSettings
 
+import schemas.quality_settings as quality_settings_module
 import schemas.settings as settings_module
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -120,6 +121,7 @@ def test_workloads_select_their_pods_and_probe_declared_ports() -> None:
     workloads = _workloads()
     assert {w["metadata"]["name"] for w in workloads} == {
         "relata-streams", "relata-associations", "relata-indexer", "relata-recommender",
+        "relata-quality",
     }  # fmt: skip
     for workload in workloads:
         template = workload["spec"]["template"]
@@ -165,6 +167,7 @@ def test_worker_roles_are_indexer_and_recommender() -> None:
     }
     assert roles["relata-indexer"] == ["workers", "--role", "indexer"]
     assert roles["relata-recommender"] == ["workers", "--role", "recommender"]
+    assert roles["relata-quality"] == ["workers", "--role", "quality"]
     assert roles["relata-streams"] == ["streams"]
     assert roles["relata-associations"] == ["streams"]
     stream_roles = {
@@ -212,10 +215,11 @@ def test_services_pdbs_and_hpa_point_at_workloads() -> None:
 
 def _settings_env_names() -> set[str]:
     names = set(CLI_ENV)
-    for _, cls in inspect.getmembers(settings_module, inspect.isclass):
-        if issubclass(cls, BaseSettings) and cls.__module__ == settings_module.__name__:
-            prefix = str(cls.model_config.get("env_prefix", ""))
-            names |= {f"{prefix}{field}".upper() for field in cls.model_fields}
+    for module in (settings_module, quality_settings_module):
+        for _, cls in inspect.getmembers(module, inspect.isclass):
+            if issubclass(cls, BaseSettings) and cls.__module__ == module.__name__:
+                prefix = str(cls.model_config.get("env_prefix", ""))
+                names |= {f"{prefix}{field}".upper() for field in cls.model_fields}
     return names
 
 
@@ -514,6 +518,7 @@ def test_each_pod_is_scraped_exactly_once_under_its_component_job(overlay: str) 
             "relata-associations",
             "relata-indexer",
             "relata-recommender",
+            "relata-quality",
         )
     }
 
@@ -574,16 +579,20 @@ WORKLOAD_COMPONENT = {
     "relata-associations": "streams",
     "relata-indexer": "indexer",
     "relata-recommender": "recommender",
+    "relata-quality": "quality",
 }
 
 
 @needs_kubectl
 def test_each_workload_logs_in_as_its_components_kafka_user_with_its_acls() -> None:
-    from relata.cli.deploy_manifests import settings_from_configmap
+    from relata.cli.deploy_manifests import quality_from_configmap, settings_from_configmap
     from schemas.access import component_access
 
     kafka, streams, indexer, recommender = settings_from_configmap(_configmap())
-    access = component_access(kafka, streams=streams, indexer=indexer, recommender=recommender)
+    quality = quality_from_configmap(_configmap())
+    access = component_access(
+        kafka, streams=streams, indexer=indexer, recommender=recommender, quality=quality
+    )
     rendered = _render("")
     users = {u["metadata"]["name"]: u for u in _of_kind(rendered, "KafkaUser")}
     assert _configmap()["RELATA_KAFKA_SASL_MECHANISM"] == "SCRAM-SHA-512"

@@ -116,3 +116,67 @@ def test_the_recommender_holding_partition_zero_leads() -> None:
     assert holds_partition(Assigned(0, 2), 0)
     assert not holds_partition(Assigned(1, 2), 0)
     assert not holds_partition(Assigned(), 0)  # not assigned yet, or between rebalances
+
+
+class _Subscriber:
+    def __init__(self) -> None:
+        self.topics: list[str] = []
+
+    def subscribe(self, topics: list[str], **callbacks: object) -> None:
+        self.topics = list(topics)
+        assert {"on_assign", "on_revoke", "on_lost"} <= set(callbacks)
+
+    def list_topics(self, topic: str, timeout: float) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+@pytest.mark.parametrize("with_shadow", [True, False])
+def test_live_quality_reads_the_events_and_the_lists_range_assigned_without_a_model(
+    monkeypatch: pytest.MonkeyPatch, with_shadow: bool
+) -> None:
+    """The range assignor gives one member the same partitions of each co-partitioned topic;
+    the shadow's lists are read only where a shadow runs; no encoder, no store."""
+    from prometheus_client import CollectorRegistry
+
+    import relata.cli.run_workers as run_workers
+    from schemas.quality_settings import QualitySettings, ShadowSettings
+    from schemas.settings import (
+        EncoderSettings,
+        IndexerSettings,
+        KafkaSettings,
+        RecommenderSettings,
+        StoreSettings,
+    )
+
+    consumer = _Subscriber()
+    built: dict[str, object] = {}
+
+    def build_consumer(kafka: KafkaSettings, **kwargs: object) -> _Subscriber:
+        built.update(kwargs)
+        return consumer
+
+    monkeypatch.setattr(run_workers, "build_consumer", build_consumer)
+    workers = run_workers.build_workers(
+        "quality",
+        kafka=KafkaSettings(topic_prefix="p."),
+        encoder_settings=EncoderSettings(),
+        store_settings=StoreSettings(),
+        indexer_settings=IndexerSettings(),
+        recommender_settings=RecommenderSettings(),
+        registry=CollectorRegistry(),
+        shadow=ShadowSettings(enabled=with_shadow),
+        quality=QualitySettings(group_id="q"),
+    )
+    assert built["group_id"] == "q"
+    assert built["extra"] == {
+        "partition.assignment.strategy": "range",
+        "auto.offset.reset": "latest",
+    }
+    expected = ["p.behavior-events", "p.recommendations"]
+    assert consumer.topics == expected + (["p.recommendations-shadow"] if with_shadow else [])
+    assert [name for name, _ in workers.loops] == ["quality"]
+    assert workers.encoder is None and workers.store is None
+    workers.close()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry
 
-from workers.metrics import WorkerMetrics
+from workers.metrics import QualityMetrics, WorkerMetrics
 
 DOCUMENTED_NAMES = {
     "relata_encode_batch_size",
@@ -18,6 +18,19 @@ DOCUMENTED_NAMES = {
     "relata_recommendations_published_total",
     "relata_event_to_recommendation_seconds",
     "relata_dead_letter_total",
+    "relata_consumer_lag_records",
+}
+
+
+QUALITY_NAMES = {
+    "relata_quality_events_judged_total",
+    "relata_quality_hits_total",
+    "relata_quality_ndcg_total",
+    "relata_quality_hit_rank",
+    "relata_quality_events_unjudged_total",
+    "relata_quality_duplicates_total",
+    "relata_quality_lists_total",
+    "relata_quality_users",
     "relata_consumer_lag_records",
 }
 
@@ -56,3 +69,16 @@ def test_latency_histogram_spans_1ms_to_10s() -> None:
     ]
     assert min(bounds) == 0.001
     assert max(bounds) == 10.0
+
+
+def test_quality_names_match_the_documented_names() -> None:
+    registry = CollectorRegistry()
+    metrics = QualityMetrics.create(registry)
+    labels = {"variant": "live", "event_type": "purchase"}
+    for counter in (metrics.judged, metrics.hits, metrics.ndcg):
+        counter.labels(**labels).inc()
+    metrics.hit_rank.labels(variant="live").observe(3)
+    metrics.unjudged.labels(variant="shadow", reason="no_list").inc()
+    metrics.lists.labels(variant="live").inc()
+    metrics.consumer_lag.labels(topic="behavior-events").set(0)
+    assert _exported(registry) == QUALITY_NAMES
