@@ -18,14 +18,16 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from schemas.messages import HistoryEntry, RecommendedItem
+from schemas.messages import CandidatePool, HistoryEntry, RecommendedItem
+from schemas.reranking import place_pins
 from schemas.rules import BusinessRules
 
 from .diversity import mmr
 from .explain import explain, pinned, trending
+from .pool import candidate_pool
 from .related import RelatedTable
-from .rules import apply_rules, pins_of, place_pins
-from .score import score, user_evidence
+from .rules import apply_rules, pins_of
+from .score import Scored, score, user_evidence
 from .weights import BlendWeights
 
 logger = logging.getLogger(__name__)
@@ -66,6 +68,17 @@ class Lookups:
     attributes: Callable[[Set[str]], Mapping[str, Mapping[str, Any]]] | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class Answer:
+    """One user's answer: the ranked items, the candidate pool published beside them (None:
+    none asked for), and whether the business rules' filters removed every candidate and so
+    were not applied."""
+
+    items: list[RecommendedItem]
+    pool: CandidatePool | None = None
+    rules_fell_back: bool = False
+
+
 def recommend(
     histories: Sequence[History],
     *,
@@ -76,6 +89,31 @@ def recommend(
     rules: BusinessRules | None = None,
     placement: str = "home",
 ) -> list[list[RecommendedItem]]:
+    """The k best available items for each history (most recent first), with reasons: the
+    items of `recommend_answers`."""
+    answers = recommend_answers(
+        histories,
+        lookups=lookups,
+        weights=weights,
+        k=k,
+        mmr_lambda=mmr_lambda,
+        rules=rules,
+        placement=placement,
+    )
+    return [answer.items for answer in answers]
+
+
+def recommend_answers(
+    histories: Sequence[History],
+    *,
+    lookups: Lookups,
+    weights: BlendWeights,
+    k: int,
+    mmr_lambda: float = 1.0,
+    rules: BusinessRules | None = None,
+    placement: str = "home",
+    pool_size: int = 0,
+) -> list[Answer]:
     """The k best available items for each history (most recent first), with reasons.
 
     `mmr_lambda` below 1 re-ranks the available scored items by maximal marginal relevance
@@ -83,7 +121,9 @@ def recommend(
     (none usable: empty, or no evidence and no popularity to fill with) is answered with
     trending items: the most popular available ones, labelled `trending`. `rules` (business
     rules) filter, boost, cap and pin (the pins of `placement`) the available candidates
-    before the k are chosen (`rules.py`)."""
+    before the k are chosen (`rules.py`). `pool_size` above 0 adds to each answer up to that
+    many of the next candidates the ranking considered, with what re-ranking them needs
+    (`pool.py`); the k items are the same with or without it."""
     if not histories:
         return []
     vectors = lookups.user_vectors(histories)
@@ -139,8 +179,12 @@ def recommend(
         [(i, s) for i, s in ranked.items if i in vec or i in available]
         for ranked, vec in zip(scored, vector_ids, strict=True)
     ]
+    fell_back = [False] * len(kept)
+    trend_fell_back = False
     if rules is not None:
-        kept, trend_pool = _apply_rules(kept, trend_pool, lookups, rules)
+        kept, fell_back, trend_pool, trend_fell_back = _apply_rules(
+            kept, trend_pool, lookups, rules
+        )
     if mmr_lambda < 1.0:
         # The pools' vectors in one look-up; the mapping it returns is the one to read from
         # now (a cache may have moved rows to fetch them), for MMR and for the reasons.
@@ -153,11 +197,18 @@ def recommend(
     else:
         chosen = [[i for i, _ in pool[:k]] for pool in kept]
     counts = dict(popularity)
-    answers: list[list[RecommendedItem]] = []
-    for history, ranked, ids, is_cold in zip(histories, scored, chosen, cold, strict=True):
+    answers: list[Answer] = []
+    following: list[list[str]] = []  # each user's next candidates, for the pools
+    worded_ids: list[list[str]] = []
+    for n, (history, ranked, ids, is_cold) in enumerate(
+        zip(histories, scored, chosen, cold, strict=True)
+    ):
         seen = {e.item_id for e in history}
         if is_cold:
-            ids = [i for i in trend_pool if i in available and i not in seen][:k]
+            candidates = [i for i in trend_pool if i in available and i not in seen]
+            ids = candidates[:k]
+        else:
+            candidates = [i for i, _ in kept[n]]
         own_pins = [(i, at) for i, at in pins if i in available and i not in seen]
         placed = place_pins(ids, own_pins, k=k) if own_pins else ids
         pinned_ids = {i for i, _ in own_pins}
@@ -167,8 +218,64 @@ def recommend(
             trending(popularity, worded) if is_cold else explain(ranked, worded, item_counts=counts)
         )
         by_id = {item.item_id: item for item in answered}
-        answers.append([by_id[i] if i in by_id else pinned(i) for i in placed])
+        items = [by_id[i] if i in by_id else pinned(i) for i in placed]
+        answers.append(Answer(items, rules_fell_back=trend_fell_back if is_cold else fell_back[n]))
+        shown = set(placed)
+        following.append([i for i in candidates if i not in shown][:pool_size])
+        worded_ids.append(worded)
+    if pool_size > 0:
+        answers = _with_pools(
+            answers,
+            following=following,
+            worded=worded_ids,
+            scored=scored,
+            cold=cold,
+            popularity=popularity,
+            lookups=lookups,
+            mmr_lambda=mmr_lambda,
+        )
     return answers
+
+
+def _with_pools(
+    answers: list[Answer],
+    *,
+    following: list[list[str]],
+    worded: list[list[str]],
+    scored: list[Scored],
+    cold: list[bool],
+    popularity: Sequence[tuple[str, float]],
+    lookups: Lookups,
+    mmr_lambda: float,
+) -> list[Answer]:
+    """The answers with their candidate pools: the vectors and attributes of every listed and
+    following item in one look-up each; each following item worded with its strongest reason
+    (a pool is for re-ranking: a third of the wording keeps it small)."""
+    every = {i for answer in answers for i in (item.item_id for item in answer.items)}
+    every.update(i for ids in following for i in ids)
+    vectors = lookups.item_vectors(every)
+    attributes = lookups.attributes(every) if lookups.attributes is not None and every else {}
+    counts = dict(popularity)
+    out = []
+    for answer, ids, own_worded, ranked, is_cold in zip(
+        answers, following, worded, scored, cold, strict=True
+    ):
+        if is_cold:
+            # Scored against the listed items' top count, as the list's scores are.
+            items = trending(popularity, ids, relative_to=own_worded)
+        else:
+            one = ranked._replace(max_reasons=1, history_vectors=vectors, candidate_vectors=vectors)
+            items = explain(one, ids, item_counts=counts)
+        pool = candidate_pool(
+            answer.items,
+            items,
+            attributes=attributes,
+            vectors=vectors,
+            # Trending lists are not diversified: re-ranking them keeps the score order.
+            mmr_lambda=1.0 if is_cold else mmr_lambda,
+        )
+        out.append(Answer(answer.items, pool, answer.rules_fell_back))
+    return out
 
 
 def _apply_rules(
@@ -176,8 +283,9 @@ def _apply_rules(
     trend_pool: list[str],
     lookups: Lookups,
     rules: BusinessRules,
-) -> tuple[list[list[tuple[str, float]]], list[str]]:
-    """Each user's candidates and the trending pool with the business rules applied."""
+) -> tuple[list[list[tuple[str, float]]], list[bool], list[str], bool]:
+    """Each user's candidates and the trending pool with the business rules applied, and
+    for each whether its filters fell back (removed every candidate, so were not applied)."""
     wanted = {i for pool in kept for i, _ in pool} | set(trend_pool)
     attributes = lookups.attributes(wanted) if lookups.attributes is not None and wanted else {}
     ruled = [apply_rules(pool, attributes, rules) for pool in kept]
@@ -188,7 +296,12 @@ def _apply_rules(
             "business rules removed every candidate users=%d: filters not applied", fell_back
         )
     trend = apply_rules([(i, -n) for n, i in enumerate(trend_pool)], attributes, rules)
-    return [r.items for r in ruled], [i for i, _ in trend.items]
+    return (
+        [r.items for r in ruled],
+        [r.fell_back for r in ruled],
+        [i for i, _ in trend.items],
+        trend.fell_back,
+    )
 
 
 def _search(
