@@ -3,7 +3,8 @@
 Reads are partition-local in Faust. Routing in a multi-worker deployment:
 - `/users/{user_id}/recommendations` forwards the request to the worker that owns the user's
   partition of table `recommendations` (`app.router.route_req`, what `@app.table_route`
-  does), so any worker can be asked. Ownership is computed with Faust's (murmur2) key
+  does), so any worker can be asked. With parameters (`queries.py`: filters, diversity, k),
+  the owner re-ranks the published list from its candidate pool (`schemas.reranking`). Ownership is computed with Faust's (murmur2) key
   partitioner, so producers of `recommendations` must partition with murmur2 as well
   (Java clients and aiokafka do; librdkafka needs `partitioner=murmur2_random`).
 - `/items/{item_id}/related`: the association statistics live in the one partition of table
@@ -29,11 +30,19 @@ from pydantic.json_schema import models_json_schema
 from kafkaio.health import Health as ProcessHealth
 from schemas import vocabulary
 from schemas.messages import Recommendation, RelatedItem, RelatedItems, RelationKind
+from schemas.reranking import REQUEST_FALLBACK, rerank
 from schemas.vocabulary import Term
 
 from .catalog import CatalogView
-from .metrics import StreamsMetrics
+from .metrics import REQUEST_STAGE, StreamsMetrics
 from .ports import SimilarItems
+from .queries import (
+    MAX_K,
+    RECOMMENDATIONS_PARAMETERS,
+    BadRequest,
+    RecommendationsQuery,
+    parse_recommendations_query,
+)
 from .tables import stored_json
 
 logger = logging.getLogger(__name__)
@@ -46,9 +55,6 @@ SIMILAR = "similar"
 def kind_params() -> tuple[str, ...]:
     """What `kind` may be: `all` or one relation kind of the vocabulary."""
     return (ALL, *vocabulary.relation_kinds())
-
-
-MAX_K = 100
 
 
 class RelatedResponse(BaseModel):
@@ -98,14 +104,6 @@ class Health(BaseModel):
     catalog_ready: bool
     catalog_items: int
     problems: list[str] = Field(description="What keeps the process from being ready or live.")
-
-
-class BadRequest(Exception):
-    """A query parameter is invalid; the message names the valid values."""
-
-    def __init__(self, message: str, **detail: Any) -> None:
-        super().__init__(message)
-        self.detail = detail
 
 
 def parse_related_query(query: Any) -> tuple[int, str, bool]:
@@ -200,17 +198,28 @@ def openapi_document() -> dict[str, Any]:
             "/users/{user_id}/recommendations": {
                 "get": {
                     "operationId": "getRecommendations",
-                    "summary": "The latest recommendations published for a user.",
+                    "summary": (
+                        "The latest recommendations published for a user; with parameters, "
+                        "filtered and re-ranked from the list and its candidate pool."
+                    ),
                     "parameters": [
                         {
                             "name": "user_id",
                             "in": "path",
                             "required": True,
                             "schema": {"type": "string"},
-                        }
+                        },
+                        *RECOMMENDATIONS_PARAMETERS,
                     ],
                     "responses": {
-                        "200": {"description": "The latest list.", **ref("Recommendation")},
+                        "200": {
+                            "description": (
+                                "The latest list (verbatim without parameters). Filters that "
+                                "match no candidate are not applied, and `fallbacks` says so."
+                            ),
+                            **ref("Recommendation"),
+                        },
+                        "400": error("An invalid parameter, named in the body."),
                         "404": error("No recommendations published for this user yet."),
                     },
                 }
@@ -352,6 +361,10 @@ def register_views(streams: Served) -> None:
         class RecommendationsView(View):
             async def get(self, request: Request, user_id: str) -> Response:
                 endpoint = "recommendations"
+                try:
+                    query = parse_recommendations_query(request.query)
+                except BadRequest as exc:
+                    return counted(endpoint, self.error(400, str(exc), detail=exc.detail))
                 forwarded = await route(self, request, streams.recommendations, user_id)
                 if forwarded is not None:
                     return forwarded
@@ -359,9 +372,11 @@ def register_views(streams: Served) -> None:
                 if stored is None:
                     message = f"no recommendations published for user {user_id!r} yet"
                     return counted(endpoint, self.error(404, message, detail={"user_id": user_id}))
+                body = stored_json(stored)
+                if query is not None:
+                    body = reranked_body(streams, body, query)
                 return counted(
-                    endpoint,
-                    self.bytes(stored_json(stored), content_type="application/json", status=200),
+                    endpoint, self.bytes(body, content_type="application/json", status=200)
                 )
 
     def health_body(probe: Literal["ready", "live"]) -> tuple[Health, bool]:
@@ -412,6 +427,16 @@ def register_views(streams: Served) -> None:
     class OpenApiView(View):
         async def get(self, request: Request) -> Response:
             return counted("openapi", self.json(document))
+
+
+def reranked_body(streams: Served, stored: bytes, query: RecommendationsQuery) -> bytes:
+    """A published list (raw JSON, validated when it was stored) filtered and re-ranked for
+    one request; a request whose filters removed every candidate is counted."""
+    rec = Recommendation.model_validate_json(stored)
+    answer = rerank(rec, match=query.match, lam=query.mmr_lambda, k=query.k)
+    if REQUEST_FALLBACK in answer.fallbacks:
+        streams.metrics.rule_fallbacks.labels(REQUEST_STAGE).inc()
+    return answer.model_dump_json().encode()
 
 
 async def related_body(
