@@ -3,10 +3,11 @@
 Reads are partition-local in Faust. Routing in a multi-worker deployment:
 - `/users/{user_id}/recommendations` forwards the request to the worker that owns the user's
   partition of table `recommendations` (`app.router.route_req`, what `@app.table_route`
-  does), so any worker can be asked. With parameters (`queries.py`: filters, diversity, k),
-  the owner re-ranks the published list from its candidate pool (`schemas.reranking`). Ownership is computed with Faust's (murmur2) key
+  does), so any worker can be asked. Ownership is computed with Faust's (murmur2) key
   partitioner, so producers of `recommendations` must partition with murmur2 as well
-  (Java clients and aiokafka do; librdkafka needs `partitioner=murmur2_random`).
+  (Java clients and aiokafka do; librdkafka needs `partitioner=murmur2_random`). With
+  parameters (`queries.py`: filters, diversity, k) the owner re-ranks the published list
+  from its candidate pool (`schemas.reranking`).
 - `/items/{item_id}/related`: the association statistics live in the one partition of table
   `associations`; requests are forwarded to its owner. The catalog (404s) and the injected
   similar-items provider are answered locally, before forwarding.

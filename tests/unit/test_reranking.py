@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from hypothesis import given
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from schemas.decoding import Rejection, decode
@@ -22,6 +22,7 @@ from schemas.reranking import (
     rerank,
 )
 from schemas.rules import ItemMatch
+from tests.unit.test_schemas import pooled_recommendations
 from workers.ranking import mmr
 from workers.ranking.diversity import similarity_matrix
 from workers.ranking.pool import candidate_pool, item_attributes
@@ -210,3 +211,29 @@ def test_a_pool_round_trips_and_stays_small() -> None:
     back = Recommendation.model_validate_json(PUBLISHED.model_dump_json())
     assert back == PUBLISHED
     assert isinstance(back.pool, CandidatePool) and len(back.pool.similarities) == 16  # 10 bytes
+
+
+matches = st.builds(
+    ItemMatch,
+    categories=st.lists(st.sampled_from(["", "a", "b"]), max_size=2),
+    brands=st.lists(st.sampled_from(["", "a"]), max_size=1),
+    min_price=st.none() | st.floats(0, 10),
+)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    pooled_recommendations(),
+    st.none() | matches,
+    st.none() | st.floats(0, 1),
+    st.none() | st.integers(1, 100),
+)
+def test_any_published_list_re_ranks_to_at_most_k_of_its_candidates(
+    rec: Recommendation, match: ItemMatch | None, lam: float | None, k: int | None
+) -> None:
+    answer = rerank(rec, match=match, lam=lam, k=k)
+    assert rec.pool is not None and answer.pool is None
+    candidates = [*rec.items, *rec.pool.items]
+    assert len(answer.items) == min(len(rec.items) if k is None else k, len(candidates)) or match
+    assert all(item in candidates for item in answer.items)
+    assert answer.fallbacks[: len(rec.fallbacks)] == rec.fallbacks
