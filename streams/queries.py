@@ -122,6 +122,11 @@ def parse_recommendations_query(query: Any) -> RecommendationsQuery | None:
     return RecommendationsQuery(match=match, diversity=diversity, k=k)
 
 
+def integer_param(query: Any, name: str) -> int | None:
+    """An integer parameter in 1..MAX_K, given once (None: absent; raises BadRequest)."""
+    return _integer(name, _values(query, name))
+
+
 def _values(query: Any, name: str) -> list[str]:
     getall = getattr(query, "getall", None)
     if getall is not None:

@@ -42,6 +42,7 @@ from .queries import (
     RECOMMENDATIONS_PARAMETERS,
     BadRequest,
     RecommendationsQuery,
+    integer_param,
     parse_recommendations_query,
 )
 from .tables import stored_json
@@ -109,13 +110,7 @@ class Health(BaseModel):
 
 def parse_related_query(query: Any) -> tuple[int, str, bool]:
     """Validate k, kind and same_category of a related-items request (raises BadRequest)."""
-    raw_k = query.get("k", "10")
-    try:
-        k = int(raw_k)
-    except ValueError:
-        k = -1
-    if not 1 <= k <= MAX_K:
-        raise BadRequest(f"k must be an integer in 1..{MAX_K}, got {raw_k!r}", k=raw_k)
+    k = integer_param(query, "k") or 10
     kind = query.get("kind", "all")
     if kind not in kind_params():
         raise BadRequest(f"kind must be one of {list(kind_params())}, got {kind!r}", kind=kind)
