@@ -381,6 +381,9 @@ class Recommendation(_Message):
         if self.pool is None:
             return self
         n = len(self.items) + len(self.pool.items)
+        if len({item.item_id for item in (*self.items, *self.pool.items)}) != n:
+            msg = "an item is listed twice among items and pool.items"
+            raise ValueError(msg)
         if len(self.pool.attributes) != n:
             msg = f"pool.attributes holds {len(self.pool.attributes)} entries for {n} items"
             raise ValueError(msg)

@@ -69,7 +69,7 @@ def recommendation(
     pool = candidate_pool(
         shown,
         [item(i) for i in following],
-        attributes=ATTRIBUTES,
+        attributes={i: item_attributes(a) for i, a in ATTRIBUTES.items()},
         vectors=VECTORS,
         mmr_lambda=lam,
     )
@@ -138,6 +138,8 @@ def test_a_pool_that_does_not_match_its_list_is_rejected_as_invalid_fields() -> 
     wrong = decoded(similarities="AAAA")
     assert isinstance(wrong, Rejection) and "holds 3 bytes for 5 items" in wrong.reason
     assert isinstance(decoded(similarities="not base64!"), Rejection)
+    twice = decoded(items=[item("lip1").model_dump(mode="json")] * 2)
+    assert isinstance(twice, Rejection) and "listed twice" in twice.reason
 
 
 def test_filters_by_category_brand_and_price_draw_on_the_pool() -> None:

@@ -125,10 +125,17 @@ recommended_items = st.builds(
 
 
 @st.composite
-def pools(draw: st.DrawFn, listed: int) -> CandidatePool:
-    """A candidate pool that aligns with a list of `listed` items."""
-    following = draw(st.lists(recommended_items, max_size=4))
-    n = listed + len(following)
+def pools(draw: st.DrawFn, listed: list[RecommendedItem]) -> CandidatePool:
+    """A candidate pool that aligns with a list of `listed` items (other items)."""
+    taken = {item.item_id for item in listed}
+    following = draw(
+        st.lists(
+            recommended_items.filter(lambda i: i.item_id not in taken),
+            max_size=4,
+            unique_by=lambda i: i.item_id,
+        )
+    )
+    n = len(listed) + len(following)
     attributes = st.builds(
         ItemAttributes,
         categories=st.lists(text, max_size=3),
@@ -161,10 +168,12 @@ recommendations = st.builds(
 def pooled_recommendations(draw: st.DrawFn) -> Recommendation:
     """Recommendations with a pool and fallbacks, as the recommender publishes them."""
     rec = draw(recommendations)
+    listed = list({item.item_id: item for item in rec.items}.values())  # each item once
     return Recommendation.model_validate(
         {
             **dict(rec),
-            "pool": draw(pools(len(rec.items))),
+            "items": listed,
+            "pool": draw(pools(listed)),
             "fallbacks": draw(st.lists(st.sampled_from(typing.get_args(Fallback)), max_size=2)),
         }
     )

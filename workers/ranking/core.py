@@ -24,10 +24,10 @@ from schemas.rules import BusinessRules
 
 from .diversity import mmr
 from .explain import explain, pinned, trending
-from .pool import candidate_pool
+from .pool import candidate_pool, item_attributes
 from .related import RelatedTable
 from .rules import apply_rules, pins_of
-from .score import Scored, score, user_evidence
+from .score import score, user_evidence
 from .weights import BlendWeights
 
 logger = logging.getLogger(__name__)
@@ -198,8 +198,7 @@ def recommend_answers(
         chosen = [[i for i, _ in pool[:k]] for pool in kept]
     counts = dict(popularity)
     answers: list[Answer] = []
-    following: list[list[str]] = []  # each user's next candidates, for the pools
-    worded_ids: list[list[str]] = []
+    pooled: list[list[RecommendedItem]] = []  # each user's next candidates (pool_size > 0)
     for n, (history, ranked, ids, is_cold) in enumerate(
         zip(histories, scored, chosen, cold, strict=True)
     ):
@@ -220,62 +219,54 @@ def recommend_answers(
         by_id = {item.item_id: item for item in answered}
         items = [by_id[i] if i in by_id else pinned(i) for i in placed]
         answers.append(Answer(items, rules_fell_back=trend_fell_back if is_cold else fell_back[n]))
+        if pool_size <= 0:
+            continue
+        # The pool's items are worded apart: one call for list and pool would change the
+        # list's cosines in their last float32 bits (a matrix product of another shape). A pool
+        # is for re-ranking: each item keeps its strongest reason, a third of the wording.
         shown = set(placed)
-        following.append([i for i in candidates if i not in shown][:pool_size])
-        worded_ids.append(worded)
-    if pool_size > 0:
-        answers = _with_pools(
-            answers,
-            following=following,
-            worded=worded_ids,
-            scored=scored,
-            cold=cold,
-            popularity=popularity,
-            lookups=lookups,
-            mmr_lambda=mmr_lambda,
+        following = [i for i in candidates if i not in shown][:pool_size]
+        pooled.append(
+            trending(popularity, following, relative_to=worded)
+            if is_cold
+            else explain(ranked._replace(max_reasons=1), following, item_counts=counts)
         )
+    if pool_size > 0:
+        answers = _with_pools(answers, pooled, cold=cold, lookups=lookups, mmr_lambda=mmr_lambda)
     return answers
 
 
 def _with_pools(
     answers: list[Answer],
+    pooled: list[list[RecommendedItem]],
     *,
-    following: list[list[str]],
-    worded: list[list[str]],
-    scored: list[Scored],
     cold: list[bool],
-    popularity: Sequence[tuple[str, float]],
     lookups: Lookups,
     mmr_lambda: float,
 ) -> list[Answer]:
-    """The answers with their candidate pools: the vectors and attributes of every listed and
-    following item in one look-up each; each following item worded with its strongest reason
-    (a pool is for re-ranking: a third of the wording keeps it small)."""
-    every = {i for answer in answers for i in (item.item_id for item in answer.items)}
-    every.update(i for ids in following for i in ids)
+    """The answers with their candidate pools completed: the vectors and the attributes of
+    every listed and pooled item of the batch in one look-up each (after every reason is
+    worded: a look-up may move the rows of the vectors the reasons read)."""
+    every = {item.item_id for answer in answers for item in answer.items}
+    every.update(item.item_id for items in pooled for item in items)
     vectors = lookups.item_vectors(every)
-    attributes = lookups.attributes(every) if lookups.attributes is not None and every else {}
-    counts = dict(popularity)
-    out = []
-    for answer, ids, own_worded, ranked, is_cold in zip(
-        answers, following, worded, scored, cold, strict=True
-    ):
-        if is_cold:
-            # Scored against the listed items' top count, as the list's scores are.
-            items = trending(popularity, ids, relative_to=own_worded)
-        else:
-            one = ranked._replace(max_reasons=1, history_vectors=vectors, candidate_vectors=vectors)
-            items = explain(one, ids, item_counts=counts)
-        pool = candidate_pool(
+    found = lookups.attributes(every) if lookups.attributes is not None and every else {}
+    attributes = {i: item_attributes(found.get(i)) for i in every}
+    return [
+        Answer(
             answer.items,
-            items,
-            attributes=attributes,
-            vectors=vectors,
-            # Trending lists are not diversified: re-ranking them keeps the score order.
-            mmr_lambda=1.0 if is_cold else mmr_lambda,
+            candidate_pool(
+                answer.items,
+                items,
+                attributes=attributes,
+                vectors=vectors,
+                # Trending lists are not diversified: re-ranking them keeps the score order.
+                mmr_lambda=1.0 if is_cold else mmr_lambda,
+            ),
+            answer.rules_fell_back,
         )
-        out.append(Answer(answer.items, pool, answer.rules_fell_back))
-    return out
+        for answer, items, is_cold in zip(answers, pooled, cold, strict=True)
+    ]
 
 
 def _apply_rules(

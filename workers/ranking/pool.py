@@ -44,16 +44,17 @@ def candidate_pool(
     items: Sequence[RecommendedItem],
     following: Sequence[RecommendedItem],
     *,
-    attributes: Mapping[str, Mapping[str, Any]],
+    attributes: Mapping[str, ItemAttributes],
     vectors: Mapping[str, np.ndarray],
     mmr_lambda: float,
 ) -> CandidatePool:
     """The pool of a list of `items` whose next candidates are `following` (best first):
-    attributes and similarities of `items` then `following`, in that order."""
+    attributes (`item_attributes`; none known: empty) and similarities of `items` then
+    `following`, in that order."""
     ids = [item.item_id for item in (*items, *following)]
     return CandidatePool(
         items=list(following),
-        attributes=[item_attributes(attributes.get(i)) for i in ids],
+        attributes=[attributes.get(i) or ItemAttributes() for i in ids],
         similarities=encode_similarities(similarity_matrix(ids, vectors)),
         mmr_lambda=mmr_lambda,
     )
