@@ -6,6 +6,8 @@ JSON Schema per topic from them (see `schemas/topics.py`).
 
 from __future__ import annotations
 
+import base64
+import binascii
 import re
 from datetime import UTC, datetime, timedelta
 from typing import Annotated, ClassVar, Literal
@@ -18,6 +20,7 @@ from pydantic import (
     Strict,
     StringConstraints,
     field_validator,
+    model_validator,
 )
 
 from schemas.vocabulary import Term, event_types, reason_kinds, relation_kinds
@@ -332,6 +335,53 @@ class RecommendedItem(_Message):
     reasons: list[Reason] = Field(min_length=1)
 
 
+# Why filters were not applied: each stage's filters that removed every candidate are skipped
+# (the list is never emptied by a filter) and named here.
+Fallback = Literal[
+    "business_rules_removed_every_candidate",  # the rules file's only/exclude, in the recommender
+    "request_filters_removed_every_candidate",  # a request's category/brand/price, HTTP API
+]
+
+
+def similarity_bytes(n: int) -> int:
+    """Bytes of the pairwise similarities of n items: one per pair (the upper triangle)."""
+    return n * (n - 1) // 2
+
+
+class ItemAttributes(_Message):
+    """The catalog attributes filters read (`schemas.rules.ItemMatch`): none known, all empty."""
+
+    categories: list[str] = Field(default_factory=list)
+    brand: str | None = None
+    price: float | None = Field(default=None, ge=0, allow_inf_nan=False)
+
+
+class CandidatePool(_Message):
+    """What a subscriber needs to filter and re-rank a list without item vectors
+    (`schemas.reranking.rerank`): the next candidates after the listed items and, for the
+    listed items followed by these, their catalog attributes and pairwise similarities."""
+
+    items: list[RecommendedItem] = Field(
+        description="The next candidates after the recommendation's items, best first, each "
+        "with its strongest reason."
+    )
+    attributes: list[ItemAttributes] = Field(
+        description="Catalog attributes of the recommendation's items followed by the pool's "
+        "items, in that order."
+    )
+    similarities: str = Field(
+        description="Pairwise cosine similarities of the same items, base64: one byte per pair "
+        "of the upper triangle, row by row ((0,1), (0,2), ..., (1,2), ...), the byte "
+        "round(127 * cosine) + 127 (0 exactly: 127; an item without a vector: 0)."
+    )
+    mmr_lambda: float = Field(
+        ge=0,
+        le=1,
+        description="The maximal marginal relevance lambda the items were chosen with "
+        "(1: score order).",
+    )
+
+
 class Recommendation(_Message):
     """Fresh recommendations for one user; topic `recommendations` (compacted), key `user_id`."""
 
@@ -351,6 +401,41 @@ class Recommendation(_Message):
     latency_ms: float = Field(
         ge=0, description="Oldest triggering event's Kafka timestamp → publish."
     )
+    fallbacks: list[Fallback] = Field(
+        default_factory=list,
+        description="Filters that removed every candidate and so were not applied (the list "
+        "is ranked without them rather than left empty): "
+        "`business_rules_removed_every_candidate` (the business rules file), "
+        "`request_filters_removed_every_candidate` (the HTTP request's filters). Empty: every "
+        "filter applied.",
+    )
+    pool: CandidatePool | None = Field(
+        default=None,
+        description="The candidates, attributes and similarities to filter and re-rank this "
+        "list per request (`RELATA_RECOMMENDER_POOL_SIZE`); absent from producers that predate "
+        "it and from re-ranked answers.",
+    )
+
+    @model_validator(mode="after")
+    def _pool_aligned(self) -> Recommendation:
+        if self.pool is None:
+            return self
+        n = len(self.items) + len(self.pool.items)
+        if len({item.item_id for item in (*self.items, *self.pool.items)}) != n:
+            msg = "an item is listed twice among items and pool.items"
+            raise ValueError(msg)
+        if len(self.pool.attributes) != n:
+            msg = f"pool.attributes holds {len(self.pool.attributes)} entries for {n} items"
+            raise ValueError(msg)
+        try:
+            size = len(base64.b64decode(self.pool.similarities, validate=True))
+        except binascii.Error as exc:
+            msg = f"pool.similarities is not base64: {exc}"
+            raise ValueError(msg) from exc
+        if size != similarity_bytes(n):
+            msg = f"pool.similarities holds {size} bytes for {n} items ({similarity_bytes(n)})"
+            raise ValueError(msg)
+        return self
 
 
 class TrendingList(_Message):

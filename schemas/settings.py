@@ -477,6 +477,17 @@ class RecommenderSettings(_Settings):
             "the score order, lower trades relevance for variety (docs/benchmarks.md)."
         ),
     )
+    pool_size: int = Field(
+        20,
+        ge=0,
+        le=200,
+        description=(
+            "Candidates published after the k items of each list, with the catalog attributes "
+            "and pairwise similarities of all, so the HTTP API and subscribers can filter and "
+            "re-rank per request; at most those the ranking considered (2k, 3k with "
+            "diversity). 0: none."
+        ),
+    )
     rules_path: Path | None = Field(
         None,
         description=(

@@ -16,6 +16,7 @@ import argparse
 import hashlib
 import json
 import tempfile
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +34,8 @@ from workers.metrics import WorkerMetrics
 from workers.recommender import PendingUser, Recommender, RecommenderTopics
 
 BATCH = 64
+# A fixed publication time: sizes do not depend on the clock.
+NOW = datetime(2024, 1, 1, tzinfo=UTC)
 
 
 def main() -> None:
@@ -40,6 +43,9 @@ def main() -> None:
     parser.add_argument("data", type=Path)
     parser.add_argument("--users", type=int, default=None, help="first N users by id")
     parser.add_argument("--dump", type=Path, default=None, help="write every answer as JSONL")
+    parser.add_argument(
+        "--sizes", action="store_true", help="report the published records' sizes in bytes"
+    )
     args = parser.parse_args()
 
     from prometheus_client import CollectorRegistry
@@ -87,6 +93,8 @@ def main() -> None:
         if args.users is not None:
             users = users[: args.users]
         digest = hashlib.sha256()
+        sizes: list[int] = []
+        bare: list[int] = []
         out = args.dump.open("w") if args.dump else None
         for start in range(0, len(users), BATCH):
             pending = []
@@ -102,9 +110,15 @@ def main() -> None:
                     updated_at=p.history[0].last_ts,
                 )
                 pending.append(PendingUser(update, ["digest"], 0))
-            answers = recommender.recommend(pending)
-            for user, ranked in zip(pending, answers, strict=True):
+            answers = recommender.answer(pending)
+            for user, answer in zip(pending, answers, strict=True):
+                ranked = answer.items
                 row = [user.update.user_id, [[r.item_id, round(r.score, 6)] for r in ranked]]
+                if args.sizes:
+                    rec = recommender.message(user, answer, generated_at=NOW, now_ms=0.0)
+                    sizes.append(len(rec.model_dump_json()))
+                    # The record as published before it carried a pool and fallbacks.
+                    bare.append(len(rec.model_dump_json(exclude={"pool", "fallbacks"})))
                 line = json.dumps(row, separators=(",", ":"))
                 digest.update(line.encode() + b"\n")
                 if out:
@@ -112,7 +126,21 @@ def main() -> None:
         if out:
             out.close()
         store.close()
-    print(json.dumps({"data": str(args.data), "users": len(users), "sha256": digest.hexdigest()}))
+    report: dict[str, Any] = {"data": str(args.data), "users": len(users)}
+    report["sha256"] = digest.hexdigest()
+    if args.sizes:
+        report["bytes"] = {"with_pool": _quantiles(sizes), "without_pool": _quantiles(bare)}
+    print(json.dumps(report))
+
+
+def _quantiles(values: list[int]) -> dict[str, float]:
+    """Median, 90th percentile and mean of record sizes."""
+    ordered = sorted(values) or [0]
+    return {
+        "p50": float(ordered[len(ordered) // 2]),
+        "p90": float(ordered[int(len(ordered) * 0.9)]),
+        "mean": round(sum(ordered) / len(ordered), 1),
+    }
 
 
 class _NoKafka:

@@ -29,6 +29,9 @@ EVENT_SECONDS_BUCKETS = (
     5.0,
 )
 
+# The `stage` of `relata_rule_fallbacks_total` here: an HTTP request's filters.
+REQUEST_STAGE = "request_filters"
+
 BATCH_SIZE_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000)
 
 
@@ -49,11 +52,12 @@ class StreamsMetrics:
     http_requests: Counter
     consumer_lag: Gauge
     profiles_restored: Counter
+    rule_fallbacks: Counter
 
     @classmethod
     def create(cls, registry: CollectorRegistry) -> StreamsMetrics:
         """Register all streams metrics in `registry` (one call per registry)."""
-        return cls(
+        metrics = cls(
             events_consumed=Counter(
                 "relata_events_consumed_total",
                 "Valid behaviour events consumed, by event type.",
@@ -127,4 +131,14 @@ class StreamsMetrics:
                 "Changelog records replayed into the profiles table on partition assignment.",
                 registry=registry,
             ),
+            rule_fallbacks=Counter(
+                "relata_rule_fallbacks_total",
+                "Answers whose filters removed every candidate, so were not applied (the list "
+                "is ranked without them), by stage.",
+                ["stage"],
+                registry=registry,
+            ),
         )
+        # Exported at 0 from the start, so a rate over it is defined before the first one.
+        metrics.rule_fallbacks.labels(REQUEST_STAGE)
+        return metrics

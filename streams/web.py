@@ -7,7 +7,8 @@ Reads are partition-local in Faust. Routing in a multi-worker deployment:
   partitioner, so producers of `recommendations` must partition with murmur2 as well
   (Java clients and aiokafka do; librdkafka needs `partitioner=murmur2_random`). A user with
   no list there (never seen, or erased) is answered with the trending list, which every
-  worker holds (`streams/trending.py`).
+  worker holds (`streams/trending.py`). With parameters (`queries.py`: filters, diversity, k)
+  the owner re-ranks the published list from its candidate pool (`schemas.reranking`).
 - `/items/{item_id}/related`: the association statistics live in the one partition of table
   `associations`; requests are forwarded to its owner. The catalog (404s) and the injected
   similar-items provider are answered locally, before forwarding.
@@ -37,11 +38,20 @@ from schemas.messages import (
     RelatedItems,
     RelationKind,
 )
+from schemas.reranking import REQUEST_FALLBACK, rerank
 from schemas.vocabulary import Term
 
 from .catalog import CatalogView
-from .metrics import StreamsMetrics
+from .metrics import REQUEST_STAGE, StreamsMetrics
 from .ports import SimilarItems
+from .queries import (
+    MAX_K,
+    RECOMMENDATIONS_PARAMETERS,
+    BadRequest,
+    RecommendationsQuery,
+    integer_param,
+    parse_recommendations_query,
+)
 from .similar import SimilarView
 from .tables import stored_json
 from .trending import TrendingView
@@ -56,9 +66,6 @@ SIMILAR = "similar"
 def kind_params() -> tuple[str, ...]:
     """What `kind` may be: `all` or one relation kind of the vocabulary."""
     return (ALL, *vocabulary.relation_kinds())
-
-
-MAX_K = 100
 
 
 class RelatedResponse(BaseModel):
@@ -132,23 +139,9 @@ class Health(BaseModel):
     problems: list[str] = Field(description="What keeps the process from being ready or live.")
 
 
-class BadRequest(Exception):
-    """A query parameter is invalid; the message names the valid values."""
-
-    def __init__(self, message: str, **detail: Any) -> None:
-        super().__init__(message)
-        self.detail = detail
-
-
 def parse_related_query(query: Any) -> tuple[int, str, bool]:
     """Validate k, kind and same_category of a related-items request (raises BadRequest)."""
-    raw_k = query.get("k", "10")
-    try:
-        k = int(raw_k)
-    except ValueError:
-        k = -1
-    if not 1 <= k <= MAX_K:
-        raise BadRequest(f"k must be an integer in 1..{MAX_K}, got {raw_k!r}", k=raw_k)
+    k = integer_param(query, "k") or 10
     kind = query.get("kind", "all")
     if kind not in kind_params():
         raise BadRequest(f"kind must be one of {list(kind_params())}, got {kind!r}", kind=kind)
@@ -236,8 +229,9 @@ def openapi_document() -> dict[str, Any]:
                 "get": {
                     "operationId": "getRecommendations",
                     "summary": (
-                        "The latest recommendations published for a user; for a user with "
-                        "none (never seen, or erased), the trending list."
+                        "The latest recommendations published for a user; with parameters, "
+                        "filtered and re-ranked from the list and its candidate pool. For a "
+                        "user with none (never seen, or erased), the trending list."
                     ),
                     "parameters": [
                         {
@@ -245,11 +239,16 @@ def openapi_document() -> dict[str, Any]:
                             "in": "path",
                             "required": True,
                             "schema": {"type": "string"},
-                        }
+                        },
+                        *RECOMMENDATIONS_PARAMETERS,
                     ],
                     "responses": {
                         "200": {
-                            "description": "The user's latest list, or the trending list.",
+                            "description": (
+                                "The user's latest list (verbatim without parameters), or the "
+                                "trending list. Filters that match no candidate are not "
+                                "applied, and `fallbacks` says so."
+                            ),
                             "content": {
                                 "application/json": {
                                     "schema": {
@@ -261,6 +260,7 @@ def openapi_document() -> dict[str, Any]:
                                 }
                             },
                         },
+                        "400": error("An invalid parameter, named in the body."),
                         "404": error("No list for this user and no trending list published yet."),
                     },
                 }
@@ -404,15 +404,21 @@ def register_views(streams: Served) -> None:
         class RecommendationsView(View):
             async def get(self, request: Request, user_id: str) -> Response:
                 endpoint = "recommendations"
+                try:
+                    query = parse_recommendations_query(request.query)
+                except BadRequest as exc:
+                    return counted(endpoint, self.error(400, str(exc), detail=exc.detail))
                 forwarded = await route(self, request, streams.recommendations, user_id)
                 if forwarded is not None:
                     return forwarded
                 stored = streams.recommendations.get(user_id)
                 if stored is None:
                     return counted(endpoint, no_list_answer(self, streams.trending, user_id))
+                body = stored_json(stored)
+                if query is not None:
+                    body = reranked_body(streams, body, query)
                 return counted(
-                    endpoint,
-                    self.bytes(stored_json(stored), content_type="application/json", status=200),
+                    endpoint, self.bytes(body, content_type="application/json", status=200)
                 )
 
     def health_body(probe: Literal["ready", "live"]) -> tuple[Health, bool]:
@@ -484,6 +490,16 @@ def no_list_answer(view: View, trending: TrendingView | None, user_id: str) -> R
     )
     response: Response = view.json(body.model_dump(mode="json"))
     return response
+
+
+def reranked_body(streams: Served, stored: bytes, query: RecommendationsQuery) -> bytes:
+    """A published list (raw JSON, validated when it was stored) filtered and re-ranked for
+    one request; a request whose filters removed every candidate is counted."""
+    rec = Recommendation.model_validate_json(stored)
+    answer = rerank(rec, match=query.match, lam=query.mmr_lambda, k=query.k)
+    if REQUEST_FALLBACK in answer.fallbacks:
+        streams.metrics.rule_fallbacks.labels(REQUEST_STAGE).inc()
+    return answer.model_dump_json().encode()
 
 
 async def related_body(

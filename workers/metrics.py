@@ -43,6 +43,8 @@ QUERY_SECONDS_BUCKETS = (
     0.25,
     1,
 )
+# The `stage` of `relata_rule_fallbacks_total` here: the business rules file's filters.
+RULES_STAGE = "business_rules"
 # Profile updates per recommender micro-batch.
 RECOMMENDER_BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096)
 # The headline latency, oldest triggering event's Kafka timestamp -> publish: 1 ms to 10 s.
@@ -79,6 +81,7 @@ class WorkerMetrics:
     event_to_recommendation_seconds: Histogram
     dead_letter: Counter
     consumer_lag: Gauge
+    rule_fallbacks: Counter
 
     def observe_encode(self, texts: int, seconds: float) -> None:
         """Record one encode call of `texts` texts."""
@@ -89,7 +92,7 @@ class WorkerMetrics:
     @classmethod
     def create(cls, registry: CollectorRegistry) -> WorkerMetrics:
         """Register all worker metrics in `registry` (one call per registry)."""
-        return cls(
+        metrics = cls(
             encode_batch_size=Histogram(
                 "relata_encode_batch_size",
                 "Texts per encode call.",
@@ -155,7 +158,17 @@ class WorkerMetrics:
                 ["topic"],
                 registry=registry,
             ),
+            rule_fallbacks=Counter(
+                "relata_rule_fallbacks_total",
+                "Lists whose filters removed every candidate, so were not applied (the list is "
+                "ranked without them), by stage.",
+                ["stage"],
+                registry=registry,
+            ),
         )
+        # Exported at 0 from the start, so a rate over it is defined before the first one.
+        metrics.rule_fallbacks.labels(RULES_STAGE)
+        return metrics
 
 
 # Rank of a hit in its list (1 first): hits at rank <= k over judged actions is hit rate@k.

@@ -41,6 +41,7 @@ from kafkaio.health import LoopWatch
 from kafkaio.producer import DEFAULT_ACK_TIMEOUT_S, AckedProducer, RecordRefusedError
 from schemas.decoding import Rejection, decode, key_text
 from schemas.messages import (
+    Fallback,
     HistoryEntry,
     ProfileUpdate,
     Recommendation,
@@ -51,14 +52,15 @@ from schemas.messages import (
 from schemas.settings import RecommenderSettings
 from workers.encoder import Encoder
 from workers.lookups import CachedTitles, ItemCache, RelatedIndex, RulesFile
-from workers.metrics import WorkerMetrics
+from workers.metrics import RULES_STAGE, WorkerMetrics
 from workers.ranking import (
+    Answer,
     BlendWeights,
     Lookups,
     VectorRows,
     pooled_user_vector,
     profile_text,
-    recommend,
+    recommend_answers,
     strategy_weights,
 )
 from workers.ranking.core import History
@@ -286,19 +288,19 @@ class Recommender:
 
     def _recommend_each(
         self, users: list[PendingUser], sources: Mapping[str, list[Message]], result: BatchResult
-    ) -> tuple[list[PendingUser], list[list[RecommendedItem]]]:
+    ) -> tuple[list[PendingUser], list[Answer]]:
         """`recommend` for the whole batch; should that raise (a bug some user's history
         triggers), for each user on their own, dead-lettering the updates of a user whose
         ranking raises (`processing_error`) so the others are still answered."""
         try:
-            return users, self.recommend(users)
+            return users, self.answer(users)
         except Exception:
             logger.exception("ranking a batch failed users=%d; ranking one by one", len(users))
         kept: list[PendingUser] = []
-        answers: list[list[RecommendedItem]] = []
+        answers: list[Answer] = []
         for user in users:
             try:
-                answers.append(self.recommend([user])[0])
+                answers.append(self.answer([user])[0])
             except Exception as exc:
                 logger.exception("ranking failed user_id=%s", user.update.user_id)
                 rejection = Rejection("processing_error", f"{type(exc).__name__}: {exc}")
@@ -360,12 +362,13 @@ class Recommender:
         self.metrics.qdrant_query_seconds.observe(time.perf_counter() - start)
         return payloads
 
-    def recommend(self, users: list[PendingUser]) -> list[list[RecommendedItem]]:
-        """Ranked, explained, available items for each user (pure of Kafka)."""
-        return self._rank([user.update.history for user in users])
+    def answer(self, users: list[PendingUser]) -> list[Answer]:
+        """Ranked, explained, available items for each user, with their candidate pool
+        (pure of Kafka)."""
+        return self._answers([user.update.history for user in users])
 
-    def _rank(self, histories: Sequence[Sequence[HistoryEntry]]) -> list[list[RecommendedItem]]:
-        return recommend(
+    def _answers(self, histories: Sequence[Sequence[HistoryEntry]]) -> list[Answer]:
+        return recommend_answers(
             histories,
             lookups=self._lookups,
             weights=self.weights,
@@ -373,6 +376,32 @@ class Recommender:
             mmr_lambda=self.settings.mmr_lambda,
             rules=self.rules.current(),
             placement=self.settings.placement,
+            pool_size=self.settings.pool_size,
+        )
+
+    def recommend(self, users: list[PendingUser]) -> list[list[RecommendedItem]]:
+        """The items of `answer`."""
+        return [answer.items for answer in self.answer(users)]
+
+    def message(
+        self, user: PendingUser, answer: Answer, *, generated_at: datetime, now_ms: float
+    ) -> Recommendation:
+        """The record published for one user's answer."""
+        fallbacks: list[Fallback] = (
+            ["business_rules_removed_every_candidate"] if answer.rules_fell_back else []
+        )
+        return Recommendation(
+            user_id=user.update.user_id,
+            items=answer.items,
+            generated_at=generated_at,
+            model_name=self.encoder.name,
+            model_version=self.encoder.version,
+            vectors_version=self.store.model.version if self.store.model else None,
+            strategy=self.strategy,
+            trigger_event_ids=user.trigger_event_ids,
+            latency_ms=max(0.0, now_ms - user.source_ts_ms),
+            fallbacks=fallbacks,
+            pool=answer.pool,
         )
 
     def poll_once(self) -> BatchResult:
@@ -409,21 +438,11 @@ class Recommender:
         users = list(pending.values())
         result.users = len(users)
         if users:
-            users, items = self._recommend_each(users, sources, result)
+            users, answers = self._recommend_each(users, sources, result)
             generated_at = datetime.now(UTC)
             now_ms = self.clock() * 1000.0
-            for user, user_items in zip(users, items, strict=True):
-                rec = Recommendation(
-                    user_id=user.update.user_id,
-                    items=user_items,
-                    generated_at=generated_at,
-                    model_name=self.encoder.name,
-                    model_version=self.encoder.version,
-                    vectors_version=self.store.model.version if self.store.model else None,
-                    strategy=self.strategy,
-                    trigger_event_ids=user.trigger_event_ids,
-                    latency_ms=max(0.0, now_ms - user.source_ts_ms),
-                )
+            for user, answer in zip(users, answers, strict=True):
+                rec = self.message(user, answer, generated_at=generated_at, now_ms=now_ms)
                 try:
                     self.producer.produce(
                         self.topics.recommendations,
@@ -436,6 +455,8 @@ class Recommender:
                     self._reject_user(sources.get(rec.user_id, []), rejection, result)
                     continue
                 result.recommendations.append(rec)
+                if answer.rules_fell_back:
+                    self.metrics.rule_fallbacks.labels(RULES_STAGE).inc()
         self.producer.end()
         result.published = len(result.recommendations)
         self.metrics.recommendations_published.inc(result.published)
@@ -445,7 +466,7 @@ class Recommender:
 
     def trending(self) -> list[RecommendedItem]:
         """The answer to a user with no usable history, now: `recommend` for an empty one."""
-        return self._rank([[]])[0]
+        return self._answers([[]])[0].items
 
     def _maybe_publish_trending(self) -> None:
         """Rank the trending list when due and publish it if this instance leads and its items

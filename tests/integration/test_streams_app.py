@@ -333,6 +333,13 @@ def test_events_flow_to_profile_updates_dead_letters_related_items_and_http(
                 time.sleep(0.2)
                 got = http.get("/users/u0/recommendations")
             assert got.status_code == 200 and got.json()["items"][0]["item_id"] == "i4"
+            # Per request: a list published without a pool re-ranks its own items.
+            reranked = http.get("/users/u0/recommendations", params={"k": 1, "diversity": 0.5})
+            assert reranked.status_code == 200 and reranked.json()["items"][0]["item_id"] == "i4"
+            unmatched = http.get("/users/u0/recommendations", params={"brand": "nobody"}).json()
+            assert unmatched["fallbacks"] == ["request_filters_removed_every_candidate"]
+            bad = http.get("/users/u0/recommendations", params={"diversity": "2"})
+            assert bad.status_code == 400 and "diversity" in bad.json()["detail"]
 
             metrics = http.get("/metrics").text
             assert 'relata_events_consumed_total{event_type="purchase"} 7.0' in metrics
@@ -340,6 +347,7 @@ def test_events_flow_to_profile_updates_dead_letters_related_items_and_http(
                 'relata_dead_letter_total{error_type="unknown_item",stage="streams"} 2.0' in metrics
             )
             assert "relata_event_processing_seconds_bucket" in metrics
+            assert 'relata_rule_fallbacks_total{stage="request_filters"} 1.0' in metrics
 
 
 def test_restart_recovers_association_statistics_from_changelog(

@@ -20,6 +20,8 @@ from prometheus_client import CollectorRegistry
 from relata.cli.run_workers import Workers, build_workers
 from relata.runtime.topics import ensure_topics, topic_name
 from schemas.messages import HistoryEntry, ProfileUpdate, Recommendation, RelatedItems
+from schemas.reranking import rerank
+from schemas.rules import ItemMatch
 from schemas.settings import (
     EncoderSettings,
     IndexerSettings,
@@ -224,6 +226,7 @@ def test_pipeline_recommends_for_every_user(
         )
     }
     assert set(recs) == set(histories)
+    by_id = {r["item_id"]: r for r in catalog}
     used_evidence = False
     for user, rec in recs.items():
         own = set(histories[user])
@@ -235,6 +238,22 @@ def test_pipeline_recommends_for_every_user(
             assert item.item_id not in retired
             assert all(reason.source_item_id in own for reason in item.reasons)
         used_evidence |= any(r.kind == "bought_together" for i in rec.items for r in i.reasons)
+        # The candidate pool: more available items, with the catalog's attributes, to re-rank.
+        assert rec.pool is not None and rec.pool.items
+        listed = [i.item_id for i in (*rec.items, *rec.pool.items)]
+        assert not set(listed) & (own | retired) and len(set(listed)) == len(listed)
+        for item_id, attributes in zip(listed, rec.pool.attributes, strict=True):
+            record = by_id[item_id]
+            assert (attributes.brand, attributes.price) == (
+                record.get("brand"),
+                record.get("price"),
+            )
+        # A filter drawn on the pool: only the brand of its last item, from the list or pool.
+        brand = rec.pool.attributes[-1].brand
+        if brand is not None:
+            answer = rerank(rec, match=ItemMatch(brands=[brand]))
+            assert answer.items and answer.fallbacks == []
+            assert all(by_id[i.item_id].get("brand") == brand for i in answer.items)
     # The available evidence target does arrive, explained by the user's own item.
     assert used_evidence
     evidence_item = next(i for i in recs[some_user].items if i.item_id == outside[2])

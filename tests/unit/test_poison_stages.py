@@ -386,14 +386,14 @@ def test_poison_profile_updates_and_refusals_are_dead_lettered_by_the_recommende
     consumer.add_json(update("bad", "lip1"), key="bad")
     consumer.add_json(update("refuse-me", "lip1"), key="refuse-me")
     consumer.add_json(update("u4", "sh1"), key="u4")
-    real = loop.recommend
+    real = loop.answer
 
     def failing(users: Any) -> Any:
         if any(user.update.user_id == "bad" for user in users):
             raise RuntimeError("ranking bug")
         return real(users)
 
-    monkeypatch.setattr(loop, "recommend", failing)
+    monkeypatch.setattr(loop, "answer", failing)
     result = loop.poll_once()
     loop.producer.flush()
     assert sorted(r["user_id"] for r in producer.values("recommendations")) == ["u1", "u4"]

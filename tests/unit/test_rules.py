@@ -10,10 +10,11 @@ import numpy as np
 import pytest
 from pydantic import ValidationError
 
+from schemas.reranking import place_pins
 from schemas.rules import BusinessRules, ItemMatch
 from workers.lookups import RulesFile
 from workers.ranking import BlendWeights, Lookups, recommend
-from workers.ranking.rules import apply_rules, place_pins
+from workers.ranking.rules import apply_rules
 
 from .ranking_fakes import entry, lookups
 

@@ -17,11 +17,14 @@ from schemas import vocabulary
 from schemas.decoding import Rejection, dead_letter, decode
 from schemas.messages import (
     BehaviorEvent,
+    CandidatePool,
     CatalogItem,
     DeadLetter,
     DeadLetterError,
     Evidence,
+    Fallback,
     HistoryEntry,
+    ItemAttributes,
     ProfileUpdate,
     Reason,
     Recommendation,
@@ -113,6 +116,41 @@ reasons = st.builds(
     cosine=st.none() | st.floats(min_value=-1, max_value=1),
     item_count=st.none() | st.floats(min_value=0, max_value=1e9),
 )
+recommended_items = st.builds(
+    RecommendedItem,
+    item_id=ids,
+    score=finite,
+    reasons=st.lists(reasons, min_size=1, max_size=3),
+)
+
+
+@st.composite
+def pools(draw: st.DrawFn, listed: list[RecommendedItem]) -> CandidatePool:
+    """A candidate pool that aligns with a list of `listed` items (other items)."""
+    taken = {item.item_id for item in listed}
+    following = draw(
+        st.lists(
+            recommended_items.filter(lambda i: i.item_id not in taken),
+            max_size=4,
+            unique_by=lambda i: i.item_id,
+        )
+    )
+    n = len(listed) + len(following)
+    attributes = st.builds(
+        ItemAttributes,
+        categories=st.lists(text, max_size=3),
+        brand=st.none() | text,
+        price=st.none() | st.floats(0, 1e6),
+    )
+    sims = draw(st.binary(min_size=n * (n - 1) // 2, max_size=n * (n - 1) // 2))
+    return CandidatePool(
+        items=following,
+        attributes=draw(st.lists(attributes, min_size=n, max_size=n)),
+        similarities=base64.b64encode(sims).decode(),
+        mmr_lambda=draw(st.floats(0, 1)),
+    )
+
+
 recommendations = st.builds(
     Recommendation,
     user_id=ids,
@@ -122,16 +160,25 @@ recommendations = st.builds(
     strategy=text,
     trigger_event_ids=st.lists(ids, min_size=1, max_size=4),
     latency_ms=st.floats(0, 1e6),
-    items=st.lists(
-        st.builds(
-            RecommendedItem,
-            item_id=ids,
-            score=finite,
-            reasons=st.lists(reasons, min_size=1, max_size=3),
-        ),
-        max_size=5,
-    ),
+    items=st.lists(recommended_items, max_size=5),
 )
+
+
+@st.composite
+def pooled_recommendations(draw: st.DrawFn) -> Recommendation:
+    """Recommendations with a pool and fallbacks, as the recommender publishes them."""
+    rec = draw(recommendations)
+    listed = list({item.item_id: item for item in rec.items}.values())  # each item once
+    return Recommendation.model_validate(
+        {
+            **dict(rec),
+            "items": listed,
+            "pool": draw(pools(listed)),
+            "fallbacks": draw(st.lists(st.sampled_from(typing.get_args(Fallback)), max_size=2)),
+        }
+    )
+
+
 profile_updates = st.builds(
     ProfileUpdate,
     user_id=ids,
@@ -189,7 +236,7 @@ def test_catalog_item_roundtrip(item: CatalogItem) -> None:
 
 
 @settings(max_examples=50, suppress_health_check=[HealthCheck.too_slow])
-@given(recommendations)
+@given(recommendations | pooled_recommendations())
 def test_recommendation_roundtrip(rec: Recommendation) -> None:
     _roundtrip(rec)
 

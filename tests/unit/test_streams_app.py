@@ -594,6 +594,7 @@ def test_all_streams_metric_names_registered(streams: StreamsApp) -> None:
         "relata_http_requests",
         "relata_consumer_lag_records",
         "relata_profiles_restored",
+        "relata_rule_fallbacks",
     }
 
 

@@ -19,6 +19,7 @@ DOCUMENTED_NAMES = {
     "relata_event_to_recommendation_seconds",
     "relata_dead_letter_total",
     "relata_consumer_lag_records",
+    "relata_rule_fallbacks_total",
 }
 
 

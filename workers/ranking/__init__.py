@@ -17,10 +17,12 @@ Score of a candidate item (each term on a [0, 1]-ish scale, so weights are compa
 - popularity: log-scaled count, a weak prior and the fallback for sparse users.
 
 After scoring, `recommend` may re-rank each list for diversity (MMR over the item vectors,
-`diversity.py`), and answers a user with no usable history with trending items.
+`diversity.py`), and answers a user with no usable history with trending items;
+`recommend_answers` also gives each list its candidate pool (`pool.py`), what re-ranking it
+per request needs.
 """
 
-from .core import Lookups, recommend
+from .core import Answer, Lookups, recommend, recommend_answers
 from .diversity import intra_list_diversity, mmr
 from .explain import explain, rank, trending
 from .related import RelatedList, RelatedTable, VectorRows, kind_codes, popularity_of
@@ -44,6 +46,7 @@ from .weights import (
 
 __all__ = [
     "STRATEGIES",
+    "Answer",
     "BlendError",
     "BlendWeights",
     "EvidenceRows",
@@ -65,6 +68,7 @@ __all__ = [
     "profile_text",
     "rank",
     "recommend",
+    "recommend_answers",
     "score",
     "source_weights",
     "strategy_weights",

@@ -18,13 +18,15 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from schemas.messages import HistoryEntry, RecommendedItem
+from schemas.messages import CandidatePool, HistoryEntry, RecommendedItem
+from schemas.reranking import place_pins
 from schemas.rules import BusinessRules
 
 from .diversity import mmr
 from .explain import explain, pinned, trending
+from .pool import candidate_pool, item_attributes
 from .related import RelatedTable
-from .rules import apply_rules, pins_of, place_pins
+from .rules import apply_rules, pins_of
 from .score import score, user_evidence
 from .weights import BlendWeights
 
@@ -66,6 +68,17 @@ class Lookups:
     attributes: Callable[[Set[str]], Mapping[str, Mapping[str, Any]]] | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class Answer:
+    """One user's answer: the ranked items, the candidate pool published beside them (None:
+    none asked for), and whether the business rules' filters removed every candidate and so
+    were not applied."""
+
+    items: list[RecommendedItem]
+    pool: CandidatePool | None = None
+    rules_fell_back: bool = False
+
+
 def recommend(
     histories: Sequence[History],
     *,
@@ -76,6 +89,31 @@ def recommend(
     rules: BusinessRules | None = None,
     placement: str = "home",
 ) -> list[list[RecommendedItem]]:
+    """The k best available items for each history (most recent first), with reasons: the
+    items of `recommend_answers`."""
+    answers = recommend_answers(
+        histories,
+        lookups=lookups,
+        weights=weights,
+        k=k,
+        mmr_lambda=mmr_lambda,
+        rules=rules,
+        placement=placement,
+    )
+    return [answer.items for answer in answers]
+
+
+def recommend_answers(
+    histories: Sequence[History],
+    *,
+    lookups: Lookups,
+    weights: BlendWeights,
+    k: int,
+    mmr_lambda: float = 1.0,
+    rules: BusinessRules | None = None,
+    placement: str = "home",
+    pool_size: int = 0,
+) -> list[Answer]:
     """The k best available items for each history (most recent first), with reasons.
 
     `mmr_lambda` below 1 re-ranks the available scored items by maximal marginal relevance
@@ -83,7 +121,9 @@ def recommend(
     (none usable: empty, or no evidence and no popularity to fill with) is answered with
     trending items: the most popular available ones, labelled `trending`. `rules` (business
     rules) filter, boost, cap and pin (the pins of `placement`) the available candidates
-    before the k are chosen (`rules.py`)."""
+    before the k are chosen (`rules.py`). `pool_size` above 0 adds to each answer up to that
+    many of the next candidates the ranking considered, with what re-ranking them needs
+    (`pool.py`); the k items are the same with or without it."""
     if not histories:
         return []
     vectors = lookups.user_vectors(histories)
@@ -139,8 +179,12 @@ def recommend(
         [(i, s) for i, s in ranked.items if i in vec or i in available]
         for ranked, vec in zip(scored, vector_ids, strict=True)
     ]
+    fell_back = [False] * len(kept)
+    trend_fell_back = False
     if rules is not None:
-        kept, trend_pool = _apply_rules(kept, trend_pool, lookups, rules)
+        kept, fell_back, trend_pool, trend_fell_back = _apply_rules(
+            kept, trend_pool, lookups, rules
+        )
     if mmr_lambda < 1.0:
         # The pools' vectors in one look-up; the mapping it returns is the one to read from
         # now (a cache may have moved rows to fetch them), for MMR and for the reasons.
@@ -153,11 +197,17 @@ def recommend(
     else:
         chosen = [[i for i, _ in pool[:k]] for pool in kept]
     counts = dict(popularity)
-    answers: list[list[RecommendedItem]] = []
-    for history, ranked, ids, is_cold in zip(histories, scored, chosen, cold, strict=True):
+    answers: list[Answer] = []
+    pooled: list[list[RecommendedItem]] = []  # each user's next candidates (pool_size > 0)
+    for n, (history, ranked, ids, is_cold) in enumerate(
+        zip(histories, scored, chosen, cold, strict=True)
+    ):
         seen = {e.item_id for e in history}
         if is_cold:
-            ids = [i for i in trend_pool if i in available and i not in seen][:k]
+            candidates = [i for i in trend_pool if i in available and i not in seen]
+            ids = candidates[:k]
+        else:
+            candidates = [i for i, _ in kept[n]]
         own_pins = [(i, at) for i, at in pins if i in available and i not in seen]
         placed = place_pins(ids, own_pins, k=k) if own_pins else ids
         pinned_ids = {i for i, _ in own_pins}
@@ -167,8 +217,56 @@ def recommend(
             trending(popularity, worded) if is_cold else explain(ranked, worded, item_counts=counts)
         )
         by_id = {item.item_id: item for item in answered}
-        answers.append([by_id[i] if i in by_id else pinned(i) for i in placed])
+        items = [by_id[i] if i in by_id else pinned(i) for i in placed]
+        answers.append(Answer(items, rules_fell_back=trend_fell_back if is_cold else fell_back[n]))
+        if pool_size <= 0:
+            continue
+        # The pool's items are worded apart: one call for list and pool would change the
+        # list's cosines in their last float32 bits (a matrix product of another shape). A pool
+        # is for re-ranking: each item keeps its strongest reason, a third of the wording.
+        shown = set(placed)
+        following = [i for i in candidates if i not in shown][:pool_size]
+        pooled.append(
+            trending(popularity, following, relative_to=worded)
+            if is_cold
+            else explain(ranked._replace(max_reasons=1), following, item_counts=counts)
+        )
+    if pool_size > 0:
+        answers = _with_pools(answers, pooled, cold=cold, lookups=lookups, mmr_lambda=mmr_lambda)
     return answers
+
+
+def _with_pools(
+    answers: list[Answer],
+    pooled: list[list[RecommendedItem]],
+    *,
+    cold: list[bool],
+    lookups: Lookups,
+    mmr_lambda: float,
+) -> list[Answer]:
+    """The answers with their candidate pools completed: the vectors and the attributes of
+    every listed and pooled item of the batch in one look-up each (after every reason is
+    worded: a look-up may move the rows of the vectors the reasons read)."""
+    every = {item.item_id for answer in answers for item in answer.items}
+    every.update(item.item_id for items in pooled for item in items)
+    vectors = lookups.item_vectors(every)
+    found = lookups.attributes(every) if lookups.attributes is not None and every else {}
+    attributes = {i: item_attributes(found.get(i)) for i in every}
+    return [
+        Answer(
+            answer.items,
+            candidate_pool(
+                answer.items,
+                items,
+                attributes=attributes,
+                vectors=vectors,
+                # Trending lists are not diversified: re-ranking them keeps the score order.
+                mmr_lambda=1.0 if is_cold else mmr_lambda,
+            ),
+            answer.rules_fell_back,
+        )
+        for answer, items, is_cold in zip(answers, pooled, cold, strict=True)
+    ]
 
 
 def _apply_rules(
@@ -176,8 +274,9 @@ def _apply_rules(
     trend_pool: list[str],
     lookups: Lookups,
     rules: BusinessRules,
-) -> tuple[list[list[tuple[str, float]]], list[str]]:
-    """Each user's candidates and the trending pool with the business rules applied."""
+) -> tuple[list[list[tuple[str, float]]], list[bool], list[str], bool]:
+    """Each user's candidates and the trending pool with the business rules applied, and
+    for each whether its filters fell back (removed every candidate, so were not applied)."""
     wanted = {i for pool in kept for i, _ in pool} | set(trend_pool)
     attributes = lookups.attributes(wanted) if lookups.attributes is not None and wanted else {}
     ruled = [apply_rules(pool, attributes, rules) for pool in kept]
@@ -188,7 +287,12 @@ def _apply_rules(
             "business rules removed every candidate users=%d: filters not applied", fell_back
         )
     trend = apply_rules([(i, -n) for n, i in enumerate(trend_pool)], attributes, rules)
-    return [r.items for r in ruled], [i for i, _ in trend.items]
+    return (
+        [r.items for r in ruled],
+        [r.fell_back for r in ruled],
+        [i for i, _ in trend.items],
+        trend.fell_back,
+    )
 
 
 def _search(

@@ -3,7 +3,9 @@
 A list of near-duplicates (three T-light holders of one design) answers one need three times.
 MMR picks, one at a time, the candidate with the best `lam * relevance - (1 - lam) * (its
 largest cosine with the items picked so far)`: `lam` 1 keeps the score order, lower values
-trade relevance for variety. Pure numpy; `core.recommend` applies it.
+trade relevance for variety. The picking itself is `schemas.reranking.mmr_order`, shared with
+the re-ranking of published lists; here it runs on the item vectors. Pure numpy;
+`core.recommend` applies it.
 """
 
 from __future__ import annotations
@@ -11,6 +13,8 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 
 import numpy as np
+
+from schemas.reranking import mmr_order
 
 from .related import gather
 
@@ -22,30 +26,12 @@ def mmr(
     k: int,
     lam: float,
 ) -> list[str]:
-    """The k items of `ranked` ((item id, score), best first) in MMR order.
-
-    Relevance is the score scaled to [0, 1] within `ranked` (so `lam` means the same for every
-    user, whatever the scale of their scores); similarity is the cosine of the item vectors
-    (an item without a vector is similar to nothing). Ties keep the score order.
-    """
+    """The k items of `ranked` ((item id, score), best first) in MMR order
+    (`schemas.reranking.mmr_order`), similarity the cosine of the item vectors (an item
+    without a vector is similar to nothing)."""
     ids = [i for i, _ in ranked]
-    if lam >= 1.0 or len(ids) <= 1 or k <= 1:
-        return ids[:k]
-    scores = np.array([s for _, s in ranked], dtype=np.float64)
-    span = float(scores.max() - scores.min())
-    relevance = (scores - scores.min()) / span if span > 0 else np.ones_like(scores)
-    sims = similarity_matrix(ids, vectors)
-    picked: list[int] = []
-    closest = np.zeros(len(ids), dtype=np.float64)  # largest cosine with a picked item
-    free = np.ones(len(ids), dtype=bool)
-    for _ in range(min(k, len(ids))):
-        gain = lam * relevance - (1.0 - lam) * closest
-        gain[~free] = -np.inf
-        j = int(np.argmax(gain))  # the first best: ties keep the score order
-        picked.append(j)
-        free[j] = False
-        closest = sims[j].copy() if len(picked) == 1 else np.maximum(closest, sims[j])
-    return [ids[j] for j in picked]
+    order = mmr_order([s for _, s in ranked], lambda: similarity_matrix(ids, vectors), k=k, lam=lam)
+    return [ids[j] for j in order]
 
 
 def similarity_matrix(ids: Sequence[str], vectors: Mapping[str, np.ndarray]) -> np.ndarray:

@@ -158,13 +158,18 @@ def pinned(item_id: str) -> RecommendedItem:
 
 
 def trending(
-    popularity: Sequence[tuple[str, float]], item_ids: Sequence[str]
+    popularity: Sequence[tuple[str, float]],
+    item_ids: Sequence[str],
+    *,
+    relative_to: Sequence[str] | None = None,
 ) -> list[RecommendedItem]:
     """The answer to a user with no usable history: `item_ids` (the most popular available
     items, in order) labelled `trending`, scored by their decayed count (`popularity`:
-    (item id, count), most popular first)."""
+    (item id, count), most popular first) relative to the largest count among `relative_to`
+    (default: `item_ids`; the items of a candidate pool are scored against the list's)."""
     count_of = dict(popularity)
-    top = max((count_of.get(i, 0.0) for i in item_ids), default=0.0) or 1.0
+    top_of = item_ids if relative_to is None else relative_to
+    top = max((count_of.get(i, 0.0) for i in top_of), default=0.0) or 1.0
     out = [
         {
             "item_id": item_id,

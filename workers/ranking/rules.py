@@ -2,7 +2,7 @@
 
 Order: filters (keep only, exclude), then boosts and buries (scores multiplied, re-sorted),
 then the cap per category; the core then picks the k (MMR or score order) and places the
-pinned items (`place_pins`). When the filters remove every candidate the candidates are kept
+pinned items (`schemas.reranking.place_pins`). When the filters remove every candidate the candidates are kept
 unfiltered (`fell_back`), so a list is never emptied by a rule.
 """
 
@@ -66,13 +66,3 @@ def pins_of(rules: BusinessRules | None, placement: str) -> list[tuple[str, int]
     return sorted(
         ((p.item_id, p.position - 1) for p in rules.pins.get(placement, ())), key=lambda p: p[1]
     )
-
-
-def place_pins(ids: Sequence[str], pins: Sequence[tuple[str, int]], *, k: int) -> list[str]:
-    """`ids` with each pinned item moved or inserted at its position, cut to k."""
-    out = list(ids)
-    for item_id, position in pins:
-        if item_id in out:
-            out.remove(item_id)
-        out.insert(min(position, len(out)), item_id)
-    return out[:k]
