@@ -270,6 +270,17 @@ def build_workers(
             if recommender_settings.blend_path
             else None
         )
+        user_encoder = None
+        if recommender_settings.user_encoder_path is not None:
+            from workers.encoder import resolve_device
+            from workers.user_encoder import load_user_encoder
+
+            # On the transformer's device (GPU when present); torch's CPU threads are the
+            # process's (RELATA_ENCODER_THREADS), shared with the transformer.
+            user_encoder = load_user_encoder(
+                recommender_settings.user_encoder_path,
+                device=resolve_device(encoder_settings.device),
+            )
         recommender = Recommender(
             consumer=consumer,
             related_consumer=related,
@@ -289,6 +300,7 @@ def build_workers(
             ack_timeout_s=reliability.ack_timeout_s,
             stop_flush_s=stop_share_s,
             commit_retry=retry,
+            user_encoder=user_encoder,
         )
         health.wait("recommender outputs", lambda: recommender.producer.waiting_since)
         workers.loops.append(("recommender", recommender.run))
