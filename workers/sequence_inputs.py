@@ -38,7 +38,9 @@ COUNT_EDGES = (2, 3, 5, 10)
 class InputConfig:
     """How histories become rows; stored in the encoder artifact so serving matches fitting."""
 
-    max_len: int = 50
+    # The most recent entries read (of the profile's `history_size`, 50 by default): the
+    # fit's cost grows with it, and online-retail's histories mostly fill all 50.
+    max_len: int = 30
     event_types: tuple[str, ...] = ()
     # The pooled base: the `pooled` user vector's decay and weight exponent (BlendWeights'
     # defaults), over at most `pool_items` recent entries.
@@ -47,7 +49,7 @@ class InputConfig:
     pool_items: int = 20
 
     @classmethod
-    def default(cls, *, max_len: int = 50) -> InputConfig:
+    def default(cls, *, max_len: int = 30) -> InputConfig:
         return cls(max_len=max_len, event_types=vocabulary.event_types())
 
     @property
