@@ -388,10 +388,10 @@ def test_poison_profile_updates_and_refusals_are_dead_lettered_by_the_recommende
     consumer.add_json(update("u4", "sh1"), key="u4")
     real = loop.recommend
 
-    def failing(users: Any) -> Any:
+    def failing(users: Any, **kwargs: Any) -> Any:
         if any(user.update.user_id == "bad" for user in users):
             raise RuntimeError("ranking bug")
-        return real(users)
+        return real(users, **kwargs)
 
     monkeypatch.setattr(loop, "recommend", failing)
     result = loop.poll_once()

@@ -243,6 +243,8 @@ def test_fit_lowers_the_loss_beats_pooling_and_is_seeded() -> None:
         seed=3,
         model_config=small,
         fit_config=fit,
+        # One thread: a small model on a shared machine runs faster without thread hand-offs.
+        threads=1,
     )
     assert report.losses[-1][1] < report.losses[0][1]
     assert report.best["recall@10"] > report.pooled["recall@10"]
@@ -256,6 +258,8 @@ def test_fit_lowers_the_loss_beats_pooling_and_is_seeded() -> None:
         seed=3,
         model_config=small,
         fit_config=fit,
+        # One thread: a small model on a shared machine runs faster without thread hand-offs.
+        threads=1,
     )
     assert again.fingerprint == encoder.fingerprint
 
