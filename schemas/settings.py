@@ -458,9 +458,20 @@ class RecommenderSettings(_Settings):
     )
     k: int = Field(10, ge=1, le=200, description="Items per recommendation.")
     candidates: int = Field(100, ge=1, le=5000, description="Vector-search candidates per user.")
-    user_vector: Literal["pooled", "text"] = Field(
+    user_vector: Literal["pooled", "text", "sequence"] = Field(
         "pooled",
-        description="pooled: weighted mean of history item vectors; text: encode the profile text.",
+        description=(
+            "pooled: weighted mean of history item vectors; text: encode the profile text; "
+            "sequence: the learned sequence user encoder (`user_encoder_path`), pooling for "
+            "histories it cannot read and until an encoder is loaded."
+        ),
+    )
+    user_encoder_path: Path | None = Field(
+        None,
+        description=(
+            "Sequence user encoder artifact directory (`relata train` writes `user_encoder/`); "
+            "needs user_vector=sequence."
+        ),
     )
     strategy: Literal["hybrid", "vector"] = Field(
         "hybrid", description="hybrid: behaviour + language-model blend; vector: similarity only."
@@ -509,6 +520,16 @@ class RecommenderSettings(_Settings):
         ),
     )
     metrics_port: int = Field(9108, ge=0, le=65535, description="Prometheus port; 0 disables.")
+
+    @model_validator(mode="after")
+    def _encoder_needs_sequence(self) -> RecommenderSettings:
+        if self.user_encoder_path is not None and self.user_vector != "sequence":
+            msg = (
+                "RELATA_RECOMMENDER_USER_ENCODER_PATH is read only with "
+                f"RELATA_RECOMMENDER_USER_VECTOR=sequence (it is {self.user_vector!r})"
+            )
+            raise ValueError(msg)
+        return self
 
 
 class IndexerSettings(_Settings):

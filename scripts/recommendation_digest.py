@@ -31,7 +31,8 @@ from workers.encoder import TransformerEncoder
 from workers.indexer import item_payload
 from workers.item_text import item_text
 from workers.metrics import WorkerMetrics
-from workers.recommender import PendingUser, Recommender, RecommenderTopics
+from workers.micro_batch import PendingUser, RecommenderTopics
+from workers.recommender import Recommender
 
 BATCH = 64
 # A fixed publication time: sizes do not depend on the clock.

@@ -72,6 +72,7 @@ class WorkerMetrics:
     encode_batch_size: Histogram
     encode_seconds: Histogram
     encoded_texts: Counter
+    user_encoder_seconds: Histogram
     items_indexed: Counter
     items_retired: Counter
     qdrant_query_seconds: Histogram
@@ -107,6 +108,12 @@ class WorkerMetrics:
             ),
             encoded_texts=Counter(
                 "relata_encoded_texts_total", "Texts encoded.", registry=registry
+            ),
+            user_encoder_seconds=Histogram(
+                "relata_user_encoder_seconds",
+                "Wall time of the sequence user encoder over one micro-batch's histories.",
+                buckets=ENCODE_SECONDS_BUCKETS,
+                registry=registry,
             ),
             items_indexed=Counter(
                 "relata_items_indexed_total",

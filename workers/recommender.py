@@ -3,7 +3,7 @@ explained `recommendations`, in micro-batches, at least once.
 
 Per batch: coalesce updates of one user into the latest (union of trigger ids, oldest source
 timestamp), build every user vector (pooled history item vectors, or the encoded profile
-text), run one batched store query, score each user's candidates with `workers.ranking.score`
+text, or the sequence user encoder's vector), run one batched store query, score each user's candidates with `workers.ranking.score`
 blending in the compacted `related-items` topic (read fully by every instance into memory),
 drop candidates that are unavailable, word the reasons of the k kept (`explain`; together
 these are `rank`) and publish; the batch's offsets are committed once the broker acknowledged
@@ -25,8 +25,8 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence, Set
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence, Set
+from dataclasses import replace
 from datetime import UTC, datetime
 from functools import partial
 from typing import Any
@@ -53,6 +53,7 @@ from schemas.settings import RecommenderSettings
 from workers.encoder import Encoder
 from workers.lookups import CachedTitles, ItemCache, RelatedIndex, RulesFile
 from workers.metrics import RULES_STAGE, WorkerMetrics
+from workers.micro_batch import BatchResult, PendingUser, RecommenderTopics, coalesce
 from workers.ranking import (
     Answer,
     BlendWeights,
@@ -64,6 +65,7 @@ from workers.ranking import (
     strategy_weights,
 )
 from workers.ranking.core import History
+from workers.user_encoder import UserEncoder, UserEncoderError, UserEncoderSlot
 from workers.vector_store import ModelIdentity, VectorStore, require_model
 
 logger = logging.getLogger(__name__)
@@ -76,57 +78,6 @@ RELATED_PER_POLL = 25
 # While another instance publishes the trending list, whether this one leads now is checked
 # this often (a rebalance may hand it partition 0).
 LEAD_CHECK_S = 1.0
-
-
-@dataclass(frozen=True, slots=True)
-class RecommenderTopics:
-    profile_updates: str
-    related_items: str
-    recommendations: str
-    dead_letter: str
-    # Where the trending list goes (None: not published).
-    trending: str | None = None
-
-
-@dataclass(slots=True)
-class PendingUser:
-    """One user's coalesced updates of a batch."""
-
-    update: ProfileUpdate
-    trigger_event_ids: list[str]
-    source_ts_ms: int
-    coalesced: int = 0
-
-
-def coalesce(updates: Iterable[ProfileUpdate]) -> tuple[dict[str, PendingUser], int]:
-    """Fold updates of one user into the latest one (in arrival order, which is per-user
-    production order: the topic is keyed by user_id). Returns users and the coalesced count."""
-    users: dict[str, PendingUser] = {}
-    coalesced = 0
-    for update in updates:
-        pending = users.get(update.user_id)
-        if pending is None:
-            users[update.user_id] = PendingUser(
-                update, list(update.trigger_event_ids), update.source_ts_ms
-            )
-            continue
-        coalesced += 1
-        seen = set(pending.trigger_event_ids)
-        pending.trigger_event_ids.extend(e for e in update.trigger_event_ids if e not in seen)
-        pending.update = update
-        pending.source_ts_ms = min(pending.source_ts_ms, update.source_ts_ms)
-        pending.coalesced += 1
-    return users, coalesced
-
-
-@dataclass(slots=True)
-class BatchResult:
-    records: int = 0
-    users: int = 0
-    coalesced: int = 0
-    published: int = 0
-    dead_letters: int = 0
-    recommendations: list[Recommendation] = field(default_factory=list)
 
 
 class Recommender:
@@ -152,6 +103,7 @@ class Recommender:
         commit_retry: CommitRetry | None = None,
         leads: Callable[[], bool] | None = None,
         stage: str = STAGE,
+        user_encoder: UserEncoder | None = None,
     ) -> None:
         self.consumer = consumer
         self.related_consumer = related_consumer
@@ -172,6 +124,14 @@ class Recommender:
         self.settings = settings
         self.weights = strategy_weights(settings.strategy, weights or BlendWeights())
         self.strategy = f"{settings.strategy}/{settings.user_vector}"
+        # The sequence user encoder (user_vector=sequence), swappable while running.
+        self.user_encoders = UserEncoderSlot()
+        if user_encoder is not None:
+            self.swap_user_encoder(user_encoder)
+        elif settings.user_vector == "sequence":
+            logger.warning(
+                "user_vector=sequence without a user encoder: pooling until one is swapped in"
+            )
         self.related = RelatedIndex()
         self.cache = ItemCache(store, capacity=cache_size)
         self.clock = clock
@@ -288,30 +248,66 @@ class Recommender:
 
     def _recommend_each(
         self, users: list[PendingUser], sources: Mapping[str, list[Message]], result: BatchResult
-    ) -> tuple[list[PendingUser], list[Answer]]:
+    ) -> tuple[list[PendingUser], list[Answer], list[str]]:
         """`recommend` for the whole batch; should that raise (a bug some user's history
         triggers), for each user on their own, dead-lettering the updates of a user whose
-        ranking raises (`processing_error`) so the others are still answered."""
+        ranking raises (`processing_error`) so the others are still answered. Returns the
+        users answered, their items and their strategy names."""
+        labels: list[str] = []
         try:
-            return users, self.answer(users)
+            return users, self.answer(users, labels=labels), labels
         except Exception:
             logger.exception("ranking a batch failed users=%d; ranking one by one", len(users))
         kept: list[PendingUser] = []
         answers: list[Answer] = []
+        labels = []
         for user in users:
+            label: list[str] = []
             try:
-                answers.append(self.answer([user])[0])
+                answers.append(self.answer([user], labels=label)[0])
+                labels += label
             except Exception as exc:
                 logger.exception("ranking failed user_id=%s", user.update.user_id)
                 rejection = Rejection("processing_error", f"{type(exc).__name__}: {exc}")
                 self._reject_user(sources.get(user.update.user_id, []), rejection, result)
                 continue
             kept.append(user)
-        return kept, answers
+        return kept, answers, labels
 
-    def _user_vectors(self, histories: Sequence[History]) -> list[FloatArray | None]:
+    def swap_user_encoder(self, encoder: UserEncoder | None) -> UserEncoder | None:
+        """Serve the next batches with `encoder` (None: pooling); the batch being ranked
+        finishes with the one it started with. Thread-safe; returns the replaced encoder.
+        Refuses an encoder fitted on item vectors of another model version than the store's."""
+        fitted_on = None if encoder is None else encoder.meta.get("item_vectors", {}).get("version")
+        serving = self.store.model.version if self.store.model else self.encoder.version
+        if encoder is not None and fitted_on is not None and fitted_on != serving:
+            msg = (
+                f"user encoder {encoder.name} was fitted on item vectors of version {fitted_on}; "
+                f"the store holds version {serving}: refit it (`relata train`) on these vectors"
+            )
+            raise UserEncoderError(msg)
+        return self.user_encoders.swap(encoder)
+
+    def _user_vectors(
+        self, histories: Sequence[History], *, labels: list[str] | None = None
+    ) -> list[FloatArray | None]:
+        """One vector per history; `labels` (when given) gets, per history, the user vector's
+        name for the recommendation's strategy."""
+        user_encoder = (
+            self.user_encoders.current() if self.settings.user_vector == "sequence" else None
+        )
         max_items = self.weights.max_sources
+        if user_encoder is not None:
+            max_items = max(max_items, user_encoder.input_config.max_len)
         self.cache.fetch(entry.item_id for h in histories for entry in h[:max_items])
+        if user_encoder is not None:
+            return self._sequence_vectors(user_encoder, histories, labels)
+        if labels is not None:
+            # `sequence` without an encoder pools.
+            mode = (
+                "pooled" if self.settings.user_vector == "sequence" else self.settings.user_vector
+            )
+            labels[:] = [mode] * len(histories)
         if self.settings.user_vector == "text":
             titles = CachedTitles(self.cache)
             texts = [profile_text(h, titles) for h in histories]
@@ -324,17 +320,35 @@ class Recommender:
                 for row, n in enumerate(todo):
                     out[n] = encoded[row]
             return out
+        return list(self._pooled(histories))
+
+    def _sequence_vectors(
+        self,
+        user_encoder: UserEncoder,
+        histories: Sequence[History],
+        labels: list[str] | None,
+    ) -> list[FloatArray | None]:
+        """The encoder's vectors (one forward pass for the batch); histories it cannot read
+        (no item vector to start from) are pooled: no vector either, today, but pooling stays
+        the one fallback should the two rules ever differ."""
+        start = time.perf_counter()
+        encoded = user_encoder.encode(histories, self.cache.vectors())
+        self.metrics.user_encoder_seconds.observe(time.perf_counter() - start)
+        pooled = self._pooled([h for h, v in zip(histories, encoded, strict=True) if v is None])
+        if labels is not None:
+            labels[:] = [user_encoder.name if v is not None else "pooled" for v in encoded]
+        return [v if v is not None else next(pooled) for v in encoded]
+
+    def _pooled(self, histories: Sequence[History]) -> Iterator[FloatArray | None]:
         vectors = self.cache.vectors()
-        return [
-            pooled_user_vector(
+        for h in histories:
+            yield pooled_user_vector(
                 h,
                 vectors,
                 recency=self.weights.pool_recency,
                 weight_exponent=self.weights.weight_exponent,
-                max_items=max_items,
+                max_items=self.weights.max_sources,
             )
-            for h in histories
-        ]
 
     def _search(
         self, matrix: FloatArray, excludes: list[set[str]]
@@ -362,15 +376,24 @@ class Recommender:
         self.metrics.qdrant_query_seconds.observe(time.perf_counter() - start)
         return payloads
 
-    def answer(self, users: list[PendingUser]) -> list[Answer]:
+    def answer(self, users: list[PendingUser], *, labels: list[str] | None = None) -> list[Answer]:
         """Ranked, explained, available items for each user, with their candidate pool
-        (pure of Kafka)."""
-        return self._answers([user.update.history for user in users])
+        (pure of Kafka). `labels`, when given, receives each user's strategy name
+        (`<strategy>/<user vector>`)."""
+        return self._answers([user.update.history for user in users], labels=labels)
 
-    def _answers(self, histories: Sequence[Sequence[HistoryEntry]]) -> list[Answer]:
-        return recommend_answers(
+    def _answers(
+        self, histories: Sequence[Sequence[HistoryEntry]], *, labels: list[str] | None = None
+    ) -> list[Answer]:
+        lookups = self._lookups
+        vector_names: list[str] = []
+        if labels is not None:
+            lookups = replace(
+                lookups, user_vectors=partial(self._user_vectors, labels=vector_names)
+            )
+        answers = recommend_answers(
             histories,
-            lookups=self._lookups,
+            lookups=lookups,
             weights=self.weights,
             k=self.settings.k,
             mmr_lambda=self.settings.mmr_lambda,
@@ -378,13 +401,23 @@ class Recommender:
             placement=self.settings.placement,
             pool_size=self.settings.pool_size,
         )
+        if labels is not None:
+            names = vector_names or [self.settings.user_vector] * len(histories)
+            labels[:] = [f"{self.settings.strategy}/{name}" for name in names]
+        return answers
 
     def recommend(self, users: list[PendingUser]) -> list[list[RecommendedItem]]:
         """The items of `answer`."""
         return [answer.items for answer in self.answer(users)]
 
     def message(
-        self, user: PendingUser, answer: Answer, *, generated_at: datetime, now_ms: float
+        self,
+        user: PendingUser,
+        answer: Answer,
+        *,
+        generated_at: datetime,
+        now_ms: float,
+        strategy: str | None = None,
     ) -> Recommendation:
         """The record published for one user's answer."""
         fallbacks: list[Fallback] = (
@@ -397,7 +430,7 @@ class Recommender:
             model_name=self.encoder.name,
             model_version=self.encoder.version,
             vectors_version=self.store.model.version if self.store.model else None,
-            strategy=self.strategy,
+            strategy=strategy or self.strategy,
             trigger_event_ids=user.trigger_event_ids,
             latency_ms=max(0.0, now_ms - user.source_ts_ms),
             fallbacks=fallbacks,
@@ -438,11 +471,13 @@ class Recommender:
         users = list(pending.values())
         result.users = len(users)
         if users:
-            users, answers = self._recommend_each(users, sources, result)
+            users, answers, strategies = self._recommend_each(users, sources, result)
             generated_at = datetime.now(UTC)
             now_ms = self.clock() * 1000.0
-            for user, answer in zip(users, answers, strict=True):
-                rec = self.message(user, answer, generated_at=generated_at, now_ms=now_ms)
+            for user, answer, strategy in zip(users, answers, strategies, strict=True):
+                rec = self.message(
+                    user, answer, generated_at=generated_at, now_ms=now_ms, strategy=strategy
+                )
                 try:
                     self.producer.produce(
                         self.topics.recommendations,

@@ -300,6 +300,7 @@ def build_workers(
             topic=RECOMMENDATIONS,
             metrics=metrics,
             reliability=reliability,
+            device=encoder_settings.device,
         )
     if role == "shadow" or (shadow.enabled and role in ("recommender", "all")):
         # Its own metrics, never served: its batches, latency and published lists must not
@@ -312,6 +313,7 @@ def build_workers(
             topic=RECOMMENDATIONS_SHADOW,
             metrics=WorkerMetrics.create(CollectorRegistry()),
             reliability=reliability,
+            device=encoder_settings.device,
             stage=SHADOW_STAGE,
         )
     health.broker = BrokerWatch(
@@ -330,12 +332,14 @@ def _add_recommender(
     topic: TopicSpec,
     metrics: Any,
     reliability: ReliabilitySettings,
+    device: str,
     stage: str | None = None,
 ) -> Any:
     """Add a recommender loop publishing to `topic` (the live one, or a shadow) on the
     workers' encoder and store; returns its producer."""
+    from workers.micro_batch import RecommenderTopics
     from workers.ranking import BlendWeights
-    from workers.recommender import STAGE, Recommender, RecommenderTopics
+    from workers.recommender import STAGE, Recommender
 
     stop_share_s = reliability.shutdown_grace_s / 4
     client_id = "relata-recommender" if name == "recommender" else f"relata-recommender-{name}"
@@ -353,6 +357,14 @@ def _add_recommender(
     related = build_related_consumer(kafka, group_prefix=settings.group_id)
     producer = build_producer(kafka, client_id=client_id)
     weights = BlendWeights.load(settings.blend_path) if settings.blend_path else None
+    user_encoder = None
+    if settings.user_encoder_path is not None:
+        from workers.encoder import resolve_device
+        from workers.user_encoder import load_user_encoder
+
+        # On the transformer's device (GPU when present); torch's CPU threads are the
+        # process's (RELATA_ENCODER_THREADS), shared with the transformer.
+        user_encoder = load_user_encoder(settings.user_encoder_path, device=resolve_device(device))
     recommender = Recommender(
         consumer=consumer,
         related_consumer=related,
@@ -377,6 +389,7 @@ def _add_recommender(
         stage=stage or STAGE,
         # One instance publishes the trending list: the one partition 0 is assigned to.
         leads=partial(holds_partition, consumer, 0),
+        user_encoder=user_encoder,
     )
     workers.health.wait(f"{name} outputs", lambda: recommender.producer.waiting_since)
     workers.loops.append((name, recommender.run))

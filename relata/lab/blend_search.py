@@ -82,9 +82,17 @@ class BlendSearch:
     """Features of a prepared validation split, built once per user vector, scored many times."""
 
     def __init__(
-        self, prepared: Prepared, *, k: int, candidates: int, weights: BlendWeights
+        self,
+        prepared: Prepared,
+        *,
+        k: int,
+        candidates: int,
+        weights: BlendWeights,
+        user_vectors: Callable[[np.ndarray, BlendWeights], VectorInputs] | None = None,
     ) -> None:
         self.prepared = prepared
+        # The user vectors and their hits for an item matrix and weights (default: pooled).
+        self.user_vectors = user_vectors
         self.k = k
         self.candidates = candidates
         self.sequence = _sequence_kinds()
@@ -117,9 +125,19 @@ class BlendSearch:
         self._all_available = set(prepared.item_ids) <= state.available
 
     def vectors(self, matrix: np.ndarray, weights: BlendWeights) -> VectorInputs:
-        """The pooled user vectors `weights` give and their exact hits (not kept: features
-        are built from them once, and their lists of hits are the bulk of the memory)."""
+        """The user vectors (pooled as `weights` say, or `user_vectors`') and their exact
+        hits (not kept: features are built from them once, and their lists of hits are the
+        bulk of the memory)."""
+        if self.user_vectors is not None:
+            return self.user_vectors(matrix, weights)
         return pooled_inputs(self.prepared, matrix, weights, top=self.candidates)
+
+    def use_vectors(
+        self, user_vectors: Callable[[np.ndarray, BlendWeights], VectorInputs] | None
+    ) -> None:
+        """Search with other user vectors from now on (None: pooled)."""
+        self.user_vectors = user_vectors
+        self.forget()
 
     def forget(self) -> None:
         """Drop the features built so far (a search over other item vectors follows)."""

@@ -87,10 +87,13 @@ def coverage(recommended: Iterable[Sequence[str]], *, k: int, catalog_size: int)
 
 
 def bucket_by_edges(value: float, edges: Sequence[float]) -> str:
-    """Label of the half-open bucket [edges[i], edges[i+1]) holding value; last is open."""
+    """Label of the half-open bucket [edges[i], edges[i+1]) holding value ("1-2", or "1"
+    for a bucket of one integer); the last is open ("8+")."""
     for lo, hi in itertools.pairwise(edges):
         if lo <= value < hi:
-            return f"{lo:g}-{hi - 1:g}" if float(hi - 1).is_integer() else f"{lo:g}-{hi:g}"
+            if float(hi - 1).is_integer():
+                return f"{lo:g}" if hi - 1 == lo else f"{lo:g}-{hi - 1:g}"
+            return f"{lo:g}-{hi:g}"
     return f"{edges[-1]:g}+"
 
 

@@ -31,7 +31,7 @@ from relata.lab.eval_metrics import (
     target_rank,
 )
 from relata.lab.protocol import Case, Prepared, State, prepare
-from relata.lab.report import results_table
+from relata.lab.report import breakdown_table, results_table
 from relata.lab.vectors import (
     VectorInputs,
     cached_encode,
@@ -50,7 +50,9 @@ from workers.ranking import (
     strategy_weights,
 )
 
-HISTORY_EDGES = (1, 3, 6, 11, 21)
+# History length buckets (distinct items): 1, 2-3, 4-7, 8+. Sparse users are where the
+# language model has to carry the ranking, so the first buckets are narrow.
+HISTORY_EDGES = (1, 2, 4, 8)
 # Vector-search candidates per user, as RecommenderSettings.candidates.
 DEFAULT_CANDIDATES = 100
 # The seed's profile-text baseline: the user's last titles, encoded as one text. Its cost is
@@ -75,6 +77,9 @@ BASELINES: dict[str, str] = {
 # the yardstick the live ranking has to beat (`relata.lab.baselines`).
 PLAIN_METHODS = tuple(baselines.PLAIN_METHODS)
 DEFAULT_METHOD = "hybrid"
+# Methods with the sequence user encoder's user vectors (`--user-encoder`): alone (as
+# `pooled`), and in the hybrid ranking (the fitted blend when given, as hybrid+blend).
+SEQUENCE_METHODS = ("sequence", f"{DEFAULT_METHOD}+sequence")
 # Users ranked per call of the core (the recommender's micro-batches are of this order).
 RANK_BATCH = 256
 
@@ -161,6 +166,8 @@ def evaluate(
     methods: Sequence[str] | None = None,
     adapter_path: Path | None = None,
     blend_path: Path | None = None,
+    user_encoder_path: Path | None = None,
+    sequence_blend_path: Path | None = None,
     encoder_settings: EncoderSettings | None = None,
     streams_settings: StreamsSettings | None = None,
     candidates: int = DEFAULT_CANDIDATES,
@@ -168,7 +175,9 @@ def evaluate(
     progress: bool = True,
     echo: Callable[[str], None] = click.echo,
 ) -> dict[str, Any]:
-    """Run the protocol for the chosen methods; returns the JSON-able report."""
+    """Run the protocol for the chosen methods; returns the JSON-able report. The sequence
+    methods read the item vectors the user encoder was fitted on: adapted by `adapter_path`
+    when given."""
     started = time.perf_counter()
     enc_settings = encoder_settings or EncoderSettings()
     prepared = prepare(data_dir, settings=streams_settings, max_users=max_users, progress=progress)
@@ -181,11 +190,15 @@ def evaluate(
     )
     defaults = BlendWeights()
     fitted = BlendWeights.load(blend_path) if blend_path else None
+    # hybrid+sequence ranks with the blend fitted with the encoder's vectors when given.
+    fitted_sequence = BlendWeights.load(sequence_blend_path) if sequence_blend_path else fitted
     wanted = list(methods) if methods else [*BASELINES, *PLAIN_METHODS, "behaviour", DEFAULT_METHOD]
     if fitted is not None and not methods:
         wanted.append(f"{DEFAULT_METHOD}+blend")
     if adapter_path and not methods:
         wanted += ["pooled+adapter", f"{DEFAULT_METHOD}+adapter"]
+    if user_encoder_path and not methods:
+        wanted += list(SEQUENCE_METHODS)
     if "hybrid+blend" in wanted and fitted is None:
         raise EvaluationError(
             "method hybrid+blend needs --blend PATH (write one with `relata train`)"
@@ -195,7 +208,8 @@ def evaluate(
         raise EvaluationError(f"unknown methods {unknown}; valid: {sorted(_all_methods())}")
 
     needs_vectors = any(
-        m in ("pooled", "profile-text") or "hybrid" in m or "adapter" in m for m in wanted
+        m in ("pooled", "profile-text", "sequence") or "hybrid" in m or "adapter" in m
+        for m in wanted
     )
     encoder = None
     matrix = None
@@ -217,6 +231,14 @@ def evaluate(
 
         assert matrix is not None
         adapted = load_adapter(adapter_path).apply(matrix)
+    user_encoder = None
+    if any(m in SEQUENCE_METHODS for m in wanted):
+        user_encoder = _load_user_encoder(user_encoder_path, adapter_path)
+        if adapted is None and adapter_path is not None:
+            from workers.adapter import load_adapter
+
+            assert matrix is not None
+            adapted = load_adapter(adapter_path).apply(matrix)
 
     results: dict[str, MethodResult] = {}
     hits_cache: dict[str, VectorInputs] = {}
@@ -241,6 +263,8 @@ def evaluate(
             candidates=candidates,
             hits_cache=hits_cache,
             progress=progress,
+            user_encoder=user_encoder,
+            fitted_sequence=fitted_sequence,
         )
         results[name] = rank_users(
             cases=cases,
@@ -258,7 +282,12 @@ def evaluate(
     default = next(
         (
             m
-            for m in (f"{DEFAULT_METHOD}+adapter", f"{DEFAULT_METHOD}+blend", DEFAULT_METHOD)
+            for m in (
+                f"{DEFAULT_METHOD}+sequence",
+                f"{DEFAULT_METHOD}+adapter",
+                f"{DEFAULT_METHOD}+blend",
+                DEFAULT_METHOD,
+            )
             if m in results
         ),
         wanted[-1],
@@ -309,13 +338,22 @@ def evaluate(
             if encoder is None
             else {"name": encoder.name, "version": encoder.version},
             "blend": str(blend_path) if blend_path else "defaults",
+            "sequence_blend": str(sequence_blend_path) if sequence_blend_path else None,
             "adapter": str(adapter_path) if adapter_path else None,
+            "user_encoder": None
+            if user_encoder is None
+            else {"path": str(user_encoder_path), "name": user_encoder.name},
             "hybrid_weights": defaults.model_dump(exclude={"fitted_on"}),
             "fitted_weights": None if fitted is None else fitted.model_dump(),
+            "sequence_weights": None
+            if fitted_sequence is None or fitted_sequence is fitted
+            else fitted_sequence.model_dump(),
         },
         "seconds": round(time.perf_counter() - started, 1),
     }
     echo(results_table(report["methods"], k, default))
+    echo(f"NDCG@{k} by history length (distinct items):")
+    echo(breakdown_table(report["breakdowns"]["history_length"]))
     return report
 
 
@@ -352,7 +390,34 @@ def _all_methods() -> set[str]:
         f"{DEFAULT_METHOD}+blend",
         "pooled+adapter",
         f"{DEFAULT_METHOD}+adapter",
+        *SEQUENCE_METHODS,
     }
+
+
+def _load_user_encoder(path: Path | None, adapter_path: Path | None) -> Any:
+    """The user encoder of the sequence methods, checked against the item vectors it reads."""
+    if path is None:
+        raise EvaluationError(
+            f"methods {list(SEQUENCE_METHODS)} need --user-encoder PATH (write one with "
+            "`relata train`)"
+        )
+    from workers.adapter import load_adapter
+    from workers.user_encoder import UserEncoderError, load_user_encoder
+
+    try:
+        user_encoder = load_user_encoder(path)
+    except UserEncoderError as exc:
+        raise EvaluationError(str(exc)) from exc
+    fitted = user_encoder.meta.get("item_vectors", {})
+    if "adapter" in fitted:
+        given = load_adapter(adapter_path).fingerprint if adapter_path else None
+        if fitted["adapter"] != given:
+            raise EvaluationError(
+                f"user encoder {path} was fitted on item vectors with adapter "
+                f"{fitted['adapter']}; this evaluation's adapter is {given} (pass the --adapter "
+                "it was trained with)"
+            )
+    return user_encoder
 
 
 def _method_inputs(
@@ -368,11 +433,17 @@ def _method_inputs(
     candidates: int,
     hits_cache: dict[str, VectorInputs],
     progress: bool = True,
+    user_encoder: Any = None,
+    fitted_sequence: BlendWeights | None = None,
 ) -> tuple[BlendWeights, list[list[tuple[str, float]]] | None, VectorInputs | None]:
     if name == "behaviour":
         return strategy_weights("behaviour", defaults), None, None
     base = name.split("+")[0]
-    if base in BASELINES:
+    if name == "sequence":
+        weights = strategy_weights("vector", BlendWeights())
+    elif name == f"{DEFAULT_METHOD}+sequence":
+        weights = fitted_sequence or defaults
+    elif base in BASELINES:
         weights = strategy_weights(BASELINES[base], BlendWeights())
     elif name == DEFAULT_METHOD:
         weights = defaults
@@ -380,6 +451,16 @@ def _method_inputs(
         weights = fitted or defaults
     if name in ("popularity", "cooccurrence", "transitions"):
         return weights, None, None
+    if name in SEQUENCE_METHODS:
+        from relata.lab.sequences import sequence_inputs
+
+        use = adapted if adapted is not None else matrix
+        assert use is not None and user_encoder is not None
+        key = f"sequence-{weights.pool_recency}-{weights.weight_exponent}-{weights.max_sources}"
+        if key not in hits_cache:
+            hits_cache[key] = sequence_inputs(prepared, user_encoder, use, weights, top=candidates)
+        vin = hits_cache[key]
+        return weights, vin.hits, vin
     if name == "profile-text":
         assert matrix is not None and encoder is not None
         texts = [

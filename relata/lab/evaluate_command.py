@@ -78,6 +78,26 @@ from relata.lab.report import write_chart
     help="Blend weights (relata train).",
 )
 @click.option(
+    "--user-encoder",
+    "user_encoder_path",
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    default=None,
+    envvar="RELATA_EVAL_USER_ENCODER",
+    show_envvar=True,
+    help="Sequence user encoder directory (relata train): adds the sequence and "
+    "hybrid+sequence methods (with --adapter: the adapter it was fitted with).",
+)
+@click.option(
+    "--sequence-blend",
+    "sequence_blend_path",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    default=None,
+    envvar="RELATA_EVAL_SEQUENCE_BLEND",
+    show_envvar=True,
+    help="Blend weights fitted with the user encoder's vectors (relata train's "
+    "blend-sequence.json) for hybrid+sequence; default: --blend's.",
+)
+@click.option(
     "--candidates",
     default=DEFAULT_CANDIDATES,
     show_default=True,
@@ -112,6 +132,8 @@ def command(
     json_out: Path | None,
     adapter_path: Path | None,
     blend_path: Path | None,
+    user_encoder_path: Path | None,
+    sequence_blend_path: Path | None,
     candidates: int,
     max_users: int | None,
     diversity_grid_text: str | None,
@@ -148,6 +170,8 @@ def command(
         methods=[m.strip() for m in methods.split(",") if m.strip()] if methods else None,
         adapter_path=adapter_path,
         blend_path=blend_path,
+        user_encoder_path=user_encoder_path,
+        sequence_blend_path=sequence_blend_path,
         candidates=candidates,
         max_users=max_users,
         progress=not no_progress,

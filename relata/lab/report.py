@@ -49,3 +49,24 @@ def write_chart(path: Path, report: Mapping[str, Any]) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
+
+
+def breakdown_table(groups: Mapping[str, Mapping[str, Mapping[str, float]]]) -> str:
+    """NDCG per method (rows) and group (columns, e.g. history length buckets), with the
+    users of each group on the first line."""
+    if not groups:
+        return ""
+    first = next(iter(groups.values()))
+    labels = list(first)
+    lines = [
+        f"{'users':<22}" + "".join(f"{int(first[g]['users']):>9}" for g in labels),
+        f"{'method':<22}" + "".join(f"{g:>9}" for g in labels),
+    ]
+    for name, by_group in groups.items():
+        lines.append(
+            f"{name:<22}"
+            + "".join(
+                f"{by_group[g]['ndcg']:>9.4f}" if g in by_group else f"{'':>9}" for g in labels
+            )
+        )
+    return "\n".join(lines)

@@ -8,12 +8,18 @@ dropped first; the user's previous new positive item becomes an internal validat
 (b) Blend weights: coordinate search on the validation targets over every validation user,
     vectorised (`relata.lab.blend_search`: the core's candidate features once, weights applied
     with numpy), the result checked with the live ranking core.
+(c) The sequence user encoder (`workers.user_encoder`) over the item vectors chosen in (b):
+    next-item InfoNCE on history prefixes, early stopped on the validation targets, within a
+    time budget; then a blend search with its user vectors. Both are written
+    (`user_encoder/`, `blend-sequence.json`) with the validation verdict: whether its hybrid
+    ranking beats the pooled one.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +30,7 @@ from relata.lab.blend_search import BlendSearch, coordinate_search
 from relata.lab.eval_metrics import summarize
 from relata.lab.evaluate import rank_users
 from relata.lab.protocol import Prepared, prepare
+from relata.lab.train_sequence import SEQUENCE_BLEND, USER_ENCODER_DIR, fit_sequence, write_sequence
 from relata.lab.vectors import item_vectors, pooled_inputs
 from schemas import vocabulary
 from schemas.settings import EncoderSettings
@@ -142,6 +149,7 @@ def fit_blend(
     desc: str = "blend",
     progress: bool = True,
     search: BlendSearch | None = None,
+    skip: Collection[str] = (),
 ) -> tuple[BlendWeights, float, list[dict[str, Any]]]:
     """Coordinate search over GRID maximising validation NDCG@k, vectorised (`BlendSearch`,
     which scores exactly as the ranking core does); returns the best weights, their NDCG and
@@ -165,6 +173,7 @@ def fit_blend(
         for name, values in GRID.items()
         if not (name in vocabulary.behaviour_kinds() and name not in present)
         and not (name in ("vector", "vector_sharpness", "vector_recency") and matrix is None)
+        and name not in skip
     }
     mark = time.perf_counter()
     start_score = search.ndcg(search.features(matrix, start), start)
@@ -198,6 +207,12 @@ def core_ndcg(
         item_vectors=None if vin is None else vin.items,
     )
     return summarize(result.ranks, k=k).ndcg
+
+
+def _model_dir(settings: EncoderSettings) -> Path:
+    from workers.model_identity import default_model_path
+
+    return Path(settings.model_path) if settings.model_path else default_model_path()
 
 
 @click.command(name="train")
@@ -248,6 +263,26 @@ def core_ndcg(
     show_envvar=True,
     help="Validation users sampled for the blend search (default: every one).",
 )
+@click.option(
+    "--user-encoder-budget",
+    "encoder_budget_s",
+    # About two minutes of two shared cores fit amazon-beauty's encoder to its early stop.
+    default=120.0,
+    show_default=True,
+    type=click.FloatRange(0),
+    envvar="RELATA_TRAIN_USER_ENCODER_BUDGET_S",
+    show_envvar=True,
+    help="Seconds the sequence user encoder may train (0: no encoder).",
+)
+@click.option(
+    "--seed",
+    default=0,
+    show_default=True,
+    type=int,
+    envvar="RELATA_TRAIN_SEED",
+    show_envvar=True,
+    help="Seed of the adapter and user encoder fits.",
+)
 @click.option("--no-progress", is_flag=True, default=False, help="Hide progress bars.")
 def command(
     data_dir: Path,
@@ -255,11 +290,15 @@ def command(
     k: int,
     epochs: int,
     max_val_users: int | None,
+    encoder_budget_s: float,
+    seed: int,
     no_progress: bool,
 ) -> None:
-    """Fit the adapter and the blend weights on histories (internal validation split)."""
-    from workers.adapter import LinearAdapter, save_adapter
+    """Fit the adapter, the blend weights and the sequence user encoder on histories
+    (internal validation split)."""
+    from workers.adapter import LinearAdapter, load_adapter, save_adapter
     from workers.encoder import TransformerEncoder
+    from workers.model_identity import model_version
 
     progress = not no_progress
     started = time.perf_counter()
@@ -287,7 +326,7 @@ def command(
         prev, nxt = training_pairs(prepared)
         click.echo(f"adapter: {len(nxt)} next-item pairs, {epochs} epochs")
         weight, bias, losses = fit_adapter(
-            base, prev, nxt, recency=start.recency, epochs=epochs, progress=progress
+            base, prev, nxt, recency=start.recency, epochs=epochs, seed=seed, progress=progress
         )
         adapter_meta = {
             "kind": "residual-linear",
@@ -338,11 +377,35 @@ def command(
     timings["check"] = time.perf_counter() - mark
     click.echo(f"validation NDCG@{k} of the chosen weights, ranked by the core: {chosen_score:.4f}")
     if use_adapter:
+        # Written before the encoder's fit: its item vectors are named by this adapter.
         save_adapter(adapter_path, weight, bias, adapter_meta or {})
     elif adapter_path.exists():
         # A stale adapter beside a blend fitted without one would be loaded by mistake.
         adapter_path.unlink()
     chosen = best if use_adapter else base_w
+    adapter = load_adapter(adapter_path) if use_adapter else None
+    sequence = None
+    if encoder_budget_s > 0:
+        mark = time.perf_counter()
+        sequence = fit_sequence(
+            prepared,
+            matrix if use_adapter else base,
+            search=search,
+            blend=fit_blend,
+            start=chosen,
+            start_score=best_score if use_adapter else base_score,
+            k=k,
+            budget_s=encoder_budget_s,
+            seed=seed,
+            item_vectors={
+                "model": encoder.name,
+                "version": model_version(_model_dir(enc_settings), adapter),
+                "adapter": None if adapter is None else adapter.fingerprint,
+            },
+            progress=progress,
+        )
+        timings["user encoder"] = time.perf_counter() - mark
+    write_sequence(out_dir, sequence)
     chosen = chosen.model_copy(
         update={
             "fitted_on": {
@@ -355,6 +418,7 @@ def command(
                 "adapter": use_adapter,
                 "evaluations": len(trace),
                 "ndcg_core": round(chosen_score, 5),
+                "user_encoder": None if sequence is None else sequence.summary(),
             }
         }
     )
@@ -379,4 +443,10 @@ def command(
     click.echo(
         f"evaluate: relata evaluate --data {data_dir} --blend {out_dir / 'blend.json'}"
         + (f" --adapter {adapter_path}" if use_adapter else "")
+        + (
+            f" --user-encoder {out_dir / USER_ENCODER_DIR}"
+            f" --sequence-blend {out_dir / SEQUENCE_BLEND}"
+            if sequence is not None
+            else ""
+        )
     )

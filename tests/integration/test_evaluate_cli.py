@@ -72,13 +72,7 @@ def test_evaluate_cli_writes_report_and_chart(
         assert 0.0 <= metrics["ndcg"] <= metrics["hr"] <= 1.0
     # The language model finds something on real titles.
     assert report["methods"]["pooled"]["hr"] > 0.0
-    assert set(report["breakdowns"]["history_length"]["hybrid"]) <= {
-        "1-2",
-        "3-5",
-        "6-10",
-        "11-20",
-        "21+",
-    }
+    assert set(report["breakdowns"]["history_length"]["hybrid"]) <= {"1", "2-3", "4-7", "8+"}
     assert out.with_suffix(".png").stat().st_size > 10_000
     # Embeddings were cached: a second run encodes nothing new.
     cached = sorted(p.name for p in (tmp_path / "cache").iterdir())

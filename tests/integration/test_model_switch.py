@@ -35,7 +35,8 @@ from tests.unit.worker_fakes import FakeConsumer, FakeProducer
 from workers.adapter import save_adapter
 from workers.encoder import TransformerEncoder
 from workers.metrics import WorkerMetrics
-from workers.recommender import PendingUser, Recommender, RecommenderTopics
+from workers.micro_batch import PendingUser, RecommenderTopics
+from workers.recommender import Recommender
 from workers.store_versions import EdgeVersions
 from workers.vector_store import ModelIdentity
 

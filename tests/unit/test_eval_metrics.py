@@ -61,6 +61,15 @@ def test_bucket_labels() -> None:
     assert bucket_by_edges(5, edges) == "3-5"
     assert bucket_by_edges(10, edges) == "6-10"
     assert bucket_by_edges(50, edges) == "11+"
+    # A bucket of one value is named by it (the evaluation's history lengths 1, 2-3, 4-7, 8+).
+    assert [bucket_by_edges(n, (1, 2, 4, 8)) for n in (1, 2, 3, 7, 8, 40)] == [
+        "1",
+        "2-3",
+        "2-3",
+        "4-7",
+        "8+",
+        "8+",
+    ]
 
 
 def test_breakdown_groups_users() -> None:

@@ -122,3 +122,39 @@ def test_plain_baselines_never_learn_from_targets(tmp_path: Path) -> None:
         assert scored[t] == 0.0
         # t is the only item left to rank: it is found, with nothing learned about it.
         assert plain_result(prepared, model, method, k=1).ranks == [1] * 5
+
+
+def _rows_items(prepared_items: list[str], data: object) -> tuple[set[str], set[str]]:
+    """The item ids a sequence training set learns from: its targets, its histories."""
+    targets = {prepared_items[i] for i in data.targets.tolist()}  # type: ignore[attr-defined]
+    seen = data.arrays.items  # type: ignore[attr-defined]
+    return targets, {prepared_items[i] for i in seen[seen >= 0].tolist()}
+
+
+def test_sequence_training_rows_never_hold_a_target_or_what_follows(tmp_path: Path) -> None:
+    from relata.lab.sequences import training_set
+    from workers.sequence_inputs import InputConfig
+
+    # Each user: x, y (history), then a validation target v<n>, the evaluation target t<n>,
+    # and a view of a<n> after it; w users walk x -> y -> z without targets of their own.
+    events: list[BehaviorEvent] = []
+    items = {"x", "y", "z"}
+    for n in range(5):
+        events += [ev(f"u{n}", "x", 0), ev(f"u{n}", "y", 1), ev(f"u{n}", f"v{n}", 2)]
+        events += [ev(f"u{n}", f"t{n}", 3), ev(f"u{n}", f"a{n}", 4, "view")]
+        items |= {f"v{n}", f"t{n}", f"a{n}"}
+    _write(tmp_path / "d", events, items)
+    config = InputConfig.default(max_len=5)
+    secret = {f"t{n}" for n in range(5)} | {f"a{n}" for n in range(5)}
+
+    evaluation = prepare(tmp_path / "d", progress=False)
+    assert {c.target for c in evaluation.split.cases} == {f"t{n}" for n in range(5)}
+    targets, history = _rows_items(evaluation.item_ids, training_set(evaluation, config))
+    assert not (targets | history) & secret
+    assert targets == {"y"} | {f"v{n}" for n in range(5)}  # what the histories hold, learned
+
+    validation = prepare(tmp_path / "d", holdout=2, progress=False)
+    assert {c.target for c in validation.split.cases} == {f"v{n}" for n in range(5)}
+    targets, history = _rows_items(validation.item_ids, training_set(validation, config))
+    assert not (targets | history) & (secret | {f"v{n}" for n in range(5)})
+    assert targets == {"y"}

@@ -37,7 +37,8 @@ from tests.unit.worker_fakes import FakeConsumer, FakeEncoder, FakeProducer
 from workers.client_store import ClientVectorStore
 from workers.indexer import IndexerTopics, ItemIndexer
 from workers.metrics import WorkerMetrics
-from workers.recommender import Recommender, RecommenderTopics
+from workers.micro_batch import RecommenderTopics
+from workers.recommender import Recommender
 
 DEEP = 5000
 
@@ -388,10 +389,10 @@ def test_poison_profile_updates_and_refusals_are_dead_lettered_by_the_recommende
     consumer.add_json(update("u4", "sh1"), key="u4")
     real = loop.answer
 
-    def failing(users: Any) -> Any:
+    def failing(users: Any, **kwargs: Any) -> Any:
         if any(user.update.user_id == "bad" for user in users):
             raise RuntimeError("ranking bug")
-        return real(users)
+        return real(users, **kwargs)
 
     monkeypatch.setattr(loop, "answer", failing)
     result = loop.poll_once()

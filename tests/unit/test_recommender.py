@@ -17,13 +17,9 @@ from tests.unit.worker_fakes import FakeConsumer, FakeEncoder, FakeProducer
 from workers.client_store import ClientVectorStore
 from workers.lookups import ItemCache, RelatedIndex
 from workers.metrics import WorkerMetrics
+from workers.micro_batch import RecommenderTopics, coalesce
 from workers.ranking import BlendWeights, popularity_prior
-from workers.recommender import (
-    RELATED_PER_POLL,
-    Recommender,
-    RecommenderTopics,
-    coalesce,
-)
+from workers.recommender import RELATED_PER_POLL, Recommender
 from workers.vector_store import ModelIdentity, ModelMismatchError
 
 TOPICS = RecommenderTopics(

@@ -8,6 +8,7 @@ import json
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -143,7 +144,18 @@ def test_train_writes_artifacts_that_evaluate_reports_with_and_without(
     out = tmp_path / "artifacts"
     result = CliRunner().invoke(
         main,
-        ["train", "--data", str(data), "--out", str(out), "--epochs", "2", "--no-progress"],
+        [
+            "train",
+            "--data",
+            str(data),
+            "--out",
+            str(out),
+            "--epochs",
+            "2",
+            "--user-encoder-budget",
+            "0",
+            "--no-progress",
+        ],
         catch_exceptions=False,
     )
     assert result.exit_code == 0, result.output
@@ -236,3 +248,105 @@ def test_vectorised_blend_search_scores_as_the_ranking_core_does(tmp_path: Path)
         assert fast == pytest.approx(summarize(core.ranks, k=5).ndcg, abs=1e-12)
         seen.add(round(fast, 6))
     assert len(seen) > 2  # the settings rank differently: the check is not vacuous
+
+
+def _data_with_secrets(dir_: Path, users: int = 160, items: int = 40) -> Path:
+    """Ring walks, then per user a validation target v<u>, the evaluation target e<u> and a
+    view of a<u> after it: items no other user touches, so a fit that saw them leaked."""
+    _data(dir_, users=users, items=items)
+    with gzip.open(dir_ / "events.jsonl.gz", "at") as fh:
+        for u in range(users):
+            for step, (item, kind) in enumerate(
+                [(f"v{u}", "purchase"), (f"e{u}", "purchase"), (f"a{u}", "view")]
+            ):
+                fh.write(json.dumps(_event(f"u{u}", item, u * 100 + 20 + step, kind)) + "\n")
+    with gzip.open(dir_ / "items.jsonl.gz", "at") as fh:
+        for u in range(users):
+            for item in (f"v{u}", f"e{u}", f"a{u}"):
+                fh.write(json.dumps({"item_id": item, "title": f"secret {item}"}) + "\n")
+    return dir_
+
+
+def test_train_fits_the_user_encoder_on_histories_only(
+    tmp_path: Path, fake_encoder: HashEncoder, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import relata.lab.sequences as sequences
+
+    data = _data_with_secrets(tmp_path / "ring")
+    seen: dict[str, Any] = {}
+    real_fit = sequences.fit_user_encoder
+
+    def spy(train: Any, valid: Any, matrix: Any, **kwargs: Any) -> Any:
+        seen.update(train=train, valid=valid, matrix=matrix)
+        return real_fit(train, valid, matrix, **kwargs)
+
+    monkeypatch.setattr(sequences, "fit_user_encoder", spy)
+    out = tmp_path / "artifacts"
+    result = CliRunner().invoke(
+        main,
+        [
+            "train",
+            "--data",
+            str(data),
+            "--out",
+            str(out),
+            "--epochs",
+            "0",
+            "--user-encoder-budget",
+            "20",
+            "--no-progress",
+        ],
+        catch_exceptions=False,
+    )
+    assert result.exit_code == 0, result.output
+    ids = prepare(data, progress=False).item_ids
+    train, valid = seen["train"], seen["valid"]
+    learned = {ids[i] for i in train.targets.tolist()}
+    learned |= {ids[i] for i in train.arrays.items[train.arrays.items >= 0].tolist()}
+    # Nothing of an evaluation target or after it; validation targets only as such.
+    assert not {i for i in learned if i[0] in "vea"}
+    assert {ids[i] for i in valid.targets.tolist()} == {f"v{u}" for u in range(160)}
+    assert not {ids[i] for i in valid.arrays.items[valid.arrays.items >= 0].tolist()} & {
+        f"e{u}" for u in range(160)
+    }
+
+    # The encoder is written with its blend and the validation verdict; evaluate ranks with
+    # both (every evaluation target here is an item no history holds: nothing to find).
+    blend = BlendWeights.load(out / "blend.json")
+    assert blend.fitted_on is not None
+    assert blend.fitted_on["user_encoder"]["name"].startswith("sequence-")
+    assert (out / "user_encoder" / "weights.safetensors").is_file()
+    fitted = BlendWeights.load(out / "blend-sequence.json").fitted_on
+    assert fitted is not None and "better_than_pooled" in fitted
+    report = evaluate(
+        data,
+        k=5,
+        methods=["pooled", "sequence", "hybrid+sequence"],
+        user_encoder_path=out / "user_encoder",
+        sequence_blend_path=out / "blend-sequence.json",
+        progress=False,
+        echo=lambda _: None,
+    )
+    assert report["default"] == "hybrid+sequence"
+    assert report["protocol"]["user_encoder"]["name"] == blend.fitted_on["user_encoder"]["name"]
+    assert set(report["breakdowns"]["history_length"]["sequence"]) <= {"1", "2-3", "4-7", "8+"}
+
+    # Without the encoder, stale artifacts of an earlier run are removed.
+    result = CliRunner().invoke(
+        main,
+        [
+            "train",
+            "--data",
+            str(data),
+            "--out",
+            str(out),
+            "--epochs",
+            "0",
+            "--user-encoder-budget",
+            "0",
+            "--no-progress",
+        ],
+        catch_exceptions=False,
+    )
+    assert result.exit_code == 0, result.output
+    assert not (out / "user_encoder").exists() and not (out / "blend-sequence.json").exists()

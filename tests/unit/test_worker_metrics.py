@@ -10,6 +10,7 @@ DOCUMENTED_NAMES = {
     "relata_encode_batch_size",
     "relata_encode_seconds",
     "relata_encoded_texts_total",
+    "relata_user_encoder_seconds",
     "relata_items_indexed_total",
     "relata_items_retired_total",
     "relata_qdrant_query_seconds",
