@@ -53,8 +53,8 @@ class ModelConfig:
 
     item_dim: int = 384
     hidden: int = 128
-    # One self-attention layer: on two shared CPU cores a second one halved the epochs a
-    # two-minute budget reaches, for no validation gain on amazon-beauty.
+    # One self-attention layer: with it a two-minute fit on two CPU cores reaches about three
+    # epochs of amazon-beauty's histories (docs/benchmarks.md).
     layers: int = 1
     heads: int = 4
     ff: int = 256

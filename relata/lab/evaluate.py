@@ -278,16 +278,12 @@ def evaluate(
             item_vectors=None if vin is None else vin.items,
         )
 
-    # The configuration the live system runs with these artifacts is the default.
+    # The configuration the live system runs with these artifacts is the default (the
+    # sequence user encoder is opt-in: its row is an alternative, not the default).
     default = next(
         (
             m
-            for m in (
-                f"{DEFAULT_METHOD}+sequence",
-                f"{DEFAULT_METHOD}+adapter",
-                f"{DEFAULT_METHOD}+blend",
-                DEFAULT_METHOD,
-            )
+            for m in (f"{DEFAULT_METHOD}+adapter", f"{DEFAULT_METHOD}+blend", DEFAULT_METHOD)
             if m in results
         ),
         wanted[-1],

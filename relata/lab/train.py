@@ -266,7 +266,8 @@ def _model_dir(settings: EncoderSettings) -> Path:
 @click.option(
     "--user-encoder-budget",
     "encoder_budget_s",
-    # About two minutes of two shared cores fit amazon-beauty's encoder to its early stop.
+    # Two minutes: about three epochs of amazon-beauty's histories on two CPU cores;
+    # online-retail's longer ones need about 360 s for one and a half (docs/benchmarks.md).
     default=120.0,
     show_default=True,
     type=click.FloatRange(0),
