@@ -12,6 +12,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry
 
 from schemas.quality_settings import QualitySettings
+from tests.unit.worker_fakes import FakeMessage
 from workers.metrics import QualityMetrics
 from workers.quality_monitor import QualityMonitor, QualityTopics
 
@@ -19,41 +20,10 @@ EVENTS, LIVE, SHADOW = "behavior-events", "recommendations", "recommendations-sh
 
 
 @dataclass
-class Record:
-    _topic: str
-    _value: bytes | None
-    _key: bytes | None
-    _offset: int
-    _ts_ms: int
-    _partition: int = 0
-
-    def error(self) -> Any:
-        return None
-
-    def topic(self) -> str:
-        return self._topic
-
-    def partition(self) -> int:
-        return self._partition
-
-    def offset(self) -> int:
-        return self._offset
-
-    def key(self) -> bytes | None:
-        return self._key
-
-    def value(self) -> bytes | None:
-        return self._value
-
-    def timestamp(self) -> tuple[int, int]:
-        return (1, self._ts_ms)
-
-
-@dataclass
 class Client:
     """Three topics of one partition; each consume() hands out what was added since."""
 
-    queue: list[Record] = field(default_factory=list)
+    queue: list[FakeMessage] = field(default_factory=list)
     offsets: dict[str, int] = field(default_factory=dict)
     commits: list[dict[tuple[str, int], int]] = field(default_factory=list)
 
@@ -61,9 +31,9 @@ class Client:
         offset = self.offsets.get(topic, 0)
         self.offsets[topic] = offset + 1
         raw = value if value is None or isinstance(value, bytes) else json.dumps(value).encode()
-        self.queue.append(Record(topic, raw, key.encode(), offset, ts_ms))
+        self.queue.append(FakeMessage(topic, raw, key.encode(), _offset=offset, _ts_ms=ts_ms))
 
-    def consume(self, num_messages: int = 1, timeout: float = -1) -> list[Record]:
+    def consume(self, num_messages: int = 1, timeout: float = -1) -> list[FakeMessage]:
         out, self.queue = self.queue[:num_messages], self.queue[num_messages:]
         return out
 

@@ -20,6 +20,7 @@ class FakeMessage:
     _partition: int = 0
     _offset: int = 0
     _error: Any = None
+    _ts_ms: int = 0
 
     def error(self) -> Any:
         return self._error
@@ -40,7 +41,7 @@ class FakeMessage:
         return self._value
 
     def timestamp(self) -> tuple[int, int]:
-        return (1, 0)
+        return (1, self._ts_ms)
 
 
 @dataclass
