@@ -7,7 +7,9 @@ and chart from `relata.lab.report`) or basket completion (`relata.lab.evaluate_b
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -154,10 +156,7 @@ def command(
         )
         click.echo(f"{grid['seconds']} s")
         if json_out is not None:
-            json_out.parent.mkdir(parents=True, exist_ok=True)
-            json_out.write_text(json.dumps(grid, indent=2) + "\n")
-            write_grid_chart(json_out.with_suffix(".png"), [grid])
-            click.echo(f"wrote {json_out} and {json_out.with_suffix('.png')}")
+            _write_report(json_out, grid, lambda png: write_grid_chart(png, [grid]))
         return
     if task == "basket":
         from relata.lab.evaluate_basket import run_basket
@@ -178,8 +177,13 @@ def command(
     )
     click.echo(f"default method: {report['default']}; {report['seconds']} s")
     if json_out is not None:
-        json_out.parent.mkdir(parents=True, exist_ok=True)
-        json_out.write_text(json.dumps(report, indent=2) + "\n")
-        png = json_out.with_suffix(".png")
-        write_chart(png, report)
-        click.echo(f"wrote {json_out} and {png}")
+        _write_report(json_out, report, lambda png: write_chart(png, report))
+
+
+def _write_report(json_out: Path, report: dict[str, Any], chart: Callable[[Path], None]) -> None:
+    """The report as JSON at `json_out` and its chart beside it (same name, .png)."""
+    json_out.parent.mkdir(parents=True, exist_ok=True)
+    json_out.write_text(json.dumps(report, indent=2) + "\n")
+    png = json_out.with_suffix(".png")
+    chart(png)
+    click.echo(f"wrote {json_out} and {png}")
