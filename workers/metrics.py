@@ -65,6 +65,16 @@ EVENT_TO_RECOMMENDATION_BUCKETS = (
 )
 
 
+def consumer_lag_gauge(registry: CollectorRegistry) -> Gauge:
+    """The consumer-lag gauge every worker consumer reports to (`kafkaio.consumer.LagReporter`)."""
+    return Gauge(
+        "relata_consumer_lag_records",
+        "Records between the consumer's position and the high watermark, by topic.",
+        ["topic"],
+        registry=registry,
+    )
+
+
 @dataclass(frozen=True, slots=True)
 class WorkerMetrics:
     """Every metric the worker processes (indexer, recommender) export."""
@@ -159,12 +169,7 @@ class WorkerMetrics:
                 ["stage", "error_type"],
                 registry=registry,
             ),
-            consumer_lag=Gauge(
-                "relata_consumer_lag_records",
-                "Records between the consumer's position and the high watermark, by topic.",
-                ["topic"],
-                registry=registry,
-            ),
+            consumer_lag=consumer_lag_gauge(registry),
             rule_fallbacks=Counter(
                 "relata_rule_fallbacks_total",
                 "Lists whose filters removed every candidate, so were not applied (the list is "
@@ -250,10 +255,5 @@ class QualityMetrics:
                 "Users whose latest lists are kept (bounded by RELATA_QUALITY_MAX_USERS).",
                 registry=registry,
             ),
-            consumer_lag=Gauge(
-                "relata_consumer_lag_records",
-                "Records between the consumer's position and the high watermark, by topic.",
-                ["topic"],
-                registry=registry,
-            ),
+            consumer_lag=consumer_lag_gauge(registry),
         )
