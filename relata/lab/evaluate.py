@@ -22,6 +22,7 @@ import click
 import numpy as np
 
 from relata.lab import baselines
+from relata.lab.autofit import FIT_METHOD, AutoFit, auto_fit
 from relata.lab.datasets import EvaluationError
 from relata.lab.eval_metrics import (
     breakdown,
@@ -39,14 +40,13 @@ from relata.lab.vectors import (
     pooled_inputs,
     vector_hits,
 )
-from schemas.settings import EncoderSettings, StreamsSettings
+from schemas.settings import EncoderSettings, RecommenderSettings, StreamsSettings
+from workers.fitting import Evidence, ModelBundle, rank_offline
+from workers.fitting import VectorInputs as RankInputs
 from workers.ranking import (
     BlendWeights,
-    Lookups,
     VectorRows,
-    popularity_prior,
     profile_text,
-    recommend,
     strategy_weights,
 )
 
@@ -75,8 +75,6 @@ BASELINES: dict[str, str] = {
 # the yardstick the live ranking has to beat (`relata.lab.baselines`).
 PLAIN_METHODS = tuple(baselines.PLAIN_METHODS)
 DEFAULT_METHOD = "hybrid"
-# Users ranked per call of the core (the recommender's micro-batches are of this order).
-RANK_BATCH = 256
 
 
 @dataclass
@@ -98,56 +96,37 @@ def rank_users(
     item_vectors: Mapping[str, np.ndarray] | None = None,
     mmr_lambda: float = 1.0,
 ) -> MethodResult:
-    """Rank every case's user with the live recommendation core (`workers.ranking.recommend`),
-    in batches, and collect the target's rank. `hits` and `user_vectors` are per case (a zero
-    row: no user vector); the look-ups answer from them, from the item vectors and from the
-    state, where the recommender asks Qdrant and the related-items topic. `mmr_lambda`: the
-    core's diversity re-ranking (1: none)."""
-    ranks: list[int | None] = []
-    lists: list[list[str]] = []
-    popularity = (state.popularity, popularity_prior(state.popularity, weights))
-    vectors: Mapping[str, np.ndarray] = {} if item_vectors is None else item_vectors
+    """Rank every case's user with the live recommendation core (`workers.ranking.recommend`,
+    through `workers.fitting.rank_offline`, as the fit's validation does) and collect the
+    target's rank. `hits` and `user_vectors` are per case (a zero row: no user vector); the
+    look-ups answer from them, from the item vectors and from the state, where the
+    recommender asks Qdrant and the related-items topic. `mmr_lambda`: the core's diversity
+    re-ranking (1: none)."""
     bar = None
     if progress:
         from tqdm import tqdm
 
         bar = tqdm(total=len(cases), desc=desc or "rank", unit="user", mininterval=1.0)
-    for start in range(0, len(cases), RANK_BATCH):
-        batch = range(start, min(start + RANK_BATCH, len(cases)))
-        users = [
-            None if user_vectors is None or not user_vectors[n].any() else user_vectors[n]
-            for n in batch
-        ]
-        searched = [
-            list(hits[n]) if hits is not None else []
-            for n, user in zip(batch, users, strict=True)
-            if user is not None
-        ]
-        lookups = Lookups(
-            user_vectors=lambda _histories, users=users: users,  # type: ignore[misc]
-            # The batch's exact hits, for the users that have a vector (the core's order).
-            search=lambda _matrix, _excludes, searched=searched: searched,  # type: ignore[misc]
-            item_vectors=lambda _ids: vectors,
-            available=lambda ids: ids & state.available,
-            related=state.related,
-            popularity=lambda _weights: popularity,
-        )
-        answers = recommend(
-            [state.profiles[cases[n].user_id] for n in batch],
-            lookups=lookups,
-            weights=weights,
-            k=k,
-            mmr_lambda=mmr_lambda,
-        )
-        for n, recs in zip(batch, answers, strict=True):
-            ids = [r.item_id for r in recs]
-            lists.append(ids)
-            ranks.append(target_rank(ids, cases[n].target))
-        if bar is not None:
-            bar.update(len(batch))
+    inputs = None
+    if hits is not None and user_vectors is not None:
+        inputs = RankInputs(users=user_vectors, hits=[list(h) for h in hits])
+    lists = rank_offline(
+        [state.profiles[c.user_id] for c in cases],
+        evidence=Evidence(related=state.related, popularity=state.popularity),
+        available=state.available,
+        weights=weights,
+        k=k,
+        mmr_lambda=mmr_lambda,
+        inputs=inputs,
+        item_vectors=item_vectors,
+        progress=None if bar is None else bar.update,
+    )
     if bar is not None:
         bar.close()
-    return MethodResult(ranks=ranks, lists=lists)
+    return MethodResult(
+        ranks=[target_rank(ids, c.target) for ids, c in zip(lists, cases, strict=True)],
+        lists=lists,
+    )
 
 
 def ndcg(result: MethodResult, k: int) -> float:
@@ -167,9 +146,13 @@ def evaluate(
     max_users: int | None = None,
     progress: bool = True,
     echo: Callable[[str], None] = click.echo,
+    mmr_lambda: float | None = None,
 ) -> dict[str, Any]:
-    """Run the protocol for the chosen methods; returns the JSON-able report."""
+    """Run the protocol for the chosen methods; returns the JSON-able report. `mmr_lambda`:
+    the diversity re-ranking of the default method, `hybrid+fit` (None: the recommender's
+    setting, as served); the other methods rank in score order."""
     started = time.perf_counter()
+    live_lambda = RecommenderSettings().mmr_lambda if mmr_lambda is None else mmr_lambda
     enc_settings = encoder_settings or EncoderSettings()
     prepared = prepare(data_dir, settings=streams_settings, max_users=max_users, progress=progress)
     cases = prepared.split.cases
@@ -181,7 +164,11 @@ def evaluate(
     )
     defaults = BlendWeights()
     fitted = BlendWeights.load(blend_path) if blend_path else None
-    wanted = list(methods) if methods else [*BASELINES, *PLAIN_METHODS, "behaviour", DEFAULT_METHOD]
+    wanted = (
+        list(methods)
+        if methods
+        else [*BASELINES, *PLAIN_METHODS, "behaviour", DEFAULT_METHOD, FIT_METHOD]
+    )
     if fitted is not None and not methods:
         wanted.append(f"{DEFAULT_METHOD}+blend")
     if adapter_path and not methods:
@@ -208,7 +195,7 @@ def evaluate(
             prepared, encoder=encoder, cache_dir=enc_settings.cache_dir, progress=progress
         )
     adapted = None
-    if any("adapter" in m for m in wanted):
+    if any("adapter" in m for m in wanted) or (adapter_path and FIT_METHOD in wanted):
         if adapter_path is None:
             raise EvaluationError(
                 "methods with +adapter need --adapter PATH (write one with `relata train`)"
@@ -221,7 +208,34 @@ def evaluate(
     results: dict[str, MethodResult] = {}
     hits_cache: dict[str, VectorInputs] = {}
     plain: baselines.PlainModel | None = None
+    autofit: AutoFit | None = None
     for name in wanted:
+        if name == FIT_METHOD:
+            assert matrix is not None
+            # What the recommender fits on: the vectors it searches (adapted ones with an
+            # adapter), from the weights it starts with (the blend given, else built-in).
+            autofit = auto_fit(
+                prepared,
+                matrix if adapted is None else adapted,
+                current=ModelBundle(weights=fitted or defaults),
+                k=k,
+                candidates=candidates,
+                mmr_lambda=live_lambda,
+                echo=echo,
+            )
+            results[name] = rank_users(
+                cases=cases,
+                state=state,
+                weights=autofit.chosen.weights,
+                k=k,
+                hits=None if autofit.inputs is None else autofit.inputs.hits,
+                desc=name,
+                progress=progress,
+                user_vectors=None if autofit.inputs is None else autofit.inputs.users,
+                item_vectors=autofit.items.vectors,
+                mmr_lambda=live_lambda,
+            )
+            continue
         if name in baselines.PLAIN_METHODS:
             if plain is None:
                 plain = baselines.fit(
@@ -254,11 +268,16 @@ def evaluate(
             item_vectors=None if vin is None else vin.items,
         )
 
-    # The configuration the live system runs with these artifacts is the default.
+    # What the live system serves is the default: the auto-fit, else the artifacts given.
     default = next(
         (
             m
-            for m in (f"{DEFAULT_METHOD}+adapter", f"{DEFAULT_METHOD}+blend", DEFAULT_METHOD)
+            for m in (
+                FIT_METHOD,
+                f"{DEFAULT_METHOD}+adapter",
+                f"{DEFAULT_METHOD}+blend",
+                DEFAULT_METHOD,
+            )
             if m in results
         ),
         wanted[-1],
@@ -312,7 +331,9 @@ def evaluate(
             "adapter": str(adapter_path) if adapter_path else None,
             "hybrid_weights": defaults.model_dump(exclude={"fitted_on"}),
             "fitted_weights": None if fitted is None else fitted.model_dump(),
+            "fit_mmr_lambda": live_lambda,
         },
+        "fit": None if autofit is None else autofit.report(),
         "seconds": round(time.perf_counter() - started, 1),
     }
     echo(results_table(report["methods"], k, default))
@@ -349,6 +370,7 @@ def _all_methods() -> set[str]:
         *PLAIN_METHODS,
         "behaviour",
         DEFAULT_METHOD,
+        FIT_METHOD,
         f"{DEFAULT_METHOD}+blend",
         "pooled+adapter",
         f"{DEFAULT_METHOD}+adapter",

@@ -1,32 +1,39 @@
-"""`relata train`: fit the adaptive parts on histories only, never on evaluation targets.
+"""`relata train`: the workers' fit procedure (`workers.fitting.fit`) run offline, with one
+more fitted part, and its artifacts written.
 
-Split: the evaluation target (each user's last new positive item) and everything after it are
-dropped first; the user's previous new positive item becomes an internal validation target.
-(a) A residual linear adapter over the frozen transformer's item embeddings, trained with an
-    in-batch InfoNCE loss: the pooled (recency-weighted) vector of a user's preceding items
-    should point at the next item. Only histories before the validation targets are used.
-(b) Blend weights: coordinate search on the validation targets over every validation user,
-    vectorised (`relata.lab.blend_search`: the core's candidate features once, weights applied
-    with numpy), the result checked with the live ranking core.
+The histories are the data set's, folded as the stream processor folds them, with every
+evaluation target (each user's last new positive item) and everything after it removed, so
+that `relata evaluate` can score the artifacts; the fit holds each user's latest new positive
+item of what remains out for validation, as it does in the recommender and in `relata
+evaluate`'s default. Besides the blend weights it fits
+(a) a residual linear adapter over the frozen transformer's item embeddings, trained on the
+    training histories with an in-batch InfoNCE loss (the pooled, recency-weighted vector of
+    a user's preceding items should point at the next item). It changes the indexed item
+    vectors, so it is fitted here only, and served after `relata reindex`; the blend is
+    searched over the frozen and then the adapted vectors, and the adapter kept only if it
+    wins on validation.
+The chosen model is validated by the live ranking core against the built-in weights on the
+same targets; blend.json holds the winner (and adapter.npz the adapter, when it is part of it).
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import click
 import numpy as np
 
-from relata.lab.blend_search import BlendSearch, coordinate_search
-from relata.lab.eval_metrics import summarize
-from relata.lab.evaluate import rank_users
-from relata.lab.protocol import Prepared, prepare
-from relata.lab.vectors import item_vectors, pooled_inputs
-from schemas import vocabulary
-from schemas.settings import EncoderSettings
+from relata.lab.autofit import auto_fit
+from relata.lab.protocol import prepare
+from relata.lab.vectors import item_vectors
+from schemas.messages import HistoryEntry
+from schemas.settings import EncoderSettings, RecommenderSettings
+from workers.fitting import ItemAdapterFit, ItemStep, ModelBundle, TrainingData
 from workers.ranking import BlendWeights
 
 logger = logging.getLogger(__name__)
@@ -34,21 +41,19 @@ logger = logging.getLogger(__name__)
 WINDOW = 5  # preceding items pooled into a training query
 
 
-def training_pairs(prepared: Prepared, *, window: int = WINDOW) -> tuple[np.ndarray, np.ndarray]:
-    """(previous-items index matrix padded with -1, next item index) from the fitted histories,
-    in time order per user; positives only (returns are not a 'next' choice)."""
-    pos = {i: n for n, i in enumerate(prepared.item_ids)}
-    by_user: dict[str, list[int]] = {}
-    for e in prepared.split.history_events:
-        if e.event_type == "return":
-            continue
-        seq = by_user.setdefault(e.user_id, [])
-        idx = pos[e.item_id]
-        if idx not in seq[-window:]:
-            seq.append(idx)
+def training_pairs(
+    histories: Mapping[str, Sequence[HistoryEntry]],
+    rows: Mapping[str, int],
+    *,
+    window: int = WINDOW,
+) -> tuple[np.ndarray, np.ndarray]:
+    """(previous-items index matrix padded with -1, next item index) from the training
+    histories, oldest first per user; positive entries only (a returned item is not a
+    'next' choice; an entry is one distinct item, so repeats never make a pair)."""
     prev: list[list[int]] = []
     nxt: list[int] = []
-    for seq in by_user.values():
+    for history in histories.values():
+        seq = [rows[e.item_id] for e in reversed(history) if e.weight > 0 and e.item_id in rows]
         for t in range(1, len(seq)):
             ctx = seq[max(0, t - window) : t][::-1]  # most recent first
             prev.append(ctx + [-1] * (window - len(ctx)))
@@ -117,87 +122,35 @@ def fit_adapter(
         return (eye + delta).numpy().copy(), bias.detach().numpy().copy(), losses
 
 
-GRID: dict[str, tuple[float, ...]] = {
-    "vector": (0.0, 0.03, 0.06, 0.1, 0.15, 0.25, 0.4),
-    "next_item": (0.5, 1.0, 2.0),
-    "also_bought": (0.5, 1.0, 2.0),
-    "bought_together": (0.5, 1.0, 2.0),
-    "also_viewed": (0.5, 1.0, 2.0),
-    "popularity": (0.0, 0.01, 0.03, 0.1),
-    "recency": (0.5, 0.7, 0.85),
-    "sequence_recency": (0.3, 0.5, 0.7),
-    "vector_sharpness": (1.0, 2.0),
-    "vector_recency": (0.3, 0.5, 0.7, 0.85),
-}
+def adapter_step(
+    *, epochs: int, recency: float, base_model: dict[str, str], data: str, progress: bool
+) -> ItemStep:
+    """The fit's item step: an adapter trained on the training histories."""
 
+    def step(training: TrainingData) -> ItemAdapterFit:
+        from workers.adapter import LinearAdapter
 
-def fit_blend(
-    prepared: Prepared,
-    matrix: np.ndarray | None,
-    *,
-    k: int,
-    start: BlendWeights,
-    rounds: int = 3,
-    candidates: int = 100,
-    desc: str = "blend",
-    progress: bool = True,
-    search: BlendSearch | None = None,
-) -> tuple[BlendWeights, float, list[dict[str, Any]]]:
-    """Coordinate search over GRID maximising validation NDCG@k, vectorised (`BlendSearch`,
-    which scores exactly as the ranking core does); returns the best weights, their NDCG and
-    the trace (its first row: the start)."""
-    cases, state = prepared.split.cases, prepared.state
-    if search is None:
-        search = BlendSearch(prepared, k=k, candidates=candidates, weights=start)
-    # Kinds without any evidence in this data set (e.g. no sessions) are not searched.
-    present: set[str] = set()
-    kinds = vocabulary.relation_kinds()
-    for case in cases:
-        for entry in state.profiles[case.user_id][:5]:
-            found = state.related.get(entry.item_id)
-            if found is not None:
-                present.update(kinds[code] for code in found.kinds.tolist())
-    # The user vector's recency is searched on its own, so that searching `recency` (the
-    # co-occurrence evidence's) does not move the vector hits.
-    start = start.model_copy(update={"vector_recency": start.pool_recency})
-    searched = {
-        name: values
-        for name, values in GRID.items()
-        if not (name in vocabulary.behaviour_kinds() and name not in present)
-        and not (name in ("vector", "vector_sharpness", "vector_recency") and matrix is None)
-    }
-    mark = time.perf_counter()
-    start_score = search.ndcg(search.features(matrix, start), start)
-    best, best_score, trace = coordinate_search(
-        search, matrix, start=start, grid=searched, rounds=rounds
-    )
-    seconds = time.perf_counter() - mark
-    logger.info("%s evaluations=%d ndcg=%.5f seconds=%.1f", desc, len(trace), best_score, seconds)
-    click.echo(
-        f"{desc}: {len(trace)} settings in {seconds:.0f} s; validation NDCG@{k} "
-        f"{start_score:.4f} (start) -> {best_score:.4f}"
-    )
-    return best, best_score, [{"weights": "start", "ndcg": start_score}, *trace]
+        prev, nxt = training_pairs(training.histories, training.items.rows)
+        click.echo(f"adapter: {len(nxt)} next-item pairs, {epochs} epochs")
+        weight, bias, losses = fit_adapter(
+            training.items.matrix, prev, nxt, recency=recency, epochs=epochs, progress=progress
+        )
+        adapter = LinearAdapter(weight=weight, bias=bias)
+        digest = hashlib.sha256(weight.tobytes() + bias.tobytes()).hexdigest()[:16]
+        meta = {
+            "kind": "residual-linear",
+            "objective": "in-batch InfoNCE, pooled previous items -> next item",
+            "data": data,
+            "pairs": len(nxt),
+            "epochs": epochs,
+            "losses": losses,
+            "base_model": base_model,
+        }
+        return ItemAdapterFit(
+            matrix=adapter.apply(training.items.matrix), artifact=adapter, meta=meta, digest=digest
+        )
 
-
-def core_ndcg(
-    prepared: Prepared, matrix: np.ndarray | None, weights: BlendWeights, *, k: int
-) -> float:
-    """Validation NDCG@k of `weights` ranked by the live core itself (the search's check)."""
-    vin = None
-    if matrix is not None and weights.vector > 0:
-        vin = pooled_inputs(prepared, matrix, weights, top=100)
-    result = rank_users(
-        cases=prepared.split.cases,
-        state=prepared.state,
-        weights=weights,
-        k=k,
-        hits=None if vin is None else vin.hits,
-        progress=False,
-        user_vectors=None if vin is None else vin.users,
-        item_vectors=None if vin is None else vin.items,
-    )
-    return summarize(result.ranks, k=k).ndcg
+    return step
 
 
 @click.command(name="train")
@@ -240,32 +193,23 @@ def core_ndcg(
     show_envvar=True,
     help="Adapter epochs (0: no adapter, blend over the frozen model).",
 )
-@click.option(
-    "--max-val-users",
-    default=None,
-    type=click.IntRange(100),
-    envvar="RELATA_TRAIN_MAX_VAL_USERS",
-    show_envvar=True,
-    help="Validation users sampled for the blend search (default: every one).",
-)
 @click.option("--no-progress", is_flag=True, default=False, help="Hide progress bars.")
 def command(
     data_dir: Path,
     out_dir: Path,
     k: int,
     epochs: int,
-    max_val_users: int | None,
     no_progress: bool,
 ) -> None:
-    """Fit the adapter and the blend weights on histories (internal validation split)."""
-    from workers.adapter import LinearAdapter, save_adapter
+    """Fit the blend weights and the adapter on histories (internal validation split)."""
+    from workers.adapter import save_adapter
     from workers.encoder import TransformerEncoder
 
     progress = not no_progress
     started = time.perf_counter()
-    prepared = prepare(data_dir, holdout=2, max_users=max_val_users, progress=progress)
+    prepared = prepare(data_dir, progress=progress)
     click.echo(
-        f"{data_dir.name}: {len(prepared.split.cases)} validation users; "
+        f"{data_dir.name}: {len(prepared.state.profiles)} histories, "
         f"{len(prepared.split.history_events)} history events (evaluation targets held out)"
     )
     enc_settings = EncoderSettings()
@@ -276,106 +220,56 @@ def command(
     base = item_vectors(
         prepared, encoder=encoder, cache_dir=enc_settings.cache_dir, progress=progress
     )
-    timings = {"prepare": time.perf_counter() - started}
+    click.echo(f"prepared in {time.perf_counter() - started:.0f} s")
     start = BlendWeights()
-    matrix = base
-    adapter_path = out_dir / "adapter.npz"
-    adapter_meta: dict[str, Any] | None = None
-    weight = bias = None
+    step = None
     if epochs > 0:
-        mark = time.perf_counter()
-        prev, nxt = training_pairs(prepared)
-        click.echo(f"adapter: {len(nxt)} next-item pairs, {epochs} epochs")
-        weight, bias, losses = fit_adapter(
-            base, prev, nxt, recency=start.recency, epochs=epochs, progress=progress
+        step = adapter_step(
+            epochs=epochs,
+            recency=start.recency,
+            base_model={"name": encoder.name, "version": encoder.version},
+            data=data_dir.name,
+            progress=progress,
         )
-        adapter_meta = {
-            "kind": "residual-linear",
-            "objective": "in-batch InfoNCE, pooled previous items -> next item",
-            "data": data_dir.name,
-            "pairs": len(nxt),
-            "epochs": epochs,
-            "losses": losses,
-            "base_model": {"name": encoder.name, "version": encoder.version},
-        }
-        matrix = LinearAdapter(weight=weight, bias=bias).apply(base)
-        timings["adapter"] = time.perf_counter() - mark
-    mark = time.perf_counter()
-    # The association features are the same for both searches: built once.
-    search = BlendSearch(prepared, k=k, candidates=100, weights=start)
-    timings["features"] = time.perf_counter() - mark
-    mark = time.perf_counter()
-    # One round on the frozen vectors: it only has to tell whether the adapter wins.
-    base_w, base_score, _ = fit_blend(
+    fitted = auto_fit(
         prepared,
         base,
+        current=ModelBundle(weights=start),
         k=k,
-        start=start,
-        rounds=1,
-        desc="blend (frozen)",
-        progress=progress,
-        search=search,
+        candidates=100,
+        mmr_lambda=RecommenderSettings().mmr_lambda,
+        item_step=step,
+        echo=click.echo,
+        score_cases=False,
     )
-    trace: list[dict[str, Any]] = []
-    best, best_score = base_w, base_score
-    if adapter_meta is not None:
-        search.forget()
-        best, best_score, trace = fit_blend(
-            prepared,
-            matrix,
-            k=k,
-            start=base_w,
-            desc="blend (adapter)",
-            progress=progress,
-            search=search,
-        )
-    timings["blend"] = time.perf_counter() - mark
-    use_adapter = adapter_meta is not None and best_score > base_score
-    mark = time.perf_counter()
-    chosen_score = core_ndcg(
-        prepared, matrix if use_adapter else base, best if use_adapter else base_w, k=k
+    chosen = fitted.chosen
+    provenance: dict[str, Any] = {
+        **(chosen.weights.fitted_on or fitted.result.candidate.weights.fitted_on or {}),
+        "data": data_dir.name,
+        "chosen": "candidate" if fitted.result.wins() else "built-in weights",
+    }
+    chosen = ModelBundle(
+        weights=chosen.weights.model_copy(update={"fitted_on": provenance}),
+        item_adapter=chosen.item_adapter,
     )
-    timings["check"] = time.perf_counter() - mark
-    click.echo(f"validation NDCG@{k} of the chosen weights, ranked by the core: {chosen_score:.4f}")
-    if use_adapter:
-        save_adapter(adapter_path, weight, bias, adapter_meta or {})
+    out_dir.mkdir(parents=True, exist_ok=True)
+    adapter_path = out_dir / "adapter.npz"
+    if chosen.item_adapter is not None:
+        adapter = chosen.item_adapter.artifact
+        save_adapter(adapter_path, adapter.weight, adapter.bias, chosen.item_adapter.meta)
     elif adapter_path.exists():
         # A stale adapter beside a blend fitted without one would be loaded by mistake.
         adapter_path.unlink()
-    chosen = best if use_adapter else base_w
-    chosen = chosen.model_copy(
-        update={
-            "fitted_on": {
-                "data": data_dir.name,
-                "split": "validation = each user's second-to-last new positive item",
-                "users": len(prepared.split.cases),
-                "k": k,
-                "ndcg_frozen": round(base_score, 5),
-                "ndcg_adapter": round(best_score, 5) if adapter_meta else None,
-                "adapter": use_adapter,
-                "evaluations": len(trace),
-                "ndcg_core": round(chosen_score, 5),
-            }
-        }
-    )
     chosen.save(out_dir / "blend.json")
+    use_adapter = chosen.item_adapter is not None
     click.echo(
-        f"validation NDCG@{k}: frozen model {base_score:.4f}"
-        + (f", with adapter {best_score:.4f}" if adapter_meta else "")
-        + (
-            ""
-            if adapter_meta is None
-            else " (adapter kept)"
-            if use_adapter
-            else " (adapter dropped)"
-        )
+        f"validation NDCG@{k}: {fitted.result.score:.4f} fitted"
+        + (" with the adapter" if fitted.result.candidate.item_adapter is not None else "")
+        + f", {fitted.result.current_score:.4f} built-in; wrote {out_dir / 'blend.json'}"
+        + (f" and {adapter_path}" if use_adapter else "")
+        + f" (model {chosen.version})"
     )
-    click.echo(f"wrote {out_dir / 'blend.json'}" + (f" and {adapter_path}" if use_adapter else ""))
-    click.echo(
-        f"done in {time.perf_counter() - started:.0f} s ("
-        + ", ".join(f"{stage} {sec:.0f} s" for stage, sec in timings.items())
-        + ")"
-    )
+    click.echo(f"done in {time.perf_counter() - started:.0f} s")
     click.echo(
         f"evaluate: relata evaluate --data {data_dir} --blend {out_dir / 'blend.json'}"
         + (f" --adapter {adapter_path}" if use_adapter else "")
