@@ -481,6 +481,57 @@ class RecommenderSettings(_Settings):
     metrics_port: int = Field(9108, ge=0, le=65535, description="Prometheus port; 0 disables.")
 
 
+class FitSettings(_Settings):
+    """The recommender's background fitter: refits the ranking model on the histories it has
+    seen and swaps it in, without a restart, only when it wins on validation."""
+
+    model_config = SettingsConfigDict(env_prefix="RELATA_FIT_")
+
+    enabled: bool = Field(
+        True,
+        description="Refit in the background (with the `hybrid` strategy); false: keep the "
+        "model the recommender starts with.",
+    )
+    every_updates: int = Field(
+        100_000, ge=1, description="Refit after this many profile updates since the last fit."
+    )
+    interval_s: float = Field(
+        3600.0,
+        gt=0,
+        description="Refit at least this often (seconds) while profile updates arrive.",
+    )
+    min_users: int = Field(
+        1000,
+        ge=10,
+        description="Fit only with at least this many histories recorded (fewer validation "
+        "targets make a noisy comparison).",
+    )
+    max_users: int = Field(
+        50_000,
+        ge=10,
+        description="Histories recorded for fitting, the latest per user, least recently "
+        "updated dropped first (about 4 KB a user).",
+    )
+    threads: int = Field(
+        1, ge=1, le=64, description="CPU threads of a fit (its own process: BLAS, OpenMP)."
+    )
+    nice: int = Field(
+        10, ge=0, le=19, description="CPU priority of the fit process (higher: lower priority)."
+    )
+    min_gain: float = Field(
+        0.0,
+        ge=0.0,
+        le=1.0,
+        description="Validation NDCG@k the candidate must beat the current model by to be "
+        "swapped in.",
+    )
+    model_path: Path | None = Field(
+        None,
+        description="Where each winning model is saved (blend-weights JSON) and read at start "
+        "(before `RELATA_RECOMMENDER_BLEND_PATH`), so a restart serves the last winner.",
+    )
+
+
 class IndexerSettings(_Settings):
     """The item indexer worker."""
 

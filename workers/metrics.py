@@ -62,6 +62,9 @@ EVENT_TO_RECOMMENDATION_BUCKETS = (
     10.0,
 )
 
+# One background fit: seconds on a small record of histories, minutes on a large one.
+FIT_SECONDS_BUCKETS = (1.0, 5.0, 15.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1200.0, 3600.0)
+
 
 @dataclass(frozen=True, slots=True)
 class WorkerMetrics:
@@ -79,6 +82,10 @@ class WorkerMetrics:
     event_to_recommendation_seconds: Histogram
     dead_letter: Counter
     consumer_lag: Gauge
+    fits: Counter
+    fit_seconds: Histogram
+    fit_validation_ndcg: Gauge
+    fit_histories: Gauge
 
     def observe_encode(self, texts: int, seconds: float) -> None:
         """Record one encode call of `texts` texts."""
@@ -153,6 +160,29 @@ class WorkerMetrics:
                 "relata_consumer_lag_records",
                 "Records between the consumer's position and the high watermark, by topic.",
                 ["topic"],
+                registry=registry,
+            ),
+            fits=Counter(
+                "relata_fits_total",
+                "Background fits of the ranking model, by outcome (swapped, kept, failed).",
+                ["outcome"],
+                registry=registry,
+            ),
+            fit_seconds=Histogram(
+                "relata_fit_duration_seconds",
+                "Wall time of one background fit, validation included.",
+                buckets=FIT_SECONDS_BUCKETS,
+                registry=registry,
+            ),
+            fit_validation_ndcg=Gauge(
+                "relata_fit_validation_ndcg",
+                "Validation NDCG@k of the last fit's candidate and of the model serving then.",
+                ["model"],
+                registry=registry,
+            ),
+            fit_histories=Gauge(
+                "relata_fit_histories",
+                "User histories recorded for the background fit.",
                 registry=registry,
             ),
         )

@@ -34,9 +34,16 @@ from kafkaio.dead_letters import DeadLetters, refused
 from kafkaio.health import LoopWatch
 from kafkaio.producer import DEFAULT_ACK_TIMEOUT_S, AckedProducer, RecordRefusedError
 from schemas.decoding import Rejection, decode, key_text
-from schemas.messages import ProfileUpdate, Recommendation, RecommendedItem, RelatedItems
+from schemas.messages import (
+    HistoryEntry,
+    ProfileUpdate,
+    Recommendation,
+    RecommendedItem,
+    RelatedItems,
+)
 from schemas.settings import RecommenderSettings
 from workers.encoder import Encoder
+from workers.fitting.bundle import ModelBundle
 from workers.lookups import CachedTitles, ItemCache, RelatedIndex, RulesFile
 from workers.metrics import WorkerMetrics
 from workers.ranking import (
@@ -130,6 +137,8 @@ class Recommender:
         ack_timeout_s: float = DEFAULT_ACK_TIMEOUT_S,
         stop_flush_s: float = 10.0,
         commit_retry: CommitRetry | None = None,
+        model: ModelBundle | None = None,
+        on_history: Callable[[str, Sequence[HistoryEntry] | None], None] | None = None,
     ) -> None:
         self.consumer = consumer
         self.related_consumer = related_consumer
@@ -148,7 +157,13 @@ class Recommender:
         self.metrics = metrics
         self.topics = topics
         self.settings = settings
-        self.weights = strategy_weights(settings.strategy, weights or BlendWeights())
+        # The fitted model it ranks with (`use_model` swaps it between micro-batches), and who
+        # hears each user's latest history (None: an erased user), e.g. the background fitter.
+        self.model = model or ModelBundle(weights=weights or BlendWeights())
+        self.weights = strategy_weights(settings.strategy, self.model.weights)
+        self._next_model: ModelBundle | None = None
+        self._model_lock = threading.Lock()
+        self.on_history = on_history
         self.strategy = f"{settings.strategy}/{settings.user_vector}"
         self.related = RelatedIndex()
         self.cache = ItemCache(store, capacity=cache_size)
@@ -281,9 +296,24 @@ class Recommender:
             kept.append(user)
         return kept, answers
 
+    def use_model(self, model: ModelBundle) -> None:
+        """Rank with `model` from the next micro-batch on; any thread, never waits for one."""
+        with self._model_lock:
+            self._next_model = model
+
+    def _adopt_model(self) -> None:
+        with self._model_lock:
+            model, self._next_model = self._next_model, None
+        if model is not None:
+            self.model = model
+            self.weights = strategy_weights(self.settings.strategy, model.weights)
+            logger.info("ranking model swapped in version=%s", model.version)
+
     def _user_vectors(self, histories: Sequence[History]) -> list[FloatArray | None]:
         max_items = self.weights.max_sources
         self.cache.fetch(entry.item_id for h in histories for entry in h[:max_items])
+        if self.model.user_encoder is not None:
+            return self.model.user_encoder.user_vectors(histories, self.cache.vectors())
         if self.settings.user_vector == "text":
             titles = CachedTitles(self.cache)
             texts = [profile_text(h, titles) for h in histories]
@@ -355,6 +385,7 @@ class Recommender:
         (`AckedProducer`), so delivery stays at least once.
         """
         self.producer.settle()
+        self._adopt_model()
         messages = list(
             self.consumer.consume(
                 num_messages=self.settings.max_batch, timeout=self.settings.max_wait_ms / 1000.0
@@ -376,6 +407,11 @@ class Recommender:
             self.producer.produce(self.topics.recommendations, key=user_id.encode(), value=None)
         pending, result.coalesced = coalesce(updates)
         self.metrics.profile_updates_coalesced.inc(result.coalesced)
+        if self.on_history is not None:
+            for user_id in erased:
+                self.on_history(user_id, None)
+            for user_id, user in pending.items():
+                self.on_history(user_id, user.update.history)
         users = list(pending.values())
         result.users = len(users)
         if users:
@@ -391,6 +427,7 @@ class Recommender:
                     model_version=self.encoder.version,
                     vectors_version=self.store.model.version if self.store.model else None,
                     strategy=self.strategy,
+                    ranking_version=self.model.version,
                     trigger_event_ids=user.trigger_event_ids,
                     latency_ms=max(0.0, now_ms - user.source_ts_ms),
                 )

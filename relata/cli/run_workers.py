@@ -32,6 +32,7 @@ from relata.runtime.topics import TopicError, ensure_topics, topic_name
 from schemas.access import Component, component_access, topics_of
 from schemas.settings import (
     EncoderSettings,
+    FitSettings,
     IndexerSettings,
     KafkaSettings,
     RecommenderSettings,
@@ -199,14 +200,16 @@ def build_workers(
     encoder: Any = None,
     store: Any = None,
     reliability: ReliabilitySettings | None = None,
+    fit_settings: FitSettings | None = None,
 ) -> Workers:
     """Build the loops of `role`; one encoder and one store serve both loops of `all`, one
-    `Health` (their watches, the brokers) both probes."""
+    `Health` (their watches, the brokers) both probes; with the recommender, its background
+    fitter (a loop of its own) unless `fit_settings` turn it off."""
     from workers.encoder import TransformerEncoder
+    from workers.fitting.history_log import HistoryLog
     from workers.indexer import IndexerTopics, ItemIndexer
     from workers.metrics import WorkerMetrics
     from workers.model_identity import version_group
-    from workers.ranking import BlendWeights
     from workers.recommender import Recommender, RecommenderTopics
     from workers.store_versions import build_store
     from workers.vector_store import ModelIdentity
@@ -265,11 +268,9 @@ def build_workers(
         subscribe_watched(consumer, topic_name(kafka, PROFILE_UPDATES), watch)
         related = build_related_consumer(kafka, group_prefix=recommender_settings.group_id)
         producer = build_producer(kafka, client_id="relata-recommender")
-        weights = (
-            BlendWeights.load(recommender_settings.blend_path)
-            if recommender_settings.blend_path
-            else None
-        )
+        fit = fit_settings or FitSettings()
+        fitting = fit.enabled and recommender_settings.strategy == "hybrid"
+        history_log = HistoryLog(fit.max_users) if fitting else None
         recommender = Recommender(
             consumer=consumer,
             related_consumer=related,
@@ -284,20 +285,65 @@ def build_workers(
                 dead_letter=dead_letter,
             ),
             settings=recommender_settings,
-            weights=weights,
+            model=starting_model(recommender_settings, fit),
             watch=watch,
             ack_timeout_s=reliability.ack_timeout_s,
             stop_flush_s=stop_share_s,
             commit_retry=retry,
+            on_history=None if history_log is None else history_log.record,
         )
         health.wait("recommender outputs", lambda: recommender.producer.waiting_since)
         workers.loops.append(("recommender", recommender.run))
         workers.closers += [consumer.close, related.close, partial(producer.flush, stop_share_s)]
+        if history_log is not None:
+            refitter = build_refitter(
+                recommender, history_log=history_log, settings=fit, metrics=metrics
+            )
+            workers.loops.append(("fitter", refitter.run))
     health.broker = BrokerWatch(
         partial(producer.list_topics, topic_name(kafka, DEAD_LETTER)),
         interval_s=reliability.broker_check_interval_s,
     )
     return workers
+
+
+def starting_model(recommender: RecommenderSettings, fit: FitSettings) -> Any:
+    """The model the recommender starts with: the background fitter's last winner when one
+    is saved, else the blend weights artifact, else the built-in weights."""
+    from workers.fitting import ModelBundle, load_bundle
+
+    if fit.enabled and fit.model_path is not None and fit.model_path.exists():
+        logger.info("ranking model from the last fit path=%s", fit.model_path)
+        return load_bundle(fit.model_path)
+    if recommender.blend_path is not None:
+        return load_bundle(recommender.blend_path)
+    return ModelBundle()
+
+
+def build_refitter(
+    recommender: Any, *, history_log: Any, settings: FitSettings, metrics: Any
+) -> Any:
+    """The recommender's background fitter: its fits run in a child process, learning their
+    evidence with the stream processor's fold (its `RELATA_STREAMS_*` settings: set them as
+    the stream processor's)."""
+    from relata.runtime.evidence import fold_evidence
+    from schemas.settings import StreamsSettings
+    from workers.fitting.refit import ProcessRunner, Refitter, store_items
+
+    store = recommender.store
+    return Refitter(
+        log=history_log,
+        settings=settings,
+        current=lambda: recommender.model,
+        swap=recommender.use_model,
+        items=partial(store_items, store),
+        evidence=partial(fold_evidence, settings=StreamsSettings()),
+        metrics=metrics,
+        runner=ProcessRunner(threads=settings.threads, nice=settings.nice),
+        k=recommender.settings.k,
+        candidates=recommender.settings.candidates,
+        mmr_lambda=recommender.settings.mmr_lambda,
+    )
 
 
 @click.command(name="workers")
@@ -311,6 +357,7 @@ def build_workers(
     help="Which loops to run; `all` shares one encoder and one store (needed for edge).",
 )
 @settings_options(ReliabilitySettings, group="reliability")
+@settings_options(FitSettings, group="fit")
 @settings_options(RecommenderSettings, group="recommender")
 @settings_options(IndexerSettings, group="indexer")
 @settings_options(StoreSettings, group="store")
@@ -324,6 +371,7 @@ def command(role: Role, **params: Any) -> None:
     indexer_settings = build_settings(IndexerSettings, group="indexer", params=params)
     recommender_settings = build_settings(RecommenderSettings, group="recommender", params=params)
     reliability = build_settings(ReliabilitySettings, group="reliability", params=params)
+    fit_settings = build_settings(FitSettings, group="fit", params=params)
 
     access = component_access(kafka, indexer=indexer_settings, recommender=recommender_settings)[
         COMPONENT_OF_ROLE[role]
@@ -349,6 +397,7 @@ def command(role: Role, **params: Any) -> None:
         recommender_settings=recommender_settings,
         registry=registry,
         reliability=reliability,
+        fit_settings=fit_settings,
     )
     # Once the model is loaded and the consumers built (the startup probe waits for it).
     server = serve_probes(port, registry=registry, health=workers.health) if port else None

@@ -12,6 +12,7 @@ from schemas.access import COMPONENT_COMMANDS, component_access
 from schemas.settings import (
     EmbeddedKafkaSettings,
     EncoderSettings,
+    FitSettings,
     IndexerSettings,
     KafkaSettings,
     RecommenderSettings,
@@ -28,6 +29,7 @@ SETTINGS_CLASSES: tuple[type[BaseSettings], ...] = (
     StoreSettings,
     IndexerSettings,
     RecommenderSettings,
+    FitSettings,
     EmbeddedKafkaSettings,
 )
 
