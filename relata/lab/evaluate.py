@@ -42,7 +42,6 @@ from relata.lab.vectors import (
 )
 from schemas.settings import EncoderSettings, RecommenderSettings, StreamsSettings
 from workers.fitting import Evidence, ModelBundle, rank_offline
-from workers.fitting import VectorInputs as RankInputs
 from workers.ranking import (
     BlendWeights,
     VectorRows,
@@ -107,9 +106,6 @@ def rank_users(
         from tqdm import tqdm
 
         bar = tqdm(total=len(cases), desc=desc or "rank", unit="user", mininterval=1.0)
-    inputs = None
-    if hits is not None and user_vectors is not None:
-        inputs = RankInputs(users=user_vectors, hits=[list(h) for h in hits])
     lists = rank_offline(
         [state.profiles[c.user_id] for c in cases],
         evidence=Evidence(related=state.related, popularity=state.popularity),
@@ -117,7 +113,8 @@ def rank_users(
         weights=weights,
         k=k,
         mmr_lambda=mmr_lambda,
-        inputs=inputs,
+        user_vectors=user_vectors,
+        hits=hits,
         item_vectors=item_vectors,
         progress=None if bar is None else bar.update,
     )

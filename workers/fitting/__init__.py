@@ -18,6 +18,7 @@ from .offline import (
     ndcg_at,
     pooled_vectors,
     rank_offline,
+    search_inputs,
     user_matrix,
     vector_inputs,
 )
@@ -62,6 +63,7 @@ __all__ = [
     "pooled_vectors",
     "prepare_validation",
     "rank_offline",
+    "search_inputs",
     "split_histories",
     "user_matrix",
     "vector_inputs",

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import numpy as np
 import numpy.typing as npt
@@ -68,10 +69,18 @@ class Evidence:
 
 @dataclass
 class VectorInputs:
-    """Per-history user vectors (zero rows: none) and their exact hits."""
+    """Per-history user vectors (zero rows: none) and their exact hits: item rows (-1 past
+    the last hit) and cosines, best first."""
 
     users: FloatArray
-    hits: Hits
+    rows: npt.NDArray[np.int64]
+    cos: FloatArray
+    ids: Sequence[str]
+
+    @cached_property
+    def hits(self) -> Hits:
+        """The hits as the core's search answers them: (item id, cosine) lists."""
+        return hit_lists(self.rows, self.cos, self.ids)
 
 
 UserVectors = Callable[[Sequence[History]], list[FloatArray | None]]
@@ -105,6 +114,60 @@ def user_matrix(vectors: Sequence[FloatArray | None], dim: int) -> FloatArray:
     return out
 
 
+def exact_search(
+    users: FloatArray,
+    item_matrix: FloatArray,
+    excluded: Sequence[Iterable[int]],
+    *,
+    top: int,
+    unavailable: npt.NDArray[np.bool_] | None = None,
+) -> tuple[npt.NDArray[np.int64], FloatArray]:
+    """Exact top-`top` cosine hits per user row, best first (ties in a stable order): item
+    rows, -1 where there is none (zero user rows get none), and cosines. Each row's excluded
+    item rows and every `unavailable` item are left out."""
+    n = users.shape[0]
+    top = min(top, item_matrix.shape[0])
+    rows = np.full((n, max(top, 0)), -1, dtype=np.int64)
+    cos = np.zeros((n, max(top, 0)), dtype=np.float32)
+    if top <= 0:
+        return rows, cos
+    for s in range(0, n, SEARCH_BATCH):
+        u = users[s : s + SEARCH_BATCH]
+        sims = u @ item_matrix.T
+        if unavailable is not None and unavailable.any():
+            sims[:, unavailable] = -np.inf
+        for r, ex in enumerate(excluded[s : s + SEARCH_BATCH]):
+            cut = list(ex)
+            if cut:
+                sims[r, cut] = -np.inf
+        part = np.argpartition(-sims, top - 1, axis=1)[:, :top]
+        values = np.take_along_axis(sims, part, axis=1)
+        order = np.argsort(-values, axis=1, kind="stable")
+        best = np.take_along_axis(part, order, axis=1)
+        scores = np.take_along_axis(values, order, axis=1)
+        keep = np.isfinite(scores) & u.any(axis=1, keepdims=True)
+        rows[s : s + SEARCH_BATCH] = np.where(keep, best, -1)
+        cos[s : s + SEARCH_BATCH] = np.where(keep, scores, 0.0)
+    return rows, cos
+
+
+def hit_lists(rows: npt.NDArray[np.int64], cos: FloatArray, ids: Sequence[str]) -> Hits:
+    """Hits as (item id, cosine) lists, row by row (whole rows to Python at once)."""
+    out: Hits = []
+    for r in range(rows.shape[0]):
+        found = rows[r] >= 0
+        out.append(
+            list(
+                zip(
+                    map(ids.__getitem__, rows[r][found].tolist()),
+                    cos[r][found].astype(np.float64).tolist(),
+                    strict=True,
+                )
+            )
+        )
+    return out
+
+
 def exact_hits(
     users: FloatArray,
     item_matrix: FloatArray,
@@ -114,40 +177,9 @@ def exact_hits(
     top: int,
     unavailable: npt.NDArray[np.bool_] | None = None,
 ) -> Hits:
-    """Exact top-`top` cosine hits per user row (zero rows get none), leaving out each row's
-    excluded item rows and every `unavailable` item, best first, ties by position."""
-    out: Hits = []
-    top = min(top, item_matrix.shape[0])
-    if top <= 0:
-        return [[] for _ in range(users.shape[0])]
-    for s in range(0, users.shape[0], SEARCH_BATCH):
-        u = users[s : s + SEARCH_BATCH]
-        sims = u @ item_matrix.T
-        if unavailable is not None and unavailable.any():
-            sims[:, unavailable] = -np.inf
-        for r, ex in enumerate(excluded[s : s + SEARCH_BATCH]):
-            rows = list(ex)
-            if rows:
-                sims[r, rows] = -np.inf
-        part = np.argpartition(-sims, top - 1, axis=1)[:, :top]
-        for r in range(sims.shape[0]):
-            if not u[r].any():
-                out.append([])
-                continue
-            idx = part[r][np.argsort(-sims[r, part[r]], kind="stable")]
-            values = sims[r, idx]
-            finite = np.isfinite(values)
-            # Whole rows to Python at once: per-element numpy indexing was most of the time.
-            out.append(
-                list(
-                    zip(
-                        map(item_ids.__getitem__, idx[finite].tolist()),
-                        values[finite].astype(np.float64).tolist(),
-                        strict=True,
-                    )
-                )
-            )
-    return out
+    """`exact_search` as (item id, cosine) lists."""
+    rows, cos = exact_search(users, item_matrix, excluded, top=top, unavailable=unavailable)
+    return hit_lists(rows, cos, item_ids)
 
 
 def vector_inputs(
@@ -156,11 +188,18 @@ def vector_inputs(
     """User vectors of the histories and their exact hits among the available items, each
     history's own items left out (as the recommender's search does)."""
     users = user_matrix(user_vectors(histories), items.matrix.shape[1])
+    return search_inputs(histories, items, users, top=top)
+
+
+def search_inputs(
+    histories: Sequence[History], items: ItemSpace, users: FloatArray, *, top: int
+) -> VectorInputs:
+    """The exact hits of user vectors already computed (`vector_inputs`)."""
     rows = items.rows
     excluded = [[rows[e.item_id] for e in h if e.item_id in rows] for h in histories]
     unavailable = np.fromiter((i not in items.available for i in items.ids), dtype=np.bool_)
-    hits = exact_hits(users, items.matrix, items.ids, excluded, top=top, unavailable=unavailable)
-    return VectorInputs(users=users, hits=hits)
+    found, cos = exact_search(users, items.matrix, excluded, top=top, unavailable=unavailable)
+    return VectorInputs(users=users, rows=found, cos=cos, ids=items.ids)
 
 
 def rank_offline(
@@ -171,24 +210,28 @@ def rank_offline(
     weights: BlendWeights,
     k: int,
     mmr_lambda: float,
-    inputs: VectorInputs | None,
+    user_vectors: FloatArray | None,
+    hits: Sequence[Sequence[tuple[str, float]]] | None,
     item_vectors: Mapping[str, np.ndarray] | None,
     progress: Callable[[int], object] | None = None,
 ) -> list[list[str]]:
     """Each history's top k as the live core ranks it (`recommend`, in batches), with the
-    look-ups answered from memory. `inputs`: the user vectors and hits per history (None: no
-    vector term); `progress` hears each batch's size."""
+    look-ups answered from memory. `user_vectors` (a zero row: none) and `hits`: per history
+    (None: no vector term); `progress` hears each batch's size."""
     lists: list[list[str]] = []
     prior = (evidence.popularity, popularity_prior(evidence.popularity, weights))
     vectors: Mapping[str, np.ndarray] = {} if item_vectors is None else item_vectors
     for start in range(0, len(histories), RANK_BATCH):
         batch = range(start, min(start + RANK_BATCH, len(histories)))
         users = [
-            None if inputs is None or not inputs.users[n].any() else inputs.users[n] for n in batch
+            None
+            if user_vectors is None or hits is None or not user_vectors[n].any()
+            else user_vectors[n]
+            for n in batch
         ]
         # The batch's exact hits, for the users that have a vector (the core's order).
         searched = [
-            inputs.hits[n] if inputs is not None else []
+            list(hits[n]) if hits is not None else []
             for n, user in zip(batch, users, strict=True)
             if user is not None
         ]

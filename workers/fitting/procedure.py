@@ -25,6 +25,8 @@ from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+
 from workers.ranking import BlendWeights
 
 from .bundle import ItemAdapterFit, ModelBundle, UserEncoder
@@ -37,7 +39,8 @@ from .offline import (
     ndcg_at,
     pooled_vectors,
     rank_offline,
-    vector_inputs,
+    search_inputs,
+    user_matrix,
 )
 from .search import GRID, BlendSearch, Features, coordinate_search, searched_grid
 from .split import ValidationSplit, split_histories
@@ -113,9 +116,11 @@ class Validation:
         self.mmr_lambda = mmr_lambda
         self.histories = [c.history for c in split.cases]
         self.targets = [c.target for c in split.cases]
-        # Features of one user-vector setting take ~100 bytes a candidate row (hundreds of
-        # rows a user): the current setting and the one tried are kept, no more.
-        self._inputs: OrderedDict[Hashable, VectorInputs] = OrderedDict()
+        # Per user-vector setting: its exact hits (~12 bytes a hit, searched once: the search
+        # is most of the cost) and, for the last two settings, its user vectors (one row a
+        # user, rebuilt cheaply when needed again).
+        self._hits: dict[Hashable, tuple[np.ndarray, np.ndarray]] = {}
+        self._users_of: OrderedDict[Hashable, np.ndarray] = OrderedDict()
 
     def with_items(self, items: ItemSpace) -> Validation:
         """The same targets and evidence over other item vectors (an adapter's)."""
@@ -153,19 +158,23 @@ class Validation:
         key = self.key(weights, encoder)
         if key is None:
             return None
-        found = self._inputs.get(key)
-        if found is None:
-            users = self._users(weights, encoder)
-            found = vector_inputs(self.histories, self.items, users, top=self.candidates)
-            self._inputs[key] = found
-            while len(self._inputs) > 2:
-                self._inputs.popitem(last=False)
+        users = self._users_of.get(key)
+        if users is None:
+            vectors = self._users(weights, encoder)(self.histories)
+            users = self._users_of[key] = user_matrix(vectors, self.items.matrix.shape[1])
+            while len(self._users_of) > 2:
+                self._users_of.popitem(last=False)
         else:
-            self._inputs.move_to_end(key)
-        return found
+            self._users_of.move_to_end(key)
+        found = self._hits.get(key)
+        if found is None:
+            searched = search_inputs(self.histories, self.items, users, top=self.candidates)
+            found = self._hits[key] = (searched.rows, searched.cos)
+        return VectorInputs(users=users, rows=found[0], cos=found[1], ids=self.items.ids)
 
     def lists(self, bundle: ModelBundle) -> list[list[str]]:
         """Every validation user's top k as the live core ranks it with `bundle`."""
+        inputs = self.inputs(bundle.weights, bundle.user_encoder)
         return rank_offline(
             self.histories,
             evidence=self.evidence,
@@ -173,7 +182,8 @@ class Validation:
             weights=bundle.weights,
             k=self.k,
             mmr_lambda=self.mmr_lambda,
-            inputs=self.inputs(bundle.weights, bundle.user_encoder),
+            user_vectors=None if inputs is None else inputs.users,
+            hits=None if inputs is None else inputs.hits,
             item_vectors=self.items.vectors,
         )
 
@@ -229,6 +239,7 @@ def fit(
     ones); `item_step` (offline only) an item adapter, kept only when it wins."""
     timings: dict[str, float] = {}
     started = time.perf_counter()
+    cpu = time.process_time()
     current = current or ModelBundle()
     validation = prepare_validation(
         histories,
@@ -251,6 +262,7 @@ def fit(
     search = BlendSearch(
         validation.split.cases,
         validation.evidence,
+        ids=items.ids,
         available=items.available,
         k=k,
         weights=start,
@@ -278,6 +290,9 @@ def fit(
     current_score = score if same else _current_score(validation, current, items)
     clock.lap("validate_current")
     timings["total"] = time.perf_counter() - started
+    # CPU seconds of the whole process (every thread): what the fit costs whatever else
+    # shares the machine.
+    timings["cpu"] = time.process_time() - cpu
     candidate = ModelBundle(
         weights=best.model_copy(
             update={

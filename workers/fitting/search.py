@@ -69,13 +69,29 @@ def _cat(parts: list[np.ndarray], dtype: type) -> np.ndarray:
     return np.concatenate(parts).astype(dtype) if parts else np.zeros(0, dtype=dtype)
 
 
+def _starts(sizes: I64) -> I64:
+    """Each block's first position, blocks of `sizes` laid end to end."""
+    return np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
+
+
+def _member(keys: I64, sorted_keys: I64) -> Bools:
+    """Which keys are in `sorted_keys` (sorted)."""
+    if not len(sorted_keys):
+        return np.zeros(len(keys), dtype=np.bool_)
+    at = np.minimum(np.searchsorted(sorted_keys, keys), len(sorted_keys) - 1)
+    return np.asarray(sorted_keys[at] == keys, dtype=np.bool_)
+
+
 @dataclass
 class Association:
     """Every user's association evidence before weights (independent of the user vector):
-    per row its user, candidate (local to the user's block), kind, source position, source
-    base weight and value; per source its user, position and base weight."""
+    per candidate its user and item (`gid`, in the search's item numbering), in each user's
+    local order; per row its user, candidate (local to the user), kind, source position,
+    source base weight and value; per source its user, position and base weight."""
 
-    ids: list[list[str]]  # per user: the candidates the rows name, in local order
+    c_user: I64
+    c_gid: I64
+    n_cand: I64  # per user
     a_user: I64
     a_cand: I64
     a_kind: I64
@@ -105,46 +121,78 @@ class Features:
 
 class BlendSearch:
     """The association part of a validation split, built once; `features` adds a user-vector
-    setting's part; `ndcg` scores a weight setting over all users at once."""
+    setting's part; `ndcg` scores a weight setting over all users at once.
+
+    Items are numbered once (`gid`): the item space's rows first (those have vectors), then
+    the other items the evidence names, so that a user-vector setting's candidates are built
+    with array operations over all users, not a loop per user."""
 
     def __init__(
         self,
         cases: Sequence[ValidationCase],
         evidence: Evidence,
         *,
+        ids: Sequence[str],
         available: frozenset[str],
         k: int,
         weights: BlendWeights,
     ) -> None:
         self.cases = cases
         self.evidence = evidence
-        self.available = available
         self.k = k
         self.sequence = _sequence_kinds()
+        self.ids = list(ids)
+        self.gid_of: dict[str, int] = {i: n for n, i in enumerate(self.ids)}
+        self.n_vectors = len(self.ids)
+        self.assoc = self._association(weights)
+        pop = [self._gid(i) for i, _ in evidence.popularity]
+        self.pop_gid = np.array(pop, dtype=np.int64)
+        history = [(u, self._gid(e.item_id)) for u, c in enumerate(cases) for e in c.history]
+        self.h_user = np.array([u for u, _ in history], dtype=np.int64)
+        self.h_gid = np.array([g for _, g in history], dtype=np.int64)
+        self.t_gid = np.array([self._gid(c.target) for c in cases], dtype=np.int64)
+        # Per item: its prior (as `popularity_prior` without the weight), availability, and
+        # its rank in item-id order (the core breaks score ties on the id).
         top = evidence.popularity[0][1] if evidence.popularity else 0.0
         denom = math.log1p(top) if top > 0 else 1.0
-        self.prior_of = {i: math.log1p(max(c, 0.0)) / denom for i, c in evidence.popularity}
-        self.assoc = self._association(weights)
+        self.prior = np.zeros(len(self.ids), dtype=np.float64)
+        for (_, count), gid in zip(evidence.popularity, pop, strict=True):
+            self.prior[gid] = math.log1p(max(count, 0.0)) / denom
+        self.ok = np.fromiter((i in available for i in self.ids), dtype=np.bool_)
+        self.id_rank = np.empty(len(self.ids), dtype=np.int64)
+        self.id_rank[np.argsort(np.array(self.ids, dtype=object), kind="stable")] = np.arange(
+            len(self.ids)
+        )
         self._terms: dict[tuple[object, ...], F64] = {}
+
+    def _gid(self, item_id: str) -> int:
+        found = self.gid_of.get(item_id)
+        if found is None:
+            found = self.gid_of[item_id] = len(self.ids)
+            self.ids.append(item_id)
+        return found
 
     def _association(self, weights: BlendWeights) -> Association:
         related = self.evidence.related
         # Every behaviour kind on: the rows of all of them, weighted per setting.
         unit = weights.with_kind_weights(lambda spec: 1.0 if spec.behaviour else 0.0)
         cols: dict[str, list[np.ndarray]] = {
-            name: [] for name in ("user", "cand", "kind", "pos", "base", "value", "s_user")
+            name: [] for name in ("c_user", "c_gid", "user", "cand", "kind", "pos", "base", "value")
         }
+        s_user: list[np.ndarray] = []
         s_pos: list[np.ndarray] = []
         s_base: list[np.ndarray] = []
-        ids: list[list[str]] = []
+        n_cand = np.zeros(len(self.cases), dtype=np.int64)
         for u, case in enumerate(self.cases):
             sources, rows = evidence_rows(case.history, related, unit)
             if rows is None:
-                ids.append([])
                 continue
             uniq, inverse = np.unique(rows.idx, return_inverse=True)
             base = np.array([sw for _, sw in sources], dtype=np.float64)
-            ids.append(related.names(uniq.tolist()))
+            gids = [self._gid(i) for i in related.names(uniq.tolist())]
+            n_cand[u] = len(gids)
+            cols["c_user"].append(np.full(len(gids), u, dtype=np.int64))
+            cols["c_gid"].append(np.array(gids, dtype=np.int64))
             pos = rows.source.astype(np.int64)
             cols["user"].append(np.full(len(pos), u, dtype=np.int64))
             cols["cand"].append(inverse.astype(np.int64).reshape(-1))
@@ -152,92 +200,166 @@ class BlendSearch:
             cols["pos"].append(pos)
             cols["base"].append(base[pos])
             cols["value"].append(rows.values)
-            cols["s_user"].append(np.full(len(base), u, dtype=np.int64))
+            s_user.append(np.full(len(base), u, dtype=np.int64))
             s_pos.append(np.arange(len(base), dtype=np.int64))
             s_base.append(base)
         return Association(
-            ids=ids,
+            c_user=_cat(cols["c_user"], np.int64),
+            c_gid=_cat(cols["c_gid"], np.int64),
+            n_cand=n_cand,
             a_user=_cat(cols["user"], np.int64),
             a_cand=_cat(cols["cand"], np.int64),
             a_kind=_cat(cols["kind"], np.int64),
             a_pos=_cat(cols["pos"], np.int64),
             a_base=_cat(cols["base"], np.float64),
             a_value=_cat(cols["value"], np.float64),
-            s_user=_cat(cols["s_user"], np.int64),
+            s_user=_cat(s_user, np.int64),
             s_pos=_cat(s_pos, np.int64),
             s_base=_cat(s_base, np.float64),
         )
 
     def features(self, inputs: VectorInputs | None, items: ItemSpace | None) -> Features:
-        """The candidate rows for one set of user vectors and their hits (None: no vector
-        term, association and popularity only)."""
-        popularity = self.evidence.popularity
-        available = self.available
-        parts: dict[str, list[np.ndarray]] = {
-            name: [] for name in ("before", "ok", "prior", "scaled", "has_vector")
-        }
-        sizes = np.zeros(len(self.cases), dtype=np.int64)
-        local_target = np.full(len(self.cases), -1, dtype=np.int64)
-        for u, case in enumerate(self.cases):
-            ids = list(self.assoc.ids[u])
-            where = {i: n for n, i in enumerate(ids)}
-            hits = [] if inputs is None else inputs.hits[u]
-            for item_id, _ in hits:
-                if item_id not in where:
-                    where[item_id] = len(ids)
-                    ids.append(item_id)
-            n_scored = len(ids)
-            # The popularity fill: the first k unseen items that nothing else proposes (the
-            # core fills more, but those rank below these k and never reach the top k).
-            banned = {e.item_id for e in case.history}
-            fill = 0
-            for item_id, _ in popularity:
-                if fill >= self.k:
-                    break
-                if item_id in banned or item_id in where:
-                    continue
-                where[item_id] = len(ids)
-                ids.append(item_id)
-                fill += 1
-            scaled = np.zeros(len(ids), dtype=np.float64)
-            has_vector = np.zeros(len(ids), dtype=np.bool_)
-            if hits and inputs is not None and items is not None:
-                cos = np.array([c for _, c in hits], dtype=np.float64)
-                hi, lo = float(cos.max()), float(cos.min())
-                if len(cos) == 1 or hi - lo <= 1e-9:
-                    lo = hi - 1.0
-                rows = items.rows
-                found = [(n, rows[i]) for n, i in enumerate(ids[:n_scored]) if i in rows]
-                if found:
-                    at = np.array([n for n, _ in found], dtype=np.int64)
-                    all_cos = items.matrix[[r for _, r in found]] @ inputs.users[u]
-                    scaled[at] = (all_cos.astype(np.float64) - lo) / (hi - lo)
-                    has_vector[at] = True
-                hit_rows = [where[i] for i, _ in hits]
-                scaled[hit_rows] = (cos - lo) / (hi - lo)  # the search's own cosines
-                has_vector[hit_rows] = True
-            ok = np.fromiter((i in available for i in ids), dtype=np.bool_, count=len(ids))
-            target = where.get(case.target)
-            if target is not None and ok[target]:
-                local_target[u] = target
-            sizes[u] = len(ids)
-            parts["before"].append(np.array([i < case.target for i in ids], dtype=np.bool_))
-            parts["ok"].append(ok)
-            parts["prior"].append(np.array([self.prior_of.get(i, 0.0) for i in ids]))
-            parts["scaled"].append(scaled)
-            parts["has_vector"].append(has_vector)
-        offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
-        return Features(
-            n_users=len(self.cases),
-            row_user=np.repeat(np.arange(len(self.cases), dtype=np.int64), sizes),
-            a_row=offsets[self.assoc.a_user] + self.assoc.a_cand,
-            target_row=np.where(local_target >= 0, offsets + local_target, -1),
-            before_target=_cat(parts["before"], np.bool_),
-            ok=_cat(parts["ok"], np.bool_),
-            prior=_cat(parts["prior"], np.float64),
-            scaled=_cat(parts["scaled"], np.float64),
-            has_vector=_cat(parts["has_vector"], np.bool_),
+        """The candidate rows for one set of user vectors and their exact hits (None: no
+        vector term, association and popularity only)."""
+        n = len(self.cases)
+        span = len(self.ids) + 1  # keys (user, item) as user * span + gid
+        a = self.assoc
+        assoc_keys = np.sort(a.c_user * span + a.c_gid)
+        # Vector hits that are not association candidates, in hit order.
+        if inputs is not None and inputs.rows.size:
+            if items is None or list(items.ids) != self.ids[: self.n_vectors]:
+                raise ValueError("features need the item space the search was built for")
+            valid = inputs.rows >= 0
+            h_user = np.broadcast_to(np.arange(n)[:, None], inputs.rows.shape)[valid]
+            h_gid = inputs.rows[valid]
+            h_pos = np.broadcast_to(np.arange(inputs.rows.shape[1]), inputs.rows.shape)[valid]
+            h_cos = inputs.cos[valid].astype(np.float64)
+            extra = ~_member(h_user * span + h_gid, assoc_keys)
+        else:
+            h_user = h_gid = h_pos = np.zeros(0, dtype=np.int64)
+            h_cos = np.zeros(0, dtype=np.float64)
+            extra = np.zeros(0, dtype=np.bool_)
+        f_user, f_gid, f_pos = self._fill(n, span, assoc_keys, h_user * span + h_gid)
+        # Rows in order: user, then block (association, extra hits, fill), then position.
+        users = np.concatenate([a.c_user, h_user[extra], f_user])
+        gids = np.concatenate([a.c_gid, h_gid[extra], f_gid])
+        block = np.concatenate(
+            [
+                np.zeros(len(a.c_user), dtype=np.int64),
+                np.ones(int(extra.sum()), dtype=np.int64),
+                np.full(len(f_user), 2, dtype=np.int64),
+            ]
         )
+        local = np.concatenate(
+            [
+                np.arange(len(a.c_user), dtype=np.int64) - np.repeat(_starts(a.n_cand), a.n_cand),
+                h_pos[extra],
+                f_pos,
+            ]
+        )
+        order = np.lexsort((local, block, users))
+        row_user, row_gid, row_block = users[order], gids[order], block[order]
+        sizes = np.bincount(row_user, minlength=n).astype(np.int64)
+        offsets = _starts(sizes)
+        is_target = row_gid == self.t_gid[row_user]
+        ok = self.ok[row_gid]
+        target_row = np.full(n, -1, dtype=np.int64)
+        hit = np.flatnonzero(is_target & ok)
+        target_row[row_user[hit]] = hit
+        scaled = np.zeros(len(row_user), dtype=np.float64)
+        has_vector = np.zeros(len(row_user), dtype=np.bool_)
+        if inputs is not None and items is not None and len(h_user):
+            self._vector_part(
+                inputs,
+                items,
+                (h_user, h_gid, h_cos),
+                (row_user, row_gid, row_block, offsets),
+                span,
+                scaled,
+                has_vector,
+            )
+        t_rank = np.where(self.t_gid >= 0, self.id_rank[np.maximum(self.t_gid, 0)], -1)
+        return Features(
+            n_users=n,
+            row_user=row_user,
+            a_row=offsets[a.a_user] + a.a_cand,
+            target_row=target_row,
+            before_target=self.id_rank[row_gid] < t_rank[row_user],
+            ok=ok,
+            prior=self.prior[row_gid],
+            scaled=scaled,
+            has_vector=has_vector,
+        )
+
+    def _fill(self, n: int, span: int, assoc_keys: I64, hit_keys: I64) -> tuple[I64, I64, I64]:
+        """Per user the first k popular items that are neither history nor candidates (the
+        core fills more, but those rank below these k and never reach the top k)."""
+        taken = np.sort(np.concatenate([assoc_keys, hit_keys, self.h_user * span + self.h_gid]))
+        # Enough popular items that a user's history and candidates rarely leave fewer than
+        # k of them; the users they do are filled one by one.
+        depth = min(len(self.pop_gid), self.k + 64)
+        pool = self.pop_gid[:depth]
+        keys = np.arange(n, dtype=np.int64)[:, None] * span + pool[None, :]
+        free = ~_member(keys.ravel(), taken).reshape(keys.shape)
+        pick = free & (np.cumsum(free, axis=1) <= self.k)
+        users, cols = np.nonzero(pick)
+        gids = pool[cols]
+        short = np.flatnonzero(pick.sum(axis=1) < min(self.k, len(self.pop_gid)))
+        if depth < len(self.pop_gid) and len(short):
+            more_u, more_g, more_c = [users], [gids], [cols]
+            taken_set = set(taken.tolist())
+            for u in short.tolist():
+                have = int(pick[u].sum())
+                for c in range(depth, len(self.pop_gid)):
+                    if have >= self.k:
+                        break
+                    g = int(self.pop_gid[c])
+                    if u * span + g not in taken_set:
+                        more_u.append(np.array([u]))
+                        more_g.append(np.array([g]))
+                        more_c.append(np.array([c]))
+                        have += 1
+            users, gids, cols = (np.concatenate(x) for x in (more_u, more_g, more_c))
+        return users.astype(np.int64), gids.astype(np.int64), cols.astype(np.int64)
+
+    @staticmethod
+    def _vector_part(
+        inputs: VectorInputs,
+        items: ItemSpace,
+        hits: tuple[I64, I64, F64],
+        rows: tuple[I64, I64, I64, I64],
+        span: int,
+        scaled: F64,
+        has_vector: Bools,
+    ) -> None:
+        """Scaled cosines, as the core computes them: a hit's from the search; another
+        candidate's (with a vector) from one product with the user vector; both against the
+        user's best and weakest hit."""
+        h_user, h_gid, h_cos = hits
+        row_user, row_gid, row_block, offsets = rows
+        n = len(offsets)
+        counts = np.bincount(h_user, minlength=n)
+        with_hits = counts > 0
+        hi = np.where(with_hits, inputs.cos[:, 0], 0.0).astype(np.float64)
+        lo = np.where(with_hits, inputs.cos[np.arange(n), np.maximum(counts - 1, 0)], 0.0).astype(
+            np.float64
+        )
+        lo = np.where((counts == 1) | (hi - lo <= 1e-9), hi - 1.0, lo)
+        # One product per user over its candidates with a vector (the core's, row for row).
+        vectors = (row_block < 2) & with_hits[row_user] & (row_gid < len(items.ids))
+        ends = offsets + np.bincount(row_user, minlength=n)
+        for u in np.flatnonzero(with_hits).tolist():
+            at = np.flatnonzero(vectors[offsets[u] : ends[u]]) + offsets[u]
+            if len(at):
+                cos = items.matrix[row_gid[at]] @ inputs.users[u]
+                scaled[at] = (cos.astype(np.float64) - lo[u]) / (hi[u] - lo[u])
+                has_vector[at] = True
+        # The hits keep the search's own cosines (a hit may be a behaviour candidate too).
+        row_keys = row_user * span + row_gid
+        by_key = np.argsort(row_keys, kind="stable")
+        at = by_key[np.searchsorted(row_keys[by_key], h_user * span + h_gid)]
+        scaled[at] = (h_cos.astype(np.float64) - lo[h_user]) / (hi[h_user] - lo[h_user])
+        has_vector[at] = True
 
     def _shares(self, recency: float, sequence_recency: float) -> F64:
         """Per association row: its recency share (each signal's sources sum to 1) x value."""
