@@ -24,11 +24,26 @@ def main(conn: Any, threads: int, nice: int) -> None:
         os.nice(nice)
     try:
         job = conn.recv()
-        from workers.fitting.refit import run_job
-
         conn.send(("ok", run_job(job)))
     except Exception as exc:
         detail = "".join(traceback.format_exception_only(type(exc), exc)).strip()
         conn.send(("error", detail))
     finally:
         conn.close()
+
+
+def run_job(job: Any) -> Any:
+    """Run one `workers.fitting.refit.FitJob` (in whichever process the runner chose)."""
+    from workers.fitting.history_log import histories_of
+    from workers.fitting.procedure import fit
+
+    return fit(
+        histories_of(job.histories),
+        job.items,
+        evidence=job.evidence,
+        current=job.current,
+        k=job.k,
+        candidates=job.candidates,
+        mmr_lambda=job.mmr_lambda,
+        user_encoder_step=job.user_encoder_step,
+    )

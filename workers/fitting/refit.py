@@ -26,9 +26,9 @@ from schemas.settings import FitSettings
 from workers.metrics import WorkerMetrics
 
 from .bundle import ModelBundle
-from .history_log import HistoryLog, Rows, histories_of
+from .history_log import HistoryLog, Rows
 from .offline import ItemSpace
-from .procedure import CANDIDATES, EvidenceSource, FitError, FitResult, UserEncoderStep, fit
+from .procedure import CANDIDATES, EvidenceSource, FitError, FitResult, UserEncoderStep
 
 logger = logging.getLogger(__name__)
 
@@ -55,26 +55,15 @@ class FitJob:
     user_encoder_step: UserEncoderStep | None = None
 
 
-def run_job(job: FitJob) -> FitResult:
-    """Run one fit job (in whichever process the runner chose)."""
-    return fit(
-        histories_of(job.histories),
-        job.items,
-        evidence=job.evidence,
-        current=job.current,
-        k=job.k,
-        candidates=job.candidates,
-        mmr_lambda=job.mmr_lambda,
-        user_encoder_step=job.user_encoder_step,
-    )
-
-
 FitRunner = Callable[[FitJob, threading.Event], FitResult]
 
 
 def inline_runner(job: FitJob, stop: threading.Event) -> FitResult:
     """Run the fit in the calling thread (tests, tools)."""
-    return run_job(job)
+    from workers.fit_child import run_job
+
+    result: FitResult = run_job(job)
+    return result
 
 
 class ProcessRunner:
