@@ -14,6 +14,7 @@ import traceback
 from typing import Any
 
 THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
+MAX_DETAIL = 4000
 
 
 def main(conn: Any, threads: int, nice: int) -> None:
@@ -25,9 +26,9 @@ def main(conn: Any, threads: int, nice: int) -> None:
     try:
         job = conn.recv()
         conn.send(("ok", run_job(job)))
-    except Exception as exc:
-        detail = "".join(traceback.format_exception_only(type(exc), exc)).strip()
-        conn.send(("error", detail))
+    except Exception:
+        # The traceback's end: where the fit failed, for the parent's log line.
+        conn.send(("error", traceback.format_exc()[-MAX_DETAIL:]))
     finally:
         conn.close()
 

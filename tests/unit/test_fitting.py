@@ -229,3 +229,14 @@ def test_exact_hits_leave_out_history_and_unavailable_items() -> None:
     )
     assert [i for i, _ in hits[0]] == ["b", "d"]
     assert hits[1] == []
+
+
+def test_fit_without_any_evidence_or_popularity_still_validates() -> None:
+    # Every user buys items nobody else does: no related list, no popularity; the current
+    # model ranks nothing at all, the vector term is all a candidate has.
+    items = ring_items(items=60)
+    histories = {f"u{n}": history(f"i{3 * n}", f"i{3 * n + 1}", f"i{3 * n + 2}") for n in range(20)}
+    bare = ModelBundle(weights=BlendWeights(vector=0.0))
+    result = fit(histories, items, evidence=RecordingEvidence(), current=bare, k=5)
+    assert result.current_score == 0.0
+    assert result.users == 20 and result.score >= 0.0

@@ -417,7 +417,8 @@ class BlendSearch:
         total += (weights.popularity + 1e-6) * f.prior
         total[~f.ok] = -np.inf
         found = f.target_row >= 0
-        target_score = np.where(found, total[np.maximum(f.target_row, 0)], np.inf)
+        target_score = np.full(f.n_users, np.inf)
+        target_score[found] = total[f.target_row[found]]
         mine = target_score[f.row_user]
         ahead = (total > mine) | ((total == mine) & f.before_target)
         rank = 1 + np.bincount(f.row_user, ahead.astype(np.float64), minlength=f.n_users)
