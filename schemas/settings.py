@@ -510,7 +510,7 @@ class FitSettings(_Settings):
         50_000,
         ge=10,
         description="Histories recorded for fitting, the latest per user, least recently "
-        "updated dropped first (about 4 KB a user).",
+        "updated dropped first (about 230 bytes a history entry).",
     )
     threads: int = Field(
         1, ge=1, le=64, description="CPU threads of a fit (its own process: BLAS, OpenMP)."

@@ -312,7 +312,7 @@ def starting_model(recommender: RecommenderSettings, fit: FitSettings) -> Any:
     is saved, else the blend weights artifact, else the built-in weights."""
     from workers.fitting import ModelBundle, load_bundle
 
-    if fit.enabled and fit.model_path is not None and fit.model_path.exists():
+    if fit.model_path is not None and fit.model_path.exists():
         logger.info("ranking model from the last fit path=%s", fit.model_path)
         return load_bundle(fit.model_path)
     if recommender.blend_path is not None:

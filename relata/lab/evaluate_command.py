@@ -103,6 +103,15 @@ from relata.lab.report import write_chart
     help="Comma-separated MMR lambdas (e.g. 1,0.9,0.7,0.5): NDCG@k and intra-list diversity of "
     "the hybrid ranking for each, instead of the methods.",
 )
+@click.option(
+    "--mmr-lambda",
+    default=None,
+    type=click.FloatRange(0.0, 1.0),
+    envvar="RELATA_EVAL_MMR_LAMBDA",
+    show_envvar=True,
+    help="Diversity re-ranking of the default method, hybrid+fit, in its fit's validation and "
+    "its figure (default: RELATA_RECOMMENDER_MMR_LAMBDA, as served).",
+)
 @click.option("--no-progress", is_flag=True, default=False, help="Hide progress bars.")
 def command(
     data_dir: Path,
@@ -115,6 +124,7 @@ def command(
     candidates: int,
     max_users: int | None,
     diversity_grid_text: str | None,
+    mmr_lambda: float | None,
     no_progress: bool,
 ) -> None:
     """Offline next-item evaluation (leave-one-out, full ranking) with the live ranking code."""
@@ -151,6 +161,7 @@ def command(
         candidates=candidates,
         max_users=max_users,
         progress=not no_progress,
+        mmr_lambda=mmr_lambda,
     )
     click.echo(f"default method: {report['default']}; {report['seconds']} s")
     if json_out is not None:
