@@ -240,3 +240,32 @@ def test_fit_without_any_evidence_or_popularity_still_validates() -> None:
     result = fit(histories, items, evidence=RecordingEvidence(), current=bare, k=5)
     assert result.current_score == 0.0
     assert result.users == 20 and result.score >= 0.0
+
+
+def test_an_item_step_is_validated_on_its_vectors_and_the_current_model_on_its_own() -> None:
+    from workers.fitting import ItemAdapterFit, TrainingData
+
+    histories = ring_histories()
+    items = ring_items()
+    rng = np.random.default_rng(1)
+    moved = items.matrix + 0.5 * rng.standard_normal(items.matrix.shape).astype(np.float32)
+    moved /= np.linalg.norm(moved, axis=1, keepdims=True)
+    handed: list[TrainingData] = []
+
+    def step(training: TrainingData) -> ItemAdapterFit:
+        handed.append(training)
+        return ItemAdapterFit(matrix=moved, artifact=None, meta={}, digest="moved")
+
+    current = ModelBundle(weights=BlendWeights(popularity=1.0, next_item=0.0, vector=0.3))
+    result = fit(
+        histories, items, evidence=RecordingEvidence(), current=current, k=5, item_step=step
+    )
+    (training,) = handed
+    frozen = prepare_validation(histories, items, evidence=RecordingEvidence(), k=5)
+    for case in frozen.split.cases:  # the step learns from the training histories only
+        assert case.target not in {e.item_id for e in training.histories[case.user_id]}
+    assert result.current_score == frozen.score(current)
+    served = frozen
+    if result.candidate.item_adapter is not None:
+        served = frozen.with_items(items.with_matrix(moved))
+    assert result.score == served.score(result.candidate)

@@ -272,6 +272,7 @@ def fit(
         search, validation, start=start, grid=grid, rounds=rounds, encoder=encoder, clock=clock
     )
     adapter: ItemAdapterFit | None = None
+    frozen = validation
     if item_step is not None:
         fitted = item_step(training)
         clock.lap("item_adapter")
@@ -287,7 +288,7 @@ def fit(
     score = validation.score(candidate)
     clock.lap("validate")
     same = candidate.version == current.version and candidate.item_adapter is current.item_adapter
-    current_score = score if same else _current_score(validation, current, items)
+    current_score = score if same else _current_score(frozen, current)
     clock.lap("validate_current")
     timings["total"] = time.perf_counter() - started
     # CPU seconds of the whole process (every thread): what the fit costs whatever else
@@ -332,10 +333,13 @@ def fit(
     )
 
 
-def _current_score(validation: Validation, current: ModelBundle, items: ItemSpace) -> float:
-    if current.item_adapter is not None and current.item_adapter.matrix.shape == items.matrix.shape:
-        validation = validation.with_items(items.with_matrix(current.item_adapter.matrix))
-    return validation.score(current)
+def _current_score(frozen: Validation, current: ModelBundle) -> float:
+    """The current model's validation NDCG, over the vectors it serves: the frozen ones, or
+    its own adapter's."""
+    adapter = current.item_adapter
+    if adapter is not None and adapter.matrix.shape == frozen.items.matrix.shape:
+        return frozen.with_items(frozen.items.with_matrix(adapter.matrix)).score(current)
+    return frozen.score(current)
 
 
 def _search(

@@ -43,7 +43,8 @@ class FitStopped(FitError):
 
 @dataclass(frozen=True)
 class FitJob:
-    """Everything one fit needs, picklable (it crosses into the fit process)."""
+    """Everything one fit needs, picklable (it crosses into the fit process): a user
+    encoder step, and the encoder it returns, must pickle too."""
 
     histories: dict[str, Rows]
     items: ItemSpace
