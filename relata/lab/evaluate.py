@@ -7,6 +7,8 @@ history. Histories are folded with `streams.profile.fold_event` and feed `stream
 (the targets never do); every method ranks with `workers.ranking.rank` over all catalog items,
 history excluded. Vector hits are exact cosine over the item matrix with numpy (the same
 top-`candidates` list the live recommender gets from Qdrant, without HNSW approximation).
+The default method, `hybrid+fit` (`relata.lab.autofit`), is the recommender's own fit
+procedure run on the training histories, ranked at the live MMR lambda.
 """
 
 from __future__ import annotations
