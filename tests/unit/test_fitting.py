@@ -73,9 +73,13 @@ def test_the_fit_never_hands_a_validation_target_to_its_evidence() -> None:
     assert len(validation.split.cases) > 100
 
 
-@pytest.mark.parametrize("vectors", [40, 34])
-def test_vectorised_search_scores_as_the_live_core_does(vectors: int) -> None:
+@pytest.mark.parametrize(("vectors", "pad"), [(40, 64), (34, 64), (40, 1)])
+def test_vectorised_search_scores_as_the_live_core_does(
+    vectors: int, pad: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
     # With 34, items the evidence names have no vector (not indexed yet): never available.
+    # With a pad of 1, most users' popularity fill is completed one user at a time.
+    monkeypatch.setattr("workers.fitting.search.FILL_PAD", pad)
     full = ring_items(unavailable=["i3", "i17"])
     items = ItemSpace(full.ids[:vectors], full.matrix[:vectors], full.available)
     validation = prepare_validation(

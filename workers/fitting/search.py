@@ -51,6 +51,9 @@ GRID: dict[str, tuple[float, ...]] = {
     "vector_sharpness": (1.0, 2.0),
     "vector_recency": (0.3, 0.5, 0.7, 0.85),
 }
+# Popular items looked at for every user's fill at once, beyond k: enough that a user's history
+# and candidates rarely leave fewer than k of them (the users they do are filled one by one).
+FILL_PAD = 64
 # The weights that act through the user vector: not searched without item vectors.
 VECTOR_WEIGHTS = frozenset({"vector", "vector_sharpness", "vector_recency"})
 
@@ -295,9 +298,7 @@ class BlendSearch:
         """Per user the first k popular items that are neither history nor candidates (the
         core fills more, but those rank below these k and never reach the top k)."""
         taken = np.sort(np.concatenate([assoc_keys, hit_keys, self.h_user * span + self.h_gid]))
-        # Enough popular items that a user's history and candidates rarely leave fewer than
-        # k of them; the users they do are filled one by one.
-        depth = min(len(self.pop_gid), self.k + 64)
+        depth = min(len(self.pop_gid), self.k + FILL_PAD)
         pool = self.pop_gid[:depth]
         keys = np.arange(n, dtype=np.int64)[:, None] * span + pool[None, :]
         free = ~_member(keys.ravel(), taken).reshape(keys.shape)
@@ -307,18 +308,13 @@ class BlendSearch:
         short = np.flatnonzero(pick.sum(axis=1) < min(self.k, len(self.pop_gid)))
         if depth < len(self.pop_gid) and len(short):
             more_u, more_g, more_c = [users], [gids], [cols]
-            taken_set = set(taken.tolist())
+            rest = self.pop_gid[depth:]
             for u in short.tolist():
-                have = int(pick[u].sum())
-                for c in range(depth, len(self.pop_gid)):
-                    if have >= self.k:
-                        break
-                    g = int(self.pop_gid[c])
-                    if u * span + g not in taken_set:
-                        more_u.append(np.array([u]))
-                        more_g.append(np.array([g]))
-                        more_c.append(np.array([c]))
-                        have += 1
+                free_rest = ~_member(u * span + rest, taken)
+                at = np.flatnonzero(free_rest)[: self.k - int(pick[u].sum())]
+                more_u.append(np.full(len(at), u, dtype=np.int64))
+                more_g.append(rest[at])
+                more_c.append(depth + at)
             users, gids, cols = (np.concatenate(x) for x in (more_u, more_g, more_c))
         return users.astype(np.int64), gids.astype(np.int64), cols.astype(np.int64)
 
