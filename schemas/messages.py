@@ -397,6 +397,12 @@ class Recommendation(_Message):
         "Absent from producers that predate versioned stores.",
     )
     strategy: str = Field(description="Ranking strategy that produced the list.")
+    ranking_version: str | None = Field(
+        default=None,
+        description="Version of the fitted ranking model (blend weights and fitted parts) that "
+        "ranked the list: `builtin`, or `fit-` and a digest of what was fitted (the background "
+        "fitter swaps models in). Absent from producers that predate fitting.",
+    )
     trigger_event_ids: list[Identifier] = Field(min_length=1)
     latency_ms: float = Field(
         ge=0, description="Oldest triggering event's Kafka timestamp → publish."

@@ -64,6 +64,9 @@ EVENT_TO_RECOMMENDATION_BUCKETS = (
     10.0,
 )
 
+# One background fit: seconds on a small record of histories, minutes on a large one.
+FIT_SECONDS_BUCKETS = (1.0, 5.0, 15.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1200.0, 3600.0)
+
 
 def consumer_lag_gauge(registry: CollectorRegistry) -> Gauge:
     """The consumer-lag gauge every worker consumer reports to (`kafkaio.consumer.LagReporter`)."""
@@ -93,6 +96,10 @@ class WorkerMetrics:
     dead_letter: Counter
     consumer_lag: Gauge
     rule_fallbacks: Counter
+    fits: Counter
+    fit_seconds: Histogram
+    fit_validation_ndcg: Gauge
+    fit_histories: Gauge
 
     def observe_encode(self, texts: int, seconds: float) -> None:
         """Record one encode call of `texts` texts."""
@@ -175,6 +182,29 @@ class WorkerMetrics:
                 "Lists whose filters removed every candidate, so were not applied (the list is "
                 "ranked without them), by stage.",
                 ["stage"],
+                registry=registry,
+            ),
+            fits=Counter(
+                "relata_fits_total",
+                "Background fits of the ranking model, by outcome (swapped, kept, failed).",
+                ["outcome"],
+                registry=registry,
+            ),
+            fit_seconds=Histogram(
+                "relata_fit_duration_seconds",
+                "Wall time of one background fit, validation included.",
+                buckets=FIT_SECONDS_BUCKETS,
+                registry=registry,
+            ),
+            fit_validation_ndcg=Gauge(
+                "relata_fit_validation_ndcg",
+                "Validation NDCG@k of the last fit's candidate and of the model serving then.",
+                ["model"],
+                registry=registry,
+            ),
+            fit_histories=Gauge(
+                "relata_fit_histories",
+                "User histories recorded for the background fit.",
                 registry=registry,
             ),
         )

@@ -29,7 +29,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence, Set
 from dataclasses import replace
 from datetime import UTC, datetime
 from functools import partial
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import numpy.typing as npt
@@ -47,10 +47,10 @@ from schemas.messages import (
     Recommendation,
     RecommendedItem,
     RelatedItems,
-    TrendingList,
 )
 from schemas.settings import RecommenderSettings
 from workers.encoder import Encoder
+from workers.fitting.bundle import ModelBundle
 from workers.lookups import CachedTitles, ItemCache, RelatedIndex, RulesFile
 from workers.metrics import RULES_STAGE, WorkerMetrics
 from workers.micro_batch import BatchResult, PendingUser, RecommenderTopics, coalesce
@@ -65,6 +65,7 @@ from workers.ranking import (
     strategy_weights,
 )
 from workers.ranking.core import History
+from workers.trending_publisher import TrendingPublisher
 from workers.user_encoder import UserEncoder, UserEncoderError, UserEncoderSlot
 from workers.vector_store import ModelIdentity, VectorStore, require_model
 
@@ -75,9 +76,6 @@ FloatArray = npt.NDArray[np.float32]
 STAGE = "recommender"
 # related-items records applied per poll, before its answers (see `poll_once`).
 RELATED_PER_POLL = 25
-# While another instance publishes the trending list, whether this one leads now is checked
-# this often (a rebalance may hand it partition 0).
-LEAD_CHECK_S = 1.0
 
 
 class Recommender:
@@ -104,6 +102,8 @@ class Recommender:
         leads: Callable[[], bool] | None = None,
         stage: str = STAGE,
         user_encoder: UserEncoder | None = None,
+        model: ModelBundle | None = None,
+        on_history: Callable[[str, Sequence[HistoryEntry] | None], None] | None = None,
     ) -> None:
         self.consumer = consumer
         self.related_consumer = related_consumer
@@ -122,12 +122,22 @@ class Recommender:
         self.metrics = metrics
         self.topics = topics
         self.settings = settings
-        self.weights = strategy_weights(settings.strategy, weights or BlendWeights())
+        # The fitted model it ranks with (`use_model` swaps it between micro-batches), and who
+        # hears each user's latest history (None: an erased user), e.g. the background fitter.
+        self.model = model or ModelBundle(weights=weights or BlendWeights())
+        self.weights = strategy_weights(settings.strategy, self.model.weights)
+        self._next_model: ModelBundle | None = None
+        self._model_lock = threading.Lock()
+        self.on_history = on_history
         self.strategy = f"{settings.strategy}/{settings.user_vector}"
-        # The sequence user encoder (user_vector=sequence), swappable while running.
+        # The sequence user encoder, swappable while running: the one configured
+        # (user_vector=sequence), or the one a fitted model brings (served whatever the
+        # setting: it won its validation against the pooled vectors).
         self.user_encoders = UserEncoderSlot()
-        if user_encoder is not None:
-            self.swap_user_encoder(user_encoder)
+        self._configured_encoder = user_encoder
+        fitted_encoder = cast(UserEncoder | None, self.model.user_encoder)
+        if fitted_encoder is not None or user_encoder is not None:
+            self.swap_user_encoder(fitted_encoder or user_encoder)
         elif settings.user_vector == "sequence":
             logger.warning(
                 "user_vector=sequence without a user encoder: pooling until one is swapped in"
@@ -152,11 +162,17 @@ class Recommender:
         self._dead_letters = DeadLetters(
             self.producer, topic=topics.dead_letter, stage=stage, counter=metrics.dead_letter
         )
-        # Whether this instance publishes the trending list (the composition root: it holds
-        # partition 0 of profile-updates); alone, it does.
-        self._leads = leads or (lambda: True)
-        self._next_trending = 0.0  # time.monotonic() from when it is due
-        self._trending_ids: list[str] | None = None  # the items of the last one published
+        # `leads`: whether this instance publishes the trending list (the composition root:
+        # it holds partition 0 of profile-updates); alone, it does.
+        self.trending_publisher = TrendingPublisher(
+            topic=topics.trending,
+            placement=settings.placement,
+            interval_s=settings.trending_interval_s,
+            rank=self.trending,
+            describe=self._model_fields,
+            produce=self.producer.produce,
+            leads=leads,
+        )
 
     # -- related-items -------------------------------------------------------------------------
 
@@ -288,14 +304,31 @@ class Recommender:
             raise UserEncoderError(msg)
         return self.user_encoders.swap(encoder)
 
+    def use_model(self, model: ModelBundle) -> None:
+        """Rank with `model` from the next micro-batch on; any thread, never waits for one."""
+        with self._model_lock:
+            self._next_model = model
+
+    def _adopt_model(self) -> None:
+        with self._model_lock:
+            model, self._next_model = self._next_model, None
+        if model is not None:
+            self.model = model
+            self.weights = strategy_weights(self.settings.strategy, model.weights)
+            # A fit that learned a user encoder serves it through the same slot; one without
+            # hands the slot back to the configured encoder (or pooling).
+            self.swap_user_encoder(
+                cast(UserEncoder | None, model.user_encoder) or self._configured_encoder
+            )
+            logger.info("ranking model swapped in version=%s", model.version)
+
     def _user_vectors(
         self, histories: Sequence[History], *, labels: list[str] | None = None
     ) -> list[FloatArray | None]:
         """One vector per history; `labels` (when given) gets, per history, the user vector's
         name for the recommendation's strategy."""
-        user_encoder = (
-            self.user_encoders.current() if self.settings.user_vector == "sequence" else None
-        )
+        served = self.settings.user_vector == "sequence" or self.model.user_encoder is not None
+        user_encoder = self.user_encoders.current() if served else None
         max_items = self.weights.max_sources
         if user_encoder is not None:
             max_items = max(max_items, user_encoder.input_config.max_len)
@@ -427,10 +460,8 @@ class Recommender:
             user_id=user.update.user_id,
             items=answer.items,
             generated_at=generated_at,
-            model_name=self.encoder.name,
-            model_version=self.encoder.version,
-            vectors_version=self.store.model.version if self.store.model else None,
-            strategy=strategy or self.strategy,
+            **{**self._model_fields(), "strategy": strategy or self.strategy},
+            ranking_version=self.model.version,
             trigger_event_ids=user.trigger_event_ids,
             latency_ms=max(0.0, now_ms - user.source_ts_ms),
             fallbacks=fallbacks,
@@ -446,7 +477,8 @@ class Recommender:
         (`AckedProducer`), so delivery stays at least once.
         """
         self.producer.settle()
-        self._maybe_publish_trending()
+        self.trending_publisher.maybe_publish()
+        self._adopt_model()
         messages = list(
             self.consumer.consume(
                 num_messages=self.settings.max_batch, timeout=self.settings.max_wait_ms / 1000.0
@@ -468,6 +500,11 @@ class Recommender:
             self.producer.produce(self.topics.recommendations, key=user_id.encode(), value=None)
         pending, result.coalesced = coalesce(updates)
         self.metrics.profile_updates_coalesced.inc(result.coalesced)
+        if self.on_history is not None:
+            for user_id in erased:
+                self.on_history(user_id, None)
+            for user_id, user in pending.items():
+                self.on_history(user_id, user.update.history)
         users = list(pending.values())
         result.users = len(users)
         if users:
@@ -499,49 +536,18 @@ class Recommender:
         self._lag.maybe_report()
         return result
 
+    def _model_fields(self) -> dict[str, Any]:
+        """What a published list says ranked it (encoder, vectors, strategy)."""
+        return {
+            "model_name": self.encoder.name,
+            "model_version": self.encoder.version,
+            "vectors_version": self.store.model.version if self.store.model else None,
+            "strategy": self.strategy,
+        }
+
     def trending(self) -> list[RecommendedItem]:
         """The answer to a user with no usable history, now: `recommend` for an empty one."""
         return self._answers([[]])[0].items
-
-    def _maybe_publish_trending(self) -> None:
-        """Rank the trending list when due and publish it if this instance leads and its items
-        changed since the last one it published (a compacted topic: the latest wins)."""
-        interval = self.settings.trending_interval_s
-        now = time.monotonic()
-        if self.topics.trending is None or interval <= 0 or now < self._next_trending:
-            return
-        if not self._leads():
-            self._next_trending = now + min(interval, LEAD_CHECK_S)
-            self._trending_ids = None  # should it lead again: publish anew
-            return
-        self._next_trending = now + interval
-        try:
-            items = self.trending()
-        except Exception:  # a bug in ranking must not stop the answers to the users
-            logger.exception("ranking the trending list failed")
-            return
-        ids = [item.item_id for item in items]
-        if not items or ids == self._trending_ids:
-            return
-        placement = self.settings.placement
-        value = TrendingList(
-            placement=placement,
-            items=items,
-            generated_at=datetime.now(UTC),
-            model_name=self.encoder.name,
-            model_version=self.encoder.version,
-            vectors_version=self.store.model.version if self.store.model else None,
-            strategy=self.strategy,
-        )
-        try:
-            self.producer.produce(
-                self.topics.trending, key=placement.encode(), value=value.model_dump_json().encode()
-            )
-        except RecordRefusedError:  # k items are far below any size limit: a bug, not fatal
-            logger.exception("trending list refused placement=%s", placement)
-            return
-        self._trending_ids = ids
-        logger.info("trending list published placement=%s items=%d", placement, len(items))
 
     def _acked(self, source_ts_ms: int) -> None:
         # Observed once acknowledged by the broker, the latency a subscriber can actually see

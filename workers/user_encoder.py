@@ -173,6 +173,21 @@ class UserEncoder:
         """How recommendations name it: `sequence-<fingerprint>`."""
         return f"sequence-{self.fingerprint}"
 
+    @property
+    def version(self) -> str:
+        """What a fitted model bundle names it by (`workers.fitting.ModelBundle.version`)."""
+        return self.fingerprint
+
+    def user_vectors(
+        self, histories: Sequence[Sequence[HistoryEntry]], item_vectors: Mapping[str, np.ndarray]
+    ) -> list[F32 | None]:
+        """`encode`, as the fit procedure calls a user encoder."""
+        return self.encode(histories, item_vectors)
+
+    def save(self, path: Path) -> None:
+        """`save_user_encoder` to the directory `path`."""
+        save_user_encoder(path, self)
+
     def to(self, device: torch.device) -> UserEncoder:
         self.model.to(device)
         self.device = device

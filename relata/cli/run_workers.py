@@ -36,6 +36,7 @@ from relata.runtime.preflight import require_kafka
 from relata.runtime.process import freeze_startup_heap, stop_on_signals
 from relata.runtime.topics import TopicError, ensure_topics, topic_name
 from schemas.access import Component, component_access, topics_of
+from schemas.fit_settings import FitSettings
 from schemas.quality_settings import QualitySettings, ShadowSettings
 from schemas.settings import (
     EncoderSettings,
@@ -227,9 +228,11 @@ def build_workers(
     reliability: ReliabilitySettings | None = None,
     shadow: ShadowSettings | None = None,
     quality: QualitySettings | None = None,
+    fit_settings: FitSettings | None = None,
 ) -> Workers:
     """Build the loops of `role`; one encoder and one store serve both loops of `all` (and a
-    shadow recommender), one `Health` (their watches, the brokers) the probes."""
+    shadow recommender), one `Health` (their watches, the brokers) the probes; with the live
+    recommender, its background fitter (a loop of its own) unless `fit_settings` turn it off."""
     reliability = reliability or ReliabilitySettings()
     shadow = shadow or ShadowSettings()
     if role == "quality":  # before the imports below: no torch in live quality's process
@@ -301,6 +304,7 @@ def build_workers(
             metrics=metrics,
             reliability=reliability,
             device=encoder_settings.device,
+            fit_settings=fit_settings or FitSettings(),
         )
     if role == "shadow" or (shadow.enabled and role in ("recommender", "all")):
         # Its own metrics, never served: its batches, latency and published lists must not
@@ -334,11 +338,13 @@ def _add_recommender(
     reliability: ReliabilitySettings,
     device: str,
     stage: str | None = None,
+    fit_settings: FitSettings | None = None,
 ) -> Any:
     """Add a recommender loop publishing to `topic` (the live one, or a shadow) on the
-    workers' encoder and store; returns its producer."""
+    workers' encoder and store, and its background fitter when `fit_settings` enable one (the
+    live recommender's); returns its producer."""
+    from workers.fitting.history_log import HistoryLog
     from workers.micro_batch import RecommenderTopics
-    from workers.ranking import BlendWeights
     from workers.recommender import STAGE, Recommender
 
     stop_share_s = reliability.shutdown_grace_s / 4
@@ -356,7 +362,9 @@ def _add_recommender(
     subscribe_watched(consumer, topic_name(kafka, PROFILE_UPDATES), watch)
     related = build_related_consumer(kafka, group_prefix=settings.group_id)
     producer = build_producer(kafka, client_id=client_id)
-    weights = BlendWeights.load(settings.blend_path) if settings.blend_path else None
+    fit = fit_settings or FitSettings(enabled=False)
+    fitting = fit.enabled and settings.strategy == "hybrid"
+    history_log = HistoryLog(fit.max_users) if fitting else None
     user_encoder = None
     if settings.user_encoder_path is not None:
         from workers.encoder import resolve_device
@@ -381,7 +389,7 @@ def _add_recommender(
             trending=topic_name(kafka, TRENDING_ITEMS) if topic is RECOMMENDATIONS else None,
         ),
         settings=settings,
-        weights=weights,
+        model=starting_model(settings, fit),
         watch=watch,
         ack_timeout_s=reliability.ack_timeout_s,
         stop_flush_s=stop_share_s,
@@ -390,10 +398,16 @@ def _add_recommender(
         # One instance publishes the trending list: the one partition 0 is assigned to.
         leads=partial(holds_partition, consumer, 0),
         user_encoder=user_encoder,
+        on_history=None if history_log is None else history_log.record,
     )
     workers.health.wait(f"{name} outputs", lambda: recommender.producer.waiting_since)
     workers.loops.append((name, recommender.run))
     workers.closers += [consumer.close, related.close, partial(producer.flush, stop_share_s)]
+    if history_log is not None:
+        refitter = build_refitter(
+            recommender, history_log=history_log, settings=fit, metrics=metrics
+        )
+        workers.loops.append(("fitter", refitter.run))
     return producer
 
 
@@ -447,6 +461,46 @@ def build_quality(
     return workers
 
 
+def starting_model(recommender: RecommenderSettings, fit: FitSettings) -> Any:
+    """The model the recommender starts with: the background fitter's last winner when one
+    is saved, else the blend weights artifact, else the built-in weights."""
+    from workers.fitting import ModelBundle, load_bundle
+
+    if fit.model_path is not None and fit.model_path.exists():
+        logger.info("ranking model from the last fit path=%s", fit.model_path)
+        return load_bundle(fit.model_path)
+    if recommender.blend_path is not None:
+        return load_bundle(recommender.blend_path)
+    return ModelBundle()
+
+
+def build_refitter(
+    recommender: Any, *, history_log: Any, settings: FitSettings, metrics: Any
+) -> Any:
+    """The recommender's background fitter: its fits run in a child process, learning their
+    evidence with the stream processor's fold (its `RELATA_STREAMS_*` settings: set them as
+    the stream processor's)."""
+    from relata.runtime.evidence import fold_evidence
+    from schemas.settings import StreamsSettings
+    from workers.fitting.refit import ProcessRunner, Refitter, store_items, user_encoder_step
+
+    store = recommender.store
+    return Refitter(
+        log=history_log,
+        settings=settings,
+        current=lambda: recommender.model,
+        swap=recommender.use_model,
+        items=partial(store_items, store),
+        evidence=partial(fold_evidence, settings=StreamsSettings()),
+        metrics=metrics,
+        runner=ProcessRunner(threads=settings.threads, nice=settings.nice),
+        k=recommender.settings.k,
+        candidates=recommender.settings.candidates,
+        mmr_lambda=recommender.settings.mmr_lambda,
+        user_encoder_step=user_encoder_step(settings),
+    )
+
+
 @click.command(name="workers")
 @click.option(
     "--role",
@@ -463,6 +517,7 @@ def build_quality(
 @settings_options(QualitySettings, group="quality")
 @settings_options(ShadowSettings, group="shadow")
 @settings_options(ReliabilitySettings, group="reliability")
+@settings_options(FitSettings, group="fit")
 @settings_options(RecommenderSettings, group="recommender")
 @settings_options(IndexerSettings, group="indexer")
 @settings_options(StoreSettings, group="store")
@@ -479,6 +534,7 @@ def command(role: Role, **params: Any) -> None:
     reliability = build_settings(ReliabilitySettings, group="reliability", params=params)
     shadow = build_settings(ShadowSettings, group="shadow", params=params)
     quality = build_settings(QualitySettings, group="quality", params=params)
+    fit_settings = build_settings(FitSettings, group="fit", params=params)
 
     access = component_access(
         kafka, indexer=indexer_settings, recommender=recommender_settings, quality=quality
@@ -508,6 +564,7 @@ def command(role: Role, **params: Any) -> None:
         reliability=reliability,
         shadow=shadow,
         quality=quality,
+        fit_settings=fit_settings,
     )
     # Once the model is loaded and the consumers built (the startup probe waits for it).
     server = serve_probes(port, registry=registry, health=workers.health) if port else None

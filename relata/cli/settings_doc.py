@@ -9,6 +9,7 @@ import click
 from pydantic_settings import BaseSettings
 
 from schemas.access import COMPONENT_COMMANDS, component_access
+from schemas.fit_settings import FitSettings
 from schemas.quality_settings import QualitySettings, ShadowSettings
 from schemas.settings import (
     EmbeddedKafkaSettings,
@@ -31,6 +32,7 @@ SETTINGS_CLASSES: tuple[type[BaseSettings], ...] = (
     RecommenderSettings,
     ShadowSettings,
     QualitySettings,
+    FitSettings,
     EmbeddedKafkaSettings,
 )
 

@@ -265,6 +265,32 @@ def build() -> Dashboard:
         ),
         ("Live quality (live and shadow)", _quality_panels()),
         (
+            # Fits are minutes apart: counted per hour, the last scores shown as they stand.
+            "Background fitting",
+            [
+                _series(
+                    "Refits per hour by outcome",
+                    "short",
+                    _query("sum by (outcome) (increase(relata_fits_total[1h]))", "{{outcome}}"),
+                ),
+                _series(
+                    "Validation NDCG@k of the last fit",
+                    "short",
+                    _query("max by (model) (relata_fit_validation_ndcg)", "{{model}}"),
+                ),
+                _series(
+                    "Fit duration (mean over 6 h) and histories recorded",
+                    "short",
+                    _query(
+                        "sum(increase(relata_fit_duration_seconds_sum[6h])) / "
+                        "sum(increase(relata_fit_duration_seconds_count[6h]))",
+                        "seconds per fit",
+                    ),
+                    _query("sum(relata_fit_histories)", "histories"),
+                ),
+            ],
+        ),
+        (
             "Encoder and indexer",
             [
                 _series(

@@ -169,7 +169,14 @@ def command(
         gc.collect()
 
     pipeline = Pipeline(
-        PipelineOptions(data_dir=data_dir, kafka=kafka, partitions=pipeline_partitions(kafka))
+        PipelineOptions(
+            data_dir=data_dir,
+            kafka=kafka,
+            partitions=pipeline_partitions(kafka),
+            # The serving path is measured: a background refit (its own low-priority process,
+            # minutes of CPU) would take a share of the cores at a moment the run cannot choose.
+            process_env={"workers": {"RELATA_FIT_ENABLED": "false"}},
+        )
     )
     sampler: Sampler | None = None
     failed = False

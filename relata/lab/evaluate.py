@@ -7,6 +7,8 @@ history. Histories are folded with `streams.profile.fold_event` and feed `stream
 (the targets never do); every method ranks with `workers.ranking.rank` over all catalog items,
 history excluded. Vector hits are exact cosine over the item matrix with numpy (the same
 top-`candidates` list the live recommender gets from Qdrant, without HNSW approximation).
+The default method, `hybrid+fit` (`relata.lab.autofit`), is the recommender's own fit
+procedure run on the training histories, ranked at the live MMR lambda.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import click
 import numpy as np
 
 from relata.lab import baselines
+from relata.lab.autofit import FIT_METHOD, AutoFit, auto_fit
 from relata.lab.datasets import EvaluationError
 from relata.lab.eval_metrics import (
     breakdown,
@@ -39,14 +42,14 @@ from relata.lab.vectors import (
     pooled_inputs,
     vector_hits,
 )
-from schemas.settings import EncoderSettings, StreamsSettings
+from schemas.fit_settings import FitSettings
+from schemas.settings import EncoderSettings, RecommenderSettings, StreamsSettings
+from workers.fitting import Evidence, ModelBundle, rank_offline
+from workers.fitting.refit import user_encoder_step
 from workers.ranking import (
     BlendWeights,
-    Lookups,
     VectorRows,
-    popularity_prior,
     profile_text,
-    recommend,
     strategy_weights,
 )
 
@@ -103,56 +106,35 @@ def rank_users(
     item_vectors: Mapping[str, np.ndarray] | None = None,
     mmr_lambda: float = 1.0,
 ) -> MethodResult:
-    """Rank every case's user with the live recommendation core (`workers.ranking.recommend`),
-    in batches, and collect the target's rank. `hits` and `user_vectors` are per case (a zero
-    row: no user vector); the look-ups answer from them, from the item vectors and from the
-    state, where the recommender asks Qdrant and the related-items topic. `mmr_lambda`: the
-    core's diversity re-ranking (1: none)."""
-    ranks: list[int | None] = []
-    lists: list[list[str]] = []
-    popularity = (state.popularity, popularity_prior(state.popularity, weights))
-    vectors: Mapping[str, np.ndarray] = {} if item_vectors is None else item_vectors
+    """Rank every case's user with the live recommendation core (`workers.ranking.recommend`,
+    through `workers.fitting.rank_offline`, as the fit's validation does) and collect the
+    target's rank. `hits` and `user_vectors` are per case (a zero row: no user vector); the
+    look-ups answer from them, from the item vectors and from the state, where the
+    recommender asks Qdrant and the related-items topic. `mmr_lambda`: the core's diversity
+    re-ranking (1: none)."""
     bar = None
     if progress:
         from tqdm import tqdm
 
         bar = tqdm(total=len(cases), desc=desc or "rank", unit="user", mininterval=1.0)
-    for start in range(0, len(cases), RANK_BATCH):
-        batch = range(start, min(start + RANK_BATCH, len(cases)))
-        users = [
-            None if user_vectors is None or not user_vectors[n].any() else user_vectors[n]
-            for n in batch
-        ]
-        searched = [
-            list(hits[n]) if hits is not None else []
-            for n, user in zip(batch, users, strict=True)
-            if user is not None
-        ]
-        lookups = Lookups(
-            user_vectors=lambda _histories, users=users: users,  # type: ignore[misc]
-            # The batch's exact hits, for the users that have a vector (the core's order).
-            search=lambda _matrix, _excludes, searched=searched: searched,  # type: ignore[misc]
-            item_vectors=lambda _ids: vectors,
-            available=lambda ids: ids & state.available,
-            related=state.related,
-            popularity=lambda _weights: popularity,
-        )
-        answers = recommend(
-            [state.profiles[cases[n].user_id] for n in batch],
-            lookups=lookups,
-            weights=weights,
-            k=k,
-            mmr_lambda=mmr_lambda,
-        )
-        for n, recs in zip(batch, answers, strict=True):
-            ids = [r.item_id for r in recs]
-            lists.append(ids)
-            ranks.append(target_rank(ids, cases[n].target))
-        if bar is not None:
-            bar.update(len(batch))
+    lists = rank_offline(
+        [state.profiles[c.user_id] for c in cases],
+        evidence=Evidence(related=state.related, popularity=state.popularity),
+        available=state.available,
+        weights=weights,
+        k=k,
+        mmr_lambda=mmr_lambda,
+        user_vectors=user_vectors,
+        hits=hits,
+        item_vectors=item_vectors,
+        progress=None if bar is None else bar.update,
+    )
     if bar is not None:
         bar.close()
-    return MethodResult(ranks=ranks, lists=lists)
+    return MethodResult(
+        ranks=[target_rank(ids, c.target) for ids, c in zip(lists, cases, strict=True)],
+        lists=lists,
+    )
 
 
 def ndcg(result: MethodResult, k: int) -> float:
@@ -167,18 +149,20 @@ def evaluate(
     adapter_path: Path | None = None,
     blend_path: Path | None = None,
     user_encoder_path: Path | None = None,
-    sequence_blend_path: Path | None = None,
     encoder_settings: EncoderSettings | None = None,
     streams_settings: StreamsSettings | None = None,
     candidates: int = DEFAULT_CANDIDATES,
     max_users: int | None = None,
     progress: bool = True,
     echo: Callable[[str], None] = click.echo,
+    mmr_lambda: float | None = None,
 ) -> dict[str, Any]:
-    """Run the protocol for the chosen methods; returns the JSON-able report. The sequence
-    methods read the item vectors the user encoder was fitted on: adapted by `adapter_path`
-    when given."""
+    """Run the protocol for the chosen methods; returns the JSON-able report. `mmr_lambda`:
+    the diversity re-ranking of the default method, `hybrid+fit` (None: the recommender's
+    setting, as served); the other methods rank in score order. The sequence methods read the
+    item vectors the user encoder was fitted on: adapted by `adapter_path` when given."""
     started = time.perf_counter()
+    live_lambda = RecommenderSettings().mmr_lambda if mmr_lambda is None else mmr_lambda
     enc_settings = encoder_settings or EncoderSettings()
     prepared = prepare(data_dir, settings=streams_settings, max_users=max_users, progress=progress)
     cases = prepared.split.cases
@@ -190,9 +174,11 @@ def evaluate(
     )
     defaults = BlendWeights()
     fitted = BlendWeights.load(blend_path) if blend_path else None
-    # hybrid+sequence ranks with the blend fitted with the encoder's vectors when given.
-    fitted_sequence = BlendWeights.load(sequence_blend_path) if sequence_blend_path else fitted
-    wanted = list(methods) if methods else [*BASELINES, *PLAIN_METHODS, "behaviour", DEFAULT_METHOD]
+    wanted = (
+        list(methods)
+        if methods
+        else [*BASELINES, *PLAIN_METHODS, "behaviour", DEFAULT_METHOD, FIT_METHOD]
+    )
     if fitted is not None and not methods:
         wanted.append(f"{DEFAULT_METHOD}+blend")
     if adapter_path and not methods:
@@ -222,7 +208,7 @@ def evaluate(
             prepared, encoder=encoder, cache_dir=enc_settings.cache_dir, progress=progress
         )
     adapted = None
-    if any("adapter" in m for m in wanted):
+    if any("adapter" in m for m in wanted) or (adapter_path and FIT_METHOD in wanted):
         if adapter_path is None:
             raise EvaluationError(
                 "methods with +adapter need --adapter PATH (write one with `relata train`)"
@@ -243,7 +229,35 @@ def evaluate(
     results: dict[str, MethodResult] = {}
     hits_cache: dict[str, VectorInputs] = {}
     plain: baselines.PlainModel | None = None
+    autofit: AutoFit | None = None
     for name in wanted:
+        if name == FIT_METHOD:
+            assert matrix is not None
+            # What the recommender fits on: the vectors it searches (adapted ones with an
+            # adapter), from the weights it starts with (the blend given, else built-in).
+            autofit = auto_fit(
+                prepared,
+                matrix if adapted is None else adapted,
+                current=ModelBundle(weights=fitted or defaults),
+                k=k,
+                candidates=candidates,
+                mmr_lambda=live_lambda,
+                user_encoder_step=user_encoder_step(FitSettings()),
+                echo=echo,
+            )
+            results[name] = rank_users(
+                cases=cases,
+                state=state,
+                weights=autofit.chosen.weights,
+                k=k,
+                hits=None if autofit.inputs is None else autofit.inputs.hits,
+                desc=name,
+                progress=progress,
+                user_vectors=None if autofit.inputs is None else autofit.inputs.users,
+                item_vectors=autofit.items.vectors,
+                mmr_lambda=live_lambda,
+            )
+            continue
         if name in baselines.PLAIN_METHODS:
             if plain is None:
                 plain = baselines.fit(
@@ -264,7 +278,6 @@ def evaluate(
             hits_cache=hits_cache,
             progress=progress,
             user_encoder=user_encoder,
-            fitted_sequence=fitted_sequence,
         )
         results[name] = rank_users(
             cases=cases,
@@ -278,12 +291,16 @@ def evaluate(
             item_vectors=None if vin is None else vin.items,
         )
 
-    # The configuration the live system runs with these artifacts is the default (the
-    # sequence user encoder is opt-in: its row is an alternative, not the default).
+    # What the live system serves is the default: the auto-fit, else the artifacts given.
     default = next(
         (
             m
-            for m in (f"{DEFAULT_METHOD}+adapter", f"{DEFAULT_METHOD}+blend", DEFAULT_METHOD)
+            for m in (
+                FIT_METHOD,
+                f"{DEFAULT_METHOD}+adapter",
+                f"{DEFAULT_METHOD}+blend",
+                DEFAULT_METHOD,
+            )
             if m in results
         ),
         wanted[-1],
@@ -334,17 +351,15 @@ def evaluate(
             if encoder is None
             else {"name": encoder.name, "version": encoder.version},
             "blend": str(blend_path) if blend_path else "defaults",
-            "sequence_blend": str(sequence_blend_path) if sequence_blend_path else None,
             "adapter": str(adapter_path) if adapter_path else None,
             "user_encoder": None
             if user_encoder is None
             else {"path": str(user_encoder_path), "name": user_encoder.name},
             "hybrid_weights": defaults.model_dump(exclude={"fitted_on"}),
             "fitted_weights": None if fitted is None else fitted.model_dump(),
-            "sequence_weights": None
-            if fitted_sequence is None or fitted_sequence is fitted
-            else fitted_sequence.model_dump(),
+            "fit_mmr_lambda": live_lambda,
         },
+        "fit": None if autofit is None else autofit.report(),
         "seconds": round(time.perf_counter() - started, 1),
     }
     echo(results_table(report["methods"], k, default))
@@ -383,6 +398,7 @@ def _all_methods() -> set[str]:
         *PLAIN_METHODS,
         "behaviour",
         DEFAULT_METHOD,
+        FIT_METHOD,
         f"{DEFAULT_METHOD}+blend",
         "pooled+adapter",
         f"{DEFAULT_METHOD}+adapter",
@@ -430,7 +446,6 @@ def _method_inputs(
     hits_cache: dict[str, VectorInputs],
     progress: bool = True,
     user_encoder: Any = None,
-    fitted_sequence: BlendWeights | None = None,
 ) -> tuple[BlendWeights, list[list[tuple[str, float]]] | None, VectorInputs | None]:
     if name == "behaviour":
         return strategy_weights("behaviour", defaults), None, None
@@ -438,7 +453,7 @@ def _method_inputs(
     if name == "sequence":
         weights = strategy_weights("vector", BlendWeights())
     elif name == f"{DEFAULT_METHOD}+sequence":
-        weights = fitted_sequence or defaults
+        weights = fitted or defaults
     elif base in BASELINES:
         weights = strategy_weights(BASELINES[base], BlendWeights())
     elif name == DEFAULT_METHOD:

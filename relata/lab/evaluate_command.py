@@ -86,18 +86,8 @@ from relata.lab.report import write_chart
     default=None,
     envvar="RELATA_EVAL_USER_ENCODER",
     show_envvar=True,
-    help="Sequence user encoder directory (relata train): adds the sequence and "
+    help="Sequence user encoder directory (relata train's blend.json.user-encoder): adds the sequence and "
     "hybrid+sequence methods (with --adapter: the adapter it was fitted with).",
-)
-@click.option(
-    "--sequence-blend",
-    "sequence_blend_path",
-    type=click.Path(exists=True, dir_okay=False, path_type=Path),
-    default=None,
-    envvar="RELATA_EVAL_SEQUENCE_BLEND",
-    show_envvar=True,
-    help="Blend weights fitted with the user encoder's vectors (relata train's "
-    "blend-sequence.json) for hybrid+sequence; default: --blend's.",
 )
 @click.option(
     "--candidates",
@@ -125,6 +115,15 @@ from relata.lab.report import write_chart
     help="Comma-separated MMR lambdas (e.g. 1,0.9,0.7,0.5): NDCG@k and intra-list diversity of "
     "the hybrid ranking for each, instead of the methods.",
 )
+@click.option(
+    "--mmr-lambda",
+    default=None,
+    type=click.FloatRange(0.0, 1.0),
+    envvar="RELATA_EVAL_MMR_LAMBDA",
+    show_envvar=True,
+    help="Diversity re-ranking of the default method, hybrid+fit, in its fit's validation and "
+    "its figure (default: RELATA_RECOMMENDER_MMR_LAMBDA, as served).",
+)
 @click.option("--no-progress", is_flag=True, default=False, help="Hide progress bars.")
 def command(
     data_dir: Path,
@@ -135,10 +134,10 @@ def command(
     adapter_path: Path | None,
     blend_path: Path | None,
     user_encoder_path: Path | None,
-    sequence_blend_path: Path | None,
     candidates: int,
     max_users: int | None,
     diversity_grid_text: str | None,
+    mmr_lambda: float | None,
     no_progress: bool,
 ) -> None:
     """Offline next-item evaluation (leave-one-out, full ranking) with the live ranking code."""
@@ -170,10 +169,10 @@ def command(
         adapter_path=adapter_path,
         blend_path=blend_path,
         user_encoder_path=user_encoder_path,
-        sequence_blend_path=sequence_blend_path,
         candidates=candidates,
         max_users=max_users,
         progress=not no_progress,
+        mmr_lambda=mmr_lambda,
     )
     click.echo(f"default method: {report['default']}; {report['seconds']} s")
     if json_out is not None:

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from relata.lab.protocol import Prepared
+from workers.fitting import exact_hits
 from workers.ranking import BlendWeights, VectorRows, pooled_user_vector
 
 logger = logging.getLogger(__name__)
@@ -71,36 +72,10 @@ def vector_hits(
     excluded: Sequence[Sequence[int]],
     *,
     top: int,
-    batch: int = 512,
 ) -> list[list[tuple[str, float]]]:
-    """Exact top-`top` cosine hits per user (rows of user_vectors; zero rows get none)."""
-    out: list[list[tuple[str, float]]] = []
-    top = min(top, item_matrix.shape[0])
-    for s in range(0, user_vectors.shape[0], batch):
-        u = user_vectors[s : s + batch]
-        sims = u @ item_matrix.T
-        for r, ex in enumerate(excluded[s : s + batch]):
-            if ex:
-                sims[r, list(ex)] = -np.inf
-        part = np.argpartition(-sims, top - 1, axis=1)[:, :top]
-        for r in range(sims.shape[0]):
-            if not u[r].any():
-                out.append([])
-                continue
-            idx = part[r][np.argsort(-sims[r, part[r]], kind="stable")]
-            values = sims[r, idx]
-            finite = np.isfinite(values)
-            # Whole rows to Python at once: per-element numpy indexing was most of the time.
-            out.append(
-                list(
-                    zip(
-                        map(item_ids.__getitem__, idx[finite].tolist()),
-                        values[finite].astype(np.float64).tolist(),
-                        strict=True,
-                    )
-                )
-            )
-    return out
+    """Exact top-`top` cosine hits per user (rows of user_vectors; zero rows get none): the
+    fit's exact search (`workers.fitting.exact_hits`)."""
+    return exact_hits(user_vectors, item_matrix, item_ids, excluded, top=top)
 
 
 def item_vectors(

@@ -52,7 +52,12 @@ def test_evaluate_cli_writes_report_and_chart(
     assert result.exit_code == 0, result.output
     report = json.loads(out.read_text())
     assert report["k"] == 10
-    assert report["default"] == "hybrid"
+    # The default is the recommender's own automatic fit, ranked as served.
+    assert report["default"] == "hybrid+fit"
+    assert report["fit"]["validation_users"] > 0
+    assert report["fit"]["swapped"] == (report["fit"]["chosen"] != report["fit"]["current"])
+    assert {"evidence", "search", "validate", "total"} <= set(report["fit"]["seconds"])
+    assert report["protocol"]["fit_mmr_lambda"] == 0.9
     assert 0 < report["users"] <= 150
     expected = {
         "popularity",
@@ -65,6 +70,7 @@ def test_evaluate_cli_writes_report_and_chart(
         "pooled",
         "behaviour",
         "hybrid",
+        "hybrid+fit",
     }
     assert set(report["methods"]) == expected
     for metrics in report["methods"].values():

@@ -290,3 +290,97 @@ def test_pipeline_recommends_for_every_user(
         time.sleep(0.5)
     probe.close()
     assert committed == ends
+
+
+def test_recommender_refits_mid_stream_and_serves_the_winner(
+    kafka_settings: KafkaSettings, tmp_path: Path
+) -> None:
+    """The background fitter on the real broker, model and store: after enough profile
+    updates it fits in its own process while the recommender goes on answering, and swaps a
+    winner in; the answers after it name the new model."""
+    from schemas.fit_settings import FitSettings
+    from workers.ranking import BlendWeights
+
+    ensure_topics(kafka_settings, ALL_TOPICS)
+    catalog, histories = _sample()
+    weak = tmp_path / "weak.json"  # a start the fit beats: popularity alone
+    BlendWeights(vector=0.0, next_item=0.0, also_bought=0.0, bought_together=0.0).save(weak)
+    encoder = TransformerEncoder.from_settings(EncoderSettings(device="cpu"))
+    store = EdgeVectorStore(tmp_path / "edge")
+    store.ensure_collection(encoder.dim)
+    registry = CollectorRegistry()
+    workers = build_workers(
+        "all",
+        kafka=kafka_settings,
+        encoder_settings=EncoderSettings(),
+        store_settings=StoreSettings(kind="edge", path=tmp_path),
+        indexer_settings=IndexerSettings(group_id=f"{kafka_settings.topic_prefix}indexer"),
+        recommender_settings=RecommenderSettings(
+            group_id=f"{kafka_settings.topic_prefix}recommender", candidates=50, blend_path=weak
+        ),
+        registry=registry,
+        encoder=encoder,
+        store=store,
+        fit_settings=FitSettings(
+            min_users=20, every_updates=len(histories), interval_s=3600, nice=0
+        ),
+    )
+    stop = threading.Event()
+    thread = threading.Thread(target=workers.run, args=(stop,), daemon=True)
+    thread.start()
+    producer = Producer(kafka_settings.librdkafka_config())
+    consumer = Consumer(
+        kafka_settings.librdkafka_config()
+        | {"group.id": f"{kafka_settings.topic_prefix}reader", "auto.offset.reset": "earliest"}
+    )
+    consumer.subscribe([topic_name(kafka_settings, RECOMMENDATIONS)])
+    try:
+        for record in catalog:
+            producer.produce(
+                topic_name(kafka_settings, ITEM_CATALOG),
+                key=record["item_id"].encode(),
+                value=json.dumps(record).encode(),
+            )
+        assert producer.flush(30) == 0
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and store.count() < len(catalog):
+            time.sleep(0.5)
+
+        def send(round_: int) -> None:
+            for user, items in histories.items():
+                update = _update(user, items).model_copy(
+                    update={"trigger_event_ids": [f"{user}-{round_}"]}
+                )
+                producer.produce(
+                    topic_name(kafka_settings, PROFILE_UPDATES),
+                    key=user.encode(),
+                    value=update.model_dump_json().encode(),
+                )
+            assert producer.flush(30) == 0
+
+        def fits(outcome: str) -> float:
+            return registry.get_sample_value("relata_fits_total", {"outcome": outcome}) or 0.0
+
+        send(1)  # enough updates: a fit starts
+        first = _read(consumer, until=lambda m: len(m) >= len(histories), timeout_s=180)
+        assert len(first) >= len(histories)
+        # Answered while the fit runs in its process (spawned, it takes seconds to start).
+        send(2)
+        second = _read(consumer, until=lambda m: len(m) >= len(histories), timeout_s=180)
+        assert len(second) >= len(histories)
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and not (fits("swapped") or fits("kept")):
+            time.sleep(1)
+        assert fits("swapped") == 1, "a fit on real histories beats popularity alone"
+        send(3)
+        third = _read(consumer, until=lambda m: len(m) >= len(histories), timeout_s=180)
+    finally:
+        consumer.close()
+        stop.set()
+        thread.join(30)
+        workers.close()
+    started = {Recommendation.model_validate_json(m.value()).ranking_version for m in first}
+    assert len(started) == 1 and started != {"builtin"}  # the weak blend's own version
+    after = {Recommendation.model_validate_json(m.value()).ranking_version for m in third}
+    assert len(after) == 1 and after.isdisjoint(started)
+    assert next(iter(after)).startswith("fit-")

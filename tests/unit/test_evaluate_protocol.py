@@ -6,6 +6,9 @@ import gzip
 import json
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
+
+import pytest
 
 from relata.lab.datasets import positive_type
 from relata.lab.evaluate import rank_users
@@ -158,3 +161,96 @@ def test_sequence_training_rows_never_hold_a_target_or_what_follows(tmp_path: Pa
     targets, history = _rows_items(validation.item_ids, training_set(validation, config))
     assert not (targets | history) & (secret | {f"v{n}" for n in range(5)})
     assert targets == {"y"}
+
+
+def test_the_automatic_fit_never_learns_from_evaluation_or_validation_targets(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`relata evaluate`'s default (`hybrid+fit`) fits on the training histories only: no
+    evaluation target reaches the fit, and the fit's own validation targets (each user's
+    latest new purchase of what remains) never reach the evidence it fits and validates
+    with."""
+    import relata.lab.autofit as autofit
+    from relata.runtime.evidence import fold_evidence
+    from workers.fitting import Evidence, split_histories
+
+    # u0..u5 buy x, y, then their own item c<n> (the fit's validation target), then t (the
+    # evaluation target); v0..v5 buy x, y, z.
+    events: list[BehaviorEvent] = []
+    for n in range(6):
+        events += [ev(f"u{n}", "x", 0), ev(f"u{n}", "y", 1), ev(f"u{n}", f"c{n}", 2)]
+        events += [ev(f"u{n}", "t", 3)]
+        events += [ev(f"v{n}", "x", 0), ev(f"v{n}", "y", 1), ev(f"v{n}", "z", 2)]
+    items = {"x", "y", "z", "t"} | {f"c{n}" for n in range(6)}
+    _write(tmp_path / "d", events, items)
+    fitted: list[dict[str, Any]] = []
+    learned: list[Evidence] = []
+
+    def spy_fit(histories: Any, *args: Any, **kwargs: Any) -> Any:
+        fitted.append({u: [e.item_id for e in h] for u, h in histories.items()})
+        return real_fit(histories, *args, **kwargs)
+
+    def spy_evidence(histories: Any) -> Evidence:
+        seen.append({u: [e.item_id for e in h] for u, h in histories.items()})
+        found = fold_evidence(histories)
+        learned.append(found)
+        return found
+
+    real_fit = autofit.fit
+    seen: list[dict[str, list[str]]] = []
+    monkeypatch.setattr(autofit, "fit", spy_fit)
+    monkeypatch.setattr(autofit, "fold_evidence", spy_evidence)
+    monkeypatch.setattr(
+        "workers.encoder.TransformerEncoder.from_settings",
+        classmethod(lambda cls, s: _HashEncoder()),
+    )
+    monkeypatch.setenv("RELATA_ENCODER_CACHE_DIR", str(tmp_path / "cache"))
+    from relata.lab.evaluate import evaluate
+
+    report = evaluate(
+        tmp_path / "d", k=4, methods=["hybrid+fit"], progress=False, echo=lambda _: None
+    )
+    assert report["default"] == "hybrid+fit" and report["fit"]["validation_users"] >= 6
+    # The fit is handed the training histories: no evaluation target (t, z) at all.
+    (histories,) = fitted
+    assert not {"t", "z"} & {i for h in histories.values() for i in h}
+    # Its evidence is learned without its validation targets: no user's own target, and the
+    # targets only their user bought (c<n>) are nowhere, nor is t.
+    split = split_histories(_profiles(histories, tmp_path))
+    own = {f"c{n}" for n in range(6)} | {"t"}
+    assert own - {"t"} <= {c.target for c in split.cases}
+    (handed,) = seen
+    for case in split.cases:
+        assert case.target not in handed[case.user_id]
+    assert not own & {i for h in handed.values() for i in h}
+    (evidence,) = learned
+    named = {i for lst in evidence.related.lists() for i in (lst.item_id, *lst.ids)}
+    assert named and not own & (named | {i for i, _ in evidence.popularity})
+
+
+def _profiles(histories: dict[str, list[str]], tmp_path: Path) -> dict[str, Any]:
+    """The folded profiles of the data set's training events, as the fit saw them."""
+    prepared = prepare(tmp_path / "d", progress=False)
+    assert {u: [e.item_id for e in h] for u, h in prepared.state.profiles.items()} == histories
+    return dict(prepared.state.profiles)
+
+
+class _HashEncoder:
+    """A unit vector per text from its hash: item vectors without the model."""
+
+    name = "hash-encoder"
+    version = "v1"
+    dim = 8
+    max_length = 128
+
+    def encode(self, texts: Any) -> Any:
+        import hashlib
+
+        import numpy as np
+
+        rows = []
+        for t in texts:
+            seed = int(hashlib.sha256(t.encode()).hexdigest()[:8], 16)
+            v = np.random.default_rng(seed).standard_normal(self.dim).astype(np.float32)
+            rows.append(v / np.linalg.norm(v))
+        return np.asarray(rows, dtype=np.float32).reshape(-1, self.dim)

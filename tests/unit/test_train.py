@@ -17,8 +17,9 @@ from click.testing import CliRunner
 from relata.cli.main import main
 from relata.lab.evaluate import evaluate
 from relata.lab.protocol import prepare
-from relata.lab.train import fit_adapter, fit_blend, training_pairs
+from relata.lab.train import fit_adapter, training_pairs
 from workers.adapter import load_adapter, save_adapter
+from workers.fitting import split_histories
 from workers.ranking import BlendWeights
 
 T0 = datetime(2024, 1, 1, tzinfo=UTC)
@@ -105,13 +106,19 @@ def test_training_pairs_are_next_items_of_histories_without_repeats_or_returns(
             fh.write(json.dumps({"item_id": i, "title": i}) + "\n")
     with gzip.open(data / "events.jsonl.gz", "wt") as fh:
         fh.writelines(json.dumps(r) + "\n" for r in rows)
-    prepared = prepare(data, holdout=2, progress=False)
+    prepared = prepare(data, progress=False)
     pos = {i: n for n, i in enumerate(prepared.item_ids)}
-    prev, nxt = training_pairs(prepared, window=3)
-    # Validation targets (a: z, b: z) and evaluation targets (t) are never learned from.
+    # The fit's split: the evaluation targets (t) are gone from the profiles, and each user's
+    # latest new purchase (a: z, b: z) is its validation target.
+    split = split_histories(prepared.state.profiles)
+    assert {c.target for c in split.cases} == {"z"}
+    prev, nxt = training_pairs(split.training, pos, window=3)
+    # Validation and evaluation targets are never learned from; x was bought twice, so a's
+    # history holds it once, at its last purchase (after y).
     assert pos["t"] not in nxt.tolist() and pos["z"] not in nxt.tolist()
-    assert sorted(nxt.tolist()) == [pos["y"], pos["y"]]
-    assert prev.tolist() == [[pos["x"], -1, -1]] * 2
+    assert sorted(map(tuple, np.column_stack([prev, nxt]).tolist())) == sorted(
+        [(pos["x"], -1, -1, pos["y"]), (pos["y"], -1, -1, pos["x"])]
+    )
 
 
 def test_adapter_training_lowers_the_loss_and_stays_near_identity() -> None:
@@ -124,17 +131,6 @@ def test_adapter_training_lowers_the_loss_and_stays_near_identity() -> None:
     assert weight.shape == (DIM, DIM) and bias.shape == (DIM,)
     assert losses[-1] < losses[0]
     assert not np.allclose(weight, np.eye(DIM))
-
-
-def test_blend_search_never_gets_worse_than_its_start(tmp_path: Path) -> None:
-    prepared = prepare(_data(tmp_path / "d"), holdout=2, progress=False)
-    start = BlendWeights(popularity=0.5, next_item=0.5)
-    best, score, trace = fit_blend(prepared, None, k=5, start=start, rounds=1, progress=False)
-    assert score >= trace[0]["ndcg"]
-    # Without item vectors the vector terms are not searched, and no absent relation kind is.
-    searched = {key for row in trace[1:] for key in row if key not in ("round", "ndcg")}
-    assert not searched & {"vector", "vector_sharpness", "vector_recency", "bought_together"}
-    assert best.vector == start.vector
 
 
 def test_train_writes_artifacts_that_evaluate_reports_with_and_without(
@@ -161,7 +157,8 @@ def test_train_writes_artifacts_that_evaluate_reports_with_and_without(
     assert result.exit_code == 0, result.output
     blend = BlendWeights.load(out / "blend.json")
     assert blend.fitted_on is not None and blend.fitted_on["data"] == "ring"
-    adapter_kept = blend.fitted_on["adapter"]
+    assert blend.fitted_on["version"].startswith(("fit-", "builtin"))
+    adapter_kept = blend.fitted_on["adapter"] and blend.fitted_on["chosen"] == "candidate"
     # The adapter is written only when it won on validation (else a stale one is removed).
     assert (out / "adapter.npz").exists() == adapter_kept
     if adapter_kept:
@@ -179,8 +176,12 @@ def test_train_writes_artifacts_that_evaluate_reports_with_and_without(
         echo=lambda _: None,
     )
     methods = report["methods"]
-    assert {"hybrid", "hybrid+blend", "pooled+adapter", "hybrid+adapter"} <= set(methods)
-    assert report["default"] == "hybrid+adapter"
+    assert {"hybrid", "hybrid+blend", "pooled+adapter", "hybrid+adapter", "hybrid+fit"} <= set(
+        methods
+    )
+    # The default is what the workers serve: the auto-fit, starting from the artifacts.
+    assert report["default"] == "hybrid+fit"
+    assert report["fit"]["current"] == BlendWeights.load(out / "blend.json").fitted_on["version"]
     assert methods["pooled+adapter"] == methods["pooled"]
     assert methods["hybrid+adapter"] == methods["hybrid+blend"]
     assert report["protocol"]["hybrid_weights"] == BlendWeights().model_dump(exclude={"fitted_on"})
@@ -213,43 +214,6 @@ def test_profile_text_baseline_is_cached_under_its_token_limit(
     assert fake_encoder.calls == calls
 
 
-def test_vectorised_blend_search_scores_as_the_ranking_core_does(tmp_path: Path) -> None:
-    from relata.lab.blend_search import BlendSearch
-    from relata.lab.eval_metrics import summarize
-    from relata.lab.evaluate import rank_users
-
-    prepared = prepare(_data(tmp_path / "d", users=300), holdout=2, progress=False)
-    rng = np.random.default_rng(0)
-    matrix = rng.standard_normal((len(prepared.item_ids), DIM)).astype(np.float32)
-    matrix /= np.linalg.norm(matrix, axis=1, keepdims=True)
-    search = BlendSearch(prepared, k=5, candidates=10, weights=BlendWeights())
-    settings = [
-        BlendWeights(vector=0.0),
-        BlendWeights(vector=0.0, recency=0.85, sequence_recency=0.3, next_item=0.5),
-        BlendWeights(vector=0.0, popularity=0.5),
-        BlendWeights(),
-        BlendWeights(vector=0.3, vector_sharpness=2.0, vector_recency=0.7),
-    ]
-    seen = set()
-    for w in settings:
-        items = matrix if w.vector > 0 else None
-        fast = search.ndcg(search.features(items, w), w)
-        vin = None if items is None else search.vectors(items, w)
-        core = rank_users(
-            cases=prepared.split.cases,
-            state=prepared.state,
-            weights=w,
-            k=5,
-            hits=None if vin is None else vin.hits,
-            progress=False,
-            user_vectors=None if vin is None else vin.users,
-            item_vectors=None if vin is None else vin.items,
-        )
-        assert fast == pytest.approx(summarize(core.ranks, k=5).ndcg, abs=1e-12)
-        seen.add(round(fast, 6))
-    assert len(seen) > 2  # the settings rank differently: the check is not vacuous
-
-
 def _data_with_secrets(dir_: Path, users: int = 160, items: int = 40) -> Path:
     """Ring walks, then per user a validation target v<u>, the evaluation target e<u> and a
     view of a<u> after it: items no other user touches, so a fit that saw them leaked."""
@@ -267,86 +231,47 @@ def _data_with_secrets(dir_: Path, users: int = 160, items: int = 40) -> Path:
     return dir_
 
 
-def test_train_fits_the_user_encoder_on_histories_only(
+def test_train_fits_the_user_encoder_on_training_histories_only(
     tmp_path: Path, fake_encoder: HashEncoder, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import relata.lab.sequences as sequences
+    """The fit's user encoder step learns from the training histories only: no evaluation
+    target (e<u>) nor what follows it (a<u>), and not the fit's own validation targets (v<u>),
+    neither as a training row, a history item nor its early-stopping target."""
+    import workers.fitting.encoder_step as encoder_step
 
     data = _data_with_secrets(tmp_path / "ring")
     seen: dict[str, Any] = {}
-    real_fit = sequences.fit_user_encoder
+    real_fit = encoder_step.fit_user_encoder
 
     def spy(train: Any, valid: Any, matrix: Any, **kwargs: Any) -> Any:
-        seen.update(train=train, valid=valid, matrix=matrix)
+        seen.update(train=train, valid=valid)
         return real_fit(train, valid, matrix, **kwargs)
 
-    monkeypatch.setattr(sequences, "fit_user_encoder", spy)
+    monkeypatch.setattr(encoder_step, "fit_user_encoder", spy)
     out = tmp_path / "artifacts"
+    args = ["train", "--data", str(data), "--out", str(out), "--epochs", "0", "--no-progress"]
     result = CliRunner().invoke(
-        main,
-        [
-            "train",
-            "--data",
-            str(data),
-            "--out",
-            str(out),
-            "--epochs",
-            "0",
-            "--user-encoder-budget",
-            "20",
-            "--no-progress",
-        ],
-        catch_exceptions=False,
+        main, [*args, "--user-encoder-budget", "10"], catch_exceptions=False
     )
     assert result.exit_code == 0, result.output
     ids = prepare(data, progress=False).item_ids
-    train, valid = seen["train"], seen["valid"]
-    learned = {ids[i] for i in train.targets.tolist()}
-    learned |= {ids[i] for i in train.arrays.items[train.arrays.items >= 0].tolist()}
-    # Nothing of an evaluation target or after it; validation targets only as such.
-    assert not {i for i in learned if i[0] in "vea"}
-    assert {ids[i] for i in valid.targets.tolist()} == {f"v{u}" for u in range(160)}
-    assert not {ids[i] for i in valid.arrays.items[valid.arrays.items >= 0].tolist()} & {
-        f"e{u}" for u in range(160)
-    }
+    learned: set[str] = set()
+    for part in (seen["train"], seen["valid"]):
+        assert len(part) > 0
+        rows = part.arrays.items
+        learned |= {ids[i] for i in part.targets.tolist()}
+        learned |= {ids[i] for i in rows[rows >= 0].tolist()}
+    assert learned and not {i for i in learned if i[0] in "vea"}
 
-    # The encoder is written with its blend and the validation verdict; evaluate ranks with
-    # both (every evaluation target here is an item no history holds: nothing to find).
+    # The encoder is kept only when it wins on validation; either way the artifacts say which.
     blend = BlendWeights.load(out / "blend.json")
     assert blend.fitted_on is not None
-    assert blend.fitted_on["user_encoder"]["name"].startswith("sequence-")
-    assert (out / "user_encoder" / "weights.safetensors").is_file()
-    fitted = BlendWeights.load(out / "blend-sequence.json").fitted_on
-    assert fitted is not None and "better_than_pooled" in fitted
-    report = evaluate(
-        data,
-        k=5,
-        methods=["pooled", "sequence", "hybrid+sequence"],
-        user_encoder_path=out / "user_encoder",
-        sequence_blend_path=out / "blend-sequence.json",
-        progress=False,
-        echo=lambda _: None,
-    )
-    assert report["default"] == "hybrid+sequence"
-    assert report["protocol"]["user_encoder"]["name"] == blend.fitted_on["user_encoder"]["name"]
-    assert set(report["breakdowns"]["history_length"]["sequence"]) <= {"1", "2-3", "4-7", "8+"}
+    encoder_dir = out / "blend.json.user-encoder"
+    chosen = blend.fitted_on["user_encoder"]
+    assert (encoder_dir / "weights.safetensors").is_file() == (chosen is not None)
 
-    # Without the encoder, stale artifacts of an earlier run are removed.
-    result = CliRunner().invoke(
-        main,
-        [
-            "train",
-            "--data",
-            str(data),
-            "--out",
-            str(out),
-            "--epochs",
-            "0",
-            "--user-encoder-budget",
-            "0",
-            "--no-progress",
-        ],
-        catch_exceptions=False,
-    )
+    # Without the encoder, a stale one of an earlier run is removed (it would be served).
+    encoder_dir.mkdir(exist_ok=True)
+    result = CliRunner().invoke(main, [*args, "--user-encoder-budget", "0"], catch_exceptions=False)
     assert result.exit_code == 0, result.output
-    assert not (out / "user_encoder").exists() and not (out / "blend-sequence.json").exists()
+    assert not encoder_dir.exists()

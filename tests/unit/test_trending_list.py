@@ -30,6 +30,7 @@ T0 = datetime(2024, 1, 1, tzinfo=UTC)
 def _harness(store: ClientVectorStore, **settings: Any) -> Harness:
     h = Harness(store, **{"trending_interval_s": 60.0, **settings})
     h.recommender.topics = TRENDING_TOPICS
+    h.recommender.trending_publisher.topic = TRENDING_TOPICS.trending
     h.related.add_json(_related("lip1", "nail", count=50.0), key="lip1")
     h.related.add_json(_related("sh2", "nail", count=30.0), key="sh2")
     h.related.add_json(_related("nail", "lip1", count=10.0), key="nail")
@@ -70,13 +71,13 @@ def test_the_trending_list_is_published_again_only_when_its_items_change(
     h = _harness(store)
     h.recommender.drain_related()
     for _ in range(3):
-        h.recommender._next_trending = 0.0
+        h.recommender.trending_publisher.next_due = 0.0
         h.recommender.poll_once()
     assert len(_published(h)) == 1
     h.related.add_json(_related("sh1", "nail", count=90.0), key="sh1")
     h.recommender.drain_related()
     h.recommender.related._built_at = 0.0  # past the popularity refresh interval
-    h.recommender._next_trending = 0.0
+    h.recommender.trending_publisher.next_due = 0.0
     h.recommender.poll_once()
     assert _published(h)[-1][1].items[0].item_id == "sh1"
     assert len(_published(h)) == 2
@@ -86,16 +87,16 @@ def test_only_the_leading_instance_publishes_and_never_when_switched_off(
     store: ClientVectorStore,
 ) -> None:
     follower = _harness(store)
-    follower.recommender._leads = lambda: False
+    follower.recommender.trending_publisher.leads = lambda: False
     off = _harness(store, trending_interval_s=0.0)
     for h in (follower, off):
         h.recommender.drain_related()
-        h.recommender._next_trending = 0.0
+        h.recommender.trending_publisher.next_due = 0.0
         h.recommender.poll_once()
         assert _published(h) == []
     # A follower that becomes the leader (partition 0 moved to it) publishes.
-    follower.recommender._leads = lambda: True
-    follower.recommender._next_trending = 0.0
+    follower.recommender.trending_publisher.leads = lambda: True
+    follower.recommender.trending_publisher.next_due = 0.0
     follower.recommender.poll_once()
     assert len(_published(follower)) == 1
     assert set(CATALOG) >= {i.item_id for i in _published(follower)[0][1].items}

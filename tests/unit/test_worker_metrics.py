@@ -20,6 +20,10 @@ DOCUMENTED_NAMES = {
     "relata_event_to_recommendation_seconds",
     "relata_dead_letter_total",
     "relata_consumer_lag_records",
+    "relata_fits_total",
+    "relata_fit_duration_seconds",
+    "relata_fit_validation_ndcg",
+    "relata_fit_histories",
     "relata_rule_fallbacks_total",
 }
 
@@ -55,6 +59,8 @@ def test_names_match_the_documented_names() -> None:
     metrics = WorkerMetrics.create(registry)
     metrics.dead_letter.labels(stage="recommender", error_type="invalid_fields").inc()
     metrics.consumer_lag.labels(topic="profile-updates").set(3)
+    metrics.fits.labels(outcome="kept").inc()
+    metrics.fit_validation_ndcg.labels(model="current").set(0.07)
     assert _exported(registry) == DOCUMENTED_NAMES
 
 
