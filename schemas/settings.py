@@ -469,7 +469,7 @@ class RecommenderSettings(_Settings):
     user_encoder_path: Path | None = Field(
         None,
         description=(
-            "Sequence user encoder artifact directory (`relata train` writes `user_encoder/`); "
+            "Sequence user encoder artifact directory (`relata train` keeps one as `blend.json.user-encoder`); "
             "needs user_vector=sequence."
         ),
     )
