@@ -127,7 +127,7 @@ def running(
             group_id=f"{prefix}quality", judge_delay_ms=200, commit_interval_ms=100
         ),
     )
-    assert [name for name, _ in workers.loops] == ["indexer", "recommender", "shadow"]
+    assert [name for name, _ in workers.loops] == ["indexer", "recommender", "fitter", "shadow"]
     stop = threading.Event()
     threads = [_start(workers, stop), _start(quality, stop)]
     try:
