@@ -45,6 +45,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+from faust.types import TP
 from prometheus_client import CollectorRegistry
 
 from kafkaio.dead_letters import DeadLetters
@@ -66,7 +67,7 @@ from schemas.topics import (
 )
 
 from .association import AssociationConfig
-from .associations_agent import AssociationAgent
+from .associations_agent import AssociationAgent, InputCursor
 from .catalog import CatalogView
 from .erasure import ErasureForwarder
 from .event_consumer import EventBatchConsumer, ProfileStore
@@ -457,6 +458,7 @@ def _add_association_agents(streams: StreamsApp, topics: dict[str, Any], *, base
     """
     app: App = streams.app
     sender = streams.sender
+    names = streams.topic_names
     streams.associations = changelog_table(
         app,
         "associations",
@@ -495,12 +497,20 @@ def _add_association_agents(streams: StreamsApp, topics: dict[str, Any], *, base
         batches = stream.take_batches(
             ASSOCIATION_BATCH_MAX, within=streams.settings.assoc_batch_window_s
         )
+        cursor = InputCursor()
         async for events in batches:
+            records, rewind = cursor.admit([Record.of(event) for event in events])
+            # Held-back events leave the batch, so that they are not acknowledged either.
+            events[:] = [record.event for record in records]
+            for partition, offset in rewind.items():
+                await _read_again(app, cursor, TP(names[ASSOCIATION_INPUT], partition), offset)
+            if not events:
+                continue
             # Table writes need a current event: the RocksDB store picks the partition's
             # database from it. The association tables have one partition, so the batch's last
             # event stands for the whole batch (Faust has no public setter for this).
             stream._set_current_event(events[-1])
-            await agent.handle_association_batch([Record.of(event) for event in events])
+            await agent.handle_association_batch(records)
             await streams.sender.flush()  # the changelog records (and their bytes freed)
             await agent.flush_related()  # then the lists: both before the inputs are acked
 
@@ -509,6 +519,32 @@ def _add_association_agents(streams: StreamsApp, topics: dict[str, Any], *, base
 
     app.timer(interval=10.0)(count_association_items)
     streams.process_associations = process_associations
+
+
+async def _read_again(app: Any, cursor: InputCursor, tp: TP, offset: int) -> None:
+    """Seek the consumer back to `offset` of `tp`, where `cursor` found a gap (or to the
+    partition's first offset, where retention deleted the messages before it)."""
+    try:
+        earliest = (await app.consumer.earliest_offsets(tp)).get(tp)
+        if earliest is not None and earliest > offset:
+            logger.warning(
+                "association inputs deleted before they were folded partition=%d offsets=%d..%d",
+                tp.partition,
+                offset,
+                earliest - 1,
+            )
+            offset = earliest
+            cursor.skip_to(tp.partition, offset)
+        logger.info(
+            "association inputs with a gap: reading again partition=%d offset=%d",
+            tp.partition,
+            offset,
+        )
+        await app.consumer.seek(tp, offset)
+    except Exception:  # e.g. no longer assigned: the next assignment reads from the commit
+        logger.warning(
+            "association inputs not read again partition=%d", tp.partition, exc_info=True
+        )
 
 
 def build_app(

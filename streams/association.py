@@ -21,7 +21,10 @@ association-input partition the offset of the last input message folded into it,
 positioned fold (`AssociationFold.apply` with positions) skips, per record, the inputs of
 messages at or below it. Each record's changelog entry holds its own watermark, so a crash
 after some of a window's records were written and before its input offsets were committed
-re-applies the re-delivered inputs to exactly the records that lack them.
+re-applies the re-delivered inputs to exactly the records that lack them. This needs each
+partition's messages folded in offset order, none left out (a watermark says that everything up
+to it is held); the live agent holds back any message that arrives past a gap and reads the
+partition again from it (`streams.associations_agent.InputCursor`).
 
 Bounded memory (the approximation): at most `capacity` partners per item and kind, kept with
 a batched Space-Saving / lossy-counting rule. When a new partner arrives at a full list, the

@@ -49,6 +49,46 @@ RELATED_YIELD_EVERY = 16
 
 
 @dataclass(slots=True)
+class InputCursor:
+    """Per association-input partition, the offset of the next message the fold may take.
+
+    The fold's watermarks (`AssociationFold`) are exact only if each partition's messages are
+    folded in offset order with none left out: a message folded before an earlier one moves
+    the watermarks of the records it touches past the earlier one, which is then skipped for
+    them as already held, and a message never folded is lost once a later offset is committed.
+    Faust does not guarantee that order around a rebalance: records fetched before it can be
+    handed over after the seek back to the committed offset, and a message can go missing from
+    the middle of a fetch. `admit` keeps each partition's messages that continue what was
+    folded (re-delivered ones included) and holds back the rest, telling where the partition
+    must be read again from; held-back messages are neither folded nor acknowledged, so they
+    come again in order."""
+
+    next_offset: dict[int, int] = field(default_factory=dict)
+
+    def admit(self, records: Sequence[Record]) -> tuple[list[Record], dict[int, int]]:
+        """The records to fold, in order, and per partition found with a gap the offset to
+        read it again from. Asked again for every batch that still shows the gap: a seek can
+        be undone by records fetched before it, and asking again costs only a fetch."""
+        kept: list[Record] = []
+        rewind: dict[int, int] = {}
+        for record in records:
+            partition, offset = record.partition, record.offset
+            expected = self.next_offset.get(partition)
+            if expected is None or offset <= expected:
+                # The first message seen, the next one, or one folded before (re-delivered).
+                kept.append(record)
+                self.next_offset[partition] = max(offset + 1, expected or 0)
+            else:
+                rewind.setdefault(partition, expected)
+        return kept, rewind
+
+    def skip_to(self, partition: int, offset: int) -> None:
+        """Go on from `offset`: the partition no longer holds the messages before it
+        (deleted by retention before they were folded)."""
+        self.next_offset[partition] = offset
+
+
+@dataclass(slots=True)
 class AssociationAgent:
     """Folds association inputs into tables `associations` (item → `ItemRecord`) and
     `association-totals`, and publishes related lists to `related_items_topic`."""

@@ -58,7 +58,8 @@ class BatchingStream(faust.Stream[Any]):
     async def take_batches(self, max_: int, within: float) -> AsyncIterator[list[Any]]:
         """Yield the buffered events every `within` seconds, or as soon as `max_` are buffered;
         each batch's events are acknowledged once the consumer asks for the next batch (never
-        when its handling raised: Faust's `take_events` acknowledges them then too).
+        when its handling raised: Faust's `take_events` acknowledges them then too). Events the
+        consumer removed from the list it was handed are not acknowledged.
 
         Unlike Faust's `take_events`, whose window starts again only after the consumer is
         done with a batch (a cycle of window + handling time, and no events buffered meanwhile),
@@ -105,7 +106,8 @@ class BatchingStream(faust.Stream[Any]):
                 full.clear()
                 yield batch
                 # Reached only when the consumer asks for the next batch: a batch whose handler
-                # raised (or was cancelled) stays unacknowledged and is delivered again.
+                # raised (or was cancelled) stays unacknowledged and is delivered again. `batch`
+                # is the list handed out, less what the consumer removed from it.
                 for event in batch:
                     await self.ack(event)
                 handled.set()

@@ -122,3 +122,27 @@ def test_a_batch_whose_handling_fails_is_not_acknowledged(tmp_path: Path) -> Non
     # At least once: the failed batch's events stay unacknowledged, so they are delivered again.
     assert [e.value for e in handed] == [b"e1"]
     assert [e.message.acked for e in handed] == [False]
+
+
+def test_events_removed_from_a_batch_are_not_acknowledged(tmp_path: Path) -> None:
+    app, topic = make_app(tmp_path, "batching-hold-test")
+    handed: list[Any] = []
+
+    @app.agent(topic)
+    async def agent(stream: Any) -> None:
+        async for events in stream.take_batches(3, within=10.0):
+            handed.extend(events)
+            # The consumer holds back the first event (to have it delivered again).
+            del events[0]
+
+    async def main() -> None:
+        async with agent.test_context() as test_agent:
+            for value in (b"e1", b"e2", b"e3"):
+                await test_agent.put(value, key=b"u", partition=0, wait=False)
+            # Acknowledged when the consumer asks for the next batch.
+            await wait_for(lambda: len(handed) == 3 and handed[-1].message.acked)
+            await asyncio.sleep(0.1)
+
+    asyncio.run(main())
+    assert [e.value for e in handed] == [b"e1", b"e2", b"e3"]
+    assert [e.message.acked for e in handed] == [False, True, True]

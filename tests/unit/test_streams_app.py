@@ -24,7 +24,7 @@ from schemas.messages import DeadLetter, Evidence, ProfileUpdate, RelatedItem, R
 from schemas.settings import KafkaSettings, StreamsSettings
 from streams.app import StreamsApp, build_streams
 from streams.association import AssociationInput, input_updates
-from streams.associations_agent import AssociationAgent
+from streams.associations_agent import AssociationAgent, InputCursor
 from streams.catalog import CatalogView
 from streams.naming import ASSOCIATION_INPUT
 from streams.neighbours import AssociationIndex
@@ -759,3 +759,100 @@ async def test_kill_restarted_association_agent_skips_redelivered_inputs_republi
     assert await restarted.flush_related() == 2
     lists = [RelatedItems.model_validate_json(v) for v in sender.values("related-items")]
     assert {r.item_id for r in lists[published_before:]} == {"i1", "i2"}
+
+
+def cursor_records(*offsets: int, partition: int = 0) -> list[Record]:
+    return [Record(None, b"[]", "association-input", partition, o, 0.0) for o in offsets]
+
+
+def test_input_cursor_keeps_each_partition_a_prefix_and_asks_to_read_again_once() -> None:
+    cursor = InputCursor()
+    # The first message seen (the committed offset) and those after it, in order.
+    kept, rewind = cursor.admit(cursor_records(7, 8, 9))
+    assert [r.offset for r in kept] == [7, 8, 9] and rewind == {}
+    # Re-delivered after a seek back to an earlier commit: folded again (the fold skips them).
+    kept, rewind = cursor.admit(cursor_records(8, 9, 10))
+    assert [r.offset for r in kept] == [8, 9, 10] and rewind == {}
+    # A message past the next one (fetched before a rebalance, or one went missing): held
+    # back with everything after it, and the partition is read again from the next offset,
+    # as long as batches show the gap (copies fetched before the seek may still come first).
+    kept, rewind = cursor.admit(cursor_records(14, 15) + cursor_records(3, partition=1))
+    assert [(r.partition, r.offset) for r in kept] == [(1, 3)] and rewind == {0: 11}
+    assert cursor.admit(cursor_records(16)) == ([], {0: 11})
+    # The messages read again, behind a stale one still in the batch.
+    kept, rewind = cursor.admit(cursor_records(17, 11, 12, 13, 14, 15, 16))
+    assert [r.offset for r in kept] == [11, 12, 13, 14, 15, 16] and rewind == {0: 11}
+    kept, rewind = cursor.admit(cursor_records(17))
+    assert [r.offset for r in kept] == [17] and rewind == {}
+    # A later gap asks again.
+    assert cursor.admit(cursor_records(20)) == ([], {0: 18})
+    # Where retention deleted the gap, the partition goes on from its first offset.
+    cursor.skip_to(0, 19)
+    kept, _ = cursor.admit(cursor_records(19, 20))
+    assert [r.offset for r in kept] == [19, 20]
+
+
+@run_async
+async def test_association_input_ahead_of_the_fold_is_held_back_and_read_again(
+    tmp_path: Path, sender: RecordingSender
+) -> None:
+    """A message handed over before earlier ones (records fetched before a rebalance and
+    delivered after the seek back to the commit) is not folded: folded first, it would move the
+    watermarks of the records it touches past the earlier messages, which those records would
+    then skip as already held. The agent reads the partition again from the first message it
+    lacks; the statistics equal a fold of every input once, in order."""
+    streams = make_streams(tmp_path, sender, assoc_batch_window_s=0.01)
+    records = []
+    n = 0
+    for b, items in enumerate([("i1", "i2", "i3"), ("i2", "i3"), ("i1", "i3"), ("i1", "i2")]):
+        user = f"u{b % 2}"
+        for item in items:
+            n += 1
+            records.append(
+                (user.encode(), encode(event(n, user=user, item=item, session_id=f"b{b}")))
+            )
+    await put_events(streams, records)
+    inputs = association_inputs(streams, sender)
+    assert len(inputs) >= 6
+    # One input per message: message k at offset k.
+    messages = [json.dumps([value]).encode() for value in inputs]
+    stale = len(messages) - 1
+    sought: list[tuple[Any, int]] = []
+    consumer = streams.app.consumer
+
+    async def earliest_offsets(*tps: Any) -> dict[Any, int]:
+        return {tp: 0 for tp in tps}
+
+    async def seek(tp: Any, offset: int) -> None:
+        sought.append((tp, offset))
+
+    consumer.earliest_offsets = earliest_offsets
+    consumer.seek = seek
+
+    def folded() -> float:
+        return streams.registry.get_sample_value("relata_association_updates_total") or 0.0
+
+    async with streams.process_associations.test_context() as agent:
+        for offset in range(2):
+            await agent.put(messages[offset], partition=0, wait=False)
+        await settled(lambda: folded() == 2)
+        # The last message, ahead of the others: held back, and the partition read again ...
+        agent.sent_offset = stale
+        await agent.put(messages[stale], partition=0, wait=False)
+        await settled(lambda: bool(sought))
+        assert [(tp.topic, tp.partition, offset) for tp, offset in sought] == [
+            (streams.topic_names[ASSOCIATION_INPUT], 0, 2)
+        ]
+        assert folded() == 2
+        # ... from offset 2 (what the seek does in a worker).
+        agent.sent_offset = 2
+        for offset in range(2, len(messages)):
+            await agent.put(messages[offset], partition=0, wait=False)
+        await settled(lambda: folded() == len(inputs))
+    reference = AssociationIndex(streams.assoc_config)
+    for value in inputs:
+        reference.observe(AssociationInput.from_dict(value))
+    live = {k: dict(streams.associations.get(k)) for k in reference.items}
+    assert all(record.pop("applied") for record in live.values())
+    assert live == reference.items
+    assert len(sought) == 1
