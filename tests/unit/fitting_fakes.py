@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import numpy as np
 
@@ -11,6 +12,7 @@ from relata.lab.protocol import build_state
 from relata.runtime.evidence import history_events
 from schemas.messages import HistoryEntry, RelatedItems
 from schemas.settings import StreamsSettings
+from workers.client_store import ClientVectorStore
 from workers.fitting import Evidence, ItemSpace
 
 T0 = datetime(2024, 1, 1, tzinfo=UTC)
@@ -80,3 +82,25 @@ class RecordingEvidence:
             if (found := state.index.published(item_id)) is not None and found.related
         ]
         return Evidence(related=state.related, popularity=state.popularity)
+
+
+def profile_update(user_id: str, entries: Sequence[HistoryEntry]) -> dict[str, Any]:
+    """A `profile-updates` record of `entries` (most recent first), as the recommender reads it."""
+    return {
+        "user_id": user_id,
+        "history": [e.model_dump(mode="json") for e in entries],
+        "last_event_type": "purchase",
+        "last_item_id": entries[0].item_id,
+        "trigger_event_ids": [f"{user_id}-e{len(entries)}"],
+        "source_ts_ms": 0,
+        "updated_at": "2024-01-01T00:00:00+00:00",
+    }
+
+
+def ring_store() -> ClientVectorStore:
+    """An in-memory store holding `ring_items()` (the caller closes it)."""
+    items = ring_items()
+    store = ClientVectorStore(collection="items", path=":memory:")
+    store.ensure_collection(items.matrix.shape[1])
+    store.upsert(items.ids, items.matrix, [{"title": i} for i in items.ids])
+    return store

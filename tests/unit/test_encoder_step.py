@@ -18,8 +18,10 @@ from tests.unit.fitting_fakes import (
     RecordingEvidence,
     entry,
     history,
+    profile_update,
     ring_histories,
     ring_items,
+    ring_store,
 )
 from tests.unit.test_user_encoder import make_encoder
 from tests.unit.worker_fakes import FakeConsumer, FakeEncoder, FakeProducer
@@ -147,10 +149,7 @@ def test_a_bundle_saves_its_encoder_beside_its_weights_and_loads_it(tmp_path: Pa
 
 @pytest.fixture
 def store() -> Iterator[ClientVectorStore]:
-    items = ring_items()
-    s = ClientVectorStore(collection="items", path=":memory:")
-    s.ensure_collection(items.matrix.shape[1])
-    s.upsert(items.ids, items.matrix, [{"title": i} for i in items.ids])
+    s = ring_store()
     yield s
     s.close()
 
@@ -171,19 +170,7 @@ def test_the_recommender_serves_a_fitted_models_encoder(store: ClientVectorStore
     model = ModelBundle(weights=BlendWeights(vector=0.5), user_encoder=encoder)
 
     def answer(user: str) -> dict[str, Any]:
-        h = history("i1", "i2", "i3")
-        consumer.add_json(
-            {
-                "user_id": user,
-                "history": [e.model_dump(mode="json") for e in h],
-                "last_event_type": "purchase",
-                "last_item_id": "i3",
-                "trigger_event_ids": [f"{user}-e"],
-                "source_ts_ms": 0,
-                "updated_at": "2024-01-01T00:00:00+00:00",
-            },
-            key=user,
-        )
+        consumer.add_json(profile_update(user, history("i1", "i2", "i3")), key=user)
         recommender.poll_once()
         found: dict[str, Any] = producer.values("recommendations")[-1]
         return found

@@ -4,7 +4,6 @@ against the live recommender, and that no validation target reaches what it fits
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Any
 
 import numpy as np
 import pytest
@@ -15,6 +14,7 @@ from tests.unit.fitting_fakes import (
     RecordingEvidence,
     entry,
     history,
+    profile_update,
     ring_histories,
     ring_items,
 )
@@ -195,7 +195,7 @@ def test_validation_score_is_what_the_live_recommender_serves(store: ClientVecto
         related.add(lst.model_dump_json().encode(), lst.item_id.encode())
     recommender.catch_up_related(timeout_s=5.0)
     for case in validation.split.cases:
-        consumer.add_json(_update(case.user_id, case.history), key=case.user_id)
+        consumer.add_json(profile_update(case.user_id, case.history), key=case.user_id)
     while recommender.poll_once().records:
         pass
     lists = {
@@ -204,18 +204,6 @@ def test_validation_score_is_what_the_live_recommender_serves(store: ClientVecto
     live = ndcg_at([lists[c.user_id] for c in validation.split.cases], validation.targets, 5)
     assert live == served
     assert served > 0.1  # the ring is learnable: the comparison is not of two zeros
-
-
-def _update(user_id: str, entries: Any) -> dict[str, Any]:
-    return {
-        "user_id": user_id,
-        "history": [e.model_dump(mode="json") for e in entries],
-        "last_event_type": "purchase",
-        "last_item_id": entries[0].item_id,
-        "trigger_event_ids": [f"{user_id}-e"],
-        "source_ts_ms": 0,
-        "updated_at": "2024-01-01T00:00:00+00:00",
-    }
 
 
 def test_exact_hits_leave_out_history_and_unavailable_items() -> None:

@@ -14,7 +14,12 @@ from prometheus_client import CollectorRegistry
 from relata.runtime.evidence import fold_evidence
 from schemas.fit_settings import FitSettings
 from schemas.settings import RecommenderSettings
-from tests.unit.fitting_fakes import history, ring_histories, ring_items
+from tests.unit.fitting_fakes import (
+    history,
+    profile_update,
+    ring_histories,
+    ring_store,
+)
 from tests.unit.worker_fakes import FakeConsumer, FakeEncoder, FakeProducer
 from workers.client_store import ClientVectorStore
 from workers.fitting import ModelBundle
@@ -46,10 +51,7 @@ def _sample(metrics: WorkerMetrics, name: str, **labels: str) -> float:
 
 @pytest.fixture
 def store() -> Iterator[ClientVectorStore]:
-    items = ring_items()
-    s = ClientVectorStore(collection="items", path=":memory:")
-    s.ensure_collection(items.matrix.shape[1])
-    s.upsert(items.ids, items.matrix, [{"title": i} for i in items.ids])
+    s = ring_store()
     yield s
     s.close()
 
@@ -92,7 +94,7 @@ class Harness:
 
     def send(self, histories: dict[str, Any]) -> None:
         for user_id, entries in histories.items():
-            self.consumer.add_json(_update(user_id, entries), key=user_id)
+            self.consumer.add_json(profile_update(user_id, entries), key=user_id)
 
     def drain(self) -> int:
         answered = 0
@@ -102,18 +104,6 @@ class Harness:
 
     def versions(self) -> list[str]:
         return [r["ranking_version"] for r in self.producer.values("recommendations")]
-
-
-def _update(user_id: str, entries: Any) -> dict[str, Any]:
-    return {
-        "user_id": user_id,
-        "history": [e.model_dump(mode="json") for e in entries],
-        "last_event_type": "purchase",
-        "last_item_id": entries[0].item_id,
-        "trigger_event_ids": [f"{user_id}-e{len(entries)}"],
-        "source_ts_ms": 0,
-        "updated_at": "2024-01-01T00:00:00+00:00",
-    }
 
 
 def test_history_log_keeps_the_latest_history_per_user_lru_and_forgets_erased_users() -> None:
