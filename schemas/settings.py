@@ -488,8 +488,10 @@ class RecommenderSettings(_Settings):
             "the score order, lower trades relevance for variety (docs/benchmarks.md)."
         ),
     )
+    # 10: at 20 the pool's wording and similarities cost a fifth of the sustainable rate
+    # (docs/benchmarks.md); 20 candidates still leave filters room before they fall back.
     pool_size: int = Field(
-        20,
+        10,
         ge=0,
         le=200,
         description=(
