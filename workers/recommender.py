@@ -2,9 +2,9 @@
 explained `recommendations`, in micro-batches, at least once.
 
 Per batch: coalesce updates of one user into the latest (union of trigger ids, oldest source
-timestamp), build every user vector (pooled history item vectors, or the encoded profile
-text, or the sequence user encoder's vector), run one batched store query, score each user's candidates with `workers.ranking.score`
-blending in the compacted `related-items` topic (read fully by every instance into memory),
+timestamp), build every user vector (pooled history item vectors, the encoded profile text,
+or the sequence user encoder's vector), run one batched store query, score each user's
+candidates with `workers.ranking.score` blending in the compacted `related-items` topic (read fully by every instance into memory),
 drop candidates that are unavailable, word the reasons of the k kept (`explain`; together
 these are `rank`) and publish; the batch's offsets are committed once the broker acknowledged
 its answers (delivery reports, `AckedProducer`), while the next batch is worked on.

@@ -10,28 +10,22 @@ from typing import Any
 
 import numpy as np
 import pytest
-from prometheus_client import CollectorRegistry
 
 from schemas.messages import HistoryEntry
-from schemas.settings import RecommenderSettings
 from tests.unit.fitting_fakes import (
     RecordingEvidence,
     entry,
     history,
-    profile_update,
     ring_histories,
     ring_items,
     ring_store,
 )
 from tests.unit.test_user_encoder import make_encoder
-from tests.unit.worker_fakes import FakeConsumer, FakeEncoder, FakeProducer
 from workers.client_store import ClientVectorStore
 from workers.fitting import ItemSpace, ModelBundle, TrainingData, fit, load_bundle
 from workers.fitting.bundle import user_encoder_path
 from workers.fitting.encoder_step import SequenceEncoderStep, prefix_rows
-from workers.metrics import WorkerMetrics
 from workers.ranking import BlendWeights
-from workers.recommender import Recommender, RecommenderTopics
 from workers.sequence_inputs import InputConfig
 from workers.user_encoder import UserEncoder
 
@@ -155,32 +149,24 @@ def store() -> Iterator[ClientVectorStore]:
 
 
 def test_the_recommender_serves_a_fitted_models_encoder(store: ClientVectorStore) -> None:
-    consumer, producer = FakeConsumer("profile-updates"), FakeProducer()
-    recommender = Recommender(
-        consumer=consumer,
-        related_consumer=None,
-        producer=producer,
-        encoder=FakeEncoder(),
-        store=store,
-        metrics=WorkerMetrics.create(CollectorRegistry()),
-        topics=RecommenderTopics("profile-updates", "related-items", "recommendations", "dl"),
-        settings=RecommenderSettings(k=5, candidates=10, commit_interval_ms=0),
-    )
+    from tests.unit.test_refit import Harness
+
+    h = Harness(store)
     encoder = make_encoder()
     model = ModelBundle(weights=BlendWeights(vector=0.5), user_encoder=encoder)
 
     def answer(user: str) -> dict[str, Any]:
-        consumer.add_json(profile_update(user, history("i1", "i2", "i3")), key=user)
-        recommender.poll_once()
-        found: dict[str, Any] = producer.values("recommendations")[-1]
+        h.send({user: history("i1", "i2", "i3")})
+        h.drain()
+        found: dict[str, Any] = h.producer.values("recommendations")[-1]
         return found
 
     before = answer("u1")
     assert encoder.name not in before["strategy"]
-    recommender.use_model(model)
+    h.recommender.use_model(model)
     after = answer("u2")
     assert after["ranking_version"] == model.version
     assert encoder.name in after["strategy"]
     # A later model without an encoder hands the slot back to pooling.
-    recommender.use_model(ModelBundle(weights=BlendWeights(vector=0.5)))
+    h.recommender.use_model(ModelBundle(weights=BlendWeights(vector=0.5)))
     assert encoder.name not in answer("u3")["strategy"]

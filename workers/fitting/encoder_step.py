@@ -32,7 +32,7 @@ from workers.user_encoder import UserEncoder
 from workers.user_encoder_fit import SequenceSet, fit_user_encoder
 
 from .procedure import TrainingData
-from .split import positive_type, split_histories
+from .split import split_histories
 
 logger = logging.getLogger(__name__)
 
@@ -90,8 +90,7 @@ class SequenceEncoderStep:
         config = InputConfig.default(max_len=self.max_len)
         rows = training.items.rows
         split = split_histories(training.histories)
-        positive = split.positive or positive_type(training.histories)
-        train = prefix_rows(split.training, rows, config, positive)
+        train = prefix_rows(split.training, rows, config, split.positive)
         cases = [c for c in split.cases if c.target in rows]
         valid = SequenceSet(
             history_arrays([c.history for c in cases], rows, config),
