@@ -66,6 +66,11 @@ class FitSettings(BaseSettings):
         description="Seconds each fit may train the sequence user encoder (0: none); it is "
         "served only when its vectors beat the pooled ones on validation.",
     )
+    learned_ranker: bool = Field(
+        True,
+        description="Fit a learned ranker over the blend's best candidates; it is served only "
+        "when it wins on validation users it was not trained on.",
+    )
     model_path: Path | None = Field(
         None,
         description="Where each winning model is saved (blend-weights JSON) and read at start "

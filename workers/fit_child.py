@@ -47,4 +47,5 @@ def run_job(job: Any) -> Any:
         candidates=job.candidates,
         mmr_lambda=job.mmr_lambda,
         user_encoder_step=job.user_encoder_step,
+        learned_ranker=job.learned_ranker,
     )

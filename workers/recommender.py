@@ -433,6 +433,8 @@ class Recommender:
             rules=self.rules.current(),
             placement=self.settings.placement,
             pool_size=self.settings.pool_size,
+            # The learned ranker re-orders the full blend: other strategies isolate a signal.
+            reranker=self.model.ranker if self.settings.strategy == "hybrid" else None,
         )
         if labels is not None:
             names = vector_names or [self.settings.user_vector] * len(histories)

@@ -76,6 +76,7 @@ def auto_fit(
     mmr_lambda: float,
     item_step: ItemStep | None = None,
     user_encoder_step: UserEncoderStep | None = None,
+    learned_ranker: bool = True,
     echo: Callable[[str], None] = print,
     score_cases: bool = True,
 ) -> AutoFit:
@@ -92,6 +93,7 @@ def auto_fit(
         mmr_lambda=mmr_lambda,
         item_step=item_step,
         user_encoder_step=user_encoder_step,
+        learned_ranker=learned_ranker,
     )
     chosen = result.chosen()
     echo(

@@ -44,10 +44,11 @@ from relata.lab.vectors import (
 )
 from schemas.fit_settings import FitSettings
 from schemas.settings import EncoderSettings, RecommenderSettings, StreamsSettings
-from workers.fitting import Evidence, ModelBundle, rank_offline
+from workers.fitting import Evidence, ModelBundle, load_bundle, rank_offline
 from workers.fitting.refit import user_encoder_step
 from workers.ranking import (
     BlendWeights,
+    Reranker,
     VectorRows,
     profile_text,
     strategy_weights,
@@ -105,13 +106,14 @@ def rank_users(
     user_vectors: np.ndarray | None = None,
     item_vectors: Mapping[str, np.ndarray] | None = None,
     mmr_lambda: float = 1.0,
+    reranker: Reranker | None = None,
 ) -> MethodResult:
     """Rank every case's user with the live recommendation core (`workers.ranking.recommend`,
     through `workers.fitting.rank_offline`, as the fit's validation does) and collect the
     target's rank. `hits` and `user_vectors` are per case (a zero row: no user vector); the
     look-ups answer from them, from the item vectors and from the state, where the
     recommender asks Qdrant and the related-items topic. `mmr_lambda`: the core's diversity
-    re-ranking (1: none)."""
+    re-ranking (1: none); `reranker`: a fitted model's learned ranker."""
     bar = None
     if progress:
         from tqdm import tqdm
@@ -128,6 +130,7 @@ def rank_users(
         hits=hits,
         item_vectors=item_vectors,
         progress=None if bar is None else bar.update,
+        reranker=reranker,
     )
     if bar is not None:
         bar.close()
@@ -238,11 +241,17 @@ def evaluate(
             autofit = auto_fit(
                 prepared,
                 matrix if adapted is None else adapted,
-                current=ModelBundle(weights=fitted or defaults),
+                # The model `relata train` saved (its learned ranker with it), as the
+                # recommender starts from it.
+                current=ModelBundle(
+                    weights=fitted or defaults,
+                    ranker=load_bundle(blend_path).ranker if blend_path else None,
+                ),
                 k=k,
                 candidates=candidates,
                 mmr_lambda=live_lambda,
                 user_encoder_step=user_encoder_step(FitSettings()),
+                learned_ranker=FitSettings().learned_ranker,
                 echo=echo,
             )
             results[name] = rank_users(
@@ -256,6 +265,7 @@ def evaluate(
                 user_vectors=None if autofit.inputs is None else autofit.inputs.users,
                 item_vectors=autofit.items.vectors,
                 mmr_lambda=live_lambda,
+                reranker=autofit.chosen.ranker,
             )
             continue
         if name in baselines.PLAIN_METHODS:

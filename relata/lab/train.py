@@ -275,6 +275,7 @@ def command(
         )
         if encoder_budget_s > 0
         else None,
+        learned_ranker=FitSettings().learned_ranker,
         echo=click.echo,
         score_cases=False,
     )
@@ -288,6 +289,7 @@ def command(
         weights=chosen.weights.model_copy(update={"fitted_on": provenance}),
         user_encoder=chosen.user_encoder,
         item_adapter=chosen.item_adapter,
+        ranker=chosen.ranker,
     )
     out_dir.mkdir(parents=True, exist_ok=True)
     adapter_path = out_dir / "adapter.npz"

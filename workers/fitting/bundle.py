@@ -21,7 +21,7 @@ import numpy as np
 import numpy.typing as npt
 
 from schemas.messages import HistoryEntry
-from workers.ranking import BlendWeights
+from workers.ranking import BlendWeights, LearnedRanker
 
 FloatArray = npt.NDArray[np.float32]
 BUILTIN = "builtin"
@@ -63,6 +63,7 @@ class ModelBundle:
     weights: BlendWeights = field(default_factory=BlendWeights)
     user_encoder: UserEncoder | None = None
     item_adapter: ItemAdapterFit | None = None
+    ranker: LearnedRanker | None = None
 
     @cached_property
     def version(self) -> str:
@@ -70,7 +71,7 @@ class ModelBundle:
         part of it: the item vectors it makes are named by the recommendation's
         `vectors_version` (the encoder's version covers its adapter)."""
         plain = self.weights.model_copy(update={"fitted_on": None})
-        if plain == BlendWeights() and self.user_encoder is None:
+        if plain == BlendWeights() and self.user_encoder is None and self.ranker is None:
             return BUILTIN
         doc = {
             "weights": plain.model_dump(),
@@ -78,6 +79,8 @@ class ModelBundle:
             if self.user_encoder is None
             else f"{self.user_encoder.name}@{self.user_encoder.version}",
         }
+        if self.ranker is not None:
+            doc["ranker"] = self.ranker.digest
         digest = hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
         return f"fit-{digest[:10]}"
 
@@ -90,7 +93,7 @@ class ModelBundle:
     def save(self, path: Path) -> None:
         """Write the bundle's blend weights (`BlendWeights.save`, the `relata train`
         artifact) with its version in the provenance; a user encoder saves itself beside it
-        (`<path>.user-encoder`)."""
+        (`<path>.user-encoder`), a learned ranker too (`<path>.ranker`)."""
         fitted = dict(self.weights.fitted_on or {})
         fitted["version"] = self.version
         encoder_path = user_encoder_path(path)
@@ -99,6 +102,13 @@ class ModelBundle:
         elif encoder_path.is_dir():
             # A stale encoder beside weights fitted without one would be loaded with them.
             shutil.rmtree(encoder_path)
+        ranker_path = learned_ranker_path(path)
+        if self.ranker is not None:
+            tmp = ranker_path.with_name(ranker_path.name + ".tmp")
+            tmp.write_bytes(self.ranker.to_bytes())
+            tmp.replace(ranker_path)
+        else:
+            ranker_path.unlink(missing_ok=True)
         self.weights.model_copy(update={"fitted_on": fitted}).save(path)
 
 
@@ -107,13 +117,20 @@ def user_encoder_path(path: Path) -> Path:
     return path.with_name(path.name + ".user-encoder")
 
 
+def learned_ranker_path(path: Path) -> Path:
+    """Where a bundle saved at `path` keeps its learned ranker (a file)."""
+    return path.with_name(path.name + ".ranker")
+
+
 def load_bundle(path: Path) -> ModelBundle:
     """A bundle saved by `ModelBundle.save` (or any blend-weights artifact): its weights, and
-    the sequence user encoder saved beside them, if any."""
+    the sequence user encoder and learned ranker saved beside them, if any."""
     weights = BlendWeights.load(path)
+    ranker_path = learned_ranker_path(path)
+    ranker = LearnedRanker.from_bytes(ranker_path.read_bytes()) if ranker_path.is_file() else None
     encoder_path = user_encoder_path(path)
     if not encoder_path.is_dir():
-        return ModelBundle(weights=weights)
+        return ModelBundle(weights=weights, ranker=ranker)
     from workers.user_encoder import load_user_encoder  # torch: only when there is one
 
-    return ModelBundle(weights=weights, user_encoder=load_user_encoder(encoder_path))
+    return ModelBundle(weights=weights, user_encoder=load_user_encoder(encoder_path), ranker=ranker)

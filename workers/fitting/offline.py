@@ -21,6 +21,7 @@ from workers.ranking import (
     BlendWeights,
     Lookups,
     RelatedTable,
+    Reranker,
     VectorRows,
     pooled_user_vector,
     popularity_prior,
@@ -214,10 +215,12 @@ def rank_offline(
     hits: Sequence[Sequence[tuple[str, float]]] | None,
     item_vectors: Mapping[str, np.ndarray] | None,
     progress: Callable[[int], object] | None = None,
+    reranker: Reranker | None = None,
 ) -> list[list[str]]:
     """Each history's top k as the live core ranks it (`recommend`, in batches), with the
     look-ups answered from memory. `user_vectors` (a zero row: none) and `hits`: per history
-    (None: no vector term); `progress` hears each batch's size."""
+    (None: no vector term); `progress` hears each batch's size; `reranker`: the bundle's
+    learned ranker (or the fit's feature recorder)."""
     lists: list[list[str]] = []
     prior = (evidence.popularity, popularity_prior(evidence.popularity, weights))
     vectors: Mapping[str, np.ndarray] = {} if item_vectors is None else item_vectors
@@ -249,6 +252,7 @@ def rank_offline(
             weights=weights,
             k=k,
             mmr_lambda=mmr_lambda,
+            reranker=reranker,
         )
         lists.extend([r.item_id for r in recs] for recs in answers)
         if progress is not None:

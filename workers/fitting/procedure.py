@@ -11,7 +11,10 @@ method) and `relata train` all run it.
    pluggable) and, offline only, an item adapter (`item_step`: it changes the indexed
    vectors).
 4. Blend weights: coordinate search from the current weights, vectorised (`search.py`).
-5. Validation: the candidate and the current model ranked by the live core
+5. Learned ranker (`ranker_step.py`): a model re-ordering the blend's best candidates,
+   cross-fitted on the validation users and kept only when it wins on users it was not
+   trained on.
+6. Validation: the candidate and the current model ranked by the live core
    (`workers.ranking.recommend`, with the live MMR lambda) on the same targets: what is
    validated is what would be served. The caller swaps only when the candidate wins.
 """
@@ -27,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from workers.ranking import BlendWeights
+from workers.ranking import BlendWeights, Reranker
 
 from .bundle import ItemAdapterFit, ModelBundle, UserEncoder
 from .offline import (
@@ -42,6 +45,7 @@ from .offline import (
     search_inputs,
     user_matrix,
 )
+from .ranker_step import fit_ranker
 from .search import GRID, BlendSearch, Features, coordinate_search, searched_grid
 from .split import ValidationSplit, split_histories
 
@@ -176,24 +180,35 @@ class Validation:
             found = self._hits[key] = (searched.rows, searched.cos)
         return VectorInputs(users=users, rows=found[0], cos=found[1], ids=self.items.ids)
 
-    def lists(self, bundle: ModelBundle) -> list[list[str]]:
-        """Every validation user's top k as the live core ranks it with `bundle`."""
+    def lists(
+        self,
+        bundle: ModelBundle,
+        *,
+        users: Sequence[int] | np.ndarray | None = None,
+        reranker: Reranker | None = None,
+    ) -> list[list[str]]:
+        """Every validation user's (or these users') top k as the live core ranks it with
+        `bundle` (and `reranker`, default: the bundle's learned ranker)."""
         inputs = self.inputs(bundle.weights, bundle.user_encoder)
+        picked = range(len(self.histories)) if users is None else [int(u) for u in users]
+        hits = None if inputs is None else inputs.hits
         return rank_offline(
-            self.histories,
+            [self.histories[u] for u in picked],
             evidence=self.evidence,
             available=self.items.available,
             weights=bundle.weights,
             k=self.k,
             mmr_lambda=self.mmr_lambda,
-            user_vectors=None if inputs is None else inputs.users,
-            hits=None if inputs is None else inputs.hits,
+            user_vectors=None if inputs is None else inputs.users[list(picked)],
+            hits=None if hits is None else [hits[u] for u in picked],
             item_vectors=self.items.vectors,
+            reranker=reranker if reranker is not None else bundle.ranker,
         )
 
-    def score(self, bundle: ModelBundle) -> float:
-        """Validation NDCG@k of `bundle`, ranked by the live core."""
-        return ndcg_at(self.lists(bundle), self.targets, self.k)
+    def score(self, bundle: ModelBundle, users: Sequence[int] | np.ndarray | None = None) -> float:
+        """Validation NDCG@k of `bundle` (over every user, or these), ranked by the core."""
+        targets = self.targets if users is None else [self.targets[int(u)] for u in users]
+        return ndcg_at(self.lists(bundle, users=users), targets, self.k)
 
 
 def prepare_validation(
@@ -234,6 +249,7 @@ def fit(
     grid: Mapping[str, Sequence[float]] = GRID,
     user_encoder_step: UserEncoderStep | None = None,
     item_step: ItemStep | None = None,
+    learned_ranker: bool = True,
 ) -> FitResult:
     """Fit a model bundle on `histories` (most recent first, as on `profile-updates`) and
     validate it against `current` (default: the built-in weights) on the held-out targets.
@@ -241,7 +257,8 @@ def fit(
     `evidence` learns the association evidence from the training histories it is handed;
     `user_encoder_step` may fit a user encoder on them (its vectors replace the pooled ones
     when that wins on validation); `item_step` (offline only) an item adapter, kept only when
-    it wins."""
+    it wins; `learned_ranker`: cross-fit a learned ranker over the chosen blend
+    (`ranker_step.py`), kept only when it wins on users it was not trained on."""
     timings: dict[str, float] = {}
     started = time.perf_counter()
     cpu = time.process_time()
@@ -302,10 +319,31 @@ def fit(
         if a_score > best_score:
             best, best_score, adapter, validation = a_best, a_score, fitted, adapted
     candidate = ModelBundle(weights=best, user_encoder=encoder, item_adapter=adapter)
-    score = validation.score(candidate)
-    clock.lap("validate")
-    same = candidate.version == current.version and candidate.item_adapter is current.item_adapter
-    current_score = score if same else _current_score(frozen, current)
+    compared: np.ndarray | None = None  # the users both models are scored on (None: all)
+    if learned_ranker:
+        found = fit_ranker(validation, candidate)
+        clock.lap("ranker")
+        everyone = len(found.users) == len(validation.targets)
+        if found.ranker is not None:
+            # Its cross-fitted score, on the users it was cross-fitted on (the current model is
+            # scored on the same ones): its own validation lists would flatter it.
+            score = found.cross_score
+            compared = None if everyone else found.users
+            candidate = ModelBundle(
+                weights=best, user_encoder=encoder, item_adapter=adapter, ranker=found.ranker
+            )
+        else:
+            score = found.blend_score if everyone else validation.score(candidate)
+            clock.lap("validate")
+    else:
+        score = validation.score(candidate)
+        clock.lap("validate")
+    same = (
+        candidate.version == current.version
+        and candidate.item_adapter is current.item_adapter
+        and candidate.ranker is None
+    )
+    current_score = score if same else _current_score(frozen, current, compared)
     clock.lap("validate_current")
     timings["total"] = time.perf_counter() - started
     # CPU seconds of the whole process (every thread): what the fit costs whatever else
@@ -316,7 +354,7 @@ def fit(
             update={
                 "fitted_on": {
                     "split": "validation = each user's latest new positive item",
-                    "users": len(validation.split.cases),
+                    "users": len(validation.split.cases) if compared is None else len(compared),
                     "k": k,
                     "mmr_lambda": mmr_lambda,
                     "ndcg": round(score, 5),
@@ -326,11 +364,13 @@ def fit(
                     "evaluations": len(trace),
                     "adapter": adapter is not None,
                     "user_encoder": None if encoder is None else encoder.name,
+                    "ranker": candidate.ranker is not None,
                 }
             }
         ),
         user_encoder=encoder,
         item_adapter=adapter,
+        ranker=candidate.ranker,
     )
     logger.info(
         "fit users=%d ndcg=%.5f current=%s ndcg_current=%.5f seconds=%s",
@@ -351,13 +391,15 @@ def fit(
     )
 
 
-def _current_score(frozen: Validation, current: ModelBundle) -> float:
-    """The current model's validation NDCG, over the vectors it serves: the frozen ones, or
-    its own adapter's."""
+def _current_score(
+    frozen: Validation, current: ModelBundle, users: np.ndarray | None = None
+) -> float:
+    """The current model's validation NDCG (over every user, or these), over the vectors it
+    serves: the frozen ones, or its own adapter's."""
     adapter = current.item_adapter
     if adapter is not None and adapter.matrix.shape == frozen.items.matrix.shape:
-        return frozen.with_items(frozen.items.with_matrix(adapter.matrix)).score(current)
-    return frozen.score(current)
+        return frozen.with_items(frozen.items.with_matrix(adapter.matrix)).score(current, users)
+    return frozen.score(current, users)
 
 
 def _search(

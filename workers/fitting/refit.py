@@ -54,6 +54,7 @@ class FitJob:
     candidates: int
     mmr_lambda: float
     user_encoder_step: UserEncoderStep | None = None
+    learned_ranker: bool = True
 
 
 FitRunner = Callable[[FitJob, threading.Event], FitResult]
@@ -214,6 +215,7 @@ class Refitter:
                 candidates=self.candidates,
                 mmr_lambda=self.mmr_lambda,
                 user_encoder_step=self.user_encoder_step,
+                learned_ranker=self.settings.learned_ranker,
             )
             result = self.runner(job, self.stop)
         except FitStopped:

@@ -25,6 +25,14 @@ per request needs.
 from .core import Answer, Lookups, recommend, recommend_answers
 from .diversity import intra_list_diversity, mmr
 from .explain import explain, rank, trending
+from .learned import (
+    FeatureRecorder,
+    LearnedRanker,
+    RankerError,
+    Reranker,
+    feature_names,
+    train_model,
+)
 from .related import RelatedList, RelatedTable, VectorRows, kind_codes, popularity_of
 from .score import (
     EvidenceRows,
@@ -50,15 +58,20 @@ __all__ = [
     "BlendError",
     "BlendWeights",
     "EvidenceRows",
+    "FeatureRecorder",
+    "LearnedRanker",
     "Lookups",
+    "RankerError",
     "RelatedList",
     "RelatedTable",
+    "Reranker",
     "Scored",
     "StrategyError",
     "UserEvidence",
     "VectorRows",
     "evidence_rows",
     "explain",
+    "feature_names",
     "intra_list_diversity",
     "kind_codes",
     "mmr",
@@ -72,6 +85,7 @@ __all__ = [
     "score",
     "source_weights",
     "strategy_weights",
+    "train_model",
     "trending",
     "user_evidence",
 ]

@@ -24,6 +24,7 @@ from schemas.rules import BusinessRules
 
 from .diversity import mmr
 from .explain import explain, pinned, trending
+from .learned import Reranker
 from .pool import candidate_pool, item_attributes
 from .related import RelatedTable
 from .rules import apply_rules, pins_of
@@ -88,6 +89,7 @@ def recommend(
     mmr_lambda: float = 1.0,
     rules: BusinessRules | None = None,
     placement: str = "home",
+    reranker: Reranker | None = None,
 ) -> list[list[RecommendedItem]]:
     """The k best available items for each history (most recent first), with reasons: the
     items of `recommend_answers`."""
@@ -99,6 +101,7 @@ def recommend(
         mmr_lambda=mmr_lambda,
         rules=rules,
         placement=placement,
+        reranker=reranker,
     )
     return [answer.items for answer in answers]
 
@@ -113,6 +116,7 @@ def recommend_answers(
     rules: BusinessRules | None = None,
     placement: str = "home",
     pool_size: int = 0,
+    reranker: Reranker | None = None,
 ) -> list[Answer]:
     """The k best available items for each history (most recent first), with reasons.
 
@@ -123,15 +127,19 @@ def recommend_answers(
     rules) filter, boost, cap and pin (the pins of `placement`) the available candidates
     before the k are chosen (`rules.py`). `pool_size` above 0 adds to each answer up to that
     many of the next candidates the ranking considered, with what re-ranking them needs
-    (`pool.py`); the k items are the same with or without it."""
+    (`pool.py`); the k items are the same with or without it. `reranker` (a fitted learned
+    ranker, `learned.py`) re-orders each user's best `reranker.depth` blend candidates before
+    availability, rules and diversity."""
     if not histories:
         return []
     vectors = lookups.user_vectors(histories)
     hits = _search(histories, vectors, lookups, weights)
     depth = k * (CANDIDATE_MARGIN if mmr_lambda >= 1.0 else DIVERSITY_MARGIN)
+    # With a learned ranker, the blend scores its deeper list and the ranker keeps `depth`.
+    scoring = max(depth, reranker.depth) if reranker is not None else depth
     # One look-up for every vector scoring may read: the hits it names a history item for,
     # and the behaviour candidates it scores against the user vector.
-    wanted = [item_id for user_hits in hits for item_id, _ in user_hits[:depth]]
+    wanted = [item_id for user_hits in hits for item_id, _ in user_hits[:scoring]]
     evidence = [user_evidence(history, lookups.related, weights) for history in histories]
     if weights.vector > 0:
         for found in evidence:
@@ -144,7 +152,7 @@ def recommend_answers(
             history=history,
             related=lookups.related,
             vector_hits=user_hits,
-            k=depth,
+            k=scoring,
             weights=weights,
             history_vectors=item_vectors,
             candidate_vectors=item_vectors,
@@ -158,6 +166,8 @@ def recommend_answers(
             histories, hits, vectors, evidence, strict=True
         )
     ]
+    if reranker is not None:
+        scored = reranker(histories, scored, depth)
     # Vector hits are available by construction (the search filters); the other candidates
     # are checked in one look-up, and only the k kept of each user are worded.
     vector_ids = [{i for i, _ in h} for h in hits]

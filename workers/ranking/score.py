@@ -59,6 +59,9 @@ class _Association(NamedTuple):
     row_source: npt.NDArray[np.intp]
     row_at: npt.NDArray[np.intp]
     lists: dict[int, RelatedList]  # source position -> its list
+    row_kind: npt.NDArray[np.int8]  # relation kind code
+    row_value: npt.NDArray[np.float64]  # the row's value before weight and share
+    row_share: npt.NDArray[np.float64]  # its source's recency share
 
 
 class EvidenceRows(NamedTuple):
@@ -144,6 +147,9 @@ def _association(
         row_source=rows.source,
         row_at=rows.at,
         lists=rows.lists,
+        row_kind=rows.kinds,
+        row_value=rows.values,
+        row_share=share,
     )
 
 
@@ -248,6 +254,10 @@ class Scored(NamedTuple):
     candidate_vectors: Mapping[str, np.ndarray] | None
     titles: Mapping[str, str] | None
     max_reasons: int
+    # The learned ranker's inputs beyond the terms above: each vector candidate's cosine
+    # scaled against the user's hits (before floor and sharpness), and the popularity weight.
+    scaled: Mapping[str, float] = {}
+    prior_weight: float = 1e-6
 
 
 def score(
@@ -296,6 +306,7 @@ def score(
     # Language model: cosine with the user vector, scaled against this user's hits (best hit 1,
     # weakest hit 0); behaviour candidates far from the user's taste go below 0.
     vec_score: dict[str, float] = {}
+    scaled_of: dict[str, float] = {}
     if w.vector > 0.0:
         cos_of = {i: c for i, c in vector_hits if i not in banned}
         n_hits = len(cos_of)
@@ -320,7 +331,9 @@ def score(
                 if matrix is not None:
                     cos_of.update(zip(ids, (matrix @ uvec).tolist(), strict=True))
             cos = np.fromiter(cos_of.values(), dtype=np.float64, count=len(cos_of))
-            scaled = np.maximum(w.vector_floor, (cos - lo) / span)
+            raw = (cos - lo) / span
+            scaled_of = dict(zip(cos_of, raw.tolist(), strict=True))
+            scaled = np.maximum(w.vector_floor, raw)
             positive = scaled > 0.0
             scaled[positive] = scaled[positive] ** w.vector_sharpness
             strengths = w.vector * scaled
@@ -372,4 +385,6 @@ def score(
         candidate_vectors,
         titles,
         max_reasons,
+        scaled_of,
+        w.popularity + 1e-6,
     )
