@@ -196,8 +196,18 @@ def test_the_automatic_fit_never_learns_from_evaluation_or_validation_targets(
         learned.append(found)
         return found
 
+    import workers.fitting.ranker_step as ranker_step
+
+    labelled: list[str] = []
+    real_rows = ranker_step._rows
+
+    def spy_rows(recorder: Any, targets: Any, users: Any) -> Any:
+        labelled.extend(targets[u] for u in users.tolist())
+        return real_rows(recorder, targets, users)
+
     real_fit = autofit.fit
     seen: list[dict[str, list[str]]] = []
+    monkeypatch.setattr(ranker_step, "_rows", spy_rows)
     monkeypatch.setattr(autofit, "fit", spy_fit)
     monkeypatch.setattr(autofit, "fold_evidence", spy_evidence)
     monkeypatch.setattr(
@@ -226,6 +236,8 @@ def test_the_automatic_fit_never_learns_from_evaluation_or_validation_targets(
     (evidence,) = learned
     named = {i for lst in evidence.related.lists() for i in (lst.item_id, *lst.ids)}
     assert named and not own & (named | {i for i, _ in evidence.popularity})
+    # The learned ranker learns from the fit's validation targets only, never the evaluation's.
+    assert labelled and set(labelled) <= {c.target for c in split.cases} and "t" not in labelled
 
 
 def _profiles(histories: dict[str, list[str]], tmp_path: Path) -> dict[str, Any]:
