@@ -200,6 +200,10 @@ def test_a_ranker_round_trips_with_its_bundle_and_refuses_other_files(tmp_path: 
     assert ModelBundle(weights=BlendWeights(vector=0.1)).version != bundle.version
     with pytest.raises(RankerError):
         LearnedRanker.from_bytes(b"not a ranker")
+    # One fitted on other inputs (another vocabulary of relation kinds) is refused at load.
+    other = LearnedRanker(model=ranker.model, names=("next_item", "blend"), digest="x")
+    with pytest.raises(RankerError, match="other features"):
+        LearnedRanker.from_bytes(other.to_bytes())
 
 
 @pytest.fixture

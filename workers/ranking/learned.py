@@ -241,6 +241,12 @@ class LearnedRanker:
             raise RankerError("not a learned-ranker artifact")
         if doc.get("version") != VERSION:
             raise RankerError(f"learned-ranker version {doc.get('version')!r}; reads {VERSION}")
+        if list(doc.get("names", [])) != feature_names():
+            # Fail at load, not at the first batch: the vocabulary's kinds name its inputs.
+            raise RankerError(
+                "the learned ranker was fitted on other features (another vocabulary of "
+                "relation kinds): refit it, or remove the .ranker file beside the model"
+            )
         return cls(
             model=model,
             names=tuple(doc["names"]),
