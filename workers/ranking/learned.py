@@ -113,7 +113,10 @@ def candidate_features(history: History, scored: Scored, layout: _Layout | None 
         np.maximum.at(x[:, max_value], row, value)
         np.minimum.at(x[:, min_source], row, source.astype(np.float64))
     c = min_source + 1
-    cos = np.array([scored.scaled.get(i, np.nan) for i in ids], dtype=np.float64)
+    cos = np.full(n, np.nan)
+    if scored.scaled is not None:
+        cos_of = dict(zip(scored.scaled[0], scored.scaled[1].tolist(), strict=True))
+        cos = np.array([cos_of.get(i, np.nan) for i in ids], dtype=np.float64)
     has = ~np.isnan(cos)
     x[:, c] = np.where(has, cos, -1.0)
     # Rank among the items with a cosine (1: closest); those without rank after them all.

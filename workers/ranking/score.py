@@ -254,9 +254,10 @@ class Scored(NamedTuple):
     candidate_vectors: Mapping[str, np.ndarray] | None
     titles: Mapping[str, str] | None
     max_reasons: int
-    # The learned ranker's inputs beyond the terms above: each vector candidate's cosine
-    # scaled against the user's hits (before floor and sharpness), and the popularity weight.
-    scaled: Mapping[str, float] = {}
+    # The learned ranker's inputs beyond the terms above: the vector candidates and their
+    # cosines scaled against the user's hits (before floor and sharpness; kept as the arrays
+    # scoring made, read only when a ranker asks), and the popularity weight.
+    scaled: tuple[list[str], npt.NDArray[np.float64]] | None = None
     prior_weight: float = 1e-6
 
 
@@ -306,7 +307,7 @@ def score(
     # Language model: cosine with the user vector, scaled against this user's hits (best hit 1,
     # weakest hit 0); behaviour candidates far from the user's taste go below 0.
     vec_score: dict[str, float] = {}
-    scaled_of: dict[str, float] = {}
+    scaled_of: tuple[list[str], npt.NDArray[np.float64]] | None = None
     if w.vector > 0.0:
         cos_of = {i: c for i, c in vector_hits if i not in banned}
         n_hits = len(cos_of)
@@ -332,7 +333,8 @@ def score(
                     cos_of.update(zip(ids, (matrix @ uvec).tolist(), strict=True))
             cos = np.fromiter(cos_of.values(), dtype=np.float64, count=len(cos_of))
             raw = (cos - lo) / span
-            scaled_of = dict(zip(cos_of, raw.tolist(), strict=True))
+            names = list(cos_of)
+            scaled_of = (names, raw)
             scaled = np.maximum(w.vector_floor, raw)
             positive = scaled > 0.0
             scaled[positive] = scaled[positive] ** w.vector_sharpness
@@ -342,7 +344,6 @@ def score(
             # range adds nothing).
             counted = strengths != 0.0
             counted[:n_hits] = True
-            names = list(cos_of)
             vec_score = dict(
                 zip(
                     map(names.__getitem__, np.flatnonzero(counted).tolist()),
