@@ -410,7 +410,7 @@ class BlendSearch:
                 lambda: self._vector_term(f, weights.vector_floor, weights.vector_sharpness),
             )
             total += weights.vector * term
-        total += (weights.popularity + 1e-6) * f.prior
+        total += weights.prior_weight * f.prior
         total[~f.ok] = -np.inf
         found = f.target_row >= 0
         target_score = np.full(f.n_users, np.inf)

@@ -226,7 +226,7 @@ def popularity_prior(
         return {}
     top_count = max(popularity[0][1], 0.0)
     denom = math.log1p(top_count) if top_count > 0 else 1.0
-    pw = weights.popularity + 1e-6
+    pw = weights.prior_weight
     return {item_id: pw * (math.log1p(max(count, 0.0)) / denom) for item_id, count in popularity}
 
 
@@ -387,5 +387,5 @@ def score(
         titles,
         max_reasons,
         scaled_of,
-        w.popularity + 1e-6,
+        w.prior_weight,
     )

@@ -90,6 +90,12 @@ class BlendWeights(BaseModel):
     )
 
     @property
+    def prior_weight(self) -> float:
+        """What the popularity prior is multiplied by: its weight plus a tiny floor, so that
+        the popularity fill still works at weight 0."""
+        return self.popularity + 1e-6
+
+    @property
     def pool_recency(self) -> float:
         """Recency decay used to pool the user vector."""
         return self.recency if self.vector_recency is None else self.vector_recency
