@@ -44,7 +44,7 @@ from relata.lab.vectors import (
 )
 from schemas.fit_settings import FitSettings
 from schemas.settings import EncoderSettings, RecommenderSettings, StreamsSettings
-from workers.fitting import Evidence, ModelBundle, load_bundle, rank_offline
+from workers.fitting import Evidence, ModelBundle, load_ranker, rank_offline
 from workers.fitting.refit import user_encoder_step
 from workers.ranking import (
     BlendWeights,
@@ -245,7 +245,7 @@ def evaluate(
                 # recommender starts from it.
                 current=ModelBundle(
                     weights=fitted or defaults,
-                    ranker=load_bundle(blend_path).ranker if blend_path else None,
+                    ranker=load_ranker(blend_path) if blend_path else None,
                 ),
                 k=k,
                 candidates=candidates,

@@ -10,7 +10,7 @@ targets. The recommender's background fitter (`refit.py`), `relata evaluate` and
 step, `encoder_step.py`, needs torch: it is imported only where a fit uses it).
 """
 
-from .bundle import BUILTIN, ItemAdapterFit, ModelBundle, UserEncoder, load_bundle
+from .bundle import BUILTIN, ItemAdapterFit, ModelBundle, UserEncoder, load_bundle, load_ranker
 from .offline import (
     Evidence,
     ItemSpace,
@@ -60,6 +60,7 @@ __all__ = [
     "exact_hits",
     "fit",
     "load_bundle",
+    "load_ranker",
     "ndcg_at",
     "pooled_vectors",
     "prepare_validation",

@@ -122,12 +122,17 @@ def learned_ranker_path(path: Path) -> Path:
     return path.with_name(path.name + ".ranker")
 
 
+def load_ranker(path: Path) -> LearnedRanker | None:
+    """The learned ranker saved beside the bundle at `path`, if any."""
+    ranker_path = learned_ranker_path(path)
+    return LearnedRanker.from_bytes(ranker_path.read_bytes()) if ranker_path.is_file() else None
+
+
 def load_bundle(path: Path) -> ModelBundle:
     """A bundle saved by `ModelBundle.save` (or any blend-weights artifact): its weights, and
     the sequence user encoder and learned ranker saved beside them, if any."""
     weights = BlendWeights.load(path)
-    ranker_path = learned_ranker_path(path)
-    ranker = LearnedRanker.from_bytes(ranker_path.read_bytes()) if ranker_path.is_file() else None
+    ranker = load_ranker(path)
     encoder_path = user_encoder_path(path)
     if not encoder_path.is_dir():
         return ModelBundle(weights=weights, ranker=ranker)
