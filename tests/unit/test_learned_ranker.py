@@ -4,6 +4,7 @@ was not trained on."""
 
 from __future__ import annotations
 
+import pickle
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -201,9 +202,12 @@ def test_a_ranker_round_trips_with_its_bundle_and_refuses_other_files(tmp_path: 
     with pytest.raises(RankerError):
         LearnedRanker.from_bytes(b"not a ranker")
     # One fitted on other inputs (another vocabulary of relation kinds) is refused at load.
-    other = LearnedRanker(model=ranker.model, names=("next_item", "blend"), digest="x")
+    doc = {"format": "relata.learned-ranker", "version": 1, "names": ["next_item", "blend"]}
+    foreign = pickle.dumps((doc, ranker.model, 30, {}))
     with pytest.raises(RankerError, match="other features"):
-        LearnedRanker.from_bytes(other.to_bytes())
+        LearnedRanker.from_bytes(foreign)
+    with pytest.raises(RankerError, match="other features"):
+        LearnedRanker(model=ranker.model, names=("next_item", "blend"))
 
 
 @pytest.fixture

@@ -192,6 +192,12 @@ class LearnedRanker:
     digest: str = ""
 
     def __post_init__(self) -> None:
+        # Checked once, whether fitted here or loaded: the vocabulary's kinds name its inputs.
+        if list(self.names) != feature_names():
+            raise RankerError(
+                "the learned ranker was fitted on other features (another vocabulary of "
+                "relation kinds): refit it, or remove the .ranker file beside the model"
+            )
         if not self.digest:
             model_bytes = pickle.dumps(self.model, protocol=5)
             object.__setattr__(self, "digest", hashlib.sha256(model_bytes).hexdigest()[:10])
@@ -199,8 +205,6 @@ class LearnedRanker:
     def __call__(
         self, histories: Sequence[History], scored: Sequence[Scored], keep: int
     ) -> list[Scored]:
-        if tuple(feature_names()) != self.names:
-            raise RankerError("the ranker was fitted on other features (vocabulary changed)")
         layout = _layout()
         blocks = [candidate_features(h, s, layout) for h, s in zip(histories, scored, strict=True)]
         sizes = [len(b) for b in blocks]
@@ -244,15 +248,9 @@ class LearnedRanker:
             raise RankerError("not a learned-ranker artifact")
         if doc.get("version") != VERSION:
             raise RankerError(f"learned-ranker version {doc.get('version')!r}; reads {VERSION}")
-        if list(doc.get("names", [])) != feature_names():
-            # Fail at load, not at the first batch: the vocabulary's kinds name its inputs.
-            raise RankerError(
-                "the learned ranker was fitted on other features (another vocabulary of "
-                "relation kinds): refit it, or remove the .ranker file beside the model"
-            )
         return cls(
             model=model,
-            names=tuple(doc["names"]),
+            names=tuple(doc.get("names", ())),
             depth=int(depth),
             meta=dict(meta),
             digest=str(doc.get("digest", "")),
