@@ -6,8 +6,10 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from functools import partial
 from typing import Any, TypeVar
 
+from confluent_kafka import Consumer as ConfluentConsumer
 from confluent_kafka import KafkaError, KafkaException, TopicPartition
 from prometheus_client import Gauge
 
@@ -144,9 +146,14 @@ class RenewingConsumer:
     A consumer whose session timed out (a broker pause) rejoins by itself once polled; rarely,
     after a broker that came back fenced, librdkafka's group state never gets a coordinator
     again and the client waits with no partitions for good. After `renew_after_s` without
-    partitions, if a metadata request is answered, the client is closed and a new one (same
-    config, same subscription and callbacks) joins instead. Everything else is the current
-    client's: other calls are passed through.
+    partitions, if the brokers answer, the client is closed and a new one (same config, same
+    subscription and callbacks) joins instead. Everything else is the current client's: other
+    calls are passed through.
+
+    Whether the brokers answer is `reachable()`: give it a check made through another client
+    (the process's broker watch). The stuck client's own metadata request is only the
+    fallback: a client wedged after a pause can fail those too, and would then never be
+    renewed.
     """
 
     def __init__(
@@ -154,11 +161,13 @@ class RenewingConsumer:
         build: Callable[[], Any],
         *,
         renew_after_s: float,
+        reachable: Callable[[], bool] | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._build = build
         self._inner: Any = build()
         self.renew_after_s = renew_after_s
+        self._reachable = reachable or self._answers_metadata
         self._clock = clock
         self._subscription: tuple[list[str], dict[str, Callback]] | None = None
         self._lost_since: float | None = None
@@ -201,9 +210,7 @@ class RenewingConsumer:
         if waited < self.renew_after_s:
             return
         topics, _ = self._subscription
-        try:
-            self._inner.list_topics(topics[0], timeout=1.0)
-        except KafkaException:  # the brokers are away: a new client would wait the same
+        if not self._reachable():  # the brokers are away: a new client would wait the same
             return
         logger.warning(
             "partitions lost for %.0f s while the brokers answer; renewing the consumer topics=%s",
@@ -220,7 +227,24 @@ class RenewingConsumer:
         self._subscribe()
         self.renewals += 1
 
+    def _answers_metadata(self) -> bool:
+        assert self._subscription is not None
+        try:
+            self._inner.list_topics(self._subscription[0][0], timeout=1.0)
+        except KafkaException:
+            return False
+        return True
+
     def __getattr__(self, name: str) -> Any:
         if name.startswith("_"):  # not built yet (or a private name): never the client's
             raise AttributeError(name)
         return getattr(self._inner, name)
+
+
+def renewing_consumer(
+    config: dict[str, Any], *, renew_after_s: float, reachable: Callable[[], bool] | None = None
+) -> RenewingConsumer:
+    """A confluent-kafka consumer of `config`, renewed when stuck without partitions."""
+    return RenewingConsumer(
+        partial(ConfluentConsumer, config), renew_after_s=renew_after_s, reachable=reachable
+    )

@@ -159,6 +159,10 @@ class Health:
         """Register an extra readiness condition (e.g. the catalog view is loaded)."""
         self.conditions.append((name, holds))
 
+    def brokers_answer(self) -> bool:
+        """Whether the broker watch last heard the brokers (True without a watch yet)."""
+        return self.broker is None or self.broker.is_reachable()
+
     def report(self) -> HealthReport:
         """The probes' verdicts now."""
         now = self.clock()

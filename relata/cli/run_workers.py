@@ -27,7 +27,7 @@ from typing import Any, Literal
 import click
 from prometheus_client import CollectorRegistry
 
-from kafkaio.consumer import CommitRetry, RenewingConsumer
+from kafkaio.consumer import CommitRetry, renewing_consumer
 from kafkaio.health import BrokerWatch, Health, LoopWatch
 from kafkaio.producer import NEVER_TIME_OUT
 from relata.cli.settings_cli import build_settings, settings_options
@@ -83,12 +83,13 @@ def build_consumer(
     low_latency: bool = False,
     commit_retry: CommitRetry | None = None,
     renew_after_s: float | None = None,
+    reachable: Callable[[], bool] | None = None,
     extra: dict[str, Any] | None = None,
 ) -> Any:
     """A confluent-kafka consumer with manual commits (offsets committed after the work);
     `commit_retry` hears of commits that failed, to send them again; `renew_after_s`: rebuilt
-    when its partitions stay lost that long while the brokers answer (`RenewingConsumer`);
-    `extra`: more librdkafka settings."""
+    when its partitions stay lost that long while the brokers answer (`reachable()`, a check
+    through another client; `RenewingConsumer`); `extra`: more librdkafka settings."""
     from confluent_kafka import Consumer
 
     config: dict[str, Any] = kafka.librdkafka_config(client_id) | {
@@ -107,7 +108,7 @@ def build_consumer(
         config |= {"fetch.wait.max.ms": 500, "fetch.min.bytes": 1}
     config |= extra or {}
     if renew_after_s is not None:
-        return RenewingConsumer(partial(Consumer, config), renew_after_s=renew_after_s)
+        return renewing_consumer(config, renew_after_s=renew_after_s, reachable=reachable)
     return Consumer(config)
 
 
@@ -269,6 +270,7 @@ def build_workers(
             client_id="relata-indexer",
             commit_retry=retry,
             renew_after_s=reliability.rejoin_timeout_s,
+            reachable=health.brokers_answer,
         )
         watch = workers.watches["indexer"] = health.loop("indexer")
         subscribe_watched(consumer, topic_name(kafka, ITEM_CATALOG), watch)
@@ -357,6 +359,7 @@ def _add_recommender(
         low_latency=True,
         commit_retry=retry,
         renew_after_s=reliability.rejoin_timeout_s,
+        reachable=workers.health.brokers_answer,
     )
     watch = workers.watches[name] = workers.health.loop(name)
     subscribe_watched(consumer, topic_name(kafka, PROFILE_UPDATES), watch)
@@ -438,6 +441,7 @@ def build_quality(
         client_id="relata-quality",
         commit_retry=retry,
         renew_after_s=reliability.rejoin_timeout_s,
+        reachable=health.brokers_answer,
         # Range: the same partition numbers of every topic to one member (co-partitioning);
         # a new group's events start where its lists do (`QualityMonitor._assigned`).
         extra={"partition.assignment.strategy": "range", "auto.offset.reset": "latest"},
@@ -454,8 +458,13 @@ def build_quality(
     monitor.subscribe()
     workers.loops.append(("quality", monitor.run))
     workers.closers.append(consumer.close)
+    # Asked through a client of its own: the consumer's renewal trusts this watch, and a
+    # wedged consumer's own metadata requests can fail while the brokers answer.
+    from confluent_kafka.admin import AdminClient
+
+    admin: Any = AdminClient(dict(kafka.librdkafka_config("relata-quality-watch")))
     health.broker = BrokerWatch(
-        partial(consumer.list_topics, lists[LIVE]),
+        partial(admin.list_topics, lists[LIVE]),
         interval_s=reliability.broker_check_interval_s,
     )
     return workers

@@ -309,3 +309,27 @@ def test_a_consumer_stuck_without_partitions_is_renewed_once_the_brokers_answer(
     assert len(GroupClient.built) == 2
     consumer.close()
     assert second.closed
+
+
+def test_a_wedged_consumer_is_renewed_on_the_watch_s_word_not_its_own() -> None:
+    # A client wedged after a broker pause fails its own metadata requests too: the renewal
+    # asks the process's broker watch (another client) whether the brokers answer.
+    now = [0.0]
+    own_requests_fail = [True]
+    watch_hears_them = [False]
+    GroupClient.built = []
+    consumer = kafkaio.consumer.RenewingConsumer(
+        lambda: GroupClient(own_requests_fail),
+        renew_after_s=8,
+        reachable=lambda: watch_hears_them[0],
+        clock=lambda: now[0],
+    )
+    consumer.subscribe(["t"])
+    first = GroupClient.built[0]
+    first.callbacks["on_lost"](first, ["t-0"])
+    now[0] = 20.0
+    consumer.consume(10, timeout=0.1)
+    assert len(GroupClient.built) == 1  # the watch does not hear the brokers either
+    watch_hears_them[0] = True
+    consumer.consume(10, timeout=0.1)
+    assert len(GroupClient.built) == 2 and first.closed and consumer.renewals == 1
