@@ -367,8 +367,9 @@ class ReliabilitySettings(_Settings):
         gt=0,
         le=3_600,
         description=(
-            "A workers' consumer that has had no partitions for this long since losing them, "
-            "while the brokers answer, is replaced by a new client that joins the group again."
+            "A group consumer (the profile agent's, the workers') that has had no partitions "
+            "for this long since losing them, while the brokers answer, is replaced by a new "
+            "client that joins the group again."
         ),
     )
     broker_check_interval_s: float = Field(

@@ -43,11 +43,13 @@ import asyncio
 import logging
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 from faust.types import TP
 from prometheus_client import CollectorRegistry
 
+from kafkaio.consumer import renewing_consumer
 from kafkaio.dead_letters import DeadLetters
 from kafkaio.health import BrokerWatch, Health
 from kafkaio.producer import ConfluentSender
@@ -84,6 +86,7 @@ from .naming import (
 from .ports import Sender, SimilarItems
 from .profile import FoldConfig
 from .profiles_agent import ProfileAgent
+from .rebalance_watch import RebalanceWatch, describe_rebalance, recovery_progress, request_rejoin
 from .recommendations_agent import RecommendationsAgent
 from .records import Record
 from .similar import SimilarView
@@ -165,6 +168,7 @@ class StreamsApp:
     # Role profiles: the trending list, for users with no list of their own.
     trending: TrendingView | None = None
     event_consumer: EventBatchConsumer | None = None
+    rebalances: RebalanceWatch | None = None
     profile_agent: ProfileAgent | None = None
     association_agent: AssociationAgent | None = None
     recommendations_agent: RecommendationsAgent | None = None
@@ -276,7 +280,7 @@ def build_streams(
     )
     _watch_health(streams, reliability)
     if profiles_role:
-        _add_profile_agents(streams, topics)
+        _add_profile_agents(streams, topics, rejoin_timeout_s=reliability.rejoin_timeout_s)
         streams.trending = TrendingView(settings.trending_placement)
     if associations_role:
         _add_association_agents(streams, topics, base_id=base_id)
@@ -343,21 +347,31 @@ def _watch_health(streams: StreamsApp, reliability: ReliabilitySettings) -> None
                 await asyncio.sleep(broker.interval_s)
 
         app.task(watch_broker)
-    faust_watch = health.loop("faust consumer")
+    rebalances = RebalanceWatch(
+        # Partitions revoked or lost, not yet assigned and restored.
+        rebalancing=lambda: bool(app.rebalancing),
+        progress=partial(recovery_progress, app),
+        rejoin=partial(request_rejoin, app),
+        reachable=health.brokers_answer,
+        watch=health.loop("faust consumer"),
+        rejoin_after_s=reliability.rejoin_timeout_s,
+        describe=partial(describe_rebalance, app),
+    )
+    streams.rebalances = rebalances
 
     async def watch_faust() -> None:
-        faust_watch.beat()  # the event loop runs
-        if app.rebalancing:  # partitions revoked or lost, not yet assigned and recovered
-            faust_watch.lost()
-        else:
-            faust_watch.assigned()
+        rebalances.tick()
 
     app.timer(interval=FAUST_WATCH_INTERVAL_S)(watch_faust)
 
 
-def _add_profile_agents(streams: StreamsApp, topics: dict[str, Any]) -> None:
+def _add_profile_agents(
+    streams: StreamsApp, topics: dict[str, Any], *, rejoin_timeout_s: float
+) -> None:
     """Role `profiles`: the profile agent (its own consumer and table, see
-    streams/event_consumer.py) and the recommendations table with its Faust agent."""
+    streams/event_consumer.py) and the recommendations table with its Faust agent. Its event
+    consumer is replaced by a new client when it stays without partitions for
+    `rejoin_timeout_s` while the brokers answer (`RenewingConsumer`)."""
     app: App = streams.app
     kafka, settings, sender = streams.kafka, streams.settings, streams.sender
     app_id = faust_app_id(kafka, settings)
@@ -410,6 +424,11 @@ def _add_profile_agents(streams: StreamsApp, topics: dict[str, Any]) -> None:
         lag_gauge=streams.metrics.consumer_lag,
         on_restored=streams.metrics.profiles_restored.inc,
         watch=streams.health.loop("profile agent"),
+        client=partial(
+            renewing_consumer,
+            renew_after_s=rejoin_timeout_s,
+            reachable=streams.health.brokers_answer,
+        ),
     )
     streams.event_consumer = consumer
     app.task(consumer.run)

@@ -3,13 +3,15 @@ and the workers (`relata.runtime.pipeline`), on an embedded broker with a data d
 
 One pipeline serves the module's tests, in order: the broker is paused (SIGSTOP of its JVM)
 for longer than the acknowledgement and session timeouts in the middle of a replay, then
-stopped and started again on the same data dir, and last SIGTERM reaches every process while
-the broker is paused. After each outage every process must be up, the stream drained within
-30 s of the broker's return, every event folded exactly once into its user's profile (the
-changelog's profiles equal an offline fold of the same events), every user answered after
-their last event, and readiness must have said not ready while the broker was away.
+stopped and started again on the same data dir; then the association role and the workers
+are frozen (SIGSTOP) past their group sessions while the broker goes on; and last SIGTERM
+reaches every process while the broker is paused. After each outage every process must be
+up, the stream drained within 30 s of the broker's (or the processes') return, every event
+folded exactly once into its user's profile (the changelog's profiles equal an offline fold
+of the same events), every user answered after their last event, and readiness must have
+said not ready while the broker was away.
 
-`pytest tests/faults -k outage` runs them (1.5 to 2.5 minutes on 2 shared cores).
+`pytest tests/faults -k outage` runs them (2 to 3 minutes on 2 shared cores).
 """
 
 from __future__ import annotations
@@ -42,8 +44,8 @@ from streams.profile import FoldConfig, fold_event
 pytestmark = pytest.mark.integration
 
 SOURCE = Path(__file__).resolve().parents[2] / "data" / "online-retail"
-EVENTS_PER_OUTAGE = 600
-RATE = 100.0  # events/s: a replay lasts 6 s, the outage starts 2 s into it
+EVENTS_PER_OUTAGE = 2400
+RATE = 400.0  # events/s: a replay lasts 6 s, the outage starts 2 s into it
 PAUSE_S = 12.0  # > the workers' 10 s session timeout, the streams' 3 s, the 3 s ack timeout
 DOWN_S = 6.0
 DRAIN_LIMIT_S = 30.0
@@ -231,11 +233,21 @@ class Rig:
         except KafkaException as exc:
             lags = str(exc)
         return (
-            f"not drained {DRAIN_LIMIT_S:.0f} s after the broker's return: "
+            f"not drained {DRAIN_LIMIT_S:.0f} s after the outage: "
             f"{len(ids - outputs.folded)} of {len(ids)} events not folded, "
             f"{outputs.recommendations} recommendations, lags {lags}; "
-            f"logs in {self.pipeline.workdir}"
+            f"logs in {self.pipeline.workdir}; their last warnings:\n{self._warnings()}"
         )
+
+    def _warnings(self, per_process: int = 6) -> str:
+        """Each process's last WARNING/ERROR lines (librdkafka's own lines left out), so that
+        a failure on a machine whose logs are gone still says where each process stood."""
+        out = []
+        for name, process in self.pipeline.processes.items():
+            lines = process.log_tail(200_000).splitlines()
+            notable = [line for line in lines if " WARNING " in line or " ERROR " in line]
+            out += [f"  {name}: {line[:300]}" for line in notable[-per_process:]]
+        return "\n".join(out)
 
     def assert_profiles_exact(self) -> int:
         """The changelog's profiles equal an offline fold of every replayed event (each event
@@ -275,7 +287,7 @@ class Rig:
 def rig(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest) -> Iterator[Rig]:
     failed_before = request.session.testsfailed
     base = tmp_path_factory.mktemp("outage")
-    lines = _subset(base / "data", 2 * EVENTS_PER_OUTAGE + 100)
+    lines = _subset(base / "data", 3 * EVENTS_PER_OUTAGE + 100)
     broker = EmbeddedKafka(data_dir=base / "kafka")
     broker.start()
     options = PipelineOptions(
@@ -359,6 +371,43 @@ def test_outage_broker_restarted_on_its_data_dir_is_waited_out(
                 "broker restarted",
                 down_s=back - stopped,
                 drained_s=drained_s,
+                profiles=users,
+            )
+        )
+
+
+def test_outage_processes_frozen_past_their_sessions_rejoin_and_drain(
+    rig: Rig, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A process frozen longer than its group session (a long GC pause, a starved or
+    suspended VM) is dropped from its groups while the broker goes on; thawed, it rejoins in
+    place: the association role's Faust consumer restores its tables from their changelogs
+    again, the workers' consumers get their partitions back."""
+    frozen = [rig.pipeline.processes[name] for name in ("associations", "workers")]
+    replay = rig.replay(EVENTS_PER_OUTAGE)
+    time.sleep(2.0)
+    for process in frozen:
+        os.killpg(process.pid, signal.SIGSTOP)
+    try:
+        time.sleep(PAUSE_S)  # > the workers' 10 s session and the streams' 3 s
+    finally:
+        for process in frozen:
+            os.killpg(process.pid, signal.SIGCONT)
+    thawed = time.monotonic()
+    replay.join(60)
+    drained_s = rig.wait_drained(thawed)
+    rig.pipeline.check_processes()
+    users = rig.assert_profiles_exact()
+    log = frozen[0].log_path.read_text(errors="replace")
+    restores = log.count("Restoring state from changelog topics")
+    assert restores >= 1, "the association role was not dropped from its group"
+    with capsys.disabled():
+        print(
+            rig.figures(
+                "processes frozen",
+                frozen_s=PAUSE_S,
+                drained_s=drained_s,
+                restores=restores,
                 profiles=users,
             )
         )
