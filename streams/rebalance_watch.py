@@ -3,8 +3,7 @@ one stops making progress while the brokers answer.
 
 After a broker outage Faust's consumer rejoins its group and restores the tables from their
 changelogs before the agents run again. Rarely, that restore reads nothing and waits for
-good (the changelog partitions are never handed to it), and the role stops with it. A
-process restart clears it (liveness fails after `stall_timeout_s`), but a rejoin of the group
+good, and the role stops with it. A process restart clears it (liveness fails after `stall_timeout_s`), but a rejoin of the group
 does too, in seconds: the rebalance it starts runs the restore again from a clean state.
 `RebalanceWatch` asks for one when a rebalance has shown no progress for `rejoin_after_s`
 while the brokers answer, as the workers renew a consumer left without partitions
